@@ -1,0 +1,3 @@
+from opd_bench.cli import main
+
+main()

@@ -1,0 +1,148 @@
+"""Declarative, versioned benchmark specs and their registry, plus the prompt-file reader.
+
+A benchmark is data, not code: a name, a suite, a version, prompt files in JSON lines, the reward
+that scores it, the metric that aggregates the scores, and how many images each prompt gets.
+Specs are registered as ``"<suite>/<name>"`` (``opd_bench.benchmarks.get("tiny/geneval")``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from opd_bench.registry import Registry
+from opd_bench.rollout import Prompt
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+METRICS = ("mean", "geneval")
+
+
+class PromptFileError(ValueError):
+    """A prompt file that is missing or has a bad line; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str  # the task name, shared across suites: "geneval", "ocr", "pref"
+    suite: str
+    version: str
+    test_file: str  # JSON lines; relative paths are inside the package
+    reward: str  # registered reward used for evaluation
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    train_file: str | None = None
+    train_reward: str | None = None  # e.g. a partial-credit reward; defaults to ``reward``
+    train_reward_options: dict[str, Any] | None = None
+    metric: str = "mean"  # "mean" of scores, or "geneval": mean of per-tag accuracies
+    images_per_prompt: int = 4
+    required_fields: tuple[str, ...] = ("prompt",)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"benchmark {self.key}: metric must be one of {METRICS}, got {self.metric!r}")
+        if self.images_per_prompt < 1:
+            raise ValueError(f"benchmark {self.key}: images_per_prompt must be >= 1")
+
+    @property
+    def key(self) -> str:
+        return f"{self.suite}/{self.name}"
+
+    def path(self, split: str = "test") -> Path:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        file = self.test_file if split == "test" else self.train_file
+        if file is None:
+            raise PromptFileError(f"benchmark {self.key} has no {split} prompt file")
+        path = Path(file)
+        return path if path.is_absolute() else PACKAGE_DIR / path
+
+    def prompts(self, split: str = "test", limit: int | None = None) -> list[Prompt]:
+        return read_prompts(self.path(split), task=self.name, required=self.required_fields, limit=limit)
+
+    def file_hash(self, split: str = "test") -> str:
+        return sha256_file(self.path(split))
+
+    def build_reward(self, split: str = "test"):
+        from opd_bench import rewards
+
+        if split == "train" and self.train_reward:
+            return rewards.get(self.train_reward, **(self.train_reward_options or {}))
+        return rewards.get(self.reward, **self.reward_options)
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_prompts(
+    path: str | Path,
+    *,
+    task: str = "",
+    required: Sequence[str] = ("prompt",),
+    limit: int | None = None,
+) -> list[Prompt]:
+    """Read a JSON-lines prompt file; every bad line is reported with its number and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist; check the path or the benchmark spec")
+    prompts: list[Prompt] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PromptFileError(
+                    f"{path}:{number}: not valid JSON ({error.msg}); each line must be one JSON object"
+                ) from None
+            if not isinstance(record, dict):
+                raise PromptFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            missing = [key for key in required if key not in record]
+            if missing:
+                raise PromptFileError(f"{path}:{number}: missing field(s) {missing}; add them or fix the line")
+            if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+                raise PromptFileError(f"{path}:{number}: 'prompt' must be a non-empty string")
+            record.setdefault("task", task)
+            prompts.append(Prompt(record["prompt"], record["task"], record))
+            if limit is not None and len(prompts) >= limit:
+                break
+    if not prompts:
+        raise PromptFileError(f"prompt file {str(path)!r} has no prompts")
+    return prompts
+
+
+def aggregate(metric: str, scores: Sequence[float], metadata: Sequence[dict]) -> dict[str, Any]:
+    """Aggregate per-image scores into ``{"score": x, ...}`` (NaN scores are skipped)."""
+    pairs = [(float(s), m) for s, m in zip(scores, metadata) if not math.isnan(float(s))]
+    if not pairs:
+        return {"score": math.nan, "count": 0}
+    if metric == "mean":
+        return {"score": sum(s for s, _ in pairs) / len(pairs), "count": len(pairs)}
+    if metric == "geneval":
+        by_tag: dict[str, list[float]] = {}
+        for score, meta in pairs:
+            by_tag.setdefault(meta.get("tag", "untagged"), []).append(score)
+        per_tag = {tag: sum(v) / len(v) for tag, v in sorted(by_tag.items())}
+        return {"score": sum(per_tag.values()) / len(per_tag), "per_tag": per_tag, "count": len(pairs)}
+    raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+
+
+REGISTRY = Registry("benchmark")
+
+
+def register(spec: BenchmarkSpec) -> None:
+    REGISTRY.register(spec.key, spec, spec.description)
+
+
+def get(key: str) -> BenchmarkSpec:
+    """The spec registered as ``"<suite>/<name>"``."""
+    return REGISTRY.resolve(key)
+
+
+def names(suite: str | None = None) -> list[str]:
+    return [n for n in REGISTRY.names() if suite is None or n.startswith(f"{suite}/")]

@@ -1,0 +1,367 @@
+"""``Policy``: one diffusers SD3-family pipeline seen as a velocity field with named adapters.
+
+Trainers never touch the pipeline directly; they ask the policy to encode prompts, to give the
+(guided) velocity at a state, to switch adapter, and to decode latents. The same class serves
+the embedded tiny pipeline and SD3.5-Medium.
+
+Adapters: one backbone holds any number of named LoRA adapters (peft). ``with policy.use(name)``
+switches the active one for the calls inside; ``use(None)`` runs the adapter-free base, which is
+the reference model for KL terms. Only adapters added with ``trainable=True`` ever receive
+gradients: peft flips ``requires_grad`` whenever adapters are switched, so the policy restores the
+intended flags after every switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+DEFAULT_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline",)
+
+
+class ModelLoadError(RuntimeError):
+    """A model path or hub id that cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch, with the unconditional ("") embeddings for guidance."""
+
+    embeds: torch.Tensor  # [B, L, D]
+    pooled: torch.Tensor  # [B, P]
+    negative_embeds: torch.Tensor  # [B, L, D]
+    negative_pooled: torch.Tensor  # [B, P]
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def select(self, index) -> "PromptEmbeds":
+        return PromptEmbeds(*(t[index] for t in self._tensors()))
+
+    def repeat_interleave(self, repeats: int) -> "PromptEmbeds":
+        return PromptEmbeds(*(t.repeat_interleave(repeats, dim=0) for t in self._tensors()))
+
+    def _tensors(self):
+        return (self.embeds, self.pooled, self.negative_embeds, self.negative_pooled)
+
+
+def _load_index(path: str) -> dict:
+    """Read ``model_index.json`` from a local folder or the hub cache, with a clear error."""
+    from diffusers import DiffusionPipeline
+
+    local = Path(path).expanduser()
+    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not (local / "model_index.json").is_file():
+        what = "does not exist" if not local.exists() else "has no model_index.json"
+        raise ModelLoadError(
+            f"model folder {str(local)!r} {what}; pass a diffusers pipeline folder "
+            "(made by save_pretrained) or a hub id such as stabilityai/stable-diffusion-3.5-medium"
+        )
+    try:
+        return dict(DiffusionPipeline.load_config(str(local) if looks_local else path))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"cannot load pipeline {path!r}: {str(error).splitlines()[0]} Download it on a machine with "
+            f"internet (`hf download {path}`) and copy the hub cache, or pass a local folder."
+        ) from error
+
+
+class Policy:
+    def __init__(self, pipeline, *, max_sequence_length: int | None = None):
+        name = type(pipeline).__name__
+        if name not in SUPPORTED_PIPELINES:
+            raise ModelLoadError(f"{name} is not supported; supported pipelines: {', '.join(SUPPORTED_PIPELINES)}")
+        self.pipeline = pipeline
+        self.transformer = pipeline.transformer
+        # SD3 appends T5 tokens (zeros when T5 is dropped); with T5 the default is 256 as in diffusers.
+        if max_sequence_length is None:
+            max_sequence_length = 256 if pipeline.text_encoder_3 is not None else 1
+        self.max_sequence_length = max_sequence_length
+        for module in self._modules():
+            module.requires_grad_(False)
+        self._trainable: set[str] = set()
+        self._adapter_configs: dict[str, object] = {}
+        self._active: str | None = None
+        self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_sequence_length: int | None = None,
+        drop_t5: bool = False,
+        **components,
+    ) -> "Policy":
+        """Load any diffusers SD3-family pipeline by local folder or hub id.
+
+        Components listed as absent in ``model_index.json`` (e.g. no T5) are passed as ``None``;
+        ``drop_t5=True`` skips T5 on a pipeline that has it (saves ~10 GB on SD3.5).
+        """
+        path = str(path)
+        index = _load_index(path)
+        if index.get("_class_name") not in SUPPORTED_PIPELINES:
+            raise ModelLoadError(
+                f"{path!r} is a {index.get('_class_name')}; supported: {', '.join(SUPPORTED_PIPELINES)}"
+            )
+        from diffusers import StableDiffusion3Pipeline
+
+        absent = {key: None for key, value in index.items() if isinstance(value, list) and value[0] is None}
+        if drop_t5:
+            absent.update(text_encoder_3=None, tokenizer_3=None)
+        try:
+            pipeline = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **{**absent, **components})
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot load pipeline {path!r}: {str(error).splitlines()[0]}") from error
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline.to(device), max_sequence_length=max_sequence_length)
+
+    def _modules(self):
+        p = self.pipeline
+        return [m for m in (p.transformer, p.vae, p.text_encoder, p.text_encoder_2, p.text_encoder_3) if m is not None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    # ------------------------------------------------------------------------------- shapes
+    def default_size(self) -> tuple[int, int]:
+        size = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
+        return size, size
+
+    def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        default_h, default_w = self.default_size()
+        height, width = height or default_h, width or default_w
+        factor = self.pipeline.vae_scale_factor * self.transformer.config.patch_size
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+        scale = self.pipeline.vae_scale_factor
+        return (batch, self.transformer.config.in_channels, height // scale, width // scale)
+
+    def sigmas(self, num_steps: int, latent_shape: Sequence[int]) -> torch.Tensor:
+        """The scheduler's sigma schedule, ``num_steps + 1`` values from ~1 down to 0 (float32, CPU)."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        scheduler = self.pipeline.scheduler
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            patch = self.transformer.config.patch_size
+            seq_len = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
+            kwargs["mu"] = _resolution_shift(seq_len, scheduler.config)
+        scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+        return scheduler.sigmas.detach().float().cpu().clone()
+
+    # ------------------------------------------------------------------------------ prompts
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Encode a batch of prompts once; the unconditional embedding is computed once and cached."""
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        if self._negative is None:
+            negative, _, negative_pooled, _ = self.pipeline.encode_prompt(
+                prompt=[""],
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+            self._negative = (negative, negative_pooled)
+        batch = len(prompts)
+        negative, negative_pooled = self._negative
+        return PromptEmbeds(
+            embeds.to(self.dtype),
+            pooled.to(self.dtype),
+            negative.expand(batch, -1, -1).to(self.dtype),
+            negative_pooled.expand(batch, -1).to(self.dtype),
+        )
+
+    # ----------------------------------------------------------------------------- velocity
+    def velocity(
+        self, latents: torch.Tensor, sigma, cond: PromptEmbeds, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Velocity at ``(latents, sigma)`` with classifier-free guidance in one batched forward.
+
+        ``sigma`` is a scalar or ``[B]``; gradients flow when called outside ``no_grad``.
+        """
+        batch = latents.shape[0]
+        if len(cond) != batch:
+            raise ValueError(f"{batch} latents but {len(cond)} prompt embeddings")
+        scale = self.pipeline.scheduler.config.num_train_timesteps
+        timestep = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch) * scale
+        latents = latents.to(self.dtype)
+        if guidance_scale == 1.0:
+            return self._forward(latents, timestep, cond.embeds, cond.pooled)
+        both = self._forward(
+            torch.cat([latents, latents]),
+            torch.cat([timestep, timestep]),
+            torch.cat([cond.negative_embeds, cond.embeds]),
+            torch.cat([cond.negative_pooled, cond.pooled]),
+        )
+        uncond, text = both.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    def _forward(self, latents, timestep, embeds, pooled) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=latents,
+            timestep=timestep,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+    # ------------------------------------------------------------------------------- decode
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> float32 images ``[B, 3, H, W]`` in ``[0, 1]``."""
+        vae = self.pipeline.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ----------------------------------------------------------------------------- adapters
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapter_configs)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def add_adapter(
+        self,
+        name: str,
+        *,
+        rank: int = 32,
+        alpha: float = 64,
+        target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        trainable: bool = True,
+        init: bool | str = True,
+    ) -> None:
+        """Add a LoRA adapter (zero-initialised B, so it starts equal to the base)."""
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=init)
+        self._add(name, config, trainable)
+
+    def _add(self, name: str, config, trainable: bool) -> None:
+        if name in self._adapter_configs:
+            raise ValueError(f"adapter {name!r} already exists; adapters: {self.adapters}")
+        if not name or name == "base":
+            raise ValueError("adapter names must be non-empty and not 'base' (the adapter-free model)")
+        previous = self._active
+        with warnings.catch_warnings():  # peft warns on every adapter after the first
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.transformer.add_adapter(config, adapter_name=name)
+        self._adapter_configs[name] = config
+        if trainable:
+            self._trainable.add(name)
+        self._activate(previous)
+
+    def save_adapter(self, name: str, folder: str | Path) -> Path:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format)."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if name not in self._adapter_configs:
+            raise ValueError(f"no adapter {name!r}; adapters: {self.adapters}")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.transformer, adapter_name=name)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / "adapter_model.safetensors")
+        self._adapter_configs[name].save_pretrained(str(folder))
+        return folder
+
+    def load_adapter(self, name: str, folder: str | Path, *, trainable: bool = False) -> None:
+        """Load an adapter written by ``save_adapter`` (frozen unless ``trainable``)."""
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        weights = folder / "adapter_model.safetensors"
+        if not (folder / "adapter_config.json").is_file() or not weights.is_file():
+            raise FileNotFoundError(
+                f"adapter folder {str(folder)!r} needs adapter_config.json and adapter_model.safetensors "
+                "(written by Policy.save_adapter)"
+            )
+        self._add(name, LoraConfig.from_pretrained(str(folder)), trainable)
+        result = set_peft_model_state_dict(self.transformer, load_file(weights), adapter_name=name)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter {str(folder)!r} does not fit this model: {result.unexpected_keys[:3]}...")
+
+    @contextlib.contextmanager
+    def use(self, name: str | None) -> Iterator["Policy"]:
+        """Run the enclosed calls with adapter ``name`` (``None``: the adapter-free base)."""
+        previous = self._active
+        self._activate(name)
+        try:
+            yield self
+        finally:
+            self._activate(previous)
+
+    def _activate(self, name: str | None) -> None:
+        if name is not None and name not in self._adapter_configs:
+            raise ValueError(f"no adapter {name!r}; adapters: {self.adapters} (None = the base model)")
+        if self._adapter_configs:
+            if name is None:
+                self.transformer.disable_adapters()
+            else:
+                self.transformer.enable_adapters()
+                self.transformer.set_adapter(name)
+            self._restore_trainable()
+        self._active = name
+
+    def _restore_trainable(self) -> None:
+        for param_name, param in self.transformer.named_parameters():
+            if ".lora_" in param_name:
+                adapter = param_name.rsplit(".", 2)[-2]
+                param.requires_grad_(adapter in self._trainable)
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """The parameters of adapter ``name`` (what an optimizer of that adapter should get)."""
+        if name not in self._adapter_configs:
+            raise ValueError(f"no adapter {name!r}; adapters: {self.adapters}")
+        suffix = f".{name}.weight"
+        return [p for n, p in self.transformer.named_parameters() if ".lora_" in n and n.endswith(suffix)]
+
+
+def _resolution_shift(seq_len: int, config) -> float:
+    """diffusers' resolution-dependent ``mu`` for schedulers with dynamic shifting (FLUX-style)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return seq_len * slope + (base_shift - slope * base_len)
+
+
+__all__ = ["Policy", "PromptEmbeds", "ModelLoadError", "DEFAULT_LORA_TARGETS"]

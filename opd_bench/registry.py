@@ -1,0 +1,62 @@
+"""A small name -> factory registry with lazy imports and "did you mean" errors.
+
+Entries are stored as ``"package.module:attribute"`` strings so that listing names or
+building the CLI never imports torch, transformers or an OCR engine. The target is imported
+only when ``get`` is called.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable
+
+
+class UnknownNameError(KeyError):
+    """Raised for a name that is not registered; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0])
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, str | Callable[..., Any]] = {}
+        self._help: dict[str, str] = {}
+
+    def register(self, name: str, target: str | Callable[..., Any], help: str = "") -> None:
+        """Register ``target`` (a ``"module:attr"`` string or the object itself) under ``name``."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = target
+        self._help[name] = help
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def help(self, name: str) -> str:
+        self._check(name)
+        return self._help[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def _check(self, name: str) -> None:
+        if name in self._entries:
+            return
+        close = difflib.get_close_matches(name, self.names(), n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownNameError(
+            f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(self.names()) or '(none)'}."
+        )
+
+    def resolve(self, name: str) -> Any:
+        """Return the registered object, importing its module on first use."""
+        self._check(name)
+        target = self._entries[name]
+        if isinstance(target, str):
+            module_name, _, attr = target.partition(":")
+            target = getattr(importlib.import_module(module_name), attr)
+            self._entries[name] = target
+        return target

@@ -1,0 +1,51 @@
+"""Reward registry: ``opd_bench.rewards.get(name, **options)`` builds a reward by name.
+
+Modules are imported lazily, so ``names()`` is cheap and a reward's heavy dependencies are
+only needed when that reward is used. Third-party code adds rewards with ``register``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from opd_bench.registry import Registry
+from opd_bench.rewards.base import Reward, RewardOutput, check_batch
+
+REGISTRY = Registry("reward")
+
+REGISTRY.register(
+    "per-task",
+    "opd_bench.rewards.combine:PerTaskReward",
+    "route each sample to the reward of its task (metadata['task']); NaN elsewhere",
+)
+REGISTRY.register(
+    "weighted-sum",
+    "opd_bench.rewards.combine:WeightedSumReward",
+    "weighted sum of several rewards on every sample",
+)
+REGISTRY.register(
+    "toy/brightness",
+    "opd_bench.rewards.toy:Brightness",
+    "mean pixel brightness; a dependency-free reward for tests and smoke runs",
+)
+REGISTRY.register(
+    "toy/color",
+    "opd_bench.rewards.toy:ColorMatch",
+    "closeness of the mean colour to a target RGB; a dependency-free reward for tests",
+)
+
+
+def get(name: str, **options: Any) -> Reward:
+    """Build the reward registered as ``name`` with keyword ``options``."""
+    return REGISTRY.resolve(name)(**options)
+
+
+def register(name: str, target: str | Callable[..., Reward], help: str = "") -> None:
+    REGISTRY.register(name, target, help)
+
+
+def names() -> list[str]:
+    return REGISTRY.names()
+
+
+__all__ = ["Reward", "RewardOutput", "check_batch", "get", "register", "names", "REGISTRY"]

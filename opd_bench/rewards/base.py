@@ -1,0 +1,50 @@
+"""The one reward signature every trainer and evaluator uses.
+
+A reward is any callable ``reward(images, prompts, metadata) -> RewardOutput``:
+
+* ``images``: float tensor ``[B, 3, H, W]`` with values in ``[0, 1]`` (RGB);
+* ``prompts``: ``B`` strings;
+* ``metadata``: ``B`` dicts (the prompt file's record for each sample, possibly empty);
+* ``RewardOutput.scores``: float32 tensor ``[B]`` on the CPU; ``NaN`` means "this reward does
+  not apply to this sample" (e.g. an OCR reward on a prompt without quoted text);
+* ``RewardOutput.details``: free-form per-batch diagnostics (lists of length ``B`` or scalars),
+  never used for the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class RewardOutput:
+    scores: torch.Tensor
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        scores = torch.as_tensor(self.scores, dtype=torch.float32).detach().cpu()
+        if scores.ndim != 1:
+            raise ValueError(f"RewardOutput.scores must have shape [B], got {tuple(scores.shape)}")
+        self.scores = scores
+
+
+@runtime_checkable
+class Reward(Protocol):
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]
+    ) -> RewardOutput: ...
+
+
+def check_batch(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> None:
+    """Validate the shared call signature; rewards call this first so misuse fails loudly."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"reward images must be a [B, 3, H, W] tensor in [0, 1], got {shape}")
+    if len(prompts) != images.shape[0] or len(metadata) != images.shape[0]:
+        raise ValueError(
+            f"reward got {images.shape[0]} images, {len(prompts)} prompts and {len(metadata)} "
+            "metadata records; pass one prompt and one (possibly empty) dict per image"
+        )

@@ -1,0 +1,79 @@
+"""Rewards built from other rewards: per-task routing and weighted sums.
+
+Both take reward *objects* or ``(name, options)`` specs, so configs can stay declarative.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from opd_bench.rewards.base import Reward, RewardOutput, check_batch
+
+RewardSpec = "Reward | str | tuple[str, dict[str, Any]]"
+
+
+def build(spec: Any) -> Reward:
+    """Turn a reward, a registered name, or ``(name, options)`` into a reward object."""
+    from opd_bench import rewards
+
+    if callable(spec):
+        return spec
+    if isinstance(spec, str):
+        return rewards.get(spec)
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
+        return rewards.get(spec[0], **dict(spec[1]))
+    raise TypeError(f"cannot build a reward from {spec!r}; pass a callable, a name or (name, options)")
+
+
+class PerTaskReward:
+    """Score each sample with the reward of its own task (``metadata[i]['task']``).
+
+    Samples whose task has no reward get NaN. ``details`` carries each task's details under
+    ``"<task>/<key>"``.
+    """
+
+    def __init__(self, rewards: Mapping[str, Any]):
+        if not rewards:
+            raise ValueError("per-task reward needs at least one task: rewards={'task': reward}")
+        self.rewards = {task: build(spec) for task, spec in rewards.items()}
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]):
+        check_batch(images, prompts, metadata)
+        scores = torch.full((len(prompts),), math.nan)
+        details: dict[str, Any] = {}
+        for task, reward in self.rewards.items():
+            index = [i for i, meta in enumerate(metadata) if meta.get("task") == task]
+            if not index:
+                continue
+            out = reward(images[index], [prompts[i] for i in index], [metadata[i] for i in index])
+            scores[index] = out.scores
+            details.update({f"{task}/{key}": value for key, value in out.details.items()})
+            details[f"{task}/index"] = index
+        return RewardOutput(scores, details)
+
+
+class WeightedSumReward:
+    """``sum_k weight_k * reward_k`` on every sample; NaN scores count as 0."""
+
+    def __init__(self, rewards: Mapping[str, Any], weights: Mapping[str, float] | None = None):
+        if not rewards:
+            raise ValueError("weighted-sum reward needs at least one reward")
+        self.rewards = {key: build(spec) for key, spec in rewards.items()}
+        weights = dict(weights or {key: 1.0 for key in rewards})
+        unknown = set(weights) - set(rewards)
+        if unknown:
+            raise ValueError(f"weights name rewards that are not given: {sorted(unknown)}")
+        self.weights = {key: float(weights.get(key, 0.0)) for key in rewards}
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]):
+        check_batch(images, prompts, metadata)
+        total = torch.zeros(len(prompts))
+        details: dict[str, Any] = {}
+        for key, reward in self.rewards.items():
+            scores = reward(images, prompts, metadata).scores
+            details[key] = scores.tolist()
+            total += self.weights[key] * torch.nan_to_num(scores, nan=0.0)
+        return RewardOutput(total, details)

@@ -1,0 +1,100 @@
+"""A handmade CLIP BPE tokenizer, built offline from a word list.
+
+Every printable ASCII character is a token (so any prompt encodes), and each listed word gets
+its own whole-word token through a chain of merges. Files are written in CLIP's format and loaded
+with ``CLIPTokenizer.from_pretrained(folder)``: under transformers 5, passing ``vocab_file=`` /
+``merges_file=`` to the constructor silently builds an empty tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words of the tiny world and of typical captions; anything else falls back to characters.
+DEFAULT_WORDS = """
+a an the of and with on in at to is are there photo picture image drawing sign that says
+text written reads word letters left right above below top bottom next near middle center
+one two three four five six seven eight nine zero no
+red orange yellow green blue purple pink brown black white gray grey
+circle circles square squares triangle triangles star stars cross crosses diamond diamonds
+heart hearts ring rings hexagon hexagons object objects shape shapes
+small large big tiny huge bright dark light plain textured striped dotted background scene
+""".split()
+
+
+def _chars() -> list[str]:
+    return [chr(c) for c in range(33, 127)]
+
+
+def _train_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Learn merges until every listed word is one token.
+
+    Hand-written merge chains interfere (the merge for "to" splits "photo" into "pho to"), so
+    the merges are learned with the ``tokenizers`` BPE trainer, whose ranks are consistent.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,
+        initial_alphabet=_chars(),
+        end_of_word_suffix="</w>",
+        min_frequency=1,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([" ".join(words)], trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.model.save(tmp)
+        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
+        merges = (Path(tmp) / "merges.txt").read_text().splitlines()[1:]
+    return vocab, [line for line in merges if line.strip()]
+
+
+def write_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16) -> Path:
+    """Write ``vocab.json``, ``merges.txt`` and configs for a CLIP tokenizer into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = [w for w in dict.fromkeys(w.lower() for w in words) if all(33 <= ord(c) < 127 for c in w)]
+    vocab, merges = _train_bpe(words)
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for char in _chars():  # a one-character word is the single symbol "c</w>"
+        add(char)
+        add(char + "</w>")
+    add(BOS)
+    add(EOS)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    lines = ["#version: 0.2"] + merges
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS})
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": max_length,
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "unk_token": EOS,
+                "pad_token": EOS,
+                "do_lower_case": True,
+            }
+        )
+    )
+    return folder
+
+
+def build_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16):
+    """Write the tokenizer files into ``folder`` and load them as a ``CLIPTokenizer``."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(write_tokenizer(folder, words, max_length)))
