@@ -9,7 +9,6 @@ with ``CLIPTokenizer.from_pretrained(folder)``: under transformers 5, passing ``
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -32,28 +31,38 @@ def _chars() -> list[str]:
 
 
 def _train_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
-    """Learn merges until every listed word is one token.
+    """Learn BPE merges on ``words`` until every word is one token; deterministic.
 
-    Hand-written merge chains interfere (the merge for "to" splits "photo" into "pho to"), so
-    the merges are learned with the ``tokenizers`` BPE trainer, whose ranks are consistent.
+    Hand-written merge chains interfere (the merge for "to" would split "photo" into "pho to"),
+    and the ``tokenizers`` trainer breaks ties in hash order, so this is plain BPE training:
+    repeatedly merge the most frequent adjacent pair, ties broken alphabetically. Replaying the
+    merges by rank, as CLIP's tokenizer does, then turns each listed word into its own token.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,
-        initial_alphabet=_chars(),
-        end_of_word_suffix="</w>",
-        min_frequency=1,
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([" ".join(words)], trainer)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.model.save(tmp)
-        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
-        merges = (Path(tmp) / "merges.txt").read_text().splitlines()[1:]
-    return vocab, [line for line in merges if line.strip()]
+    segmented = [list(word[:-1]) + [word[-1] + "</w>"] for word in words if len(word) > 1]
+    vocab = {char: i for i, char in enumerate(_chars())}
+    merges: list[str] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in segmented:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merged = best[0] + best[1]
+        merges.append(f"{best[0]} {best[1]}")
+        vocab.setdefault(merged, len(vocab))
+        for k, symbols in enumerate(segmented):
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            segmented[k] = out
+    return vocab, merges
 
 
 def write_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16) -> Path:

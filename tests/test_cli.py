@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from opd_bench.cli import main
+
+
+def test_help_imports_no_heavy_library():
+    code = (
+        "import sys; from click.testing import CliRunner; from opd_bench.cli import main;"
+        "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output;"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_list_rewards():
+    result = CliRunner().invoke(main, ["list", "rewards"])
+    assert result.exit_code == 0 and "toy/brightness" in result.output
+
+
+def test_sample_writes_a_grid_and_refuses_to_overwrite(tiny_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    args = ["sample", "--model", str(tiny_dir), "--prompt", "a red circle", "--steps", "2", "--out", str(out)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    from PIL import Image
+
+    assert Image.open(out).size == (128, 64)
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 1 and "pass --force" in second.output
+
+
+def test_bad_model_is_one_line_error(tmp_path):
+    result = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0 and "does not exist" in result.output
+
+
+def test_build_tiny_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    result = CliRunner().invoke(main, ["build-tiny", str(tmp_path)])
+    assert result.exit_code == 1 and "--force" in result.output

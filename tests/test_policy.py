@@ -1,0 +1,140 @@
+import json
+
+import pytest
+import torch
+
+from opd_bench.policy import ModelLoadError, Policy
+from opd_bench.tiny import build_pipeline
+
+
+def _state(policy, batch=2, sigma=0.7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(policy.latent_shape(batch), generator=g)
+    return x, sigma, policy.encode(["a photo of a red circle", 'a sign that says "AB3"'][:batch])
+
+
+def test_tiny_pipeline_round_trips_through_save_and_load(tiny_dir):
+    in_memory = Policy(build_pipeline(seed=0))
+    loaded = Policy.from_pretrained(str(tiny_dir))
+    x, sigma, _ = _state(loaded)
+    for policy in (in_memory, loaded):
+        policy.pipeline.transformer.eval()
+    with torch.no_grad():
+        a = in_memory.velocity(x, sigma, in_memory.encode(["a red circle", "a blue star"]), 4.5)
+        b = loaded.velocity(x, sigma, loaded.encode(["a red circle", "a blue star"]), 4.5)
+    torch.testing.assert_close(a, b)
+    assert loaded.pipeline.text_encoder_3 is None
+
+
+def test_handmade_tokenizer_gives_distinct_words_distinct_ids(policy):
+    tokenizer = policy.pipeline.tokenizer
+    words = ["red", "blue", "circle", "square", "photo", "that", "to", "left", "right"]
+    ids = [tokenizer(word).input_ids for word in words]
+    assert all(len(i) == 3 for i in ids), "each listed word should be one token between BOS and EOS"
+    assert len({i[1] for i in ids}) == len(words)
+    unknown = tokenizer("zq7").input_ids  # falls back to characters, never to nothing
+    assert len(unknown) > 3 and tokenizer.unk_token_id not in unknown[1:-1]
+
+
+def test_prompts_change_the_velocity(policy):
+    x, sigma, _ = _state(policy, batch=1)
+    with torch.no_grad():
+        red = policy.velocity(x, sigma, policy.encode(["a red circle"]))
+        blue = policy.velocity(x, sigma, policy.encode(["a blue square"]))
+    assert not torch.allclose(red, blue)
+
+
+def test_guidance_is_one_batched_forward_equal_to_separate_calls(policy):
+    x, sigma, cond = _state(policy)
+    calls = []
+    hook = policy.transformer.register_forward_hook(lambda m, i, o: calls.append(1))
+    with torch.no_grad():
+        guided = policy.velocity(x, sigma, cond, guidance_scale=4.5)
+        assert len(calls) == 1
+        text = policy.velocity(x, sigma, cond)
+        uncond_cond = type(cond)(cond.negative_embeds, cond.negative_pooled, cond.negative_embeds, cond.negative_pooled)
+        uncond = policy.velocity(x, sigma, uncond_cond)
+    hook.remove()
+    torch.testing.assert_close(guided, uncond + 4.5 * (text - uncond), rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_switch_per_call_and_the_base_is_the_reference(policy):
+    x, sigma, cond = _state(policy)
+    with torch.no_grad():
+        base = policy.velocity(x, sigma, cond)
+    policy.add_adapter("student", rank=4, alpha=8)
+    policy.add_adapter("teacher", rank=4, alpha=8, trainable=False)
+    with torch.no_grad():
+        for p in policy.parameters("teacher"):
+            p.add_(0.5 * torch.randn_like(p))
+        with policy.use("student"):
+            student = policy.velocity(x, sigma, cond)
+        with policy.use("teacher"):
+            teacher = policy.velocity(x, sigma, cond)
+        with policy.use(None):
+            reference = policy.velocity(x, sigma, cond)
+    torch.testing.assert_close(student, base)  # LoRA B starts at zero
+    torch.testing.assert_close(reference, base)
+    assert not torch.allclose(teacher, base)
+    assert policy.active_adapter is None
+
+
+def test_only_the_trainable_adapter_gets_gradients_after_any_switch(policy):
+    x, sigma, cond = _state(policy)
+    policy.add_adapter("student", rank=4)
+    policy.add_adapter("teacher", rank=4, trainable=False)
+    with policy.use("teacher"), policy.use(None), policy.use("student"):
+        pass
+    with policy.use("student"):
+        policy.velocity(x, sigma, cond).square().mean().backward()
+    trained = {n for n, p in policy.transformer.named_parameters() if p.grad is not None}
+    assert trained and all(".student." in n for n in trained)
+    assert all(not p.requires_grad for p in policy.parameters("teacher"))
+    frozen = [p for p in policy.pipeline.text_encoder.parameters()] + list(policy.pipeline.vae.parameters())
+    assert all(not p.requires_grad for p in frozen)
+
+
+def test_adapter_save_and_load_round_trip(policy, tiny_dir, tmp_path):
+    x, sigma, cond = _state(policy)
+    policy.add_adapter("teacher", rank=4)
+    with torch.no_grad():
+        for p in policy.parameters("teacher"):
+            p.add_(0.1 * torch.randn_like(p))
+        with policy.use("teacher"):
+            expected = policy.velocity(x, sigma, cond)
+    policy.save_adapter("teacher", tmp_path / "teacher")
+    other = Policy.from_pretrained(str(tiny_dir))
+    other.load_adapter("geneval", tmp_path / "teacher")
+    with torch.no_grad(), other.use("geneval"):
+        got = other.velocity(x, sigma, other.encode(["a photo of a red circle", 'a sign that says "AB3"']))
+    torch.testing.assert_close(got, expected)
+    assert all(not p.requires_grad for p in other.parameters("geneval"))
+
+
+def test_decode_gives_images_in_unit_range(policy):
+    images = policy.decode(torch.randn(policy.latent_shape(2)))
+    assert images.shape == (2, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
+
+
+def test_bad_model_paths_get_one_line_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Policy.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="has no model_index.json"):
+        Policy.from_pretrained(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ModelLoadError, match="supported"):
+        Policy.from_pretrained(str(tmp_path))
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError):
+        Policy.from_pretrained(str(tmp_path))
+
+
+def test_adapter_errors(policy, tmp_path):
+    with pytest.raises(ValueError, match="no adapter 'ghost'"):
+        with policy.use("ghost"):
+            pass
+    policy.add_adapter("student", rank=2)
+    with pytest.raises(ValueError, match="already exists"):
+        policy.add_adapter("student", rank=2)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        policy.load_adapter("teacher", tmp_path)

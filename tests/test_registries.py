@@ -1,0 +1,105 @@
+import json
+import math
+
+import pytest
+import torch
+
+from opd_bench import benchmarks, rewards
+from opd_bench.benchmarks import BenchmarkSpec, PromptFileError, aggregate, read_prompts
+from opd_bench.registry import Registry, UnknownNameError
+from opd_bench.rewards import RewardOutput
+
+
+def test_unknown_reward_lists_names_and_suggests():
+    with pytest.raises(UnknownNameError) as error:
+        rewards.get("toy/brightnes")
+    message = str(error.value)
+    assert "Did you mean 'toy/brightness'" in message and "per-task" in message
+
+
+def test_registry_is_lazy_and_refuses_duplicates():
+    registry = Registry("thing")
+    registry.register("lazy", "opd_bench.module_that_does_not_exist:thing")
+    assert registry.names() == ["lazy"]  # registering imported nothing
+    with pytest.raises(ModuleNotFoundError):
+        registry.resolve("lazy")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("lazy", "x:y")
+
+
+def test_reward_output_shape_is_checked():
+    assert RewardOutput([0.5, 1.0]).scores.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"shape \[B\]"):
+        RewardOutput(torch.zeros(2, 2))
+
+
+def test_rewards_share_one_signature():
+    images = torch.zeros(3, 3, 8, 8)
+    images[0] = 1.0
+    images[1, 0] = 1.0
+    prompts, metadata = ["a", "b", "c"], [{}, {}, {}]
+    bright = rewards.get("toy/brightness")(images, prompts, metadata)
+    red = rewards.get("toy/color", target=(1, 0, 0))(images, prompts, metadata)
+    torch.testing.assert_close(bright.scores, torch.tensor([1.0, 1 / 3, 0.0]))
+    assert red.scores.argmax() == 1 and red.scores.shape == (3,)
+    with pytest.raises(ValueError, match="one prompt and one"):
+        rewards.get("toy/brightness")(images, prompts[:2], metadata)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        rewards.get("toy/brightness")(images[:, :1], prompts, metadata)
+
+
+def test_per_task_reward_routes_and_marks_not_applicable_with_nan():
+    reward = rewards.get("per-task", rewards={"a": "toy/brightness", "b": ("toy/color", {"target": (0, 0, 0)})})
+    images = torch.full((3, 3, 4, 4), 0.25)
+    out = reward(images, ["x", "y", "z"], [{"task": "a"}, {"task": "b"}, {"task": "c"}])
+    assert out.scores[0] == pytest.approx(0.25)
+    assert out.scores[1] == pytest.approx(0.75)
+    assert math.isnan(out.scores[2])
+
+
+def test_weighted_sum_reward():
+    reward = rewards.get("weighted-sum", rewards={"b": "toy/brightness", "c": "toy/color"}, weights={"b": 2.0})
+    out = reward(torch.ones(1, 3, 2, 2), ["x"], [{}])
+    assert out.scores[0] == pytest.approx(2.0)  # brightness 1 * 2, colour weight defaults to 0
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_prompt_file_errors_name_the_line(tmp_path):
+    good = json.dumps({"prompt": "a red circle", "tag": "colors"})
+    with pytest.raises(PromptFileError, match=r":2: not valid JSON"):
+        read_prompts(_write(tmp_path / "a.jsonl", [good, "{oops"]))
+    with pytest.raises(PromptFileError, match=r":1: missing field\(s\) \['prompt'\]"):
+        read_prompts(_write(tmp_path / "b.jsonl", [json.dumps({"text": "x"})]))
+    with pytest.raises(PromptFileError, match="expected a JSON object"):
+        read_prompts(_write(tmp_path / "c.jsonl", ["[1, 2]"]))
+    with pytest.raises(PromptFileError, match="does not exist"):
+        read_prompts(tmp_path / "missing.jsonl")
+    prompts = read_prompts(_write(tmp_path / "d.jsonl", [good, "", good]), task="geneval")
+    assert len(prompts) == 2 and prompts[0].task == "geneval" and prompts[0].metadata["tag"] == "colors"
+
+
+def test_benchmark_spec_registry_and_hash(tmp_path):
+    path = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "hello"})])
+    spec = BenchmarkSpec("echo", "test-suite", "v1", str(path), reward="toy/brightness", images_per_prompt=2)
+    benchmarks.register(spec)
+    assert benchmarks.get("test-suite/echo") is spec
+    assert "test-suite/echo" in benchmarks.names("test-suite")
+    assert len(spec.file_hash()) == 64 and spec.prompts()[0].task == "echo"
+    assert spec.build_reward()(torch.ones(1, 3, 2, 2), ["x"], [{}]).scores[0] == 1
+    with pytest.raises(UnknownNameError, match="Did you mean 'test-suite/echo'"):
+        benchmarks.get("test-suite/ech")
+    with pytest.raises(ValueError, match="metric"):
+        BenchmarkSpec("x", "s", "v1", "f", reward="r", metric="median")
+
+
+def test_geneval_metric_is_the_mean_of_tag_accuracies():
+    scores = [1, 1, 1, 0, float("nan")]
+    metadata = [{"tag": "colors"}, {"tag": "colors"}, {"tag": "counting"}, {"tag": "counting"}, {"tag": "x"}]
+    result = aggregate("geneval", scores, metadata)
+    assert result["per_tag"] == {"colors": 1.0, "counting": 0.5}
+    assert result["score"] == pytest.approx(0.75) and result["count"] == 4
+    assert aggregate("mean", scores, metadata)["score"] == pytest.approx(0.75)
