@@ -24,6 +24,16 @@ REGISTRY.register(
     "weighted sum of several rewards on every sample",
 )
 REGISTRY.register(
+    "tiny/geneval",
+    "opd_bench.rewards.geneval:TinyGenEvalReward",
+    "tiny world: detector + GenEval rules, Flow-GRPO partial credit in [0, 1]; NaN off geneval records",
+)
+REGISTRY.register(
+    "tiny/geneval-strict",
+    "opd_bench.rewards.geneval:TinyGenEvalStrictReward",
+    "tiny world: 1/0 by GenEval's rules; NaN off geneval records",
+)
+REGISTRY.register(
     "toy/brightness",
     "opd_bench.rewards.toy:Brightness",
     "mean pixel brightness; a dependency-free reward for tests and smoke runs",
