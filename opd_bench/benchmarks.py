@@ -39,6 +39,8 @@ class BenchmarkSpec:
     metric: str = "mean"  # "mean" of scores, or "geneval": mean of per-tag accuracies
     images_per_prompt: int = 4
     required_fields: tuple[str, ...] = ("prompt",)
+    # Further evaluation-only scores reported beside the main one, e.g. {"pref_oracle": "tiny/pref-oracle"}.
+    extra_rewards: dict[str, str] = field(default_factory=dict)
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -58,6 +58,93 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
     click.echo(f"saved a random tiny SD3 pipeline to {out}")
 
 
+@main.command("eval")
+@click.option("--suite", "suite_name", default="tiny", show_default=True)
+@click.option("--model", default=None, help="'tiny' (shipped base), a pipeline folder or hub id, or 'renderer'. Default: the suite's.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.json.")
+@click.option("--benchmarks", "tasks", default=None, help="Comma-separated subset, e.g. geneval,ocr.")
+@click.option("--limit", type=int, default=None, help="Evaluate the first N prompts per benchmark.")
+@click.option("--images-per-prompt", type=int, default=None, help="Default: each benchmark's.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the suite's).")
+@click.option("--guidance", type=float, default=None, help="CFG scale (default: the suite's).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing results.json.")
+@_friendly
+def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, steps, guidance, batch_size, device, force):
+    """Evaluate a model on a suite's test prompts; writes OUT/results.json and prints a table."""
+    results_path = out / "results.json"
+    if results_path.exists() and not force:
+        raise FileExistsError(f"{results_path} exists; choose another --out or pass --force")
+    import time
+
+    from opd_bench import suites
+    from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source, renderer_source
+    from opd_bench.io import atomic_write_json
+
+    suite = suites.get(suite_name)
+    model = model or suite.default_model
+    settings = SamplerSettings(steps or suite.num_steps, suite.guidance_scale if guidance is None else guidance, suite.noise_level)
+    if model == "renderer":
+        source = renderer_source()
+    else:
+        from opd_bench.policy import Policy
+
+        source = policy_source(Policy.from_pretrained(suites.resolve_model(model), device=device), settings)
+    start = time.time()
+    result = evaluate_suite(
+        suite, source, tasks=tasks.split(",") if tasks else None, seed=seed, limit=limit,
+        images_per_prompt=images_per_prompt, batch_size=batch_size,
+    )
+    record = {
+        "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed,
+        "sampler": vars(settings) if model != "renderer" else None, "limit": limit,
+        "num_images": sum(b["num_images"] for b in result["benchmarks"].values()),
+        "seconds": time.time() - start, **result,
+    }
+    atomic_write_json(results_path, record)
+    click.echo(f"{'benchmark':14s} score")
+    for name, score in record["scores"].items():
+        click.echo(f"{name:14s} {score:.4f}")
+    for task, tags in record["per_tag"].items():
+        click.echo(f"{task} per tag: " + ", ".join(f"{tag} {value:.3f}" for tag, value in tags.items()))
+    click.echo(f"wrote {results_path}")
+
+
+@main.group()
+def pretrain() -> None:
+    """Reproduce the tiny suite's shipped models (base pipeline, preference model)."""
+
+
+@pretrain.command("base")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the pipeline.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--num-images", default=24_000, show_default=True, help="Rendered training images.")
+@click.option("--vae-steps", default=400, show_default=True)
+@click.option("--steps", default=6000, show_default=True, help="Denoiser steps (upper bound with --max-minutes).")
+@click.option("--batch", default=32, show_default=True)
+@click.option("--max-minutes", type=float, default=None, help="Time budget of the denoiser phase.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing pipeline folder.")
+@_friendly
+def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, max_minutes, device, force) -> None:
+    """Train the tiny base model from scratch on rendered scenes with web-like captions."""
+    if (out / "model_index.json").exists() and not force:
+        raise FileExistsError(f"{out} already holds a pipeline; choose another folder or pass --force")
+    from opd_bench.tiny.pretrain import PretrainConfig, pretrain_base
+
+    config = PretrainConfig(
+        seed=seed, num_images=num_images, vae_steps=vae_steps, steps=steps, batch=batch,
+        max_minutes=max_minutes, device=device,
+    )
+    summary = pretrain_base(out, config)
+    click.echo(
+        f"saved the base pipeline to {out} ({summary['denoiser_steps']} denoiser steps, "
+        f"{summary['total_seconds'] / 60:.1f} min)"
+    )
+
+
 @main.command()
 @click.option("--model", required=True, help="Pipeline folder or hub id (SD3 family).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for several.")

@@ -97,8 +97,8 @@ def _noise_schedule(noise_level: float | Sequence[float], num_steps: int) -> lis
     return levels
 
 
-def _generators(seed: int, count: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(count)]
+def _generators(seed: int, count: int, offset: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed * 1_000_003 + offset + i) for i in range(count)]
 
 
 def _randn(generators: list[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
@@ -119,12 +119,15 @@ def rollout(
     width: int | None = None,
     keep: Iterable[str] = KEEP_DEFAULT,
     embeds: PromptEmbeds | None = None,
+    sample_offset: int = 0,
 ) -> Trajectory:
     """Sample trajectories with the policy's active adapter.
 
     ``noise_level``: one value for every step or one per step (0 = deterministic Euler step).
     ``keep``: which large tensors to return: ``latents`` (every state), ``means``, ``images``.
     ``embeds``: precomputed embeddings of ``prompts`` (one row per prompt), if the caller has them.
+    ``sample_offset``: index of the first sample in a larger job split into chunks, so that
+    sample ``i`` of the job gets the same noise whatever the chunking.
     """
     prompts = [Prompt.coerce(p) for p in prompts]
     keep = frozenset(keep)
@@ -145,7 +148,7 @@ def rollout(
     below_one = sigmas[sigmas < 1]
     sigma_max = float(below_one.max()) if len(below_one) else None
 
-    generators = _generators(seed, batch)
+    generators = _generators(seed, batch, sample_offset)
     x = _randn(generators, shape[1:]).to(policy.device, policy.dtype)
     states, means, stds, log_probs = [x], [], [], []
     for i in range(num_steps):

@@ -1,0 +1,129 @@
+"""Evaluate a model (or the renderer) on a suite's test prompts with the suite's rewards.
+
+The images of a model come from the shared ``rollout`` with the suite's evaluation sampler;
+``renderer`` draws the tiny world's correct image for each prompt, to validate the evaluators.
+Sample ``i`` of a benchmark always gets the same noise, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from opd_bench.benchmarks import BenchmarkSpec, aggregate
+from opd_bench.rollout import Prompt
+
+# (prompts, seed, sample_offset) -> images [B, 3, H, W] in [0, 1]
+ImageSource = Callable[[Sequence[Prompt], int, int], torch.Tensor]
+
+
+@dataclass
+class SamplerSettings:
+    num_steps: int = 10
+    guidance_scale: float = 4.5
+    noise_level: float = 0.0
+
+
+def policy_source(policy, settings: SamplerSettings) -> ImageSource:
+    from opd_bench.rollout import rollout
+
+    def generate(prompts: Sequence[Prompt], seed: int, offset: int) -> torch.Tensor:
+        trajectory = rollout(
+            policy, prompts, num_steps=settings.num_steps, noise_level=settings.noise_level,
+            guidance_scale=settings.guidance_scale, seed=seed, keep={"images"}, sample_offset=offset,
+        )
+        return trajectory.images
+
+    return generate
+
+
+def renderer_source() -> ImageSource:
+    from opd_bench.world.render import render_batch
+
+    def generate(prompts: Sequence[Prompt], seed: int, offset: int) -> torch.Tensor:
+        return render_batch([p.metadata for p in prompts], [seed * 1_000_003 + offset + i for i in range(len(prompts))])
+
+    return generate
+
+
+def evaluate_benchmark(
+    spec: BenchmarkSpec,
+    source: ImageSource,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    images_per_prompt: int | None = None,
+    batch_size: int = 32,
+    rewards: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generate and score the test prompts of ``spec``; returns scores, timings and per-tag results.
+
+    ``rewards`` may pass already-built reward objects (``{"main": r, "<extra>": r}``) to reuse
+    loaded models across calls.
+    """
+    from tqdm import tqdm
+
+    repeats = images_per_prompt or spec.images_per_prompt
+    prompts = [p for p in spec.prompts("test", limit) for _ in range(repeats)]
+    rewards = rewards or {}
+    scorers = {"main": rewards.get("main") or spec.build_reward()}
+    for key, name in spec.extra_rewards.items():
+        from opd_bench import rewards as registry
+
+        scorers[key] = rewards.get(key) or registry.get(name)
+    scores: dict[str, list[float]] = {key: [] for key in scorers}
+    seconds = {"generate": 0.0, **{key: 0.0 for key in scorers}}
+    bar = tqdm(total=len(prompts), desc=f"eval {spec.key}", unit="img", disable=not progress, mininterval=2)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        t0 = time.perf_counter()
+        images = source(chunk, seed, start)
+        seconds["generate"] += time.perf_counter() - t0
+        texts, metadata = [p.text for p in chunk], [p.metadata for p in chunk]
+        for key, scorer in scorers.items():
+            t0 = time.perf_counter()
+            scores[key].extend(scorer(images, texts, metadata).scores.tolist())
+            seconds[key] += time.perf_counter() - t0
+        bar.update(len(chunk))
+    bar.close()
+    metadata = [p.metadata for p in prompts]
+    main = aggregate(spec.metric, scores["main"], metadata)
+    result = {
+        "score": main["score"],
+        "num_images": len(prompts),
+        "images_per_prompt": repeats,
+        "seconds": seconds,
+        "images_per_second": {k: (len(prompts) / v if v > 0 else math.inf) for k, v in seconds.items()},
+        "extra": {key: aggregate("mean", scores[key], metadata)["score"] for key in scorers if key != "main"},
+    }
+    if "per_tag" in main:
+        result["per_tag"] = main["per_tag"]
+    return result
+
+
+def evaluate_suite(
+    suite,
+    source: ImageSource,
+    *,
+    tasks: Sequence[str] | None = None,
+    **options,
+) -> dict:
+    """Evaluate every task of ``suite``; returns ``{"scores": {...}, "per_tag": {...}, "benchmarks": {...}}``."""
+    tasks = list(tasks or suite.tasks)
+    unknown = sorted(set(tasks) - set(suite.tasks))
+    if unknown:
+        raise ValueError(f"suite {suite.name!r} has no benchmark(s) {unknown}; it has {list(suite.tasks)}")
+    results = {task: evaluate_benchmark(suite.benchmark(task), source, **options) for task in tasks}
+    scores: dict[str, float] = {}
+    per_tag: dict[str, dict] = {}
+    for task, result in results.items():
+        scores[task] = result["score"]
+        scores.update(result["extra"])
+        if "per_tag" in result:
+            per_tag[task] = result["per_tag"]
+    return {"scores": scores, "per_tag": per_tag, "benchmarks": results}

@@ -1,0 +1,86 @@
+"""Suites: a named, versioned set of benchmarks with a default model and evaluation sampler.
+
+``tiny`` is embedded: its prompt files and trained weights ship inside the package
+(``opd_bench/suites/tiny/``). Suites register their benchmarks as ``"<suite>/<name>"`` in
+``opd_bench.benchmarks``. Importing this module is cheap (specs are plain data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from opd_bench import benchmarks
+from opd_bench.benchmarks import BenchmarkSpec
+from opd_bench.registry import Registry
+
+SUITE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    version: str
+    tasks: tuple[str, ...]  # benchmark names, each registered as "<suite>/<task>"
+    default_model: str
+    num_steps: int  # evaluation sampler
+    guidance_scale: float
+    noise_level: float = 0.0  # 0 = the deterministic (ODE) sampler
+    description: str = ""
+
+    def benchmark(self, task: str) -> BenchmarkSpec:
+        return benchmarks.get(f"{self.name}/{task}")
+
+
+REGISTRY = Registry("suite")
+
+
+def get(name: str) -> Suite:
+    return REGISTRY.resolve(name)
+
+
+def _tiny() -> Suite:
+    prompts = "suites/tiny/prompts"
+    version = "tiny-v1"  # = opd_bench.world.spec.PROMPTS_VERSION (checked by a test)
+    common = dict(suite="tiny", version=version, images_per_prompt=2)
+    benchmarks.register(BenchmarkSpec(
+        name="geneval", test_file=f"{prompts}/geneval_test.jsonl", train_file=f"{prompts}/geneval_train.jsonl",
+        reward="tiny/geneval-strict", train_reward="tiny/geneval", metric="geneval",
+        required_fields=("prompt", "tag", "include"),
+        description="tiny world: GenEval's six tags and rules, scored by the world's detector", **common,
+    ))
+    benchmarks.register(BenchmarkSpec(
+        name="ocr", test_file=f"{prompts}/ocr_test.jsonl", train_file=f"{prompts}/ocr_train.jsonl",
+        reward="ocr", required_fields=("prompt", "text"),
+        description="tiny world: quoted 1-4 character texts, read by a real OCR engine", **common,
+    ))
+    benchmarks.register(BenchmarkSpec(
+        name="pref", test_file=f"{prompts}/pref_test.jsonl", train_file=f"{prompts}/pref_train.jsonl",
+        reward="tiny/pref", extra_rewards={"pref_oracle": "tiny/pref-oracle"},
+        required_fields=("prompt", "objects"),
+        description="tiny world: a learned preference model (and the hidden taste it was trained on)", **common,
+    ))
+    return Suite(
+        name="tiny", version=version, tasks=("geneval", "ocr", "pref"), default_model="tiny",
+        num_steps=10, guidance_scale=4.5,
+        description="embedded miniature SD3 world; runs on a laptop CPU",
+    )
+
+
+REGISTRY.register("tiny", _tiny(), "embedded miniature SD3 world (prompts and weights ship with the package)")
+
+# Shipped models, by alias.
+MODELS = {"tiny": SUITE_DIR / "tiny" / "weights" / "base"}
+
+
+def resolve_model(model: str) -> str:
+    """A shipped model alias ("tiny") -> its folder; anything else is returned unchanged."""
+    if model in MODELS:
+        folder = MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the shipped {model!r} model is missing from {folder}; reinstall the package or "
+                f"rebuild it with `opd-bench pretrain base --out {folder}`"
+            )
+        return str(folder)
+    return model

@@ -1,0 +1,255 @@
+"""Pretrain the tiny suite's base model from scratch: data, VAE, then the MMDiT + text encoders.
+
+``opd-bench pretrain base --out DIR`` runs :func:`pretrain_base`. Steps:
+
+1. render ``num_images`` scenes from the three train prompt files (seeded) and give each a
+   web-like caption (:mod:`opd_bench.tiny.captions`), re-drawn every epoch;
+2. train the AutoencoderKL on the images (L1 + MSE + a small KL), then encode every image once and
+   set the VAE's ``shift_factor`` / ``scaling_factor`` to the latents' mean and 1 / std;
+3. train the transformer and both CLIP text encoders jointly with the rectified-flow loss
+   (SD3's logit-normal timesteps, ``v = eps - x0``), captions dropped to "" at ``cfg_dropout`` so
+   classifier-free guidance works; the transformer's EMA weights are saved.
+
+The result is an ordinary diffusers folder that ``Policy.from_pretrained`` loads like SD3.5.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from opd_bench.tiny.build import TinyConfig
+
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "suites" / "tiny" / "prompts"
+
+
+def base_architecture(words: list[str] | None = None) -> TinyConfig:
+    """The shipped base model's sizes: chosen so RL on two CPU cores is cheap (see docs)."""
+    return TinyConfig(
+        vae_channels=(8, 16, 32),  # full-resolution convolutions dominate the VAE's cost on a CPU
+        patch_size=4,  # 16x16 latents -> 16 image tokens
+        num_layers=4,
+        num_heads=3,
+        head_dim=32,
+        text_hidden=48,
+        text_layers=2,
+        text_heads=2,
+        text_projection=48,
+        max_prompt_tokens=24,
+        words=words,
+    )
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    num_images: int = 24_000
+    mixture: dict = field(default_factory=lambda: {"geneval": 0.4, "ocr": 0.35, "pref": 0.25})
+    vae_steps: int = 400
+    vae_batch: int = 32
+    vae_lr: float = 3e-3
+    vae_kl: float = 1e-6
+    steps: int = 6000
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ema: float = 0.999
+    cfg_dropout: float = 0.1
+    # Time budget of the transformer phase: after 20 steps the step count is cut to what fits
+    # (the cosine schedule then ends on time); the steps actually run are recorded.
+    max_minutes: float | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if abs(sum(self.mixture.values()) - 1) > 1e-6:
+            raise ValueError(f"mixture weights must sum to 1, got {self.mixture}")
+        if self.num_images < self.batch:
+            raise ValueError("num_images must be at least one batch")
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_records(config: PretrainConfig) -> tuple[list[dict], list[str]]:
+    """Sample ``num_images`` train records by the mixture; also return the prompt vocabulary."""
+    from opd_bench.tiny.captions import vocabulary
+
+    rng = np.random.default_rng([config.seed, 11])
+    pools = {name: _read(PROMPT_DIR / f"{name}_train.jsonl") for name in config.mixture}
+    tests = [r for name in config.mixture for r in _read(PROMPT_DIR / f"{name}_test.jsonl")]
+    names = list(config.mixture)
+    picks = rng.choice(len(names), size=config.num_images, p=[config.mixture[n] for n in names])
+    records = [pools[names[k]][int(rng.integers(len(pools[names[k]])))] for k in picks]
+    words = vocabulary([r for pool in pools.values() for r in pool] + tests)
+    return records, words
+
+
+def render_dataset(records: list[dict], seed: int) -> torch.Tensor:
+    """uint8 images [N, 3, 64, 64]; record i drawn with seed ``seed * 10**6 + i``."""
+    from tqdm import tqdm
+
+    from opd_bench.world.render import render
+
+    out = torch.empty(len(records), 3, 64, 64, dtype=torch.uint8)
+    for i, record in enumerate(tqdm(records, desc="render", unit="img", mininterval=2)):
+        out[i] = torch.from_numpy(np.array(render(record, seed * 10**6 + i).convert("RGB"))).permute(2, 0, 1)
+    return out
+
+
+def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 127.5 - 1.0
+
+
+def train_vae(vae, images: torch.Tensor, config: PretrainConfig, log) -> None:
+    from tqdm import tqdm
+
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    bar = tqdm(range(config.vae_steps), desc="vae", mininterval=2)
+    for step in bar:
+        lr = config.vae_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / config.vae_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(images), (config.vae_batch,), generator=generator)
+        x = _to_unit(images[index]).to(config.device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
+        recon = vae.decode(z).sample
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + config.vae_kl * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == config.vae_steps - 1:
+            log({"phase": "vae", "step": step, "loss": loss.item(), "recon": rec.item(), "kl": kl.item()})
+            bar.set_postfix(recon=f"{float(rec):.4f}")
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(vae, images: torch.Tensor, device: str, batch: int = 256) -> torch.Tensor:
+    latents = [vae.encode(_to_unit(images[i : i + batch]).to(device)).latent_dist.mean.cpu() for i in range(0, len(images), batch)]
+    return torch.cat(latents)
+
+
+def _logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.sigmoid(torch.randn(batch, generator=generator))
+
+
+def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config: PretrainConfig, log) -> dict:
+    from tqdm import tqdm
+
+    from opd_bench.tiny.captions import web_caption
+
+    transformer = pipeline.transformer
+    text_encoders = [pipeline.text_encoder, pipeline.text_encoder_2]
+    modules = [transformer, *text_encoders]
+    params = [p for m in modules for p in m.parameters()]
+    for module in modules:
+        module.train().requires_grad_(True)
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    caption_rng = np.random.default_rng([config.seed, 3])
+    start, total = time.time(), config.steps
+    bar = tqdm(total=total, desc="denoiser", mininterval=2)
+    step = 0
+    while step < total:
+        if step == 20 and config.max_minutes is not None:
+            per_step = (time.time() - start) / 20
+            total = max(21, min(total, int(60 * config.max_minutes / per_step)))
+            bar.total = total
+            log({"phase": "denoiser", "planned_steps": total, "seconds_per_step": per_step})
+        lr = config.lr * min(1.0, (step + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(latents), (config.batch,), generator=generator)
+        captions = [
+            "" if caption_rng.random() < config.cfg_dropout else web_caption(records[i], caption_rng)
+            for i in index.tolist()
+        ]
+        x0 = latents[index].to(config.device)
+        noise = torch.randn(x0.shape, generator=generator).to(config.device)
+        sigma = _logit_normal(config.batch, generator).to(config.device)
+        xs = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompt=captions, prompt_2=None, prompt_3=None, device=config.device,
+            do_classifier_free_guidance=False, max_sequence_length=1,
+        )
+        velocity = transformer(
+            hidden_states=xs, timestep=sigma * 1000, encoder_hidden_states=embeds,
+            pooled_projections=pooled, return_dict=False,
+        )[0]
+        loss = F.mse_loss(velocity, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(config.ema, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), transformer.parameters()):
+                e.lerp_(p, 1 - decay)
+        if step % 50 == 0 or step == total - 1:
+            log({"phase": "denoiser", "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr})
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+        step += 1
+        bar.update()
+    bar.close()
+    done = step
+    transformer.load_state_dict(ema.state_dict())
+    for module in modules:
+        module.eval().requires_grad_(False)
+    return {"denoiser_steps": done, "denoiser_seconds": time.time() - start}
+
+
+def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> dict:
+    """Run the whole pretraining and save the pipeline to ``out_dir``; returns a summary."""
+    from opd_bench.io import atomic_write_json
+    from opd_bench.tiny.build import build_pipeline
+
+    config = config or PretrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    log_path = out_dir / "pretrain_log.jsonl"
+    log_file = log_path.open("w")
+
+    def log(record: dict) -> None:
+        log_file.write(json.dumps({"time": round(time.time() - t0, 2), **record}) + "\n")
+        log_file.flush()
+
+    t0 = time.time()
+    records, words = training_records(config)
+    images = render_dataset(records, config.seed)
+    t_render = time.time() - t0
+    architecture = base_architecture(words)
+    pipeline = build_pipeline(architecture, seed=config.seed).to(config.device)
+    train_vae(pipeline.vae, images, config, log)
+    t_vae = time.time() - t0 - t_render
+    latents = encode_dataset(pipeline.vae, images, config.device)
+    shift, scale = float(latents.mean()), float(1 / latents.std())
+    pipeline.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    latents = (latents - shift) * scale
+    summary = train_denoiser(pipeline, latents, records, config, log)
+    pipeline.to("cpu").save_pretrained(out_dir)
+    summary.update(
+        render_seconds=t_render, vae_seconds=t_vae, total_seconds=time.time() - t0,
+        latent_shift=shift, latent_scale=scale, config=asdict(config), architecture=architecture.to_dict(),
+        torch=torch.__version__, threads=torch.get_num_threads(),
+    )
+    atomic_write_json(out_dir / "pretrain_info.json", summary)
+    log_file.close()
+    return summary

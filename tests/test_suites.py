@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from opd_bench import benchmarks, suites
+from opd_bench.cli import main
+from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source, renderer_source
+from opd_bench.world.spec import PROMPTS_VERSION
+
+
+def test_tiny_suite_registers_its_benchmarks_with_the_prompt_set_version():
+    suite = suites.get("tiny")
+    assert suite.version == PROMPTS_VERSION
+    for task in suite.tasks:
+        spec = suite.benchmark(task)
+        assert spec.key == f"tiny/{task}" and spec.version == suite.version
+        assert len(spec.prompts("test")) >= 250 and len(spec.prompts("train")) >= 1000
+        assert len(spec.file_hash()) == 64
+    assert benchmarks.names("tiny") == ["tiny/geneval", "tiny/ocr", "tiny/pref"]
+
+
+def test_unknown_suite_and_benchmark_names_get_suggestions():
+    with pytest.raises(KeyError, match="Did you mean 'tiny'"):
+        suites.get("tiyn")
+    with pytest.raises(KeyError, match="Did you mean 'tiny/ocr'"):
+        benchmarks.get("tiny/ocrr")
+
+
+def test_renderer_passes_the_geneval_evaluator():
+    spec = benchmarks.get("tiny/geneval")
+    result = evaluate_benchmark(spec, renderer_source(), limit=30, images_per_prompt=1, progress=False)
+    assert result["score"] == 1.0 and result["num_images"] == 30
+    assert set(result["per_tag"]) <= {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+
+
+def test_policy_images_do_not_depend_on_the_batch_size(policy):
+    source = policy_source(policy, SamplerSettings(num_steps=2))
+    spec = benchmarks.get("tiny/geneval")
+    prompts = spec.prompts("test", limit=3)
+    whole = source(prompts, 0, 0)
+    parts = torch.cat([source(prompts[:2], 0, 0), source(prompts[2:], 0, 2)])
+    torch.testing.assert_close(whole, parts, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_command_writes_results_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", "--model", "renderer", "--benchmarks", "geneval", "--limit", "8", "--out", str(out)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    record = json.loads((out / "results.json").read_text())
+    assert record["suite"] == "tiny" and record["model"] == "renderer" and record["seed"] == 0
+    assert record["scores"]["geneval"] == 1.0 and record["num_images"] == 16
+    assert "geneval" in record["per_tag"]
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_eval_command_rejects_unknown_benchmarks(tmp_path):
+    result = CliRunner().invoke(main, ["eval", "--model", "renderer", "--benchmarks", "gen", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "has no benchmark" in result.output
