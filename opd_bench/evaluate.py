@@ -127,3 +127,41 @@ def evaluate_suite(
         if "per_tag" in result:
             per_tag[task] = result["per_tag"]
     return {"scores": scores, "per_tag": per_tag, "benchmarks": results}
+
+
+def make_evaluator(
+    suite,
+    *,
+    tasks: Sequence[str] | None = None,
+    limit: int | None = 16,
+    images_per_prompt: int = 1,
+    settings: SamplerSettings | None = None,
+    seed: int = 12345,
+) -> Callable:
+    """A ``policy -> {task: score, extra: score}`` function for periodic evaluation during training.
+
+    Rewards are built once and reused; the prompts (first ``limit`` test prompts of every task) and
+    the noise are the same at every call, so successive evaluations are comparable.
+    """
+    tasks = list(tasks or suite.tasks)
+    settings = settings or SamplerSettings(suite.num_steps, suite.guidance_scale, suite.noise_level)
+    specs = {task: suite.benchmark(task) for task in tasks}
+    built: dict[str, dict] = {}
+
+    def evaluate(policy) -> dict[str, float]:
+        from opd_bench import rewards as registry
+
+        scores: dict[str, float] = {}
+        source = policy_source(policy, settings)
+        for task, spec in specs.items():
+            if task not in built:
+                built[task] = {"main": spec.build_reward(), **{k: registry.get(n) for k, n in spec.extra_rewards.items()}}
+            result = evaluate_benchmark(
+                spec, source, seed=seed, limit=limit, images_per_prompt=images_per_prompt,
+                rewards=built[task], progress=False,
+            )
+            scores[task] = result["score"]
+            scores.update(result["extra"])
+        return scores
+
+    return evaluate

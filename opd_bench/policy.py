@@ -98,6 +98,8 @@ class Policy:
         self._adapter_configs: dict[str, object] = {}
         self._active: str | None = None
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Sample-forwards of the transformer per adapter (None = base); guided calls count 2.
+        self.forward_counts: dict[str | None, int] = {}
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -220,6 +222,8 @@ class Policy:
         scale = self.pipeline.scheduler.config.num_train_timesteps
         timestep = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch) * scale
         latents = latents.to(self.dtype)
+        passes = batch if guidance_scale == 1.0 else 2 * batch
+        self.forward_counts[self._active] = self.forward_counts.get(self._active, 0) + passes
         if guidance_scale == 1.0:
             return self._forward(latents, timestep, cond.embeds, cond.pooled)
         both = self._forward(
@@ -267,12 +271,19 @@ class Policy:
         target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
         trainable: bool = True,
         init: bool | str = True,
+        seed: int | None = None,
     ) -> None:
-        """Add a LoRA adapter (zero-initialised B, so it starts equal to the base)."""
+        """Add a LoRA adapter (zero-initialised B, so it starts equal to the base).
+
+        ``seed`` makes the random A matrices reproducible (they shape the first gradients).
+        """
         from peft import LoraConfig
 
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=init)
-        self._add(name, config, trainable)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self._add(name, config, trainable)
 
     def _add(self, name: str, config, trainable: bool) -> None:
         if name in self._adapter_configs:
@@ -319,6 +330,16 @@ class Policy:
         result = set_peft_model_state_dict(self.transformer, load_file(weights), adapter_name=name)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter {str(folder)!r} does not fit this model: {result.unexpected_keys[:3]}...")
+
+    def copy_adapter_weights(self, name: str, folder: str | Path) -> None:
+        """Overwrite the weights of existing adapter ``name`` with those saved in ``folder``."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if name not in self._adapter_configs:
+            raise ValueError(f"no adapter {name!r}; adapters: {self.adapters}")
+        set_peft_model_state_dict(self.transformer, load_file(Path(folder) / "adapter_model.safetensors"), adapter_name=name)
+        self._restore_trainable()
 
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator["Policy"]:

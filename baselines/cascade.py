@@ -1,0 +1,110 @@
+"""Cascade RL: single-task Flow-GRPO stages in sequence, each starting from the previous weights.
+
+Stages are ``(task, steps)`` pairs (e.g. pref 800 -> geneval 300 -> ...). Each stage is a GRPO run
+in ``run_dir/stage<k>-<task>``; a finished stage is skipped on rerun (its weights are loaded), so a
+killed cascade resumes where it stopped. ``metrics.jsonl`` concatenates the stages with steps and
+compute counters made cumulative, so the cascade reads as one curve.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from opd_bench.policy import Policy
+from opd_bench.rewards import Reward
+from opd_bench.rollout import Prompt
+from opd_bench.training import read_metrics
+from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+
+COUNTERS = ("student_forwards", "teacher_forwards", "reference_forwards", "images", "wall_seconds")
+
+
+@dataclass
+class CascadeConfig:
+    stages: list[tuple[str, int]] = field(default_factory=lambda: [("pref", 14), ("geneval", 13), ("ocr", 13)])
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # steps is taken from each stage
+
+    def __post_init__(self) -> None:
+        if not self.stages or any(steps < 1 for _, steps in self.stages):
+            raise ValueError("cascade stages must be a non-empty list of (task, steps >= 1)")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(steps for _, steps in self.stages)
+
+
+CASCADE_PRESETS: dict[str, CascadeConfig] = {
+    "smoke": CascadeConfig(
+        stages=[("geneval", 1), ("ocr", 1)],
+        grpo=GRPOConfig(prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=1, eval_limit=2, checkpoint_every=1),
+    ),
+    "standard": CascadeConfig(),
+}
+
+
+class CascadeTrainer:
+    def __init__(
+        self,
+        config: CascadeConfig,
+        *,
+        policy: Policy,
+        prompts: Mapping[str, Sequence[Prompt]],
+        rewards: Mapping[str, Reward],
+        run_dir: str | Path,
+        adapter: str = "student",
+        evaluate: Callable | None = None,
+        overwrite: bool = False,
+    ):
+        missing = sorted({task for task, _ in config.stages} - set(prompts) - set(rewards))
+        if missing:
+            raise ValueError(f"cascade stage task(s) {missing} have no prompts or reward")
+        self.config, self.policy, self.prompts, self.rewards = config, policy, prompts, rewards
+        self.run_dir, self.adapter, self.evaluate, self.overwrite = Path(run_dir), adapter, evaluate, overwrite
+
+    def stage_dir(self, k: int, task: str) -> Path:
+        return self.run_dir / f"stage{k}-{task}"
+
+    def train(self, progress: bool = True) -> Path:
+        final = None
+        for k, (task, steps) in enumerate(self.config.stages):
+            stage_dir = self.stage_dir(k, task)
+            if (stage_dir / "DONE").exists() and not self.overwrite:
+                if self.adapter not in self.policy.adapters:
+                    g = self.config.grpo
+                    self.policy.add_adapter(self.adapter, rank=g.lora_rank, alpha=g.lora_alpha, seed=g.seed)
+                self.policy.copy_adapter_weights(self.adapter, stage_dir / "final")
+                final = stage_dir / "final"
+                continue
+            trainer = GRPOTrainer(
+                replace(self.config.grpo, steps=steps, seed=self.config.grpo.seed + k), policy=self.policy,
+                prompts=self.prompts[task], rewards={task: self.rewards[task]}, run_dir=stage_dir,
+                adapter=self.adapter, evaluate=self.evaluate, overwrite=self.overwrite,
+                extra_config={"method": "cascade", "stage": k, "stages": [list(s) for s in self.config.stages]},
+            )
+            final = trainer.train(progress)
+        self.write_metrics()
+        return final
+
+    def write_metrics(self) -> Path:
+        """Concatenate the stages' metrics with cumulative steps and counters."""
+        offset = {key: 0.0 for key in COUNTERS}
+        offset_step = 0
+        lines = []
+        for k, (task, steps) in enumerate(self.config.stages):
+            records = read_metrics(self.stage_dir(k, task) / "metrics.jsonl")
+            for record in records:
+                if k > 0 and record["step"] == 0:
+                    continue  # the stage's initial evaluation repeats the previous stage's last one
+                shifted = {**record, "step": record["step"] + offset_step, "stage": k, "stage_task": task}
+                for key in COUNTERS:
+                    shifted[key] = record.get(key, 0) + offset[key]
+                lines.append(json.dumps(shifted))
+            last = records[-1]
+            offset = {key: offset[key] + last.get(key, 0) for key in COUNTERS}
+            offset_step += steps
+        path = self.run_dir / "metrics.jsonl"
+        path.write_text("".join(line + "\n" for line in lines))
+        return path

@@ -1,0 +1,69 @@
+"""Multi-reward RL: one Flow-GRPO run on the union of the tasks' prompts.
+
+``reward_mode="own"``: each sample is rewarded by its own task's reward. ``"weighted-sum"``: every
+sample gets the weighted sum of all rewards (a reward that does not apply counts 0), aggregated
+``sum-then-normalise`` or ``normalise-then-sum``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Sequence
+
+from opd_bench.policy import Policy
+from opd_bench.rewards import Reward
+from opd_bench.rollout import Prompt
+from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+
+
+@dataclass
+class MultiRewardConfig(GRPOConfig):
+    reward_mode: Literal["own", "weighted-sum"] = "own"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reward_mode not in ("own", "weighted-sum"):
+            raise ValueError(f"reward_mode must be 'own' or 'weighted-sum', got {self.reward_mode!r}")
+        if self.reward_mode == "own" and self.aggregation != "own":
+            raise ValueError("reward_mode='own' uses aggregation='own'; the sum aggregations go with reward_mode='weighted-sum'")
+        if self.reward_mode == "weighted-sum" and self.aggregation == "own":
+            raise ValueError("reward_mode='weighted-sum' needs aggregation 'sum-then-normalise' or 'normalise-then-sum'")
+
+
+MULTI_REWARD_PRESETS: dict[str, MultiRewardConfig] = {
+    "smoke": MultiRewardConfig(steps=2, prompts_per_step=3, group_size=2, num_steps=3, micro_batch=64, eval_every=2, eval_limit=2, checkpoint_every=1),
+    "standard": MultiRewardConfig(),
+}
+
+
+def interleave(pools: Mapping[str, Sequence[Prompt]]) -> list[Prompt]:
+    """The union of the pools, balanced: each task contributes equally many prompts."""
+    size = min(len(pool) for pool in pools.values())
+    return [pools[task][i] for i in range(size) for task in pools]
+
+
+class MultiRewardTrainer:
+    def __init__(
+        self,
+        config: MultiRewardConfig,
+        *,
+        policy: Policy,
+        prompts: Mapping[str, Sequence[Prompt]],
+        rewards: Mapping[str, Reward],
+        run_dir: str | Path,
+        adapter: str = "student",
+        evaluate: Callable | None = None,
+        overwrite: bool = False,
+    ):
+        missing = sorted(set(prompts) - set(rewards))
+        if missing:
+            raise ValueError(f"no reward for task(s) {missing}")
+        self.engine = GRPOTrainer(
+            config, policy=policy, prompts=interleave(prompts), rewards=rewards, run_dir=run_dir,
+            adapter=adapter, evaluate=evaluate, overwrite=overwrite,
+            extra_config={"method": "multi-reward", "tasks": list(prompts)},
+        )
+
+    def train(self, progress: bool = True) -> Path:
+        return self.engine.train(progress)

@@ -1,0 +1,294 @@
+"""Infrastructure shared by every trainer: metrics log, gradient variance, EMA, checkpoints.
+
+A trainer owns its step; this module owns what happens around it, identically for all methods,
+so curves, compute counts and resume behaviour are comparable across methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from opd_bench.io import atomic_write_json
+
+
+class MetricsLog:
+    """JSON lines, one record per optimizer step (and per evaluation), flushed as written.
+
+    On resume from step ``k`` the records after ``k`` (written after the last checkpoint, before
+    the run died) are dropped, so the resumed run continues the same curve without duplicates.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, default=float) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class GradVariance:
+    """Trace of the covariance of per-micro-batch gradients, from the accumulating ``.grad``.
+
+    Call ``start()`` before the first backward of an optimizer step and ``record()`` after each
+    micro-batch's backward; ``finish()`` returns ``grad/variance`` (unbiased trace of the
+    covariance of the micro-batch gradients) and ``grad/variance_rel`` (that divided by the squared
+    norm of their mean). Micro-batch losses must be scaled as parts of one mean (the usual
+    accumulation), so micro-batch gradients are rescaled by their count here.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        self.params = [p for p in params if p.requires_grad]
+        self._previous: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float() for p in self.params])
+
+    def start(self) -> None:
+        self._previous = self._flat()
+        self._parts = []
+
+    def record(self) -> None:
+        current = self._flat()
+        self._parts.append(current - self._previous)
+        self._previous = current
+
+    def finish(self) -> dict[str, float]:
+        if len(self._parts) < 2:
+            return {}
+        grads = torch.stack(self._parts) * len(self._parts)  # each part as a full-batch estimate
+        mean = grads.mean(0)
+        trace = float(((grads - mean) ** 2).sum(1).sum() / (len(grads) - 1))
+        return {"grad/variance": trace, "grad/variance_rel": trace / max(float(mean.pow(2).sum()), 1e-30)}
+
+
+class EMA:
+    """Exponential moving average of trainable parameters, swapped in for evaluation."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], decay: float):
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for shadow, p in zip(self.shadow, self.params):
+            shadow.lerp_(p.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and averaged weights (call twice to restore)."""
+        for shadow, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(shadow)
+            shadow.copy_(tmp)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self.shadow]
+
+    def load_state_dict(self, state: list[torch.Tensor]) -> None:
+        for shadow, value in zip(self.shadow, state):
+            shadow.copy_(value)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(folder: str | Path, *, params: Sequence[torch.nn.Parameter], optimizer, ema: EMA | None, state: dict) -> None:
+    """Write the trainable weights, optimizer, EMA, RNG and ``state`` (step, counters) atomically."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(
+        {
+            "params": [p.detach().cpu().clone() for p in params],
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "rng": rng_state(),
+        },
+        tmp / "training_state.pt",
+    )
+    atomic_write_json(tmp / "state.json", state)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: str | Path, *, params: Sequence[torch.nn.Parameter], optimizer, ema: EMA | None) -> dict:
+    folder = Path(folder)
+    payload = torch.load(folder / "training_state.pt", weights_only=False)
+    with torch.no_grad():
+        for p, value in zip(params, payload["params"], strict=True):
+            p.copy_(value)
+    optimizer.load_state_dict(payload["optimizer"])
+    if ema is not None and payload["ema"] is not None:
+        ema.load_state_dict(payload["ema"])
+    set_rng_state(payload["rng"])
+    return json.loads((folder / "state.json").read_text())
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A distinct, reproducible seed per (run seed, step, stream): resumed runs redraw the same."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+
+
+def sample_prompts(pool: Sequence, count: int, seed: int) -> list:
+    """``count`` prompts drawn without replacement (with, if the pool is smaller), reproducibly."""
+    rng = np.random.default_rng(seed)
+    index = rng.choice(len(pool), size=count, replace=len(pool) < count)
+    return [pool[int(i)] for i in index]
+
+
+class Timer:
+    def __init__(self, elapsed: float = 0.0):
+        self._start = time.time() - elapsed
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self._start
+
+
+class TrainingRun:
+    """What happens around every trainer's step: resume, logging, compute, eval, checkpoints.
+
+    ``run_dir`` holds ``config.json``, ``metrics.jsonl``, ``checkpoint/`` and, when done,
+    ``final/`` (the trained adapter) and ``DONE``. A finished run is never overwritten: the trainer
+    refuses to start unless ``overwrite`` is set.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        config: dict,
+        policy,
+        adapter: str,
+        params: Sequence[torch.nn.Parameter],
+        optimizer,
+        ema: EMA | None,
+        teachers: Sequence[str] = (),
+        evaluate=None,
+        eval_every: int = 0,
+        checkpoint_every: int = 0,
+        overwrite: bool = False,
+    ):
+        self.dir = Path(run_dir)
+        self.policy, self.adapter, self.params = policy, adapter, list(params)
+        self.optimizer, self.ema, self.teachers = optimizer, ema, list(teachers)
+        self.evaluate, self.eval_every, self.checkpoint_every = evaluate, eval_every, checkpoint_every
+        if (self.dir / "DONE").exists() and not overwrite:
+            raise FileExistsError(f"{self.dir} holds a finished run; use another folder or pass overwrite/--force")
+        config_path = self.dir / "config.json"
+        checkpoint = self.dir / "checkpoint"
+        self.start_step, self.counters, elapsed = 0, {"student_forwards": 0, "teacher_forwards": 0, "reference_forwards": 0, "images": 0}, 0.0
+        if checkpoint.exists() and not overwrite:
+            saved = json.loads(config_path.read_text()) if config_path.exists() else None
+            if saved != json.loads(json.dumps(config, default=str)):
+                raise ValueError(f"{self.dir} holds a run with a different config; use another folder or pass overwrite/--force")
+            state = load_checkpoint(checkpoint, params=self.params, optimizer=optimizer, ema=ema)
+            self.start_step, self.counters, elapsed = state["step"], state["counters"], state["elapsed"]
+            self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=self.start_step)
+        else:
+            if overwrite:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+                (self.dir / "DONE").unlink(missing_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(config_path, json.loads(json.dumps(config, default=str)))
+            self.log = MetricsLog(self.dir / "metrics.jsonl")
+        self.timer = Timer(elapsed)
+        self._counts_seen = dict(policy.forward_counts)
+
+    def _absorb_counts(self) -> None:
+        """Add the forward passes made since the last call to the run's counters."""
+        counts = self.policy.forward_counts
+        for key, value in counts.items():
+            delta = value - self._counts_seen.get(key, 0)
+            if key == self.adapter:
+                self.counters["student_forwards"] += delta
+            elif key is None:
+                self.counters["reference_forwards"] += delta
+            elif key in self.teachers:
+                self.counters["teacher_forwards"] += delta
+        self._counts_seen = dict(counts)
+
+    def end_step(self, step: int, metrics: dict, images: int) -> None:
+        """Record step ``step`` (1-based count of optimizer steps done), then eval / checkpoint."""
+        self._absorb_counts()
+        self.counters["images"] += images
+        record = {"step": step, "wall_seconds": round(self.timer.elapsed, 3), **self.counters, **metrics}
+        self.log.write(record)
+        if self.evaluate is not None and self.eval_every and step % self.eval_every == 0:
+            self.run_eval(step)
+        if self.checkpoint_every and step % self.checkpoint_every == 0:
+            self.checkpoint(step)
+
+    def run_eval(self, step: int) -> dict:
+        if self.ema is not None:
+            self.ema.swap()
+        try:
+            with self.policy.use(self.adapter):
+                scores = self.evaluate(self.policy)
+        finally:
+            if self.ema is not None:
+                self.ema.swap()
+        self._counts_seen = dict(self.policy.forward_counts)  # evaluation is not training compute
+        self.log.write({"step": step, "wall_seconds": round(self.timer.elapsed, 3), **self.counters, **{f"eval/{k}": v for k, v in scores.items()}})
+        return scores
+
+    def checkpoint(self, step: int) -> None:
+        save_checkpoint(
+            self.dir / "checkpoint", params=self.params, optimizer=self.optimizer, ema=self.ema,
+            state={"step": step, "counters": self.counters, "elapsed": self.timer.elapsed},
+        )
+
+    def finish(self, step: int) -> Path:
+        """Evaluate, checkpoint, save the final adapter (EMA weights if any), mark the run done."""
+        scores = None
+        if self.evaluate is not None:
+            done = [r for r in read_metrics(self.dir / "metrics.jsonl") if r["step"] == step and any(k.startswith("eval/") for k in r)]
+            scores = {k[5:]: v for k, v in done[-1].items() if k.startswith("eval/")} if done else self.run_eval(step)
+        self.checkpoint(step)
+        if self.ema is not None:
+            self.ema.swap()
+        final = self.policy.save_adapter(self.adapter, self.dir / "final")
+        if self.ema is not None:
+            self.ema.swap()
+        atomic_write_json(
+            self.dir / "DONE", {"step": step, "counters": self.counters, "wall_seconds": self.timer.elapsed, "scores": scores}
+        )
+        self.log.close()
+        return final

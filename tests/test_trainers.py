@@ -1,0 +1,297 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from opd_bench import rewards
+from opd_bench.baselines.cascade import CASCADE_PRESETS, CascadeTrainer
+from opd_bench.baselines.multi_reward import MULTI_REWARD_PRESETS, MultiRewardConfig, MultiRewardTrainer
+from opd_bench.policy import Policy
+from opd_bench.rl import clipped_policy_loss, group_advantages, zero_spread_share
+from opd_bench.rollout import Prompt
+from opd_bench.training import read_metrics
+from opd_bench.trainers import grpo as grpo_module
+from opd_bench.trainers.grpo import GRPO_PRESETS, GRPOConfig, GRPOTrainer, preset
+from opd_bench.trainers.opd import OPD_PRESETS, OPDConfig, OPDTrainer
+from opd_bench.trainers.teachers import train_teacher
+from opd_bench.trainers.variance import variance_experiment
+
+POOLS = {
+    "bright": [Prompt("a white square", "bright"), Prompt("a yellow star", "bright")],
+    "red": [Prompt("a red circle", "red"), Prompt("a red heart", "red")],
+}
+REWARDS = {"bright": rewards.get("toy/brightness"), "red": rewards.get("toy/color", target=(1, 0, 0))}
+
+
+def _snapshot(policy):
+    return {n: p.detach().clone() for n, p in policy.transformer.named_parameters()}
+
+
+def _changed(before, policy):
+    return {n for n, p in policy.transformer.named_parameters() if not torch.equal(before[n], p)}
+
+
+def _teacher(tiny_dir, folder, scale=0.3, seed=1):
+    policy = Policy.from_pretrained(str(tiny_dir))
+    policy.add_adapter("t", rank=8, alpha=16)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters("t"):
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return policy.save_adapter("t", folder)
+
+
+# ---------------------------------------------------------------------------- the math
+
+
+def test_group_advantages_by_hand():
+    rewards_ = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 4.0])
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    adv = group_advantages(rewards_, group, eps=0.0, clip=None)
+    s = 2**0.5  # unbiased std of (1, 3) and of (0, 4) is sqrt(2) and 2 sqrt(2)
+    torch.testing.assert_close(adv, torch.tensor([-1 / s, 1 / s, 0.0, 0.0, -2 / (2 * s), 2 / (2 * s)]))
+    batch = group_advantages(rewards_, group, std="batch", eps=0.0, clip=None)
+    torch.testing.assert_close(batch, torch.tensor([-1.0, 1.0, 0.0, 0.0, -2.0, 2.0]) / rewards_.std())
+    assert group_advantages(torch.tensor([0.0, 100.0]), torch.tensor([0, 0]), clip=0.5).abs().max() == 0.5
+    assert zero_spread_share(rewards_, group) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([float("nan"), 1.0]), torch.tensor([0, 0]))
+
+
+def test_clipped_loss_by_hand():
+    new, old = torch.log(torch.tensor([1.5, 0.5, 1.1])), torch.zeros(3)
+    adv = torch.tensor([1.0, -2.0, 3.0])
+    loss, stats = clipped_policy_loss(new, old, adv, clip_range=0.2)
+    # sample 0: max(-1.5, -1.2) = -1.2; sample 1: max(1.0, 1.6) = 1.6; sample 2: max(-3.3, -3.3) = -3.3
+    torch.testing.assert_close(loss, torch.tensor([-1.2, 1.6, -3.3]))
+    assert stats["clip_fraction"] == pytest.approx(2 / 3)
+
+
+def test_grpo_loss_matches_hand_computation_on_a_tiny_batch(policy):
+    """The micro-batched, accumulated GRPO gradient equals the gradient of the hand-written loss."""
+    # clip_range wide: recomputing a log-prob in another batch size moves the ratio by ~1e-5, which a
+    # 1e-4 clip would already catch on some pairs; here the test is the accumulation itself.
+    config = GRPOConfig(prompts_per_step=1, group_size=2, num_steps=2, train_fraction=1.0, micro_batch=1, adv_clip=None, clip_range=0.5)
+    policy.add_adapter("student", rank=2)
+    with torch.no_grad():
+        for p in policy.parameters("student"):
+            p.add_(0.1 * torch.randn_like(p))
+    params = policy.parameters("student")
+    metrics, _ = grpo_module.grpo_step(policy, "student", POOLS["bright"][:1], {"bright": REWARDS["bright"]}, config, seed=3, params=params)
+    engine_grad = [p.grad.clone() for p in params]
+    # By hand: same rollout, reward, advantages; loss = mean over the 4 (sample, step) pairs of -A * ratio.
+    from opd_bench.rl import step_at
+    from opd_bench.rollout import rollout
+
+    for p in params:
+        p.grad = None
+    with policy.use("student"):
+        t = rollout(policy, POOLS["bright"][:1], images_per_prompt=2, num_steps=2, noise_level=0.7, guidance_scale=4.5, seed=3, keep={"latents", "images"})
+        r = REWARDS["bright"](t.images, t.prompts, t.metadata).scores
+        a = (r - r.mean()) / (r.std() + 1e-4)
+        index, step = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+        current = step_at(policy, t, index, step, guidance_scale=4.5)
+    ratio = torch.exp(current.log_prob - t.log_probs[index, step])
+    (-a[index] * ratio).mean().backward()
+    assert metrics["loss"] == pytest.approx(float((-a[index] * ratio).mean()), abs=1e-6)
+    for mine, theirs in zip(engine_grad, params):
+        # float32 noise of the re-evaluated log-density (divided by small step stds) reaches ~1e-3 of
+        # the scale; a wrong sign, scale or missing pair would be off by O(1)
+        torch.testing.assert_close(mine, theirs.grad, rtol=0, atol=1e-2 * float(mine.abs().max()))
+
+
+# -------------------------------------------------------------------- one step of each
+
+
+def test_grpo_step_changes_only_the_trained_adapter(policy, tmp_path):
+    config = preset("smoke", GRPO_PRESETS, steps=1, eval_every=0, lr=1e-2)
+    trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=tmp_path)
+    before = _snapshot(policy)
+    trainer.train(progress=False)
+    changed = _changed(before, policy)
+    assert changed and all(".student." in n for n in changed)
+    record = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    for key in ("loss", "reward/red/mean", "reward/red/std", "zero_spread_share", "grad/norm", "student_forwards", "images", "wall_seconds"):
+        assert key in record
+    assert (tmp_path / "DONE").exists() and (tmp_path / "final" / "adapter_model.safetensors").exists()
+
+
+def test_opd_step_changes_the_student_not_the_teachers(policy, tiny_dir, tmp_path):
+    teacher = _teacher(tiny_dir, tmp_path / "teacher")
+    config = preset("smoke", OPD_PRESETS, steps=1, eval_every=0, lr=1e-2)
+    trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, rewards=REWARDS, run_dir=tmp_path / "run")
+    before = _snapshot(policy)
+    trainer.train(progress=False)
+    changed = _changed(before, policy)
+    assert changed and all(".student." in n for n in changed)
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert record["teacher_forwards"] > 0 and record["kl"] > 0 and "kl/bright" in record and "reward/red/mean" in record
+
+
+def test_opd_ppo_mode_trains_and_refuses_deterministic_steps(policy, tiny_dir, tmp_path):
+    teacher = _teacher(tiny_dir, tmp_path / "teacher")
+    with pytest.raises(ValueError, match="noise_level > 0"):
+        OPDConfig(mode="ppo", noise_level=0.0)
+    config = preset("smoke", OPD_PRESETS, mode="ppo", noise_level=0.7, steps=1, eval_every=0, lr=1e-2)
+    trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, run_dir=tmp_path / "run")
+    before = _snapshot(policy)
+    trainer.train(progress=False)
+    assert _changed(before, policy) and all(".student." in n for n in _changed(before, policy))
+
+
+def test_opd_loss_is_zero_when_the_student_is_the_teacher(policy, tiny_dir, tmp_path):
+    teacher = _teacher(tiny_dir, tmp_path / "teacher")
+    config = preset("smoke", OPD_PRESETS, steps=1, eval_every=0)
+    trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, run_dir=tmp_path / "run")
+    policy.copy_adapter_weights("student", teacher)
+    trainer.train(progress=False)
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert record["loss"] == 0 and record["grad/norm"] == 0
+
+
+def test_multi_reward_and_cascade_steps(policy, tmp_path):
+    multi = MultiRewardTrainer(
+        preset("smoke", MULTI_REWARD_PRESETS, steps=1, eval_every=0), policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "multi"
+    )
+    before = _snapshot(policy)
+    multi.train(progress=False)
+    assert _changed(before, policy)
+    record = read_metrics(tmp_path / "multi" / "metrics.jsonl")[-1]
+    assert "reward/bright/mean" in record and "reward/red/mean" in record
+
+    cascade_config = replace(CASCADE_PRESETS["smoke"], stages=[("bright", 1), ("red", 2)])
+    cascade_config = replace(cascade_config, grpo=replace(cascade_config.grpo, eval_every=0))
+    cascade = CascadeTrainer(cascade_config, policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "cascade", adapter="cascade")
+    policy.add_adapter("cascade", rank=cascade_config.grpo.lora_rank, alpha=cascade_config.grpo.lora_alpha)
+    before = _snapshot(policy)
+    cascade.train(progress=False)
+    changed = _changed(before, policy)
+    assert changed and all(".cascade." in n for n in changed)
+    records = read_metrics(tmp_path / "cascade" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and [r["stage_task"] for r in records] == ["bright", "red", "red"]
+    assert records[2]["images"] == 3 * records[0]["images"]
+
+
+def test_weighted_sum_aggregations():
+    scores = {"a": torch.tensor([1.0, 0.0, 2.0, 2.0]), "b": torch.tensor([0.0, 10.0, float("nan"), 0.0])}
+    group, tasks = torch.tensor([0, 0, 1, 1]), ["a", "a", "b", "b"]
+    config = MultiRewardConfig(reward_mode="weighted-sum", aggregation="sum-then-normalise", reward_weights={"a": 1.0, "b": 0.5})
+    total, adv = grpo_module.aggregate_advantages(scores, group, tasks, config)
+    torch.testing.assert_close(total, torch.tensor([1.0, 5.0, 2.0, 2.0]))
+    assert adv[0] < 0 < adv[1] and adv[2] == adv[3] == 0
+    config = replace(config, aggregation="normalise-then-sum")
+    _, adv = grpo_module.aggregate_advantages(scores, group, tasks, config)
+    # group 0: a normalised -> (+0.707, -0.707), b normalised -> (-0.707, +0.707) * 0.5
+    assert adv[0] > 0 > adv[1]
+    with pytest.raises(ValueError, match="reward_mode='own'"):
+        MultiRewardConfig(reward_mode="own", aggregation="normalise-then-sum")
+
+
+def test_configs_are_validated_with_clear_errors():
+    with pytest.raises(ValueError, match="group_size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        preset("fast", GRPO_PRESETS)
+    with pytest.raises(ValueError, match="mode"):
+        OPDConfig(mode="reinforce")
+
+
+# ------------------------------------------------------------------------ resume
+
+
+def _interruptible(trainer, fail_after):
+    if fail_after is not None:
+        original = trainer.run.end_step
+
+        def end_step(step, metrics, images):
+            original(step, metrics, images)
+            if step == fail_after:
+                raise KeyboardInterrupt("killed")
+
+        trainer.run.end_step = end_step
+    return trainer
+
+
+def _grpo_run(tiny_dir, run_dir, fail_after=None):
+    policy = Policy.from_pretrained(str(tiny_dir))
+    config = preset("smoke", GRPO_PRESETS, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2)
+    trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=run_dir)
+    _interruptible(trainer, fail_after).train(progress=False)
+    return policy
+
+
+def _opd_run(tiny_dir, teacher, run_dir, fail_after=None):
+    policy = Policy.from_pretrained(str(tiny_dir))
+    config = preset("smoke", OPD_PRESETS, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2)
+    trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, rewards=REWARDS, run_dir=run_dir)
+    _interruptible(trainer, fail_after).train(progress=False)
+    return policy
+
+
+def test_a_killed_run_resumes_and_continues_the_same_curve(tiny_dir, tmp_path):
+    teacher = _teacher(tiny_dir, tmp_path / "teacher")
+    straight = _opd_run(tiny_dir, teacher, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        _opd_run(tiny_dir, teacher, tmp_path / "killed", fail_after=2)
+    assert not (tmp_path / "killed" / "DONE").exists()
+    resumed = _opd_run(tiny_dir, teacher, tmp_path / "killed")
+    a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key in ("loss", "kl/bright", "kl/red", "reward/red/mean", "grad/norm"):
+        assert b[2][key] == pytest.approx(a[2][key], rel=1e-4, abs=1e-7), key
+    assert (b[2]["student_forwards"], b[2]["teacher_forwards"], b[2]["images"]) == (a[2]["student_forwards"], a[2]["teacher_forwards"], a[2]["images"])
+    for p, q in zip(straight.parameters("student"), resumed.parameters("student")):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_a_killed_grpo_run_resumes_on_the_same_prompts_and_noise(tiny_dir, tmp_path):
+    _grpo_run(tiny_dir, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        _grpo_run(tiny_dir, tmp_path / "killed", fail_after=1)
+    _grpo_run(tiny_dir, tmp_path / "killed")
+    a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    assert [r["images"] for r in b] == [r["images"] for r in a]
+    for key in ("reward/red/mean", "grad/norm"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-3), key
+
+
+def test_finished_runs_are_not_overwritten_and_configs_must_match(tiny_dir, tmp_path):
+    _grpo_run(tiny_dir, tmp_path / "run")
+    with pytest.raises(FileExistsError, match="finished run"):
+        _grpo_run(tiny_dir, tmp_path / "run")
+    (tmp_path / "other" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"method": "something else"}))
+    with pytest.raises(ValueError, match="different config"):
+        _grpo_run(tiny_dir, tmp_path / "other")
+
+
+def test_teachers_are_reused_for_the_same_base_task_and_config(policy, tmp_path):
+    config = preset("smoke", GRPO_PRESETS, steps=1, eval_every=0)
+    kwargs = dict(policy=policy, prompts=POOLS["red"], reward=REWARDS["red"], config=config, root=tmp_path, base="tiny-random", suite_version="v1", progress=False)
+    first = train_teacher("red", **kwargs)
+    stamp = (first / "DONE").stat().st_mtime_ns
+    again = train_teacher("red", **kwargs)
+    assert again == first and (first / "DONE").stat().st_mtime_ns == stamp
+    other = train_teacher("red", **{**kwargs, "config": replace(config, lr=1e-3)})
+    assert other != first
+
+
+# --------------------------------------------------------------- variance experiment
+
+
+def test_variance_experiment_rows_and_the_zero_gap_case(policy, tiny_dir, tmp_path):
+    teacher = _teacher(tiny_dir, tmp_path / "teacher")
+    policy.load_adapter("teacher", teacher)
+    policy.add_adapter("student", rank=8, alpha=16)
+    prompts = POOLS["bright"] + POOLS["red"]
+    rows = variance_experiment(policy, "student", "teacher", prompts, batch_sizes=(1, 2), noise_levels=(0.7,), repeats=3, num_steps=2)
+    assert [(r["batch"], r["noise_level"]) for r in rows] == [(1, 0.7), (2, 0.7)]
+    assert all(r["var_analytic"] > 0 and r["var_ppo"] > 0 for r in rows)
+    # A student equal to its teacher: both estimators are exactly zero.
+    policy.copy_adapter_weights("student", teacher)
+    same = variance_experiment(policy, "student", "teacher", prompts, batch_sizes=(1,), noise_levels=(0.7,), repeats=2, num_steps=2)
+    assert same[0]["var_analytic"] == 0 and same[0]["var_ppo"] < 1e-10 * rows[0]["var_ppo"]

@@ -1,0 +1,248 @@
+"""Flow-GRPO: single-task RL (how teachers are made) and the engine of the RL baselines.
+
+One optimizer step: sample prompts, roll out ``group_size`` SDE trajectories per prompt with the
+trained adapter, score them, turn rewards into per-prompt advantages, and minimise the clipped
+ratio loss on a random ``train_fraction`` of each trajectory's steps, plus an optional closed-form
+KL to the adapter-free base. ``rewards`` maps names to rewards; ``aggregation`` says how several
+rewards become one advantage (multi-reward RL); a teacher has one reward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Sequence
+
+import torch
+
+from opd_bench.policy import Policy
+from opd_bench.rewards import Reward
+from opd_bench.rl import clipped_policy_loss, group_advantages, step_at, train_step_indices, zero_spread_share
+from opd_bench.rollout import Prompt, rollout
+from opd_bench.sde import step_kl
+from opd_bench.training import EMA, GradVariance, TrainingRun, sample_prompts, step_seed
+
+Aggregation = Literal["own", "sum-then-normalise", "normalise-then-sum"]
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 40  # optimizer steps
+    prompts_per_step: int = 8
+    group_size: int = 4  # images per prompt
+    num_steps: int = 10  # sampling steps
+    noise_level: float = 0.7
+    guidance_scale: float = 4.5
+    train_fraction: float = 0.6  # share of each trajectory's steps trained on
+    clip_range: float = 1e-4  # Flow-GRPO's ratio clip on SD3.5
+    adv_std: Literal["group", "batch"] = "group"
+    adv_clip: float = 5.0
+    kl_beta: float = 0.0
+    kl_weighting: Literal["step", "reference"] = "step"
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16
+    micro_batch: int = 32  # (sample, step) pairs per backward
+    ema: float | None = None
+    aggregation: Aggregation = "own"
+    reward_weights: dict[str, float] = field(default_factory=dict)  # for the two sum aggregations
+    eval_every: int = 10
+    eval_limit: int = 16
+    checkpoint_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1, "prompts_per_step": self.prompts_per_step >= 1,
+            "group_size": self.group_size >= 2, "num_steps": self.num_steps >= 1,
+            "noise_level": self.noise_level > 0, "train_fraction": 0 < self.train_fraction <= 1,
+            "clip_range": self.clip_range > 0, "lr": self.lr > 0, "micro_batch": self.micro_batch >= 1,
+            "kl_beta": self.kl_beta >= 0, "lora_rank": self.lora_rank >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid GRPO config value(s) for {bad}: group_size >= 2 (advantages need a group), "
+                "noise_level > 0 (GRPO needs stochastic steps), 0 < train_fraction <= 1, others positive"
+            )
+        if self.aggregation not in ("own", "sum-then-normalise", "normalise-then-sum"):
+            raise ValueError(f"aggregation must be own, sum-then-normalise or normalise-then-sum, got {self.aggregation!r}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be in (0, 1) or None, got {self.ema}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+GRPO_PRESETS: dict[str, GRPOConfig] = {
+    "smoke": GRPOConfig(steps=2, prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=2, eval_limit=2, checkpoint_every=1),
+    "standard": GRPOConfig(),
+}
+
+
+def preset(name: str, presets: Mapping, **overrides):
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+    return replace(presets[name], **overrides)
+
+
+def aggregate_advantages(
+    scores: Mapping[str, torch.Tensor], group: torch.Tensor, tasks: Sequence[str], config: GRPOConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of several tasks -> (one scalar reward per sample, advantages).
+
+    ``own``: each sample is scored by its own task's reward. ``sum-then-normalise``: the weighted
+    sum of all rewards (NaN counts 0), then group-normalised. ``normalise-then-sum``: each reward
+    group-normalised separately, then the weighted sum of the advantages.
+    """
+    options = dict(std=config.adv_std, clip=config.adv_clip)
+    if config.aggregation == "own":
+        own = torch.stack([scores[task][i] if task in scores else torch.tensor(math.nan) for i, task in enumerate(tasks)])
+        if torch.isnan(own).any():
+            missing = sorted({t for t, v in zip(tasks, own.tolist()) if math.isnan(v)})
+            raise ValueError(f"no applicable reward for samples of task(s) {missing}")
+        return own, group_advantages(own, group, **options)
+    weights = {name: config.reward_weights.get(name, 1.0) for name in scores}
+    if config.aggregation == "sum-then-normalise":
+        total = sum(weights[n] * torch.nan_to_num(s, nan=0.0) for n, s in scores.items())
+        return total, group_advantages(total, group, **options)
+    total = sum(weights[n] * torch.nan_to_num(s, nan=0.0) for n, s in scores.items())
+    advantages = sum(weights[n] * group_advantages(torch.nan_to_num(s, nan=0.0), group, **options) for n, s in scores.items())
+    return total, advantages
+
+
+def score_samples(trajectory, rewards: Mapping[str, Reward], *, own: bool) -> dict[str, torch.Tensor]:
+    """Scores per reward name; with ``own`` each reward scores only the samples of its task."""
+    scores = {}
+    for name, reward in rewards.items():
+        index = [i for i, task in enumerate(trajectory.tasks) if task == name] if own else list(range(len(trajectory)))
+        values = torch.full((len(trajectory),), math.nan)
+        if index:
+            out = reward(trajectory.images[index], [trajectory.prompts[i] for i in index], [trajectory.metadata[i] for i in index])
+            values[index] = out.scores
+        scores[name] = values
+    return scores
+
+
+def grpo_step(
+    policy: Policy,
+    adapter: str,
+    prompts: Sequence[Prompt],
+    rewards: Mapping[str, Reward],
+    config: GRPOConfig,
+    *,
+    seed: int,
+    params: Sequence[torch.nn.Parameter],
+    grad_variance: GradVariance | None = None,
+) -> tuple[dict, int]:
+    """Roll out, score, and accumulate the GRPO gradient into ``.grad``; returns (metrics, images)."""
+    with policy.use(adapter):
+        trajectory = rollout(
+            policy, prompts, images_per_prompt=config.group_size, num_steps=config.num_steps,
+            noise_level=config.noise_level, guidance_scale=config.guidance_scale, seed=seed,
+            keep={"latents", "images"},
+        )
+    scores = score_samples(trajectory, rewards, own=config.aggregation == "own")
+    reward_values, advantages = aggregate_advantages(scores, trajectory.group, trajectory.tasks, config)
+    generator = torch.Generator().manual_seed(seed)
+    steps = train_step_indices(len(trajectory), config.num_steps, config.train_fraction, generator)
+    pairs = [(i, int(s)) for i in range(len(trajectory)) for s in steps[i]]
+    metrics: dict[str, float] = {}
+    totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+    by_bin: dict[int, list[float]] = {}
+    if grad_variance is not None:
+        grad_variance.start()
+    for start in range(0, len(pairs), config.micro_batch):
+        chunk = pairs[start : start + config.micro_batch]
+        index = torch.tensor([i for i, _ in chunk])
+        step = torch.tensor([s for _, s in chunk])
+        with policy.use(adapter):
+            current = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale)
+        old = trajectory.log_probs[index, step].to(current.log_prob.device)
+        per_pair, stats = clipped_policy_loss(current.log_prob, old, advantages[index].to(old.device), config.clip_range)
+        if config.kl_beta > 0:
+            with torch.no_grad(), policy.use(None):
+                reference = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale)
+            kl = step_kl(current.mean, reference.mean, current.std, weighting=config.kl_weighting, dt=current.dt)
+            per_pair = per_pair + config.kl_beta * kl
+            totals["kl"] += float(kl.sum())
+        (per_pair.sum() / len(pairs)).backward()
+        if grad_variance is not None:
+            grad_variance.record()
+        totals["loss"] += per_pair.detach().sum().item()
+        totals["clip_fraction"] += stats["clip_fraction"] * len(chunk)
+        totals["approx_kl"] += stats["approx_kl"] * len(chunk)
+        for s, value in zip(step.tolist(), per_pair.detach().tolist()):
+            by_bin.setdefault(s * 4 // config.num_steps, []).append(value)
+    metrics.update({key: value / len(pairs) for key, value in totals.items()})
+    if config.kl_beta == 0:
+        metrics.pop("kl")
+    metrics["zero_spread_share"] = zero_spread_share(reward_values, trajectory.group)
+    for task in sorted(set(trajectory.tasks)):
+        mask = torch.tensor([t == task for t in trajectory.tasks])
+        values = reward_values[mask]
+        metrics[f"reward/{task}/mean"] = float(values.mean())
+        metrics[f"reward/{task}/std"] = float(values.std()) if len(values) > 1 else 0.0
+    for b, values in sorted(by_bin.items()):
+        metrics[f"loss/bin{b}"] = sum(values) / len(values)
+    return metrics, len(trajectory)
+
+
+class GRPOTrainer:
+    """Flow-GRPO on ``prompts`` with ``rewards``, training LoRA adapter ``adapter`` of ``policy``."""
+
+    def __init__(
+        self,
+        config: GRPOConfig,
+        *,
+        policy: Policy,
+        prompts: Sequence[Prompt],
+        rewards: Mapping[str, Reward],
+        run_dir: str | Path,
+        adapter: str = "student",
+        evaluate: Callable | None = None,
+        overwrite: bool = False,
+        extra_config: dict | None = None,
+    ):
+        if not prompts:
+            raise ValueError("GRPO needs a non-empty prompt pool")
+        self.config, self.policy, self.prompts, self.rewards, self.adapter = config, policy, list(prompts), dict(rewards), adapter
+        if adapter not in policy.adapters:
+            policy.add_adapter(adapter, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
+        self.params = policy.parameters(adapter)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.ema = EMA(self.params, config.ema) if config.ema else None
+        self.run = TrainingRun(
+            run_dir, config={"method": "grpo", **config.to_dict(), **(extra_config or {})}, policy=policy,
+            adapter=adapter, params=self.params, optimizer=self.optimizer, ema=self.ema, evaluate=evaluate,
+            eval_every=config.eval_every, checkpoint_every=config.checkpoint_every, overwrite=overwrite,
+        )
+        self.grad_variance = GradVariance(self.params)
+
+    def train(self, progress: bool = True) -> Path:
+        from tqdm import tqdm
+
+        config = self.config
+        if self.run.start_step == 0 and self.run.evaluate is not None and config.eval_every:
+            self.run.run_eval(0)
+        bar = tqdm(total=config.steps, initial=self.run.start_step, desc=f"grpo {self.adapter}", disable=not progress)
+        for step in range(self.run.start_step, config.steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            prompts = sample_prompts(self.prompts, config.prompts_per_step, step_seed(config.seed, step, 1))
+            metrics, images = grpo_step(
+                self.policy, self.adapter, prompts, self.rewards, config,
+                seed=step_seed(config.seed, step, 2), params=self.params, grad_variance=self.grad_variance,
+            )
+            metrics.update(self.grad_variance.finish())
+            metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.run.end_step(step + 1, metrics, images)
+            bar.update()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k.startswith("reward/") and k.endswith("/mean")})
+        bar.close()
+        return self.run.finish(config.steps)

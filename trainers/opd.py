@@ -1,0 +1,216 @@
+"""DiffusionOPD: distil per-task teachers into one student by on-policy distillation.
+
+Each optimizer step visits every task once (round-robin, gradients accumulated over the task
+batches): the student rolls out its own trajectories for that task's prompts; at each trained
+step the task's teacher (a frozen adapter on the same backbone, with its own guidance scale)
+gives its transition at the student's state. Two modes:
+
+* ``analytic``: minimise the closed-form per-step KL (mean matching on ODE steps), a pathwise
+  gradient through the student's mean only (``opd_bench.rl.distillation_loss``);
+* ``ppo``: the teacher as a process reward ``log pi_T(x') - log pi_theta(x')`` on the sampled next
+  state, optimised with the clipped ratio objective (needs stochastic steps).
+
+Task rewards are only monitored, never in the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Sequence
+
+import torch
+
+from opd_bench.policy import Policy
+from opd_bench.rewards import Reward
+from opd_bench.rl import clipped_policy_loss, distillation_loss, process_reward, step_at, train_step_indices
+from opd_bench.rollout import Prompt, rollout
+from opd_bench.sde import step_kl
+from opd_bench.training import EMA, GradVariance, TrainingRun, sample_prompts, step_seed
+
+
+def teacher_adapter_name(task: str) -> str:
+    return f"teacher_{task}"
+
+
+@dataclass
+class OPDConfig:
+    mode: Literal["analytic", "ppo"] = "analytic"
+    steps: int = 40
+    prompts_per_task: int = 8  # one batch per teacher per optimizer step
+    images_per_prompt: int = 1
+    num_steps: int = 10
+    noise_level: float = 0.0  # 0 = deterministic rollouts (the paper's setting); ppo needs > 0
+    guidance_scale: float = 4.5  # the student's
+    teacher_guidance: dict[str, float] = field(default_factory=dict)  # per task; default guidance_scale
+    train_fraction: float = 0.9  # 9 of 10 steps
+    weighting: Literal["step", "reference"] = "step"
+    clip_range: float = 0.2  # ppo mode
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16
+    micro_batch: int = 32
+    ema: float | None = None
+    monitor_rewards: bool = True
+    eval_every: int = 10
+    eval_limit: int = 16
+    checkpoint_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("analytic", "ppo"):
+            raise ValueError(f"mode must be 'analytic' or 'ppo', got {self.mode!r}")
+        if self.mode == "ppo" and self.noise_level <= 0:
+            raise ValueError("mode='ppo' needs noise_level > 0: a deterministic step has no log-probability to form the process reward")
+        bad = [n for n, ok in {
+            "steps": self.steps >= 1, "prompts_per_task": self.prompts_per_task >= 1,
+            "images_per_prompt": self.images_per_prompt >= 1, "num_steps": self.num_steps >= 1,
+            "noise_level": self.noise_level >= 0, "train_fraction": 0 < self.train_fraction <= 1,
+            "lr": self.lr > 0, "micro_batch": self.micro_batch >= 1, "lora_rank": self.lora_rank >= 1,
+        }.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid OPD config value(s) for {bad}")
+        if self.weighting not in ("step", "reference"):
+            raise ValueError(f"weighting must be 'step' or 'reference', got {self.weighting!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+OPD_PRESETS: dict[str, OPDConfig] = {
+    "smoke": OPDConfig(steps=2, prompts_per_task=2, num_steps=3, eval_every=2, eval_limit=2, checkpoint_every=1),
+    "standard": OPDConfig(),
+}
+
+
+def opd_task_step(
+    policy: Policy,
+    adapter: str,
+    teacher: str,
+    prompts: Sequence[Prompt],
+    config: OPDConfig,
+    *,
+    teacher_guidance: float,
+    seed: int,
+    reward: Reward | None,
+    loss_scale: float,
+    grad_variance: GradVariance | None,
+) -> tuple[dict, int]:
+    """One task's batch: student rollout, teacher targets, gradient accumulated into ``.grad``."""
+    keep = {"latents", "images"} if reward is not None else {"latents"}
+    with policy.use(adapter):
+        trajectory = rollout(
+            policy, prompts, images_per_prompt=config.images_per_prompt, num_steps=config.num_steps,
+            noise_level=config.noise_level, guidance_scale=config.guidance_scale, seed=seed, keep=keep,
+        )
+    steps = train_step_indices(len(trajectory), config.num_steps, config.train_fraction, torch.Generator().manual_seed(seed))
+    pairs = [(i, int(s)) for i in range(len(trajectory)) for s in steps[i]]
+    totals = {"loss": 0.0, "kl": 0.0}
+    for start in range(0, len(pairs), config.micro_batch):
+        chunk = pairs[start : start + config.micro_batch]
+        index, step = torch.tensor([i for i, _ in chunk]), torch.tensor([s for _, s in chunk])
+        with policy.use(adapter):
+            student = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale)
+        with torch.no_grad(), policy.use(teacher):
+            target = step_at(policy, trajectory, index, step, guidance_scale=teacher_guidance)
+        kl = step_kl(student.mean.detach(), target.mean, student.std, weighting=config.weighting, dt=student.dt)
+        if config.mode == "analytic":
+            per_pair = distillation_loss(student, target, weighting=config.weighting)
+        else:
+            old = trajectory.log_probs[index, step].to(student.log_prob.device)
+            advantage = process_reward(old, target.log_prob)
+            per_pair, _ = clipped_policy_loss(student.log_prob, old, advantage, config.clip_range)
+        (per_pair.sum() * loss_scale / len(pairs)).backward()
+        if grad_variance is not None:
+            grad_variance.record()
+        totals["loss"] += per_pair.detach().sum().item()
+        totals["kl"] += kl.sum().item()
+    metrics = {key: value / len(pairs) for key, value in totals.items()}
+    if reward is not None:
+        scores = reward(trajectory.images, trajectory.prompts, trajectory.metadata).scores
+        metrics["reward/mean"] = scores.nanmean().item()
+        metrics["reward/std"] = scores[~scores.isnan()].std().item() if (~scores.isnan()).sum() > 1 else 0.0
+    return metrics, len(trajectory)
+
+
+class OPDTrainer:
+    """Distil ``teachers`` (task -> adapter folder) into a new student adapter of ``policy``."""
+
+    def __init__(
+        self,
+        config: OPDConfig,
+        *,
+        policy: Policy,
+        prompts: Mapping[str, Sequence[Prompt]],
+        teachers: Mapping[str, str | Path],
+        run_dir: str | Path,
+        rewards: Mapping[str, Reward] | None = None,
+        adapter: str = "student",
+        evaluate: Callable | None = None,
+        overwrite: bool = False,
+        extra_config: dict | None = None,
+    ):
+        missing = sorted(set(prompts) - set(teachers))
+        if missing:
+            raise ValueError(f"no teacher for task(s) {missing}; pass teachers={{task: adapter_folder}}")
+        self.config, self.policy, self.adapter = config, policy, adapter
+        self.tasks = list(prompts)
+        self.prompts = {task: list(pool) for task, pool in prompts.items()}
+        self.rewards = dict(rewards or {}) if config.monitor_rewards else {}
+        self.teachers = {task: teacher_adapter_name(task) for task in self.tasks}
+        for task in self.tasks:
+            if self.teachers[task] not in policy.adapters:
+                policy.load_adapter(self.teachers[task], teachers[task], trainable=False)
+        if adapter not in policy.adapters:
+            policy.add_adapter(adapter, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
+        self.params = policy.parameters(adapter)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.ema = EMA(self.params, config.ema) if config.ema else None
+        method = "opd" if config.mode == "analytic" else "opd-ppo"
+        self.run = TrainingRun(
+            run_dir, config={"method": method, **config.to_dict(), "teachers": {t: str(p) for t, p in teachers.items()}, **(extra_config or {})},
+            policy=policy, adapter=adapter, params=self.params, optimizer=self.optimizer, ema=self.ema,
+            teachers=list(self.teachers.values()), evaluate=evaluate, eval_every=config.eval_every,
+            checkpoint_every=config.checkpoint_every, overwrite=overwrite,
+        )
+        self.grad_variance = GradVariance(self.params)
+
+    def train(self, progress: bool = True) -> Path:
+        from tqdm import tqdm
+
+        config = self.config
+        if self.run.start_step == 0 and self.run.evaluate is not None and config.eval_every:
+            self.run.run_eval(0)
+        bar = tqdm(total=config.steps, initial=self.run.start_step, desc=f"opd-{config.mode}", disable=not progress)
+        for step in range(self.run.start_step, config.steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.grad_variance.start()
+            metrics: dict[str, float] = {"loss": 0.0, "kl": 0.0}
+            images = 0
+            for k, task in enumerate(self.tasks):
+                prompts = sample_prompts(self.prompts[task], config.prompts_per_task, step_seed(config.seed, step, 10 + k))
+                task_metrics, n = opd_task_step(
+                    self.policy, self.adapter, self.teachers[task], prompts, config,
+                    teacher_guidance=config.teacher_guidance.get(task, config.guidance_scale),
+                    seed=step_seed(config.seed, step, 100 + k), reward=self.rewards.get(task),
+                    loss_scale=1 / len(self.tasks), grad_variance=self.grad_variance,
+                )
+                images += n
+                for key, value in task_metrics.items():
+                    if key in ("loss", "kl"):
+                        metrics[key] += value / len(self.tasks)
+                        metrics[f"{key}/{task}"] = value
+                    else:
+                        metrics[key.replace("reward/", f"reward/{task}/")] = value
+            metrics.update(self.grad_variance.finish())
+            metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.run.end_step(step + 1, metrics, images)
+            bar.update()
+            bar.set_postfix(kl=f"{metrics['kl']:.4f}")
+        bar.close()
+        return self.run.finish(config.steps)

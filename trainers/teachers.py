@@ -1,0 +1,66 @@
+"""Teachers: one Flow-GRPO run per task from the base model, saved as a LoRA adapter.
+
+A teacher is identified by (base model, suite version, task, GRPO config); if a finished run with
+that identity exists under ``root`` it is reused instead of retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Mapping
+
+from opd_bench.policy import Policy
+from opd_bench.rewards import Reward
+from opd_bench.rollout import Prompt
+from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+
+
+def teacher_key(base: str, suite_version: str, task: str, config: GRPOConfig) -> str:
+    identity = {"base": base, "suite_version": suite_version, "task": task, "config": config.to_dict()}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def teacher_run_dir(root: str | Path, task: str, key: str) -> Path:
+    return Path(root) / f"{task}-{key}"
+
+
+def finished_teacher(run_dir: Path) -> dict | None:
+    """The DONE record of a finished teacher run, or None."""
+    done = run_dir / "DONE"
+    return json.loads(done.read_text()) if done.exists() and (run_dir / "final" / "adapter_model.safetensors").exists() else None
+
+
+def train_teacher(
+    task: str,
+    *,
+    policy: Policy,
+    prompts: list[Prompt],
+    reward: Reward,
+    config: GRPOConfig,
+    root: str | Path,
+    base: str,
+    suite_version: str,
+    evaluate: Callable | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or reuse) the teacher of ``task``; returns its run folder (adapter in ``final/``)."""
+    key = teacher_key(base, suite_version, task, config)
+    run_dir = teacher_run_dir(root, task, key)
+    if finished_teacher(run_dir) is not None:
+        return run_dir
+    trainer = GRPOTrainer(
+        config, policy=policy, prompts=prompts, rewards={task: reward}, run_dir=run_dir,
+        adapter=f"train_teacher_{task}", evaluate=evaluate,
+        extra_config={"role": "teacher", "task": task, "base": base, "suite_version": suite_version},
+    )
+    trainer.train(progress=progress)
+    return run_dir
+
+
+def train_teachers(
+    prompts: Mapping[str, list[Prompt]], rewards: Mapping[str, Reward], **options
+) -> dict[str, Path]:
+    """Every task's teacher; ``options`` as for :func:`train_teacher`."""
+    return {task: train_teacher(task, prompts=prompts[task], reward=rewards[task], **options) for task in prompts}
