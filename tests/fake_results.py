@@ -1,0 +1,124 @@
+"""A synthetic but schema-valid ``results.json`` (version 1) for report and leaderboard tests.
+
+Prompt hashes are the installed tiny suite's real ones; numbers are random but seeded; sample
+grids are tiny PNGs. ``make_run(run_dir)`` writes the run directory and returns the dict.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+BENCHMARKS = ["geneval", "ocr", "pref", "pref_oracle"]
+HEADLINE = ["geneval", "ocr", "pref_oracle"]
+ALL_METHODS = ["base", "teacher/geneval", "teacher/ocr", "teacher/pref", "opd", "opd-ppo", "multi-reward", "cascade"]
+STUDENTS = ["opd", "opd-ppo", "multi-reward", "cascade"]
+TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+PROMPTS = ["a photo of a red circle", 'a sign that says "AB3"', "a photo of a square above a heart"]
+
+
+def prompt_hashes() -> dict:
+    from opd_bench import suites
+
+    suite = suites.get("tiny")
+    return {task: {"test": suite.benchmark(task).file_hash("test"), "train": suite.benchmark(task).file_hash("train")}
+            for task in suite.tasks}
+
+
+def _png(rows: int, cols: int, seed: int, cell: int = 8) -> bytes:
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (cols * cell, rows * cell))
+    for r in range(rows):
+        for c in range(cols):
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            image.paste(colour, (c * cell, r * cell, (c + 1) * cell, (r + 1) * cell))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _score(rng: random.Random, bench: str, level: float) -> float:
+    if bench == "pref":
+        return 18.0 + 6.0 * level + rng.uniform(-0.3, 0.3)
+    return min(1.0, max(0.0, level + rng.uniform(-0.05, 0.05)))
+
+
+def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, steps: int = 12) -> dict:
+    rng = random.Random(rng_seed)
+    seeds = list(seeds)
+    level = {m: rng.uniform(0.2, 0.8) for m in methods}
+    level["base"] = 0.2
+    results, per_tag, curves, grad, compute = {}, {}, {}, {}, {}
+    for m in methods:
+        n = 1 if m == "base" else len(seeds)
+        results[m] = {}
+        for bench in BENCHMARKS:
+            values = [_score(rng, bench, level[m]) for _ in range(n)]
+            mean = sum(values) / n
+            std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+            results[m][bench] = {"mean": mean, "std": std, "per_seed": values}
+        per_tag[m] = {"geneval": {t: round(rng.random(), 4) for t in TAGS}}
+        if m == "base":
+            continue
+        curves[m] = {}
+        grad[m] = {}
+        for s in seeds:
+            rows, grows = [], []
+            for i in range(0, steps + 1, 3):
+                frac = i / steps
+                row = {"step": i, "student_forwards": i * 40, "teacher_forwards": i * 36 if m.startswith("opd") else 0,
+                       "images": i * 8, "wall_seconds": i * 1.5}
+                for bench in BENCHMARKS:
+                    row[f"eval/{bench}"] = _score(rng, bench, 0.2 + (level[m] - 0.2) * frac)
+                if m == "cascade":
+                    row["stage"] = min(2, i * 3 // (steps + 1))
+                    row["stage_task"] = ["pref", "geneval", "ocr"][row["stage"]]
+                rows.append(row)
+                variance = rng.uniform(0.5, 2.0) * (10.0 if m == "opd-ppo" else 1.0)
+                grows.append({"step": i, "grad/variance": variance, "grad/variance_rel": variance / 3})
+            curves[m][str(s)] = rows
+            grad[m][str(s)] = grows
+        compute[m] = {"optimizer_steps": steps, "student_forwards": float(steps * 40),
+                      "teacher_forwards": float(steps * 36 if m.startswith("opd") else 0), "images": float(steps * 8),
+                      "wall_seconds": steps * 1.5}
+    variance_rows = []
+    for noise in (0.1, 0.7):
+        for batch in (1, 2, 4, 8):
+            va, vp = rng.uniform(0.1, 1) / batch, rng.uniform(1, 10) / batch / noise
+            variance_rows.append({"batch": batch, "noise_level": noise, "repeats": 16, "var_analytic": va, "var_ppo": vp,
+                                  "ratio_ppo_over_analytic": vp / va, "rel_var_analytic": va / 2, "rel_var_ppo": vp / 2,
+                                  "cosine_of_means": rng.uniform(0.8, 1.0)})
+    return {
+        "schema_version": 1, "package_version": "0.1.0", "git_commit": "0123456789abcdef", "date": "2026-11-26T06:00:00Z",
+        "command": "opd-bench run --method all --suite tiny --out runs/fake", "suite": "tiny", "suite_version": "tiny-v1",
+        "prompt_hashes": prompt_hashes(), "model": "tiny", "preset": "standard", "seeds": seeds,
+        "benchmarks": list(BENCHMARKS), "headline": list(HEADLINE),
+        "config": {"teachers": {"steps": steps}, "opd": {"lr": 3e-4}, "opd-ppo": {"clip": 0.2},
+                   "multi-reward": {"aggregation": "per-task"}, "cascade": {"stages": ["pref", "geneval", "ocr"]},
+                   "eval": {"images_per_prompt": 2}},
+        "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": grad, "compute": compute,
+        "variance": {"rows": variance_rows, "ratio_ppo_over_analytic": variance_rows[-1]["ratio_ppo_over_analytic"],
+                     "reference": {"batch": 8, "noise_level": 0.7}},
+        "cascade_stages": [{"stage": 0, "task": "pref", "end_step": 4}, {"stage": 1, "task": "geneval", "end_step": 8},
+                           {"stage": 2, "task": "ocr", "end_step": 12}] if "cascade" in methods else [],
+        "samples": {"prompts": list(PROMPTS), "grids": {m: f"samples/{m.replace('/', '_')}.png" for m in methods}},
+        "environment": {"python": "3.11.7", "torch": "2.14.1", "diffusers": "0.42.1", "platform": "Linux",
+                        "cpu": "test cpu", "threads": 2, "device": "cpu"},
+    }
+
+
+def make_run(run_dir, results: dict | None = None, **kwargs) -> dict:
+    """Write ``results.json`` and the sample PNGs into ``run_dir``; return the results dict."""
+    run_dir = Path(run_dir)
+    results = make_results(**kwargs) if results is None else results
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for i, rel in enumerate(sorted(results.get("samples", {}).get("grids", {}).values())):
+        path = run_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_png(len(PROMPTS), 2, seed=i))
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
