@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 # Errors that mean "bad input": shown as one line, no traceback.
-_USER_ERRORS = ("ModelLoadError", "PromptFileError", "UnknownNameError", "FileExistsError", "FileNotFoundError")
+_USER_ERRORS = ("ModelLoadError", "PromptFileError", "UnknownNameError", "FileExistsError", "FileNotFoundError", "SubmissionError")
 
 
 def _friendly(command):
@@ -56,6 +56,82 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 
     save_tiny(out, seed=seed)
     click.echo(f"saved a random tiny SD3 pipeline to {out}")
+
+
+@main.command("run")
+@click.option("--method", default="all", show_default=True, type=click.Choice(["all", "teachers", "opd", "opd-ppo", "multi-reward", "cascade"]))
+@click.option("--suite", "suite_name", default="tiny", show_default=True)
+@click.option("--model", default=None, help="Base model: a shipped alias ('tiny'), a pipeline folder or hub id. Default: the suite's.")
+@click.option("--preset", default="standard", show_default=True, type=click.Choice(["smoke", "standard"]))
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds of the student runs.")
+@click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--report/--no-report", default=True, show_default=True, help="Write reports/<run>/ at the end.")
+@click.option("--force", is_flag=True, help="Delete an existing run in --out and start over.")
+@_friendly
+def run_command(method, suite_name, model, preset, seeds, out, device, report, force) -> None:
+    """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
+
+    Rerunning the same command skips finished work and resumes unfinished training.
+    """
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers, e.g. 0,1,2", param_hint="--seeds") from None
+    from opd_bench.harness import Harness
+
+    command = "opd-bench " + " ".join(sys.argv[1:]) if sys.argv and "opd-bench" in sys.argv[0] else f"opd-bench run --method {method} --suite {suite_name} --preset {preset} --seeds {seeds} --out {out}"
+    harness = Harness(out, suite=suite_name, model=model, preset=preset, seeds=seed_list, method=method, device=device, force=force, command=command)
+    results = harness.run()
+    click.echo(f"wrote {out / 'results.json'}")
+    for name, scores in results["results"].items():
+        click.echo(f"{name:18s} " + "  ".join(f"{b} {v['mean']:.3f}" for b, v in scores.items()))
+    if report:
+        from opd_bench.report import build_report
+
+        target = Path("reports") / out.name
+        build_report(out, target)
+        click.echo(f"report: {target / 'index.html'}")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: reports/<run name>.")
+@_friendly
+def report_command(run_dir: Path, out: Path | None) -> None:
+    """Generate report.md and a self-contained index.html from RUN_DIR/results.json."""
+    if not (run_dir / "results.json").is_file():
+        raise FileNotFoundError(f"{run_dir} has no results.json; run `opd-bench run --out {run_dir}` first")
+    from opd_bench.report import build_report
+
+    target = out or Path("reports") / run_dir.resolve().name
+    build_report(run_dir, target)
+    click.echo(f"wrote {target / 'report.md'} and {target / 'index.html'}")
+
+
+@main.command("submit")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Submission name: letters, digits, '.', '_', '-'.")
+@click.option("--root", default="leaderboard", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@_friendly
+def submit_command(run_dir: Path, name: str, root: Path) -> None:
+    """Validate RUN_DIR/results.json and add it to the leaderboard directory."""
+    from opd_bench.leaderboard import rebuild, submit
+
+    path = submit(run_dir, name, root=root)
+    rebuild(root)
+    click.echo(f"submitted {path}; regenerated {root / 'README.md'}")
+
+
+@main.command("leaderboard")
+@click.option("--root", default="leaderboard", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@_friendly
+def leaderboard_command(root: Path) -> None:
+    """Regenerate leaderboard/README.md and leaderboard.csv from the submissions."""
+    from opd_bench.leaderboard import rebuild
+
+    readme, csv = rebuild(root)
+    click.echo(f"wrote {readme} and {csv}")
 
 
 @main.command("eval")

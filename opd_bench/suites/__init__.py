@@ -26,6 +26,7 @@ class Suite:
     num_steps: int  # evaluation sampler
     guidance_scale: float
     noise_level: float = 0.0  # 0 = the deterministic (ODE) sampler
+    headline: tuple[str, ...] = ()  # scores in [0, 1] averaged into the overall score
     description: str = ""
 
     def benchmark(self, task: str) -> BenchmarkSpec:
@@ -62,7 +63,7 @@ def _tiny() -> Suite:
     ))
     return Suite(
         name="tiny", version=version, tasks=("geneval", "ocr", "pref"), default_model="tiny",
-        num_steps=10, guidance_scale=4.5,
+        num_steps=10, guidance_scale=4.5, headline=("geneval", "ocr", "pref_oracle"),
         description="embedded miniature SD3 world; runs on a laptop CPU",
     )
 

@@ -35,7 +35,7 @@ def base_architecture(words: list[str] | None = None) -> TinyConfig:
     """The shipped base model's sizes: chosen so RL on two CPU cores is cheap (see docs)."""
     return TinyConfig(
         vae_channels=(8, 16, 32),  # full-resolution convolutions dominate the VAE's cost on a CPU
-        patch_size=4,  # 16x16 latents -> 16 image tokens
+        patch_size=2,  # 16x16 latents -> 64 image tokens (patch 4 starved the output projection: v1)
         num_layers=4,
         num_heads=3,
         head_dim=32,

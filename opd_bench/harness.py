@@ -1,0 +1,381 @@
+"""``opd-bench run``: teachers, DiffusionOPD and the baselines on one suite, evaluated alike.
+
+Every piece of work is a *cell* with its own folder under the run directory: a teacher, a
+(method, seed) training run, an evaluation, the variance experiment, the image grids. A cell
+that finished is skipped when the command is run again, and an unfinished training cell
+resumes from its checkpoint, so a killed run continues where it stopped. ``results.json`` is
+assembled from the cells at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from opd_bench import __version__
+from opd_bench.baselines.cascade import CascadeConfig
+from opd_bench.baselines.multi_reward import MultiRewardConfig
+from opd_bench.io import atomic_write_json
+from opd_bench.trainers.grpo import GRPOConfig
+from opd_bench.trainers.opd import OPDConfig
+
+SCHEMA_VERSION = 1
+METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
+METHOD_CHOICES = ("all", "teachers", *METHODS)
+
+
+@dataclass
+class RunPlan:
+    """Everything a comparison run needs besides the suite, model and seeds (a named preset)."""
+
+    teacher: GRPOConfig
+    opd: OPDConfig
+    opd_ppo: OPDConfig
+    multi_reward: MultiRewardConfig
+    cascade: CascadeConfig
+    eval_limit: int | None = 48  # test prompts per benchmark for the final evaluations
+    eval_images_per_prompt: int = 2
+    train_eval_limit: int = 12  # test prompts per benchmark for the curves during training
+    variance_batches: tuple[int, ...] = (1, 2, 4, 8)
+    variance_noise_levels: tuple[float, ...] = (0.1, 0.3, 0.7, 1.0)
+    variance_repeats: int = 6
+    variance_reference: tuple[int, float] = (4, 0.7)
+    sample_prompts_per_task: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _smoke() -> RunPlan:
+    grpo = dict(steps=2, prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1, train_fraction=0.5)
+    opd = dict(steps=2, prompts_per_task=1, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1)
+    return RunPlan(
+        teacher=GRPOConfig(**grpo),
+        opd=OPDConfig(**opd),
+        opd_ppo=OPDConfig(mode="ppo", noise_level=0.7, **opd),
+        multi_reward=MultiRewardConfig(**{**grpo, "prompts_per_step": 3}),
+        cascade=CascadeConfig(stages=[("geneval", 1), ("ocr", 1)], grpo=GRPOConfig(**{**grpo, "prompts_per_step": 3})),
+        eval_limit=2, eval_images_per_prompt=1, train_eval_limit=1,
+        variance_batches=(1, 2), variance_noise_levels=(0.7,), variance_repeats=2, variance_reference=(2, 0.7),
+        sample_prompts_per_task=1,
+    )
+
+
+def _standard() -> RunPlan:
+    # Matched student budgets: every method takes `steps` optimizer steps on 12 images per step.
+    steps = 30
+    grpo = dict(prompts_per_step=3, group_size=4, num_steps=8, noise_level=0.7, train_fraction=0.5, lr=1e-3,
+                lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2)
+    opd = dict(steps=steps, prompts_per_task=4, num_steps=8, train_fraction=0.875, lr=1e-3, lora_rank=8,
+               lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5)
+    return RunPlan(
+        teacher=GRPOConfig(steps=40, **{**grpo, "prompts_per_step": 4}),
+        opd=OPDConfig(**opd),
+        opd_ppo=OPDConfig(mode="ppo", noise_level=0.7, clip_range=0.2, **opd),
+        multi_reward=MultiRewardConfig(steps=steps, **grpo),
+        cascade=CascadeConfig(stages=[("pref", 10), ("geneval", 10), ("ocr", 10)], grpo=GRPOConfig(steps=steps, **grpo)),
+    )
+
+
+PRESETS: dict[str, Callable[[], RunPlan]] = {"smoke": _smoke, "standard": _standard}
+
+
+def plan(preset: str) -> RunPlan:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[preset]()
+
+
+def methods_for(method: str) -> list[str]:
+    if method not in METHOD_CHOICES:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHOD_CHOICES)}")
+    return list(METHODS) if method == "all" else [] if method == "teachers" else [method]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str) -> dict:
+    import diffusers
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "device": device,
+    }
+
+
+class Harness:
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        suite: str = "tiny",
+        model: str | None = None,
+        preset: str = "standard",
+        seeds: Sequence[int] = (0, 1, 2),
+        method: str = "all",
+        device: str = "cpu",
+        force: bool = False,
+        command: str = "",
+        progress: bool = True,
+    ):
+        from opd_bench import suites
+
+        self.out = Path(out)
+        self.suite = suites.get(suite)
+        self.model = model or self.suite.default_model
+        self.preset, self.plan = preset, plan(preset)
+        self.seeds = [int(s) for s in seeds]
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed, e.g. 0,1,2")
+        self.methods = methods_for(method)
+        self.device, self.force, self.command, self.progress = device, force, command, progress
+        self.identity = {"suite": suite, "suite_version": self.suite.version, "model": self.model, "preset": preset, "plan": self.plan.to_dict()}
+        self._check_folder()
+        self._policy = None
+        self._evaluators: dict = {}
+
+    # ------------------------------------------------------------------------ bookkeeping
+    def _check_folder(self) -> None:
+        import shutil
+
+        identity_path = self.out / "run.json"
+        if self.force and self.out.exists():
+            shutil.rmtree(self.out)
+        if identity_path.exists():
+            saved = json.loads(identity_path.read_text())
+            if saved != json.loads(json.dumps(self.identity)):
+                raise FileExistsError(
+                    f"{self.out} holds a run with another suite, model or preset; use another --out or pass --force"
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(identity_path, self.identity)
+
+    @property
+    def policy(self):
+        if self._policy is None:
+            from opd_bench.policy import Policy
+            from opd_bench.suites import resolve_model
+
+            self._policy = Policy.from_pretrained(resolve_model(self.model), device=self.device)
+        return self._policy
+
+    def prompts(self, split: str) -> dict:
+        return {task: self.suite.benchmark(task).prompts(split) for task in self.suite.tasks}
+
+    def train_rewards(self) -> dict:
+        if not hasattr(self, "_train_rewards"):
+            self._train_rewards = {task: self.suite.benchmark(task).build_reward("train") for task in self.suite.tasks}
+        return self._train_rewards
+
+    def evaluator(self, limit: int | None, images_per_prompt: int):
+        from opd_bench.evaluate import make_evaluator
+
+        key = (limit, images_per_prompt)
+        if key not in self._evaluators:
+            self._evaluators[key] = make_evaluator(self.suite, limit=limit, images_per_prompt=images_per_prompt)
+        return self._evaluators[key]
+
+    # ----------------------------------------------------------------------------- cells
+    def teachers(self) -> dict[str, Path]:
+        from opd_bench.trainers.teachers import train_teacher
+
+        found = {}
+        for task in self.suite.tasks:
+            found[task] = train_teacher(
+                task, policy=self.policy, prompts=self.prompts("train")[task], reward=self.train_rewards()[task],
+                config=self.plan.teacher, root=self.out / "teachers", base=self.model, suite_version=self.suite.version,
+                evaluate=self.evaluator(self.plan.train_eval_limit, 1), progress=self.progress,
+            )
+        return found
+
+    def train_method(self, method: str, seed: int, teachers: dict[str, Path]) -> Path:
+        """Train (or resume, or skip) one (method, seed) cell; returns its adapter folder."""
+        from opd_bench.baselines.cascade import CascadeTrainer
+        from opd_bench.baselines.multi_reward import MultiRewardTrainer
+        from opd_bench.trainers.opd import OPDTrainer
+
+        run_dir = self.out / "methods" / method / f"seed{seed}"
+        adapter = f"{method}-s{seed}"
+        final = run_dir / "final" if method != "cascade" else None
+        if method == "cascade":
+            last_task = self.plan.cascade.stages[-1][0]
+            final = run_dir / f"stage{len(self.plan.cascade.stages) - 1}-{last_task}" / "final"
+        if final.exists() and (final.parent / "DONE").exists():
+            return final
+        evaluate = self.evaluator(self.plan.train_eval_limit, 1)
+        common = dict(policy=self.policy, run_dir=run_dir, adapter=adapter, evaluate=evaluate)
+        if method in ("opd", "opd-ppo"):
+            config = replace(self.plan.opd if method == "opd" else self.plan.opd_ppo, seed=seed)
+            trainer = OPDTrainer(
+                config, prompts=self.prompts("train"), teachers={t: d / "final" for t, d in teachers.items()},
+                rewards=self.train_rewards(), **common,
+            )
+        elif method == "multi-reward":
+            trainer = MultiRewardTrainer(replace(self.plan.multi_reward, seed=seed), prompts=self.prompts("train"), rewards=self.train_rewards(), **common)
+        else:
+            config = replace(self.plan.cascade, grpo=replace(self.plan.cascade.grpo, seed=seed))
+            trainer = CascadeTrainer(config, prompts=self.prompts("train"), rewards=self.train_rewards(), **common)
+        return trainer.train(progress=self.progress)
+
+    def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int) -> dict:
+        """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``."""
+        from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
+
+        path = self.out / "evals" / f"{name.replace('/', '_')}-seed{seed}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        adapter = None
+        if adapter_dir is not None:
+            adapter = f"eval_{name.replace('/', '_')}_s{seed}"
+            if adapter not in self.policy.adapters:
+                self.policy.load_adapter(adapter, adapter_dir)
+        settings = SamplerSettings(self.suite.num_steps, self.suite.guidance_scale, self.suite.noise_level)
+        with self.policy.use(adapter):
+            result = evaluate_suite(
+                self.suite, policy_source(self.policy, settings), seed=seed, limit=self.plan.eval_limit,
+                images_per_prompt=self.plan.eval_images_per_prompt, progress=self.progress,
+            )
+        record = {"scores": result["scores"], "per_tag": result["per_tag"]}
+        atomic_write_json(path, record)
+        return record
+
+    def variance(self, teachers: dict[str, Path]) -> dict:
+        from opd_bench.trainers.variance import variance_experiment
+
+        path = self.out / "variance.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        task = self.suite.tasks[0]
+        if "variance_teacher" not in self.policy.adapters:
+            self.policy.load_adapter("variance_teacher", teachers[task] / "final")
+            self.policy.add_adapter("variance_student", rank=self.plan.opd.lora_rank, alpha=self.plan.opd.lora_alpha, seed=0)
+        rows = variance_experiment(
+            self.policy, "variance_student", "variance_teacher", self.prompts("train")[task],
+            batch_sizes=self.plan.variance_batches, noise_levels=self.plan.variance_noise_levels,
+            repeats=self.plan.variance_repeats, num_steps=self.plan.opd.num_steps,
+            guidance_scale=self.plan.opd.guidance_scale, seed=0,
+        )
+        batch, noise = self.plan.variance_reference
+        reference = [r for r in rows if r["batch"] == batch and r["noise_level"] == noise]
+        record = {
+            "teacher_task": task, "rows": rows, "reference": {"batch": batch, "noise_level": noise},
+            "ratio_ppo_over_analytic": reference[0]["ratio_ppo_over_analytic"] if reference else math.nan,
+        }
+        atomic_write_json(path, record)
+        return record
+
+    def samples(self, models: dict[str, Path | None]) -> dict:
+        """One image grid per model on the same prompts and seeds (rows = prompts)."""
+        from opd_bench.io import save_grid
+        from opd_bench.rollout import rollout
+
+        test = self.prompts("test")
+        prompts = [p for task in self.suite.tasks for p in test[task][: self.plan.sample_prompts_per_task]]
+        grids = {}
+        for name, adapter_dir in models.items():
+            relative = f"samples/{name.replace('/', '_')}.png"
+            path = self.out / relative
+            if not path.exists():
+                adapter = None
+                if adapter_dir is not None:
+                    adapter = f"eval_{name.replace('/', '_')}_s{self.seeds[0]}"
+                    if adapter not in self.policy.adapters:
+                        self.policy.load_adapter(adapter, adapter_dir)
+                with self.policy.use(adapter):
+                    t = rollout(
+                        self.policy, prompts, images_per_prompt=4, num_steps=self.suite.num_steps,
+                        noise_level=self.suite.noise_level, guidance_scale=self.suite.guidance_scale, seed=0, keep={"images"},
+                    )
+                save_grid(t.images, path, columns=4)
+            grids[name] = relative
+        return {"prompts": [p.text for p in prompts], "grids": grids}
+
+    # ------------------------------------------------------------------------------ run
+    def run(self) -> dict:
+        start = time.time()
+        teachers = self.teachers()
+        models: dict[str, dict[int, Path | None]] = {"base": {self.seeds[0]: None}}
+        for task, folder in teachers.items():
+            models[f"teacher/{task}"] = {self.seeds[0]: folder / "final"}
+        for method in self.methods:
+            models[method] = {seed: self.train_method(method, seed, teachers) for seed in self.seeds}
+        evals = {name: {seed: self.evaluate_cell(name, folder, seed) for seed, folder in per_seed.items()} for name, per_seed in models.items()}
+        variance = self.variance(teachers) if any(m.startswith("opd") for m in self.methods) else None
+        samples = self.samples({name: per_seed[min(per_seed)] for name, per_seed in models.items()})
+        results = self.assemble(teachers, models, evals, variance, samples, time.time() - start)
+        atomic_write_json(self.out / "results.json", results)
+        return results
+
+    def assemble(self, teachers, models, evals, variance, samples, seconds) -> dict:
+        from opd_bench.training import read_metrics
+
+        benchmarks = list(self.suite.tasks) + [k for t in self.suite.tasks for k in self.suite.benchmark(t).extra_rewards]
+        results, per_tag = {}, {}
+        for name, per_seed in evals.items():
+            results[name] = {}
+            for bench in benchmarks:
+                values = [per_seed[s]["scores"][bench] for s in sorted(per_seed)]
+                mean = sum(values) / len(values)
+                std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+                results[name][bench] = {"mean": mean, "std": std, "per_seed": values}
+            tags = [per_seed[s]["per_tag"].get("geneval", {}) for s in sorted(per_seed)]
+            if tags and tags[0]:
+                per_tag[name] = {"geneval": {tag: sum(t[tag] for t in tags) / len(tags) for tag in tags[0]}}
+        curves, gradient_variance, compute = {}, {}, {}
+        metric_files = {f"teacher/{t}": {self.seeds[0]: d / "metrics.jsonl"} for t, d in teachers.items()}
+        for method in self.methods:
+            metric_files[method] = {s: self.out / "methods" / method / f"seed{s}" / "metrics.jsonl" for s in self.seeds}
+        for name, files in metric_files.items():
+            curves[name], gradient_variance[name] = {}, {}
+            totals = []
+            for seed, path in files.items():
+                records = read_metrics(path)
+                curves[name][str(seed)] = [r for r in records if any(k.startswith("eval/") for k in r)]
+                gradient_variance[name][str(seed)] = [
+                    {k: r[k] for k in ("step", "grad/variance", "grad/variance_rel")} for r in records if "grad/variance" in r
+                ]
+                totals.append(records[-1])
+            compute[name] = {
+                key: sum(t.get(key, 0) for t in totals) / len(totals)
+                for key in ("student_forwards", "teacher_forwards", "images", "wall_seconds")
+            }
+            compute[name]["optimizer_steps"] = max(t["step"] for t in totals)
+        cascade_stages, end = [], 0
+        for k, (task, steps) in enumerate(self.plan.cascade.stages):
+            end += steps
+            cascade_stages.append({"stage": k, "task": task, "end_step": end})
+        return {
+            "schema_version": SCHEMA_VERSION, "package_version": __version__, "git_commit": _git_commit(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": self.command,
+            "suite": self.suite.name, "suite_version": self.suite.version,
+            "prompt_hashes": {t: {s: self.suite.benchmark(t).file_hash(s) for s in ("test", "train")} for t in self.suite.tasks},
+            "model": self.model, "preset": self.preset, "seeds": self.seeds, "methods": self.methods,
+            "benchmarks": benchmarks, "headline": list(self.suite.headline),
+            "config": {
+                "teachers": asdict(self.plan.teacher), "opd": asdict(self.plan.opd), "opd-ppo": asdict(self.plan.opd_ppo),
+                "multi-reward": asdict(self.plan.multi_reward), "cascade": asdict(self.plan.cascade),
+                "eval": {"limit": self.plan.eval_limit, "images_per_prompt": self.plan.eval_images_per_prompt,
+                         "num_steps": self.suite.num_steps, "guidance_scale": self.suite.guidance_scale,
+                         "noise_level": self.suite.noise_level},
+            },
+            "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": gradient_variance,
+            "compute": compute, "variance": variance, "cascade_stages": cascade_stages if "cascade" in self.methods else [],
+            "samples": samples, "seconds": seconds, "environment": environment(self.device),
+        }
