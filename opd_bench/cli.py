@@ -221,6 +221,24 @@ def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, max_mi
     )
 
 
+@pretrain.command("pref")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the weights.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--num-pairs", default=20_000, show_default=True, help="Bradley-Terry training pairs.")
+@click.option("--epochs", default=2, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite existing weights.")
+@_friendly
+def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
+    """Train the tiny suite's preference model on oracle-labelled pairs with label noise."""
+    if (out / "model.safetensors").exists() and not force:
+        raise FileExistsError(f"{out} already holds a preference model; choose another folder or pass --force")
+    from opd_bench.world.pref_train import pretrain_pref
+
+    metrics = pretrain_pref(out, seed=seed, num_pairs=num_pairs, epochs=epochs)
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    click.echo(f"saved the preference model to {out}: " + ", ".join(f"{k} {v:.3f}" for k, v in list(shown.items())[:6]))
+
+
 @main.command()
 @click.option("--model", required=True, help="Pipeline folder or hub id (SD3 family).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for several.")

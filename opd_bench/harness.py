@@ -262,7 +262,8 @@ class Harness:
         path = self.out / "variance.json"
         if path.exists():
             return json.loads(path.read_text())
-        task = self.suite.tasks[0]
+        # The preference teacher: a continuous reward always has spread, so it always moved from the base.
+        task = "pref" if "pref" in self.suite.tasks else self.suite.tasks[0]
         if "variance_teacher" not in self.policy.adapters:
             self.policy.load_adapter("variance_teacher", teachers[task] / "final")
             self.policy.add_adapter("variance_student", rank=self.plan.opd.lora_rank, alpha=self.plan.opd.lora_alpha, seed=0)

@@ -1,4 +1,5 @@
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -295,3 +296,4 @@ def test_variance_experiment_rows_and_the_zero_gap_case(policy, tiny_dir, tmp_pa
     policy.copy_adapter_weights("student", teacher)
     same = variance_experiment(policy, "student", "teacher", prompts, batch_sizes=(1,), noise_levels=(0.7,), repeats=2, num_steps=2)
     assert same[0]["var_analytic"] == 0 and same[0]["var_ppo"] < 1e-10 * rows[0]["var_ppo"]
+    assert math.isnan(same[0]["ratio_ppo_over_analytic"])

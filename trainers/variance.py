@@ -15,6 +15,7 @@ the repeats, their ratio (PPO over analytic), and the cosine between the two mea
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -117,7 +118,7 @@ def _compare(analytic: torch.Tensor, ppo: torch.Tensor) -> dict:
     return {
         "var_analytic": var_a,
         "var_ppo": var_p,
-        "ratio_ppo_over_analytic": var_p / max(var_a, 1e-30),
+        "ratio_ppo_over_analytic": var_p / var_a if var_a > 0 else math.nan,  # undefined if student == teacher
         "rel_var_analytic": var_a / max(float(mean_a.pow(2).sum()), 1e-30),
         "rel_var_ppo": var_p / max(float(mean_p.pow(2).sum()), 1e-30),
         "cosine_of_means": cosine,

@@ -34,6 +34,21 @@ REGISTRY.register(
     "tiny world: 1/0 by GenEval's rules; NaN off geneval records",
 )
 REGISTRY.register(
+    "ocr",
+    "opd_bench.rewards.ocr:OCRReward",
+    "OCR (rapidocr detection + recognition) vs the quoted text; 1 - normalised edit distance",
+)
+REGISTRY.register(
+    "tiny/pref",
+    "opd_bench.rewards.pref:TinyPrefReward",
+    "tiny world: the learned two-tower preference model (PickScore-style score)",
+)
+REGISTRY.register(
+    "tiny/pref-oracle",
+    "opd_bench.rewards.pref:TinyPrefOracleReward",
+    "tiny world: the hidden taste the preference model was trained on (evaluation only)",
+)
+REGISTRY.register(
     "toy/brightness",
     "opd_bench.rewards.toy:Brightness",
     "mean pixel brightness; a dependency-free reward for tests and smoke runs",
