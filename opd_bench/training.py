@@ -245,6 +245,33 @@ class TrainingRun:
                 self.counters["teacher_forwards"] += delta
         self._counts_seen = dict(counts)
 
+    def train(self, step_fn, *, steps: int, max_grad_norm: float, grad_variance: GradVariance, desc: str, progress: bool = True) -> Path:
+        """The loop every trainer shares around its ``step_fn(step) -> (metrics, images)``.
+
+        ``step_fn`` accumulates gradients into ``.grad`` (recording micro-batches in
+        ``grad_variance``); this clips, steps the optimizer and the EMA, logs, evaluates and
+        checkpoints, and finally saves the adapter.
+        """
+        from tqdm import tqdm
+
+        if self.start_step == 0 and self.evaluate is not None and self.eval_every:
+            self.run_eval(0)
+        bar = tqdm(total=steps, initial=self.start_step, desc=desc, disable=not progress)
+        for step in range(self.start_step, steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            grad_variance.start()
+            metrics, images = step_fn(step)
+            metrics.update(grad_variance.finish())
+            metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.end_step(step + 1, metrics, images)
+            bar.update()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k == "kl" or k.endswith("/mean")})
+        bar.close()
+        return self.finish(steps)
+
     def end_step(self, step: int, metrics: dict, images: int) -> None:
         """Record step ``step`` (1-based count of optimizer steps done), then eval / checkpoint."""
         self._absorb_counts()

@@ -153,8 +153,6 @@ def grpo_step(
     metrics: dict[str, float] = {}
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
     by_bin: dict[int, list[float]] = {}
-    if grad_variance is not None:
-        grad_variance.start()
     for start in range(0, len(pairs), config.micro_batch):
         chunk = pairs[start : start + config.micro_batch]
         index = torch.tensor([i for i, _ in chunk])
@@ -223,26 +221,16 @@ class GRPOTrainer:
         self.grad_variance = GradVariance(self.params)
 
     def train(self, progress: bool = True) -> Path:
-        from tqdm import tqdm
-
         config = self.config
-        if self.run.start_step == 0 and self.run.evaluate is not None and config.eval_every:
-            self.run.run_eval(0)
-        bar = tqdm(total=config.steps, initial=self.run.start_step, desc=f"grpo {self.adapter}", disable=not progress)
-        for step in range(self.run.start_step, config.steps):
-            self.optimizer.zero_grad(set_to_none=True)
+
+        def step_fn(step: int) -> tuple[dict, int]:
             prompts = sample_prompts(self.prompts, config.prompts_per_step, step_seed(config.seed, step, 1))
-            metrics, images = grpo_step(
+            return grpo_step(
                 self.policy, self.adapter, prompts, self.rewards, config,
                 seed=step_seed(config.seed, step, 2), params=self.params, grad_variance=self.grad_variance,
             )
-            metrics.update(self.grad_variance.finish())
-            metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update()
-            self.run.end_step(step + 1, metrics, images)
-            bar.update()
-            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k.startswith("reward/") and k.endswith("/mean")})
-        bar.close()
-        return self.run.finish(config.steps)
+
+        return self.run.train(
+            step_fn, steps=config.steps, max_grad_norm=config.max_grad_norm, grad_variance=self.grad_variance,
+            desc=f"grpo {self.adapter}", progress=progress,
+        )

@@ -178,15 +178,9 @@ class OPDTrainer:
         self.grad_variance = GradVariance(self.params)
 
     def train(self, progress: bool = True) -> Path:
-        from tqdm import tqdm
-
         config = self.config
-        if self.run.start_step == 0 and self.run.evaluate is not None and config.eval_every:
-            self.run.run_eval(0)
-        bar = tqdm(total=config.steps, initial=self.run.start_step, desc=f"opd-{config.mode}", disable=not progress)
-        for step in range(self.run.start_step, config.steps):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.grad_variance.start()
+
+        def step_fn(step: int) -> tuple[dict, int]:
             metrics: dict[str, float] = {"loss": 0.0, "kl": 0.0}
             images = 0
             for k, task in enumerate(self.tasks):
@@ -204,13 +198,9 @@ class OPDTrainer:
                         metrics[f"{key}/{task}"] = value
                     else:
                         metrics[key.replace("reward/", f"reward/{task}/")] = value
-            metrics.update(self.grad_variance.finish())
-            metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update()
-            self.run.end_step(step + 1, metrics, images)
-            bar.update()
-            bar.set_postfix(kl=f"{metrics['kl']:.4f}")
-        bar.close()
-        return self.run.finish(config.steps)
+            return metrics, images
+
+        return self.run.train(
+            step_fn, steps=config.steps, max_grad_norm=config.max_grad_norm, grad_variance=self.grad_variance,
+            desc=f"opd-{config.mode}", progress=progress,
+        )
