@@ -43,7 +43,7 @@ class RunPlan:
     opd_ppo: OPDConfig
     multi_reward: MultiRewardConfig
     cascade: CascadeConfig
-    eval_limit: int | None = 48  # test prompts per benchmark for the final evaluations
+    eval_limit: int | None = 32  # test prompts per benchmark for the final evaluations
     eval_images_per_prompt: int = 2
     train_eval_limit: int = 12  # test prompts per benchmark for the curves during training
     variance_batches: tuple[int, ...] = (1, 2, 4, 8)

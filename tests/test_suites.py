@@ -60,3 +60,23 @@ def test_eval_command_writes_results_and_refuses_to_overwrite(tmp_path):
 def test_eval_command_rejects_unknown_benchmarks(tmp_path):
     result = CliRunner().invoke(main, ["eval", "--model", "renderer", "--benchmarks", "gen", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "has no benchmark" in result.output
+
+
+def test_the_shipped_base_model_loads_through_the_policy_and_generates():
+    from opd_bench.policy import Policy
+    from opd_bench.rollout import rollout
+
+    policy = Policy.from_pretrained(suites.resolve_model("tiny"))
+    prompts = [p for task in ("geneval", "ocr", "pref") for p in benchmarks.get(f"tiny/{task}").prompts("test", limit=1)]
+    trajectory = rollout(policy, prompts, num_steps=4, noise_level=0.0, keep={"images"})
+    images = trajectory.images
+    assert images.shape == (3, 3, 64, 64) and torch.isfinite(images).all()
+    assert images.std() > 0.02  # not a blank canvas
+    tokenizer = policy.pipeline.tokenizer
+    assert all(len(tokenizer(word).input_ids) == 3 for word in ("circle", "backdrop", "chalkboard"))
+
+
+def test_missing_shipped_weights_give_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(suites.MODELS, "tiny", tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="opd-bench pretrain base"):
+        suites.resolve_model("tiny")
