@@ -124,8 +124,15 @@ def distillation_loss(
     return step_kl(student.mean, teacher.mean.detach(), student.std, weighting=weighting, dt=student.dt)
 
 
-def process_reward(student_log_prob: torch.Tensor, teacher_log_prob: torch.Tensor) -> torch.Tensor:
-    """The PPO-style variant's per-step reward ``log pi_T(x') - log pi_theta(x')`` (expectation: -KL)."""
+def process_reward(student_log_prob: torch.Tensor, teacher_log_prob: torch.Tensor, num_dims: int) -> torch.Tensor:
+    """The PPO-style variant's per-step reward: the true log-ratio ``log pi_T(x') - log pi_theta(x')``.
+
+    Log-probs here are per-dimension means (``flow_step``'s default), so the difference is scaled
+    back by ``num_dims``: with ``r`` the true log-ratio and the ratio built from mean log-probs,
+    ``E[-r grad log pi]`` equals the gradient of the per-dimension KL that the analytic loss
+    (``step_kl(reduce="mean")``) differentiates, so the two estimators target the same gradient.
+    (Using the mean log-ratio as the reward would shrink the PPO gradient by another ``num_dims``.)
+    """
     if torch.isnan(student_log_prob).any() or torch.isnan(teacher_log_prob).any():
         raise ValueError("the process reward needs stochastic steps (noise_level > 0): ODE steps have no density")
-    return teacher_log_prob - student_log_prob
+    return (teacher_log_prob - student_log_prob) * num_dims

@@ -120,7 +120,7 @@ def opd_task_step(
             per_pair = distillation_loss(student, target, weighting=config.weighting)
         else:
             old = trajectory.log_probs[index, step].to(student.log_prob.device)
-            advantage = process_reward(old, target.log_prob)
+            advantage = process_reward(old, target.log_prob, trajectory.final[0].numel())
             per_pair, _ = clipped_policy_loss(student.log_prob, old, advantage, config.clip_range)
         (per_pair.sum() * loss_scale / len(pairs)).backward()
         if grad_variance is not None:

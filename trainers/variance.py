@@ -63,7 +63,7 @@ def estimate_gradients(
             loss = distillation_loss(current, target).mean()
         else:
             old = trajectory.log_probs[index, step].to(current.log_prob.device)
-            reward = process_reward(old, target.log_prob)
+            reward = process_reward(old, target.log_prob, trajectory.final[0].numel())
             loss = -(reward * torch.exp(current.log_prob - old)).mean()
         loss.backward()
         grads.append(_flat_grad(params))
