@@ -63,7 +63,12 @@ class BenchmarkSpec:
         return path if path.is_absolute() else PACKAGE_DIR / path
 
     def prompts(self, split: str = "test", limit: int | None = None) -> list[Prompt]:
-        return read_prompts(self.path(split), task=self.name, required=self.required_fields, limit=limit)
+        """The prompts of ``split``; ``limit`` takes that many evenly spaced over the file, so a
+        subset of a file grouped by tag (GenEval's) still covers every tag."""
+        prompts = read_prompts(self.path(split), task=self.name, required=self.required_fields)
+        if limit is None or limit >= len(prompts):
+            return prompts
+        return [prompts[i * len(prompts) // limit] for i in range(limit)]
 
     def file_hash(self, split: str = "test") -> str:
         return sha256_file(self.path(split))

@@ -139,7 +139,7 @@ def leaderboard_command(root: Path) -> None:
 @click.option("--model", default=None, help="'tiny' (shipped base), a pipeline folder or hub id, or 'renderer'. Default: the suite's.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.json.")
 @click.option("--benchmarks", "tasks", default=None, help="Comma-separated subset, e.g. geneval,ocr.")
-@click.option("--limit", type=int, default=None, help="Evaluate the first N prompts per benchmark.")
+@click.option("--limit", type=int, default=None, help="Evaluate N prompts per benchmark, evenly spaced over the file (all GenEval tags).")
 @click.option("--images-per-prompt", type=int, default=None, help="Default: each benchmark's.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the suite's).")
