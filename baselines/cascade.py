@@ -74,7 +74,10 @@ class CascadeTrainer:
             if (stage_dir / "DONE").exists() and not self.overwrite:
                 if self.adapter not in self.policy.adapters:
                     g = self.config.grpo
-                    self.policy.add_adapter(self.adapter, rank=g.lora_rank, alpha=g.lora_alpha, seed=g.seed)
+                    if g.full_params:
+                        self.policy.add_full_copy(self.adapter)
+                    else:
+                        self.policy.add_adapter(self.adapter, rank=g.lora_rank, alpha=g.lora_alpha, seed=g.seed)
                 self.policy.copy_adapter_weights(self.adapter, stage_dir / "final")
                 final = stage_dir / "final"
                 continue

@@ -98,6 +98,8 @@ class Policy:
         self._adapter_configs: dict[str, object] = {}
         self._active: str | None = None
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Full-parameter students: name -> a trainable copy of the transformer (the base stays frozen).
+        self._full: dict[str, torch.nn.Module] = {}
         # Sample-forwards of the transformer per adapter (None = base); guided calls count 2.
         self.forward_counts: dict[str | None, int] = {}
 
@@ -236,7 +238,8 @@ class Policy:
         return uncond + guidance_scale * (text - uncond)
 
     def _forward(self, latents, timestep, embeds, pooled) -> torch.Tensor:
-        return self.transformer(
+        transformer = self._full.get(self._active, self.transformer)
+        return transformer(
             hidden_states=latents,
             timestep=timestep,
             encoder_hidden_states=embeds,
@@ -256,7 +259,24 @@ class Policy:
     # ----------------------------------------------------------------------------- adapters
     @property
     def adapters(self) -> list[str]:
-        return list(self._adapter_configs)
+        return list(self._adapter_configs) + list(self._full)
+
+    def add_full_copy(self, name: str, *, trainable: bool = True) -> None:
+        """Add a full-parameter copy of the transformer named ``name``, used like an adapter.
+
+        For full fine-tuning: ``use(name)`` runs the copy, ``use(None)`` the untouched base, which
+        stays the reference. Costs one more transformer in memory.
+        """
+        import copy
+
+        if name in self.adapters or not name or name == "base":
+            raise ValueError(f"cannot add {name!r}: names must be new, non-empty and not 'base'; adapters: {self.adapters}")
+        replica = copy.deepcopy(self.transformer)
+        if getattr(replica, "_hf_peft_config_loaded", False):
+            replica.disable_adapters()  # LoRA layers copied from the base stay off and frozen
+        for param_name, param in replica.named_parameters():
+            param.requires_grad_(trainable and ".lora_" not in param_name)
+        self._full[name] = replica
 
     @property
     def active_adapter(self) -> str | None:
@@ -300,10 +320,17 @@ class Policy:
         self._activate(previous)
 
     def save_adapter(self, name: str, folder: str | Path) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format)."""
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format), or a
+        full copy's ``full_model.safetensors``."""
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        if name in self._full:
+            folder = Path(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {n: p.detach().contiguous().cpu() for n, p in self._full[name].named_parameters() if ".lora_" not in n}
+            save_file(state, folder / "full_model.safetensors")
+            return folder
         if name not in self._adapter_configs:
             raise ValueError(f"no adapter {name!r}; adapters: {self.adapters}")
         folder = Path(folder)
@@ -320,6 +347,10 @@ class Policy:
         from safetensors.torch import load_file
 
         folder = Path(folder)
+        if (folder / "full_model.safetensors").is_file():
+            self.add_full_copy(name, trainable=trainable)
+            self.copy_adapter_weights(name, folder)
+            return
         weights = folder / "adapter_model.safetensors"
         if not (folder / "adapter_config.json").is_file() or not weights.is_file():
             raise FileNotFoundError(
@@ -336,6 +367,10 @@ class Policy:
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        if name in self._full:
+            with torch.no_grad():
+                self._full[name].load_state_dict(load_file(Path(folder) / "full_model.safetensors"), strict=False)
+            return
         if name not in self._adapter_configs:
             raise ValueError(f"no adapter {name!r}; adapters: {self.adapters}")
         set_peft_model_state_dict(self.transformer, load_file(Path(folder) / "adapter_model.safetensors"), adapter_name=name)
@@ -352,10 +387,10 @@ class Policy:
             self._activate(previous)
 
     def _activate(self, name: str | None) -> None:
-        if name is not None and name not in self._adapter_configs:
+        if name is not None and name not in self.adapters:
             raise ValueError(f"no adapter {name!r}; adapters: {self.adapters} (None = the base model)")
         if self._adapter_configs:
-            if name is None:
+            if name is None or name in self._full:
                 self.transformer.disable_adapters()
             else:
                 self.transformer.enable_adapters()
@@ -371,6 +406,8 @@ class Policy:
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         """The parameters of adapter ``name`` (what an optimizer of that adapter should get)."""
+        if name in self._full:
+            return [p for n, p in self._full[name].named_parameters() if ".lora_" not in n]
         if name not in self._adapter_configs:
             raise ValueError(f"no adapter {name!r}; adapters: {self.adapters}")
         suffix = f".{name}.weight"

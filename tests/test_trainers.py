@@ -318,3 +318,32 @@ def test_ppo_and_analytic_estimators_target_the_same_gradient():
     (ppo,) = torch.autograd.grad(-(reward * torch.exp(rescored.log_prob - rescored.log_prob.detach())).mean(), theta)
     cosine = torch.nn.functional.cosine_similarity(analytic.flatten(), ppo.flatten(), dim=0)
     assert cosine > 0.98 and ppo.norm() / analytic.norm() == pytest.approx(1.0, abs=0.1)
+
+
+def test_full_parameter_training_changes_only_the_copy(policy, tiny_dir, tmp_path):
+    x = torch.randn(policy.latent_shape(2))
+    cond = policy.encode(["a red circle", "a blue star"])
+    with torch.no_grad():
+        base_before = policy.velocity(x, 0.5, cond)
+    before = _snapshot(policy)
+    config = preset("smoke", GRPO_PRESETS, steps=1, eval_every=0, lr=1e-2, full_params=True)
+    trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=tmp_path / "run")
+    copy_before = [p.detach().clone() for p in policy.parameters("student")]
+    final = trainer.train(progress=False)
+    assert not _changed(before, policy)  # the base transformer (the reference) is untouched
+    assert any(not torch.equal(a, b) for a, b in zip(copy_before, policy.parameters("student")))
+    with torch.no_grad():
+        torch.testing.assert_close(policy.velocity(x, 0.5, cond), base_before)
+        with policy.use("student"):
+            trained = policy.velocity(x, 0.5, cond)
+    other = Policy.from_pretrained(str(tiny_dir))
+    other.load_adapter("loaded", final)
+    with torch.no_grad(), other.use("loaded"):
+        torch.testing.assert_close(other.velocity(x, 0.5, other.encode(["a red circle", "a blue star"])), trained)
+    teacher = _teacher(tiny_dir, tmp_path / "teacher")
+    opd = OPDTrainer(
+        preset("smoke", OPD_PRESETS, steps=1, eval_every=0, full_params=True), policy=other, prompts=POOLS,
+        teachers={"bright": teacher, "red": teacher}, run_dir=tmp_path / "opd", adapter="full_student",
+    )
+    opd.train(progress=False)
+    assert read_metrics(tmp_path / "opd" / "metrics.jsonl")[-1]["kl"] > 0

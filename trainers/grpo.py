@@ -45,6 +45,7 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     lora_rank: int = 8
     lora_alpha: float = 16
+    full_params: bool = False  # train a full copy of the transformer instead of a LoRA adapter
     micro_batch: int = 32  # (sample, step) pairs per backward
     ema: float | None = None
     aggregation: Aggregation = "own"
@@ -209,7 +210,10 @@ class GRPOTrainer:
             raise ValueError("GRPO needs a non-empty prompt pool")
         self.config, self.policy, self.prompts, self.rewards, self.adapter = config, policy, list(prompts), dict(rewards), adapter
         if adapter not in policy.adapters:
-            policy.add_adapter(adapter, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
+            if config.full_params:
+                policy.add_full_copy(adapter)
+            else:
+                policy.add_adapter(adapter, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
         self.params = policy.parameters(adapter)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.ema = EMA(self.params, config.ema) if config.ema else None
