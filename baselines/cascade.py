@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
-from opd_bench.training import read_metrics
+from opd_bench.training import add_student, read_metrics
 from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
 
 COUNTERS = ("student_forwards", "teacher_forwards", "reference_forwards", "images", "wall_seconds")
@@ -72,12 +72,7 @@ class CascadeTrainer:
         for k, (task, steps) in enumerate(self.config.stages):
             stage_dir = self.stage_dir(k, task)
             if (stage_dir / "DONE").exists() and not self.overwrite:
-                if self.adapter not in self.policy.adapters:
-                    g = self.config.grpo
-                    if g.full_params:
-                        self.policy.add_full_copy(self.adapter)
-                    else:
-                        self.policy.add_adapter(self.adapter, rank=g.lora_rank, alpha=g.lora_alpha, seed=g.seed)
+                add_student(self.policy, self.adapter, self.config.grpo)
                 self.policy.copy_adapter_weights(self.adapter, stage_dir / "final")
                 final = stage_dir / "final"
                 continue

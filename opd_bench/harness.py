@@ -213,8 +213,8 @@ class Harness:
 
         run_dir = self.out / "methods" / method / f"seed{seed}"
         adapter = f"{method}-s{seed}"
-        final = run_dir / "final" if method != "cascade" else None
-        if method == "cascade":
+        final = run_dir / "final"
+        if method == "cascade":  # the last stage's adapter is the cascade's result
             last_task = self.plan.cascade.stages[-1][0]
             final = run_dir / f"stage{len(self.plan.cascade.stages) - 1}-{last_task}" / "final"
         if final.exists() and (final.parent / "DONE").exists():
@@ -234,6 +234,15 @@ class Harness:
             trainer = CascadeTrainer(config, prompts=self.prompts("train"), rewards=self.train_rewards(), **common)
         return trainer.train(progress=self.progress)
 
+    def _loaded(self, name: str, adapter_dir: Path | None, seed: int) -> str | None:
+        """The adapter name under which model ``name`` (seed ``seed``) is loaded; None = base."""
+        if adapter_dir is None:
+            return None
+        adapter = f"eval_{name.replace('/', '_')}_s{seed}"
+        if adapter not in self.policy.adapters:
+            self.policy.load_adapter(adapter, adapter_dir)
+        return adapter
+
     def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int) -> dict:
         """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``."""
         from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
@@ -241,11 +250,7 @@ class Harness:
         path = self.out / "evals" / f"{name.replace('/', '_')}-seed{seed}.json"
         if path.exists():
             return json.loads(path.read_text())
-        adapter = None
-        if adapter_dir is not None:
-            adapter = f"eval_{name.replace('/', '_')}_s{seed}"
-            if adapter not in self.policy.adapters:
-                self.policy.load_adapter(adapter, adapter_dir)
+        adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings(self.suite.num_steps, self.suite.guidance_scale, self.suite.noise_level)
         with self.policy.use(adapter):
             result = evaluate_suite(
@@ -294,12 +299,7 @@ class Harness:
             relative = f"samples/{name.replace('/', '_')}.png"
             path = self.out / relative
             if not path.exists():
-                adapter = None
-                if adapter_dir is not None:
-                    adapter = f"eval_{name.replace('/', '_')}_s{self.seeds[0]}"
-                    if adapter not in self.policy.adapters:
-                        self.policy.load_adapter(adapter, adapter_dir)
-                with self.policy.use(adapter):
+                with self.policy.use(self._loaded(name, adapter_dir, self.seeds[0])):
                     t = rollout(
                         self.policy, prompts, images_per_prompt=4, num_steps=self.suite.num_steps,
                         noise_level=self.suite.noise_level, guidance_scale=self.suite.guidance_scale, seed=0, keep={"images"},

@@ -85,6 +85,24 @@ class GradVariance:
         return {"grad/variance": trace, "grad/variance_rel": trace / max(float(mean.pow(2).sum()), 1e-30)}
 
 
+def add_student(policy, adapter: str, config) -> list[torch.nn.Parameter]:
+    """Create the trained adapter if missing (LoRA, or a full copy with ``config.full_params``);
+    return its parameters. ``config`` has ``lora_rank``, ``lora_alpha``, ``full_params``, ``seed``."""
+    if adapter not in policy.adapters:
+        if config.full_params:
+            policy.add_full_copy(adapter)
+        else:
+            policy.add_adapter(adapter, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
+    return policy.parameters(adapter)
+
+
+def student_optimizer(policy, adapter: str, config) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, "EMA | None"]:
+    """The trained parameters, their AdamW and (if ``config.ema``) their EMA, as every trainer uses them."""
+    params = add_student(policy, adapter, config)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return params, optimizer, EMA(params, config.ema) if config.ema else None
+
+
 class EMA:
     """Exponential moving average of trainable parameters, swapped in for evaluation."""
 

@@ -21,7 +21,7 @@ from opd_bench.rewards import Reward
 from opd_bench.rl import clipped_policy_loss, group_advantages, step_at, train_step_indices, zero_spread_share
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
-from opd_bench.training import EMA, GradVariance, TrainingRun, sample_prompts, step_seed
+from opd_bench.training import GradVariance, TrainingRun, sample_prompts, step_seed, student_optimizer
 
 Aggregation = Literal["own", "sum-then-normalise", "normalise-then-sum"]
 
@@ -209,14 +209,7 @@ class GRPOTrainer:
         if not prompts:
             raise ValueError("GRPO needs a non-empty prompt pool")
         self.config, self.policy, self.prompts, self.rewards, self.adapter = config, policy, list(prompts), dict(rewards), adapter
-        if adapter not in policy.adapters:
-            if config.full_params:
-                policy.add_full_copy(adapter)
-            else:
-                policy.add_adapter(adapter, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
-        self.params = policy.parameters(adapter)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.ema = EMA(self.params, config.ema) if config.ema else None
+        self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config)
         self.run = TrainingRun(
             run_dir, config={"method": "grpo", **config.to_dict(), **(extra_config or {})}, policy=policy,
             adapter=adapter, params=self.params, optimizer=self.optimizer, ema=self.ema, evaluate=evaluate,

@@ -26,7 +26,7 @@ from opd_bench.rewards import Reward
 from opd_bench.rl import clipped_policy_loss, distillation_loss, process_reward, step_at, train_step_indices
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
-from opd_bench.training import EMA, GradVariance, TrainingRun, sample_prompts, step_seed
+from opd_bench.training import GradVariance, TrainingRun, sample_prompts, step_seed, student_optimizer
 
 
 def teacher_adapter_name(task: str) -> str:
@@ -164,14 +164,7 @@ class OPDTrainer:
         for task in self.tasks:
             if self.teachers[task] not in policy.adapters:
                 policy.load_adapter(self.teachers[task], teachers[task], trainable=False)
-        if adapter not in policy.adapters:
-            if config.full_params:
-                policy.add_full_copy(adapter)
-            else:
-                policy.add_adapter(adapter, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
-        self.params = policy.parameters(adapter)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.ema = EMA(self.params, config.ema) if config.ema else None
+        self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config)
         method = "opd" if config.mode == "analytic" else "opd-ppo"
         self.run = TrainingRun(
             run_dir, config={"method": method, **config.to_dict(), "teachers": {t: str(p) for t, p in teachers.items()}, **(extra_config or {})},
