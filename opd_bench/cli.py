@@ -196,10 +196,10 @@ def pretrain() -> None:
 @pretrain.command("base")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the pipeline.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--num-images", default=24_000, show_default=True, help="Rendered training images.")
-@click.option("--vae-steps", default=400, show_default=True)
-@click.option("--steps", default=6000, show_default=True, help="Denoiser steps (upper bound with --max-minutes).")
-@click.option("--batch", default=32, show_default=True)
+@click.option("--num-images", type=int, default=None, help="Rendered training images [default: PretrainConfig's].")
+@click.option("--vae-steps", type=int, default=None, help="[default: PretrainConfig's]")
+@click.option("--steps", type=int, default=None, help="Denoiser steps (upper bound with --max-minutes) [default: PretrainConfig's].")
+@click.option("--batch", type=int, default=None, help="Denoiser batch [default: PretrainConfig's].")
 @click.option("--max-minutes", type=float, default=None, help="Time budget of the denoiser phase.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing pipeline folder.")
@@ -210,9 +210,9 @@ def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, max_mi
         raise FileExistsError(f"{out} already holds a pipeline; choose another folder or pass --force")
     from opd_bench.tiny.pretrain import PretrainConfig, pretrain_base
 
+    given = {"num_images": num_images, "vae_steps": vae_steps, "steps": steps, "batch": batch}
     config = PretrainConfig(
-        seed=seed, num_images=num_images, vae_steps=vae_steps, steps=steps, batch=batch,
-        max_minutes=max_minutes, device=device,
+        seed=seed, max_minutes=max_minutes, device=device, **{k: v for k, v in given.items() if v is not None}
     )
     summary = pretrain_base(out, config)
     click.echo(

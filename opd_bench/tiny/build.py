@@ -21,6 +21,8 @@ class TinyConfig:
     image_size: int = 64
     latent_channels: int = 16  # as SD3's VAE
     vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 levels -> 4x downsampling: 64 px -> 16x16 latents
+    vae_norm_groups: int | None = None  # GroupNorm groups; None = one channel per group at the top level
+    vae_mid_attention: bool = True  # False makes the VAE fully convolutional (trainable on crops)
     patch_size: int = 2
     num_layers: int = 2
     num_heads: int = 2
@@ -86,12 +88,13 @@ def build_pipeline(config: TinyConfig | None = None, seed: int = 0):
         block_out_channels=config.vae_channels,
         layers_per_block=1,
         latent_channels=config.latent_channels,
-        norm_num_groups=min(config.vae_channels),
+        norm_num_groups=config.vae_norm_groups or min(config.vae_channels),
         sample_size=config.image_size,
         scaling_factor=1.0,
         shift_factor=0.0,
         use_quant_conv=False,
         use_post_quant_conv=False,
+        mid_block_add_attention=config.vae_mid_attention,
     )
     latent_size = config.image_size // 2 ** (levels - 1)
     transformer = SD3Transformer2DModel(

@@ -35,6 +35,8 @@ def base_architecture(words: list[str] | None = None) -> TinyConfig:
     """The shipped base model's sizes: chosen so RL on two CPU cores is cheap (see docs)."""
     return TinyConfig(
         vae_channels=(8, 16, 32),  # full-resolution convolutions dominate the VAE's cost on a CPU
+        vae_norm_groups=2,  # 1 channel per group normalised each channel's level away: colours drifted
+        vae_mid_attention=False,  # fully convolutional: trained on crops, 4x cheaper per image
         patch_size=2,  # 16x16 latents -> 64 image tokens (patch 4 starved the output projection: v1)
         num_layers=4,
         num_heads=3,
@@ -53,11 +55,13 @@ class PretrainConfig:
     seed: int = 0
     num_images: int = 24_000
     mixture: dict = field(default_factory=lambda: {"geneval": 0.4, "ocr": 0.35, "pref": 0.25})
-    vae_steps: int = 400
-    vae_batch: int = 32
-    vae_lr: float = 3e-3
+    vae_steps: int = 2000
+    vae_batch: int = 64
+    vae_crop: int = 32  # the VAE trains on random crops of this side (it is fully convolutional)
+    vae_lr: float = 2e-3
     vae_kl: float = 1e-6
-    steps: int = 6000
+    reconstruction_limit: int = 48  # test prompts per task for the VAE's reconstruction scores (0: skip)
+    steps: int = 12000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 200
@@ -110,6 +114,12 @@ def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float() / 127.5 - 1.0
 
 
+def _random_crops(images: torch.Tensor, batch: int, side: int, generator: torch.Generator) -> torch.Tensor:
+    index = torch.randint(len(images), (batch,), generator=generator).tolist()
+    corners = torch.randint(images.shape[-1] - side + 1, (batch, 2), generator=generator).tolist()
+    return torch.stack([images[i, :, y : y + side, x : x + side] for i, (y, x) in zip(index, corners)])
+
+
 def train_vae(vae, images: torch.Tensor, config: PretrainConfig, log) -> None:
     from tqdm import tqdm
 
@@ -121,8 +131,7 @@ def train_vae(vae, images: torch.Tensor, config: PretrainConfig, log) -> None:
         lr = config.vae_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / config.vae_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        index = torch.randint(len(images), (config.vae_batch,), generator=generator)
-        x = _to_unit(images[index]).to(config.device)
+        x = _to_unit(_random_crops(images, config.vae_batch, config.vae_crop, generator)).to(config.device)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
         recon = vae.decode(z).sample
@@ -135,8 +144,29 @@ def train_vae(vae, images: torch.Tensor, config: PretrainConfig, log) -> None:
         optimizer.step()
         if step % 50 == 0 or step == config.vae_steps - 1:
             log({"phase": "vae", "step": step, "loss": loss.item(), "recon": rec.item(), "kl": kl.item()})
-            bar.set_postfix(recon=f"{float(rec):.4f}")
+            bar.set_postfix(recon=f"{rec.item():.4f}")
     vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reconstruction_scores(vae, limit: int = 48, device: str = "cpu") -> dict[str, float]:
+    """GenEval-style and OCR scores of the renderer's test images after a VAE round trip: an
+    upper bound on what any denoiser over these latents can reach (a blurry or colour-shifting
+    VAE caps the whole suite, which is what sank the first CPU base)."""
+    from opd_bench import suites
+    from opd_bench.evaluate import evaluate_benchmark, renderer_source
+
+    render = renderer_source()
+
+    def through_vae(prompts, seed, offset):
+        x = render(prompts, seed, offset).to(device) * 2 - 1
+        return ((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1).cpu()
+
+    suite = suites.get("tiny")
+    return {
+        task: evaluate_benchmark(suite.benchmark(task), through_vae, limit=limit, images_per_prompt=1, progress=False)["score"]
+        for task in ("geneval", "ocr")
+    }
 
 
 @torch.no_grad()
@@ -204,7 +234,7 @@ def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config:
                 e.lerp_(p, 1 - decay)
         if step % 50 == 0 or step == total - 1:
             log({"phase": "denoiser", "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr})
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         step += 1
         bar.update()
     bar.close()
@@ -239,6 +269,10 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     pipeline = build_pipeline(architecture, seed=config.seed).to(config.device)
     train_vae(pipeline.vae, images, config, log)
     t_vae = time.time() - t0 - t_render
+    vae_bound = {}
+    if config.reconstruction_limit:
+        vae_bound = reconstruction_scores(pipeline.vae, limit=config.reconstruction_limit, device=config.device)
+        log({"phase": "vae", "reconstruction_scores": vae_bound})
     latents = encode_dataset(pipeline.vae, images, config.device)
     shift, scale = float(latents.mean()), float(1 / latents.std())
     pipeline.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -246,7 +280,7 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     summary = train_denoiser(pipeline, latents, records, config, log)
     pipeline.to("cpu").save_pretrained(out_dir)
     summary.update(
-        render_seconds=t_render, vae_seconds=t_vae, total_seconds=time.time() - t0,
+        render_seconds=t_render, vae_seconds=t_vae, vae_reconstruction_scores=vae_bound, total_seconds=time.time() - t0,
         latent_shift=shift, latent_scale=scale, config=asdict(config), architecture=architecture.to_dict(),
         torch=torch.__version__, threads=torch.get_num_threads(),
     )

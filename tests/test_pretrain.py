@@ -1,0 +1,33 @@
+import json
+
+import torch
+
+from opd_bench.policy import Policy
+from opd_bench.rollout import rollout
+from opd_bench.tiny.pretrain import PretrainConfig, _random_crops, pretrain_base
+
+
+def test_random_crops_come_from_the_images():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)
+    crops = _random_crops(images, 5, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (5, 3, 4, 4)
+    for crop in crops:  # every crop is a window of one of the images
+        assert any(
+            torch.equal(crop, image[:, y : y + 4, x : x + 4]) for image in images for y in range(5) for x in range(5)
+        )
+
+
+def test_pretrain_base_writes_a_loadable_pipeline(tmp_path):
+    config = PretrainConfig(num_images=8, vae_steps=2, vae_batch=4, steps=3, batch=4, warmup=1, reconstruction_limit=1)
+    summary = pretrain_base(tmp_path, config)
+    assert summary["denoiser_steps"] == 3
+    assert set(summary["vae_reconstruction_scores"]) == {"geneval", "ocr"}
+    info = json.loads((tmp_path / "pretrain_info.json").read_text())
+    assert info["config"]["vae_crop"] == 32 and info["architecture"]["vae_mid_attention"] is False
+    losses = [json.loads(line) for line in (tmp_path / "pretrain_log.jsonl").read_text().splitlines()]
+    assert any(r.get("phase") == "denoiser" and "loss" in r for r in losses)
+    policy = Policy.from_pretrained(str(tmp_path))
+    vae = policy.pipeline.vae.config
+    assert vae.scaling_factor == info["latent_scale"] and vae.shift_factor == info["latent_shift"]
+    images = rollout(policy, ["a photo of a red circle"], num_steps=2, noise_level=0.0, seed=0).images
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
