@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from opd_bench import distributed
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
@@ -83,7 +84,8 @@ class CascadeTrainer:
                 extra_config={"method": "cascade", "stage": k, "stages": [list(s) for s in self.config.stages]},
             )
             final = trainer.train(progress)
-        self.write_metrics()
+        if distributed.current().is_main:  # one writer; the stages' files are complete (finish() waits for them)
+            self.write_metrics()
         return final
 
     def write_metrics(self) -> Path:

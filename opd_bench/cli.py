@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 # Errors that mean "bad input": shown as one line, no traceback.
-_USER_ERRORS = ("ModelLoadError", "PromptFileError", "UnknownNameError", "FileExistsError", "FileNotFoundError", "SubmissionError")
+_USER_ERRORS = ("ModelLoadError", "PromptFileError", "UnknownNameError", "FileExistsError", "FileNotFoundError", "SubmissionError",
+                "MissingWeightsError", "RemoteRewardError")
 
 
 def _friendly(command):
@@ -23,6 +24,27 @@ def _friendly(command):
             raise
 
     return wrapper
+
+
+def _suite_config_option(command):
+    """``--suite-config FILE``: files and weights of a configurable suite (sd), applied before use."""
+
+    def apply(ctx, param, value):
+        if value is not None:
+            from opd_bench import suites
+
+            try:
+                suites.configure(ctx.params.get("suite_name", "sd"), str(value))
+            except (ValueError, OSError, KeyError) as error:
+                raise click.BadParameter(str(error).splitlines()[0], param_hint="--suite-config") from None
+        return value
+
+    return click.option(
+        "--suite-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        callback=apply, expose_value=False, is_eager=False,
+        help="JSON file with a configurable suite's prompt files and reward weights (docs/sd_suite.md); "
+        "OPD_SD_CONFIG works too.",
+    )(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,6 +90,7 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--report/--no-report", default=True, show_default=True, help="Write reports/<run>/ at the end.")
 @click.option("--force", is_flag=True, help="Delete an existing run in --out and start over.")
+@_suite_config_option
 @_friendly
 def run_command(method, suite_name, model, preset, seeds, out, device, report, force) -> None:
     """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
@@ -83,6 +106,8 @@ def run_command(method, suite_name, model, preset, seeds, out, device, report, f
     command = "opd-bench " + " ".join(sys.argv[1:]) if sys.argv and "opd-bench" in sys.argv[0] else f"opd-bench run --method {method} --suite {suite_name} --preset {preset} --seeds {seeds} --out {out}"
     harness = Harness(out, suite=suite_name, model=model, preset=preset, seeds=seed_list, method=method, device=device, force=force, command=command)
     results = harness.run()
+    if results is None:  # another process of a multi-process run: rank 0 prints and writes the report
+        return
     click.echo(f"wrote {out / 'results.json'}")
     for name, scores in results["results"].items():
         click.echo(f"{name:18s} " + "  ".join(f"{b} {v['mean']:.3f}" for b, v in scores.items()))
@@ -147,6 +172,7 @@ def leaderboard_command(root: Path) -> None:
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing results.json.")
+@_suite_config_option
 @_friendly
 def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, steps, guidance, batch_size, device, force):
     """Evaluate a model on a suite's test prompts; writes OUT/results.json and prints a table."""
@@ -167,7 +193,8 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     else:
         from opd_bench.policy import Policy
 
-        source = policy_source(Policy.from_pretrained(suites.resolve_model(model), device=device), settings)
+        policy = Policy.from_pretrained(suites.resolve_model(model), device=device, resolution=suite.resolution)
+        source = policy_source(policy, settings)
     start = time.time()
     result = evaluate_suite(
         suite, source, tasks=tasks.split(",") if tasks else None, seed=seed, limit=limit,
@@ -272,6 +299,28 @@ def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed
     )
     save_grid(trajectory.images, out, columns=images_per_prompt)
     click.echo(f"wrote {len(trajectory)} images to {out}")
+
+
+@main.command("serve-reward")
+@click.argument("name")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all; the server has no authentication).")
+@click.option("--port", default=8700, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on (0: any free port).")
+@click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE", help="Reward option; VALUE is parsed as JSON when it can be, else a string. Repeat for several.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Images per reward call; larger requests are scored in chunks.")
+@click.option("--max-request-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Largest request body in MiB (larger: HTTP 413).")
+@_friendly
+def serve_reward_command(name, host, port, option_pairs, max_batch, max_request_mb) -> None:
+    """Serve the reward NAME over HTTP for `rewards.get("remote", url=...)` (docs/reward_server.md)."""
+    import logging
+
+    from opd_bench.serve import parse_options, serve_reward
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    serve_reward(
+        name, parse_options(option_pairs), host, port, max_batch=max_batch,
+        max_request_bytes=int(max_request_mb * 1024 * 1024),
+        on_ready=lambda server: click.echo(f"serving reward {name} at {server.url} (Ctrl-C to stop)"),
+    )
 
 
 if __name__ == "__main__":

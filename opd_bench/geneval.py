@@ -28,12 +28,18 @@ Rules (those of the official evaluator; PAPER.md section 3):
 
 Colour: by default the detection's own ``"color"`` field; ``colour_fn(detections, classname) ->
 list of colour names`` replaces it (e.g. the CLIP zero-shot classifier of the real suite).
+
+The official evaluator's ``--options`` (threshold, counting_threshold, max_objects, max_overlap,
+position_threshold) are the fields of :class:`Rules`; the defaults are its defaults, so
+``rules`` only needs passing to change them. ``max_overlap`` < 1 turns on its per-class greedy NMS
+(IoU with GenEval's +1 pixel convention), applied after the top-16 cut, as there.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -45,6 +51,23 @@ COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 ColourFn = Callable[[Sequence[dict], str], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The official evaluator's options, with its defaults."""
+
+    threshold: float = THRESHOLD
+    counting_threshold: float = COUNTING_THRESHOLD
+    max_objects: int = MAX_OBJECTS
+    max_overlap: float = 1.0  # per-class NMS IoU; 1.0 = no NMS (the official default)
+    position_threshold: float = POSITION_THRESHOLD
+
+    def confidence_threshold(self, metadata: dict) -> float:
+        return self.counting_threshold if metadata.get("tag") == "counting" else self.threshold
+
+
+DEFAULT_RULES = Rules()
 
 
 def load_metadata(path: str | Path) -> list[dict]:
@@ -68,6 +91,30 @@ def group_detections(
     for name, dets in groups.items():
         # stable sort: ties keep the detector's order
         groups[name] = sorted(dets, key=lambda d: -float(d["confidence"]))[:max_objects]
+    return groups
+
+
+def iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
+    """Intersection over union with GenEval's +1 pixel convention (boxes are inclusive)."""
+    def area(x0, y0, x1, y1):
+        return max(x1 - x0 + 1, 0) * max(y1 - y0 + 1, 0)
+
+    inter = area(max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3]))
+    union = area(*box_a[:4]) + area(*box_b[:4]) - inter
+    return inter / union if union else 0.0
+
+
+def keep_detections(detections: Iterable[dict], metadata: dict, rules: Rules = DEFAULT_RULES) -> dict[str, list[dict]]:
+    """The detections GenEval keeps, per class: threshold, most confident first, top ``max_objects``,
+    then greedy NMS when ``max_overlap`` < 1."""
+    groups = group_detections(detections, rules.confidence_threshold(metadata), rules.max_objects)
+    if rules.max_overlap < 1:
+        for name, dets in groups.items():
+            kept: list[dict] = []
+            for det in dets:
+                if all(iou(det["box"], k["box"]) < rules.max_overlap for k in kept):
+                    kept.append(det)
+            groups[name] = kept
     return groups
 
 
@@ -109,20 +156,22 @@ def _colours(dets: Sequence[dict], classname: str, colour_fn: ColourFn | None) -
     return [d.get("color") for d in dets]
 
 
-def _position_ok(found: Sequence[dict], targets: Sequence[dict], relation: str) -> tuple[bool, str]:
+def _position_ok(
+    found: Sequence[dict], targets: Sequence[dict], relation: str, position_threshold: float = POSITION_THRESHOLD
+) -> tuple[bool, str]:
     for obj in found:
         for target in targets:
-            rels = relative_position(obj["box"], target["box"])
+            rels = relative_position(obj["box"], target["box"], position_threshold)
             if relation not in rels:
                 return False, " and ".join(sorted(rels))
     return True, ""
 
 
 def evaluate_image(
-    metadata: dict, detections: Sequence[dict], colour_fn: ColourFn | None = None
+    metadata: dict, detections: Sequence[dict], colour_fn: ColourFn | None = None, rules: Rules = DEFAULT_RULES
 ) -> tuple[bool, str]:
     """GenEval's verdict on one image: (correct, reason); reason is "" when correct."""
-    objects = group_detections(detections, confidence_threshold(metadata))
+    objects = keep_detections(detections, metadata, rules)
     correct = True
     reasons: list[str] = []
     matched: list[list[dict] | None] = []
@@ -151,7 +200,7 @@ def evaluate_image(
                     ok = False
                     reasons.append(f"no target for {name} to be {relation}")
                 else:
-                    pos_ok, seen = _position_ok(found, targets, relation)
+                    pos_ok, seen = _position_ok(found, targets, relation, rules.position_threshold)
                     if not pos_ok:
                         ok = False
                         reasons.append(f"expected {name} {relation} target, found {seen} target")
@@ -167,7 +216,7 @@ def evaluate_image(
 
 
 def score_partial(
-    metadata: dict, detections: Sequence[dict], colour_fn: ColourFn | None = None
+    metadata: dict, detections: Sequence[dict], colour_fn: ColourFn | None = None, rules: Rules = DEFAULT_RULES
 ) -> float:
     """Flow-GRPO's partial-credit GenEval reward, in [0, 1].
 
@@ -186,7 +235,7 @@ def score_partial(
     The reward is the mean of all terms (0 when there are none). Exclude clauses are not used:
     the count term already penalises extra objects.
     """
-    objects = group_detections(detections, confidence_threshold(metadata))
+    objects = keep_detections(detections, metadata, rules)
     terms: list[float] = []
     matched: list[list[dict] | None] = []
     for req in metadata.get("include", []):
@@ -210,7 +259,7 @@ def score_partial(
                     ok = False
                     terms.append(0.0)
                 else:
-                    ok = _position_ok(found, targets, relation)[0]
+                    ok = _position_ok(found, targets, relation, rules.position_threshold)[0]
                     terms.append(1.0 if ok else 0.0)
         matched.append(found if ok else None)
     return float(sum(terms) / len(terms)) if terms else 0.0

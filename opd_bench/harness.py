@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from opd_bench import __version__
+from opd_bench import __version__, distributed
 from opd_bench.baselines.cascade import CascadeConfig
 from opd_bench.baselines.multi_reward import MultiRewardConfig
 from opd_bench.io import atomic_write_json
@@ -147,7 +147,7 @@ class Harness:
         self.methods = methods_for(method)
         self.device, self.force, self.command, self.progress = device, force, command, progress
         self.identity = {"suite": suite, "suite_version": self.suite.version, "model": self.model, "preset": preset, "plan": self.plan.to_dict()}
-        self._check_folder()
+        distributed.current().run_on_main(self._check_folder)  # one process touches the folder (--force deletes it)
         self._policy = None
         self._evaluators: dict = {}
 
@@ -173,7 +173,10 @@ class Harness:
             from opd_bench.policy import Policy
             from opd_bench.suites import resolve_model
 
-            self._policy = Policy.from_pretrained(resolve_model(self.model), device=self.device)
+            # with several processes a bare "cuda" means this process's GPU
+            self._policy = Policy.from_pretrained(
+                resolve_model(self.model), device=distributed.current().device(self.device), resolution=self.suite.resolution
+            )
         return self._policy
 
     def prompts(self, split: str) -> dict:
@@ -309,7 +312,7 @@ class Harness:
         return {"prompts": [p.text for p in prompts], "grids": grids}
 
     # ------------------------------------------------------------------------------ run
-    def run(self) -> dict:
+    def run(self) -> dict | None:
         start = time.time()
         teachers = self.teachers()
         models: dict[str, dict[int, Path | None]] = {"base": {self.seeds[0]: None}}
@@ -317,6 +320,8 @@ class Harness:
             models[f"teacher/{task}"] = {self.seeds[0]: folder / "final"}
         for method in self.methods:
             models[method] = {seed: self.train_method(method, seed, teachers) for seed in self.seeds}
+        if not distributed.current().is_main:
+            return None  # training is shared; rank 0 alone evaluates and writes results.json
         evals = {name: {seed: self.evaluate_cell(name, folder, seed) for seed, folder in per_seed.items()} for name, per_seed in models.items()}
         variance = self.variance(teachers) if any(m.startswith("opd") for m in self.methods) else None
         samples = self.samples({name: per_seed[min(per_seed)] for name, per_seed in models.items()})

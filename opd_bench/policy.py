@@ -1,8 +1,13 @@
-"""``Policy``: one diffusers SD3-family pipeline seen as a velocity field with named adapters.
+"""``Policy``: one diffusers SD3 or FLUX.1 pipeline seen as a velocity field with named adapters.
 
 Trainers never touch the pipeline directly; they ask the policy to encode prompts, to give the
 (guided) velocity at a state, to switch adapter, and to decode latents. The same class serves
-the embedded tiny pipeline and SD3.5-Medium.
+the embedded tiny pipelines, SD3.5-Medium and FLUX.1-dev / -schnell.
+
+Families differ only in a small backend (``_SD3`` / ``_Flux``): how prompts are encoded, how the
+transformer is called, the latent layout and the sampling schedule. The rollout state is always
+the unpacked latent ``[B, C, h, w]``: FLUX's 2x2 token packing happens inside its backend's
+forward, so the rollout, the SDE math and per-dimension log-probs are the same for both.
 
 Adapters: one backbone holds any number of named LoRA adapters (peft). ``with policy.use(name)``
 switches the active one for the calls inside; ``use(None)`` runs the adapter-free base, which is
@@ -19,9 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 DEFAULT_LORA_TARGETS = (
+    # The joint attention's projections, named alike in SD3's and FLUX's transformers. In FLUX the
+    # to_q/to_k/to_v names also hit the single-stream blocks (which have no to_out: their output
+    # goes through proj_out, shared with the MLP, left untargeted); add_*/to_add_out exist in the
+    # double-stream blocks only.
     "attn.to_q",
     "attn.to_k",
     "attn.to_v",
@@ -31,7 +41,8 @@ DEFAULT_LORA_TARGETS = (
     "attn.add_v_proj",
     "attn.to_add_out",
 )
-SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline",)
+SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class ModelLoadError(RuntimeError):
@@ -70,10 +81,12 @@ def _load_index(path: str) -> dict:
         what = "does not exist" if not local.exists() else "has no model_index.json"
         raise ModelLoadError(
             f"model folder {str(local)!r} {what}; pass a diffusers pipeline folder "
-            "(made by save_pretrained) or a hub id such as stabilityai/stable-diffusion-3.5-medium"
+            "(made by save_pretrained) or a hub id such as stabilityai/stable-diffusion-3.5-medium "
+            "or black-forest-labs/FLUX.1-dev"
         )
     try:
-        return dict(DiffusionPipeline.load_config(str(local) if looks_local else path))
+        # Never download at run time: a hub id must already be in the hub cache.
+        return dict(DiffusionPipeline.load_config(str(local) if looks_local else path, local_files_only=True))
     except (OSError, ValueError) as error:
         raise ModelLoadError(
             f"cannot load pipeline {path!r}: {str(error).splitlines()[0]} Download it on a machine with "
@@ -81,26 +94,181 @@ def _load_index(path: str) -> dict:
         ) from error
 
 
+# ------------------------------------------------------------------------------- backends
+# One small class per pipeline family: what differs between SD3 and FLUX, and nothing else.
+# ``forward`` always takes and returns unpacked latents [B, C, h, w] and sigmas in [0, 1].
+
+
+class _SD3:
+    """SD3 / SD3.5: an MMDiT on [B, C, h, w] latents (it patchifies itself), timestep = 1000 sigma."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def guidance_embedded(self, transformer) -> bool:
+        return False  # guidance is classifier-free: conditional and unconditional passes
+
+    def default_max_sequence_length(self) -> int:
+        # SD3 appends T5 tokens (zeros when T5 is dropped); with T5 the default is 256 as in diffusers.
+        return 256 if self.pipeline.text_encoder_3 is not None else 1
+
+    def default_size(self) -> int:
+        return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
+
+    def latent_channels(self) -> int:
+        return self.pipeline.transformer.config.in_channels
+
+    def patch(self) -> int:
+        """Latent pixels per side of one transformer token."""
+        return self.pipeline.transformer.config.patch_size
+
+    def schedule_kwargs(self, num_steps: int, seq_len: int) -> dict:
+        config = self.pipeline.scheduler.config
+        return {"mu": _resolution_shift(seq_len, config)} if config.get("use_dynamic_shifting", False) else {}
+
+    def encode(self, prompts: list[str], device, max_sequence_length: int):
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        return embeds, pooled
+
+    def forward(self, transformer, latents, sigma, embeds, pooled, guidance=None) -> torch.Tensor:
+        scale = self.pipeline.scheduler.config.num_train_timesteps
+        return transformer(
+            hidden_states=latents,
+            timestep=sigma * scale,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+
+class _Flux:
+    """FLUX.1: 2x2 latent patches packed into tokens, RoPE position ids, timestep = sigma.
+
+    FLUX.1-dev is guidance-distilled (``guidance_embeds``): the guidance scale is an input of a
+    single forward. Without it (schnell-like) guidance is classifier-free, as for SD3.
+    """
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def guidance_embedded(self, transformer) -> bool:
+        return bool(transformer.config.guidance_embeds)
+
+    def default_max_sequence_length(self) -> int:
+        return min(512, self.pipeline.tokenizer_2.model_max_length)  # 512: FluxPipeline's default and limit
+
+    def default_size(self) -> int:
+        # FluxPipeline hard-codes 1024 px; the VAE's sample size says the same for FLUX.1 (1024)
+        # and gives the tiny pipeline its own size.
+        size = self.pipeline.vae.config.sample_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    def latent_channels(self) -> int:
+        return self.pipeline.transformer.config.in_channels // 4  # in_channels counts packed 2x2 patches
+
+    def patch(self) -> int:
+        return 2
+
+    def schedule_kwargs(self, num_steps: int, seq_len: int) -> dict:
+        # As FluxPipeline: explicit linear sigmas 1 .. 1/N, shifted by mu of the packed sequence length.
+        # (The scheduler's own spacing would end at 1/1000 instead of 1/N.)
+        config = self.pipeline.scheduler.config
+        kwargs = {"mu": _resolution_shift(seq_len, config)}
+        if not config.get("use_flow_sigmas", False):
+            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+        return kwargs
+
+    def encode(self, prompts: list[str], device, max_sequence_length: int):
+        embeds, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
+        )
+        return embeds, pooled
+
+    def forward(self, transformer, latents, sigma, embeds, pooled, guidance=None) -> torch.Tensor:
+        batch, _, height, width = latents.shape
+        packed = pack_latents(latents)
+        # Position ids as FluxPipeline makes them: text tokens all 0, image tokens (0, row, column).
+        rows, columns = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3)
+        txt_ids = torch.zeros(embeds.shape[1], 3)
+        if guidance is not None:
+            guidance = torch.full((batch,), float(guidance), dtype=torch.float32, device=latents.device)
+        out = transformer(
+            hidden_states=packed,
+            timestep=sigma,  # FLUX's transformer multiplies by 1000 itself
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=txt_ids.to(latents.device, latents.dtype),
+            img_ids=img_ids.to(latents.device, latents.dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, height, width)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> FLUX tokens [B, (h/2)(w/2), 4C] (2x2 patches, channel-major within a token)."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of ``pack_latents`` for latents of size ``height x width``."""
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+_BACKENDS = {"StableDiffusion3Pipeline": _SD3, "FluxPipeline": _Flux}
+
+
 class Policy:
-    def __init__(self, pipeline, *, max_sequence_length: int | None = None):
+    def __init__(
+        self,
+        pipeline,
+        *,
+        max_sequence_length: int | None = None,
+        gradient_checkpointing: bool = False,
+        offload_text_encoders: bool = False,
+        resolution: int | None = None,
+    ):
         name = type(pipeline).__name__
         if name not in SUPPORTED_PIPELINES:
             raise ModelLoadError(f"{name} is not supported; supported pipelines: {', '.join(SUPPORTED_PIPELINES)}")
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
-        # SD3 appends T5 tokens (zeros when T5 is dropped); with T5 the default is 256 as in diffusers.
-        if max_sequence_length is None:
-            max_sequence_length = 256 if pipeline.text_encoder_3 is not None else 1
-        self.max_sequence_length = max_sequence_length
+        self._backend = _BACKENDS[name](pipeline)
+        self.max_sequence_length = max_sequence_length or self._backend.default_max_sequence_length()
+        # Image side every rollout uses unless told otherwise: suites fix it (SD3.5-M is trained
+        # and evaluated at 512 px in the paper, though the pipeline's own default is 1024).
+        self.resolution = resolution
         for module in self._modules():
             module.requires_grad_(False)
+        if gradient_checkpointing:
+            # Recompute block activations in backward: LoRA and full copies (deep-copied with the
+            # flag) still get gradients, as diffusers checkpoints non-reentrantly.
+            self.transformer.enable_gradient_checkpointing()
+        # Frozen text encoders can wait on the CPU and visit the policy's device only inside
+        # encode(), once per batch: FLUX's T5-XXL alone is ~9.5 GB in bf16 (SD3.5's too), memory
+        # that the transformer(s) and training activations need far more often.
+        self.offload_text_encoders = offload_text_encoders
+        if offload_text_encoders:
+            for encoder in self._text_encoders():
+                encoder.to("cpu")
         self._trainable: set[str] = set()
         self._adapter_configs: dict[str, object] = {}
         self._active: str | None = None
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
         # Full-parameter students: name -> a trainable copy of the transformer (the base stays frozen).
         self._full: dict[str, torch.nn.Module] = {}
-        # Sample-forwards of the transformer per adapter (None = base); guided calls count 2.
+        # Sample-forwards of the transformer per adapter (None = base); CFG-guided calls count 2.
         self.forward_counts: dict[str | None, int] = {}
 
     # ----------------------------------------------------------------------------- loading
@@ -113,34 +281,54 @@ class Policy:
         device: str | torch.device = "cpu",
         max_sequence_length: int | None = None,
         drop_t5: bool = False,
+        gradient_checkpointing: bool = False,
+        offload_text_encoders: bool = False,
+        resolution: int | None = None,
         **components,
     ) -> "Policy":
-        """Load any diffusers SD3-family pipeline by local folder or hub id.
+        """Load a diffusers SD3-family or FLUX.1 pipeline by local folder or hub id.
 
         Components listed as absent in ``model_index.json`` (e.g. no T5) are passed as ``None``;
-        ``drop_t5=True`` skips T5 on a pipeline that has it (saves ~10 GB on SD3.5).
+        ``drop_t5=True`` skips T5 on an SD3 pipeline that has it (saves ~10 GB on SD3.5).
+        ``gradient_checkpointing`` trades compute for activation memory in training;
+        ``offload_text_encoders`` keeps the text encoders on the CPU between ``encode`` calls;
+        ``resolution`` sets the default image side (None: the pipeline's own default).
         """
+        import diffusers
+
         path = str(path)
         index = _load_index(path)
-        if index.get("_class_name") not in SUPPORTED_PIPELINES:
-            raise ModelLoadError(
-                f"{path!r} is a {index.get('_class_name')}; supported: {', '.join(SUPPORTED_PIPELINES)}"
-            )
-        from diffusers import StableDiffusion3Pipeline
-
+        class_name = index.get("_class_name")
+        if class_name not in SUPPORTED_PIPELINES:
+            raise ModelLoadError(f"{path!r} is a {class_name}; supported: {', '.join(SUPPORTED_PIPELINES)}")
         absent = {key: None for key, value in index.items() if isinstance(value, list) and value[0] is None}
         if drop_t5:
+            if class_name != "StableDiffusion3Pipeline":
+                raise ModelLoadError("drop_t5 is for SD3 only: FLUX's text sequence comes from T5 alone")
             absent.update(text_encoder_3=None, tokenizer_3=None)
         try:
-            pipeline = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **{**absent, **components})
+            pipeline = getattr(diffusers, class_name).from_pretrained(
+                path, dtype=dtype, local_files_only=True, **{**absent, **components}
+            )
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"cannot load pipeline {path!r}: {str(error).splitlines()[0]}") from error
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline.to(device), max_sequence_length=max_sequence_length)
+        for name, module in pipeline.components.items():
+            if isinstance(module, torch.nn.Module):  # text encoders never reach the device when offloaded
+                module.to("cpu" if offload_text_encoders and name in TEXT_ENCODERS else device)
+        return cls(
+            pipeline,
+            max_sequence_length=max_sequence_length,
+            gradient_checkpointing=gradient_checkpointing,
+            offload_text_encoders=offload_text_encoders,
+            resolution=resolution,
+        )
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (getattr(self.pipeline, name, None) for name in TEXT_ENCODERS) if m is not None]
 
     def _modules(self):
-        p = self.pipeline
-        return [m for m in (p.transformer, p.vae, p.text_encoder, p.text_encoder_2, p.text_encoder_3) if m is not None]
+        return [m for m in (self.pipeline.transformer, self.pipeline.vae, *self._text_encoders()) if m is not None]
 
     @property
     def device(self) -> torch.device:
@@ -152,28 +340,27 @@ class Policy:
 
     # ------------------------------------------------------------------------------- shapes
     def default_size(self) -> tuple[int, int]:
-        size = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
+        size = self.resolution or self._backend.default_size()
         return size, size
 
     def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """The (unpacked) latent state ``[B, C, h, w]`` of images ``height x width``."""
         default_h, default_w = self.default_size()
         height, width = height or default_h, width or default_w
-        factor = self.pipeline.vae_scale_factor * self.transformer.config.patch_size
+        scale = self.pipeline.vae_scale_factor
+        factor = scale * self._backend.patch()
         if height % factor or width % factor:
             raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
-        scale = self.pipeline.vae_scale_factor
-        return (batch, self.transformer.config.in_channels, height // scale, width // scale)
+        return (batch, self._backend.latent_channels(), height // scale, width // scale)
 
     def sigmas(self, num_steps: int, latent_shape: Sequence[int]) -> torch.Tensor:
         """The scheduler's sigma schedule, ``num_steps + 1`` values from ~1 down to 0 (float32, CPU)."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        patch = self._backend.patch()
+        seq_len = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)  # image tokens (packed for FLUX)
+        kwargs = self._backend.schedule_kwargs(num_steps, seq_len)
         scheduler = self.pipeline.scheduler
-        kwargs = {}
-        if scheduler.config.get("use_dynamic_shifting", False):
-            patch = self.transformer.config.patch_size
-            seq_len = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
-            kwargs["mu"] = _resolution_shift(seq_len, scheduler.config)
         scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
         return scheduler.sigmas.detach().float().cpu().clone()
 
@@ -183,24 +370,10 @@ class Policy:
         """Encode a batch of prompts once; the unconditional embedding is computed once and cached."""
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts, not a single string")
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=list(prompts),
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
-        if self._negative is None:
-            negative, _, negative_pooled, _ = self.pipeline.encode_prompt(
-                prompt=[""],
-                prompt_2=None,
-                prompt_3=None,
-                device=self.device,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
-            self._negative = (negative, negative_pooled)
+        with self._text_encoders_on_device():
+            embeds, pooled = self._backend.encode(list(prompts), self.device, self.max_sequence_length)
+            if self._negative is None:
+                self._negative = self._backend.encode([""], self.device, self.max_sequence_length)
         batch = len(prompts)
         negative, negative_pooled = self._negative
         return PromptEmbeds(
@@ -210,49 +383,64 @@ class Policy:
             negative_pooled.expand(batch, -1).to(self.dtype),
         )
 
+    @contextlib.contextmanager
+    def _text_encoders_on_device(self) -> Iterator[None]:
+        """With offloading, bring the text encoders to the policy's device for the enclosed calls."""
+        encoders = self._text_encoders() if self.offload_text_encoders else []
+        for encoder in encoders:
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
+
     # ----------------------------------------------------------------------------- velocity
     def velocity(
         self, latents: torch.Tensor, sigma, cond: PromptEmbeds, guidance_scale: float = 1.0
     ) -> torch.Tensor:
-        """Velocity at ``(latents, sigma)`` with classifier-free guidance in one batched forward.
+        """Velocity at ``(latents, sigma)``, guided by ``guidance_scale``, in one transformer forward.
 
-        ``sigma`` is a scalar or ``[B]``; gradients flow when called outside ``no_grad``.
+        Classifier-free guidance batches the conditional and unconditional halves; guidance-
+        distilled models (FLUX.1-dev) take the scale as an input instead. ``sigma`` is a scalar or
+        ``[B]``; gradients flow when called outside ``no_grad``.
         """
         batch = latents.shape[0]
         if len(cond) != batch:
             raise ValueError(f"{batch} latents but {len(cond)} prompt embeddings")
-        scale = self.pipeline.scheduler.config.num_train_timesteps
-        timestep = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch) * scale
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch)
         latents = latents.to(self.dtype)
-        passes = batch if guidance_scale == 1.0 else 2 * batch
-        self.forward_counts[self._active] = self.forward_counts.get(self._active, 0) + passes
+        transformer = self._full.get(self._active, self.transformer)
+        forward = self._backend.forward
+        if self._backend.guidance_embedded(transformer):
+            self._count(batch)
+            return forward(transformer, latents, sigma, cond.embeds, cond.pooled, guidance=guidance_scale)
         if guidance_scale == 1.0:
-            return self._forward(latents, timestep, cond.embeds, cond.pooled)
-        both = self._forward(
+            self._count(batch)
+            return forward(transformer, latents, sigma, cond.embeds, cond.pooled)
+        self._count(2 * batch)
+        both = forward(
+            transformer,
             torch.cat([latents, latents]),
-            torch.cat([timestep, timestep]),
+            torch.cat([sigma, sigma]),
             torch.cat([cond.negative_embeds, cond.embeds]),
             torch.cat([cond.negative_pooled, cond.pooled]),
         )
         uncond, text = both.chunk(2)
         return uncond + guidance_scale * (text - uncond)
 
-    def _forward(self, latents, timestep, embeds, pooled) -> torch.Tensor:
-        transformer = self._full.get(self._active, self.transformer)
-        return transformer(
-            hidden_states=latents,
-            timestep=timestep,
-            encoder_hidden_states=embeds,
-            pooled_projections=pooled,
-            return_dict=False,
-        )[0]
+    def _count(self, passes: int) -> None:
+        self.forward_counts[self._active] = self.forward_counts.get(self._active, 0) + passes
 
     # ------------------------------------------------------------------------------- decode
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> float32 images ``[B, 3, H, W]`` in ``[0, 1]``."""
+        """Latents -> float32 images ``[B, 3, H, W]`` in ``[0, 1]``.
+
+        The same for both families: the state is never packed, and both VAEs undo a scale and shift.
+        """
         vae = self.pipeline.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         images = vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
@@ -415,11 +603,14 @@ class Policy:
 
 
 def _resolution_shift(seq_len: int, config) -> float:
-    """diffusers' resolution-dependent ``mu`` for schedulers with dynamic shifting (FLUX-style)."""
+    """diffusers' ``calculate_shift``: the resolution-dependent ``mu`` of dynamic shifting (FLUX-style).
+
+    ``seq_len`` counts image tokens (packed 2x2 patches for FLUX); defaults are diffusers'.
+    """
     base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
     slope = (max_shift - base_shift) / (max_len - base_len)
     return seq_len * slope + (base_shift - slope * base_len)
 
 
-__all__ = ["Policy", "PromptEmbeds", "ModelLoadError", "DEFAULT_LORA_TARGETS"]
+__all__ = ["Policy", "PromptEmbeds", "ModelLoadError", "DEFAULT_LORA_TARGETS", "pack_latents", "unpack_latents"]

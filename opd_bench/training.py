@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from opd_bench import distributed
+from opd_bench.distributed import ProcessGroup
 from opd_bench.io import atomic_write_json
 
 
@@ -57,10 +59,14 @@ class GradVariance:
     covariance of the micro-batch gradients) and ``grad/variance_rel`` (that divided by the squared
     norm of their mean). Micro-batch losses must be scaled as parts of one mean (the usual
     accumulation), so micro-batch gradients are rescaled by their count here.
+
+    With several processes the micro-batches of all ranks are pooled (so the statistic depends on
+    how many micro-batches the step has in total, i.e. on ``micro_batch`` and the world size).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter]):
+    def __init__(self, params: Sequence[torch.nn.Parameter], ranks: ProcessGroup | None = None):
         self.params = [p for p in params if p.requires_grad]
+        self.ranks = ranks or distributed.current()
         self._previous: torch.Tensor | None = None
         self._parts: list[torch.Tensor] = []
 
@@ -77,11 +83,15 @@ class GradVariance:
         self._previous = current
 
     def finish(self) -> dict[str, float]:
-        if len(self._parts) < 2:
+        ranks = self.ranks
+        count = int(ranks.all_reduce_sum(torch.tensor(len(self._parts))))
+        if count < 2:
             return {}
-        grads = torch.stack(self._parts) * len(self._parts)  # each part as a full-batch estimate
-        mean = grads.mean(0)
-        trace = float(((grads - mean) ** 2).sum(1).sum() / (len(grads) - 1))
+        # Each part as a full-batch estimate. A rank normalises its loss by its own share of the
+        # batch, so its parts are world_size times their share of the global mean gradient.
+        grads = torch.stack(self._parts) * count / ranks.world_size
+        mean = ranks.all_reduce_sum(grads.sum(0)) / count
+        trace = float(ranks.all_reduce_sum(((grads - mean) ** 2).sum(1).sum()) / (count - 1))
         return {"grad/variance": trace, "grad/variance_rel": trace / max(float(mean.pow(2).sum()), 1e-30)}
 
 
@@ -206,6 +216,10 @@ class TrainingRun:
     ``run_dir`` holds ``config.json``, ``metrics.jsonl``, ``checkpoint/`` and, when done,
     ``final/`` (the trained adapter) and ``DONE``. A finished run is never overwritten: the trainer
     refuses to start unless ``overwrite`` is set.
+
+    With several processes (``opd_bench.distributed``) only rank 0 reads and writes ``run_dir``
+    and evaluates; the other ranks get its decision (or its error) and its starting state by
+    broadcast, so every rank starts from the same weights, optimizer state and step.
     """
 
     def __init__(
@@ -223,62 +237,96 @@ class TrainingRun:
         eval_every: int = 0,
         checkpoint_every: int = 0,
         overwrite: bool = False,
+        ranks: ProcessGroup | None = None,
     ):
         self.dir = Path(run_dir)
         self.policy, self.adapter, self.params = policy, adapter, list(params)
         self.optimizer, self.ema, self.teachers = optimizer, ema, list(teachers)
         self.evaluate, self.eval_every, self.checkpoint_every = evaluate, eval_every, checkpoint_every
+        self.ranks = ranks or distributed.current()
+        self.log: MetricsLog | None = None  # rank 0's only
+        setup = self.ranks.run_on_main(lambda: self._open(config, overwrite))
+        self.start_step, self.counters = setup["step"], setup["counters"]
+        if self.ranks.distributed:
+            self._share_start(resumed=setup["resumed"])
+        self.timer = Timer(setup["elapsed"])
+        self._counts_seen = dict(policy.forward_counts)
+
+    def _open(self, config: dict, overwrite: bool) -> dict:
+        """Rank 0: check the folder, resume from its checkpoint or start it; returns the start."""
         if (self.dir / "DONE").exists() and not overwrite:
             raise FileExistsError(f"{self.dir} holds a finished run; use another folder or pass overwrite/--force")
         config_path = self.dir / "config.json"
         checkpoint = self.dir / "checkpoint"
-        self.start_step, self.counters, elapsed = 0, {"student_forwards": 0, "teacher_forwards": 0, "reference_forwards": 0, "images": 0}, 0.0
         if checkpoint.exists() and not overwrite:
             saved = json.loads(config_path.read_text()) if config_path.exists() else None
             if saved != json.loads(json.dumps(config, default=str)):
                 raise ValueError(f"{self.dir} holds a run with a different config; use another folder or pass overwrite/--force")
-            state = load_checkpoint(checkpoint, params=self.params, optimizer=optimizer, ema=ema)
-            self.start_step, self.counters, elapsed = state["step"], state["counters"], state["elapsed"]
-            self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=self.start_step)
-        else:
-            if overwrite:
-                shutil.rmtree(checkpoint, ignore_errors=True)
-                (self.dir / "DONE").unlink(missing_ok=True)
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(config_path, json.loads(json.dumps(config, default=str)))
-            self.log = MetricsLog(self.dir / "metrics.jsonl")
-        self.timer = Timer(elapsed)
-        self._counts_seen = dict(policy.forward_counts)
+            state = load_checkpoint(checkpoint, params=self.params, optimizer=self.optimizer, ema=self.ema)
+            self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=state["step"])
+            return {"step": state["step"], "counters": state["counters"], "elapsed": state["elapsed"], "resumed": True}
+        if overwrite:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            (self.dir / "DONE").unlink(missing_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(config_path, json.loads(json.dumps(config, default=str)))
+        self.log = MetricsLog(self.dir / "metrics.jsonl")
+        counters = {"student_forwards": 0, "teacher_forwards": 0, "reference_forwards": 0, "images": 0}
+        return {"step": 0, "counters": counters, "elapsed": 0.0, "resumed": False}
 
-    def _absorb_counts(self) -> None:
-        """Add the forward passes made since the last call to the run's counters."""
+    def _share_start(self, resumed: bool) -> None:
+        """Give every rank rank 0's weights and, on resume, its optimizer, EMA and RNG state."""
+        self.ranks.broadcast_parameters(self.params)
+        if not resumed:
+            if self.ema is not None:  # the EMA was created from the weights before the broadcast
+                self.ema.load_state_dict([p.detach() for p in self.params])
+            return
+        state = None
+        if self.ranks.is_main:
+            state = _to_cpu({"optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict() if self.ema else None, "rng": rng_state()})
+        state = self.ranks.broadcast_object(state)
+        if not self.ranks.is_main:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            set_rng_state(state["rng"])
+
+    def _absorb_counts(self, images: int = 0) -> None:
+        """Add the forward passes (and ``images``) since the last call, summed over ranks, to the counters."""
         counts = self.policy.forward_counts
+        delta = {"student_forwards": 0, "teacher_forwards": 0, "reference_forwards": 0, "images": images}
         for key, value in counts.items():
-            delta = value - self._counts_seen.get(key, 0)
+            change = value - self._counts_seen.get(key, 0)
             if key == self.adapter:
-                self.counters["student_forwards"] += delta
+                delta["student_forwards"] += change
             elif key is None:
-                self.counters["reference_forwards"] += delta
+                delta["reference_forwards"] += change
             elif key in self.teachers:
-                self.counters["teacher_forwards"] += delta
+                delta["teacher_forwards"] += change
         self._counts_seen = dict(counts)
+        totals = self.ranks.all_reduce_sum(torch.tensor(list(delta.values()), dtype=torch.long)).tolist()
+        for key, value in zip(delta, totals):
+            self.counters[key] += value
 
     def train(self, step_fn, *, steps: int, max_grad_norm: float, grad_variance: GradVariance, desc: str, progress: bool = True) -> Path:
         """The loop every trainer shares around its ``step_fn(step) -> (metrics, images)``.
 
         ``step_fn`` accumulates gradients into ``.grad`` (recording micro-batches in
-        ``grad_variance``); this clips, steps the optimizer and the EMA, logs, evaluates and
-        checkpoints, and finally saves the adapter.
+        ``grad_variance``) and returns metrics that are already global (equal on every rank) and
+        the number of images this rank sampled; this averages the gradients over ranks, clips,
+        steps the optimizer and the EMA, logs, evaluates and checkpoints, and finally saves the
+        adapter.
         """
         from tqdm import tqdm
 
         if self.start_step == 0 and self.evaluate is not None and self.eval_every:
             self.run_eval(0)
-        bar = tqdm(total=steps, initial=self.start_step, desc=desc, disable=not progress)
+        bar = tqdm(total=steps, initial=self.start_step, desc=desc, disable=not progress or not self.ranks.is_main)
         for step in range(self.start_step, steps):
             self.optimizer.zero_grad(set_to_none=True)
             grad_variance.start()
             metrics, images = step_fn(step)
+            self.ranks.average_gradients(self.params)  # identical updates keep the ranks' weights identical
             metrics.update(grad_variance.finish())
             metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
             self.optimizer.step()
@@ -292,16 +340,18 @@ class TrainingRun:
 
     def end_step(self, step: int, metrics: dict, images: int) -> None:
         """Record step ``step`` (1-based count of optimizer steps done), then eval / checkpoint."""
-        self._absorb_counts()
-        self.counters["images"] += images
-        record = {"step": step, "wall_seconds": round(self.timer.elapsed, 3), **self.counters, **metrics}
-        self.log.write(record)
+        self._absorb_counts(images)
+        if self.log is not None:
+            self.log.write({"step": step, "wall_seconds": round(self.timer.elapsed, 3), **self.counters, **metrics})
         if self.evaluate is not None and self.eval_every and step % self.eval_every == 0:
             self.run_eval(step)
         if self.checkpoint_every and step % self.checkpoint_every == 0:
             self.checkpoint(step)
 
-    def run_eval(self, step: int) -> dict:
+    def run_eval(self, step: int) -> dict | None:
+        """Evaluate on rank 0 (the others go on and wait for it in the next collective)."""
+        if not self.ranks.is_main:
+            return None
         if self.ema is not None:
             self.ema.swap()
         try:
@@ -315,25 +365,45 @@ class TrainingRun:
         return scores
 
     def checkpoint(self, step: int) -> None:
+        if not self.ranks.is_main:
+            return
         save_checkpoint(
             self.dir / "checkpoint", params=self.params, optimizer=self.optimizer, ema=self.ema,
             state={"step": step, "counters": self.counters, "elapsed": self.timer.elapsed},
         )
 
     def finish(self, step: int) -> Path:
-        """Evaluate, checkpoint, save the final adapter (EMA weights if any), mark the run done."""
-        scores = None
-        if self.evaluate is not None:
-            done = [r for r in read_metrics(self.dir / "metrics.jsonl") if r["step"] == step and any(k.startswith("eval/") for k in r)]
-            scores = {k[5:]: v for k, v in done[-1].items() if k.startswith("eval/")} if done else self.run_eval(step)
-        self.checkpoint(step)
-        if self.ema is not None:
-            self.ema.swap()
-        final = self.policy.save_adapter(self.adapter, self.dir / "final")
-        if self.ema is not None:
-            self.ema.swap()
-        atomic_write_json(
-            self.dir / "DONE", {"step": step, "counters": self.counters, "wall_seconds": self.timer.elapsed, "scores": scores}
-        )
-        self.log.close()
+        """Evaluate, checkpoint, save the final adapter (EMA weights if any), mark the run done.
+
+        Rank 0 does all of it; every rank returns once the adapter and ``DONE`` are written, so
+        that what comes next (a teacher loaded by OPD, the next cascade stage) finds them.
+        """
+        final = self.dir / "final"
+        if self.ranks.is_main:
+            scores = None
+            if self.evaluate is not None:
+                done = [r for r in read_metrics(self.dir / "metrics.jsonl") if r["step"] == step and any(k.startswith("eval/") for k in r)]
+                scores = {k[5:]: v for k, v in done[-1].items() if k.startswith("eval/")} if done else self.run_eval(step)
+            self.checkpoint(step)
+            if self.ema is not None:
+                self.ema.swap()
+            final = self.policy.save_adapter(self.adapter, final)
+            if self.ema is not None:
+                self.ema.swap()
+            atomic_write_json(
+                self.dir / "DONE", {"step": step, "counters": self.counters, "wall_seconds": self.timer.elapsed, "scores": scores}
+            )
+            self.log.close()
+        self.ranks.barrier()
         return final
+
+
+def _to_cpu(value):
+    """``value`` with every tensor in it moved to the CPU (for broadcasting it as an object)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

@@ -95,7 +95,7 @@ def test_grpo_loss_matches_hand_computation_on_a_tiny_batch(policy):
         current = step_at(policy, t, index, step, guidance_scale=4.5)
     ratio = torch.exp(current.log_prob - t.log_probs[index, step])
     (-a[index] * ratio).mean().backward()
-    assert metrics["loss"] == pytest.approx(float((-a[index] * ratio).mean()), abs=1e-6)
+    assert metrics["loss"] == pytest.approx((-a[index] * ratio).mean().item(), abs=1e-6)
     for mine, theirs in zip(engine_grad, params):
         # float32 noise of the re-evaluated log-density (divided by small step stds) reaches ~1e-3 of
         # the scale; a wrong sign, scale or missing pair would be off by O(1)

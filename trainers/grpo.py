@@ -16,6 +16,8 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 
+from opd_bench import distributed
+from opd_bench.distributed import SINGLE, ProcessGroup
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rl import clipped_policy_loss, group_advantages, step_at, train_step_indices, zero_spread_share
@@ -138,22 +140,32 @@ def grpo_step(
     seed: int,
     params: Sequence[torch.nn.Parameter],
     grad_variance: GradVariance | None = None,
+    ranks: ProcessGroup = SINGLE,
 ) -> tuple[dict, int]:
-    """Roll out, score, and accumulate the GRPO gradient into ``.grad``; returns (metrics, images)."""
+    """Roll out, score, and accumulate the GRPO gradient into ``.grad``; returns (metrics, images).
+
+    ``prompts`` are the whole step's prompts. With several processes (``ranks``) this rank rolls
+    out its share, whole prompt groups so advantages stay exact, with the noise and trained steps
+    of those samples' global indices; the gradient is this rank's share of the global mean (the
+    caller averages over ranks) and the metrics are global. ``images`` counts this rank's samples.
+    """
+    local, first = ranks.shard(prompts)
+    offset = first * config.group_size  # global index of this rank's first sample
     with policy.use(adapter):
         trajectory = rollout(
-            policy, prompts, images_per_prompt=config.group_size, num_steps=config.num_steps,
+            policy, local, images_per_prompt=config.group_size, num_steps=config.num_steps,
             noise_level=config.noise_level, guidance_scale=config.guidance_scale, seed=seed,
-            keep={"latents", "images"},
+            keep={"latents", "images"}, sample_offset=offset,
         )
     scores = score_samples(trajectory, rewards, own=config.aggregation == "own")
     reward_values, advantages = aggregate_advantages(scores, trajectory.group, trajectory.tasks, config)
+    # drawn for the whole batch, then sliced: every sample trains on the same steps in any world size
     generator = torch.Generator().manual_seed(seed)
-    steps = train_step_indices(len(trajectory), config.num_steps, config.train_fraction, generator)
+    steps = train_step_indices(len(prompts) * config.group_size, config.num_steps, config.train_fraction, generator)
+    steps = steps[offset : offset + len(trajectory)]
     pairs = [(i, int(s)) for i in range(len(trajectory)) for s in steps[i]]
-    metrics: dict[str, float] = {}
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
-    by_bin: dict[int, list[float]] = {}
+    pair_loss: list[float] = []
     for start in range(0, len(pairs), config.micro_batch):
         chunk = pairs[start : start + config.micro_batch]
         index = torch.tensor([i for i, _ in chunk])
@@ -174,17 +186,26 @@ def grpo_step(
         totals["loss"] += per_pair.detach().sum().item()
         totals["clip_fraction"] += stats["clip_fraction"] * len(chunk)
         totals["approx_kl"] += stats["approx_kl"] * len(chunk)
-        for s, value in zip(step.tolist(), per_pair.detach().tolist()):
-            by_bin.setdefault(s * 4 // config.num_steps, []).append(value)
-    metrics.update({key: value / len(pairs) for key, value in totals.items()})
+        pair_loss.extend(per_pair.detach().tolist())
+    # Metrics over the whole step: sums and per-sample values gathered from every rank.
+    num_pairs = len(pairs) * ranks.world_size
+    summed = ranks.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()
+    metrics: dict[str, float] = {key: value / num_pairs for key, value in zip(totals, summed)}
     if config.kl_beta == 0:
         metrics.pop("kl")
-    metrics["zero_spread_share"] = zero_spread_share(reward_values, trajectory.group)
-    for task in sorted(set(trajectory.tasks)):
-        mask = torch.tensor([t == task for t in trajectory.tasks])
-        values = reward_values[mask]
+    all_rewards = ranks.all_gather(reward_values)
+    all_groups = torch.arange(len(prompts)).repeat_interleave(config.group_size)
+    all_tasks = [p.task for p in prompts for _ in range(config.group_size)]
+    metrics["zero_spread_share"] = zero_spread_share(all_rewards, all_groups)
+    for task in sorted(set(all_tasks)):
+        values = all_rewards[torch.tensor([t == task for t in all_tasks])]
         metrics[f"reward/{task}/mean"] = float(values.mean())
         metrics[f"reward/{task}/std"] = float(values.std()) if len(values) > 1 else 0.0
+    all_loss = ranks.all_gather(torch.tensor(pair_loss, dtype=torch.float64)).tolist()
+    all_bins = ranks.all_gather(torch.tensor([s * 4 // config.num_steps for _, s in pairs])).tolist()
+    by_bin: dict[int, list[float]] = {}
+    for b, value in zip(all_bins, all_loss):
+        by_bin.setdefault(b, []).append(value)
     for b, values in sorted(by_bin.items()):
         metrics[f"loss/bin{b}"] = sum(values) / len(values)
     return metrics, len(trajectory)
@@ -209,6 +230,12 @@ class GRPOTrainer:
         if not prompts:
             raise ValueError("GRPO needs a non-empty prompt pool")
         self.config, self.policy, self.prompts, self.rewards, self.adapter = config, policy, list(prompts), dict(rewards), adapter
+        self.ranks = distributed.current()
+        if config.prompts_per_step % self.ranks.world_size:
+            raise ValueError(
+                f"prompts_per_step={config.prompts_per_step} cannot be split over {self.ranks.world_size} processes "
+                "(each prompt's group stays on one process); use a multiple of the number of processes"
+            )
         self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config)
         self.run = TrainingRun(
             run_dir, config={"method": "grpo", **config.to_dict(), **(extra_config or {})}, policy=policy,
@@ -225,6 +252,7 @@ class GRPOTrainer:
             return grpo_step(
                 self.policy, self.adapter, prompts, self.rewards, config,
                 seed=step_seed(config.seed, step, 2), params=self.params, grad_variance=self.grad_variance,
+                ranks=self.ranks,
             )
 
         return self.run.train(

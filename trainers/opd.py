@@ -21,6 +21,8 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 
+from opd_bench import distributed
+from opd_bench.distributed import SINGLE, ProcessGroup
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rl import clipped_policy_loss, distillation_loss, process_reward, step_at, train_step_indices
@@ -98,15 +100,26 @@ def opd_task_step(
     reward: Reward | None,
     loss_scale: float,
     grad_variance: GradVariance | None,
+    ranks: ProcessGroup = SINGLE,
 ) -> tuple[dict, int]:
-    """One task's batch: student rollout, teacher targets, gradient accumulated into ``.grad``."""
+    """One task's batch: student rollout, teacher targets, gradient accumulated into ``.grad``.
+
+    ``prompts`` are the task's whole batch; with several processes (``ranks``) this rank takes
+    its share, with the noise and trained steps of those samples' global indices, and the
+    metrics are global (see ``grpo_step``). ``images`` counts this rank's samples.
+    """
+    local, first = ranks.shard(prompts, "prompts per task")
+    offset = first * config.images_per_prompt
     keep = {"latents", "images"} if reward is not None else {"latents"}
     with policy.use(adapter):
         trajectory = rollout(
-            policy, prompts, images_per_prompt=config.images_per_prompt, num_steps=config.num_steps,
+            policy, local, images_per_prompt=config.images_per_prompt, num_steps=config.num_steps,
             noise_level=config.noise_level, guidance_scale=config.guidance_scale, seed=seed, keep=keep,
+            sample_offset=offset,
         )
-    steps = train_step_indices(len(trajectory), config.num_steps, config.train_fraction, torch.Generator().manual_seed(seed))
+    # drawn for the whole batch, then sliced: every sample trains on the same steps in any world size
+    steps = train_step_indices(len(prompts) * config.images_per_prompt, config.num_steps, config.train_fraction, torch.Generator().manual_seed(seed))
+    steps = steps[offset : offset + len(trajectory)]
     pairs = [(i, int(s)) for i in range(len(trajectory)) for s in steps[i]]
     totals = {"loss": 0.0, "kl": 0.0}
     for start in range(0, len(pairs), config.micro_batch):
@@ -128,9 +141,10 @@ def opd_task_step(
             grad_variance.record()
         totals["loss"] += per_pair.detach().sum().item()
         totals["kl"] += kl.sum().item()
-    metrics = {key: value / len(pairs) for key, value in totals.items()}
+    summed = ranks.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()
+    metrics = {key: value / (len(pairs) * ranks.world_size) for key, value in zip(totals, summed)}
     if reward is not None:
-        scores = reward(trajectory.images, trajectory.prompts, trajectory.metadata).scores
+        scores = ranks.all_gather(reward(trajectory.images, trajectory.prompts, trajectory.metadata).scores)
         metrics["reward/mean"] = scores.nanmean().item()
         metrics["reward/std"] = scores[~scores.isnan()].std().item() if (~scores.isnan()).sum() > 1 else 0.0
     return metrics, len(trajectory)
@@ -157,6 +171,12 @@ class OPDTrainer:
         if missing:
             raise ValueError(f"no teacher for task(s) {missing}; pass teachers={{task: adapter_folder}}")
         self.config, self.policy, self.adapter = config, policy, adapter
+        self.ranks = distributed.current()
+        if config.prompts_per_task % self.ranks.world_size:
+            raise ValueError(
+                f"prompts_per_task={config.prompts_per_task} cannot be split over {self.ranks.world_size} processes; "
+                "use a multiple of the number of processes"
+            )
         self.tasks = list(prompts)
         self.prompts = {task: list(pool) for task, pool in prompts.items()}
         self.rewards = dict(rewards or {}) if config.monitor_rewards else {}
@@ -186,7 +206,7 @@ class OPDTrainer:
                     self.policy, self.adapter, self.teachers[task], prompts, config,
                     teacher_guidance=config.teacher_guidance.get(task, config.guidance_scale),
                     seed=step_seed(config.seed, step, 100 + k), reward=self.rewards.get(task),
-                    loss_scale=1 / len(self.tasks), grad_variance=self.grad_variance,
+                    loss_scale=1 / len(self.tasks), grad_variance=self.grad_variance, ranks=self.ranks,
                 )
                 images += n
                 for key, value in task_metrics.items():

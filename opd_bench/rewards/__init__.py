@@ -34,6 +34,28 @@ REGISTRY.register(
     "tiny world: 1/0 by GenEval's rules; NaN off geneval records",
 )
 REGISTRY.register(
+    "sd/geneval",
+    "opd_bench.rewards.geneval_sd:SDGenEvalReward",
+    "GenEval on real images: detector (owlv2 in-process; mmdet) + CLIP colour + GenEval's rules, 1/0",
+)
+REGISTRY.register(
+    "sd/geneval-partial",
+    "opd_bench.rewards.geneval_sd:SDGenEvalPartialReward",
+    "sd/geneval with Flow-GRPO's partial credit in [0, 1] (training reward)",
+)
+REGISTRY.register(
+    "sd/geneval-mmdet",
+    "opd_bench.rewards.geneval_mmdet:MMDetGenEvalReward",
+    "sd/geneval with GenEval's Mask2Former via mmdet; serve it from an mmdet environment (unverified)",
+)
+for _name in ("hpsv2", "clipscore", "imagereward"):
+    REGISTRY.register(
+        f"sd/{_name}",
+        f"opd_bench.suites.sd:{_name}_reward",
+        f"{_name} with the weights given in the sd suite config (pref.{_name}); sd/pref's extra score",
+    )
+del _name
+REGISTRY.register(
     "ocr",
     "opd_bench.rewards.ocr:OCRReward",
     "OCR (rapidocr detection + recognition) vs the quoted text; 1 - normalised edit distance",
@@ -49,6 +71,21 @@ REGISTRY.register(
     "tiny world: the hidden taste the preference model was trained on (evaluation only)",
 )
 REGISTRY.register(
+    "pickscore",
+    "opd_bench.rewards.clip_rewards:PickScoreReward",
+    "PickScore v1 from local weights: logit_scale.exp() * cos(text, image)",
+)
+REGISTRY.register(
+    "clipscore",
+    "opd_bench.rewards.clip_rewards:CLIPScoreReward",
+    "CLIPScore from a local open_clip checkpoint: 100 * max(cos(image, text), 0)",
+)
+REGISTRY.register(
+    "hpsv2",
+    "opd_bench.rewards.clip_rewards:HPSv2Reward",
+    "HPS v2 / v2.1 from a local checkpoint (open_clip ViT-H-14): cos(image, text)",
+)
+REGISTRY.register(
     "toy/brightness",
     "opd_bench.rewards.toy:Brightness",
     "mean pixel brightness; a dependency-free reward for tests and smoke runs",
@@ -57,6 +94,16 @@ REGISTRY.register(
     "toy/color",
     "opd_bench.rewards.toy:ColorMatch",
     "closeness of the mean colour to a target RGB; a dependency-free reward for tests",
+)
+REGISTRY.register(
+    "remote",
+    "opd_bench.rewards.remote:RemoteReward",
+    "a reward scored by an `opd-bench serve-reward` server (url=...), e.g. in another environment",
+)
+REGISTRY.register(
+    "imagereward",
+    "opd_bench.rewards.image_reward:ImageReward",
+    "ImageReward (THUDM) from its published ImageReward.pt + med_config.json; package-equal scores",
 )
 
 

@@ -161,7 +161,14 @@ def _rapidocr(
     return predict
 
 
-ENGINES: dict[str, Callable[..., Predictor]] = {"rapidocr": _rapidocr}
+def _paddleocr(**options: Any) -> Predictor:
+    """PaddleOCR, Flow-GRPO's engine (optional package; see ``opd_bench.rewards.ocr_paddle``)."""
+    from opd_bench.rewards.ocr_paddle import build
+
+    return build(**options)
+
+
+ENGINES: dict[str, Callable[..., Predictor]] = {"rapidocr": _rapidocr, "paddleocr": _paddleocr}
 
 
 def register_engine(name: str, builder: Callable[..., Predictor]) -> None:

@@ -3,6 +3,10 @@
 ``tiny`` is embedded: its prompt files and trained weights ship inside the package
 (``opd_bench/suites/tiny/``). Suites register their benchmarks as ``"<suite>/<name>"`` in
 ``opd_bench.benchmarks``. Importing this module is cheap (specs are plain data).
+
+``sd`` (``opd_bench/suites/sd.py``, imported on first use) is for real SD3 / SD3.5 models: its
+prompt files and reward weights are the user's, so its specs are built from a configuration
+(``configure("sd", ...)`` or the ``OPD_SD_CONFIG`` file) when asked for, not registered.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Suite:
     num_steps: int  # evaluation sampler
     guidance_scale: float
     noise_level: float = 0.0  # 0 = the deterministic (ODE) sampler
+    resolution: int | None = None  # evaluation image side in pixels; None = the pipeline's default
     headline: tuple[str, ...] = ()  # scores in [0, 1] averaged into the overall score
     description: str = ""
 
@@ -38,6 +43,15 @@ REGISTRY = Registry("suite")
 
 def get(name: str) -> Suite:
     return REGISTRY.resolve(name)
+
+
+def configure(name: str, config=None, **sections) -> None:
+    """Give a configurable suite (``sd``) its files and weights: a dict or JSON file and/or
+    sections, e.g. ``configure("sd", geneval={"test": "evaluation_metadata.jsonl"})``."""
+    suite = get(name)
+    if not hasattr(suite, "configure"):
+        raise ValueError(f"suite {name!r} takes no configuration (its files ship with the package)")
+    suite.configure(config, **sections)
 
 
 def _tiny() -> Suite:
@@ -69,6 +83,7 @@ def _tiny() -> Suite:
 
 
 REGISTRY.register("tiny", _tiny(), "embedded miniature SD3 world (prompts and weights ship with the package)")
+REGISTRY.register("sd", "opd_bench.suites.sd:SUITE", "real SD3 / SD3.5 models on GenEval, OCR and PickScore (user-given files)")
 
 # Shipped models, by alias.
 MODELS = {"tiny": SUITE_DIR / "tiny" / "weights" / "base"}

@@ -1,0 +1,491 @@
+"""Serve any registered reward over HTTP, so a scorer can live in its own Python environment.
+
+Some scorers pin dependencies that clash with the training environment (ImageReward needs an
+old ``transformers``, Mask2Former needs ``mmdet``). Run ``opd-bench serve-reward NAME`` in the
+scorer's environment and use ``rewards.get("remote", url=...)`` in the trainer: the remote
+reward has the same signature, so trainers cannot tell the difference.
+
+This module imports only the standard library at load time; numpy, PIL and torch are imported
+when the first request is decoded, and the reward's own module when the server is built. It
+never imports diffusers or transformers itself. See ``docs/reward_server.md``.
+
+Protocol (version 1, JSON over HTTP/1.0, one request per connection)
+--------------------------------------------------------------------
+
+``GET /health`` ->
+    ``{"status": "ok", "reward": NAME, "options": {...}, "protocol": 1,
+    "max_batch": N, "max_request_bytes": M}``
+
+``POST /score`` with body
+    ``{"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [dict, ...]}``
+    (8-bit RGB PNGs of one size; ``metadata`` may be omitted, meaning empty dicts) ->
+    ``{"scores": [float or null, ...], "details": {...}}``
+
+* ``null`` in ``scores`` is NaN ("this reward does not apply to this sample").
+* ``details`` is the reward's details made JSON-safe: tensors and arrays become lists, NaN and
+  infinities become ``null``, values JSON cannot hold are dropped (their keys are listed in
+  ``details["serve/dropped"]``).
+* The server scores a request in chunks of at most ``max_batch`` images, one chunk at a time
+  (a lock serialises reward calls: reward models are not thread safe). Per-sample lists (one
+  entry per image of the chunk) are concatenated in order; any other detail of a split request
+  is returned as one value per chunk under ``"<key>/per_chunk"``, with the chunk sizes in
+  ``details["chunk_sizes"]``.
+* Errors are ``{"error": "one line"}`` with status 400 (malformed JSON or fields), 404 (unknown
+  path), 411 (no Content-Length), 413 (body over ``max_request_bytes``) or 500 (the reward
+  raised; the message names the exception).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Sequence
+
+PROTOCOL_VERSION = 1
+DEFAULT_PORT = 8700
+DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+logger = logging.getLogger(__name__)
+
+_DROPPED = object()  # marks a detail value JSON cannot hold
+
+
+class RequestError(ValueError):
+    """A malformed request (HTTP 400); the message says what is wrong and what to send."""
+
+
+# --------------------------------------------------------------------------------------------
+# Images: PNG both ways, shared by the server and the client so the encoding is symmetric.
+# --------------------------------------------------------------------------------------------
+
+
+def encode_png_batch(images) -> list[str]:
+    """``[B, 3, H, W]`` floats in [0, 1] -> B base64 PNG strings (uint8, rounded to nearest)."""
+    from PIL import Image
+
+    pixels = (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(dtype=_torch().uint8)
+    encoded = []
+    for array in pixels.permute(0, 2, 3, 1).cpu().numpy():
+        buffer = io.BytesIO()
+        # Level 1: scores do not depend on compression and requests are mostly local.
+        Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+        encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return encoded
+
+
+def decode_png_batch(encoded: Sequence[str]):
+    """B base64 PNG strings -> ``[B, 3, H, W]`` float32 tensor in [0, 1] (value / 255)."""
+    import numpy as np
+
+    arrays = [_decode_png(index, text) for index, text in enumerate(encoded)]
+    sizes = {array.shape[:2] for array in arrays}
+    if len(sizes) > 1:
+        raise RequestError(f"images have different sizes {sorted(sizes)}; send one size per request")
+    stacked = _torch().from_numpy(np.stack(arrays))
+    return stacked.permute(0, 3, 1, 2).float().div(255.0).contiguous()
+
+
+def _decode_png(index: int, text: Any):
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(text, str):
+        raise RequestError(f"images[{index}] is a {type(text).__name__}; send base64 PNG strings")
+    try:
+        data = base64.b64decode(text, validate=True)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RequestError(f"images[{index}] is not a base64 PNG ({error}); send base64 PNG strings") from None
+    if image.format != "PNG" or image.mode != "RGB":
+        raise RequestError(
+            f"images[{index}] is {image.format} in mode {image.mode}; send 8-bit RGB PNGs"
+        )
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+# --------------------------------------------------------------------------------------------
+# Scores and details: JSON-safe conversion and merging of chunks.
+# --------------------------------------------------------------------------------------------
+
+
+def scores_to_json(scores: Sequence[float]) -> list[float | None]:
+    """Floats -> JSON values; NaN ("does not apply") becomes null."""
+    return [None if math.isnan(score) else float(score) for score in scores]
+
+
+def scores_from_json(values: Sequence[Any]) -> list[float]:
+    """The inverse of ``scores_to_json``: null -> NaN."""
+    return [math.nan if value is None else float(value) for value in values]
+
+
+def json_safe_details(details: dict[str, Any]) -> dict[str, Any]:
+    """Make a reward's details JSON-safe; keys of dropped values go to ``serve/dropped``."""
+    dropped: list[str] = []
+    safe = _json_safe(details, "", dropped)
+    if dropped:
+        safe["serve/dropped"] = dropped
+    return safe
+
+
+def _json_safe(value: Any, path: str, dropped: list[str]) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "tolist") and callable(value.tolist):  # tensors, arrays, numpy scalars
+        return _json_safe(value.tolist(), path, dropped)
+    if isinstance(value, dict):
+        safe = {}
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                dropped.append(f"{path}{key!r}")
+                continue
+            converted = _json_safe(item, f"{path}{key}/", dropped)
+            if converted is _DROPPED:
+                dropped.append(f"{path}{key}")
+            else:
+                safe[str(key)] = converted
+        return safe
+    if isinstance(value, (list, tuple)):
+        # None keeps the other entries aligned with their samples.
+        items = [_json_safe(item, f"{path}{i}/", dropped) for i, item in enumerate(value)]
+        return [None if item is _DROPPED else item for item in items]
+    return _DROPPED
+
+
+def merge_chunk_details(chunks: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Merge the details of consecutive chunks ``(size, details)`` of one batch.
+
+    Per-sample lists (length == chunk size in every chunk) are concatenated; other values are
+    kept per chunk under ``"<key>/per_chunk"`` (None where a chunk lacks the key).
+    """
+    if len(chunks) == 1:
+        return chunks[0][1]
+    keys = list(dict.fromkeys(key for _, details in chunks for key in details))
+    merged: dict[str, Any] = {}
+    for key in keys:
+        values = [details.get(key, _DROPPED) for _, details in chunks]
+        per_sample = all(isinstance(v, list) and len(v) == size for v, (size, _) in zip(values, chunks))
+        if per_sample:
+            merged[key] = [item for value in values for item in value]
+        else:
+            merged[f"{key}/per_chunk"] = [None if value is _DROPPED else value for value in values]
+    merged["chunk_sizes"] = [size for size, _ in chunks]
+    return merged
+
+
+def chunk_ranges(total: int, max_batch: int) -> list[range]:
+    """``range`` objects covering ``0..total`` in order, each at most ``max_batch`` long."""
+    return [range(start, min(start + max_batch, total)) for start in range(0, total, max_batch)]
+
+
+# --------------------------------------------------------------------------------------------
+# The server.
+# --------------------------------------------------------------------------------------------
+
+
+class RewardServer(ThreadingHTTPServer):
+    """A threading HTTP server around one reward object; ``port`` and ``url`` once bound.
+
+    Built by ``make_reward_server`` from a registered name; constructed directly it accepts
+    any reward callable (tests use this for rewards that are not registered).
+    """
+
+    daemon_threads = True  # a hung client must not keep the process alive on shutdown
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        reward: Callable,
+        *,
+        name: str,
+        options: dict[str, Any] | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be a positive integer, got {max_request_bytes!r}")
+        self.reward = reward
+        self.reward_name = name
+        self.reward_options = dict(options or {})
+        self.max_batch = max_batch
+        self.max_request_bytes = max_request_bytes
+        self.reward_lock = threading.Lock()
+        self.score_requests = 0  # POST /score requests received, counted for tests and logs
+        super().__init__(address, _RewardRequestHandler)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.port}/"
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that timed out or went away is routine; log it instead of printing a traceback.
+        logger.warning("request from %s failed", client_address[0], exc_info=True)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "reward": self.reward_name,
+            "options": json_safe_details(self.reward_options),
+            "protocol": PROTOCOL_VERSION,
+            "max_batch": self.max_batch,
+            "max_request_bytes": self.max_request_bytes,
+        }
+
+    def score(self, payload: Any) -> dict[str, Any]:
+        """Validate a decoded ``/score`` body, score it chunk by chunk, return the reply."""
+        encoded, prompts, metadata = _parse_score_request(payload)
+        if not encoded:
+            return {"scores": [], "details": {}}
+        images = decode_png_batch(encoded)
+        scores: list[float] = []
+        chunks = []
+        for part in chunk_ranges(len(encoded), self.max_batch):
+            chunk_scores, details = self._score_chunk(images[part.start : part.stop], prompts[part.start : part.stop], metadata[part.start : part.stop])
+            scores.extend(chunk_scores)
+            chunks.append((len(part), json_safe_details(details)))
+        return {"scores": scores_to_json(scores), "details": merge_chunk_details(chunks)}
+
+    def _score_chunk(self, images, prompts: list[str], metadata: list[dict]) -> tuple[list[float], dict]:
+        with self.reward_lock:
+            output = self.reward(images, prompts, metadata)
+        scores = output.scores.tolist()
+        if len(scores) != len(prompts):
+            raise RuntimeError(f"reward {self.reward_name!r} returned {len(scores)} scores for {len(prompts)} images")
+        if any(math.isinf(score) for score in scores):
+            raise RuntimeError(f"reward {self.reward_name!r} returned an infinite score; scores must be finite or NaN")
+        return scores, output.details
+
+
+def _parse_score_request(payload: Any) -> tuple[list, list[str], list[dict]]:
+    usage = 'send {"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [dict, ...]}'
+    if not isinstance(payload, dict):
+        raise RequestError(f"the request body is a JSON {type(payload).__name__}, not an object; {usage}")
+    unknown = sorted(set(payload) - {"images", "prompts", "metadata"})
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}; {usage}")
+    encoded, prompts = payload.get("images"), payload.get("prompts")
+    if not isinstance(encoded, list) or not isinstance(prompts, list):
+        raise RequestError(f'"images" and "prompts" must both be lists; {usage}')
+    metadata = payload.get("metadata", [{} for _ in encoded])
+    if not isinstance(metadata, list):
+        raise RequestError(f'"metadata" must be a list of objects; {usage}')
+    if not len(encoded) == len(prompts) == len(metadata):
+        raise RequestError(
+            f"got {len(encoded)} images, {len(prompts)} prompts and {len(metadata)} metadata records; "
+            "send one prompt and one (possibly empty) metadata object per image"
+        )
+    if not all(isinstance(prompt, str) for prompt in prompts):
+        raise RequestError(f'every entry of "prompts" must be a string; {usage}')
+    if not all(isinstance(record, dict) for record in metadata):
+        raise RequestError(f'every entry of "metadata" must be an object; {usage}')
+    return encoded, prompts, metadata
+
+
+class _RewardRequestHandler(BaseHTTPRequestHandler):
+    server: RewardServer
+    timeout = 300  # seconds a silent client may hold a connection (and a thread)
+    server_version = "opd-bench-reward/1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path.rstrip("/") == "/health":
+            self._send_json(200, self.server.health())
+        else:
+            self._send_error(404, f"no GET {self.path}; use GET /health or POST /score")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") != "/score":
+            self._send_error(404, f"no POST {self.path}; use POST /score")
+            return
+        self.server.score_requests += 1
+        body = self._read_body()
+        if body is None:
+            return
+        try:
+            reply = self.server.score(_parse_json(body))
+        except RequestError as error:
+            self._send_error(400, str(error))
+            return
+        except Exception as error:  # noqa: BLE001 - any reward failure becomes a 500 reply
+            logger.exception("reward %s failed", self.server.reward_name)
+            first_line = (str(error).splitlines() or [""])[0]
+            self._send_error(500, f"reward {self.server.reward_name!r} raised {type(error).__name__}: {first_line}")
+            return
+        self._send_json(200, reply)
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or None after an error reply (411 / 413)."""
+        length_header = self.headers.get("Content-Length")
+        if length_header is None or not length_header.strip().isdigit():
+            self._send_error(411, "the request needs a Content-Length header (chunked bodies are not supported)")
+            return None
+        length = int(length_header)
+        limit = self.server.max_request_bytes
+        if length > limit:
+            # Read and discard the body first: closing a socket with unread data resets the
+            # connection, and the client would see "connection reset" instead of this reply.
+            self._discard(length)
+            self._send_error(
+                413,
+                f"request of {length} bytes is over the server's limit of {limit} bytes; send fewer "
+                "images per request (RemoteReward(max_batch=...)) or restart the server with a larger --max-request-mb",
+            )
+            return None
+        return self.rfile.read(length)
+
+    def _discard(self, length: int) -> None:
+        while length > 0:
+            data = self.rfile.read(min(length, 1 << 16))
+            if not data:
+                return
+            length -= len(data)
+
+    def _send_error(self, status: int, message: str) -> None:
+        self._send_json(status, {"error": message})
+
+    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload, allow_nan=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+        logger.info("%s %s", self.address_string(), format % args)
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(
+            f"the request body is not valid JSON ({error}); send "
+            '{"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [dict, ...]}'
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points.
+# --------------------------------------------------------------------------------------------
+
+
+def make_reward_server(
+    name: str,
+    options: dict[str, Any] | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> RewardServer:
+    """Build the reward registered as ``name`` and bind a server to it (``port=0``: any free port).
+
+    The server is not started; call ``serve_forever()`` (or use ``serve_reward``).
+    """
+    from opd_bench import rewards
+
+    options = dict(options or {})
+    if name == "remote":
+        raise ValueError("serving the 'remote' reward would only forward requests; serve the reward itself")
+    try:
+        reward = rewards.get(name, **options)
+    except TypeError as error:
+        raise ValueError(f"reward {name!r} does not accept options {sorted(options)} ({error})") from None
+    try:
+        return RewardServer(
+            (host, port), reward, name=name, options=options, max_batch=max_batch, max_request_bytes=max_request_bytes
+        )
+    except OSError as error:
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port or stop what uses it"
+        ) from None
+
+
+def serve_reward(
+    name: str,
+    options: dict[str, Any] | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    on_ready: Callable[[RewardServer], None] | None = None,
+) -> None:
+    """Serve the reward ``name`` until interrupted (Ctrl-C); ``on_ready`` is called once bound."""
+    server = make_reward_server(
+        name, options, host, port, max_batch=max_batch, max_request_bytes=max_request_bytes
+    )
+    with server:
+        if on_ready is not None:
+            on_ready(server)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            logger.info("stopping the reward server at %s", server.url)
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict; values are parsed as JSON when possible, else kept as strings."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, separator, text = pair.partition("=")
+        key = key.strip()
+        if not separator or not key:
+            raise ValueError(f"option {pair!r} is not key=value; write e.g. --option target=[1,0,0]")
+        if key in options:
+            raise ValueError(f"option {key!r} is given twice; give each option once")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m opd_bench.serve NAME ...``: the CLI command for environments without click."""
+    import argparse
+
+    from opd_bench.registry import UnknownNameError
+
+    parser = argparse.ArgumentParser(prog="python -m opd_bench.serve", description="Serve a registered reward over HTTP.")
+    parser.add_argument("name")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        serve_reward(
+            args.name, parse_options(args.option), args.host, args.port, max_batch=args.max_batch,
+            max_request_bytes=int(args.max_request_mb * 2**20),
+            on_ready=lambda server: print(f"serving reward {args.name} at {server.url} (Ctrl-C to stop)", flush=True),
+        )
+    except (ValueError, UnknownNameError) as error:  # bad input: one line, no traceback
+        parser.exit(1, f"error: {str(error).splitlines()[0]}\n")
+
+
+if __name__ == "__main__":
+    main()

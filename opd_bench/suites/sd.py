@@ -1,0 +1,256 @@
+"""The ``sd`` suite: GenEval, OCR and PickScore for real SD3 / SD3.5 pipelines.
+
+Same benchmark names as ``tiny`` (``geneval``, ``ocr``, ``pref``); prompt files and weights are
+the user's, named in one small JSON configuration, one section per benchmark::
+
+    {
+      "device": "cuda",
+      "geneval": {"test": "geneval/prompts/evaluation_metadata.jsonl",
+                  "model_path": "/weights/owlv2", "clip_model_path": "/weights/clip-vit-l-14"},
+      "ocr":     {"test": "flow_grpo/dataset/ocr/test.txt"},
+      "pref":    {"test": "flow_grpo/dataset/pickscore/test.txt",
+                  "pickscore": {"model_path": "/weights/PickScore_v1", "processor_path": "/weights/CLIP-ViT-H-14"}}
+    }
+
+In a section, ``test`` / ``train`` are prompt files (relative to the config file), ``reward`` /
+``train_reward`` replace the default reward (a name or ``[name, {options}]``, e.g. ``["remote",
+{"url": ...}]``), and every other key is an option of the default reward (``pref``: one options
+dict per reward name; ``pickscore`` is scored, ``hpsv2`` / ``clipscore`` / ``imagereward`` are
+reported beside it when given). ``device`` is added to the options of the geneval and pref rewards.
+
+Give it with ``OPD_SD_CONFIG=/path/sd.json`` (read when a benchmark is first needed, so the CLI
+works unchanged) or ``opd_bench.suites.configure("sd", path_or_dict, **sections)``. See
+``docs/sd_suite.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opd_bench.benchmarks import BenchmarkSpec, PromptFileError, read_prompts
+from opd_bench.registry import UnknownNameError
+from opd_bench.rollout import Prompt
+from opd_bench.suites import Suite
+
+CONFIG_ENV = "OPD_SD_CONFIG"
+VERSION = "sd-v1"
+TASKS = ("geneval", "ocr", "pref")
+PREF_EXTRAS = ("hpsv2", "clipscore", "imagereward")
+FILE_KEYS = ("test", "train")
+SPEC_KEYS = FILE_KEYS + ("reward", "train_reward")
+WHERE = {
+    "geneval": "GenEval's prompts/evaluation_metadata.jsonl (553 prompts) from https://github.com/djghosh13/geneval",
+    "ocr": "a prompt file with the text in double quotes, e.g. Flow-GRPO's dataset/ocr/test.txt (https://github.com/yifan123/flow_grpo)",
+    "pref": "a prompt file, e.g. Flow-GRPO's dataset/pickscore/test.txt (https://github.com/yifan123/flow_grpo)",
+}
+
+
+class SuiteConfigError(ValueError):
+    """A missing or malformed entry of the sd suite's configuration; the message says what to give."""
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+_CONFIG: dict[str, Any] | None = None  # None: read OPD_SD_CONFIG when first needed
+
+
+def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
+    """A configuration from a dict or a JSON file; prompt files of a file are made relative to it."""
+    base = Path.cwd()
+    if not isinstance(source, dict):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise SuiteConfigError(f"sd suite config {str(path)!r} does not exist (given as {CONFIG_ENV} or to configure())")
+        try:
+            source = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise SuiteConfigError(f"sd suite config {path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+        if not isinstance(source, dict):
+            raise SuiteConfigError(f"sd suite config {path}: expected a JSON object with sections {list(TASKS)}")
+        base = path.resolve().parent
+    unknown = sorted(set(source) - set(TASKS) - {"device"})
+    if unknown:
+        raise SuiteConfigError(f"sd suite config: unknown key(s) {unknown}; expected 'device' and sections {list(TASKS)}")
+    config: dict[str, Any] = {"device": source.get("device")}
+    for task in TASKS:
+        if not isinstance(source.get(task) or {}, dict):
+            raise SuiteConfigError(f"sd suite config: section {task!r} must be an object like {{\"test\": FILE, ...}}")
+        section = dict(source.get(task) or {})
+        for key in FILE_KEYS:
+            if section.get(key):
+                section[key] = str(base / Path(section[key]).expanduser())
+        config[task] = section
+    return config
+
+
+def configure(config: str | os.PathLike | dict | None = None, **sections: Any) -> None:
+    """Set the whole sd configuration: a dict or JSON file, then ``sections`` (``geneval={...}``)
+    replacing those sections. ``configure()`` with nothing clears it (the env var is then ignored)."""
+    global _CONFIG
+    loaded = load_config({} if config is None else config)
+    loaded.update({key: value for key, value in load_config(sections).items() if key in sections})
+    _CONFIG = loaded
+
+
+def current_config() -> dict[str, Any]:
+    global _CONFIG
+    if _CONFIG is None:
+        path = os.environ.get(CONFIG_ENV)
+        _CONFIG = load_config(path) if path else load_config({})
+    return _CONFIG
+
+
+def _reward_spec(value: Any, where: str) -> tuple[str, dict]:
+    """``"name"`` or ``[name, {options}]`` -> (name, options)."""
+    if isinstance(value, str):
+        return value, {}
+    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], dict):
+        return value[0], dict(value[1])
+    raise SuiteConfigError(f"sd suite config: {where} must be a reward name or [name, {{options}}], got {value!r}")
+
+
+def _with_device(options: dict, config: dict) -> dict:
+    if config.get("device") and "device" not in options:
+        options = {**options, "device": config["device"]}
+    return options
+
+
+def _pref_options(config: dict, name: str) -> dict | None:
+    options = config["pref"].get(name)
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise SuiteConfigError(f"sd suite config: pref.{name} must be the options of the {name!r} reward, e.g. {{\"model_path\": DIR}}")
+    return _with_device(options, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# specs
+
+
+def read_text_prompts(path: str | Path, *, task: str = "") -> list[Prompt]:
+    """One prompt per non-empty line (Flow-GRPO's ``.txt`` prompt files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist; check the path in the sd suite config")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [Prompt(line, task, {"prompt": line, "task": task}) for line in lines if line]
+    if not prompts:
+        raise PromptFileError(f"prompt file {str(path)!r} has no prompts")
+    return prompts
+
+
+@dataclass(frozen=True)
+class FileBenchmarkSpec(BenchmarkSpec):
+    """A spec whose prompt files are JSON lines (``.jsonl`` / ``.json``) or plain text, one prompt a line."""
+
+    quoted_text: bool = False  # every prompt must quote the text to render (OCR)
+
+    def prompts(self, split: str = "test", limit: int | None = None) -> list[Prompt]:
+        path = self.path(split)
+        if path.suffix in (".jsonl", ".json"):
+            prompts = read_prompts(path, task=self.name, required=self.required_fields)
+        else:
+            prompts = read_text_prompts(path, task=self.name)
+        if self.quoted_text:
+            from opd_bench.rewards.ocr import target_text
+
+            for p in prompts:
+                if p.metadata.get("text") is None and target_text(p.text) is None:
+                    raise PromptFileError(f"{path}: prompt {p.text!r} has no text in double quotes; OCR prompts quote the text to render")
+        if limit is None or limit >= len(prompts):
+            return prompts
+        return [prompts[i * len(prompts) // limit] for i in range(limit)]  # evenly spaced, as BenchmarkSpec
+
+
+def _files(task: str, section: dict) -> dict:
+    if not section.get("test"):
+        raise SuiteConfigError(
+            f"benchmark sd/{task} needs its prompt file: set {task}.test in the sd suite config "
+            f"({CONFIG_ENV}=FILE.json or suites.configure('sd', ...)); get {WHERE[task]}"
+        )
+    for key in FILE_KEYS:
+        if section.get(key) and not Path(section[key]).is_file():
+            raise PromptFileError(f"sd/{task} {key} prompt file {section[key]!r} does not exist; get {WHERE[task]}")
+    return {"test_file": section["test"], "train_file": section.get("train")}
+
+
+def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
+    section = config[task]
+    common = dict(name=task, suite="sd", version=VERSION, **_files(task, section))
+    options = {k: v for k, v in section.items() if k not in SPEC_KEYS}
+    if task == "geneval":
+        reward, reward_options = "sd/geneval", _with_device(options, config)
+        train_reward, train_options = "sd/geneval-partial", reward_options
+        spec = dict(metric="geneval", images_per_prompt=4, required_fields=("prompt", "tag", "include"),
+                    description="GenEval's 553 prompts and rules (detector backend: see the reward options)")
+    elif task == "ocr":
+        # whole 512 px images, as Flow-GRPO passes them to PaddleOCR (the tiny suite upscales 64 px ones)
+        reward, reward_options = "ocr", {"upscale": 1, "pad": 0, **options}
+        train_reward, train_options = None, None
+        spec = dict(images_per_prompt=1, quoted_text=True, description="quoted-text prompts read by an OCR engine")
+    else:
+        extra = sorted(set(options) - {"pickscore", *PREF_EXTRAS})
+        if extra:
+            raise SuiteConfigError(f"sd suite config: pref has unknown key(s) {extra}; expected test, train, reward, "
+                                   f"train_reward, pickscore, {', '.join(PREF_EXTRAS)}")
+        reward, reward_options = "pickscore", _pref_options(config, "pickscore")
+        if reward_options is None and "reward" not in section:
+            raise SuiteConfigError("benchmark sd/pref needs PickScore's weights: set pref.pickscore to "
+                                   "{\"model_path\": ..., \"processor_path\": ...} in the sd suite config")
+        train_reward, train_options = None, None
+        spec = dict(images_per_prompt=1, description="PickScore (HPSv2, CLIPScore, ImageReward beside it when configured)",
+                    extra_rewards={name: f"sd/{name}" for name in PREF_EXTRAS if config["pref"].get(name) is not None})
+    if "reward" in section:
+        reward, reward_options = _reward_spec(section["reward"], f"{task}.reward")
+    if "train_reward" in section:
+        train_reward, train_options = _reward_spec(section["train_reward"], f"{task}.train_reward")
+    return FileBenchmarkSpec(reward=reward, reward_options=reward_options or {}, train_reward=train_reward,
+                             train_reward_options=train_options, **common, **spec)
+
+
+def _configured(name: str):
+    """A reward factory for ``extra_rewards`` (built without options): ``name`` with the pref section's options."""
+    def build(**options: Any):
+        from opd_bench import rewards
+
+        return rewards.get(name, **{**(_pref_options(current_config(), name) or {}), **options})
+
+    build.__name__ = build.__qualname__ = f"{name}_reward"
+    return build
+
+
+hpsv2_reward = _configured("hpsv2")
+clipscore_reward = _configured("clipscore")
+imagereward_reward = _configured("imagereward")
+
+
+# ---------------------------------------------------------------------------------------------
+# the suite
+
+
+@dataclass(frozen=True)
+class SDSuite(Suite):
+    """A suite whose specs are built from the current configuration, on request."""
+
+    def benchmark(self, task: str) -> FileBenchmarkSpec:
+        if task not in self.tasks:
+            raise UnknownNameError(f"unknown benchmark 'sd/{task}'. Known benchmarks of suite sd: {', '.join(self.tasks)}.")
+        return build_spec(task, current_config())
+
+    def configure(self, config: str | os.PathLike | dict | None = None, **sections: Any) -> None:
+        configure(config, **sections)
+
+
+SUITE = SDSuite(
+    name="sd", version=VERSION, tasks=TASKS, default_model="stabilityai/stable-diffusion-3.5-medium",
+    # DiffusionOPD / Flow-GRPO evaluation sampler (PAPER.md section 1): 40 steps, CFG 4.5, 512 px, ODE
+    num_steps=40, guidance_scale=4.5, noise_level=0.0, resolution=512,
+    headline=("geneval", "ocr"),  # PickScore is not in [0, 1]
+    description="real SD3 / SD3.5 models: GenEval, OCR and PickScore from user-given files (docs/sd_suite.md)",
+)

@@ -1,0 +1,84 @@
+"""Find the weights of a real model (a reward model, a detector) on this machine, or say how to get them.
+
+Nothing in opd-bench downloads at run time. A model is given as a local folder or file, or as a
+hub id that must already be in the Hugging Face hub cache. When it is not there, the error names
+what was expected, where it was looked for, and the command that fetches it on a machine with
+internet. There is no silent fallback to other weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Weights that are not on this machine; the message says what to fetch and how."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.count("/") != 1 or Path(value).expanduser().exists()
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return str(HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers/diffusers
+        return os.path.expanduser("~/.cache/huggingface/hub")
+
+
+def resolve_weights(
+    value: str | os.PathLike | None,
+    *,
+    what: str,
+    expected: Sequence[str] = (),
+    hub_id: str | None = None,
+    option: str = "model_path",
+) -> Path:
+    """Return the local path of ``value`` (a folder, a file or a cached hub id).
+
+    ``what``: the model's name in messages ("PickScore"). ``expected``: file names that must be
+    inside a folder (any one of ``a|b`` alternatives). ``hub_id``: the usual hub id, suggested
+    when ``value`` is missing. ``option``: the argument the user passes the path as.
+    """
+    if value is None or str(value) == "":
+        suggestion = f" (usually the hub id {hub_id!r})" if hub_id else ""
+        fetch = f"; fetch it with `hf download {hub_id}` on a machine with internet" if hub_id else ""
+        raise MissingWeightsError(f"{what} needs its weights: pass {option}=<local folder or cached hub id>{suggestion}{fetch}")
+    text = str(value)
+    if _looks_local(text):
+        path = Path(text).expanduser()
+        if not path.exists():
+            fetch = f" (fetch with `hf download {hub_id} --local-dir {path}` on a machine with internet)" if hub_id else ""
+            raise MissingWeightsError(f"{what} weights not found: {str(path)!r} does not exist{fetch}")
+        _check_expected(path, expected, what)
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(text, local_files_only=True))
+    except Exception as error:  # LocalEntryNotFoundError, RepositoryNotFoundError, offline errors
+        raise MissingWeightsError(
+            f"{what}: hub id {text!r} is not in the hub cache ({_hub_cache()}) and opd-bench never downloads; "
+            f"run `hf download {text}` on a machine with internet (and copy the cache), or pass a local folder "
+            f"as {option}= ({type(error).__name__})"
+        ) from None
+    _check_expected(path, expected, what)
+    return path
+
+
+def _check_expected(path: Path, expected: Sequence[str], what: str) -> None:
+    if not expected or path.is_file():
+        return
+    missing = [name for name in expected if not any((path / alt).exists() for alt in name.split("|"))]
+    if missing:
+        raise MissingWeightsError(
+            f"{what} weights in {str(path)!r} are incomplete: missing {', '.join(missing)} "
+            f"(found: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})"
+        )

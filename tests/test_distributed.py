@@ -1,0 +1,124 @@
+"""Several processes train the same model as one: 2 CPU processes (gloo) against 1.
+
+The 2-process run is launched with ``torch.distributed.run`` (what ``torchrun`` and
+``accelerate launch`` do), running this file as the worker script, so the process group is
+built from the launcher's environment exactly as in real use.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd_bench import rewards
+from opd_bench.distributed import ProcessGroup, current
+from opd_bench.policy import Policy
+from opd_bench.rollout import Prompt
+from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+from opd_bench.training import read_metrics
+
+PROMPTS = [Prompt("a white square", "bright"), Prompt("a yellow star", "bright"), Prompt("a black circle", "bright")]
+# 2 prompts x 2 images, 2 of 3 steps trained: 8 (sample, step) pairs a step. micro_batch=4 cuts the
+# 1-process batch where the 2 ranks split it, so even the micro-batch gradient variance matches.
+CONFIG = GRPOConfig(
+    steps=2, prompts_per_step=2, group_size=2, num_steps=3, train_fraction=0.67, micro_batch=4,
+    clip_range=0.2, lr=1e-2, eval_every=0, checkpoint_every=1, seed=3,
+)
+
+
+def _train(tiny_dir, run_dir) -> tuple[GRPOTrainer, list[torch.Tensor]]:
+    policy = Policy.from_pretrained(str(tiny_dir))
+    trainer = GRPOTrainer(CONFIG, policy=policy, prompts=PROMPTS, rewards={"bright": rewards.get("toy/brightness")}, run_dir=run_dir)
+    trainer.train(progress=False)
+    return trainer, [p.detach().clone() for p in policy.parameters("student")]
+
+
+def _worker(tiny_dir: str, run_dir: str, out_dir: str) -> None:
+    """One rank of the 2-process run: train, then report weights and collective checks to out_dir."""
+    torch.set_num_threads(1)
+    ranks = current()
+    trainer, weights = _train(tiny_dir, run_dir)
+    # variable-size gather: rank r contributes r + 1 rows
+    gathered = ranks.all_gather(torch.full((ranks.rank + 1, 2), float(ranks.rank)))
+    # gradient averaging, with a parameter that has a gradient on rank 1 only
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.full((3,), float(ranks.rank))
+    b.grad = torch.ones(2) if ranks.rank == 1 else None
+    ranks.average_gradients([a, b])
+    torch.save(
+        {
+            "rank": ranks.rank, "world_size": ranks.world_size, "weights": weights, "gathered": gathered,
+            "grad_a": a.grad, "grad_b": b.grad, "opened_log": trainer.run.log is not None,
+        },
+        Path(out_dir) / f"rank{ranks.rank}.pt",
+    )
+
+
+def test_shard_and_single_process_collectives():
+    items = list("abcdef")
+    assert ProcessGroup(rank=0, world_size=2).shard(items) == (["a", "b", "c"], 0)
+    assert ProcessGroup(rank=1, world_size=2).shard(items) == (["d", "e", "f"], 3)
+    assert ProcessGroup(rank=2, world_size=3).shard(items) == (["e", "f"], 4)
+    with pytest.raises(ValueError, match="4 prompts per step cannot be split evenly over 3 processes"):
+        ProcessGroup(rank=0, world_size=3).shard(items[:4])
+    single = ProcessGroup()
+    assert single.is_main and not single.distributed and single.shard(items) == (items, 0)
+    x = torch.arange(4.0)
+    assert single.all_gather(x) is x and single.all_reduce_sum(x) is x and single.broadcast_object({"k": 1}) == {"k": 1}
+    assert single.run_on_main(lambda: 7) == 7
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 3.0)
+    single.average_gradients([p])
+    assert p.grad.tolist() == [3.0, 3.0]
+    assert ProcessGroup(rank=1, world_size=2, local_rank=1).device("cuda") == torch.device("cuda", 1)
+    assert ProcessGroup().device("cpu") == torch.device("cpu")
+
+
+def test_two_processes_train_like_one(tiny_dir, tmp_path):
+    _, single_weights = _train(tiny_dir, tmp_path / "single")
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+
+    out = tmp_path / "ranks"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "OPD_BENCH_BACKEND": "gloo"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        __file__, str(tiny_dir), str(tmp_path / "multi"), str(out),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
+    assert [r["opened_log"] for r in results] == [True, False]  # only rank 0 writes the run folder
+    for ours, theirs in zip(results[0]["weights"], results[1]["weights"], strict=True):
+        assert torch.equal(ours, theirs)  # averaged gradients keep the ranks' weights identical
+    for r in results:
+        # The same weights as the 1-process run, up to float noise: the re-evaluated log-densities
+        # depend on the batch a sample is computed in, and Adam's normalised step magnifies that on
+        # small gradients (the 1-process run with micro_batch 8 instead of 4 already moves weights
+        # by ~5e-4 of their scale, 2 processes by ~2e-3); a wrong offset, seed or reduction is O(1).
+        for mine, reference in zip(r["weights"], single_weights, strict=True):
+            torch.testing.assert_close(mine, reference, rtol=0, atol=1e-2 * float(reference.abs().max()) + 1e-8)
+        assert r["gathered"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        assert r["grad_a"].tolist() == [0.5] * 3 and r["grad_b"].tolist() == [0.5] * 2
+
+    multi = read_metrics(tmp_path / "multi" / "metrics.jsonl")
+    assert [r["step"] for r in multi] == [1, 2]  # one line per step: a second writer would repeat them
+    assert (tmp_path / "multi" / "DONE").exists() and (tmp_path / "multi" / "final" / "adapter_model.safetensors").exists()
+    for a, b in zip(single, multi):
+        assert set(a) == set(b)
+        for key in a:
+            if key == "wall_seconds":
+                continue
+            # abs: the GRPO loss is a near-cancelling sum of +-advantage * ratio (~0 +- 1e-5)
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), key
+    assert single[0]["grad/norm"] > 0 and single[-1]["images"] == 8 and single[-1]["student_forwards"] == multi[-1]["student_forwards"]
+    assert "grad/variance" in multi[0] and [r["reward/bright/mean"] for r in multi] == pytest.approx([r["reward/bright/mean"] for r in single], rel=1e-5)
+
+
+if __name__ == "__main__":  # a rank of the 2-process run (launched by the test above)
+    _worker(*sys.argv[1:4])

@@ -1,0 +1,222 @@
+"""PickScore, CLIPScore and HPSv2 rewards on tiny random-init models built offline.
+
+Each model is saved in the real weights' format and loaded through ``rewards.get``, and its
+scores are checked against a direct computation with the underlying model.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opd_bench import rewards
+from opd_bench.weights import MissingWeightsError
+
+SIZE = 32  # the tiny models' image size; images of this size pass the resize unchanged
+PROMPTS = ["a red circle", "two blue squares on the left", "a photo of a green star"]
+OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+TINY_OPEN_CLIP = "opd-test-tiny-clip"
+
+
+def _images(n=3, h=SIZE, w=SIZE, seed=0):
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _quantised(images):
+    """What the rewards feed the preprocessing: 8-bit images, back in [0, 1]."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
+# --------------------------------------------------------------------------------------------
+# PickScore (transformers CLIPModel + CLIPProcessor)
+
+
+@pytest.fixture(scope="module")
+def pick_dirs(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from opd_bench.tiny.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("pickscore")
+    tokenizer = build_tokenizer(root / "tok", max_length=16)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "processor")
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, **ids),
+        vision_config=dict(image_size=SIZE, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).eval().save_pretrained(root / "model")
+    return root / "model", root / "processor"
+
+
+def _pick_by_hand(model_dir, processor_dir, images, prompts):
+    from transformers import AutoProcessor, CLIPModel
+
+    processor = AutoProcessor.from_pretrained(str(processor_dir))
+    model = CLIPModel.from_pretrained(str(model_dir)).eval()
+    pil = [_pil(im) for im in images]
+    pixels = processor(images=pil, return_tensors="pt")["pixel_values"]
+    # the processor saw 8-bit images, rescaled and normalised them once (no double scaling)
+    torch.testing.assert_close(pixels, (_quantised(images) - OPENAI_MEAN) / OPENAI_STD, atol=1e-4, rtol=0)
+    text = processor(text=prompts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels)
+    return out.logits_per_image.diagonal()  # logit_scale.exp() * cos(image_i, text_i)
+
+
+def _pil(image):
+    """An independent 8-bit conversion (the hand computation does not reuse the reward's)."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def test_registered():
+    assert {"pickscore", "clipscore", "hpsv2"} <= set(rewards.names())
+
+
+def test_pickscore_matches_the_model(pick_dirs):
+    model_dir, processor_dir = pick_dirs
+    reward = rewards.get("pickscore", model_path=str(model_dir), processor_path=str(processor_dir), batch_size=2)
+    images = _images()
+    out = reward(images, PROMPTS, [{}] * 3)
+    assert out.scores.dtype == torch.float32 and out.scores.shape == (3,)
+    assert torch.isfinite(out.scores).all()
+    torch.testing.assert_close(out.scores, _pick_by_hand(model_dir, processor_dir, images, PROMPTS),
+                               atol=1e-4, rtol=1e-4)
+
+    # pairing matters: swapping two prompts changes their scores, to the swapped pairs' values
+    swapped = [PROMPTS[1], PROMPTS[0], PROMPTS[2]]
+    out_swapped = reward(images, swapped, [{}] * 3)
+    torch.testing.assert_close(out_swapped.scores, _pick_by_hand(model_dir, processor_dir, images, swapped),
+                               atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out_swapped.scores[:2], out.scores[:2], atol=1e-4)
+
+    scaled = rewards.get("pickscore", model_path=str(model_dir), processor_path=str(processor_dir), divide_by=26)
+    torch.testing.assert_close(scaled(images, PROMPTS, [{}] * 3).scores, out.scores / 26)
+
+
+# --------------------------------------------------------------------------------------------
+# open_clip models (CLIPScore, HPSv2)
+
+
+TINY_OPEN_CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": SIZE, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    # open_clip's bundled BPE tokenizer has 49408 tokens; the context is short to stay tiny
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def open_clip_model(tmp_path_factory):
+    """A tiny open_clip CLIP registered as an architecture, random-init, with its state dict."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("open_clip_cfg")
+    (root / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps(TINY_OPEN_CLIP_CFG))
+    open_clip.add_model_config(root / f"{TINY_OPEN_CLIP}.json")
+    torch.manual_seed(1)
+    model = open_clip.create_model(TINY_OPEN_CLIP).eval()
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _cosine_by_hand(model, images, prompts):
+    import open_clip
+
+    pixels = (_quantised(images) - OPENAI_MEAN) / OPENAI_STD
+    tokens = open_clip.tokenize(prompts, context_length=16)
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(pixels), dim=-1)
+        txt = F.normalize(model.encode_text(tokens), dim=-1)
+    return (img * txt).sum(-1)
+
+
+def test_clipscore_folder_and_file(open_clip_model, tmp_path):
+    from safetensors.torch import save_file
+
+    model, state = open_clip_model
+    folder = tmp_path / "clip"  # open_clip's hub layout
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP_CFG}))
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    images = _images(seed=1)
+    cosine = _cosine_by_hand(model, images, PROMPTS)
+
+    from_folder = rewards.get("clipscore", model_path=str(folder))
+    from_file = rewards.get("clipscore", model_path=str(folder / "open_clip_model.safetensors"),
+                            model_name=TINY_OPEN_CLIP, batch_size=2)
+    for reward in (from_folder, from_file):
+        out = reward(images, PROMPTS, [{}] * 3)
+        assert out.scores.dtype == torch.float32 and out.scores.shape == (3,)
+        assert torch.isfinite(out.scores).all()
+        torch.testing.assert_close(torch.tensor(out.details["cosine"]), cosine, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.scores, 100 * cosine.clamp(min=0), atol=1e-3, rtol=1e-4)
+
+    swapped = [PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    out_swapped = from_folder(images, swapped, [{}] * 3)
+    torch.testing.assert_close(torch.tensor(out_swapped.details["cosine"]),
+                               _cosine_by_hand(model, images, swapped), atol=1e-5, rtol=1e-4)
+    assert abs(out_swapped.details["cosine"][0] - cosine[0].item()) > 1e-4
+
+
+def test_hpsv2_checkpoint_formats(open_clip_model, tmp_path):
+    model, state = open_clip_model
+    (tmp_path / "hps").mkdir()
+    torch.save({"state_dict": state}, tmp_path / "hps" / "HPS_v2.1_compressed.pt")  # as released
+    torch.save(state, tmp_path / "raw.pt")  # a bare state dict
+    images = _images(seed=2)
+    cosine = _cosine_by_hand(model, images, PROMPTS)
+
+    for path in (tmp_path / "hps", tmp_path / "hps" / "HPS_v2.1_compressed.pt", tmp_path / "raw.pt"):
+        reward = rewards.get("hpsv2", model_path=str(path), model_name=TINY_OPEN_CLIP)
+        out = reward(images, PROMPTS, [{}] * 3)
+        assert out.scores.dtype == torch.float32 and out.scores.shape == (3,)
+        torch.testing.assert_close(out.scores, cosine, atol=1e-5, rtol=1e-4)
+
+    swapped = [PROMPTS[1], PROMPTS[0], PROMPTS[2]]
+    torch.testing.assert_close(reward(images, swapped, [{}] * 3).scores,
+                               _cosine_by_hand(model, images, swapped), atol=1e-5, rtol=1e-4)
+    # any image size is resized to the model's (longest side, padded to a square)
+    other = reward(_images(2, 40, 56), PROMPTS[:2], [{}, {}]).scores
+    assert other.shape == (2,) and torch.isfinite(other).all()
+
+    with pytest.raises(MissingWeightsError, match="HPS_v2_compressed.pt"):
+        rewards.get("hpsv2", model_path=str(tmp_path / "hps"), version="v2.0", model_name=TINY_OPEN_CLIP)
+
+
+# --------------------------------------------------------------------------------------------
+# missing weights
+
+
+def test_missing_weights_say_what_and_how(tmp_path, pick_dirs):
+    _, processor_dir = pick_dirs
+    missing = tmp_path / "nowhere"
+    with pytest.raises(MissingWeightsError, match="does not exist") as info:
+        rewards.get("pickscore", model_path=str(missing), processor_path=str(processor_dir))
+    assert str(missing) in str(info.value) and "hf download yuvalkirstain/PickScore_v1" in str(info.value)
+
+    with pytest.raises(MissingWeightsError, match="hf download xswu/HPSv2"):
+        rewards.get("hpsv2", model_path=str(missing))
+
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(MissingWeightsError, match="missing open_clip_config.json"):
+        rewards.get("clipscore", model_path=str(tmp_path / "empty"))
+
+    with pytest.raises(MissingWeightsError, match="pass model_path="):
+        rewards.get("clipscore")
+
+    uncached = "opd-bench-tests/not-a-cached-model"
+    for name in ("pickscore", "hpsv2", "clipscore"):
+        with pytest.raises(MissingWeightsError, match="not in the hub cache") as info:
+            rewards.get(name, model_path=uncached)
+        assert f"hf download {uncached}" in str(info.value)
