@@ -84,7 +84,8 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--method", default="all", show_default=True, type=click.Choice(["all", "teachers", "opd", "opd-ppo", "multi-reward", "cascade"]))
 @click.option("--suite", "suite_name", default="tiny", show_default=True)
 @click.option("--model", default=None, help="Base model: a shipped alias ('tiny'), a pipeline folder or hub id. Default: the suite's.")
-@click.option("--preset", default="standard", show_default=True, type=click.Choice(["smoke", "standard"]))
+@click.option("--preset", default="standard", show_default=True, type=click.Choice(["smoke", "standard", "paper"]),
+              help="smoke: two minutes; standard: the embedded suite on a CPU; paper: PAPER.md's SD3.5-M settings, for GPUs.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds of the student runs.")
 @click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="cpu", show_default=True)

@@ -61,3 +61,23 @@ def test_report_and_submission_from_the_smoke_run(smoke_run, tmp_path):
     path = submit(smoke_run, "smoke-test", root=tmp_path / "board")
     readme, csv = rebuild(tmp_path / "board")
     assert path.is_file() and "smoke-test" in readme.read_text() and "smoke-test" in csv.read_text()
+
+
+def test_paper_preset_follows_the_published_settings():
+    from opd_bench.harness import plan
+
+    paper = plan("paper")
+    assert (paper.teacher.group_size, paper.teacher.num_steps, paper.teacher.noise_level) == (24, 10, 0.7)
+    assert (paper.opd.lora_rank, paper.opd.lora_alpha, paper.opd.lr, paper.opd.ema) == (32, 64, 3e-4, 0.9)
+    assert paper.opd.noise_level == 0.0 and paper.opd.train_fraction == 0.9
+    assert paper.teacher.kl_beta == 0.04 and paper.teacher_overrides == {"pref": {"kl_beta": 0.01}}
+    # matched student budgets: images per optimizer step and steps are equal for every method
+    per_step = {
+        "opd": 3 * paper.opd.prompts_per_task * paper.opd.images_per_prompt,
+        "multi-reward": paper.multi_reward.prompts_per_step * paper.multi_reward.group_size,
+        "cascade": paper.cascade.grpo.prompts_per_step * paper.cascade.grpo.group_size,
+    }
+    assert len(set(per_step.values())) == 1
+    assert paper.opd.steps == paper.multi_reward.steps == sum(n for _, n in paper.cascade.stages)
+    for processes in (1, 2, 4):  # data-parallel runs need whole groups per process
+        assert paper.opd.prompts_per_task % processes == 0 and paper.multi_reward.prompts_per_step % processes == 0
