@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from opd_bench import rewards
 from opd_bench.weights import MissingWeightsError
+from tiny_real_models import build_pickscore
 
 SIZE = 32  # the tiny models' image size; images of this size pass the resize unchanged
 PROMPTS = ["a red circle", "two blue squares on the left", "a photo of a green star"]
@@ -35,26 +36,7 @@ def _quantised(images):
 
 @pytest.fixture(scope="module")
 def pick_dirs(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from opd_bench.tiny.tokenizer import build_tokenizer
-
-    root = tmp_path_factory.mktemp("pickscore")
-    tokenizer = build_tokenizer(root / "tok", max_length=16)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "processor")
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, **ids),
-        vision_config=dict(image_size=SIZE, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).eval().save_pretrained(root / "model")
-    return root / "model", root / "processor"
+    return build_pickscore(tmp_path_factory.mktemp("pickscore"), size=SIZE)
 
 
 def _pick_by_hand(model_dir, processor_dir, images, prompts):

@@ -20,6 +20,7 @@ from opd_bench.registry import UnknownNameError
 from opd_bench.rewards.geneval_sd import COCO_CLASSES, ClipColourClassifier, OwlV2Detector
 from opd_bench.suites import sd
 from opd_bench.weights import MissingWeightsError
+from tiny_real_models import build_colour_clip, build_owlv2
 
 # Lines in the official evaluation_metadata.jsonl format (as GenEval's create_prompts.py writes them).
 OFFICIAL = [
@@ -207,26 +208,7 @@ def test_geneval_options_are_the_official_evaluators():
 
 @pytest.fixture(scope="module")
 def owlv2_dir(tmp_path_factory):
-    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
-
-    from opd_bench.tiny.tokenizer import DEFAULT_WORDS, write_tokenizer
-
-    folder = tmp_path_factory.mktemp("owlv2")
-    words = list(DEFAULT_WORDS) + [w for name in COCO_CLASSES for w in name.split()]
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer(folder / "tok", words, max_length=16)))
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = Owlv2Config(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=16, **ids, **small),
-        vision_config=dict(image_size=64, patch_size=16, **small), projection_dim=32,
-    )
-    torch.manual_seed(0)
-    model = Owlv2ForObjectDetection(config)
-    torch.nn.init.zeros_(model.box_head.dense2.weight)  # boxes = OWLv2's grid prior: 16 px boxes on the patches
-    torch.nn.init.zeros_(model.box_head.dense2.bias)
-    model.save_pretrained(folder / "model")
-    Owlv2Processor(Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer).save_pretrained(folder / "model")
-    return folder / "model"
+    return build_owlv2(tmp_path_factory.mktemp("owlv2"))
 
 
 def test_owlv2_backend_detects_with_the_detection_structure(owlv2_dir):
@@ -248,19 +230,7 @@ def test_owlv2_backend_detects_with_the_detection_structure(owlv2_dir):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    name = "opd-test-tiny-clip"
-    (folder / f"{name}.json").write_text(json.dumps({
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }))
-    open_clip.add_model_config(folder / f"{name}.json")
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model(name).state_dict(), folder / "open_clip_pytorch_model.bin")
-    return name, folder
+    return build_colour_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_clip_colour_classifier_on_masked_crops(tiny_clip):

@@ -17,6 +17,8 @@ In a section, ``test`` / ``train`` are prompt files (relative to the config file
 {"url": ...}]``), and every other key is an option of the default reward (``pref``: one options
 dict per reward name; ``pickscore`` is scored, ``hpsv2`` / ``clipscore`` / ``imagereward`` are
 reported beside it when given). ``device`` is added to the options of the geneval and pref rewards.
+An optional top-level ``resolution`` (pixels) replaces the suite's 512 px image side, e.g. for
+small test pipelines; leave it out for comparable numbers.
 
 Give it with ``OPD_SD_CONFIG=/path/sd.json`` (read when a benchmark is first needed, so the CLI
 works unchanged) or ``opd_bench.suites.configure("sd", path_or_dict, **sections)``. See
@@ -73,10 +75,13 @@ def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
         if not isinstance(source, dict):
             raise SuiteConfigError(f"sd suite config {path}: expected a JSON object with sections {list(TASKS)}")
         base = path.resolve().parent
-    unknown = sorted(set(source) - set(TASKS) - {"device"})
+    unknown = sorted(set(source) - set(TASKS) - {"device", "resolution"})
     if unknown:
-        raise SuiteConfigError(f"sd suite config: unknown key(s) {unknown}; expected 'device' and sections {list(TASKS)}")
-    config: dict[str, Any] = {"device": source.get("device")}
+        raise SuiteConfigError(f"sd suite config: unknown key(s) {unknown}; expected 'device', 'resolution' and sections {list(TASKS)}")
+    resolution = source.get("resolution")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0):
+        raise SuiteConfigError(f"sd suite config: resolution must be an image side in pixels, e.g. 512, got {resolution!r}")
+    config: dict[str, Any] = {"device": source.get("device"), "resolution": resolution}
     for task in TASKS:
         if not isinstance(source.get(task) or {}, dict):
             raise SuiteConfigError(f"sd suite config: section {task!r} must be an object like {{\"test\": FILE, ...}}")
@@ -236,7 +241,16 @@ imagereward_reward = _configured("imagereward")
 
 @dataclass(frozen=True)
 class SDSuite(Suite):
-    """A suite whose specs are built from the current configuration, on request."""
+    """A suite whose specs are built from the current configuration, on request; so is its image
+    side: the configuration's ``resolution`` (e.g. 64 for a tiny test pipeline) replaces the default."""
+
+    @property
+    def resolution(self) -> int | None:
+        return current_config().get("resolution") or vars(self)["_resolution"]
+
+    @resolution.setter
+    def resolution(self, value: int | None) -> None:  # the dataclass __init__ stores the default here
+        vars(self)["_resolution"] = value
 
     def benchmark(self, task: str) -> FileBenchmarkSpec:
         if task not in self.tasks:
