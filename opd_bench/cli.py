@@ -194,7 +194,7 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     else:
         from opd_bench.policy import Policy
 
-        policy = Policy.from_pretrained(suites.resolve_model(model), device=device, resolution=suite.resolution)
+        policy = Policy.from_pretrained(suites.resolve_model(model), device=device, resolution=suite.image_side())
         source = policy_source(policy, settings)
     start = time.time()
     result = evaluate_suite(

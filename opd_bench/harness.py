@@ -172,8 +172,10 @@ class Harness:
         self.methods = methods_for(method)
         self.device, self.force, self.command, self.progress = device, force, command, progress
         self.identity = {"suite": suite, "suite_version": self.suite.version, "model": self.model, "preset": preset, "plan": self.plan.to_dict()}
-        if self.suite.resolution is not None:  # a run at another image size is another experiment
-            self.identity["resolution"] = self.suite.resolution
+        if self.suite.image_side() is not None:  # a run at another image size is another experiment
+            self.identity["resolution"] = self.suite.image_side()
+        # teachers are reused by (base, suite version, task, config): the image side is part of the base
+        self.teacher_base = self.model if self.suite.image_side() is None else f"{self.model}@{self.suite.image_side()}px"
         distributed.current().run_on_main(self._check_folder)  # one process touches the folder (--force deletes it)
         self._policy = None
         self._evaluators: dict = {}
@@ -202,7 +204,7 @@ class Harness:
 
             # with several processes a bare "cuda" means this process's GPU
             self._policy = Policy.from_pretrained(
-                resolve_model(self.model), device=distributed.current().device(self.device), resolution=self.suite.resolution
+                resolve_model(self.model), device=distributed.current().device(self.device), resolution=self.suite.image_side()
             )
         return self._policy
 
@@ -231,7 +233,7 @@ class Harness:
             found[task] = train_teacher(
                 task, policy=self.policy, prompts=self.prompts("train")[task], reward=self.train_rewards()[task],
                 config=replace(self.plan.teacher, **self.plan.teacher_overrides.get(task, {})), root=self.out / "teachers",
-                base=self.model if self.suite.resolution is None else f"{self.model}@{self.suite.resolution}px", suite_version=self.suite.version,
+                base=self.teacher_base, suite_version=self.suite.version,
                 evaluate=self.evaluator(self.plan.train_eval_limit, 1), progress=self.progress,
             )
         return found
@@ -407,7 +409,7 @@ class Harness:
                 "multi-reward": asdict(self.plan.multi_reward), "cascade": asdict(self.plan.cascade),
                 "eval": {"limit": self.plan.eval_limit, "images_per_prompt": self.plan.eval_images_per_prompt,
                          "num_steps": self.suite.num_steps, "guidance_scale": self.suite.guidance_scale,
-                         "noise_level": self.suite.noise_level, "resolution": self.suite.resolution},
+                         "noise_level": self.suite.noise_level, "resolution": self.suite.image_side()},
             },
             "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": gradient_variance,
             "compute": compute, "variance": variance, "cascade_stages": cascade_stages if "cascade" in self.methods else [],

@@ -37,6 +37,10 @@ class Suite:
     def benchmark(self, task: str) -> BenchmarkSpec:
         return benchmarks.get(f"{self.name}/{task}")
 
+    def image_side(self) -> int | None:
+        """The image side runs of this suite use (None: the pipeline's default)."""
+        return self.resolution
+
 
 REGISTRY = Registry("suite")
 

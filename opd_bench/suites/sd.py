@@ -244,13 +244,8 @@ class SDSuite(Suite):
     """A suite whose specs are built from the current configuration, on request; so is its image
     side: the configuration's ``resolution`` (e.g. 64 for a tiny test pipeline) replaces the default."""
 
-    @property
-    def resolution(self) -> int | None:
-        return current_config().get("resolution") or vars(self)["_resolution"]
-
-    @resolution.setter
-    def resolution(self, value: int | None) -> None:  # the dataclass __init__ stores the default here
-        vars(self)["_resolution"] = value
+    def image_side(self) -> int | None:
+        return current_config().get("resolution") or self.resolution
 
     def benchmark(self, task: str) -> FileBenchmarkSpec:
         if task not in self.tasks:
