@@ -174,8 +174,13 @@ class Harness:
         self.identity = {"suite": suite, "suite_version": self.suite.version, "model": self.model, "preset": preset, "plan": self.plan.to_dict()}
         if self.suite.image_side() is not None:  # a run at another image size is another experiment
             self.identity["resolution"] = self.suite.image_side()
-        # teachers are reused by (base, suite version, task, config): the image side is part of the base
-        self.teacher_base = self.model if self.suite.image_side() is None else f"{self.model}@{self.suite.image_side()}px"
+        fingerprint = suites.model_fingerprint(self.model)
+        if fingerprint:  # a shipped alias: its weights change between releases
+            self.identity["model_sha256"] = fingerprint
+        # teachers are reused by (base, suite version, task, config): weights and image side are part of the base
+        self.teacher_base = self.model + (f"#{fingerprint}" if fingerprint else "")
+        if self.suite.image_side() is not None:
+            self.teacher_base += f"@{self.suite.image_side()}px"
         distributed.current().run_on_main(self._check_folder)  # one process touches the folder (--force deletes it)
         self._policy = None
         self._evaluators: dict = {}

@@ -80,3 +80,9 @@ def test_missing_shipped_weights_give_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(suites.MODELS, "tiny", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="opd-bench pretrain base"):
         suites.resolve_model("tiny")
+
+
+def test_shipped_models_have_a_weight_fingerprint():
+    fingerprint = suites.model_fingerprint("tiny")
+    assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0
+    assert suites.model_fingerprint("some/other-model") is None

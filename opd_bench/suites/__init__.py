@@ -104,3 +104,17 @@ def resolve_model(model: str) -> str:
             )
         return str(folder)
     return model
+
+
+def model_fingerprint(model: str) -> str | None:
+    """Short hash of a shipped model's transformer weights (None for other models).
+
+    Shipped weights change between releases under the same alias; run folders and teachers record
+    the fingerprint so a new base is never mixed with work trained on an old one.
+    """
+    if model not in MODELS:
+        return None
+    from opd_bench.benchmarks import sha256_file
+
+    weights = Path(resolve_model(model)) / "transformer" / "diffusion_pytorch_model.safetensors"
+    return sha256_file(weights)[:12]
