@@ -1,0 +1,101 @@
+"""Seconds per optimizer step and peak memory of DiffusionOPD and Flow-GRPO, through the real trainers.
+
+CPU (tiny):   python benchmarks/bench_train_step.py
+GPU (SD3.5-Medium-sized random transformer, bf16, 512 px, LoRA r=32), issue 6's measurement:
+              python benchmarks/bench_train_step.py --size sd35m --device cuda --dtype bfloat16
+
+Each method runs ``--steps`` optimizer steps with PAPER.md's step settings (10 sampling steps,
+9 of them trained for OPD with three teacher adapters, noise level 0.7 and groups for GRPO);
+the first step is a warm-up and the median of the others is reported, with the peak GPU memory.
+Rewards are the dependency-free ``toy/brightness`` (reward cost is not what is timed).
+Prints one JSON line per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rollout import build  # noqa: E402  (the same SD3.5-M-sized stand-in)
+
+
+def step_seconds(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    walls = [r["wall_seconds"] for r in rows if "loss" in r]
+    return [b - a for a, b in zip(walls, walls[1:])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "sd35m"], default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method (the first is a warm-up)")
+    parser.add_argument("--prompts-per-task", type=int, default=4, help="OPD: prompts per teacher per step")
+    parser.add_argument("--group", type=int, default=8, help="GRPO: images per prompt")
+    parser.add_argument("--prompts-per-step", type=int, default=2, help="GRPO: prompts per step")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    args = parser.parse_args()
+
+    from opd_bench import rewards
+    from opd_bench.policy import Policy
+    from opd_bench.rollout import Prompt
+    from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+    from opd_bench.trainers.opd import OPDConfig, OPDTrainer
+
+    pipe = build(args.size).to(args.device, getattr(torch, args.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    policy = Policy(pipe, gradient_checkpointing=args.checkpointing, resolution=512 if args.size == "sd35m" else 64)
+    tasks = ("geneval", "ocr", "pref")
+    prompts = {task: [Prompt(f"a photo of {i} {task} things", task) for i in range(16)] for task in tasks}
+    reward = rewards.get("toy/brightness")
+    lora = dict(lora_rank=args.rank, lora_alpha=2 * args.rank, micro_batch=args.micro_batch,
+                eval_every=10**6, checkpoint_every=10**6)
+    cuda = torch.device(args.device).type == "cuda"
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        policy.add_adapter("bench_teacher", rank=args.rank, alpha=2 * args.rank, trainable=False, seed=1)
+        teacher = policy.save_adapter("bench_teacher", scratch / "teacher")
+        runs = {
+            "opd": lambda: OPDTrainer(
+                OPDConfig(steps=args.steps, prompts_per_task=args.prompts_per_task, num_steps=10, train_fraction=0.9,
+                          monitor_rewards=False, **lora),
+                policy=policy, prompts=prompts, teachers={t: teacher for t in tasks}, run_dir=scratch / "opd",
+                adapter="bench_opd",
+            ),
+            "grpo": lambda: GRPOTrainer(
+                GRPOConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group, num_steps=10,
+                           noise_level=0.7, train_fraction=0.9, **lora),
+                policy=policy, prompts=[p for pool in prompts.values() for p in pool], rewards={t: reward for t in tasks},
+                run_dir=scratch / "grpo", adapter="bench_grpo",
+            ),
+        }
+        for method, make in runs.items():
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            make().train(progress=False)
+            seconds = step_seconds(scratch / method)
+            images = 3 * args.prompts_per_task if method == "opd" else args.prompts_per_step * args.group
+            print(json.dumps({
+                "method": method, "size": args.size, "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                "dtype": args.dtype, "images_per_step": images, "lora_rank": args.rank, "micro_batch": args.micro_batch,
+                "gradient_checkpointing": args.checkpointing,
+                "seconds_per_step": round(statistics.median(seconds), 3) if seconds else None,
+                "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                "torch": torch.__version__,
+            }))
+
+
+if __name__ == "__main__":
+    main()
