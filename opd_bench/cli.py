@@ -228,17 +228,20 @@ def pretrain() -> None:
 @click.option("--vae-steps", type=int, default=None, help="[default: PretrainConfig's]")
 @click.option("--steps", type=int, default=None, help="Denoiser steps (upper bound with --max-minutes) [default: PretrainConfig's].")
 @click.option("--batch", type=int, default=None, help="Denoiser batch [default: PretrainConfig's].")
+@click.option("--layers", type=int, default=None, help="Transformer depth [default: the shipped base's, 4].")
+@click.option("--heads", type=int, default=None, help="Transformer width in heads of 32 channels [default: 3].")
 @click.option("--max-minutes", type=float, default=None, help="Time budget of the denoiser phase.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing pipeline folder.")
 @_friendly
-def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, max_minutes, device, force) -> None:
+def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers, heads, max_minutes, device, force) -> None:
     """Train the tiny base model from scratch on rendered scenes with web-like captions."""
     if (out / "model_index.json").exists() and not force:
         raise FileExistsError(f"{out} already holds a pipeline; choose another folder or pass --force")
     from opd_bench.tiny.pretrain import PretrainConfig, pretrain_base
 
-    given = {"num_images": num_images, "vae_steps": vae_steps, "steps": steps, "batch": batch}
+    given = {"num_images": num_images, "vae_steps": vae_steps, "steps": steps, "batch": batch,
+             "num_layers": layers, "num_heads": heads}
     config = PretrainConfig(
         seed=seed, max_minutes=max_minutes, device=device, **{k: v for k, v in given.items() if v is not None}
     )

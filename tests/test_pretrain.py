@@ -18,12 +18,13 @@ def test_random_crops_come_from_the_images():
 
 
 def test_pretrain_base_writes_a_loadable_pipeline(tmp_path):
-    config = PretrainConfig(num_images=8, vae_steps=2, vae_batch=4, steps=3, batch=4, warmup=1, reconstruction_limit=1)
+    config = PretrainConfig(num_images=8, vae_steps=2, vae_batch=4, steps=3, batch=4, warmup=1, reconstruction_limit=1, num_layers=2, num_heads=2)
     summary = pretrain_base(tmp_path, config)
     assert summary["denoiser_steps"] == 3
     assert set(summary["vae_reconstruction_scores"]) == {"geneval", "ocr"}
     info = json.loads((tmp_path / "pretrain_info.json").read_text())
     assert info["config"]["vae_crop"] == 32 and info["architecture"]["vae_mid_attention"] is False
+    assert (info["architecture"]["num_layers"], info["architecture"]["num_heads"]) == (2, 2)
     losses = [json.loads(line) for line in (tmp_path / "pretrain_log.jsonl").read_text().splitlines()]
     assert any(r.get("phase") == "denoiser" and "loss" in r for r in losses)
     policy = Policy.from_pretrained(str(tmp_path))

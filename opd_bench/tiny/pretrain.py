@@ -31,15 +31,16 @@ from opd_bench.tiny.build import TinyConfig
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "suites" / "tiny" / "prompts"
 
 
-def base_architecture(words: list[str] | None = None) -> TinyConfig:
-    """The shipped base model's sizes: chosen so RL on two CPU cores is cheap (see docs)."""
+def base_architecture(words: list[str] | None = None, num_layers: int = 4, num_heads: int = 3) -> TinyConfig:
+    """The shipped base model's sizes (the defaults): chosen so RL on two CPU cores is cheap (see
+    docs). A GPU pretraining can widen (``num_heads`` of 32 channels each) and deepen it."""
     return TinyConfig(
         vae_channels=(8, 16, 32),  # full-resolution convolutions dominate the VAE's cost on a CPU
         vae_norm_groups=2,  # 1 channel per group normalised each channel's level away: colours drifted
         vae_mid_attention=False,  # fully convolutional: trained on crops, 4x cheaper per image
         patch_size=2,  # 16x16 latents -> 64 image tokens (patch 4 starved the output projection: v1)
-        num_layers=4,
-        num_heads=3,
+        num_layers=num_layers,
+        num_heads=num_heads,
         head_dim=32,
         text_hidden=48,
         text_layers=2,
@@ -62,6 +63,8 @@ class PretrainConfig:
     vae_kl: float = 1e-6
     reconstruction_limit: int = 48  # test prompts per task for the VAE's reconstruction scores (0: skip)
     steps: int = 12000
+    num_layers: int = 4  # transformer depth; the shipped base's
+    num_heads: int = 3  # transformer width = 32 x num_heads
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 200
@@ -265,7 +268,7 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     records, words = training_records(config)
     images = render_dataset(records, config.seed)
     t_render = time.time() - t0
-    architecture = base_architecture(words)
+    architecture = base_architecture(words, config.num_layers, config.num_heads)
     pipeline = build_pipeline(architecture, seed=config.seed).to(config.device)
     train_vae(pipeline.vae, images, config, log)
     t_vae = time.time() - t0 - t_render
