@@ -13,7 +13,6 @@ import json
 import math
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -172,15 +171,14 @@ class Harness:
         self.methods = methods_for(method)
         self.device, self.force, self.command, self.progress = device, force, command, progress
         self.identity = {"suite": suite, "suite_version": self.suite.version, "model": self.model, "preset": preset, "plan": self.plan.to_dict()}
-        if self.suite.image_side() is not None:  # a run at another image size is another experiment
-            self.identity["resolution"] = self.suite.image_side()
+        self.resolution = self.suite.image_side()
         fingerprint = suites.model_fingerprint(self.model)
+        if self.resolution is not None:  # a run at another image size is another experiment
+            self.identity["resolution"] = self.resolution
         if fingerprint:  # a shipped alias: its weights change between releases
             self.identity["model_sha256"] = fingerprint
         # teachers are reused by (base, suite version, task, config): weights and image side are part of the base
-        self.teacher_base = self.model + (f"#{fingerprint}" if fingerprint else "")
-        if self.suite.image_side() is not None:
-            self.teacher_base += f"@{self.suite.image_side()}px"
+        self.teacher_base = self.model + (f"#{fingerprint}" if fingerprint else "") + (f"@{self.resolution}px" if self.resolution else "")
         distributed.current().run_on_main(self._check_folder)  # one process touches the folder (--force deletes it)
         self._policy = None
         self._evaluators: dict = {}
@@ -209,7 +207,7 @@ class Harness:
 
             # with several processes a bare "cuda" means this process's GPU
             self._policy = Policy.from_pretrained(
-                resolve_model(self.model), device=distributed.current().device(self.device), resolution=self.suite.image_side()
+                resolve_model(self.model), device=distributed.current().device(self.device), resolution=self.resolution
             )
         return self._policy
 
@@ -414,7 +412,7 @@ class Harness:
                 "multi-reward": asdict(self.plan.multi_reward), "cascade": asdict(self.plan.cascade),
                 "eval": {"limit": self.plan.eval_limit, "images_per_prompt": self.plan.eval_images_per_prompt,
                          "num_steps": self.suite.num_steps, "guidance_scale": self.suite.guidance_scale,
-                         "noise_level": self.suite.noise_level, "resolution": self.suite.image_side()},
+                         "noise_level": self.suite.noise_level, "resolution": self.resolution},
             },
             "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": gradient_variance,
             "compute": compute, "variance": variance, "cascade_stages": cascade_stages if "cascade" in self.methods else [],

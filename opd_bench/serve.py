@@ -70,9 +70,10 @@ def encode_png_batch(images) -> list[str]:
     """``[B, 3, H, W]`` floats in [0, 1] -> B base64 PNG strings (uint8, rounded to nearest)."""
     from PIL import Image
 
-    pixels = (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(dtype=_torch().uint8)
+    from opd_bench.rewards.base import to_uint8
+
     encoded = []
-    for array in pixels.permute(0, 2, 3, 1).cpu().numpy():
+    for array in to_uint8(images):
         buffer = io.BytesIO()
         # Level 1: scores do not depend on compression and requests are mostly local.
         Image.fromarray(array).save(buffer, format="PNG", compress_level=1)

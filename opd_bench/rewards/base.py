@@ -38,6 +38,23 @@ class Reward(Protocol):
     ) -> RewardOutput: ...
 
 
+def to_uint8(images: torch.Tensor):
+    """``[B, 3, H, W]`` floats in [0, 1] -> uint8 ``[B, H, W, 3]`` numpy array (what saved PNGs hold).
+
+    Scorers that take files (PIL images, OCR engines, the reward server) all see images through this
+    one rounding, so a generated image scores the same as its saved PNG.
+    """
+    x = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """``[B, 3, H, W]`` in [0, 1] -> B RGB PIL images (8 bits, as a saved PNG)."""
+    from PIL import Image
+
+    return [Image.fromarray(array) for array in to_uint8(images)]
+
+
 def check_batch(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> None:
     """Validate the shared call signature; rewards call this first so misuse fails loudly."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from opd_bench.rewards.base import RewardOutput, check_batch
+from opd_bench.rewards.base import RewardOutput, check_batch, to_pil
 from opd_bench.weights import MissingWeightsError, resolve_weights
 
 PICKSCORE_HUB_ID = "yuvalkirstain/PickScore_v1"
@@ -46,14 +46,6 @@ def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"dtype must be a torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
     return value
-
-
-def to_pil(images: torch.Tensor) -> list:
-    """[B, 3, H, W] in [0, 1] -> B RGB PIL images (8 bits, as a saved PNG)."""
-    from PIL import Image
-
-    u8 = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in u8.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 def _chunks(n: int, size: int):

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
-from opd_bench.rewards.geneval_sd import COCO_CLASSES, SDGenEvalReward, default_device, to_uint8
+from opd_bench.rewards.base import to_uint8
+from opd_bench.rewards.geneval_sd import COCO_CLASSES, SDGenEvalReward, default_device
 from opd_bench.weights import resolve_weights
 
 CONFIG = "configs/mask2former/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py"

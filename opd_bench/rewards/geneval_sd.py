@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from opd_bench import geneval
-from opd_bench.rewards.base import RewardOutput, check_batch
+from opd_bench.rewards.base import RewardOutput, check_batch, to_uint8
 from opd_bench.weights import resolve_weights
 
 # GenEval's object_names.txt: the 80 COCO classes in Mask2Former's output order, with GenEval's
@@ -72,12 +72,6 @@ def build_detector(name: str, **options: Any) -> Detector:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def to_uint8(images: torch.Tensor) -> list:
-    """[B, 3, H, W] floats in [0, 1] -> uint8 H x W x 3 numpy arrays (what a saved PNG holds)."""
-    x = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return list(x.permute(0, 2, 3, 1).contiguous().numpy())
 
 
 # ---------------------------------------------------------------------------------------------

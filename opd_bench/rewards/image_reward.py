@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from opd_bench.rewards.base import RewardOutput, check_batch
+from opd_bench.rewards.base import RewardOutput, check_batch, to_uint8
 from opd_bench.weights import MissingWeightsError, resolve_weights
 
 HUB_ID = "THUDM/ImageReward"
@@ -262,9 +262,8 @@ def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     ``size``, long side ``int(size * long / short)``; PIL's bicubic), ``CenterCrop(size)``,
     ``ToTensor``, CLIP ``Normalize``. Images are quantised to uint8 first, as a generated image
     becomes a PNG/PIL image, so scores equal the package's on the saved images."""
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     out = []
-    for array in arrays:
+    for array in to_uint8(images):
         image = Image.fromarray(array)
         w, h = image.size
         short, long = min(w, h), max(w, h)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from opd_bench.rewards.base import RewardOutput, check_batch
+from opd_bench.rewards.base import RewardOutput, check_batch, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,7 @@ def prepare_images(images: torch.Tensor, upscale: int = 3, pad: int = 24) -> lis
         x = F.interpolate(x, scale_factor=upscale, mode="bicubic", align_corners=False)
     if pad:
         x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return list(x.numpy())
+    return list(to_uint8(x))
 
 
 class OCRReward:

@@ -40,29 +40,57 @@ class TinyConfig:
         return asdict(self)
 
 
-def _text_encoder(config: TinyConfig, vocab_size: int, bos: int, eos: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def clip_text_config(vocab_size: int, hidden: int, layers: int, heads: int, max_tokens: int, bos: int, eos: int, **extra):
+    """A tiny CLIP text encoder's config (shared by the SD3 and FLUX stand-ins)."""
+    from transformers import CLIPTextConfig
 
-    text_config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=config.text_hidden,
-        intermediate_size=config.text_hidden * 4,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.text_heads,
-        max_position_embeddings=config.max_prompt_tokens,
-        projection_dim=config.text_projection,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_tokens,
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=eos,
         hidden_act="gelu",
+        **extra,
     )
-    return CLIPTextModelWithProjection(text_config)
+
+
+def tiny_vae(channels: tuple[int, ...], latent_channels: int, image_size: int, norm_groups: int | None = None, **extra):
+    """A small ``AutoencoderKL`` (one layer per level; ``extra`` sets scale/shift, mid attention)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_groups or min(channels),
+        sample_size=image_size,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **extra,
+    )
+
+
+def _text_encoder(config: TinyConfig, vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(clip_text_config(
+        vocab_size, config.text_hidden, config.text_layers, config.text_heads, config.max_prompt_tokens, bos, eos,
+        projection_dim=config.text_projection,
+    ))
 
 
 def build_pipeline(config: TinyConfig | None = None, seed: int = 0):
     """Build the miniature pipeline with weights drawn from ``seed`` (no file or network access)."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -80,21 +108,9 @@ def build_pipeline(config: TinyConfig | None = None, seed: int = 0):
     text_encoder = _text_encoder(config, len(tokenizer), bos, eos)
     text_encoder_2 = _text_encoder(config, len(tokenizer), bos, eos)
     levels = len(config.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=config.vae_channels,
-        layers_per_block=1,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.vae_norm_groups or min(config.vae_channels),
-        sample_size=config.image_size,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=config.vae_mid_attention,
+    vae = tiny_vae(
+        config.vae_channels, config.latent_channels, config.image_size, config.vae_norm_groups,
+        scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=config.vae_mid_attention,
     )
     latent_size = config.image_size // 2 ** (levels - 1)
     transformer = SD3Transformer2DModel(

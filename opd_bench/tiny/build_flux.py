@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from opd_bench.tiny.build import clip_text_config, tiny_vae
+
 T5_SPACE = "\u2581"  # SentencePiece's word-start marker, as in T5's vocabulary
 
 
@@ -62,22 +64,11 @@ def build_t5_tokenizer(words, max_length: int):
 
 
 def _clip_encoder(config: TinyFluxConfig, vocab_size: int, bos: int, eos: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=config.clip_hidden,
-            intermediate_size=config.clip_hidden * 4,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            max_position_embeddings=config.max_prompt_tokens,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-            hidden_act="gelu",
-        )
-    )
+    return CLIPTextModel(clip_text_config(
+        vocab_size, config.clip_hidden, config.text_layers, config.text_heads, config.max_prompt_tokens, bos, eos
+    ))
 
 
 def _t5_encoder(config: TinyFluxConfig, vocab_size: int):
@@ -104,7 +95,7 @@ def _t5_encoder(config: TinyFluxConfig, vocab_size: int):
 
 def build_flux_pipeline(seed: int = 0, config: TinyFluxConfig | None = None):
     """Build the miniature ``FluxPipeline`` with weights drawn from ``seed`` (no file or network access)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     from opd_bench.tiny.tokenizer import DEFAULT_WORDS, build_tokenizer
 
@@ -121,21 +112,9 @@ def build_flux_pipeline(seed: int = 0, config: TinyFluxConfig | None = None):
     tokenizer_2 = build_t5_tokenizer(words, config.max_prompt_tokens)
     text_encoder = _clip_encoder(config, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     text_encoder_2 = _t5_encoder(config, len(tokenizer_2))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=config.vae_channels,
-        layers_per_block=1,
-        latent_channels=config.latent_channels,
-        norm_num_groups=min(config.vae_channels),
-        sample_size=config.image_size,  # the policy's default image size for FLUX (1024 on FLUX.1)
-        scaling_factor=0.3611,  # FLUX.1's VAE values, so decode's scale-and-shift path is exercised
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    # sample_size = image_size: the policy's default image size for FLUX (1024 on FLUX.1);
+    # FLUX.1's VAE scale and shift, so decode's scale-and-shift path is exercised.
+    vae = tiny_vae(config.vae_channels, config.latent_channels, config.image_size, scaling_factor=0.3611, shift_factor=0.1159)
     transformer = FluxTransformer2DModel(
         patch_size=1,  # FLUX patchifies outside the model, by packing 2x2 latent patches into channels
         in_channels=config.latent_channels * 4,
