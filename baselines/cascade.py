@@ -59,7 +59,7 @@ class CascadeTrainer:
         evaluate: Callable | None = None,
         overwrite: bool = False,
     ):
-        missing = sorted({task for task, _ in config.stages} - set(prompts) - set(rewards))
+        missing = sorted({task for task, _ in config.stages} - (set(prompts) & set(rewards)))
         if missing:
             raise ValueError(f"cascade stage task(s) {missing} have no prompts or reward")
         self.config, self.policy, self.prompts, self.rewards = config, policy, prompts, rewards

@@ -347,3 +347,10 @@ def test_full_parameter_training_changes_only_the_copy(policy, tiny_dir, tmp_pat
     )
     opd.train(progress=False)
     assert read_metrics(tmp_path / "opd" / "metrics.jsonl")[-1]["kl"] > 0
+
+
+def test_cascade_refuses_a_stage_without_prompts_or_without_reward(tmp_path):
+    config = replace(CASCADE_PRESETS["smoke"], stages=[("bright", 1), ("red", 1)])
+    for pools, scorers in ((POOLS, {"bright": REWARDS["bright"]}), ({"bright": POOLS["bright"]}, REWARDS)):
+        with pytest.raises(ValueError, match=r"\['red'\] have no prompts or reward"):
+            CascadeTrainer(config, policy=None, prompts=pools, rewards=scorers, run_dir=tmp_path)
