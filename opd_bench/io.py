@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+_NUMBER = r"(?:-?[0-9][0-9.eE+-]*|null|NaN|-?Infinity)"
+# A list of plain numbers as json.dumps(indent=...) writes it: "[" newline, one number per line, "]".
+# Raw newlines never occur inside JSON strings, so this cannot match text inside a string.
+_NUMBER_LIST = re.compile(r"\[\n\s*(" + _NUMBER + r"(?:,\n\s*" + _NUMBER + r")*)\n\s*\]")
+
+
+def json_text(value: Any, *, compact_lists: bool = False) -> str:
+    """Indented, key-sorted JSON; ``compact_lists`` puts every list of plain numbers on one line
+    (per-image scores would otherwise take a line each and make a result file several times larger)."""
+    text = json.dumps(value, indent=2, sort_keys=True)
+    if compact_lists:
+        text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    return text + "\n"
+
+
+def atomic_write_json(path: str | Path, value: Any, *, compact_lists: bool = False) -> None:
+    atomic_write_bytes(path, json_text(value, compact_lists=compact_lists).encode())
 
 
 def save_grid(images, path: str | Path, columns: int) -> None:

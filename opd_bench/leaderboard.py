@@ -3,13 +3,19 @@
 Layout under ``root`` (default ``leaderboard/``)::
 
     submissions/<suite>/<name>.json   one validated results.json each, plus a "submission" block
-    README.md                         the ranked table, one section per suite (``rebuild``)
+    README.md                         the ranked tables (``rebuild``)
     leaderboard.csv                   the same rows, machine-readable (``rebuild``)
 
-``validate`` checks a results dict against schema version 1 and the *installed* suite (its
-version and the sha256 of every prompt file), so scores on edited prompt sets cannot be listed
-beside the real ones. ``submit`` refuses anything invalid, unsafe names and duplicates without
-touching the directory; ``rebuild`` regenerates README.md and leaderboard.csv deterministically.
+``check_results`` checks a results dict's shape and internal consistency against the *installed*
+suite (its version, the sha256 of every prompt file, and, for schema 2, that every per-seed score
+is the suite's aggregate of the recorded per-image scores and every mean and std those of the
+per-seed scores). ``validate`` adds what a listing needs: the current schema, a listed preset
+(never ``smoke``) and the preset's training budget. ``submit`` also re-evaluates a sample of the
+run from its adapters (``opd_bench.verify``) and refuses what does not reproduce, unless told to
+list it as unverified; it refuses anything invalid, oversized, unsafe names and duplicates
+without touching the directory. ``rebuild`` regenerates README.md and leaderboard.csv
+deterministically: verified entries ranked per suite and preset, unverified and schema-1
+("legacy") entries in a separate table without ranks.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from opd_bench.io import atomic_write_bytes
+from opd_bench.io import atomic_write_bytes, json_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what `opd-bench run` writes and `submit` takes; 1 is still read (listed as legacy)
+READABLE_SCHEMAS = (1, 2)
+MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
+LISTED_PRESETS = ("standard", "paper")  # smoke runs check the pipeline; their scores are not results
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STUDENT_METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
 UNBOUNDED = frozenset({"pref"})  # finite, any value; every other benchmark is a score in [0, 1]
@@ -66,14 +75,57 @@ def _check_score(where: str, bench: str, value: Any) -> None:
                               "the file is corrupt or was edited, submit the results.json written by `opd-bench run`")
 
 
-def validate(results: dict) -> None:
-    """Raise ``SubmissionError`` (one line: the problem and the fix) unless ``results`` can be listed."""
+def _sample_std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _edited(where: str, what: str, got: Any, expected: Any) -> SubmissionError:
+    return SubmissionError(f"{where} = {got!r} is not {what} ({expected!r}); the file was edited, "
+                           "submit the results.json written by `opd-bench run`")
+
+
+def _check_per_image(results: dict, suite, method: str, seed: int, bench: str, expected: float, cache: dict) -> None:
+    """Schema 2: the per-seed score must be the suite's aggregate of the recorded per-image scores."""
+    from opd_bench.benchmarks import aggregate
+
+    where = f"per_image[{method!r}][{str(seed)!r}][{bench!r}]"
+    task = bench if bench in suite.tasks else next(t for t in suite.tasks if bench in suite.benchmark(t).extra_rewards)
+    spec = suite.benchmark(task)
+    evaluation = results.get("config", {}).get("eval") if isinstance(results.get("config"), dict) else None
+    limit, repeats = (evaluation.get("limit"), evaluation.get("images_per_prompt")) if isinstance(evaluation, dict) else (0, 0)
+    if not (limit is None or (isinstance(limit, int) and limit > 0)) or not (repeats is None or (isinstance(repeats, int) and repeats > 0)):
+        raise SubmissionError("config['eval'] must give the final evaluation's 'limit' and 'images_per_prompt' "
+                              "(integers or null); submit the results.json written by `opd-bench run`")
+    repeats = repeats or spec.images_per_prompt
+    if (task, limit, repeats) not in cache:  # reading a prompt file costs more than all the other checks
+        cache[task, limit, repeats] = [p.metadata for p in spec.prompts("test", limit) for _ in range(repeats)]
+    metadata = cache[task, limit, repeats]
+    values = results.get("per_image", {}).get(method, {}).get(str(seed), {}).get(bench) \
+        if isinstance(results.get("per_image"), dict) else None
+    if not isinstance(values, list) or len(values) != len(metadata):
+        raise SubmissionError(f"{where} must list the {len(metadata)} scores of the final evaluation's images; "
+                              "submit the results.json written by `opd-bench run`")
+    for i, value in enumerate(values):
+        if value is not None:
+            _check_score(f"{where}[{i}]", bench, value)
+    metric = spec.metric if bench == task else "mean"
+    score = aggregate(metric, [math.nan if v is None else v for v in values], metadata)["score"]
+    if not math.isclose(score, expected, rel_tol=1e-5, abs_tol=1e-5):
+        raise _edited(f"results[{method!r}][{bench!r}] seed {seed}", "the score of its per-image values", expected, score)
+
+
+def check_results(results: dict) -> None:
+    """Raise ``SubmissionError`` (one line: the problem and the fix) unless ``results`` is a
+    well-formed, internally consistent result file (schema 1 or 2) of an installed suite."""
     if not isinstance(results, dict):
         raise SubmissionError(f"results must be a JSON object, got {type(results).__name__}; "
                               "submit the results.json written by `opd-bench run`")
     version = results.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise SubmissionError(f"schema_version is {version!r}, this opd-bench reads version {SCHEMA_VERSION}; "
+    if version not in READABLE_SCHEMAS:
+        raise SubmissionError(f"schema_version is {version!r}, this opd-bench reads versions {list(READABLE_SCHEMAS)}; "
                               "re-run with this opd-bench version or upgrade opd-bench")
 
     from opd_bench import suites
@@ -133,6 +185,7 @@ def validate(results: dict) -> None:
     if not isinstance(scores, dict) or not scores:
         raise SubmissionError("'results' is missing or empty; submit a run that evaluated at least one method")
     known = _known_methods(suite)
+    prompt_cache: dict = {}
     if not any(m in STUDENT_METHODS for m in scores):
         raise SubmissionError(f"'results' has no student method ({', '.join(STUDENT_METHODS)}); "
                               "submit a run that trained at least one")
@@ -152,15 +205,39 @@ def validate(results: dict) -> None:
             if not _finite(std) or std < 0:
                 raise SubmissionError(f"{where}['std'] is {std!r}; it must be a finite number >= 0")
             per_seed = entry.get("per_seed")
-            if not isinstance(per_seed, list) or len(per_seed) not in {1, len(seeds)}:
-                raise SubmissionError(f"{where}['per_seed'] must be a list with one value per seed ({len(seeds)}) "
-                                      "or a single value; re-run the evaluation")
+            if version == 1:  # per_seed: one value per run seed, or the first seed's alone
+                cell_seeds = seeds if isinstance(per_seed, list) and len(per_seed) == len(seeds) else seeds[:1]
+            else:
+                cell_seeds = entry.get("seeds")
+                first = per_bench[required[0]].get("seeds") if isinstance(per_bench.get(required[0]), dict) else None
+                if (not isinstance(cell_seeds, list) or not cell_seeds or cell_seeds != first
+                        or not all(isinstance(s, int) and not isinstance(s, bool) for s in cell_seeds)
+                        or not set(cell_seeds) <= set(seeds) or len(set(cell_seeds)) != len(cell_seeds)):
+                    raise SubmissionError(f"{where}['seeds'] is {cell_seeds!r}; it must list distinct seeds of the run "
+                                          f"({seeds}), the same for every benchmark of {method}; "
+                                          "submit the results.json written by `opd-bench run`")
+            if not isinstance(per_seed, list) or len(per_seed) != len(cell_seeds):
+                raise SubmissionError(f"{where}['per_seed'] must be a list with one value per seed of the cell "
+                                      f"({len(cell_seeds)}); re-run the evaluation")
             for i, value in enumerate(per_seed):
                 _check_score(f"{where}['per_seed'][{i}]", bench, value)
             mean = sum(per_seed) / len(per_seed)
             if not math.isclose(mean, entry["mean"], rel_tol=1e-5, abs_tol=1e-6):
-                raise SubmissionError(f"{where}['mean'] = {entry['mean']!r} is not the mean of its per_seed values "
-                                      f"({mean!r}); the file was edited, submit the results.json written by `opd-bench run`")
+                raise _edited(f"{where}['mean']", "the mean of its per_seed values", entry["mean"], mean)
+            if not math.isclose(_sample_std(per_seed), std, rel_tol=1e-5, abs_tol=1e-6):
+                raise _edited(f"{where}['std']", "the standard deviation of its per_seed values", std, _sample_std(per_seed))
+            if version >= 2:
+                for seed, value in zip(cell_seeds, per_seed):
+                    _check_per_image(results, suite, method, seed, bench, value, prompt_cache)
+        if version >= 2 and method != "base":
+            for seed in per_bench[required[0]]["seeds"]:
+                record = results.get("artifacts", {}).get(method, {}).get(str(seed)) \
+                    if isinstance(results.get("artifacts"), dict) else None
+                path = record.get("path") if isinstance(record, dict) else None
+                if (not isinstance(path, str) or path.startswith(("/", "\\")) or ".." in Path(path).parts
+                        or not re.fullmatch(r"[0-9a-f]{64}", str(record.get("sha256")))):
+                    raise SubmissionError(f"artifacts[{method!r}][{str(seed)!r}] must give the adapter's path inside the "
+                                          "run folder and its sha256; submit the results.json written by `opd-bench run`")
 
     compute = results.get("compute", {})
     if not isinstance(compute, dict):
@@ -172,6 +249,55 @@ def validate(results: dict) -> None:
             if key in ("optimizer_steps", "student_forwards", "teacher_forwards", "images", "wall_seconds") and (
                     not _finite(value) or value < 0):
                 raise SubmissionError(f"compute[{method!r}][{key!r}] is {value!r}; it must be a finite number >= 0")
+
+
+def _budget(config: dict, method: str) -> Any:
+    """A student method's configured optimizer steps (cascade: its stages' sum), or None."""
+    section = config.get(method) if isinstance(config, dict) else None
+    if not isinstance(section, dict):
+        return None
+    if method == "cascade":
+        stages = section.get("stages")
+        if not isinstance(stages, list) or not all(isinstance(s, list) and len(s) == 2 and _finite(s[1]) for s in stages):
+            return None
+        return sum(s[1] for s in stages)
+    return section.get("steps")
+
+
+def check_listable(results: dict) -> None:
+    """What a listing needs beyond a consistent file: a listed preset and that preset's budget."""
+    preset = results.get("preset")
+    if preset not in LISTED_PRESETS:
+        raise SubmissionError(f"preset is {preset!r}; only {' or '.join(LISTED_PRESETS)} runs are listed (smoke runs "
+                              "check the pipeline, their scores are not results), submit a --preset standard run")
+    from dataclasses import asdict
+
+    from opd_bench.harness import plan  # the installed definition of the preset
+
+    planned = plan(preset)
+    # through JSON, as results.json holds it (the cascade's stages become lists)
+    expected_config = json.loads(json.dumps({"opd": asdict(planned.opd), "opd-ppo": asdict(planned.opd_ppo),
+                                             "multi-reward": asdict(planned.multi_reward), "cascade": asdict(planned.cascade)}))
+    compute = results.get("compute") if isinstance(results.get("compute"), dict) else {}
+    for method in (m for m in STUDENT_METHODS if m in results["results"]):
+        configured, expected = _budget(results.get("config"), method), _budget(expected_config, method)
+        if configured != expected:
+            raise SubmissionError(f"config[{method!r}] trains {configured!r} optimizer steps but the {preset} preset trains "
+                                  f"{expected!r}; submit an unmodified --preset {preset} run")
+        steps = compute.get(method, {}).get("optimizer_steps") if isinstance(compute.get(method), dict) else None
+        if steps != expected:
+            raise SubmissionError(f"compute[{method!r}]['optimizer_steps'] is {steps!r} but the {preset} preset trains "
+                                  f"{expected!r}; submit a finished, unmodified --preset {preset} run")
+
+
+def validate(results: dict) -> None:
+    """Raise ``SubmissionError`` (one line: the problem and the fix) unless ``results`` can be submitted:
+    a consistent file of the current schema, of a listed preset with that preset's budget."""
+    check_results(results)
+    if results["schema_version"] != SCHEMA_VERSION:
+        raise SubmissionError(f"schema_version is {results['schema_version']!r}; submissions need version {SCHEMA_VERSION} "
+                              "(per-image scores and adapter hashes, so they can be verified), re-run with this opd-bench")
+    check_listable(results)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +312,19 @@ def check_name(name: Any) -> str:
             "a letter or digit, without '..' or path separators (e.g. --name opd-lr3e-4)"
         )
     return name
+
+
+def read_results(path: str | Path) -> dict:
+    """Parse a result file, refusing it before reading when it is over ``MAX_FILE_BYTES``."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise SubmissionError(f"cannot read {path} ({error.strerror}); pass a run directory with a results.json") from None
+    if size > MAX_FILE_BYTES:
+        raise SubmissionError(f"{path} is {size / 2**20:.1f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB cap for result "
+                              "files; submit the results.json written by `opd-bench run`")
+    return _load(path)
 
 
 def _load(path: Path) -> dict:
@@ -205,26 +344,50 @@ def _results_path(run_dir: str | Path) -> Path:
     return run_dir if run_dir.suffix == ".json" and run_dir.is_file() else run_dir / "results.json"
 
 
-def submit(run_dir: str | Path, name: str, root: str | Path = "leaderboard") -> Path:
-    """Validate ``run_dir/results.json`` and store it as ``root/submissions/<suite>/<name>.json``.
+def submit(run_dir: str | Path, name: str, root: str | Path = "leaderboard", *, unverified: bool = False,
+           verify: Callable[[Path], dict] | None = None) -> Path:
+    """Validate and verify ``run_dir/results.json`` and store it as ``root/submissions/<suite>/<name>.json``.
 
-    ``run_dir`` may also be the results file itself. Nothing under ``root`` changes on a refusal.
-    Run ``rebuild(root)`` (``opd-bench leaderboard``) afterwards to regenerate the tables.
+    ``run_dir`` may also be the results file itself (its folder must hold the run's adapters).
+    ``verify(run_dir) -> report`` re-evaluates a sample from the adapters (default:
+    ``opd_bench.verify.verify_run``); a run whose report is not ``ok`` is refused, unless
+    ``unverified``, which stores it without verifying for the separate, unranked unverified table.
+    Nothing under ``root`` changes on a refusal. Run ``rebuild(root)`` (``opd-bench leaderboard``)
+    afterwards to regenerate the tables.
     """
     check_name(name)
     path = _results_path(run_dir)
     if not path.is_file():
         raise SubmissionError(f"{path} does not exist; pass the run directory written by `opd-bench run --out`")
-    results = _load(path)
+    results = read_results(path)
     validate(results)
     folder = Path(root) / "submissions" / results["suite"]
     target = folder / f"{name}.json"
     if folder.is_dir() and any(p.name.lower() == target.name.lower() for p in folder.iterdir()):
         raise SubmissionError(f"a submission named {name!r} already exists for suite {results['suite']!r} "
                               f"({target}); choose another --name")
+    verified = None
+    if not unverified:
+        if verify is None:
+            from opd_bench.verify import verify_run as verify
+        report = verify(path.parent)
+        if not report["ok"]:
+            first = report["mismatches"][0]
+            raise SubmissionError(
+                f"{path.parent} does not verify: {len(report['mismatches'])} re-generated images score differently, e.g. "
+                f"{first['model']} seed {first['seed']} {first['benchmark']} image {first['image']}: recorded "
+                f"{first['recorded']}, now {first['recomputed']:.6g}; submit an unedited run, or pass --unverified "
+                "to list it in the unverified table"
+            )
+        verified = {key: report.get(key) for key in ("prompts_per_benchmark", "images_checked", "tolerance", "salt")}
+        verified["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     record = {key: value for key, value in results.items() if key != "submission"}
-    record["submission"] = {"name": name, "submitted": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    data = (json.dumps(record, indent=2) + "\n").encode("utf-8")
+    record["submission"] = {"name": name, "submitted": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            "verified": verified}
+    data = json_text(record, compact_lists=True).encode("utf-8")
+    if len(data) > MAX_FILE_BYTES:
+        raise SubmissionError(f"the stored submission would be {len(data) / 2**20:.1f} MiB, over the "
+                              f"{MAX_FILE_BYTES / 2**20:.0f} MiB cap; submit the results.json written by `opd-bench run`")
     folder.mkdir(parents=True, exist_ok=True)
     # Publish without ever overwriting: write a temporary file, then hard-link it to the final name
     # (fails if the name appeared meanwhile); fall back to a checked rename where links are unsupported.
@@ -260,6 +423,14 @@ def _f(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if _finite(value) else ""
 
 
+def _status(results: dict) -> str:
+    """verified (re-evaluated by `submit`), unverified (submitted with --unverified) or legacy (schema 1)."""
+    if results["schema_version"] < 2:
+        return "legacy"
+    submission = results.get("submission")
+    return "verified" if isinstance(submission, dict) and isinstance(submission.get("verified"), dict) else "unverified"
+
+
 def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
     """Rows for every valid submission, the benchmark columns per suite, and skipped files with reasons."""
     rows: list[dict] = []
@@ -268,8 +439,9 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
     for path in sorted((root / "submissions").glob("*/*.json")):
         where = path.relative_to(root).as_posix()
         try:
-            results = _load(path)
-            validate(results)
+            results = read_results(path)
+            check_results(results)
+            check_listable(results)
             if results["suite"] != path.parent.name:
                 raise SubmissionError(f"suite {results['suite']!r} does not match its folder {path.parent.name!r}")
         except SubmissionError as error:
@@ -286,26 +458,32 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
             forwards = None
             if _finite(budget.get("student_forwards")) or _finite(budget.get("teacher_forwards")):
                 forwards = sum(budget.get(k, 0) if _finite(budget.get(k)) else 0 for k in ("student_forwards", "teacher_forwards"))
+            first = scores[benches[0]]
+            seeds = first.get("seeds") or (results["seeds"] if len(first["per_seed"]) == len(results["seeds"]) else results["seeds"][:1])
             rows.append({
                 "submission": name,
                 "method": method,
                 "kind": "student" if method in STUDENT_METHODS else "reference",
+                "status": _status(results),
+                "preset": results["preset"],
                 "model": results["model"],
                 "suite": results["suite"],
                 "overall": sum(scores[b]["mean"] for b in results["headline"]) / len(results["headline"]),
                 "scores": {b: (scores[b]["mean"], scores[b]["std"]) for b in benches if b in scores},
                 "optimizer_steps": budget.get("optimizer_steps") if _finite(budget.get("optimizer_steps")) else None,
                 "forward_passes": forwards,
-                "seeds": " ".join(str(s) for s in results["seeds"]) if method in STUDENT_METHODS
-                else " ".join(str(s) for s in results["seeds"][: len(scores[benches[0]]["per_seed"])]),
+                "seeds": " ".join(str(s) for s in seeds),
                 "date": str(results.get("date") or ""),
             })
-    # Sort: suite, overall descending (rounded, so ties are exact and stable), submission, method.
-    rows.sort(key=lambda r: (r["suite"], -round(r["overall"], 9), r["submission"], _method_key(r["method"])))
-    for suite in bench_by_suite:
-        students = [r for r in rows if r["suite"] == suite and r["kind"] == "student"]
-        for r in students:
-            r["rank"] = 1 + sum(1 for o in students if round(o["overall"], 9) > round(r["overall"], 9))
+    # Sort: verified first, suite, preset, overall descending (rounded, so ties are exact and stable),
+    # submission, method. Only verified student rows are ranked, within their suite and preset.
+    rows.sort(key=lambda r: (r["status"] != "verified", r["suite"], r["preset"], -round(r["overall"], 9),
+                             r["submission"], _method_key(r["method"])))
+    for r in rows:
+        if r["status"] == "verified" and r["kind"] == "student":
+            r["rank"] = 1 + sum(1 for o in rows if o["status"] == "verified" and o["kind"] == "student"
+                                and (o["suite"], o["preset"]) == (r["suite"], r["preset"])
+                                and round(o["overall"], 9) > round(r["overall"], 9))
     return rows, skipped, bench_by_suite
 
 
@@ -313,7 +491,7 @@ def _csv(rows: list[dict], bench_by_suite: dict[str, list[str]]) -> bytes:
     benches: list[str] = []
     for columns in bench_by_suite.values():
         benches += [b for b in columns if b not in benches]
-    header = ["rank", "submission", "method", "kind", "model", "suite", "overall"]
+    header = ["rank", "status", "submission", "method", "kind", "model", "suite", "preset", "overall"]
     for b in benches:
         header += [f"{b}_mean", f"{b}_std"]
     header += ["optimizer_steps", "forward_passes", "seeds", "date"]
@@ -321,7 +499,8 @@ def _csv(rows: list[dict], bench_by_suite: dict[str, list[str]]) -> bytes:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for r in rows:
-        line = [r.get("rank", ""), r["submission"], r["method"], r["kind"], r["model"], r["suite"], _f(r["overall"])]
+        line = [r.get("rank", ""), r["status"], r["submission"], r["method"], r["kind"], r["model"], r["suite"],
+                r["preset"], _f(r["overall"])]
         for b in benches:
             mean, std = r["scores"].get(b, (None, None))
             line += [_f(mean), _f(std)]
@@ -336,7 +515,8 @@ HEADER = """# opd-bench leaderboard
 DiffusionOPD (`opd`), its PPO-style variant (`opd-ppo`), multi-reward RL and cascade RL, trained by
 `opd-bench run --method all` and evaluated on the suite's held-out test prompts.
 
-**How entries are made.** Run the benchmark, then submit its run directory and regenerate this page:
+**How entries are made.** Run the benchmark (preset `standard`, or `paper` for real models; smoke
+runs are refused), then submit its run directory and regenerate this page:
 
 ```bash
 opd-bench run --method all --out runs/NAME
@@ -344,19 +524,34 @@ opd-bench submit runs/NAME --name NAME
 opd-bench leaderboard
 ```
 
-**How entries are validated.** `submit` accepts a `results.json` (schema version 1) only if its suite
-and suite version are installed, the sha256 of every prompt file (test and train) matches the
-installed suite, every method reports every benchmark of the suite, every score is finite and in
-range ([0, 1], except the unbounded learned `pref` score), each mean is the mean of its per-seed
-values, and the seeds are a non-empty list of integers. Names are 1-64 letters, digits, `.`, `_`
-or `-`; an existing name is never overwritten. Files under `submissions/` that no longer validate
-(e.g. after a suite update) are listed below instead of ranked.
+**How entries are checked.** `submit` accepts a `results.json` (schema version 2, at most 2 MiB) only
+if its suite and suite version are installed, the sha256 of every prompt file (test and train)
+matches the installed suite, every method reports every benchmark of the suite, every score is
+finite and in range ([0, 1], except the unbounded learned `pref` score), every per-seed score is the
+suite's aggregate of the recorded per-image scores and every mean and std those of the per-seed
+scores, and the preset is `standard` or `paper` with that preset's number of optimizer steps. It
+then **verifies** the run (`opd-bench verify RUN_DIR`): it checks the sha256 of every trained
+adapter in the run folder, regenerates 8 test prompts per benchmark (chosen by a hash of the run's
+identity and adapter hashes) for every model and seed with the recorded seeds and sampler settings,
+scores them and compares every image with its recorded score (within 1e-3; one image per model,
+seed and benchmark may differ, a detection or OCR read flipped by float rounding). Runs that do not
+verify are refused; `submit --unverified` lists them, unranked, in the separate unverified table.
+Names are 1-64 letters, digits, `.`, `_` or `-`; an existing name is never overwritten. Files under
+`submissions/` that no longer validate (e.g. after a suite update) are listed at the end instead.
+
+**What verification does not prove.** The sample is drawn from the run's own adapters, so scores
+cannot be edited without changing images that may be re-checked, but the sample can be computed
+by anyone: a maintainer re-checks an entry with the submitter's run folder and
+`opd-bench verify RUN_DIR --salt ANYTHING --prompts 32`, and the adapter hashes in the entry tie it
+to those weights. The training budget is checked against the preset's configuration, not
+re-trained: compute beyond the declared budget cannot be detected.
 
 **Columns.** `overall` is the mean of the suite's headline benchmarks (each in [0, 1]); benchmark
 cells are mean ± std over seeds; `steps` are student optimizer steps and `forwards` transformer
 forward passes (student + teacher) of one run (mean over seeds; teachers' training is listed in the
-teacher rows). Student methods are ranked by `overall`; `base` and `teacher/*` rows are
-references (no rank). Machine-readable copy: [`leaderboard.csv`](leaderboard.csv).
+teacher rows). Verified student methods are ranked by `overall` within their suite and preset;
+`base` and `teacher/*` rows are references (no rank). Machine-readable copy:
+[`leaderboard.csv`](leaderboard.csv).
 """
 
 
@@ -364,32 +559,45 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _table(rows: list[dict], benches: list[str], ranked: bool) -> str:
+    header = (["rank"] if ranked else ["status"]) + ["submission", "method", "model", "preset", "overall"] + benches
+    header += ["steps", "forwards", "seeds", "date"]
+    text = ("submission", "method", "model", "preset", "seeds", "date", "status")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if h in text else "---:" for h in header) + "|"]
+    for r in rows:
+        cells = [str(r.get("rank", "")) if ranked else r["status"], r["submission"],
+                 r["method"] if r["kind"] == "student" else f"*{r['method']}*", r["model"], r["preset"], f"{r['overall']:.3f}"]
+        for b in benches:
+            mean, std = r["scores"].get(b, (None, None))
+            cells.append("" if mean is None else f"{mean:.3f} ± {std:.3f}")
+        cells += ["" if r["optimizer_steps"] is None else f"{int(r['optimizer_steps']):,}",
+                  "" if r["forward_passes"] is None else f"{int(round(r['forward_passes'])):,}",
+                  r["seeds"], r["date"][:10]]
+        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _readme(rows: list[dict], skipped: list[str], bench_by_suite: dict[str, list[str]]) -> bytes:
     out = [HEADER]
-    if not rows:
-        out.append("No submissions yet.\n")
-    for suite in sorted(bench_by_suite):
-        benches = bench_by_suite[suite]
-        out.append(f"## Suite `{suite}`\n")
-        header = ["rank", "submission", "method", "model", "overall"] + benches + ["steps", "forwards", "seeds", "date"]
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h not in ("submission", "method", "model", "seeds", "date") else "---" for h in header) + "|"]
-        for r in (r for r in rows if r["suite"] == suite):
-            cells = [str(r.get("rank", "")), r["submission"], r["method"] if r["kind"] == "student" else f"*{r['method']}*",
-                     r["model"], f"{r['overall']:.3f}"]
-            for b in benches:
-                mean, std = r["scores"].get(b, (None, None))
-                cells.append("" if mean is None else f"{mean:.3f} ± {std:.3f}")
-            cells += ["" if r["optimizer_steps"] is None else f"{int(r['optimizer_steps']):,}",
-                      "" if r["forward_passes"] is None else f"{int(round(r['forward_passes'])):,}",
-                      r["seeds"], r["date"][:10]]
-            lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
-        out.append("\n".join(lines) + "\n")
+    verified = [r for r in rows if r["status"] == "verified"]
+    if not verified:
+        out.append("No verified submissions yet.\n")
+    for suite, preset in sorted({(r["suite"], r["preset"]) for r in verified}):
+        out.append(f"## Suite `{suite}`, preset `{preset}`\n")
+        out.append(_table([r for r in verified if (r["suite"], r["preset"]) == (suite, preset)], bench_by_suite[suite], True))
+    others = [r for r in rows if r["status"] != "verified"]
+    if others:
+        out.append("## Unverified (not ranked)\n")
+        out.append("Scores as submitted, not re-evaluated: `unverified` entries were submitted with `--unverified`; "
+                   "`legacy` entries are schema-1 result files from before verification existed (no per-image scores "
+                   "or adapter hashes), kept until a new run replaces them.\n")
+        for suite in sorted({r["suite"] for r in others}):
+            out.append(f"### Suite `{suite}`\n")
+            out.append(_table([r for r in others if r["suite"] == suite], bench_by_suite[suite], False))
     if skipped:
         out.append("## Not listed (no longer valid)\n")
         out.append("\n".join(f"- {_md(s)}" for s in skipped) + "\n")
     return "\n".join(out).encode("utf-8")
-
-
 
 
 def rebuild(root: str | Path = "leaderboard") -> tuple[Path, Path]:

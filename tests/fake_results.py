@@ -1,11 +1,15 @@
-"""A synthetic but schema-valid ``results.json`` (version 1) for report and leaderboard tests.
+"""A synthetic but schema-valid ``results.json`` (version 2) for report and leaderboard tests.
 
-Prompt hashes are the installed tiny suite's real ones; numbers are random but seeded; sample
-grids are tiny PNGs. ``make_run(run_dir)`` writes the run directory and returns the dict.
+Prompt hashes are the installed tiny suite's real ones; per-image scores are random but seeded,
+and every per-seed score is the suite's aggregate of them (as `opd-bench run` computes it); the
+config and step counts are the standard preset's; sample grids are tiny PNGs; adapter hashes are
+made up (these runs have no adapters, so they cannot be verified). ``make_run(run_dir)`` writes
+the run directory and returns the dict.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
@@ -41,29 +45,76 @@ def _png(rows: int, cols: int, seed: int, cell: int = 8) -> bytes:
     return buffer.getvalue()
 
 
-def _score(rng: random.Random, bench: str, level: float) -> float:
+EVAL_LIMIT, EVAL_IMAGES = 6, 1  # the final evaluation the fake per-image scores stand for
+
+
+def _score(rng: random.Random, bench: str, level: float, noise: float = 0.05) -> float:
     if bench == "pref":
-        return 18.0 + 6.0 * level + rng.uniform(-0.3, 0.3)
-    return min(1.0, max(0.0, level + rng.uniform(-0.05, 0.05)))
+        return 18.0 + 6.0 * level + rng.uniform(-6 * noise, 6 * noise)
+    return min(1.0, max(0.0, level + rng.uniform(-noise, noise)))
 
 
-def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, steps: int = 12) -> dict:
+@functools.lru_cache(maxsize=None)
+def _metadata(bench: str) -> tuple[str, list[dict]]:
+    """The metric and per-image metadata of a benchmark's fake final evaluation."""
+    from opd_bench import suites
+
+    suite = suites.get("tiny")
+    task = "pref" if bench == "pref_oracle" else bench
+    spec = suite.benchmark(task)
+    metric = spec.metric if bench == task else "mean"
+    return metric, [p.metadata for p in spec.prompts("test", EVAL_LIMIT) for _ in range(EVAL_IMAGES)]
+
+
+@functools.lru_cache(maxsize=None)
+def _standard_config() -> str:
+    return json.dumps(standard_config())
+
+
+def standard_config() -> dict:
+    from dataclasses import asdict
+
+    from opd_bench.harness import plan
+
+    p = plan("standard")
+    return json.loads(json.dumps({"teachers": asdict(p.teacher), "opd": asdict(p.opd), "opd-ppo": asdict(p.opd_ppo),
+                                  "multi-reward": asdict(p.multi_reward), "cascade": asdict(p.cascade),
+                                  "eval": {"limit": EVAL_LIMIT, "images_per_prompt": EVAL_IMAGES, "num_steps": 10,
+                                           "guidance_scale": 4.5, "noise_level": 0.0, "resolution": None}}))
+
+
+def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed: dict | None = None) -> dict:
+    """``fixed``: {method: level} gives every image of that method the same score (exact means)."""
+    from opd_bench.benchmarks import aggregate
+
     rng = random.Random(rng_seed)
     seeds = list(seeds)
+    config = json.loads(_standard_config())
     level = {m: rng.uniform(0.2, 0.8) for m in methods}
     level["base"] = 0.2
-    results, per_tag, curves, grad, compute = {}, {}, {}, {}, {}
+    level.update(fixed or {})
+    results, per_tag, curves, grad, compute, per_image, artifacts = {}, {}, {}, {}, {}, {}, {}
     for m in methods:
-        n = 1 if m == "base" else len(seeds)
-        results[m] = {}
+        cell_seeds = seeds[:1] if m == "base" or m.startswith("teacher/") else seeds
+        results[m], per_image[m] = {}, {str(s): {} for s in cell_seeds}
         for bench in BENCHMARKS:
-            values = [_score(rng, bench, level[m]) for _ in range(n)]
+            metric, metadata = _metadata(bench)
+            values = []
+            for s in cell_seeds:
+                images = [_score(rng, bench, level[m], 0.0 if m in (fixed or {}) else 0.05) for _ in metadata]
+                per_image[m][str(s)][bench] = [round(v, 6) for v in images]
+                values.append(aggregate(metric, per_image[m][str(s)][bench], metadata)["score"])
+            n = len(values)
             mean = sum(values) / n
             std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
-            results[m][bench] = {"mean": mean, "std": std, "per_seed": values}
+            results[m][bench] = {"mean": mean, "std": std, "per_seed": values, "seeds": cell_seeds}
         per_tag[m] = {"geneval": {t: round(rng.random(), 4) for t in TAGS}}
         if m == "base":
             continue
+        artifacts[m] = {str(s): {"path": f"methods/{m}/seed{s}/final", "sha256": f"{rng.getrandbits(256):064x}"}
+                        for s in cell_seeds}
+        steps = config["teachers"]["steps"] if m.startswith("teacher/") else \
+            sum(n for _, n in config["cascade"]["stages"]) if m == "cascade" else config[m]["steps"]
         curves[m] = {}
         grad[m] = {}
         for s in seeds:
@@ -93,18 +144,15 @@ def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, steps:
                                   "ratio_ppo_over_analytic": vp / va, "rel_var_analytic": va / 2, "rel_var_ppo": vp / 2,
                                   "cosine_of_means": rng.uniform(0.8, 1.0)})
     return {
-        "schema_version": 1, "package_version": "0.1.0", "git_commit": "0123456789abcdef", "date": "2026-11-26T06:00:00Z",
+        "schema_version": 2, "package_version": "0.1.0", "git_commit": "0123456789abcdef", "date": "2026-11-26T06:00:00Z",
         "command": "opd-bench run --method all --suite tiny --out runs/fake", "suite": "tiny", "suite_version": "tiny-v1",
-        "prompt_hashes": prompt_hashes(), "model": "tiny", "preset": "standard", "seeds": seeds,
-        "benchmarks": list(BENCHMARKS), "headline": list(HEADLINE),
-        "config": {"teachers": {"steps": steps}, "opd": {"lr": 3e-4}, "opd-ppo": {"clip": 0.2},
-                   "multi-reward": {"aggregation": "per-task"}, "cascade": {"stages": ["pref", "geneval", "ocr"]},
-                   "eval": {"images_per_prompt": 2}},
-        "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": grad, "compute": compute,
+        "prompt_hashes": prompt_hashes(), "model": "tiny", "model_sha256": "0123456789ab", "preset": "standard",
+        "seeds": seeds, "benchmarks": list(BENCHMARKS), "headline": list(HEADLINE), "config": config,
+        "per_image": per_image, "artifacts": artifacts, "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": grad, "compute": compute,
         "variance": {"rows": variance_rows, "ratio_ppo_over_analytic": variance_rows[-1]["ratio_ppo_over_analytic"],
                      "reference": {"batch": 8, "noise_level": 0.7}},
-        "cascade_stages": [{"stage": 0, "task": "pref", "end_step": 4}, {"stage": 1, "task": "geneval", "end_step": 8},
-                           {"stage": 2, "task": "ocr", "end_step": 12}] if "cascade" in methods else [],
+        "cascade_stages": [{"stage": 0, "task": "pref", "end_step": 10}, {"stage": 1, "task": "geneval", "end_step": 20},
+                           {"stage": 2, "task": "ocr", "end_step": 30}] if "cascade" in methods else [],
         "samples": {"prompts": list(PROMPTS), "grids": {m: f"samples/{m.replace('/', '_')}.png" for m in methods}},
         "environment": {"python": "3.11.7", "torch": "2.14.1", "diffusers": "0.42.1", "platform": "Linux",
                         "cpu": "test cpu", "threads": 2, "device": "cpu"},

@@ -2,11 +2,26 @@ import copy
 import csv
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 from fake_results import make_results, make_run
-from opd_bench.leaderboard import SubmissionError, rebuild, submit, validate
+from opd_bench.leaderboard import MAX_FILE_BYTES, SubmissionError, check_results, rebuild, submit, validate
+
+LEGACY = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions" / "tiny" / "tiny-standard-cpu.json"
+
+
+def passes(run_dir):
+    """Stands in for opd_bench.verify.verify_run: fake runs have no adapters to re-evaluate (the real
+    verification is tested on a real run in test_harness.py)."""
+    return {"ok": True, "mismatches": [], "prompts_per_benchmark": 8, "images_checked": 1, "tolerance": {}, "salt": ""}
+
+
+def fails(run_dir):
+    miss = {"model": "opd", "seed": 0, "benchmark": "ocr", "image": 3, "recorded": 0.9, "recomputed": 0.1}
+    return {"ok": False, "mismatches": [miss, miss], "images_checked": 16}
 
 
 def tree(root):
@@ -29,7 +44,7 @@ def board(tmp_path, valid):
     """A leaderboard with one accepted submission, and a folder for further runs."""
     root = tmp_path / "leaderboard"
     make_run(tmp_path / "run-a", copy.deepcopy(valid))
-    submit(tmp_path / "run-a", "first", root=root)
+    submit(tmp_path / "run-a", "first", root=root, verify=passes)
     rebuild(root)
     return root
 
@@ -37,12 +52,11 @@ def board(tmp_path, valid):
 def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
     stored = json.loads((board / "submissions" / "tiny" / "first.json").read_text())
     assert stored["submission"]["name"] == "first" and stored["results"] == valid["results"]
+    assert stored["submission"]["verified"]["images_checked"] == 1
 
-    better = copy.deepcopy(valid)
-    for bench in ("geneval", "ocr", "pref_oracle"):
-        better["results"]["opd"][bench] = {"mean": 0.99, "std": 0.0, "per_seed": [0.99, 0.99, 0.99]}
+    better = make_results(rng_seed=1, fixed={"opd": 0.99})
     make_run(tmp_path / "run-b", better)
-    path = submit(tmp_path / "run-b", "second.v2", root=board)
+    path = submit(tmp_path / "run-b", "second.v2", root=board, verify=passes)
     assert path == board / "submissions" / "tiny" / "second.v2.json"
     readme, table = rebuild(board)
 
@@ -50,16 +64,18 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
     assert len(rows) == 2 * len(valid["results"])
     assert rows[0]["rank"] == "1" and rows[0]["submission"] == "second.v2" and rows[0]["method"] == "opd"
     assert rows[0]["overall"] == "0.9900" and rows[0]["geneval_mean"] == "0.9900"
+    assert rows[0]["status"] == "verified" and rows[0]["preset"] == "standard"
     overall = [float(r["overall"]) for r in rows]
     assert overall == sorted(overall, reverse=True)
     students = [r for r in rows if r["kind"] == "student"]
     assert len(students) == 8 and all(r["rank"] for r in students)
     assert all(r["rank"] == "" for r in rows if r["kind"] == "reference")
-    assert rows[0]["optimizer_steps"] == "12" and rows[0]["forward_passes"] == str(12 * 40 + 12 * 36)
+    assert rows[0]["optimizer_steps"] == "30" and rows[0]["forward_passes"] == str(30 * 40 + 30 * 36)
 
     text = readme.read_text()
     assert "opd-bench submit" in text and "opd-bench leaderboard" in text
-    assert "| 1 | second.v2 | opd | tiny | 0.990 |" in text
+    assert "## Suite `tiny`, preset `standard`" in text and "| 1 | second.v2 | opd | tiny | standard | 0.990 |" in text
+    assert "Unverified" not in text
     # Deterministic: rebuilding again gives identical bytes.
     before = tree(board)
     rebuild(board)
@@ -77,7 +93,7 @@ def _mutations():
         r["results"]["opd"]["pref"]["per_seed"][0] = float("nan")
 
     def schema(r):
-        r["schema_version"] = 2
+        r["schema_version"] = 3
 
     def prompt_hash(r):
         r["prompt_hashes"]["ocr"]["test"] = "0" * 64
@@ -94,8 +110,43 @@ def _mutations():
     def edited_mean(r):
         r["results"]["opd"]["geneval"]["mean"] += 0.01
 
+    # The consistent hand edits of issue 12: mean and per_seed changed together, or the std alone.
+    def edited_mean_and_per_seed(r):
+        cell = r["results"]["opd"]["geneval"]
+        cell["per_seed"] = [v + 0.2 for v in cell["per_seed"]]
+        cell["mean"] += 0.2
+
+    def edited_std(r):
+        r["results"]["opd"]["ocr"]["std"] = 0.0
+
+    def edited_per_image(r):  # one image changed, the per-seed score left alone
+        r["per_image"]["opd"]["0"]["ocr"][0] = 1.0 - r["per_image"]["opd"]["0"]["ocr"][0]
+
+    def smoke(r):
+        r["preset"] = "smoke"
+
+    def smoke_budget_relabelled(r):  # a smoke run's budget under the standard preset's name
+        r["config"]["opd"]["steps"] = 2
+        r["compute"]["opd"]["optimizer_steps"] = 2
+
+    def unfinished(r):
+        r["compute"]["cascade"]["optimizer_steps"] = 12
+
+    def adapter_hash(r):
+        r["artifacts"]["opd"]["1"]["sha256"] = "not a hash"
+
+    def adapter_path(r):
+        r["artifacts"]["multi-reward"]["2"]["path"] = "../../elsewhere"
+
+    def cell_seeds(r):
+        r["results"]["opd"]["pref"]["seeds"] = [0, 1, 7]
+
+    def schema_1(r):  # legacy files are listed, never submitted
+        r["schema_version"] = 1
+
     return [missing_benchmark, out_of_range, not_finite, schema, prompt_hash, suite_version, unknown_suite, seeds,
-            edited_mean]
+            edited_mean, edited_mean_and_per_seed, edited_std, edited_per_image, smoke, smoke_budget_relabelled,
+            unfinished, adapter_hash, adapter_path, cell_seeds, schema_1]
 
 
 @pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
@@ -109,8 +160,57 @@ def test_malformed_results_are_refused_and_leave_the_board_unchanged(tmp_path, b
     make_run(tmp_path / "bad", bad)
     before = tree(board)
     with pytest.raises(SubmissionError):
-        submit(tmp_path / "bad", "bad", root=board)
+        submit(tmp_path / "bad", "bad", root=board, verify=passes)
+    with pytest.raises(SubmissionError):  # --unverified skips the re-evaluation, not the checks
+        submit(tmp_path / "bad", "bad", root=board, unverified=True)
     assert tree(board) == before
+
+
+def test_oversized_result_file_is_refused_before_reading(tmp_path, board, valid):
+    big = copy.deepcopy(valid)
+    big["curves"]["opd"]["0"] *= 1 + MAX_FILE_BYTES // len(json.dumps(big["curves"]["opd"]["0"]))
+    make_run(tmp_path / "big", big)
+    before = tree(board)
+    with pytest.raises(SubmissionError) as info:
+        submit(tmp_path / "big", "big", root=board, verify=passes)
+    assert str(info.value).startswith(str(tmp_path / "big" / "results.json")) and "2 MiB" in str(info.value)
+    assert tree(board) == before
+    # a stored file over the cap is listed as not valid, without being parsed
+    shutil.copy(tmp_path / "big" / "results.json", board / "submissions" / "tiny" / "big.json")
+    readme, _ = rebuild(board)
+    assert "big.json" in readme.read_text() and "cap" in readme.read_text()
+
+
+def test_a_run_that_does_not_verify_is_refused_or_listed_apart(tmp_path, board, valid):
+    make_run(tmp_path / "run-d", copy.deepcopy(valid))
+    before = tree(board)
+    with pytest.raises(SubmissionError, match="does not verify.*--unverified"):
+        submit(tmp_path / "run-d", "edited", root=board, verify=fails)
+    assert tree(board) == before
+    path = submit(tmp_path / "run-d", "edited", root=board, unverified=True, verify=fails)
+    assert json.loads(path.read_text())["submission"]["verified"] is None
+    readme, table = rebuild(board)
+    rows = list(csv.DictReader(table.open()))
+    assert {r["status"] for r in rows if r["submission"] == "edited"} == {"unverified"}
+    assert all(r["rank"] == "" for r in rows if r["submission"] == "edited")
+    text = readme.read_text()
+    assert text.index("## Unverified (not ranked)") < text.index("| unverified | edited | opd |")
+
+
+def test_the_legacy_schema_1_entry_is_listed_as_unverified(tmp_path):
+    """The committed entry predates per-image scores: rebuild lists it (as legacy), submit refuses its kind."""
+    root = tmp_path / "lb"
+    (root / "submissions" / "tiny").mkdir(parents=True)
+    shutil.copy(LEGACY, root / "submissions" / "tiny" / LEGACY.name)
+    readme, table = rebuild(root)
+    rows = list(csv.DictReader(table.open()))
+    assert rows and {r["status"] for r in rows} == {"legacy"} and all(r["rank"] == "" for r in rows)
+    assert "| legacy | tiny-standard-cpu | opd |" in readme.read_text()
+    check_results(json.loads(LEGACY.read_text()))
+    (tmp_path / "old").mkdir()
+    shutil.copy(LEGACY, tmp_path / "old" / "results.json")
+    with pytest.raises(SubmissionError, match="schema_version is 1"):
+        submit(tmp_path / "old", "again", root=root, unverified=True)
 
 
 def test_invalid_json_is_refused(tmp_path, board):
@@ -118,7 +218,7 @@ def test_invalid_json_is_refused(tmp_path, board):
     (tmp_path / "junk" / "results.json").write_text("{not json")
     before = tree(board)
     with pytest.raises(SubmissionError, match="not valid JSON"):
-        submit(tmp_path / "junk", "junk", root=board)
+        submit(tmp_path / "junk", "junk", root=board, verify=passes)
     assert tree(board) == before
 
 
@@ -127,7 +227,7 @@ def test_duplicate_name_is_refused(tmp_path, board, valid, name):
     make_run(tmp_path / "again", copy.deepcopy(valid))
     before = tree(board)
     with pytest.raises(SubmissionError, match="already exists"):
-        submit(tmp_path / "again", name, root=board)
+        submit(tmp_path / "again", name, root=board, verify=passes)
     assert tree(board) == before
 
 
@@ -136,7 +236,7 @@ def test_unsafe_names_are_refused(tmp_path, board, valid, name):
     make_run(tmp_path / "run-c", copy.deepcopy(valid))
     before, outside = tree(board), tree(tmp_path)
     with pytest.raises(SubmissionError, match="not allowed"):
-        submit(tmp_path / "run-c", name, root=board)
+        submit(tmp_path / "run-c", name, root=board, verify=passes)
     assert tree(board) == before and tree(tmp_path) == outside
 
 
@@ -145,7 +245,7 @@ def test_refusal_on_a_fresh_root_creates_nothing(tmp_path, valid):
     bad["schema_version"] = 0
     make_run(tmp_path / "bad", bad)
     with pytest.raises(SubmissionError):
-        submit(tmp_path / "bad", "ok", root=tmp_path / "lb")
+        submit(tmp_path / "bad", "ok", root=tmp_path / "lb", verify=passes)
     assert not (tmp_path / "lb").exists()
 
 
