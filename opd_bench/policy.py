@@ -43,6 +43,7 @@ DEFAULT_LORA_TARGETS = (
 )
 SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+_UNKNOWN = object()  # peft's active adapter is not the one the policy last set
 
 
 class ModelLoadError(RuntimeError):
@@ -265,6 +266,15 @@ class Policy:
         self._trainable: set[str] = set()
         self._adapter_configs: dict[str, object] = {}
         self._active: str | None = None
+        # peft's LoRA layers and their parameters, found once per added adapter: diffusers' own
+        # set_adapter / enable_adapters walk every module and check peft's version on each call
+        # (~5 ms a switch on the tiny model, several per training step).
+        self._lora_layers: list = []
+        self._lora_params: list[tuple[torch.nn.Parameter, str]] = []
+        # Device and dtype come from one parameter: diffusers' ModelMixin.device/.dtype walk
+        # every module (~0.7 ms each, dozens of look-ups per step). Module.to() keeps Parameter
+        # objects and swaps their data, so this stays right after the pipeline is moved.
+        self._probe = next(self.transformer.parameters())
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
         # Full-parameter students: name -> a trainable copy of the transformer (the base stays frozen).
         self._full: dict[str, torch.nn.Module] = {}
@@ -332,11 +342,11 @@ class Policy:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self._probe.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return self._probe.dtype
 
     # ------------------------------------------------------------------------------- shapes
     def default_size(self) -> tuple[int, int]:
@@ -397,19 +407,32 @@ class Policy:
 
     # ----------------------------------------------------------------------------- velocity
     def velocity(
-        self, latents: torch.Tensor, sigma, cond: PromptEmbeds, guidance_scale: float = 1.0
+        self,
+        latents: torch.Tensor,
+        sigma,
+        cond: PromptEmbeds,
+        guidance_scale: float = 1.0,
+        *,
+        detach_uncond: bool = False,
     ) -> torch.Tensor:
         """Velocity at ``(latents, sigma)``, guided by ``guidance_scale``, in one transformer forward.
 
         Classifier-free guidance batches the conditional and unconditional halves; guidance-
         distilled models (FLUX.1-dev) take the scale as an input instead. ``sigma`` is a scalar or
         ``[B]``; gradients flow when called outside ``no_grad``.
+
+        ``detach_uncond``: the unconditional half is a constant for autograd (Flow-GRPO's
+        ``noise_pred_uncond.detach()``), so gradients flow through the conditional half only.
+        With gradients enabled it then runs as its own forward under ``no_grad`` (two transformer
+        calls of ``B`` instead of one of ``2B``; the same sample-forwards, values and gradients),
+        which spares the backward pass and the stored activations of that half.
         """
         batch = latents.shape[0]
         if len(cond) != batch:
             raise ValueError(f"{batch} latents but {len(cond)} prompt embeddings")
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch)
-        latents = latents.to(self.dtype)
+        device, dtype = self._probe.device, self._probe.dtype
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).expand(batch)
+        latents = latents.to(dtype)
         transformer = self._full.get(self._active, self.transformer)
         forward = self._backend.forward
         if self._backend.guidance_embedded(transformer):
@@ -419,6 +442,11 @@ class Policy:
             self._count(batch)
             return forward(transformer, latents, sigma, cond.embeds, cond.pooled)
         self._count(2 * batch)
+        if detach_uncond and torch.is_grad_enabled():
+            with torch.no_grad():
+                uncond = forward(transformer, latents, sigma, cond.negative_embeds, cond.negative_pooled)
+            text = forward(transformer, latents, sigma, cond.embeds, cond.pooled)
+            return uncond + guidance_scale * (text - uncond)
         both = forward(
             transformer,
             torch.cat([latents, latents]),
@@ -505,7 +533,19 @@ class Policy:
         self._adapter_configs[name] = config
         if trainable:
             self._trainable.add(name)
+        self._find_lora()
+        self._active = _UNKNOWN  # peft has just activated the new adapter: force the switch back
         self._activate(previous)
+
+    def _find_lora(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._lora_layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        self._lora_params = [
+            (param, param_name.rsplit(".", 2)[-2])
+            for param_name, param in self.transformer.named_parameters()
+            if ".lora_" in param_name
+        ]
 
     def save_adapter(self, name: str, folder: str | Path) -> Path:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format), or a
@@ -575,22 +615,25 @@ class Policy:
             self._activate(previous)
 
     def _activate(self, name: str | None) -> None:
+        if name == self._active:
+            return  # nested use() of the active adapter: nothing to switch
         if name is not None and name not in self.adapters:
             raise ValueError(f"no adapter {name!r}; adapters: {self.adapters} (None = the base model)")
         if self._adapter_configs:
-            if name is None or name in self._full:
-                self.transformer.disable_adapters()
-            else:
-                self.transformer.enable_adapters()
-                self.transformer.set_adapter(name)
+            # What diffusers' disable_adapters / set_adapter + enable_adapters do, on the cached layers.
+            off = name is None or name in self._full
+            for layer in self._lora_layers:
+                if off:
+                    layer.enable_adapters(False)
+                else:
+                    layer.set_adapter(name)
+                    layer.enable_adapters(True)
             self._restore_trainable()
         self._active = name
 
     def _restore_trainable(self) -> None:
-        for param_name, param in self.transformer.named_parameters():
-            if ".lora_" in param_name:
-                adapter = param_name.rsplit(".", 2)[-2]
-                param.requires_grad_(adapter in self._trainable)
+        for param, adapter in self._lora_params:
+            param.requires_grad_(adapter in self._trainable)
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         """The parameters of adapter ``name`` (what an optimizer of that adapter should get)."""

@@ -22,10 +22,13 @@ def group_advantages(
     std: Literal["group", "batch"] = "group",
     clip: float | None = 5.0,
     eps: float = 1e-4,
+    ddof: int = 0,
 ) -> torch.Tensor:
     """``A_i = (r_i - mean of its prompt's group) / (std + eps)``, clipped to ``[-clip, clip]``.
 
     ``std="group"`` divides by the group's own std, ``"batch"`` by the std of the whole batch.
+    ``ddof=0``: the population std (``np.std``'s default, as Flow-GRPO); ``ddof=1``: the unbiased
+    std, which on a group of 4 is sqrt(4/3) larger, so advantages are 0.87x Flow-GRPO's.
     Groups whose rewards are all equal get advantage 0. NaN rewards are not allowed here: route
     samples to their task's reward first.
     """
@@ -34,15 +37,17 @@ def group_advantages(
         raise ValueError("advantages need a finite reward for every sample; got NaN (a reward not applicable)")
     if std not in ("group", "batch"):
         raise ValueError(f"std must be 'group' or 'batch', got {std!r}")
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population std) or 1 (unbiased), got {ddof!r}")
     _, inverse = torch.unique(group, return_inverse=True)
     count = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, torch.ones_like(rewards))
     mean = torch.zeros_like(count).index_add_(0, inverse, rewards) / count
     centred = rewards - mean[inverse]
     if std == "group":
-        var = torch.zeros_like(count).index_add_(0, inverse, centred**2) / (count - 1).clamp(min=1)
+        var = torch.zeros_like(count).index_add_(0, inverse, centred**2) / (count - ddof).clamp(min=1)
         scale = var.sqrt()[inverse]
     else:
-        scale = rewards.std().expand_as(rewards) if len(rewards) > 1 else torch.zeros_like(rewards)
+        scale = rewards.std(correction=ddof).expand_as(rewards) if len(rewards) > 1 else torch.zeros_like(rewards)
     advantages = torch.where(centred == 0, torch.zeros_like(centred), centred / (scale + eps))
     return advantages.clamp(-clip, clip) if clip is not None else advantages
 
@@ -71,14 +76,29 @@ def clipped_policy_loss(
 
 
 def train_step_indices(
-    num_samples: int, num_steps: int, fraction: float, generator: torch.Generator, trainable: Sequence[int] | None = None
+    num_samples: int,
+    num_steps: int,
+    fraction: float,
+    generator: torch.Generator | None = None,
+    trainable: Sequence[int] | None = None,
+    *,
+    mode: Literal["first", "random"] = "random",
 ) -> torch.Tensor:
-    """For each sample, which of its steps to train on: a random ``fraction`` of the trainable steps.
+    """For each sample, which of its steps to train on; returns ``[num_samples, k]`` step indices.
 
-    Returns ``[num_samples, k]`` step indices (Flow-GRPO's timestep fraction; each sample gets its
-    own random subset so every step is trained on across the batch).
+    ``mode="first"``: the first ``k = int(fraction * n)`` of the ``n`` trainable steps, the same for
+    every sample (Flow-GRPO's ``timestep_fraction``: its loop trains steps ``0 .. k-1``).
+    ``mode="random"``: a random ``k = round(fraction * n)`` of them per sample (drawn from
+    ``generator``), so every step is trained on across the batch. ``k`` is at least 1.
     """
     steps = torch.as_tensor(list(trainable) if trainable is not None else range(num_steps))
+    if mode == "first":
+        k = max(1, int(fraction * len(steps)))  # int(), not round(): Flow-GRPO's count
+        return steps[:k].expand(num_samples, k)
+    if mode != "random":
+        raise ValueError(f"mode must be 'first' or 'random', got {mode!r}")
+    if generator is None:
+        raise ValueError("mode='random' needs a generator (the subsets must be reproducible)")
     k = max(1, round(fraction * len(steps)))
     order = torch.stack([torch.randperm(len(steps), generator=generator) for _ in range(num_samples)])
     return steps[order[:, :k]]
@@ -92,11 +112,13 @@ def step_at(
     *,
     guidance_scale: float,
     sigma_max: float | None = None,
+    detach_uncond: bool = False,
 ) -> StepOutput:
     """Re-evaluate step ``step[j]`` of sample ``index[j]`` with the policy's active adapter.
 
     Scores the stored next state, so ``log_prob`` is the current policy's density of the action
-    actually taken; gradients flow when called outside ``no_grad``.
+    actually taken; gradients flow when called outside ``no_grad`` (through the conditional half
+    of guidance only with ``detach_uncond``, see ``Policy.velocity``).
     """
     if trajectory.latents is None:
         raise ValueError("this needs the states: roll out with keep={'latents', ...}")
@@ -110,7 +132,7 @@ def step_at(
     if len(set(levels.tolist())) > 1:
         raise ValueError("steps re-evaluated together must share a noise level")
     cond = trajectory.embeds.select(index.to(trajectory.embeds.embeds.device))
-    velocity = policy.velocity(x, sigma, cond, guidance_scale)
+    velocity = policy.velocity(x, sigma, cond, guidance_scale, detach_uncond=detach_uncond)
     if sigma_max is None:
         below = trajectory.sigmas[trajectory.sigmas < 1]
         sigma_max = float(below.max()) if len(below) else None

@@ -49,11 +49,15 @@ def _teacher(tiny_dir, folder, scale=0.3, seed=1):
 def test_group_advantages_by_hand():
     rewards_ = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 4.0])
     group = torch.tensor([0, 0, 1, 1, 2, 2])
-    adv = group_advantages(rewards_, group, eps=0.0, clip=None)
+    # ddof=1 (the unbiased option; the ddof=0 default is pinned in test_grpo_reference.py)
+    adv = group_advantages(rewards_, group, eps=0.0, clip=None, ddof=1)
     s = 2**0.5  # unbiased std of (1, 3) and of (0, 4) is sqrt(2) and 2 sqrt(2)
     torch.testing.assert_close(adv, torch.tensor([-1 / s, 1 / s, 0.0, 0.0, -2 / (2 * s), 2 / (2 * s)]))
-    batch = group_advantages(rewards_, group, std="batch", eps=0.0, clip=None)
+    batch = group_advantages(rewards_, group, std="batch", eps=0.0, clip=None, ddof=1)
     torch.testing.assert_close(batch, torch.tensor([-1.0, 1.0, 0.0, 0.0, -2.0, 2.0]) / rewards_.std())
+    # population std (default): 1 for (1, 3), 2 for (0, 4)
+    population = group_advantages(rewards_, group, eps=0.0, clip=None)
+    torch.testing.assert_close(population, torch.tensor([-1.0, 1.0, 0.0, 0.0, -1.0, 1.0]))
     assert group_advantages(torch.tensor([0.0, 100.0]), torch.tensor([0, 0]), clip=0.5).abs().max() == 0.5
     assert zero_spread_share(rewards_, group) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="NaN"):
@@ -90,9 +94,9 @@ def test_grpo_loss_matches_hand_computation_on_a_tiny_batch(policy):
     with policy.use("student"):
         t = rollout(policy, POOLS["bright"][:1], images_per_prompt=2, num_steps=2, noise_level=0.7, guidance_scale=4.5, seed=3, keep={"latents", "images"})
         r = REWARDS["bright"](t.images, t.prompts, t.metadata).scores
-        a = (r - r.mean()) / (r.std() + 1e-4)
+        a = (r - r.mean()) / (r.std(correction=0) + 1e-4)  # Flow-GRPO: population std
         index, step = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
-        current = step_at(policy, t, index, step, guidance_scale=4.5)
+        current = step_at(policy, t, index, step, guidance_scale=4.5, detach_uncond=True)
     ratio = torch.exp(current.log_prob - t.log_probs[index, step])
     (-a[index] * ratio).mean().backward()
     assert metrics["loss"] == pytest.approx((-a[index] * ratio).mean().item(), abs=1e-6)

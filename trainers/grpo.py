@@ -2,8 +2,9 @@
 
 One optimizer step: sample prompts, roll out ``group_size`` SDE trajectories per prompt with the
 trained adapter, score them, turn rewards into per-prompt advantages, and minimise the clipped
-ratio loss on a random ``train_fraction`` of each trajectory's steps, plus an optional closed-form
-KL to the adapter-free base. ``rewards`` maps names to rewards; ``aggregation`` says how several
+ratio loss on the first ``train_fraction`` of each trajectory's steps, plus an optional closed-form
+KL to the adapter-free base. Defaults follow Flow-GRPO's ``train_sd3.py`` exactly (population std,
+first-k steps, unconditional half of guidance detached); each difference has an option. ``rewards`` maps names to rewards; ``aggregation`` says how several
 rewards become one advantage (multi-reward RL); a teacher has one reward.
 """
 
@@ -37,8 +38,14 @@ class GRPOConfig:
     noise_level: float = 0.7
     guidance_scale: float = 4.5
     train_fraction: float = 0.6  # share of each trajectory's steps trained on
+    # "first": steps 0 .. int(train_fraction * num_steps) - 1 of every sample (Flow-GRPO);
+    # "random": a random subset per sample (this project before issue 11)
+    train_steps: Literal["first", "random"] = "first"
+    # Gradients through the conditional half of guidance only (Flow-GRPO's noise_pred_uncond.detach())
+    detach_uncond: bool = True
     clip_range: float = 1e-4  # Flow-GRPO's ratio clip on SD3.5
     adv_std: Literal["group", "batch"] = "group"
+    adv_ddof: int = 0  # 0: population std, np.std's default (Flow-GRPO); 1: unbiased std
     adv_clip: float = 5.0
     kl_beta: float = 0.0
     kl_weighting: Literal["step", "reference"] = "step"
@@ -71,6 +78,10 @@ class GRPOConfig:
                 f"invalid GRPO config value(s) for {bad}: group_size >= 2 (advantages need a group), "
                 "noise_level > 0 (GRPO needs stochastic steps), 0 < train_fraction <= 1, others positive"
             )
+        if self.train_steps not in ("first", "random"):
+            raise ValueError(f"train_steps must be 'first' or 'random', got {self.train_steps!r}")
+        if self.adv_ddof not in (0, 1):
+            raise ValueError(f"adv_ddof must be 0 (population std, Flow-GRPO) or 1 (unbiased), got {self.adv_ddof!r}")
         if self.aggregation not in ("own", "sum-then-normalise", "normalise-then-sum"):
             raise ValueError(f"aggregation must be own, sum-then-normalise or normalise-then-sum, got {self.aggregation!r}")
         if self.ema is not None and not 0 < self.ema < 1:
@@ -101,7 +112,7 @@ def aggregate_advantages(
     sum of all rewards (NaN counts 0), then group-normalised. ``normalise-then-sum``: each reward
     group-normalised separately, then the weighted sum of the advantages.
     """
-    options = dict(std=config.adv_std, clip=config.adv_clip)
+    options = dict(std=config.adv_std, clip=config.adv_clip, ddof=config.adv_ddof)
     if config.aggregation == "own":
         own = torch.stack([scores[task][i] if task in scores else torch.tensor(math.nan) for i, task in enumerate(tasks)])
         if torch.isnan(own).any():
@@ -149,31 +160,38 @@ def grpo_step(
     of those samples' global indices; the gradient is this rank's share of the global mean (the
     caller averages over ranks) and the metrics are global. ``images`` counts this rank's samples.
     """
+    with policy.use(adapter):  # one switch for the whole step (rollout and training)
+        return _grpo_step(policy, adapter, prompts, rewards, config, seed=seed, grad_variance=grad_variance, ranks=ranks)
+
+
+def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, grad_variance, ranks) -> tuple[dict, int]:
     local, first = ranks.shard(prompts)
     offset = first * config.group_size  # global index of this rank's first sample
-    with policy.use(adapter):
-        trajectory = rollout(
-            policy, local, images_per_prompt=config.group_size, num_steps=config.num_steps,
-            noise_level=config.noise_level, guidance_scale=config.guidance_scale, seed=seed,
-            keep={"latents", "images"}, sample_offset=offset,
-        )
+    trajectory = rollout(
+        policy, local, images_per_prompt=config.group_size, num_steps=config.num_steps,
+        noise_level=config.noise_level, guidance_scale=config.guidance_scale, seed=seed,
+        keep={"latents", "images"}, sample_offset=offset,
+    )
     scores = score_samples(trajectory, rewards, own=config.aggregation == "own")
     reward_values, advantages = aggregate_advantages(scores, trajectory.group, trajectory.tasks, config)
     # drawn for the whole batch, then sliced: every sample trains on the same steps in any world size
     generator = torch.Generator().manual_seed(seed)
-    steps = train_step_indices(len(prompts) * config.group_size, config.num_steps, config.train_fraction, generator)
+    steps = train_step_indices(
+        len(prompts) * config.group_size, config.num_steps, config.train_fraction, generator, mode=config.train_steps
+    )
     steps = steps[offset : offset + len(trajectory)]
     pairs = [(i, int(s)) for i in range(len(trajectory)) for s in steps[i]]
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
     pair_loss: list[float] = []
+    device = policy.device
+    advantages = advantages.to(device)
     for start in range(0, len(pairs), config.micro_batch):
         chunk = pairs[start : start + config.micro_batch]
         index = torch.tensor([i for i, _ in chunk])
         step = torch.tensor([s for _, s in chunk])
-        with policy.use(adapter):
-            current = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale)
-        old = trajectory.log_probs[index, step].to(current.log_prob.device)
-        per_pair, stats = clipped_policy_loss(current.log_prob, old, advantages[index].to(old.device), config.clip_range)
+        current = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale, detach_uncond=config.detach_uncond)
+        old = trajectory.log_probs[index, step].to(device)
+        per_pair, stats = clipped_policy_loss(current.log_prob, old, advantages[index.to(device)], config.clip_range)
         if config.kl_beta > 0:
             with torch.no_grad(), policy.use(None):
                 reference = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale)
@@ -183,10 +201,11 @@ def grpo_step(
         (per_pair.sum() / len(pairs)).backward()
         if grad_variance is not None:
             grad_variance.record()
-        totals["loss"] += per_pair.detach().sum().item()
+        per_pair = per_pair.detach().cpu()
+        totals["loss"] += float(per_pair.sum())
         totals["clip_fraction"] += stats["clip_fraction"] * len(chunk)
         totals["approx_kl"] += stats["approx_kl"] * len(chunk)
-        pair_loss.extend(per_pair.detach().tolist())
+        pair_loss.extend(per_pair.tolist())
     # Metrics over the whole step: sums and per-sample values gathered from every rank.
     num_pairs = len(pairs) * ranks.world_size
     summed = ranks.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()

@@ -47,6 +47,9 @@ class OPDConfig:
     teacher_guidance: dict[str, float] = field(default_factory=dict)  # per task; default guidance_scale
     train_fraction: float = 0.9  # 9 of 10 steps
     weighting: Literal["step", "reference"] = "step"
+    # False: the student's loss differentiates its whole guided velocity, as the paper's student is
+    # the CFG-4.5 model; True drops the unconditional half's gradient (as Flow-GRPO does), faster.
+    detach_uncond: bool = False
     clip_range: float = 0.2  # ppo mode
     lr: float = 3e-4
     weight_decay: float = 1e-4
@@ -108,15 +111,24 @@ def opd_task_step(
     its share, with the noise and trained steps of those samples' global indices, and the
     metrics are global (see ``grpo_step``). ``images`` counts this rank's samples.
     """
+    with policy.use(adapter):  # the student stays active but for the teacher's calls
+        return _opd_task_step(
+            policy, adapter, teacher, prompts, config, teacher_guidance=teacher_guidance, seed=seed, reward=reward,
+            loss_scale=loss_scale, grad_variance=grad_variance, ranks=ranks,
+        )
+
+
+def _opd_task_step(
+    policy, adapter, teacher, prompts, config: OPDConfig, *, teacher_guidance, seed, reward, loss_scale, grad_variance, ranks
+) -> tuple[dict, int]:
     local, first = ranks.shard(prompts, "prompts per task")
     offset = first * config.images_per_prompt
     keep = {"latents", "images"} if reward is not None else {"latents"}
-    with policy.use(adapter):
-        trajectory = rollout(
-            policy, local, images_per_prompt=config.images_per_prompt, num_steps=config.num_steps,
-            noise_level=config.noise_level, guidance_scale=config.guidance_scale, seed=seed, keep=keep,
-            sample_offset=offset,
-        )
+    trajectory = rollout(
+        policy, local, images_per_prompt=config.images_per_prompt, num_steps=config.num_steps,
+        noise_level=config.noise_level, guidance_scale=config.guidance_scale, seed=seed, keep=keep,
+        sample_offset=offset,
+    )
     # drawn for the whole batch, then sliced: every sample trains on the same steps in any world size
     steps = train_step_indices(len(prompts) * config.images_per_prompt, config.num_steps, config.train_fraction, torch.Generator().manual_seed(seed))
     steps = steps[offset : offset + len(trajectory)]
@@ -125,8 +137,7 @@ def opd_task_step(
     for start in range(0, len(pairs), config.micro_batch):
         chunk = pairs[start : start + config.micro_batch]
         index, step = torch.tensor([i for i, _ in chunk]), torch.tensor([s for _, s in chunk])
-        with policy.use(adapter):
-            student = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale)
+        student = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale, detach_uncond=config.detach_uncond)
         with torch.no_grad(), policy.use(teacher):
             target = step_at(policy, trajectory, index, step, guidance_scale=teacher_guidance)
         kl = step_kl(student.mean.detach(), target.mean, student.std, weighting=config.weighting, dt=student.dt)

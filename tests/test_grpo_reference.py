@@ -1,0 +1,147 @@
+"""Issue 11: GRPO's defaults are Flow-GRPO's (train_sd3.py), each pinned against a hand-computed value,
+and the policy's fast paths (adapter switches, device/dtype) keep their meaning."""
+
+import pytest
+import torch
+
+from opd_bench import rewards
+from opd_bench.baselines.cascade import CascadeConfig
+from opd_bench.baselines.multi_reward import MultiRewardConfig
+from opd_bench.rl import group_advantages, step_at, train_step_indices
+from opd_bench.rollout import Prompt
+from opd_bench.training import add_student
+from opd_bench.trainers import grpo as grpo_module
+from opd_bench.trainers.grpo import GRPOConfig, aggregate_advantages
+from opd_bench.trainers.opd import OPDConfig
+
+# A group of 4: mean 3, deviations (-2, -1, 0, 3), squares summing to 14.
+REWARDS4 = torch.tensor([1.0, 2.0, 3.0, 6.0])
+# population std sqrt(14 / 4) = 1.8708287; advantage = deviation / (1.8708287 + 1e-4)
+FLOW_GRPO_ADV = torch.tensor([-1.0689878, -0.5344939, 0.0, 1.6034817])
+# unbiased std sqrt(14 / 3) = 2.1602469 (this project before issue 11)
+UNBIASED_ADV = torch.tensor([-0.9257772, -0.4628886, 0.0, 1.3886659])
+
+
+def test_defaults_are_flow_grpo_and_shared_by_the_rl_baselines():
+    for config in (GRPOConfig(), MultiRewardConfig(), CascadeConfig().grpo):
+        assert (config.adv_ddof, config.train_steps, config.detach_uncond) == (0, "first", True)
+    assert OPDConfig().detach_uncond is False  # OPD keeps the full pathwise gradient (README)
+    with pytest.raises(ValueError, match="adv_ddof"):
+        GRPOConfig(adv_ddof=2)
+    with pytest.raises(ValueError, match="train_steps"):
+        GRPOConfig(train_steps="last")
+
+
+def test_advantages_divide_by_the_population_std_plus_1e_4():
+    group = torch.zeros(4, dtype=torch.long)
+    _, advantages = aggregate_advantages({"t": REWARDS4}, group, ["t"] * 4, GRPOConfig())
+    torch.testing.assert_close(advantages, FLOW_GRPO_ADV)
+    torch.testing.assert_close(group_advantages(REWARDS4, group, ddof=1), UNBIASED_ADV)
+    # two groups side by side, and the batch std, also with ddof=0
+    two = group_advantages(torch.cat([REWARDS4, REWARDS4 + 10]), torch.tensor([0] * 4 + [1] * 4))
+    torch.testing.assert_close(two, torch.cat([FLOW_GRPO_ADV, FLOW_GRPO_ADV]))
+    batch = group_advantages(REWARDS4, group, std="batch")
+    torch.testing.assert_close(batch, FLOW_GRPO_ADV)
+
+
+def test_trained_steps_are_the_first_fraction_of_every_sample():
+    assert train_step_indices(3, 8, 0.5, mode="first").tolist() == [[0, 1, 2, 3]] * 3
+    assert train_step_indices(2, 10, 0.6, mode="first").tolist() == [[0, 1, 2, 3, 4, 5]] * 2
+    assert train_step_indices(1, 10, 0.99, mode="first").tolist() == [list(range(9))]  # int(9.9) = 9, as Flow-GRPO
+    assert train_step_indices(1, 3, 0.1, mode="first").tolist() == [[0]]  # at least one step
+    random = train_step_indices(4, 8, 0.5, torch.Generator().manual_seed(0), mode="random")
+    assert random.shape == (4, 4) and len({tuple(row) for row in random.tolist()}) > 1
+
+
+def test_grpo_step_trains_steps_0_to_k_with_the_unconditional_half_detached(policy, monkeypatch):
+    calls = []
+
+    def recording_step_at(policy_, trajectory, index, step, **options):
+        calls.append((index.tolist(), step.tolist(), options.get("detach_uncond")))
+        return step_at(policy_, trajectory, index, step, **options)
+
+    monkeypatch.setattr(grpo_module, "step_at", recording_step_at)
+    config = GRPOConfig(prompts_per_step=1, group_size=2, num_steps=4, train_fraction=0.5, micro_batch=4)
+    params = add_student(policy, "student", config)
+    grpo_module.grpo_step(policy, "student", [Prompt("a red circle", "red")], {"red": rewards.get("toy/brightness")}, config, seed=0, params=params)
+    assert calls == [([0, 0, 1, 1], [0, 1, 0, 1], True)]
+
+
+def _trainable_student(policy):
+    policy.add_adapter("student", rank=2, seed=0)
+    with torch.no_grad():
+        for p in policy.parameters("student"):
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return policy.parameters("student")
+
+
+def _grads(params, loss):
+    return torch.autograd.grad(loss, params, retain_graph=True)
+
+
+def test_detached_unconditional_branch_gets_no_gradient(policy):
+    params = _trainable_student(policy)
+    x = torch.randn(2, *policy.latent_shape(1)[1:], generator=torch.Generator().manual_seed(2))
+    sigma, w = torch.tensor([0.8, 0.4]), 4.5
+    cond = policy.encode(["a red circle", "a blue star"])
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    with policy.use("student"):
+        detached = policy.velocity(x, sigma, cond, w, detach_uncond=True)
+        full = policy.velocity(x, sigma, cond, w)
+        text = policy.velocity(x, sigma, cond)  # the conditional half alone
+        with torch.no_grad():
+            uncond_cond = type(cond)(cond.negative_embeds, cond.negative_pooled, cond.negative_embeds, cond.negative_pooled)
+            uncond = policy.velocity(x, sigma, uncond_cond)
+        assert detached.requires_grad
+        # The same values: exactly the two halves' guided sum (each half is its own forward of B),
+        # and the batched 2B forward's up to float32 noise (other matmul blocking, amplified by w).
+        torch.testing.assert_close(detached, uncond + w * (text - uncond), rtol=0, atol=1e-6)
+        torch.testing.assert_close(detached, full, rtol=0, atol=1e-3 * float(full.detach().abs().max()))
+        # v = u + w (t - u) with u constant: dv = w dt, i.e. the unconditional branch contributes 0
+        for got, expected in zip(_grads(params, (detached * weights).sum()), _grads(params, (w * text * weights).sum())):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        # and the undetached gradient does include it: (1 - w) du + w dt
+        uncond_live = policy.velocity(x, sigma, uncond_cond)
+        expected_full = _grads(params, (((1 - w) * uncond_live + w * text) * weights).sum())
+        got_full = _grads(params, (full * weights).sum())
+        for got, expected in zip(got_full, expected_full):  # float32 noise of the 2B forward: ~1e-4 of the scale
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-3 * float(got.abs().max()))
+        text_only = _grads(params, (w * text * weights).sum())
+    flat_full, flat_text = torch.cat([g.flatten() for g in got_full]), torch.cat([g.flatten() for g in text_only])
+    assert (flat_full - flat_text).norm() > 0.1 * flat_full.norm()  # so detaching is not a no-op here
+    del uncond
+
+
+def test_nested_use_of_the_active_adapter_does_not_switch(policy, monkeypatch):
+    policy.add_adapter("student", rank=2)
+    switches = []
+    layer = policy._lora_layers[0]
+    monkeypatch.setattr(layer, "enable_adapters", lambda enabled, f=layer.enable_adapters: (switches.append(enabled), f(enabled)))
+    with policy.use("student"):
+        switches.clear()
+        with policy.use("student"), policy.use("student"):
+            pass
+        assert switches == []
+        with policy.use(None):
+            pass
+        assert switches == [False, True]
+
+
+def test_an_adapter_added_while_another_is_active_leaves_that_one_active(policy):
+    x = torch.randn(1, *policy.latent_shape(1)[1:], generator=torch.Generator().manual_seed(0))
+    cond = policy.encode(["a red circle"])
+    policy.add_adapter("a", rank=2, init=False, seed=1)  # random B: differs from the base
+    with torch.no_grad(), policy.use("a"):
+        before = policy.velocity(x, 0.5, cond)
+        policy.add_adapter("b", rank=2, init=False, seed=2)  # peft activates "b" on the layers
+        after = policy.velocity(x, 0.5, cond)
+    torch.testing.assert_close(before, after)
+    assert {n for n, p in policy.transformer.named_parameters() if p.requires_grad} == {
+        n for n, _ in policy.transformer.named_parameters() if ".lora_" in n
+    }  # both were added trainable; switching did not freeze either
+
+
+def test_device_and_dtype_follow_the_pipeline_when_it_moves(policy):
+    assert policy.dtype == torch.float32 and policy.device.type == "cpu"
+    policy.pipeline.to(dtype=torch.float64)
+    assert policy.dtype == torch.float64
