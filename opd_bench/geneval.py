@@ -26,6 +26,18 @@ Rules (those of the official evaluator; PAPER.md section 3):
 * exclude clause {class, count}: fails when ``count`` or more detections of the class are kept;
 * the image is correct when every clause holds; overall score = mean of per-tag accuracies.
 
+Numerics, to the last float, as in the official code (mmdet's float32 arrays and numpy):
+
+* confidences and the threshold are compared in float32: a detection scoring exactly
+  float32(0.3) = 0.30000001192092896 is *not* above the threshold (float32(0.3));
+* the order is ``np.argsort(scores)[::-1]`` on float32 scores: ascending, then reversed, so
+  equal scores are visited in *reverse* detector order (numpy 1.23, GenEval's pinned version,
+  sorts up to 16 values stably; with more than 16 detections of one class tied at the same
+  score its introsort order is unspecified, and there this module keeps the stable order);
+* box centres, sizes, offsets, the revision and its norm are float32 numpy arithmetic
+  (``relative_position``), so ``dx`` can land on exactly 0.5 and fail the strict ``<`` / ``>``;
+* the NMS IoU is float32 as well.
+
 Colour: by default the detection's own ``"color"`` field; ``colour_fn(detections, classname) ->
 list of colour names`` replaces it (e.g. the CLIP zero-shot classifier of the real suite).
 
@@ -38,10 +50,11 @@ position_threshold) are the fields of :class:`Rules`; the defaults are its defau
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
+
+import numpy as np
 
 THRESHOLD = 0.3
 COUNTING_THRESHOLD = 0.9
@@ -83,25 +96,36 @@ def confidence_threshold(metadata: dict) -> float:
 def group_detections(
     detections: Iterable[dict], threshold: float, max_objects: int = MAX_OBJECTS
 ) -> dict[str, list[dict]]:
-    """Per class: detections with confidence > threshold, most confident first, at most 16."""
-    groups: dict[str, list[dict]] = {}
+    """Per class: detections with confidence > threshold, most confident first, at most 16.
+
+    As the official code: scores and threshold compared in float32, ties in reverse detector order.
+    """
+    limit = np.float32(threshold)
+    groups: dict[str, list[tuple[float, dict]]] = {}
     for det in detections:
-        if float(det["confidence"]) > threshold:
-            groups.setdefault(det["class"], []).append(det)
-    for name, dets in groups.items():
-        # stable sort: ties keep the detector's order
-        groups[name] = sorted(dets, key=lambda d: -float(d["confidence"]))[:max_objects]
-    return groups
+        # float32 -> float is exact: the key orders and ties exactly as the float32 scores do.
+        score = np.float32(det["confidence"])
+        if score > limit:
+            groups.setdefault(det["class"], []).append((float(score), det))
+    kept: dict[str, list[dict]] = {}
+    for name, scored in groups.items():
+        # argsort()[::-1]: a stable ascending sort, reversed, puts equal scores in reverse order.
+        ordered = sorted(scored, key=lambda pair: pair[0])[::-1]
+        kept[name] = [det for _, det in ordered[:max_objects]]
+    return kept
 
 
 def iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
-    """Intersection over union with GenEval's +1 pixel convention (boxes are inclusive)."""
+    """Intersection over union with GenEval's +1 pixel convention (boxes are inclusive), in float32."""
+    a = np.asarray(box_a[:4], dtype=np.float32)
+    b = np.asarray(box_b[:4], dtype=np.float32)
+
     def area(x0, y0, x1, y1):
         return max(x1 - x0 + 1, 0) * max(y1 - y0 + 1, 0)
 
-    inter = area(max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3]))
-    union = area(*box_a[:4]) + area(*box_b[:4]) - inter
-    return inter / union if union else 0.0
+    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    union = area(*a) + area(*b) - inter
+    return float(inter / union) if union else 0.0
 
 
 def keep_detections(detections: Iterable[dict], metadata: dict, rules: Rules = DEFAULT_RULES) -> dict[str, list[dict]]:
@@ -111,8 +135,9 @@ def keep_detections(detections: Iterable[dict], metadata: dict, rules: Rules = D
     if rules.max_overlap < 1:
         for name, dets in groups.items():
             kept: list[dict] = []
+            limit = np.float32(rules.max_overlap)  # compared in float32, as the official code does
             for det in dets:
-                if all(iou(det["box"], k["box"]) < rules.max_overlap for k in kept):
+                if all(np.float32(iou(det["box"], k["box"])) < limit for k in kept):
                     kept.append(det)
             groups[name] = kept
     return groups
@@ -121,19 +146,20 @@ def keep_detections(detections: Iterable[dict], metadata: dict, rules: Rules = D
 def relative_position(
     box_a: Sequence[float], box_b: Sequence[float], position_threshold: float = POSITION_THRESHOLD
 ) -> set[str]:
-    """Relations of box a to box b (subset of left of / right of / above / below)."""
-    ax0, ay0, ax1, ay1 = (float(v) for v in box_a[:4])
-    bx0, by0, bx1, by1 = (float(v) for v in box_b[:4])
-    off_x = (ax0 + ax1) / 2 - (bx0 + bx1) / 2
-    off_y = (ay0 + ay1) / 2 - (by0 + by1) / 2
-    size_x = abs(ax1 - ax0) + abs(bx1 - bx0)
-    size_y = abs(ay1 - ay0) + abs(by1 - by0)
-    rev_x = max(abs(off_x) - position_threshold * size_x, 0.0) * _sign(off_x)
-    rev_y = max(abs(off_y) - position_threshold * size_y, 0.0) * _sign(off_y)
-    if abs(rev_x) < 1e-3 and abs(rev_y) < 1e-3:
+    """Relations of box a to box b (subset of left of / right of / above / below).
+
+    float32 numpy arithmetic in the official evaluator's order of operations (its boxes are
+    mmdet's float32 rows), so decisions at exactly 0.5 agree with it bit for bit.
+    """
+    boxes = np.array([box_a[:4], box_b[:4]], dtype=np.float32).reshape(2, 2, 2)  # [box][corner][x, y]
+    centre_a, centre_b = boxes.mean(axis=1)
+    size_a, size_b = np.abs(boxes[:, 1] - boxes[:, 0])
+    offset = centre_a - centre_b
+    # A Python float times a float32 array stays float32 (a numpy float64 would not).
+    revised = np.maximum(np.abs(offset) - float(position_threshold) * (size_a + size_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
         return set()
-    norm = math.hypot(off_x, off_y)
-    dx, dy = rev_x / norm, rev_y / norm
+    dx, dy = revised / np.linalg.norm(offset)
     rels = set()
     if dx < -0.5:
         rels.add("left of")
@@ -144,10 +170,6 @@ def relative_position(
     if dy > 0.5:
         rels.add("below")
     return rels
-
-
-def _sign(v: float) -> float:
-    return (v > 0) - (v < 0)
 
 
 def _colours(dets: Sequence[dict], classname: str, colour_fn: ColourFn | None) -> list:
@@ -215,33 +237,51 @@ def evaluate_image(
     return correct, "\n".join(reasons)
 
 
+PARTIAL_FORMS = ("flow-grpo", "clipped")
+DEFAULT_PARTIAL_FORM = "flow-grpo"
+
+
 def score_partial(
-    metadata: dict, detections: Sequence[dict], colour_fn: ColourFn | None = None, rules: Rules = DEFAULT_RULES
+    metadata: dict,
+    detections: Sequence[dict],
+    colour_fn: ColourFn | None = None,
+    rules: Rules = DEFAULT_RULES,
+    form: str = DEFAULT_PARTIAL_FORM,
 ) -> float:
-    """Flow-GRPO's partial-credit GenEval reward, in [0, 1].
+    """Flow-GRPO's partial-credit GenEval reward (its reward server's ``evaluate_reward``).
 
     Same detection filtering as :func:`evaluate_image` (0.3 / 0.9 threshold, top 16 per class).
     For each include clause {class, count}, with ``found`` = all kept detections of the class:
 
-    * a count term ``max(0, 1 - |count - found| / count)`` (Flow-GRPO has no ``max(0, .)``; we
-      clip so that the reward stays in [0, 1] when more than twice the count is found);
+    * a count term ``1 - |count - found| / count``, negative when more than twice the count is
+      found;
     * if ``found != count`` (exact count, unlike the strict rule's ``>=``) and the clause asks
       for a colour or a position: one extra term 0 and the clause is unmatched;
     * otherwise a colour term (if asked) = fraction of the found objects with the asked colour
-      (the clause is unmatched unless all have it), then a position term (if asked and the
-      clause is still matched) = 1 if every found object stands in the relation to every
-      object of the target clause, else 0 (also 0 when the target clause is unmatched).
+      (the clause is unmatched unless all have it), then, if asked and the clause is still
+      matched, position terms: 1 when every found object stands in the relation to every object
+      of the target clause; when one does not, 0 *and* 1 (Flow-GRPO appends 0 at the failure,
+      then 1 after its loop, so a failed position clause weighs 1/2); 0 alone when the target
+      clause is unmatched.
 
     The reward is the mean of all terms (0 when there are none). Exclude clauses are not used:
     the count term already penalises extra objects.
+
+    ``form="flow-grpo"`` (default) is exactly that, so training rewards equal those of the
+    published runs. ``form="clipped"`` keeps the reward in [0, 1]: the count term is
+    ``max(0, .)`` and a failed position clause is the single term 0.
     """
+    if form not in PARTIAL_FORMS:
+        raise ValueError(f"unknown partial-credit form {form!r}; choose one of {PARTIAL_FORMS}")
+    clipped = form == "clipped"
     objects = keep_detections(detections, metadata, rules)
     terms: list[float] = []
     matched: list[list[dict] | None] = []
     for req in metadata.get("include", []):
         name, count = req["class"], int(req["count"])
         found = objects.get(name, [])
-        terms.append(max(0.0, 1.0 - abs(count - len(found)) / count))
+        count_term = 1.0 - abs(count - len(found)) / count
+        terms.append(max(0.0, count_term) if clipped else count_term)
         ok = len(found) == count
         if not ok:
             if "color" in req or "position" in req:
@@ -260,7 +300,10 @@ def score_partial(
                     terms.append(0.0)
                 else:
                     ok = _position_ok(found, targets, relation, rules.position_threshold)[0]
-                    terms.append(1.0 if ok else 0.0)
+                    if ok:
+                        terms.append(1.0)
+                    else:
+                        terms.extend([0.0] if clipped else [0.0, 1.0])
         matched.append(found if ok else None)
     return float(sum(terms) / len(terms)) if terms else 0.0
 

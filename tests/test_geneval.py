@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from opd_bench import geneval
@@ -125,11 +126,11 @@ def test_score_partial_values():
     counting = {"tag": "counting", "include": [{"class": "star", "count": 2}],
                 "exclude": [{"class": "star", "count": 3}], "prompt": "x"}
     stars = [det("star", 0.99, (i * 12, 0, i * 12 + 10, 10)) for i in range(6)]
-    assert geneval.score_partial(counting, stars[:2]) == 1.0
-    assert geneval.score_partial(counting, stars[:3]) == 0.5
-    assert geneval.score_partial(counting, stars[:1]) == 0.5
-    assert geneval.score_partial(counting, stars) == 0.0  # 1 - 4/2 clipped at 0
-    assert geneval.score_partial(counting, []) == 0.0
+    for form in geneval.PARTIAL_FORMS:  # where the two forms agree
+        assert geneval.score_partial(counting, stars[:2], form=form) == 1.0
+        assert geneval.score_partial(counting, stars[:3], form=form) == 0.5
+        assert geneval.score_partial(counting, stars[:1], form=form) == 0.5
+        assert geneval.score_partial(counting, [], form=form) == 0.0
     attr = {"tag": "color_attr", "include": [{"class": "circle", "count": 1, "color": "red"},
                                              {"class": "star", "count": 1, "color": "blue"}],
             "prompt": "x"}
@@ -137,10 +138,18 @@ def test_score_partial_values():
     assert geneval.score_partial(attr, both) == pytest.approx(0.75)  # [1, 1, 1, 0]
     assert geneval.score_partial(attr, both[:1]) == pytest.approx(0.5)  # [1, 1, 0, 0]
     pos = position_record("left of")
-    wrong = [det("circle", 0.9, (0, 0, 10, 10)), det("star", 0.9, (30, 0, 40, 10))]
-    assert geneval.score_partial(pos, wrong) == pytest.approx(2 / 3)  # [1, 1, 0]
     right = [det("circle", 0.9, (30, 0, 40, 10)), det("star", 0.9, (0, 0, 10, 10))]
-    assert geneval.score_partial(pos, right) == 1.0
+    assert geneval.score_partial(pos, right) == 1.0  # [1, 1, 1]
+    assert geneval.score_partial(pos, [det("star", 0.9, (0, 0, 10, 10))]) == pytest.approx(1 / 3)  # no target: [0, 1, 0]
+    # Where they differ. Flow-GRPO's count term goes negative past twice the count...
+    assert geneval.score_partial(counting, stars) == -1.0  # 1 - 4/2
+    assert geneval.score_partial(counting, stars, form="clipped") == 0.0
+    # ...and a failed position clause appends 0 and then 1.
+    wrong = [det("circle", 0.9, (0, 0, 10, 10)), det("star", 0.9, (30, 0, 40, 10))]
+    assert geneval.score_partial(pos, wrong) == pytest.approx(3 / 4)  # [1, 1, 0, 1]
+    assert geneval.score_partial(pos, wrong, form="clipped") == pytest.approx(2 / 3)  # [1, 1, 0]
+    with pytest.raises(ValueError, match="partial-credit form"):
+        geneval.score_partial(pos, wrong, form="flowgrpo")
 
 
 def test_summarise_means_per_tag_accuracies():
@@ -169,3 +178,40 @@ def test_reads_official_metadata_format(tmp_path):
             det("clock", 0.95, (0, 40, 10, 50)), det("clock", 0.92, (20, 40, 30, 50)),
             det("bench", 0.4, (0, 50, 30, 60))]
     assert [geneval.evaluate_image(r, dets)[0] for r in recs] == [True, True, True]
+
+
+# The three numeric edge cases where GenEval's evaluate_images.py (float32 mmdet arrays, numpy
+# 1.23) decides differently from float64 Python, with the official verdicts (issue 12).
+
+
+def test_a_score_of_exactly_float32_0_3_is_not_above_the_threshold():
+    rec = {"tag": "single_object", "include": [{"class": "sports ball", "count": 1}],
+           "prompt": "a photo of a sports ball"}
+    at_threshold = 0.30000001192092896  # float32(0.3), above the float64 0.3
+    assert at_threshold > 0.3
+    assert geneval.evaluate_image(rec, [det("sports ball", at_threshold, (10, 10, 50, 50))])[0] is False
+    assert geneval.evaluate_image(rec, [det("sports ball", 0.3000001, (10, 10, 50, 50))])[0] is True  # next float32 up
+
+
+def test_tied_scores_are_visited_in_reverse_detector_order():
+    rec = {"tag": "colors", "include": [{"class": "fire hydrant", "count": 1, "color": "white"}],
+           "prompt": "a photo of a white fire hydrant"}
+    white = det("fire hydrant", 0.39215785, (10, 10, 50, 80), "white")
+    purple = det("fire hydrant", 0.39215785, (60, 10, 100, 80), "purple")
+    # argsort()[::-1] puts the purple one (listed second) first: only it is checked for colour.
+    assert geneval.evaluate_image(rec, [white, purple])[0] is False
+    assert geneval.evaluate_image(rec, [purple, white])[0] is True
+    assert geneval.keep_detections([white, purple], rec)["fire hydrant"] == [purple, white]
+
+
+def test_position_offsets_are_float32_so_dx_can_be_exactly_one_half():
+    rec = {"tag": "position", "include": [{"class": "zebra", "count": 1},
+                                          {"class": "chair", "count": 1, "position": ["left of", 0]}],
+           "prompt": "a photo of a chair left of a zebra"}
+    # The boxes as a detector gives them: float32 values (mmdet's arrays), here as Python floats.
+    chair = det("chair", 0.9, tuple(float(v) for v in np.float32([53.747654, 330.5196, 166.53467, 407.79544])))
+    zebra = det("zebra", 0.9, tuple(float(v) for v in np.float32([213.62193, 139.13342, 260.1361, 235.58328])))
+    # float64 arithmetic on these values gives dx just below -0.5 ("left of"); float32 gives -0.5.
+    assert geneval.relative_position(chair["box"], zebra["box"]) == {"below"}
+    ok, reason = geneval.evaluate_image(rec, [chair, zebra])
+    assert ok is False and reason == "expected chair left of target, found below target"

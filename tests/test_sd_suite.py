@@ -187,8 +187,11 @@ def test_strict_and_partial_geneval_rewards_apply_the_rules():
     seen.clear()
     partial = rewards.get("sd/geneval-partial", detector=FakeDetector(detections), colour=fake_colour(seen))
     scores = partial(images, prompts, metadata).scores
-    torch.testing.assert_close(scores[:6], torch.tensor([1.0, 0.5, 1.0, 2 / 3, 1.0, 0.5]))
+    # Flow-GRPO's form (the default): a failed position clause appends 0 and 1, [1, 1, 0, 1].
+    torch.testing.assert_close(scores[:6], torch.tensor([1.0, 0.5, 1.0, 3 / 4, 1.0, 0.5]))
     assert len(seen) == 2  # each car classified once, though the strict and partial rules both ask
+    clipped = rewards.get("sd/geneval-partial", detector=FakeDetector(detections), colour=fake_colour([]), partial="clipped")
+    torch.testing.assert_close(clipped(images, prompts, metadata).scores[:6], torch.tensor([1.0, 0.5, 1.0, 2 / 3, 1.0, 0.5]))
 
 
 def test_geneval_options_are_the_official_evaluators():

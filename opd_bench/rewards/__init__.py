@@ -26,7 +26,7 @@ REGISTRY.register(
 REGISTRY.register(
     "tiny/geneval",
     "opd_bench.rewards.geneval:TinyGenEvalReward",
-    "tiny world: detector + GenEval rules, Flow-GRPO partial credit in [0, 1]; NaN off geneval records",
+    "tiny world: detector + GenEval rules, Flow-GRPO's partial credit (partial=flow-grpo|clipped); NaN off geneval records",
 )
 REGISTRY.register(
     "tiny/geneval-strict",
@@ -41,7 +41,7 @@ REGISTRY.register(
 REGISTRY.register(
     "sd/geneval-partial",
     "opd_bench.rewards.geneval_sd:SDGenEvalPartialReward",
-    "sd/geneval with Flow-GRPO's partial credit in [0, 1] (training reward)",
+    "sd/geneval with Flow-GRPO's partial credit (partial=flow-grpo|clipped; training reward)",
 )
 REGISTRY.register(
     "sd/geneval-mmdet",

@@ -1,7 +1,9 @@
 """GenEval rewards of the tiny world: the world's detector + GenEval's rules.
 
-``TinyGenEvalReward(strict=False)``: Flow-GRPO's partial-credit reward in [0, 1]
-(:func:`opd_bench.geneval.score_partial`); ``strict=True``: 1.0 / 0.0 by GenEval's rules
+``TinyGenEvalReward(strict=False)``: Flow-GRPO's partial-credit reward
+(:func:`opd_bench.geneval.score_partial`; ``partial="flow-grpo"``, the default, is Flow-GRPO's
+reward server's exactly and can be negative, ``partial="clipped"`` stays in [0, 1]);
+``strict=True``: 1.0 / 0.0 by GenEval's rules
 (:func:`opd_bench.geneval.evaluate_image`). Samples whose metadata has no ``"include"`` key
 (not GenEval records) score NaN. Colours come from the detector's ``"color"`` field.
 """
@@ -19,8 +21,11 @@ from opd_bench.rewards.base import RewardOutput, check_batch
 class TinyGenEvalReward:
     """GenEval reward on tiny-world images (64x64 coloured shapes)."""
 
-    def __init__(self, strict: bool = False):
+    def __init__(self, strict: bool = False, partial: str = geneval.DEFAULT_PARTIAL_FORM):
+        if partial not in geneval.PARTIAL_FORMS:
+            raise ValueError(f"partial must be one of {geneval.PARTIAL_FORMS}, got {partial!r}")
         self.strict = bool(strict)
+        self.partial = partial
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]
@@ -44,7 +49,7 @@ class TinyGenEvalReward:
                 continue
             dets = detect(img)
             ok, reason = geneval.evaluate_image(meta, dets)
-            scores.append(float(ok) if self.strict else geneval.score_partial(meta, dets))
+            scores.append(float(ok) if self.strict else geneval.score_partial(meta, dets, form=self.partial))
             tags.append(meta.get("tag"))
             corrects.append(bool(ok))
             reasons.append(reason)

@@ -238,7 +238,9 @@ ColourClassifier = Callable[[Any, Sequence[dict], str], Sequence[str]]
 
 class SDGenEvalReward:
     """GenEval on real images: 1.0 / 0.0 by GenEval's rules (``strict=True``) or Flow-GRPO's
-    partial credit in [0, 1]; NaN for samples whose metadata is not a GenEval record.
+    partial credit (``partial="flow-grpo"``, the default, may be negative; ``"clipped"``: in
+    [0, 1]; :func:`opd_bench.geneval.score_partial`); NaN for samples whose metadata is not a
+    GenEval record.
 
     ``detector``: a name in ``DETECTORS`` (built with ``model_path``, ``device`` and
     ``detector_options``) or an object with ``detect``. ``colour``: a ``(PIL image, detections,
@@ -262,8 +264,12 @@ class SDGenEvalReward:
         max_objects: int = geneval.MAX_OBJECTS,
         max_overlap: float = 1.0,
         position_threshold: float = geneval.POSITION_THRESHOLD,
+        partial: str = geneval.DEFAULT_PARTIAL_FORM,
     ):
+        if partial not in geneval.PARTIAL_FORMS:
+            raise ValueError(f"partial must be one of {geneval.PARTIAL_FORMS}, got {partial!r}")
         self.strict = bool(strict)
+        self.partial = partial
         self.rules = geneval.Rules(float(threshold), float(counting_threshold), int(max_objects),
                                    float(max_overlap), float(position_threshold))
         if isinstance(detector, str):
@@ -285,7 +291,7 @@ class SDGenEvalReward:
             for k, i in enumerate(todo):
                 colour_fn = self._colour_fn(arrays[k])
                 ok, reason = geneval.evaluate_image(metadata[i], detections[k], colour_fn, self.rules)
-                partial = None if self.strict else geneval.score_partial(metadata[i], detections[k], colour_fn, self.rules)
+                partial = None if self.strict else geneval.score_partial(metadata[i], detections[k], colour_fn, self.rules, self.partial)
                 scores[i] = float(ok) if self.strict else partial
                 tags[i], corrects[i], reasons[i] = metadata[i].get("tag"), bool(ok), reason
         return RewardOutput(torch.tensor(scores, dtype=torch.float32),
