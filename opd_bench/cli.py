@@ -307,13 +307,16 @@ def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed
 
 @main.command("serve-reward")
 @click.argument("name")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all; the server has no authentication).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all; set a token then).")
 @click.option("--port", default=8700, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on (0: any free port).")
 @click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE", help="Reward option; VALUE is parsed as JSON when it can be, else a string. Repeat for several.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Images per reward call; larger requests are scored in chunks.")
 @click.option("--max-request-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Largest request body in MiB (larger: HTTP 413).")
+@click.option("--max-image-pixels", default=2048 * 2048, show_default=True, type=click.IntRange(min=1), help="Largest image, width x height, read from the PNG header before decoding (larger: HTTP 413).")
+@click.option("--max-request-pixels", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(min=1), help="Most pixels per request, summed over its images (more: HTTP 413).")
+@click.option("--token", envvar="OPD_REWARD_TOKEN", default=None, show_envvar=True, help="Shared token every request must carry (the remote reward's token=...); prefer the environment variable, a command line is visible to other users.")
 @_friendly
-def serve_reward_command(name, host, port, option_pairs, max_batch, max_request_mb) -> None:
+def serve_reward_command(name, host, port, option_pairs, max_batch, max_request_mb, max_image_pixels, max_request_pixels, token) -> None:
     """Serve the reward NAME over HTTP for `rewards.get("remote", url=...)` (docs/reward_server.md)."""
     import logging
 
@@ -322,7 +325,8 @@ def serve_reward_command(name, host, port, option_pairs, max_batch, max_request_
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     serve_reward(
         name, parse_options(option_pairs), host, port, max_batch=max_batch,
-        max_request_bytes=int(max_request_mb * 1024 * 1024),
+        max_request_bytes=int(max_request_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+        max_request_pixels=max_request_pixels, token=token or None,
         on_ready=lambda server: click.echo(f"serving reward {name} at {server.url} (Ctrl-C to stop)"),
     )
 

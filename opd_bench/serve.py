@@ -13,8 +13,8 @@ Protocol (version 1, JSON over HTTP/1.0, one request per connection)
 --------------------------------------------------------------------
 
 ``GET /health`` ->
-    ``{"status": "ok", "reward": NAME, "options": {...}, "protocol": 1,
-    "max_batch": N, "max_request_bytes": M}``
+    ``{"status": "ok", "reward": NAME, "options": {...}, "protocol": 1, "max_batch": N,
+    "max_request_bytes": M, "max_image_pixels": P, "max_request_pixels": Q, "token": bool}``
 
 ``POST /score`` with body
     ``{"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [dict, ...]}``
@@ -30,19 +30,33 @@ Protocol (version 1, JSON over HTTP/1.0, one request per connection)
   entry per image of the chunk) are concatenated in order; any other detail of a split request
   is returned as one value per chunk under ``"<key>/per_chunk"``, with the chunk sizes in
   ``details["chunk_sizes"]``.
-* Errors are ``{"error": "one line"}`` with status 400 (malformed JSON or fields), 404 (unknown
-  path), 411 (no Content-Length), 413 (body over ``max_request_bytes``) or 500 (the reward
-  raised; the message names the exception).
+* Image sizes are read from each PNG's IHDR header before anything is decoded: an image over
+  ``max_image_pixels`` or a request over ``max_request_pixels`` (width x height summed over its
+  images) is refused with 413, so a small PNG that decodes to gigabytes costs nothing. Images
+  are decoded one chunk at a time under the reward lock, so at most one chunk of decoded pixels
+  exists at a time, whatever the number of concurrent clients.
+* With a token (``--token`` or ``OPD_REWARD_TOKEN``), every request must carry the header
+  ``Authorization: Bearer TOKEN``; others get 401.
+* Errors are ``{"error": "one line"}`` with status 400 (malformed JSON, fields or PNG header),
+  401 (missing or wrong token), 404 (unknown path), 411 (no Content-Length), 413 (body over
+  ``max_request_bytes`` or images over the pixel limits) or 500 (the reward raised; the message
+  names the exception).
+* A client that goes away before its reply is written costs one log line, not a traceback.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
+import os
+import struct
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
@@ -51,6 +65,14 @@ PROTOCOL_VERSION = 1
 DEFAULT_PORT = 8700
 DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# Pixel limits, checked from the PNG headers before decoding. A blank PNG compresses about 700:1,
+# so the byte limit alone lets 0.34 MB decode to 81 Mpx (a 9000x9000 image), and the `ocr` reward
+# (3x bicubic upscale) needs ~340 bytes per pixel: 24 GB. The defaults keep the heaviest request
+# to about 3 GB with that reward (docs/reward_server.md) while covering real use: 2048x2048 per
+# image (FLUX's 1024x1024 four times over), 8 Mpx per request (8 images of 1024x1024, 32 of 512x512).
+DEFAULT_MAX_IMAGE_PIXELS = 2048 * 2048
+DEFAULT_MAX_REQUEST_PIXELS = 8 * 1024 * 1024
+TOKEN_ENV = "OPD_REWARD_TOKEN"  # the shared token, read by the CLI and the remote reward
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +81,14 @@ _DROPPED = object()  # marks a detail value JSON cannot hold
 
 class RequestError(ValueError):
     """A malformed request (HTTP 400); the message says what is wrong and what to send."""
+
+    status = 400
+
+
+class RequestTooLargeError(RequestError):
+    """Images over the server's pixel limits (HTTP 413)."""
+
+    status = 413
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,16 +111,78 @@ def encode_png_batch(images) -> list[str]:
     return encoded
 
 
-def decode_png_batch(encoded: Sequence[str]):
-    """B base64 PNG strings -> ``[B, 3, H, W]`` float32 tensor in [0, 1] (value / 255)."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Signature (8 bytes), IHDR length and type (8), width, height, bit depth, colour type (10): the
+# first 26 bytes, i.e. the first 36 base64 characters (a multiple of 4, so they decode alone).
+_HEADER_BASE64_CHARS = 36
+
+
+def png_size(index: int, text: Any) -> tuple[int, int]:
+    """``(width, height)`` of a base64 PNG, read from its IHDR header without decoding the image.
+
+    Also refuses anything that is not an 8-bit RGB PNG (bit depth 8, colour type 2), so only the
+    header has been read when a request is refused.
+    """
+    if not isinstance(text, str):
+        raise RequestError(f"images[{index}] is a {type(text).__name__}; send base64 PNG strings")
+    try:
+        head = base64.b64decode(text[:_HEADER_BASE64_CHARS], validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RequestError(f"images[{index}] is not a base64 PNG ({error}); send base64 PNG strings") from None
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise RequestError(f"images[{index}] is not a base64 PNG (no PNG signature and IHDR header); send base64 PNG strings")
+    width, height, bit_depth, colour_type = struct.unpack(">IIBB", head[16:26])
+    if bit_depth != 8 or colour_type != 2:
+        raise RequestError(
+            f"images[{index}] is a PNG of bit depth {bit_depth} and colour type {colour_type}; send 8-bit RGB PNGs"
+        )
+    if width == 0 or height == 0:
+        raise RequestError(f"images[{index}] is {width}x{height}; send non-empty images")
+    return width, height
+
+
+def check_pixel_limits(encoded: Sequence[Any], max_image_pixels: int, max_request_pixels: int) -> tuple[int, int]:
+    """Check a request's images from their PNG headers alone; returns their common ``(width, height)``.
+
+    Raises ``RequestTooLargeError`` (413) for an image over ``max_image_pixels`` or a request
+    over ``max_request_pixels``, ``RequestError`` (400) for a bad header or mixed sizes.
+    """
+    sizes = [png_size(index, text) for index, text in enumerate(encoded)]
+    for index, (width, height) in enumerate(sizes):
+        if width * height > max_image_pixels:
+            raise RequestTooLargeError(
+                f"images[{index}] is {width}x{height} = {width * height} pixels, over the server's limit of "
+                f"{max_image_pixels} pixels per image; send smaller images or restart the server with a larger --max-image-pixels"
+            )
+    if len(set(sizes)) > 1:
+        shown = sorted({(height, width) for width, height in sizes})
+        raise RequestError(f"images have different sizes {shown} (height, width); send one size per request")
+    total = sum(width * height for width, height in sizes)
+    if total > max_request_pixels:
+        raise RequestTooLargeError(
+            f"request of {len(sizes)} images, {total} pixels, is over the server's limit of {max_request_pixels} "
+            "pixels per request; send fewer images per request (RemoteReward(max_batch=...)) or restart the "
+            "server with a larger --max-request-pixels"
+        )
+    return sizes[0]
+
+
+def decode_png_batch(encoded: Sequence[str], first_index: int = 0):
+    """B base64 PNG strings -> ``[B, 3, H, W]`` float32 tensor in [0, 1] (value / 255).
+
+    Check the sizes first with ``check_pixel_limits``: this decodes whatever it is given.
+    ``first_index``: the request index of ``encoded[0]``, for error messages.
+    """
     import numpy as np
 
-    arrays = [_decode_png(index, text) for index, text in enumerate(encoded)]
+    arrays = [_decode_png(index, text) for index, text in enumerate(encoded, start=first_index)]
     sizes = {array.shape[:2] for array in arrays}
     if len(sizes) > 1:
-        raise RequestError(f"images have different sizes {sorted(sizes)}; send one size per request")
-    stacked = _torch().from_numpy(np.stack(arrays))
-    return stacked.permute(0, 3, 1, 2).float().div(255.0).contiguous()
+        raise RequestError(f"images have different sizes {sorted(sizes)} (height, width); send one size per request")
+    stacked = np.stack(arrays)
+    del arrays  # one uint8 copy at a time
+    # uint8 is made contiguous before the float copy, and divided in place: one float copy only.
+    return _torch().from_numpy(stacked).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
 def _decode_png(index: int, text: Any):
@@ -217,16 +309,27 @@ class RewardServer(ThreadingHTTPServer):
         options: dict[str, Any] | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+        token: str | None = None,
     ):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes must be a positive integer, got {max_request_bytes!r}")
+        limits = {"max_batch": max_batch, "max_request_bytes": max_request_bytes,
+                  "max_image_pixels": max_image_pixels, "max_request_pixels": max_request_pixels}
+        for key, value in limits.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if token is not None and not token.strip():
+            raise ValueError("the reward server token is empty; pass a non-empty token or none")
         self.reward = reward
         self.reward_name = name
         self.reward_options = dict(options or {})
         self.max_batch = max_batch
         self.max_request_bytes = max_request_bytes
+        self.max_image_pixels = max_image_pixels
+        self.max_request_pixels = max_request_pixels
+        self.token = token
+        # Serialises reward calls (reward models are not thread safe) and the decoding of each
+        # chunk, so at most one chunk of decoded pixels is in memory, whatever the concurrency.
         self.reward_lock = threading.Lock()
         self.score_requests = 0  # POST /score requests received, counted for tests and logs
         super().__init__(address, _RewardRequestHandler)
@@ -240,8 +343,19 @@ class RewardServer(ThreadingHTTPServer):
         return f"http://{self.server_address[0]}:{self.port}/"
 
     def handle_error(self, request, client_address) -> None:
-        # A client that timed out or went away is routine; log it instead of printing a traceback.
-        logger.warning("request from %s failed", client_address[0], exc_info=True)
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            # A client that timed out or went away is routine: one line, no traceback.
+            logger.warning("client %s went away before its reply was sent (%s)", client_address[0], type(error).__name__)
+        else:  # anything else is a bug in the server: keep the traceback
+            logger.error("request from %s failed", client_address[0], exc_info=True)
+
+    def authorised(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header carries the token (always true without a token)."""
+        if self.token is None:
+            return True
+        # compare_digest: the time taken must not tell how much of a guess was right.
+        return hmac.compare_digest((header or "").encode("utf-8"), f"Bearer {self.token}".encode("utf-8"))
 
     def health(self) -> dict[str, Any]:
         return {
@@ -251,6 +365,9 @@ class RewardServer(ThreadingHTTPServer):
             "protocol": PROTOCOL_VERSION,
             "max_batch": self.max_batch,
             "max_request_bytes": self.max_request_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "max_request_pixels": self.max_request_pixels,
+            "token": self.token is not None,
         }
 
     def score(self, payload: Any) -> dict[str, Any]:
@@ -258,18 +375,21 @@ class RewardServer(ThreadingHTTPServer):
         encoded, prompts, metadata = _parse_score_request(payload)
         if not encoded:
             return {"scores": [], "details": {}}
-        images = decode_png_batch(encoded)
+        # Headers only: an oversized request is refused before a single pixel is decoded.
+        check_pixel_limits(encoded, self.max_image_pixels, self.max_request_pixels)
         scores: list[float] = []
         chunks = []
         for part in chunk_ranges(len(encoded), self.max_batch):
-            chunk_scores, details = self._score_chunk(images[part.start : part.stop], prompts[part.start : part.stop], metadata[part.start : part.stop])
+            chunk_scores, details = self._score_chunk(part.start, encoded[part.start : part.stop], prompts[part.start : part.stop], metadata[part.start : part.stop])
             scores.extend(chunk_scores)
             chunks.append((len(part), json_safe_details(details)))
         return {"scores": scores_to_json(scores), "details": merge_chunk_details(chunks)}
 
-    def _score_chunk(self, images, prompts: list[str], metadata: list[dict]) -> tuple[list[float], dict]:
+    def _score_chunk(self, start: int, encoded: list[str], prompts: list[str], metadata: list[dict]) -> tuple[list[float], dict]:
         with self.reward_lock:
+            images = decode_png_batch(encoded, first_index=start)
             output = self.reward(images, prompts, metadata)
+            del images  # before the next request's chunk is decoded
         scores = output.scores.tolist()
         if len(scores) != len(prompts):
             raise RuntimeError(f"reward {self.reward_name!r} returned {len(scores)} scores for {len(prompts)} images")
@@ -309,12 +429,16 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
     server_version = "opd-bench-reward/1"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if not self._check_token():
+            return
         if self.path.rstrip("/") == "/health":
             self._send_json(200, self.server.health())
         else:
             self._send_error(404, f"no GET {self.path}; use GET /health or POST /score")
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._check_token():
+            return
         if self.path.rstrip("/") != "/score":
             self._send_error(404, f"no POST {self.path}; use POST /score")
             return
@@ -325,7 +449,7 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
         try:
             reply = self.server.score(_parse_json(body))
         except RequestError as error:
-            self._send_error(400, str(error))
+            self._send_error(error.status, str(error))
             return
         except Exception as error:  # noqa: BLE001 - any reward failure becomes a 500 reply
             logger.exception("reward %s failed", self.server.reward_name)
@@ -333,6 +457,23 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
             self._send_error(500, f"reward {self.server.reward_name!r} raised {type(error).__name__}: {first_line}")
             return
         self._send_json(200, reply)
+
+    def _check_token(self) -> bool:
+        """False after a 401 reply to a request without the server's token."""
+        header = self.headers.get("Authorization")
+        if self.server.authorised(header):
+            return True
+        # Read a small enough body first, so that the client sees the 401 and not a reset.
+        length = (self.headers.get("Content-Length") or "").strip()
+        if length.isdigit() and int(length) <= self.server.max_request_bytes:
+            self._discard(int(length))
+        what = "no token" if not header else "a wrong token"
+        self._send_error(
+            401,
+            f"this reward server needs its token and the request has {what}; pass token=... to the remote "
+            f"reward or set {TOKEN_ENV} to the server's token",
+        )
+        return False
 
     def _read_body(self) -> bytes | None:
         """The request body, or None after an error reply (411 / 413)."""
@@ -352,7 +493,10 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
                 "images per request (RemoteReward(max_batch=...)) or restart the server with a larger --max-request-mb",
             )
             return None
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) < length:  # the client closed the connection mid-body: nobody to reply to
+            raise ConnectionAbortedError(f"body ended after {len(body)} of {length} bytes")
+        return body
 
     def _discard(self, length: int) -> None:
         while length > 0:
@@ -367,6 +511,8 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
     def _send_json(self, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload, allow_nan=False).encode("utf-8")
         self.send_response(status)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="opd-bench reward server"')
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -396,13 +542,13 @@ def make_reward_server(
     options: dict[str, Any] | None = None,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
-    *,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    **settings: Any,
 ) -> RewardServer:
     """Build the reward registered as ``name`` and bind a server to it (``port=0``: any free port).
 
-    The server is not started; call ``serve_forever()`` (or use ``serve_reward``).
+    ``settings``: ``RewardServer``'s limits (``max_batch``, ``max_request_bytes``,
+    ``max_image_pixels``, ``max_request_pixels``) and ``token``. The server is not started; call
+    ``serve_forever()`` (or use ``serve_reward``).
     """
     from opd_bench import rewards
 
@@ -414,13 +560,21 @@ def make_reward_server(
     except TypeError as error:
         raise ValueError(f"reward {name!r} does not accept options {sorted(options)} ({error})") from None
     try:
-        return RewardServer(
-            (host, port), reward, name=name, options=options, max_batch=max_batch, max_request_bytes=max_request_bytes
-        )
+        return RewardServer((host, port), reward, name=name, options=options, **settings)
     except OSError as error:
         raise ValueError(
             f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port or stop what uses it"
         ) from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback interface (only this machine can connect)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def serve_reward(
@@ -429,14 +583,19 @@ def serve_reward(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     *,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     on_ready: Callable[[RewardServer], None] | None = None,
+    **settings: Any,
 ) -> None:
-    """Serve the reward ``name`` until interrupted (Ctrl-C); ``on_ready`` is called once bound."""
-    server = make_reward_server(
-        name, options, host, port, max_batch=max_batch, max_request_bytes=max_request_bytes
-    )
+    """Serve the reward ``name`` until interrupted (Ctrl-C); ``on_ready`` is called once bound.
+
+    ``settings`` are ``make_reward_server``'s (limits and ``token``).
+    """
+    server = make_reward_server(name, options, host, port, **settings)
+    if server.token is None and not is_loopback(host):
+        logger.warning(
+            "listening on %s without a token: anyone who reaches port %d can use this server; set %s (or --token)",
+            host, server.port, TOKEN_ENV,
+        )
     with server:
         if on_ready is not None:
             on_ready(server)
@@ -476,12 +635,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
     parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20)
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    parser.add_argument("--max-request-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS)
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None, help=f"default: ${TOKEN_ENV}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         serve_reward(
             args.name, parse_options(args.option), args.host, args.port, max_batch=args.max_batch,
-            max_request_bytes=int(args.max_request_mb * 2**20),
+            max_request_bytes=int(args.max_request_mb * 2**20), max_image_pixels=args.max_image_pixels,
+            max_request_pixels=args.max_request_pixels, token=args.token,
             on_ready=lambda server: print(f"serving reward {args.name} at {server.url} (Ctrl-C to stop)", flush=True),
         )
     except (ValueError, UnknownNameError) as error:  # bad input: one line, no traceback

@@ -1,14 +1,20 @@
 """The reward server (opd_bench/serve.py) and its client, the "remote" reward, on loopback."""
 
+import base64
 import contextlib
+import io
 import json
+import logging
 import math
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+import zlib
 
 import pytest
 import torch
@@ -18,7 +24,7 @@ from opd_bench import rewards
 from opd_bench.cli import main
 from opd_bench.rewards import RewardOutput
 from opd_bench.rewards.remote import RemoteRewardError
-from opd_bench.serve import RewardServer, make_reward_server, parse_options
+from opd_bench.serve import TOKEN_ENV, RewardServer, make_reward_server, parse_options
 
 FAST_RETRY = {"retries": 3, "backoff": 0.01, "timeout": 5.0}
 
@@ -51,8 +57,9 @@ def png_rounded(images):
     return (images.clamp(0, 1) * 255).round() / 255
 
 
-def post_raw(url, body: bytes):
-    request = urllib.request.Request(url + "score", data=body, method="POST", headers={"Content-Type": "application/json"})
+def post_raw(url, body: bytes, headers=None):
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url + "score", data=body, method="POST", headers=headers)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=5) as response:
@@ -237,3 +244,143 @@ def test_slow_server_gives_a_timeout_message():
                 remote(*random_batch(1))
         finally:
             release.set()
+
+
+# --------------------------------------------------------------------------------------------
+# Limits, token and dropped clients (issue 12).
+# --------------------------------------------------------------------------------------------
+
+
+def blank_png(width: int, height: int, colour_type: int = 2) -> bytes:
+    """A valid all-black 8-bit PNG built row by row, so a huge one never exists in memory here."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    channels = {2: 3, 6: 4}[colour_type]
+    row = bytes(1 + width * channels)  # filter byte 0, then zero pixels
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def score_body(pngs, prompts=None) -> bytes:
+    images = [base64.b64encode(png).decode("ascii") for png in pngs]
+    return json.dumps({"images": images, "prompts": prompts or ["x"] * len(images)}).encode()
+
+
+class CountingReward:
+    """Brightness, counting its calls: a request refused before scoring leaves calls unchanged."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        self.calls += 1
+        return RewardOutput(images.mean(dim=(1, 2, 3)))
+
+
+def test_decompression_bomb_is_refused_from_its_header_and_the_server_keeps_serving():
+    from PIL import Image
+
+    bomb = blank_png(9000, 9000)
+    assert len(bomb) < 500_000  # the issue's 0.34 MB request...
+    assert Image.open(io.BytesIO(bomb)).size == (9000, 9000)  # ...is a real 81-megapixel PNG
+    reward = CountingReward()
+    with running(RewardServer(("127.0.0.1", 0), reward, name="counting")) as server:
+        start = time.perf_counter()
+        status, reply = post_raw(server.url, score_body([bomb]))
+        elapsed = time.perf_counter() - start
+        assert status == 413 and "images[0] is 9000x9000 = 81000000 pixels" in reply["error"]
+        assert "\n" not in reply["error"] and "--max-image-pixels" in reply["error"]
+        assert reward.calls == 0
+        assert elapsed < 5.0  # decoding it alone takes seconds and GBs; the header takes microseconds
+        images, prompts, metadata = random_batch(2)
+        got = rewards.get("remote", url=server.url, **FAST_RETRY)(images, prompts, metadata)
+        assert got.scores.shape == (2,) and reward.calls == 1
+
+
+def test_pixels_per_request_are_capped_and_bad_headers_refused():
+    reward = CountingReward()
+    with running(RewardServer(("127.0.0.1", 0), reward, name="counting", max_request_pixels=100)) as server:
+        status, reply = post_raw(server.url, score_body([blank_png(8, 8)] * 2))
+        assert status == 413 and "2 images, 128 pixels, is over the server's limit of 100 pixels per request" in reply["error"]
+        status, reply = post_raw(server.url, score_body([blank_png(8, 8), blank_png(4, 4, colour_type=6)]))
+        assert status == 400 and "images[1] is a PNG of bit depth 8 and colour type 6; send 8-bit RGB PNGs" in reply["error"]
+        status, reply = post_raw(server.url, score_body([blank_png(8, 8), blank_png(4, 4)]))
+        assert status == 400 and "different sizes" in reply["error"]
+        assert reward.calls == 0
+        status, reply = post_raw(server.url, score_body([blank_png(8, 8)]))
+        assert status == 200 and reply["scores"] == [0.0] and reward.calls == 1
+        assert rewards.get("remote", url=server.url, **FAST_RETRY).health()["max_request_pixels"] == 100
+
+
+def test_a_server_with_a_token_refuses_requests_without_it(monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    images, prompts, metadata = random_batch(2)
+    reward = CountingReward()
+    with running(RewardServer(("127.0.0.1", 0), reward, name="counting", token="s3cret")) as server:
+        for token in (None, "wrong"):
+            remote = rewards.get("remote", url=server.url, token=token, **FAST_RETRY)
+            with pytest.raises(RemoteRewardError, match=r"HTTP 401.*needs its token.*OPD_REWARD_TOKEN") as error:
+                remote(images, prompts, metadata)
+            assert "s3cret" not in str(error.value)
+            with pytest.raises(RemoteRewardError, match="HTTP 401"):
+                remote.health()  # health shows the options (paths): token needed too
+        status, reply = post_raw(server.url, score_body([blank_png(8, 8)]), {"Authorization": "Bearer wrong"})
+        assert status == 401 and "a wrong token" in reply["error"]
+        assert reward.calls == 0
+        assert rewards.get("remote", url=server.url, token="s3cret", **FAST_RETRY)(images, prompts, metadata).scores.shape == (2,)
+        monkeypatch.setenv(TOKEN_ENV, "s3cret")  # the client reads the environment variable too
+        assert rewards.get("remote", url=server.url, **FAST_RETRY).health()["token"] is True
+        assert reward.calls == 1
+
+
+def test_cli_reads_the_token_from_the_environment(monkeypatch):
+    seen = {}
+
+    def fake_serve_reward(name, options, host, port, **settings):
+        seen.update(settings)
+
+    monkeypatch.setattr("opd_bench.serve.serve_reward", fake_serve_reward)
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    result = CliRunner().invoke(main, ["serve-reward", "toy/brightness", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert seen["token"] == "from-env" and seen["max_image_pixels"] == 2048 * 2048
+
+
+def test_each_dropped_client_costs_one_log_line(caplog):
+    release = threading.Event()
+
+    def slow(images, prompts, metadata):
+        release.wait(timeout=5)
+        return RewardOutput(images.mean(dim=(1, 2, 3)))
+
+    def drop(payload: bytes):
+        client = socket.create_connection(server_address)
+        client.sendall(payload)
+        # Linger 0: close sends a reset at once, so the server's write fails deterministically.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+
+    def went_away():
+        return [r for r in caplog.records if "went away" in r.getMessage()]
+
+    body = score_body([blank_png(8, 8)])
+    caplog.set_level(logging.INFO, logger="opd_bench.serve")
+    with running(RewardServer(("127.0.0.1", 0), slow, name="slow")) as server:
+        server_address = ("127.0.0.1", server.port)
+        # 1: gone while the reward runs (the reply's write fails); 2: gone in the middle of its body.
+        drop(b"POST /score HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.2)
+        release.set()
+        drop(b"POST /score HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
+        deadline = time.monotonic() + 5
+        while len(went_away()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)  # a second line per client, if any, would arrive now
+        assert rewards.get("remote", url=server.url, **FAST_RETRY).health()["status"] == "ok"
+    lines = went_away()
+    assert len(lines) == 2, [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in lines)
+    assert not [r for r in caplog.records if r.exc_info], "no tracebacks"

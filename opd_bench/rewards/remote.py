@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 import urllib.error
 import urllib.parse
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from opd_bench.rewards.base import RewardOutput, check_batch
-from opd_bench.serve import chunk_ranges, encode_png_batch, merge_chunk_details, scores_from_json
+from opd_bench.serve import TOKEN_ENV, chunk_ranges, encode_png_batch, merge_chunk_details, scores_from_json
 
 # Failures worth another try: the server is starting, restarting, overloaded or the network hiccuped.
 _TRANSIENT_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
@@ -37,6 +38,8 @@ class RemoteReward:
     * ``backoff``: seconds before the second try, doubled before each further try.
     * ``max_batch``: at most this many images per request (None: the whole batch in one);
       lower it when the server answers 413 (request too large).
+    * ``token``: the server's shared token (``opd-bench serve-reward --token``), sent as
+      ``Authorization: Bearer TOKEN``; None reads ``OPD_REWARD_TOKEN`` (unset: no token).
 
     Environment proxies (``http_proxy``) are ignored: a reward server is your own service.
     """
@@ -48,6 +51,7 @@ class RemoteReward:
         retries: int = 3,
         backoff: float = 0.5,
         max_batch: int | None = None,
+        token: str | None = None,
     ):
         parsed = urllib.parse.urlsplit(str(url))
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -65,6 +69,8 @@ class RemoteReward:
         self.retries = retries
         self.backoff = float(backoff)
         self.max_batch = max_batch
+        token = os.environ.get(TOKEN_ENV) if token is None else token
+        self._token = token or None  # kept out of repr and error messages
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __repr__(self) -> str:
@@ -103,10 +109,10 @@ class RemoteReward:
 
     def _request(self, path: str, body: bytes | None) -> dict[str, Any]:
         """One HTTP exchange with retries; returns the decoded JSON reply."""
-        request = urllib.request.Request(
-            self.url + path, data=body, method="GET" if body is None else "POST",
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-        )
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
+        request = urllib.request.Request(self.url + path, data=body, method="GET" if body is None else "POST", headers=headers)
         failure = ""
         for attempt in range(self.retries):
             if attempt:
