@@ -63,12 +63,10 @@ class BenchmarkSpec:
         return path if path.is_absolute() else PACKAGE_DIR / path
 
     def prompts(self, split: str = "test", limit: int | None = None) -> list[Prompt]:
-        """The prompts of ``split``; ``limit`` takes that many evenly spaced over the file, so a
-        subset of a file grouped by tag (GenEval's) still covers every tag."""
+        """The prompts of ``split``; ``limit`` takes that many, spread over the tags (see
+        ``select_prompts``), so a subset of GenEval's file covers every tag."""
         prompts = read_prompts(self.path(split), task=self.name, required=self.required_fields)
-        if limit is None or limit >= len(prompts):
-            return prompts
-        return [prompts[i * len(prompts) // limit] for i in range(limit)]
+        return select_prompts(prompts, limit)
 
     def file_hash(self, split: str = "test") -> str:
         return sha256_file(self.path(split))
@@ -79,6 +77,28 @@ class BenchmarkSpec:
         if split == "train" and self.train_reward:
             return rewards.get(self.train_reward, **(self.train_reward_options or {}))
         return rewards.get(self.reward, **self.reward_options)
+
+
+def select_prompts(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]:
+    """``limit`` prompts stratified by their ``"tag"`` metadata, in file order (all when None).
+
+    The tags take turns (in order of first appearance) until ``limit`` are chosen, so every tag
+    is covered when ``limit`` >= the number of tags and the counts differ by at most one where
+    every tag has enough prompts; within a tag the chosen prompts are evenly spaced. Prompts
+    without tags form one group: evenly spaced over the file.
+    """
+    if limit is None or limit >= len(prompts):
+        return list(prompts)
+    groups: dict[Any, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(prompt.metadata.get("tag"), []).append(index)
+    quota = dict.fromkeys(groups, 0)
+    while sum(quota.values()) < limit:
+        for tag, members in groups.items():
+            if quota[tag] < len(members) and sum(quota.values()) < limit:
+                quota[tag] += 1
+    chosen = [members[i * len(members) // quota[tag]] for tag, members in groups.items() for i in range(quota[tag])]
+    return [prompts[index] for index in sorted(chosen)]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -97,30 +117,43 @@ def read_prompts(
     if not path.is_file():
         raise PromptFileError(f"prompt file {str(path)!r} does not exist; check the path or the benchmark spec")
     prompts: list[Prompt] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PromptFileError(
-                    f"{path}:{number}: not valid JSON ({error.msg}); each line must be one JSON object"
-                ) from None
-            if not isinstance(record, dict):
-                raise PromptFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise PromptFileError(f"{path}:{number}: missing field(s) {missing}; add them or fix the line")
-            if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-                raise PromptFileError(f"{path}:{number}: 'prompt' must be a non-empty string")
-            record.setdefault("task", task)
-            prompts.append(Prompt(record["prompt"], record["task"], record))
-            if limit is not None and len(prompts) >= limit:
-                break
+    for number, line in enumerate(read_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptFileError(
+                f"{path}:{number}: not valid JSON ({error.msg}); each line must be one JSON object"
+            ) from None
+        if not isinstance(record, dict):
+            raise PromptFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        missing = [key for key in required if key not in record]
+        if missing:
+            raise PromptFileError(f"{path}:{number}: missing field(s) {missing}; add them or fix the line")
+        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+            raise PromptFileError(f"{path}:{number}: 'prompt' must be a non-empty string")
+        record.setdefault("task", task)
+        prompts.append(Prompt(record["prompt"], record["task"], record))
+        if limit is not None and len(prompts) >= limit:
+            break
     if not prompts:
         raise PromptFileError(f"prompt file {str(path)!r} has no prompts")
     return prompts
+
+
+def read_text_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file; a file in another encoding is a ``PromptFileError`` naming it."""
+    path = Path(path)
+    try:
+        # split("\n"), not splitlines(): a JSON string may hold a raw U+2028, which splitlines breaks at.
+        return path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise PromptFileError(
+            f"{path}:{line}: not UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "save the prompt file as UTF-8"
+        ) from None
 
 
 def aggregate(metric: str, scores: Sequence[float], metadata: Sequence[dict]) -> dict[str, Any]:

@@ -60,9 +60,12 @@ def list_(what: str) -> None:
     if what == "rewards":
         from opd_bench.rewards import REGISTRY
     else:
+        import opd_bench.suites  # noqa: F401 - importing the suites registers their benchmarks
         from opd_bench.benchmarks import REGISTRY
     for name in REGISTRY.names():
         click.echo(f"{name:28s} {REGISTRY.help(name)}")
+    if what == "benchmarks":  # the sd suite's are built from its config when used (docs/sd_suite.md)
+        click.echo(f"{'sd/geneval, sd/ocr, sd/pref':28s} real SD3 / SD3.5 models; prompt files and weights from --suite-config")
 
 
 @main.command("build-tiny")
@@ -85,8 +88,8 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--suite", "suite_name", default="tiny", show_default=True)
 @click.option("--model", default=None, help="Base model: a shipped alias ('tiny'), a pipeline folder or hub id. Default: the suite's.")
 @click.option("--preset", default="standard", show_default=True, type=click.Choice(["smoke", "standard", "paper"]),
-              help="smoke: two minutes; standard: the embedded suite on a CPU; paper: PAPER.md's SD3.5-M settings, for GPUs.")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds of the student runs.")
+              help="smoke: about two minutes (one seed by default); standard: the embedded suite on a CPU; paper: PAPER.md's SD3.5-M settings, for GPUs.")
+@click.option("--seeds", default=None, help="Comma-separated seeds of the student runs.  [default: 0,1,2; with --preset smoke: 0]")
 @click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--report/--no-report", default=True, show_default=True, help="Write reports/<run>/ at the end.")
@@ -98,10 +101,16 @@ def run_command(method, suite_name, model, preset, seeds, out, device, report, f
 
     Rerunning the same command skips finished work and resumes unfinished training.
     """
+    # smoke is the quick check: one seed unless asked for more (three take 10-20 minutes).
+    seeds = seeds if seeds is not None else ("0" if preset == "smoke" else "0,1,2")
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
-        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers, e.g. 0,1,2", param_hint="--seeds") from None
+        raise click.ClickException(f"--seeds {seeds!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    repeated = sorted({seed for seed in seed_list if seed_list.count(seed) > 1})
+    if repeated or not seed_list:
+        what = f"seed {repeated[0]} is given twice" if repeated else "no seed is given"
+        raise click.ClickException(f"--seeds {seeds!r}: {what}; give each seed once, e.g. 0,1,2")
     from opd_bench.harness import Harness
 
     command = "opd-bench " + " ".join(sys.argv[1:]) if sys.argv and "opd-bench" in sys.argv[0] else f"opd-bench run --method {method} --suite {suite_name} --preset {preset} --seeds {seeds} --out {out}"
@@ -165,7 +174,7 @@ def leaderboard_command(root: Path) -> None:
 @click.option("--model", default=None, help="'tiny' (shipped base), a pipeline folder or hub id, or 'renderer'. Default: the suite's.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.json.")
 @click.option("--benchmarks", "tasks", default=None, help="Comma-separated subset, e.g. geneval,ocr.")
-@click.option("--limit", type=int, default=None, help="Evaluate N prompts per benchmark, evenly spaced over the file (all GenEval tags).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate N prompts per benchmark, spread over the tags (every GenEval tag when N >= 6), evenly spaced within each.")
 @click.option("--images-per-prompt", type=int, default=None, help="Default: each benchmark's.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the suite's).")
@@ -290,7 +299,9 @@ def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed
     from opd_bench.policy import Policy
     from opd_bench.rollout import rollout
 
-    policy = Policy.from_pretrained(model, device=device)
+    from opd_bench.suites import resolve_model
+
+    policy = Policy.from_pretrained(resolve_model(model), device=device)  # resolve: checks the weights first
     trajectory = rollout(
         policy,
         list(prompts),

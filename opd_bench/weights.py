@@ -82,3 +82,60 @@ def _check_expected(path: Path, expected: Sequence[str], what: str) -> None:
             f"{what} weights in {str(path)!r} are incomplete: missing {', '.join(missing)} "
             f"(found: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})"
         )
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Refuse a ``.safetensors`` file that is truncated or corrupt, naming it.
+
+    Reads only the header (8-byte length, then JSON with each tensor's byte range): a file
+    shorter than its header says was cut off (an interrupted copy or download), which the
+    loaders report without naming the file or the cause.
+    """
+    import json
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    problem = ""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if header_size is None or 8 + header_size > size:
+            problem = f"it has {size} bytes, less than its header needs"
+        else:
+            try:
+                header = json.loads(handle.read(header_size))
+                ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+                problem = f"its header is not valid ({type(error).__name__})"
+            else:
+                needed = 8 + header_size + max(ends, default=0)
+                if size < needed:
+                    problem = f"it has {size} bytes and its header describes {needed}"
+    if problem:
+        raise CorruptWeightsError(
+            f"weights file {str(path)!r} is truncated or corrupt ({problem}); copy it again or rebuild it"
+        )
+
+
+class CorruptWeightsError(ValueError):
+    """A weights file that is truncated or corrupt; the message names it."""
+
+
+def check_pipeline_folder(folder: str | os.PathLike) -> None:
+    """Check a local diffusers pipeline folder's weights before diffusers loads it.
+
+    Every component with a model ``config.json`` needs weights, and every ``.safetensors`` file
+    must be whole (``check_safetensors``). Diffusers' own errors name ``.bin`` files after an
+    "unsafe serialization" warning when safetensors are missing; pipelines here are safetensors.
+    """
+    folder = Path(folder)
+    for component in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+        files = sorted(component.glob("*.safetensors"))
+        if not files and not any(component.glob("*.bin")):  # .bin: an old checkpoint diffusers can still load
+            raise MissingWeightsError(
+                f"pipeline folder {str(folder)!r} has no weights for {component.name}: expected "
+                f"{component.name}/*.safetensors (as save_pretrained writes them); copy the folder again"
+            )
+        for file in files:
+            check_safetensors(file)

@@ -43,3 +43,39 @@ def test_build_tiny_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     result = CliRunner().invoke(main, ["build-tiny", str(tmp_path)])
     assert result.exit_code == 1 and "--force" in result.output
+
+
+def test_list_benchmarks_shows_the_suites_benchmarks():
+    result = CliRunner().invoke(main, ["list", "benchmarks"])
+    assert result.exit_code == 0 and "tiny/geneval" in result.output and "tiny/ocr" in result.output
+    assert "sd/geneval" in result.output
+
+
+def _run_seeds(monkeypatch, args):
+    """The seeds `opd-bench run ARGS` would train, without training."""
+    seen = {}
+
+    class FakeHarness:
+        def __init__(self, out, **kwargs):
+            seen.update(kwargs)
+
+        def run(self):
+            return None  # as a non-zero rank: nothing to print
+
+    monkeypatch.setattr("opd_bench.harness.Harness", FakeHarness)
+    result = CliRunner().invoke(main, ["run", *args])
+    return result, seen.get("seeds")
+
+
+def test_smoke_runs_one_seed_by_default_and_standard_three(monkeypatch, tmp_path):
+    assert _run_seeds(monkeypatch, ["--preset", "smoke", "--out", str(tmp_path / "a")])[1] == [0]
+    assert _run_seeds(monkeypatch, ["--out", str(tmp_path / "b")])[1] == [0, 1, 2]
+    assert _run_seeds(monkeypatch, ["--preset", "smoke", "--seeds", "3,4", "--out", str(tmp_path / "c")])[1] == [3, 4]
+
+
+def test_repeated_or_bad_seeds_are_one_line_errors(monkeypatch, tmp_path):
+    for seeds, message in (("0,0", "seed 0 is given twice"), ("1,2,1", "seed 1 is given twice"),
+                           (",", "no seed is given"), ("0,x", "not a comma-separated list of integers")):
+        result, trained = _run_seeds(monkeypatch, ["--seeds", seeds, "--out", str(tmp_path / "r")])
+        assert result.exit_code == 1 and trained is None, result.output
+        assert message in result.output and result.output.strip().count("\n") == 0, result.output

@@ -86,3 +86,76 @@ def test_shipped_models_have_a_weight_fingerprint():
     fingerprint = suites.model_fingerprint("tiny")
     assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0
     assert suites.model_fingerprint("some/other-model") is None
+
+
+def test_a_limit_covers_every_geneval_tag_evenly():
+    spec = benchmarks.get("tiny/geneval")
+    every = spec.prompts("test")
+    tags = list(dict.fromkeys(p.metadata["tag"] for p in every))
+    assert len(tags) == 6
+    for limit in (6, 10, 30):
+        chosen = spec.prompts("test", limit=limit)
+        counts = [sum(p.metadata["tag"] == tag for p in chosen) for tag in tags]
+        assert len(chosen) == limit and min(counts) >= 1 and max(counts) - min(counts) <= 1, (limit, counts)
+        positions = [every.index(p) for p in chosen]
+        assert positions == sorted(positions)  # file order
+    # Untagged files (OCR) keep the evenly spaced selection.
+    ocr = benchmarks.get("tiny/ocr").prompts("test")
+    assert benchmarks.get("tiny/ocr").prompts("test", limit=4) == [ocr[i * len(ocr) // 4] for i in range(4)]
+
+
+def test_a_small_tag_gives_its_share_to_the_others():
+    from opd_bench.benchmarks import select_prompts
+    from opd_bench.rollout import Prompt
+
+    prompts = [Prompt(f"{tag}{i}", "t", {"tag": tag}) for tag, n in (("a", 8), ("b", 1), ("c", 8)) for i in range(n)]
+    chosen = select_prompts(prompts, 7)
+    assert [p.metadata["tag"] for p in chosen].count("b") == 1 and len(chosen) == 7
+    assert select_prompts(prompts, None) == prompts and select_prompts(prompts, 100) == prompts
+
+
+def test_eval_renderer_with_limit_10_reports_every_geneval_tag(tmp_path):
+    args = ["eval", "--model", "renderer", "--benchmarks", "geneval", "--limit", "10", "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert len(record["per_tag"]["geneval"]) == 6 and record["scores"]["geneval"] == 1.0
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt": "a red circle"}\n{"prompt": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(benchmarks.PromptFileError, match=r"prompts\.jsonl:2: not UTF-8 .*save the prompt file as UTF-8"):
+        benchmarks.read_prompts(path)
+    from opd_bench.suites.sd import read_text_prompts
+
+    text = tmp_path / "prompts.txt"
+    text.write_bytes(b"caf\xe9\n")
+    with pytest.raises(benchmarks.PromptFileError, match=r"prompts\.txt:1: not UTF-8"):
+        read_text_prompts(text)
+
+
+def _copy_pipeline(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target / "transformer" / "diffusion_pytorch_model.safetensors"
+
+
+def test_a_truncated_weights_file_is_named_as_truncated(tiny_dir, tmp_path):
+    weights = _copy_pipeline(tiny_dir, tmp_path / "model")
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    result = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "model"), "--limit", "1", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0, result.output
+    assert "diffusion_pytorch_model.safetensors" in result.output and "truncated or corrupt" in result.output
+    weights.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")  # a header that is not JSON
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        suites.resolve_model(str(tmp_path / "model"))
+
+
+def test_missing_weights_mention_safetensors_only(tiny_dir, tmp_path):
+    _copy_pipeline(tiny_dir, tmp_path / "model").unlink()
+    result = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "model"), "--prompt", "x", "--out", str(tmp_path / "g.png")])
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0, result.output
+    assert "transformer/*.safetensors" in result.output and ".bin" not in result.output

@@ -170,8 +170,11 @@ class TinyPrefModel(torch.nn.Module):
                 f"no tiny preference model in {folder} (expected {CONFIG_NAME} and {WEIGHTS_NAME}); "
                 "train one with `opd-bench pretrain pref --out DIR`"
             )
+        from opd_bench.weights import check_safetensors
+
         config = json.loads(cfg_path.read_text())
         model = cls(config)
+        check_safetensors(w_path)  # a truncated file is named as such, not a bare safetensors error
         model.clip.load_state_dict(load_file(str(w_path)))
         return model.to(device).eval()
 

@@ -94,7 +94,13 @@ MODELS = {"tiny": SUITE_DIR / "tiny" / "weights" / "base"}
 
 
 def resolve_model(model: str) -> str:
-    """A shipped model alias ("tiny") -> its folder; anything else is returned unchanged."""
+    """A shipped model alias ("tiny") -> its folder; anything else is returned unchanged.
+
+    A local pipeline folder (the alias's included) has its weights checked first, so a missing
+    or truncated file is named in one clear line (``weights.check_pipeline_folder``).
+    """
+    from opd_bench.weights import check_pipeline_folder
+
     if model in MODELS:
         folder = MODELS[model]
         if not (folder / "model_index.json").is_file():
@@ -102,7 +108,10 @@ def resolve_model(model: str) -> str:
                 f"the shipped {model!r} model is missing from {folder}; reinstall the package or "
                 f"rebuild it with `opd-bench pretrain base --out {folder}`"
             )
+        check_pipeline_folder(folder)
         return str(folder)
+    if (Path(model).expanduser() / "model_index.json").is_file():
+        check_pipeline_folder(Path(model).expanduser())
     return model
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opd_bench.benchmarks import BenchmarkSpec, PromptFileError, read_prompts
+from opd_bench.benchmarks import BenchmarkSpec, PromptFileError, read_prompts, read_text_lines, select_prompts
 from opd_bench.registry import UnknownNameError
 from opd_bench.rollout import Prompt
 from opd_bench.suites import Suite
@@ -143,7 +143,7 @@ def read_text_prompts(path: str | Path, *, task: str = "") -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {str(path)!r} does not exist; check the path in the sd suite config")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_text_lines(path)]
     prompts = [Prompt(line, task, {"prompt": line, "task": task}) for line in lines if line]
     if not prompts:
         raise PromptFileError(f"prompt file {str(path)!r} has no prompts")
@@ -168,9 +168,7 @@ class FileBenchmarkSpec(BenchmarkSpec):
             for p in prompts:
                 if p.metadata.get("text") is None and target_text(p.text) is None:
                     raise PromptFileError(f"{path}: prompt {p.text!r} has no text in double quotes; OCR prompts quote the text to render")
-        if limit is None or limit >= len(prompts):
-            return prompts
-        return [prompts[i * len(prompts) // limit] for i in range(limit)]  # evenly spaced, as BenchmarkSpec
+        return select_prompts(prompts, limit)  # stratified by tag, as BenchmarkSpec
 
 
 def _files(task: str, section: dict) -> dict:
