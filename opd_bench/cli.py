@@ -93,13 +93,14 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--report/--no-report", default=True, show_default=True, help="Write reports/<run>/ at the end.")
-@click.option("--force", is_flag=True, help="Delete an existing run in --out and start over.")
+@click.option("--force", is_flag=True, help="Delete the run in --out and start over (only a folder holding a run; never the working directory or its parents).")
 @_suite_config_option
 @_friendly
 def run_command(method, suite_name, model, preset, seeds, out, device, report, force) -> None:
     """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
 
-    Rerunning the same command skips finished work and resumes unfinished training.
+    Rerunning the same command skips finished work and resumes unfinished training; a rerun with
+    other --method or --seeds adds its cells to OUT/results.json.
     """
     # smoke is the quick check: one seed unless asked for more (three take 10-20 minutes).
     seeds = seeds if seeds is not None else ("0" if preset == "smoke" else "0,1,2")
@@ -144,18 +145,47 @@ def report_command(run_dir: Path, out: Path | None) -> None:
     click.echo(f"wrote {target / 'report.md'} and {target / 'index.html'}")
 
 
+@main.command("verify")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompts", default=8, show_default=True, type=click.IntRange(min=0), help="Test prompts re-checked per benchmark (0: all).")
+@click.option("--salt", default="", help="Any string: draws another sample than the default one, which anyone can compute.")
+@click.option("--model", "models", multiple=True, help="Check only this model, e.g. opd or teacher/ocr (repeat for several; default: all).")
+@click.option("--device", default="cpu", show_default=True)
+@_suite_config_option
+@_friendly
+def verify_command(run_dir: Path, prompts: int, salt: str, models: tuple[str, ...], device: str) -> None:
+    """Regenerate and re-score a sample of RUN_DIR's final evaluations from its adapters; exit 1 unless they match."""
+    from opd_bench.verify import verify_run
+
+    report = verify_run(run_dir, prompts=prompts, salt=salt, device=device, models=models or None, progress=True)
+    if not report["ok"]:
+        first = report["mismatches"][0]
+        raise click.ClickException(
+            f"{run_dir} does not verify: {len(report['mismatches'])} of {report['images_checked']} re-generated images "
+            f"score differently, e.g. {first['model']} seed {first['seed']} {first['benchmark']} image {first['image']}: "
+            f"recorded {first['recorded']}, now {first['recomputed']:.6g}"
+        )
+    click.echo(f"verified {run_dir}: {report['images_checked']} re-generated image scores match the recorded ones "
+               f"(largest difference {report['max_difference_within_tolerance']:.2g}; {report['seconds']} s)")
+
+
 @main.command("submit")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Submission name: letters, digits, '.', '_', '-'.")
 @click.option("--root", default="leaderboard", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--unverified", is_flag=True, help="Skip verification; the entry goes to the separate, unranked unverified table.")
+@click.option("--device", default="cpu", show_default=True, help="Device for the verification.")
+@_suite_config_option
 @_friendly
-def submit_command(run_dir: Path, name: str, root: Path) -> None:
-    """Validate RUN_DIR/results.json and add it to the leaderboard directory."""
+def submit_command(run_dir: Path, name: str, root: Path, unverified: bool, device: str) -> None:
+    """Validate and verify RUN_DIR/results.json and add it to the leaderboard directory."""
     from opd_bench.leaderboard import rebuild, submit
+    from opd_bench.verify import verify_run
 
-    path = submit(run_dir, name, root=root)
+    path = submit(run_dir, name, root=root, unverified=unverified,
+                  verify=lambda folder: verify_run(folder, device=device, progress=True))
     rebuild(root)
-    click.echo(f"submitted {path}; regenerated {root / 'README.md'}")
+    click.echo(f"submitted {path}{' (unverified)' if unverified else ' (verified)'}; regenerated {root / 'README.md'}")
 
 
 @main.command("leaderboard")

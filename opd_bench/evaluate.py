@@ -100,6 +100,9 @@ def evaluate_benchmark(
         "seconds": seconds,
         "images_per_second": {k: (len(prompts) / v if v > 0 else math.inf) for k, v in seconds.items()},
         "extra": {key: aggregate("mean", scores[key], metadata)["score"] for key in scorers if key != "main"},
+        # every image's score, in evaluation order (image i shows prompt i // images_per_prompt), so a
+        # result can be checked by regenerating a few images (opd_bench.verify)
+        "per_image": {spec.name if key == "main" else key: values for key, values in scores.items()},
     }
     if "per_tag" in main:
         result["per_tag"] = main["per_tag"]
@@ -113,7 +116,10 @@ def evaluate_suite(
     tasks: Sequence[str] | None = None,
     **options,
 ) -> dict:
-    """Evaluate every task of ``suite``; returns ``{"scores": {...}, "per_tag": {...}, "benchmarks": {...}}``."""
+    """Evaluate every task of ``suite``; returns ``{"scores", "per_tag", "per_image", "benchmarks"}``.
+
+    ``per_image[benchmark]`` lists every image's score (extra rewards under their own names).
+    """
     tasks = list(tasks or suite.tasks)
     unknown = sorted(set(tasks) - set(suite.tasks))
     if unknown:
@@ -121,12 +127,14 @@ def evaluate_suite(
     results = {task: evaluate_benchmark(suite.benchmark(task), source, **options) for task in tasks}
     scores: dict[str, float] = {}
     per_tag: dict[str, dict] = {}
+    per_image: dict[str, list[float]] = {}
     for task, result in results.items():
         scores[task] = result["score"]
         scores.update(result["extra"])
+        per_image.update(result["per_image"])
         if "per_tag" in result:
             per_tag[task] = result["per_tag"]
-    return {"scores": scores, "per_tag": per_tag, "benchmarks": results}
+    return {"scores": scores, "per_tag": per_tag, "per_image": per_image, "benchmarks": results}
 
 
 def make_evaluator(

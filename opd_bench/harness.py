@@ -4,7 +4,11 @@ Every piece of work is a *cell* with its own folder under the run directory: a t
 (method, seed) training run, an evaluation, the variance experiment, the image grids. A cell
 that finished is skipped when the command is run again, and an unfinished training cell
 resumes from its checkpoint, so a killed run continues where it stopped. ``results.json`` is
-assembled from the cells at the end.
+assembled from the cells at the end, including cells that earlier runs in the same folder finished
+(another ``--method`` or ``--seeds``), so a partial rerun adds to the results instead of replacing them.
+
+A run folder carries a marker file (``.opd-bench-run``); ``--force`` deletes only folders that hold
+a run, and no folder that is not empty and holds no run is ever written into.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from opd_bench.io import atomic_write_json
 from opd_bench.trainers.grpo import GRPOConfig
 from opd_bench.trainers.opd import OPDConfig
 
-SCHEMA_VERSION = 1
+# 2: per-image scores of the final evaluations, the seeds of every result cell, adapter hashes.
+# Version 1 files are still read (report, leaderboard) but can no longer be submitted.
+SCHEMA_VERSION = 2
+RUN_MARKER = ".opd-bench-run"
 METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
 METHOD_CHOICES = ("all", "teachers", *METHODS)
 
@@ -126,6 +133,18 @@ def methods_for(method: str) -> list[str]:
     return list(METHODS) if method == "all" else [] if method == "teachers" else [method]
 
 
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds an opd-bench run: its marker, or the run.json / results.json of a
+    run made before markers existed."""
+    return any((Path(folder) / name).is_file() for name in (RUN_MARKER, "run.json", "results.json"))
+
+
+def _score(value: float) -> float | None:
+    """A per-image score as stored: 6 decimals (far below any verification tolerance); NaN
+    ("not applicable") as null, so the file stays standard JSON."""
+    return None if math.isnan(value) else round(float(value), 6)
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
@@ -187,9 +206,22 @@ class Harness:
     def _check_folder(self) -> None:
         import shutil
 
-        identity_path = self.out / "run.json"
-        if self.force and self.out.exists():
-            shutil.rmtree(self.out)
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"--out {out} is a file; choose a folder for the run")
+        occupied = out.is_dir() and any(out.iterdir())
+        if occupied and not holds_run(out):  # never write into (or delete) someone else's files
+            raise FileExistsError(f"--out {out} is not empty and holds no opd-bench run; nothing was changed, "
+                                  "choose a new or empty folder")
+        if self.force and occupied:
+            target, here = out.resolve(), Path.cwd().resolve()
+            if target == here or target in here.parents:
+                raise FileExistsError(f"--force would delete {out}, the working directory or a folder above it; "
+                                      "nothing was changed, run from elsewhere or choose another --out")
+            if out.is_symlink():
+                raise FileExistsError(f"--out {out} is a symbolic link; pass the folder it points to ({target}) to --force")
+            shutil.rmtree(out)
+        identity_path = out / "run.json"
         if identity_path.exists():
             saved = json.loads(identity_path.read_text())
             if saved != json.loads(json.dumps(self.identity)):
@@ -197,6 +229,10 @@ class Harness:
                     f"{self.out} holds a run with another suite, model or preset; use another --out or pass --force"
                 )
         self.out.mkdir(parents=True, exist_ok=True)
+        marker = self.out / RUN_MARKER
+        if not marker.exists():
+            atomic_write_json(marker, {"what": "an opd-bench run folder; `opd-bench run --force` may delete it",
+                                       "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
         atomic_write_json(identity_path, self.identity)
 
     @property
@@ -241,6 +277,26 @@ class Harness:
             )
         return found
 
+    def final_adapter(self, method: str, seed: int) -> Path:
+        """Where the trained adapter of one (method, seed) cell is (or will be) saved."""
+        run_dir = self.out / "methods" / method / f"seed{seed}"
+        if method == "cascade":  # the last stage's adapter is the cascade's result
+            last_task = self.plan.cascade.stages[-1][0]
+            return run_dir / f"stage{len(self.plan.cascade.stages) - 1}-{last_task}" / "final"
+        return run_dir / "final"
+
+    def finished_cells(self) -> dict[str, dict[int, Path]]:
+        """The (method, seed) cells finished in this folder, by this run or earlier ones."""
+        found: dict[str, dict[int, Path]] = {}
+        for method in METHODS:
+            for folder in sorted((self.out / "methods" / method).glob("seed*")):
+                if not folder.name[4:].isdigit():
+                    continue
+                final = self.final_adapter(method, int(folder.name[4:]))
+                if final.exists() and (final.parent / "DONE").exists():
+                    found.setdefault(method, {})[int(folder.name[4:])] = final
+        return found
+
     def train_method(self, method: str, seed: int, teachers: dict[str, Path]) -> Path:
         """Train (or resume, or skip) one (method, seed) cell; returns its adapter folder."""
         from opd_bench.baselines.cascade import CascadeTrainer
@@ -249,10 +305,7 @@ class Harness:
 
         run_dir = self.out / "methods" / method / f"seed{seed}"
         adapter = f"{method}-s{seed}"
-        final = run_dir / "final"
-        if method == "cascade":  # the last stage's adapter is the cascade's result
-            last_task = self.plan.cascade.stages[-1][0]
-            final = run_dir / f"stage{len(self.plan.cascade.stages) - 1}-{last_task}" / "final"
+        final = self.final_adapter(method, seed)
         if final.exists() and (final.parent / "DONE").exists():
             return final
         evaluate = self.evaluator(self.plan.train_eval_limit, 1)
@@ -285,7 +338,9 @@ class Harness:
 
         path = self.out / "evals" / f"{name.replace('/', '_')}-seed{seed}.json"
         if path.exists():
-            return json.loads(path.read_text())
+            record = json.loads(path.read_text())
+            if "per_image" in record:  # records of older versions lack per-image scores: evaluate again
+                return record
         adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings(self.suite.num_steps, self.suite.guidance_scale, self.suite.noise_level)
         with self.policy.use(adapter):
@@ -293,8 +348,9 @@ class Harness:
                 self.suite, policy_source(self.policy, settings), seed=seed, limit=self.plan.eval_limit,
                 images_per_prompt=self.plan.eval_images_per_prompt, progress=self.progress,
             )
-        record = {"scores": result["scores"], "per_tag": result["per_tag"]}
-        atomic_write_json(path, record)
+        per_image = {bench: [_score(v) for v in values] for bench, values in result["per_image"].items()}
+        record = {"seed": seed, "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image}
+        atomic_write_json(path, record, compact_lists=True)
         return record
 
     def variance(self, teachers: dict[str, Path]) -> dict:
@@ -323,7 +379,7 @@ class Harness:
         atomic_write_json(path, record)
         return record
 
-    def samples(self, models: dict[str, Path | None]) -> dict:
+    def samples(self, models: dict[str, tuple[int, Path | None]]) -> dict:
         """One image grid per model on the same prompts and seeds (rows = prompts)."""
         from opd_bench.io import save_grid
         from opd_bench.rollout import rollout
@@ -331,11 +387,11 @@ class Harness:
         test = self.prompts("test")
         prompts = [p for task in self.suite.tasks for p in test[task][: self.plan.sample_prompts_per_task]]
         grids = {}
-        for name, adapter_dir in models.items():
+        for name, (seed, adapter_dir) in models.items():
             relative = f"samples/{name.replace('/', '_')}.png"
             path = self.out / relative
             if not path.exists():
-                with self.policy.use(self._loaded(name, adapter_dir, self.seeds[0])):
+                with self.policy.use(self._loaded(name, adapter_dir, seed)):
                     t = rollout(
                         self.policy, prompts, images_per_prompt=4, num_steps=self.suite.num_steps,
                         noise_level=self.suite.noise_level, guidance_scale=self.suite.guidance_scale, seed=0, keep={"images"},
@@ -348,22 +404,32 @@ class Harness:
     def run(self) -> dict | None:
         start = time.time()
         teachers = self.teachers()
-        models: dict[str, dict[int, Path | None]] = {"base": {self.seeds[0]: None}}
-        for task, folder in teachers.items():
-            models[f"teacher/{task}"] = {self.seeds[0]: folder / "final"}
         for method in self.methods:
-            models[method] = {seed: self.train_method(method, seed, teachers) for seed in self.seeds}
+            for seed in self.seeds:
+                self.train_method(method, seed, teachers)
         if not distributed.current().is_main:
             return None  # training is shared; rank 0 alone evaluates and writes results.json
+        # Every finished cell of this folder is reported, also those of earlier runs with other
+        # --method or --seeds: a partial rerun adds to the results instead of replacing them.
+        trained = self.finished_cells()
+        methods = [m for m in METHODS if m in trained]
+        seeds = sorted(set(self.seeds).union(*trained.values()))
+        reference = seeds[0]  # base and teachers are evaluated once, with the smallest seed
+        models: dict[str, dict[int, Path | None]] = {"base": {reference: None}}
+        for task, folder in teachers.items():
+            models[f"teacher/{task}"] = {reference: folder / "final"}
+        for method in methods:
+            models[method] = dict(sorted(trained[method].items()))
         evals = {name: {seed: self.evaluate_cell(name, folder, seed) for seed, folder in per_seed.items()} for name, per_seed in models.items()}
-        variance = self.variance(teachers) if any(m.startswith("opd") for m in self.methods) else None
-        samples = self.samples({name: per_seed[min(per_seed)] for name, per_seed in models.items()})
-        results = self.assemble(teachers, models, evals, variance, samples, time.time() - start)
-        atomic_write_json(self.out / "results.json", results)
+        variance = self.variance(teachers) if any(m.startswith("opd") for m in methods) else None
+        samples = self.samples({name: (min(per_seed), per_seed[min(per_seed)]) for name, per_seed in models.items()})
+        results = self.assemble(teachers, models, evals, variance, samples, time.time() - start, methods, seeds)
+        atomic_write_json(self.out / "results.json", results, compact_lists=True)
         return results
 
-    def assemble(self, teachers, models, evals, variance, samples, seconds) -> dict:
+    def assemble(self, teachers, models, evals, variance, samples, seconds, methods, seeds) -> dict:
         from opd_bench.training import read_metrics
+        from opd_bench.verify import adapter_sha256
 
         benchmarks = list(self.suite.tasks) + [k for t in self.suite.tasks for k in self.suite.benchmark(t).extra_rewards]
         results, per_tag = {}, {}
@@ -373,14 +439,14 @@ class Harness:
                 values = [per_seed[s]["scores"][bench] for s in sorted(per_seed)]
                 mean = sum(values) / len(values)
                 std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-                results[name][bench] = {"mean": mean, "std": std, "per_seed": values}
+                results[name][bench] = {"mean": mean, "std": std, "per_seed": values, "seeds": sorted(per_seed)}
             tags = [per_seed[s]["per_tag"].get("geneval", {}) for s in sorted(per_seed)]
             if tags and tags[0]:
                 per_tag[name] = {"geneval": {tag: sum(t[tag] for t in tags) / len(tags) for tag in tags[0]}}
         curves, gradient_variance, compute = {}, {}, {}
-        metric_files = {f"teacher/{t}": {self.seeds[0]: d / "metrics.jsonl"} for t, d in teachers.items()}
-        for method in self.methods:
-            metric_files[method] = {s: self.out / "methods" / method / f"seed{s}" / "metrics.jsonl" for s in self.seeds}
+        metric_files = {f"teacher/{t}": {seeds[0]: d / "metrics.jsonl"} for t, d in teachers.items()}
+        for method in methods:
+            metric_files[method] = {s: self.out / "methods" / method / f"seed{s}" / "metrics.jsonl" for s in models[method]}
         for name, files in metric_files.items():
             curves[name], gradient_variance[name] = {}, {}
             totals = []
@@ -405,7 +471,8 @@ class Harness:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": self.command,
             "suite": self.suite.name, "suite_version": self.suite.version,
             "prompt_hashes": {t: {s: self.suite.benchmark(t).file_hash(s) for s in ("test", "train")} for t in self.suite.tasks},
-            "model": self.model, "preset": self.preset, "seeds": self.seeds, "methods": self.methods,
+            "model": self.model, "model_sha256": self.identity.get("model_sha256"), "preset": self.preset,
+            "seeds": seeds, "methods": methods,
             "benchmarks": benchmarks, "headline": list(self.suite.headline),
             "config": {
                 "teachers": asdict(self.plan.teacher), "opd": asdict(self.plan.opd), "opd-ppo": asdict(self.plan.opd_ppo),
@@ -415,6 +482,14 @@ class Harness:
                          "noise_level": self.suite.noise_level, "resolution": self.resolution},
             },
             "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": gradient_variance,
-            "compute": compute, "variance": variance, "cascade_stages": cascade_stages if "cascade" in self.methods else [],
+            "compute": compute, "variance": variance, "cascade_stages": cascade_stages if "cascade" in methods else [],
+            # what `opd-bench verify` needs: every image's score (image i of a benchmark shows test prompt
+            # i // images_per_prompt, generated with the cell's seed) and the adapters that made them
+            "per_image": {name: {str(seed): evals[name][seed]["per_image"] for seed in per_seed} for name, per_seed in evals.items()},
+            "artifacts": {
+                name: {str(seed): {"path": folder.relative_to(self.out).as_posix(), "sha256": adapter_sha256(folder)}
+                       for seed, folder in per_seed.items()}
+                for name, per_seed in models.items() if name != "base"
+            },
             "samples": samples, "seconds": seconds, "environment": environment(self.device),
         }

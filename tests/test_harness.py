@@ -1,12 +1,15 @@
-"""The smoke comparison end to end: run, resume, result schema, report and submission."""
+"""The smoke comparison end to end: run, resume, result schema, report, verification, submission,
+partial reruns and what --force may delete."""
 
+import copy
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from opd_bench.cli import main
-from opd_bench.leaderboard import rebuild, submit, validate
+from opd_bench.leaderboard import SubmissionError, check_results, submit
 
 METHODS = ("base", "teacher/geneval", "teacher/ocr", "teacher/pref", "opd", "opd-ppo", "multi-reward", "cascade")
 
@@ -21,12 +24,16 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_a_valid_result_file(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
-    validate(results)
-    assert results["schema_version"] == 1 and results["suite"] == "tiny" and results["seeds"] == [0]
+    check_results(results)
+    assert results["schema_version"] == 2 and results["suite"] == "tiny" and results["seeds"] == [0]
+    assert (smoke_run / ".opd-bench-run").is_file()
     for method in METHODS:
         for bench in ("geneval", "ocr", "pref", "pref_oracle"):
             cell = results["results"][method][bench]
-            assert set(cell) == {"mean", "std", "per_seed"} and len(cell["per_seed"]) == 1
+            assert set(cell) == {"mean", "std", "per_seed", "seeds"} and cell["seeds"] == [0]
+            assert len(results["per_image"][method]["0"][bench]) == 2  # eval_limit 2, one image each
+        if method != "base":
+            assert (smoke_run / results["artifacts"][method]["0"]["path"] / "adapter_model.safetensors").is_file()
     assert results["variance"]["ratio_ppo_over_analytic"] > 0
     for method in ("opd", "opd-ppo", "multi-reward", "cascade"):
         curve = results["curves"][method]["0"]
@@ -51,16 +58,76 @@ def test_a_run_folder_with_another_preset_is_refused(smoke_run):
     assert result.exit_code == 1 and "--force" in result.output
 
 
-def test_report_and_submission_from_the_smoke_run(smoke_run, tmp_path):
+def test_report_from_the_smoke_run_and_its_submission_is_refused(smoke_run, tmp_path):
     report = tmp_path / "report"
     result = CliRunner().invoke(main, ["report", str(smoke_run), "--out", str(report)])
     assert result.exit_code == 0, result.output
     html = (report / "index.html").read_text()
     assert "data:image/png;base64" in html and "opd-ppo" in html
     assert list(report.glob("*.png"))
-    path = submit(smoke_run, "smoke-test", root=tmp_path / "board")
-    readme, csv = rebuild(tmp_path / "board")
-    assert path.is_file() and "smoke-test" in readme.read_text() and "smoke-test" in csv.read_text()
+    # issue 12: a smoke run outranked the standard run; smoke scores are not results
+    for unverified in (False, True):
+        with pytest.raises(SubmissionError, match="preset is 'smoke'"):
+            submit(smoke_run, "smoke-test", root=tmp_path / "board", unverified=unverified)
+    assert not (tmp_path / "board").exists()
+
+
+def test_the_real_smoke_run_verifies_and_a_consistent_edit_does_not(smoke_run, tmp_path):
+    """Covers opd_bench.verify on a real run: every model (base, 3 teachers, 4 students) reloaded from
+    the run folder, its 2 test prompts per benchmark regenerated with the recorded seed and sampler,
+    re-scored by the suite's rewards (geneval detector, RapidOCR, pref and pref_oracle) and compared.
+    The smoke run's evaluation has only 2 prompts per benchmark, so here the sample is all of them."""
+    from opd_bench.verify import VerificationError, verify_run
+
+    report = verify_run(smoke_run)
+    assert report["ok"], report["mismatches"]
+    assert report["images_checked"] == len(METHODS) * 4 * 2
+    assert report["max_difference_within_tolerance"] < 1e-3
+
+    # An edit that every consistency check accepts: per-image scores, per_seed, mean and std changed together.
+    edited = tmp_path / "edited"
+    shutil.copytree(smoke_run, edited)
+    results = json.loads((edited / "results.json").read_text())
+    original = copy.deepcopy(results)
+    images = results["per_image"]["opd"]["0"]["pref_oracle"]
+    images[:] = [min(1.0, v + 0.05) for v in images]
+    cell = results["results"]["opd"]["pref_oracle"]
+    cell["per_seed"] = [sum(images) / len(images)]
+    cell["mean"] = cell["per_seed"][0]
+    (edited / "results.json").write_text(json.dumps(results))
+    check_results(results)
+    report = verify_run(edited, models=["opd"])
+    assert not report["ok"] and {(m["model"], m["benchmark"]) for m in report["mismatches"]} == {("opd", "pref_oracle")}
+    result = CliRunner().invoke(main, ["verify", str(edited), "--model", "opd"])
+    error = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and error.startswith("Error: ") and "does not verify: 2 of 8" in error
+
+    # A retrained or swapped adapter no longer matches its recorded hash.
+    (edited / "results.json").write_text(json.dumps(original))
+    adapter = edited / original["artifacts"]["cascade"]["0"]["path"] / "adapter_model.safetensors"
+    data = adapter.read_bytes()
+    adapter.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last weight
+    with pytest.raises(VerificationError, match="cascade seed 0 .* does not match its recorded sha256"):
+        verify_run(edited)
+
+
+def test_a_partial_rerun_adds_to_the_results(smoke_run, tmp_path):
+    """Issue 12: `run --method opd --seeds 1` on a finished all-methods run kept opd alone."""
+    out = tmp_path / "merged"
+    shutil.copytree(smoke_run, out)
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--method", "opd", "--seeds", "1", "--out", str(out), "--no-report"])
+    assert result.exit_code == 0, result.output
+    before = json.loads((smoke_run / "results.json").read_text())
+    after = json.loads((out / "results.json").read_text())
+    check_results(after)
+    assert set(after["results"]) == set(METHODS) and after["seeds"] == [0, 1] and after["methods"] == list(METHODS[4:])
+    assert after["results"]["opd"]["geneval"]["seeds"] == [0, 1]
+    for method in METHODS:  # the earlier cells are unchanged, the new seed is added
+        for bench, cell in before["results"][method].items():
+            assert after["results"][method][bench]["per_seed"][0] == cell["per_seed"][0]
+            if method != "opd":
+                assert after["results"][method][bench] == cell
+    assert set(after["per_image"]["opd"]) == {"0", "1"} and set(after["artifacts"]["opd"]) == {"0", "1"}
 
 
 def test_paper_preset_follows_the_published_settings():
@@ -81,3 +148,55 @@ def test_paper_preset_follows_the_published_settings():
     assert paper.opd.steps == paper.multi_reward.steps == sum(n for _, n in paper.cascade.stages)
     for processes in (1, 2, 4):  # data-parallel runs need whole groups per process
         assert paper.opd.prompts_per_task % processes == 0 and paper.multi_reward.prompts_per_step % processes == 0
+
+
+# What --force may delete (issue 12: `--force` deleted a folder of someone else's files, `--out .`
+# would have wiped the working directory). Constructing a Harness checks the folder; nothing trains.
+
+def _harness(out, **options):
+    from opd_bench.harness import Harness
+
+    return Harness(out, preset="smoke", seeds=[0], progress=False, **options)
+
+
+def test_a_folder_that_holds_no_run_is_never_written_or_deleted(tmp_path):
+    keep = tmp_path / "d"
+    keep.mkdir()
+    (keep / "f").write_text("keep")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="holds no opd-bench run"):
+            _harness(keep, force=force)
+        assert [p.name for p in keep.iterdir()] == ["f"] and (keep / "f").read_text() == "keep"
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--seeds", "0", "--out", str(keep), "--force"])
+    assert result.exit_code == 1 and str(keep) in result.output and "choose a new or empty folder" in result.output
+    assert result.output.strip().count("\n") == 0 and (keep / "f").read_text() == "keep"
+
+
+def test_force_deletes_a_run_folder_and_an_old_run_counts_as_one(tmp_path):
+    run = tmp_path / "run"
+    _harness(run)
+    assert (run / ".opd-bench-run").is_file() and (run / "run.json").is_file()
+    (run / "stale").write_text("x")
+    _harness(run)  # without --force the run is resumed, nothing deleted
+    assert (run / "stale").exists()
+    _harness(run, force=True)
+    assert not (run / "stale").exists() and (run / ".opd-bench-run").is_file()
+    old = tmp_path / "old"  # a run made before the marker existed
+    old.mkdir()
+    (old / "results.json").write_text("{}")
+    _harness(old, force=True)
+    assert not (old / "results.json").exists() and (old / ".opd-bench-run").is_file()
+    (tmp_path / "empty").mkdir()
+    _harness(tmp_path / "empty")
+
+
+def test_force_never_deletes_the_working_directory_or_its_parents(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _harness(run)  # a real run folder: only the cwd rule protects it
+    inner = run / "sub"
+    inner.mkdir()
+    for cwd, out in ((run, "."), (run, str(run)), (inner, "..")):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(FileExistsError, match="working directory or a folder above it"):
+            _harness(out, force=True)
+        assert (run / ".opd-bench-run").is_file() and inner.is_dir()
