@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -255,6 +256,25 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     click.echo(f"wrote {results_path}")
 
 
+def _config_overrides(config_class, pairs) -> dict:
+    """``FIELD=VALUE`` strings -> a dict of fields of ``config_class`` (VALUE parsed as JSON)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not FIELD=VALUE", param_hint="--set")
+        if name not in fields:
+            raise click.BadParameter(f"{config_class.__name__} has no field {name!r}; fields: {', '.join(sorted(fields))}", param_hint="--set")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
 @main.group()
 def pretrain() -> None:
     """Reproduce the tiny suite's shipped models (base pipeline, preference model)."""
@@ -270,17 +290,19 @@ def pretrain() -> None:
 @click.option("--layers", type=int, default=None, help="Transformer depth [default: the shipped base's, 4].")
 @click.option("--heads", type=int, default=None, help="Transformer width in heads of 32 channels [default: 3].")
 @click.option("--max-minutes", type=float, default=None, help="Time budget of the denoiser phase.")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="Any other PretrainConfig field, VALUE parsed as JSON (e.g. --set latent_channels=4 --set vae_channels=[8,32]). Repeat for several.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing pipeline folder.")
 @_friendly
-def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers, heads, max_minutes, device, force) -> None:
+def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers, heads, max_minutes, overrides, device, force) -> None:
     """Train the tiny base model from scratch on rendered scenes with web-like captions."""
     if (out / "model_index.json").exists() and not force:
         raise FileExistsError(f"{out} already holds a pipeline; choose another folder or pass --force")
     from opd_bench.tiny.pretrain import PretrainConfig, pretrain_base
 
     given = {"num_images": num_images, "vae_steps": vae_steps, "steps": steps, "batch": batch,
-             "num_layers": layers, "num_heads": heads}
+             "num_layers": layers, "num_heads": heads, **_config_overrides(PretrainConfig, overrides)}
     config = PretrainConfig(
         seed=seed, max_minutes=max_minutes, device=device, **{k: v for k, v in given.items() if v is not None}
     )

@@ -138,3 +138,20 @@ def test_adapter_errors(policy, tmp_path):
         policy.add_adapter("student", rank=2)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         policy.load_adapter("teacher", tmp_path)
+
+
+def test_char_tokens_keep_case_and_give_each_quoted_character_one_token(tmp_path):
+    from opd_bench.tiny.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path, max_length=24, char_tokens=True)
+
+    def pieces(text):
+        return tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)[1:-1]
+
+    # Caption words stay whole lower-case tokens; quoted capitals never merge into them ("ON" is not "on").
+    assert pieces('a sign that says "ON7"') == ["a</w>", "sign</w>", "that</w>", "says</w>", '"</w>', "O</w>", "N</w>", "7</w>", '"</w>']
+    # The same character is the same token in any string.
+    assert pieces('"AB"')[1] == pieces('"BA"')[2] == pieces('"XA"')[2]
+    # And the plain CLIP tokenizer lower-cases, which is what the option avoids.
+    plain = build_tokenizer(tmp_path / "plain", max_length=24)
+    assert plain.convert_ids_to_tokens(plain('"ON"').input_ids)[2] == "on</w>"

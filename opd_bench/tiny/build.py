@@ -35,6 +35,7 @@ class TinyConfig:
     t5_tokens: int = 1  # SD3 appends T5 tokens (zeros when T5 is absent); keep the sequence short
     shift: float = 3.0  # the scheduler's timestep shift, as SD3.5
     words: list[str] | None = field(default=None)  # tokenizer word list; None = the default
+    char_tokens: bool = False  # case kept, one token per capital letter / digit (tokenizer.build_tokenizer)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +104,7 @@ def build_pipeline(config: TinyConfig | None = None, seed: int = 0):
         raise ValueError("image_size must be divisible by the VAE downsampling times the patch size")
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(tmp, config.words or DEFAULT_WORDS, config.max_prompt_tokens)
+        tokenizer = build_tokenizer(tmp, config.words or DEFAULT_WORDS, config.max_prompt_tokens, config.char_tokens)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     text_encoder = _text_encoder(config, len(tokenizer), bos, eos)
     text_encoder_2 = _text_encoder(config, len(tokenizer), bos, eos)

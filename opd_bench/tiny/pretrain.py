@@ -31,23 +31,26 @@ from opd_bench.tiny.build import TinyConfig
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "suites" / "tiny" / "prompts"
 
 
-def base_architecture(words: list[str] | None = None, num_layers: int = 4, num_heads: int = 3) -> TinyConfig:
-    """The shipped base model's sizes (the defaults): chosen so RL on two CPU cores is cheap (see
-    docs). A GPU pretraining can widen (``num_heads`` of 32 channels each) and deepen it."""
+def base_architecture(words: list[str] | None = None, config: "PretrainConfig | None" = None) -> TinyConfig:
+    """The base model's sizes, read from a :class:`PretrainConfig` (its defaults are the shipped
+    base's; see docs/tiny_base.md for why each was chosen)."""
+    config = config or PretrainConfig()
     return TinyConfig(
-        vae_channels=(8, 16, 32),  # full-resolution convolutions dominate the VAE's cost on a CPU
+        vae_channels=tuple(config.vae_channels),
+        latent_channels=config.latent_channels,
         vae_norm_groups=2,  # 1 channel per group normalised each channel's level away: colours drifted
         vae_mid_attention=False,  # fully convolutional: trained on crops, 4x cheaper per image
-        patch_size=2,  # 16x16 latents -> 64 image tokens (patch 4 starved the output projection: v1)
-        num_layers=num_layers,
-        num_heads=num_heads,
+        patch_size=config.patch_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
         head_dim=32,
         text_hidden=48,
-        text_layers=2,
+        text_layers=config.text_layers,
         text_heads=2,
         text_projection=48,
         max_prompt_tokens=24,
         words=words,
+        char_tokens=config.char_tokens,
     )
 
 
@@ -62,6 +65,12 @@ class PretrainConfig:
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
     reconstruction_limit: int = 48  # test prompts per task for the VAE's reconstruction scores (0: skip)
+    # Architecture (see base_architecture). The VAE downsamples 2 ** (len(vae_channels) - 1) times.
+    vae_channels: tuple = (8, 16, 32)
+    latent_channels: int = 16
+    patch_size: int = 2
+    text_layers: int = 2
+    char_tokens: bool = False  # quoted text as one token per character, case kept (see tiny/tokenizer.py)
     steps: int = 12000
     num_layers: int = 4  # transformer depth; the shipped base's
     num_heads: int = 3  # transformer width = 32 x num_heads
@@ -268,7 +277,7 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     records, words = training_records(config)
     images = render_dataset(records, config.seed)
     t_render = time.time() - t0
-    architecture = base_architecture(words, config.num_layers, config.num_heads)
+    architecture = base_architecture(words, config)
     pipeline = build_pipeline(architecture, seed=config.seed).to(config.device)
     train_vae(pipeline.vae, images, config, log)
     t_vae = time.time() - t0 - t_render

@@ -102,8 +102,35 @@ def write_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, ma
     return folder
 
 
-def build_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16):
-    """Write the tokenizer files into ``folder`` and load them as a ``CLIPTokenizer``."""
-    from transformers import CLIPTokenizer
+# CLIP's pre-tokenizer pattern, except that capital letters stand alone instead of joining the
+# letters around them (with no lower-casing, see below).
+_CHAR_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{Ll}]+|[\p{Lu}]|[\p{N}]|[^\s\p{L}\p{N}]+"
 
-    return CLIPTokenizer.from_pretrained(str(write_tokenizer(folder, words, max_length)))
+
+def build_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16, char_tokens: bool = False):
+    """Write the tokenizer files into ``folder`` and load them as a ``CLIPTokenizer``.
+
+    ``char_tokens=True`` returns the same BPE vocabulary as a plain fast tokenizer that keeps case
+    and makes every capital letter and digit one token. The tiny world's quoted texts are capitals
+    and digits: CLIP's lower-casing would merge them with caption words ("ON" -> the token "on")
+    and split unseen strings by merges learned on English, so the same character would reach the
+    text encoder as different tokens in different strings. ``CLIPTokenizer`` cannot do this (its
+    constructor always re-installs lower-casing), hence the generic fast class.
+    """
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
+
+    clip = CLIPTokenizer.from_pretrained(str(write_tokenizer(folder, words, max_length)))
+    if not char_tokens:
+        return clip
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    backend = clip.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " ")])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CHAR_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=clip.bos_token, eos_token=clip.eos_token, unk_token=clip.unk_token,
+        pad_token=clip.pad_token, model_max_length=max_length,
+    )
