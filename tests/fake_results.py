@@ -23,6 +23,12 @@ TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_
 PROMPTS = ["a photo of a red circle", 'a sign that says "AB3"', "a photo of a square above a heart"]
 
 
+def _suite_version() -> str:
+    from opd_bench import suites
+
+    return suites.get("tiny").version
+
+
 def prompt_hashes() -> dict:
     from opd_bench import suites
 
@@ -145,7 +151,7 @@ def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed:
                                   "cosine_of_means": rng.uniform(0.8, 1.0)})
     return {
         "schema_version": 2, "package_version": "0.1.0", "git_commit": "0123456789abcdef", "date": "2026-11-26T06:00:00Z",
-        "command": "opd-bench run --method all --suite tiny --out runs/fake", "suite": "tiny", "suite_version": "tiny-v1",
+        "command": "opd-bench run --method all --suite tiny --out runs/fake", "suite": "tiny", "suite_version": _suite_version(),
         "prompt_hashes": prompt_hashes(), "model": "tiny", "model_sha256": "0123456789ab", "preset": "standard",
         "seeds": seeds, "benchmarks": list(BENCHMARKS), "headline": list(HEADLINE), "config": config,
         "per_image": per_image, "artifacts": artifacts, "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": grad, "compute": compute,

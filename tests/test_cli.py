@@ -79,3 +79,18 @@ def test_repeated_or_bad_seeds_are_one_line_errors(monkeypatch, tmp_path):
         result, trained = _run_seeds(monkeypatch, ["--seeds", seeds, "--out", str(tmp_path / "r")])
         assert result.exit_code == 1 and trained is None, result.output
         assert message in result.output and result.output.strip().count("\n") == 0, result.output
+
+
+def test_pretrain_base_set_names_an_unknown_field_and_the_known_ones(tmp_path):
+    result = CliRunner().invoke(main, ["pretrain", "base", "--out", str(tmp_path / "m"), "--set", "latent_chanels=4"])
+    assert result.exit_code != 0
+    assert "no field 'latent_chanels'" in result.output and "latent_channels" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_config_overrides_parse_json_values():
+    from opd_bench.cli import _config_overrides
+    from opd_bench.tiny.pretrain import PretrainConfig
+
+    got = _config_overrides(PretrainConfig, ["vae_channels=[8,32]", "vae_kl=1e-3", "char_tokens=false", "device=cuda"])
+    assert got == {"vae_channels": [8, 32], "vae_kl": 1e-3, "char_tokens": False, "device": "cuda"}

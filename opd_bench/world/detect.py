@@ -11,8 +11,8 @@ Pipeline for one image:
    background's own noise level): this undoes anti-aliasing, blur and noise bias, whatever the
    colour;
 4. shape: the alpha map inside the component's box (alpha >= 0.5) is resampled to an 8x8 grid;
-   the class is the nearest shape template (this world's shapes rendered at every side 12-25 px
-   in 0.5 px steps, at 3x3 sub-pixel offsets); distance = RMS grid difference plus an
+   the class is the nearest shape template (this world's shapes rendered at every side from
+   spec.OBJECT_SIZE_MIN - 1 to OBJECT_SIZE_MAX + 1 px in 0.5 px steps, at 3x3 sub-pixel offsets); distance = RMS grid difference plus an
    aspect-ratio term;
 5. confidence = fit * sep, fit = 1 / (1 + (d1 / 0.2)^6), sep = 1 / (1 + (d1 / d2 / 0.75)^8),
    with d1 the distance to the best class and d2 to the second best class: about 1 (> 0.9) for
@@ -134,7 +134,7 @@ def _templates() -> tuple[np.ndarray, np.ndarray]:
     grey = np.full(3, 150.0, dtype=np.float32)
     colours = [np.asarray(spec.COLORS[c], np.float32) for c in ("red", "blue", "yellow", "black")]
     for ci, shape in enumerate(spec.SHAPES):
-        for side in np.arange(12.0, 25.5, TEMPLATE_SIDE_STEP):
+        for side in np.arange(spec.OBJECT_SIZE_MIN - 1.0, spec.OBJECT_SIZE_MAX + 1.5, TEMPLATE_SIDE_STEP):
             for blur, n_off in ((0.0, TEMPLATE_OFFSETS), (TEMPLATE_BLUR, 2)):
                 for k in range(n_off**2):
                     ox, oy = (k % n_off) / n_off, (k // n_off) / n_off

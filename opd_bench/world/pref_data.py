@@ -86,7 +86,7 @@ def _layout(sides: list[float], rng: np.random.Generator, mode: str) -> list[tup
         except RuntimeError:
             pass
     if not cands:  # too large to separate: shrink and retry
-        return _layout([max(9.0, s * 0.85) for s in sides], rng, mode)
+        return _layout([max(12.0, s * 0.85) for s in sides], rng, mode)
     if mode == "centred":
         return min(cands, key=_balance_of)
     if mode == "off":
@@ -124,10 +124,10 @@ def make_variant(record: dict, rng: np.random.Generator, clean: bool = False
         lo, hi = spec.SIZES[o["size"]]
         s = float(rng.integers(hi, hi + 2)) if size_mode == "large_end" else float(rng.integers(lo, hi + 1))
         if on["size_drift"]:
-            s = float(np.clip(round(s * rng.uniform(0.65, 1.35)), 9, 30))
+            s = float(np.clip(round(s * rng.uniform(0.65, 1.35)), 12, 38))
         sides.append(s)
-    if len(sides) >= 3:
-        sides = [min(s, 21.0) for s in sides]
+    cap = {1: 38.0, 2: 26.0}.get(len(sides), 22.0)
+    sides = [min(s, cap) for s in sides]
     u = rng.uniform()
     mode = "random" if u < 0.45 else "centred" if u < 0.8 else "off" if u < 0.93 else "cut"
     if clean:

@@ -186,7 +186,7 @@ def train_model(model, data: PairData, epochs: int = 2, batch_prompts: int = 8,
 
 def pretrain_pref(out_dir: str | Path | None, seed: int = 0, num_pairs: int = 20000,
                   images_per_prompt: int = 5, num_test_pairs: int = 2000,
-                  test_images_per_prompt: int = 6, epochs: int = 2, batch_prompts: int = 8,
+                  test_images_per_prompt: int = 6, epochs: int = 3, batch_prompts: int = 8,
                   lr: float = 2e-3, weight_decay: float = 0.05, clip_loss_weight: float = 0.1,
                   temperature: float = 0.05, flip: float = 0.03,
                   num_train_prompts: int | None = None, num_test_prompts: int | None = None,

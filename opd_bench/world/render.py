@@ -159,9 +159,18 @@ def _separated(a: Box, b: Box, gap: float = spec.OBJECT_GAP) -> bool:
     )
 
 
-def _random_box(side: float, rng: np.random.Generator) -> Box:
+#: Objects sit at one of these slot centres (a 3x3 grid), jittered by at most SLOT_JITTER px; a
+#: lone object sits at the middle slot. Few layouts make the layout an easy early decision.
+SLOTS = (16.0, 32.0, 48.0)
+SLOT_JITTER = 2.0
+
+
+def _random_box(side: float, rng: np.random.Generator, centre_only: bool = False) -> Box:
     hi = spec.IMAGE_SIZE - 1 - side
-    return (float(rng.uniform(1, hi)), float(rng.uniform(1, hi)), float(side))
+    cx, cy = (SLOTS[1], SLOTS[1]) if centre_only else (SLOTS[int(rng.integers(3))], SLOTS[int(rng.integers(3))])
+    x0 = np.clip(cx - side / 2 + rng.uniform(-SLOT_JITTER, SLOT_JITTER), 1, hi)
+    y0 = np.clip(cy - side / 2 + rng.uniform(-SLOT_JITTER, SLOT_JITTER), 1, hi)
+    return (float(x0), float(y0), float(side))
 
 
 def _xyxy(box: Box) -> tuple[float, float, float, float]:
@@ -188,7 +197,7 @@ def layout(
         ok = True
         for side in sides:
             for _ in range(50):
-                cand = _random_box(side, rng)
+                cand = _random_box(side, rng, centre_only=len(sides) == 1)
                 if all(_separated(cand, other) for other in boxes):
                     boxes.append(cand)
                     break
@@ -201,7 +210,7 @@ def layout(
 
 
 def _sides_for(n: int, rng: np.random.Generator) -> list[float]:
-    hi = {1: 24, 2: 22, 3: 19, 4: 17}.get(n, 15)
+    hi = {1: 32, 2: 28, 3: 24, 4: 21}.get(n, 19)
     lo = spec.OBJECT_SIZE_MIN + (1 if n <= 2 else 0)
     return [float(rng.integers(lo, hi + 1)) for _ in range(n)]
 
@@ -260,8 +269,8 @@ def pref_scene(record: dict, rng: np.random.Generator) -> list[dict]:
         lo, hi = spec.SIZES[obj.get("size", "medium")]
         sides.append(float(rng.integers(lo, hi + 1)))
         objects.append({"class": obj["class"], "color": obj["color"]})
-    if len(sides) >= 3:  # keep three large objects placeable
-        sides = [min(s, 20.0) for s in sides]
+    cap = {1: 32.0, 2: 26.0}.get(len(sides), 22.0)  # keep several large objects placeable
+    sides = [min(s, cap) for s in sides]
     for obj, box in zip(objects, layout(sides, rng)):
         obj["box"] = box
     return objects

@@ -11,7 +11,7 @@ import os
 from functools import lru_cache
 
 #: Version of the generated prompt set; bump it whenever the vocabulary or generators change.
-PROMPTS_VERSION = "tiny-v1"
+PROMPTS_VERSION = "tiny-v2"
 
 #: Images of the tiny world are square RGB images of this side, in pixels.
 IMAGE_SIZE = 64
@@ -48,9 +48,9 @@ COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 COLOR_JITTER = 8
 
 #: Object sizes: the side of the (square) box the shape is inscribed in, in pixels.
-OBJECT_SIZE_MIN = 13
-OBJECT_SIZE_MAX = 24
-SIZES: dict[str, tuple[int, int]] = {"small": (13, 15), "medium": (16, 19), "large": (20, 24)}
+OBJECT_SIZE_MIN = 18
+OBJECT_SIZE_MAX = 32
+SIZES: dict[str, tuple[int, int]] = {"small": (18, 21), "medium": (22, 26), "large": (27, 32)}
 #: Minimum free pixels between the boxes of two objects (so blur does not merge them).
 OBJECT_GAP = 3
 
