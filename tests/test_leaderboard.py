@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fake_results import make_results, make_run
-from opd_bench.leaderboard import MAX_FILE_BYTES, SubmissionError, check_results, rebuild, submit, validate
+from opd_bench.leaderboard import MAX_FILE_BYTES, SubmissionError, rebuild, submit, validate
 
 LEGACY = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions" / "tiny" / "tiny-standard-cpu.json"
 
@@ -197,20 +197,39 @@ def test_a_run_that_does_not_verify_is_refused_or_listed_apart(tmp_path, board, 
     assert text.index("## Unverified (not ranked)") < text.index("| unverified | edited | opd |")
 
 
-def test_the_legacy_schema_1_entry_is_listed_as_unverified(tmp_path):
-    """The committed entry predates per-image scores: rebuild lists it (as legacy), submit refuses its kind."""
+def schema_1(results: dict) -> dict:
+    """``results`` as opd-bench wrote it before verification: no per-image scores, adapter hashes or cell seeds."""
+    old = {k: v for k, v in copy.deepcopy(results).items() if k not in ("per_image", "artifacts", "model_sha256")}
+    old["schema_version"] = 1
+    for per_bench in old["results"].values():
+        for cell in per_bench.values():
+            del cell["seeds"]
+    return old
+
+
+def test_schema_1_entries_are_listed_as_legacy_and_never_submitted(tmp_path, valid):
+    root = tmp_path / "lb"
+    (root / "submissions" / "tiny").mkdir(parents=True)
+    (root / "submissions" / "tiny" / "old-run.json").write_text(json.dumps(schema_1(valid)))
+    readme, table = rebuild(root)
+    rows = list(csv.DictReader(table.open()))
+    assert rows and {r["status"] for r in rows} == {"legacy"} and all(r["rank"] == "" for r in rows)
+    assert "| legacy | old-run | opd |" in readme.read_text() and "No verified submissions yet" in readme.read_text()
+    make_run(tmp_path / "old", schema_1(valid))
+    with pytest.raises(SubmissionError, match="schema_version is 1"):
+        submit(tmp_path / "old", "again", root=root, unverified=True)
+
+
+def test_the_committed_legacy_entry_does_not_break_the_rebuild(tmp_path):
+    """The committed entry predates schema 2 (and, since tiny-v2, the installed suite version): it is
+    listed as legacy while its suite matches, else under "Not listed"; either way the rebuild works."""
     root = tmp_path / "lb"
     (root / "submissions" / "tiny").mkdir(parents=True)
     shutil.copy(LEGACY, root / "submissions" / "tiny" / LEGACY.name)
     readme, table = rebuild(root)
-    rows = list(csv.DictReader(table.open()))
-    assert rows and {r["status"] for r in rows} == {"legacy"} and all(r["rank"] == "" for r in rows)
-    assert "| legacy | tiny-standard-cpu | opd |" in readme.read_text()
-    check_results(json.loads(LEGACY.read_text()))
-    (tmp_path / "old").mkdir()
-    shutil.copy(LEGACY, tmp_path / "old" / "results.json")
-    with pytest.raises(SubmissionError, match="schema_version is 1"):
-        submit(tmp_path / "old", "again", root=root, unverified=True)
+    text = readme.read_text()
+    assert "| legacy | tiny-standard-cpu |" in text or "- submissions/tiny/tiny-standard-cpu.json: suite_version" in text
+    assert "tiny-standard-cpu" not in {r["submission"] for r in csv.DictReader(table.open()) if r["rank"]}
 
 
 def test_invalid_json_is_refused(tmp_path, board):
