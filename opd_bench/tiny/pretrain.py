@@ -63,15 +63,15 @@ class PretrainConfig:
     vae_batch: int = 64
     vae_crop: int = 32  # the VAE trains on random crops of this side (it is fully convolutional)
     vae_lr: float = 2e-3
-    vae_kl: float = 1e-6
+    vae_kl: float = 1e-4  # 1e-6 left the latent unregularised (docs/tiny_base.md, probes)
     reconstruction_limit: int = 48  # test prompts per task for the VAE's reconstruction scores (0: skip)
     # Architecture (see base_architecture). The VAE downsamples 2 ** (len(vae_channels) - 1) times.
     vae_channels: tuple = (8, 16, 32)
-    latent_channels: int = 16
+    latent_channels: int = 4  # 16 channels at KL 1e-6 gave the v3 blobs; 4 at 1e-4 is smoother
     patch_size: int = 2
     text_layers: int = 2
-    char_tokens: bool = False  # quoted text as one token per character, case kept (see tiny/tokenizer.py)
-    steps: int = 12000
+    char_tokens: bool = True  # quoted text as one token per character, case kept (see tiny/tokenizer.py)
+    steps: int = 14000
     num_layers: int = 4  # transformer depth; the shipped base's
     num_heads: int = 3  # transformer width = 32 x num_heads
     batch: int = 32
@@ -257,6 +257,15 @@ def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config:
     return {"denoiser_steps": done, "denoiser_seconds": time.time() - start}
 
 
+def _portable_tokenizer_class(folder: Path) -> None:
+    """transformers 5 saves a plain fast tokenizer (char_tokens) as "TokenizersBackend", a name
+    transformers 4 lacks; "PreTrainedTokenizerFast" loads the same tokenizer.json under both."""
+    for path in [folder / "model_index.json", *folder.glob("tokenizer*/tokenizer_config.json")]:
+        text = path.read_text()
+        if '"TokenizersBackend"' in text:
+            path.write_text(text.replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
+
+
 def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> dict:
     """Run the whole pretraining and save the pipeline to ``out_dir``; returns a summary."""
     from opd_bench.io import atomic_write_json
@@ -291,6 +300,7 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     latents = (latents - shift) * scale
     summary = train_denoiser(pipeline, latents, records, config, log)
     pipeline.to("cpu").save_pretrained(out_dir)
+    _portable_tokenizer_class(out_dir)
     summary.update(
         render_seconds=t_render, vae_seconds=t_vae, vae_reconstruction_scores=vae_bound, total_seconds=time.time() - t0,
         latent_shift=shift, latent_scale=scale, config=asdict(config), architecture=architecture.to_dict(),
