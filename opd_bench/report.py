@@ -38,6 +38,7 @@ FIXED_COLOURS = {
 SPARE_COLOURS = ("#9467bd", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 DPI = 110
 SECTION_TITLES = {
+    "findings": "Findings",
     "scores": "Final scores",
     "curves": "Convergence",
     "grad": "Gradient variance during training",
@@ -336,6 +337,170 @@ class _Report:
         self.files[name] = png
         self.doc.img(name, png, caption)
 
+    # -- findings: the paper's claims, checked against the result file --
+    def _cascade_stages(self, frame) -> list[dict]:
+        stages = [_dict(s) for s in _list(self.r.get("cascade_stages"))]
+        if not stages and not frame.empty:  # fall back to the stage column of the curve rows
+            seen: dict[Any, dict] = {}
+            for _, row in frame.sort_values("step").iterrows():
+                if row["stage"] is not None and row["stage"] == row["stage"]:
+                    seen.setdefault(row["stage"], {"stage": row["stage"], "task": row["stage_task"]})["end_step"] = row["step"]
+            stages = list(seen.values())
+        return stages
+
+    def _ms(self, method: str, bench: str) -> str:
+        """'mean ± seed sd (n seeds)' of one final score."""
+        cell = self.score(method, bench)
+        n, std = len(_list(cell.get("per_seed"))), _num(cell.get("std"))
+        spread = f" ± {std:.3f}" if std is not None and n > 1 else ""
+        return f"{_fmt(self.mean(method, bench))}{spread} ({n} seed{'s' if n != 1 else ''})"
+
+    def _overall_seeds(self, method: str) -> list[float]:
+        """Per-seed overall scores (mean of the headline benchmarks' per-seed scores)."""
+        per = [[_num(v) for v in _list(self.score(method, b).get("per_seed"))] for b in self.headline]
+        if not per or any(len(p) != len(per[0]) or None in p for p in per):
+            return []
+        return [sum(p[i] for p in per) / len(per) for i in range(len(per[0]))]
+
+    @staticmethod
+    def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+        if not values:
+            return None, None
+        mean = sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        return mean, sd
+
+    @staticmethod
+    def _verdict(oks: list[bool | None]) -> str:
+        if any(ok is False for ok in oks):
+            return "did not hold"
+        return "held" if oks and all(ok is True for ok in oks) else "not testable"
+
+    def findings_lines(self) -> list[str]:
+        """One line per claim of the paper: held / did not hold / not testable, with the numbers."""
+        lines = []
+        teachers = [(t, t.partition("/")[2]) for t in self.methods if t.startswith("teacher/")]
+        teachers = [(t, b) for t, b in teachers if b in self.benchmarks]
+        gain = {b: None if self.mean(t, b) is None or self.mean("base", b) is None else self.mean(t, b) - self.mean("base", b)
+                for t, b in teachers}
+        # 1. Teachers gain on their own task.
+        oks, parts = [], []
+        for task in ("geneval", "ocr", "pref"):
+            g, teacher = gain.get(task), f"teacher/{task}"
+            if g is None:
+                oks.append(None)
+                parts.append(f"{task}: not in the file")
+                continue
+            text = f"{task}: {self._ms(teacher, task)} vs base {self._ms('base', task)}, gain {g:+.3f}"
+            if task != "pref":
+                oks.append(g >= 0.15)
+                parts.append(text + " (needs >= +0.15)")
+                continue
+            sds = [_num(self.score(m, task).get("std")) for m in self.methods
+                   if len(_list(self.score(m, task).get("per_seed"))) > 1]
+            sd = max((v for v in sds if v is not None), default=None)
+            oks.append(None if sd is None else g > 2 * sd)
+            parts.append(text + (" (clear = above 2 seed-sd; no seed spread in the file)" if sd is None
+                                 else f" (clear = above 2 × the largest seed sd on pref, {2 * sd:.3f})"))
+        lines.append(f"Teachers gain on their own task: {self._verdict(oks)}. " + "; ".join(parts) + ".")
+        # 2. OPD keeps >= 85% of every teacher's gain.
+        oks, parts = [], []
+        for t, b in teachers:
+            g, opd = gain[b], self.mean("opd", b)
+            if g is None or opd is None or g <= 0:
+                oks.append(None)
+                parts.append(f"{b}: not testable ({'teacher did not gain' if g is not None and g <= 0 else 'missing scores'})")
+                continue
+            kept = (opd - self.mean("base", b)) / g
+            std = _num(self.score("opd", b).get("std"))
+            n = len(_list(self.score("opd", b).get("per_seed")))
+            oks.append(kept >= 0.85)
+            parts.append(f"{b}: {kept:.0%}" + (f" ± {std / g:.0%}" if std is not None and n > 1 else "")
+                         + f" of {t}'s gain {g:+.3f}")
+        lines.append(f"OPD keeps >= 85% of every teacher's gain: {self._verdict(oks) if teachers else 'not testable'}. "
+                     + ("; ".join(parts) if parts else "no teachers in the file") + ".")
+        # 3. OPD above multi-reward and cascade RL, at equal student updates and at equal forward passes.
+        rivals = ("multi-reward", "cascade")
+        oks, parts = [], []
+        opd_mean, opd_sd = self._mean_sd(self._overall_seeds("opd"))
+        for rival in rivals:
+            mean, sd = self._mean_sd(self._overall_seeds(rival))
+            if opd_mean is None or mean is None:
+                oks.append(None)
+                parts.append(f"vs {rival}: not in the file")
+                continue
+            oks.append(opd_mean > mean)
+            parts.append(f"{_fmt(opd_mean)}{'' if opd_sd is None else f' ± {opd_sd:.3f}'} vs {rival} "
+                         f"{_fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} ({opd_mean - mean:+.3f})")
+        line = (f"OPD above multi-reward and cascade RL, overall ({', '.join(self.headline)}) at equal student updates "
+                f"(final results): {self._verdict(oks)}. " + "; ".join(parts) + ". At equal forward passes: ")
+        frame = self._curves_frame(["opd", *rivals])
+        heads = [b for b in self.headline if b in frame]
+        curve_overall: dict[str, list[float]] = {}
+        if not frame.empty and len(heads) == len(self.headline) and heads:
+            frame = frame.dropna(subset=heads)
+            reach = [frame[frame["method"] == m]["forwards"].max() for m in ("opd", *rivals)]
+            budget = min(reach) if all(r == r for r in reach) else 0.0
+            if budget > 0:
+                for m in ("opd", *rivals):
+                    part = frame[(frame["method"] == m) & (frame["forwards"] <= budget)].sort_values("step")
+                    curve_overall[m] = [float(rows[heads].iloc[-1].mean()) for _, rows in part.groupby("seed")]
+        if len(curve_overall) == 1 + len(rivals) and all(curve_overall.values()):
+            oks, parts = [], []
+            opd_mean, opd_sd = self._mean_sd(curve_overall["opd"])
+            for rival in rivals:
+                mean, sd = self._mean_sd(curve_overall[rival])
+                oks.append(opd_mean > mean)
+                parts.append(f"{_fmt(opd_mean)}{'' if opd_sd is None else f' ± {opd_sd:.3f}'} vs {rival} "
+                             f"{_fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} ({opd_mean - mean:+.3f})")
+            line += (f"{self._verdict(oks)} (last curve evaluation within {_fmt_int(budget)} forward passes, "
+                     "the most every method reached). " + "; ".join(parts) + ".")
+        else:
+            line += "not testable (no forward-pass curves for OPD, multi-reward and cascade RL in the file)."
+        lines.append(line)
+        # 4. Cascade forgetting: an earlier stage's task drops after the later stages.
+        frame = self._curves_frame(["cascade"])
+        stages = self._cascade_stages(frame)
+        oks, parts = [], []
+        for stage in stages[:-1]:
+            task, end = str(stage.get("task")), _num(stage.get("end_step"))
+            bench = task if task in self.headline else next((b for b in self.headline if b.startswith(task + "_")), None)
+            if frame.empty or end is None or bench is None or bench not in frame:
+                continue
+            drops = []
+            for _, rows in frame.dropna(subset=[bench]).sort_values("step").groupby("seed"):
+                at_end = rows[rows["step"] <= end]
+                if not at_end.empty:
+                    drops.append(float(at_end[bench].iloc[-1] - rows[bench].iloc[-1]))
+            mean, sd = self._mean_sd(drops)
+            if mean is None:
+                continue
+            oks.append(mean > 2 * (sd or 0.0))
+            parts.append(f"{bench} (stage {stage.get('stage', '?')}) drops {mean:+.3f}"
+                         + ("" if sd is None else f" ± {sd:.3f}") + f" from its stage end to the final ({len(drops)} seeds)")
+        lines.append(f"Cascade RL forgets earlier stages: {'held' if any(oks) else self._verdict(oks)}. "
+                     + ("; ".join(parts) + " (forgetting = drop above 2 seed-sd)" if parts
+                        else "no per-stage cascade curves in the file") + ".")
+        # 5. Analytic gradient variance >= 10x below the PPO-style estimator's.
+        variance = _dict(self.r.get("variance"))
+        ratios = [v for v in (_num(_dict(r).get("ratio_ppo_over_analytic")) for r in _list(variance.get("rows")))
+                  if v is not None]
+        ratio = _num(variance.get("ratio_ppo_over_analytic"))
+        if ratio is None and not ratios:
+            lines.append("Analytic gradient variance >= 10x below the PPO-style estimator's: not testable "
+                         "(no variance experiment in the file).")
+        else:
+            ok = (ratio if ratio is not None else min(ratios)) >= 10
+            lines.append(f"Analytic gradient variance >= 10x below the PPO-style estimator's: {'held' if ok else 'did not hold'}. "
+                         f"Ratio PPO-style / analytic {_fmt_g(ratio)} at the reference setting"
+                         + (f"; {sum(v >= 10 for v in ratios)} of {len(ratios)} settings >= 10 "
+                            f"(range {_fmt_g(min(ratios))} to {_fmt_g(max(ratios))})" if ratios else "") + ".")
+        return lines
+
+    def findings(self) -> None:
+        self.doc.p("The paper's claims checked against this run's result file (± is the sd over seeds).")
+        self.doc.list(self.findings_lines())
+
     # -- sections --
     def header(self) -> None:
         r = self.r
@@ -592,13 +757,7 @@ class _Report:
             return
         long = frame.melt(id_vars=["seed", "step"], value_vars=benches, var_name="benchmark", value_name="score")
         long = long[long["score"].notna()]
-        stages = [_dict(s) for s in _list(self.r.get("cascade_stages"))]
-        if not stages:  # fall back to the stage column of the curve rows
-            seen: dict[Any, dict] = {}
-            for _, row in frame.sort_values("step").iterrows():
-                if row["stage"] is not None and row["stage"] == row["stage"]:
-                    seen.setdefault(row["stage"], {"stage": row["stage"], "task": row["stage_task"]})["end_step"] = row["step"]
-            stages = list(seen.values())
+        stages = self._cascade_stages(frame)
         self.doc.p(
             "Cascade RL trains one task after another, each stage starting from the previous stage's weights. "
             "Each line is one task's test score across the cascade's optimizer steps (mean over seeds); "
@@ -710,6 +869,7 @@ class _Report:
 
     def build(self) -> None:
         self.header()
+        self.section("findings", self.findings)
         self.section("scores", self.scores)
         self.section("curves", self.curves)
         self.section("grad", self.grad)

@@ -95,3 +95,116 @@ def test_minimal_and_odd_results_never_crash(tmp_path):
 def test_missing_results_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json"):
         build_report(tmp_path, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------
+# Findings: the paper's claims, computed from the result file
+
+
+def _set_scores(results, method, bench, per_seed):
+    n = len(per_seed)
+    mean = sum(per_seed) / n
+    std = (sum((v - mean) ** 2 for v in per_seed) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    results["results"][method][bench].update(mean=mean, std=std, per_seed=list(per_seed))
+
+
+def _findings(tmp_path, results):
+    make_run(tmp_path / "run", results)
+    written = build_report(tmp_path / "run", tmp_path / "out")
+    md = written["report.md"].read_text()
+    assert "could not be built" not in md
+    section = md[md.index("## Findings"):md.index("## Final scores")]
+    assert md.index("## Findings") < md.index("## Final scores")  # the answer comes before the plots
+    assert "Findings</h2>" in written["index.html"].read_text()
+    lines = [line[2:] for line in section.splitlines() if line.startswith("- ")]
+    assert len(lines) == 5
+    return lines
+
+
+def _claims_hold(results):
+    """Mutate the fake results so that every claim holds."""
+    seeds = len(results["seeds"])
+    for bench, base, teacher in (("geneval", 0.2, 0.6), ("ocr", 0.2, 0.5), ("pref", 19.0, 21.0)):
+        _set_scores(results, "base", bench, [base])
+        _set_scores(results, f"teacher/{bench}", bench, [teacher])
+        _set_scores(results, "opd", bench, [teacher - 0.1 * (teacher - base) + 0.001 * i for i in range(seeds)])
+    for bench in results["headline"]:
+        _set_scores(results, "opd", bench, [0.8 + 0.01 * i for i in range(seeds)])
+        for rival in ("multi-reward", "cascade"):
+            _set_scores(results, rival, bench, [0.4 + 0.01 * i for i in range(seeds)])
+    for method, rows_by_seed in results["curves"].items():
+        for rows in rows_by_seed.values():
+            for row in rows:
+                for bench in results["headline"]:
+                    row[f"eval/{bench}"] = 0.9 if method == "opd" else 0.3
+                if method == "cascade":  # the first stage's task (pref) peaks at its stage end, then drops
+                    row["eval/pref_oracle"] = 0.8 if row["step"] <= 10 else 0.3
+    results["variance"]["ratio_ppo_over_analytic"] = 40.0
+    for row in results["variance"]["rows"]:
+        row["ratio_ppo_over_analytic"] = 40.0
+    return results
+
+
+def test_findings_say_held_when_every_claim_holds(tmp_path):
+    lines = _findings(tmp_path, _claims_hold(make_results()))
+    for line in lines:
+        assert ": held." in line, line
+    teachers, kept, versus, cascade, variance = lines
+    assert "geneval: 0.600 (1 seed) vs base 0.200 (1 seed), gain +0.400" in teachers
+    assert "pref: 21.000 (1 seed) vs base 19.000 (1 seed), gain +2.000 (clear = above 2 × the largest seed sd" in teachers
+    assert "pref: 90% ± 0% of teacher/pref's gain +2.000" in kept and "geneval: 153% ± 3%" in kept
+    assert "vs multi-reward 0.410 ± 0.010 (+0.400)" in versus
+    assert "At equal forward passes: held" in versus and "vs cascade 0.300 ± 0.000 (+0.600)" in versus
+    assert "pref_oracle (stage 0) drops +0.500 ± 0.000" in cascade
+    assert "Ratio PPO-style / analytic 40 at the reference setting; 8 of 8 settings >= 10" in variance
+
+
+def test_findings_say_did_not_hold(tmp_path):
+    results = _claims_hold(make_results())
+    _set_scores(results, "teacher/ocr", "ocr", [0.25])  # gain +0.05 < +0.15: OPD keeps 180% of a small gain
+    _set_scores(results, "opd", "geneval", [0.4, 0.41, 0.39])  # OPD keeps only half of the geneval gain
+    for bench in results["headline"]:
+        _set_scores(results, "multi-reward", bench, [0.95, 0.96, 0.94])
+    for rows in results["curves"]["multi-reward"].values():
+        for row in rows:
+            row["eval/geneval"] = row["eval/ocr"] = row["eval/pref_oracle"] = 0.99
+    for rows in results["curves"]["cascade"].values():
+        for row in rows:
+            row["eval/pref_oracle"] = 0.5  # no forgetting
+    results["variance"]["ratio_ppo_over_analytic"] = 3.0
+    teachers, kept, versus, cascade, variance = _findings(tmp_path, results)
+    assert teachers.startswith("Teachers gain on their own task: did not hold.") and "gain +0.050" in teachers
+    assert kept.startswith("OPD keeps >= 85% of every teacher's gain: did not hold.")
+    assert "geneval: 50% ± 2% of teacher/geneval's gain +0.400" in kept
+    assert ": did not hold. " in versus and "At equal forward passes: did not hold" in versus
+    assert cascade.startswith("Cascade RL forgets earlier stages: did not hold.") and "drops +0.000" in cascade
+    assert variance.startswith("Analytic gradient variance >= 10x below the PPO-style estimator's: did not hold.")
+
+
+def test_findings_say_not_testable(tmp_path):
+    results = _claims_hold(make_results())
+    _set_scores(results, "teacher/ocr", "ocr", [0.15])  # the OCR teacher got worse than the base
+    for rows_by_seed in results["curves"].values():  # no forward-pass axis
+        for rows in rows_by_seed.values():
+            for row in rows:
+                row.pop("student_forwards"), row.pop("teacher_forwards")
+    results.pop("cascade_stages")
+    for rows in results["curves"]["cascade"].values():
+        for row in rows:
+            row.pop("stage"), row.pop("stage_task")
+    results.pop("variance")
+    teachers, kept, versus, cascade, variance = _findings(tmp_path, results)
+    assert ": did not hold." in teachers  # a teacher that lost is a failed claim, not an untestable one
+    assert "ocr: not testable (teacher did not gain)" in kept
+    assert "At equal forward passes: not testable (no forward-pass curves" in versus
+    assert cascade == "Cascade RL forgets earlier stages: not testable. no per-stage cascade curves in the file."
+    assert variance.endswith("not testable (no variance experiment in the file).")
+
+
+def test_findings_with_single_seed_and_few_methods(tmp_path):
+    results = make_results(methods=["base", "opd"], seeds=[0])
+    lines = _findings(tmp_path, results)
+    assert lines[0].startswith("Teachers gain on their own task: not testable.")
+    assert lines[1].startswith("OPD keeps >= 85% of every teacher's gain: not testable. no teachers in the file")
+    assert "vs multi-reward: not in the file" in lines[2]
+    assert "not testable" in lines[3]
