@@ -66,9 +66,9 @@ class PretrainConfig:
     vae_kl: float = 1e-4  # 1e-6 left the latent unregularised (docs/tiny_base.md, probes)
     reconstruction_limit: int = 48  # test prompts per task for the VAE's reconstruction scores (0: skip)
     # Architecture (see base_architecture). The VAE downsamples 2 ** (len(vae_channels) - 1) times.
-    vae_channels: tuple = (8, 16, 32)
+    vae_channels: tuple = (8, 16, 32)  # full-resolution convolutions dominate the VAE's cost on a CPU
     latent_channels: int = 4  # 16 channels at KL 1e-6 gave the v3 blobs; 4 at 1e-4 is smoother
-    patch_size: int = 2
+    patch_size: int = 2  # 16x16 latents -> 64 tokens (patch 4 starved the output projection: v1; a block grid: P1)
     text_layers: int = 2
     char_tokens: bool = True  # quoted text as one token per character, case kept (see tiny/tokenizer.py)
     steps: int = 14000
