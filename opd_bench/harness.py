@@ -343,13 +343,15 @@ class Harness:
                 return record
         adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings(self.suite.num_steps, self.suite.guidance_scale, self.suite.noise_level)
+        started = time.perf_counter()
         with self.policy.use(adapter):
             result = evaluate_suite(
                 self.suite, policy_source(self.policy, settings), seed=seed, limit=self.plan.eval_limit,
                 images_per_prompt=self.plan.eval_images_per_prompt, progress=self.progress,
             )
         per_image = {bench: [_score(v) for v in values] for bench, values in result["per_image"].items()}
-        record = {"seed": seed, "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image}
+        record = {"seed": seed, "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
+                  "seconds": round(time.perf_counter() - started, 2)}  # benchmarks/bench_run_memory.py reads it
         atomic_write_json(path, record, compact_lists=True)
         return record
 
