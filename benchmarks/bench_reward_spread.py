@@ -41,7 +41,7 @@ def main() -> None:
         out[task] = {"mean_reward": round(float(scores.mean()), 4),
                      "zero_spread_share": round(zero_spread_share(scores, traj.group), 3), "groups": len(prompts)}
         print(task, json.dumps(out[task]), flush=True)
-    print(json.dumps({"model": args.model, **vars(args), "tasks": out}))
+    print(json.dumps({**vars(args), "tasks": out}))
 
 
 if __name__ == "__main__":

@@ -143,6 +143,9 @@ def build_pipeline(config: TinyConfig | None = None, seed: int = 0):
 
 def save_tiny(folder: str | Path, config: TinyConfig | None = None, seed: int = 0) -> Path:
     """Build a random tiny pipeline and save it as a diffusers folder; returns the folder."""
+    from opd_bench.tiny.tokenizer import portable_tokenizer_class
+
     folder = Path(folder)
     build_pipeline(config, seed).save_pretrained(folder)
+    portable_tokenizer_class(folder)
     return folder

@@ -257,19 +257,11 @@ def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config:
     return {"denoiser_steps": done, "denoiser_seconds": time.time() - start}
 
 
-def _portable_tokenizer_class(folder: Path) -> None:
-    """transformers 5 saves a plain fast tokenizer (char_tokens) as "TokenizersBackend", a name
-    transformers 4 lacks; "PreTrainedTokenizerFast" loads the same tokenizer.json under both."""
-    for path in [folder / "model_index.json", *folder.glob("tokenizer*/tokenizer_config.json")]:
-        text = path.read_text()
-        if '"TokenizersBackend"' in text:
-            path.write_text(text.replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
-
-
 def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> dict:
     """Run the whole pretraining and save the pipeline to ``out_dir``; returns a summary."""
     from opd_bench.io import atomic_write_json
     from opd_bench.tiny.build import build_pipeline
+    from opd_bench.tiny.tokenizer import portable_tokenizer_class
 
     config = config or PretrainConfig()
     out_dir = Path(out_dir)
@@ -300,7 +292,7 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     latents = (latents - shift) * scale
     summary = train_denoiser(pipeline, latents, records, config, log)
     pipeline.to("cpu").save_pretrained(out_dir)
-    _portable_tokenizer_class(out_dir)
+    portable_tokenizer_class(out_dir)
     summary.update(
         render_seconds=t_render, vae_seconds=t_vae, vae_reconstruction_scores=vae_bound, total_seconds=time.time() - t0,
         latent_shift=shift, latent_scale=scale, config=asdict(config), architecture=architecture.to_dict(),

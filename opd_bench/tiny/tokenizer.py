@@ -134,3 +134,14 @@ def build_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, ma
         tokenizer_object=backend, bos_token=clip.bos_token, eos_token=clip.eos_token, unk_token=clip.unk_token,
         pad_token=clip.pad_token, model_max_length=max_length,
     )
+
+
+def portable_tokenizer_class(folder: str | Path) -> None:
+    """After ``save_pretrained`` of a pipeline: transformers 5 names a plain fast tokenizer
+    (``char_tokens``) "TokenizersBackend", which transformers 4 lacks; "PreTrainedTokenizerFast"
+    loads the same tokenizer.json under both."""
+    folder = Path(folder)
+    for path in [folder / "model_index.json", *folder.glob("tokenizer*/tokenizer_config.json")]:
+        text = path.read_text()
+        if '"TokenizersBackend"' in text:
+            path.write_text(text.replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
