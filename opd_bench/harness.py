@@ -85,8 +85,11 @@ def _standard() -> RunPlan:
                 lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2)
     opd = dict(steps=steps, prompts_per_task=4, num_steps=8, train_fraction=0.875, lr=1e-3, lora_rank=8,
                lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5)
+    # Teachers: 60 steps of 8 prompts x 8 images (3,840 images each). On base v4 this is what the
+    # 2-core budget buys; larger learning rates made the geneval teacher worse, larger batches or
+    # all steps trained did not make it learn (docs/benchmarks.md, teacher probes T1-T14).
     return RunPlan(
-        teacher=GRPOConfig(steps=40, **{**grpo, "prompts_per_step": 4}),
+        teacher=GRPOConfig(steps=60, **{**grpo, "prompts_per_step": 8, "group_size": 8}),
         opd=OPDConfig(**opd),
         opd_ppo=OPDConfig(mode="ppo", noise_level=0.7, clip_range=0.2, **opd),
         multi_reward=MultiRewardConfig(steps=steps, **grpo),

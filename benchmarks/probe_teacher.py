@@ -1,0 +1,99 @@
+"""Does a teacher learn its task? One GRPO run on one task, then the base and the teacher on the same
+held-out prompts and noise (the probe behind the `standard` preset's teacher settings, issue 11).
+
+    python benchmarks/probe_teacher.py --task geneval --steps 40 --set lr=3e-3 --set group_size=8
+
+Starts from the `standard` preset's teacher config; every ``--set FIELD=VALUE`` changes one field.
+Prints one JSON line: the settings, wall minutes, the training-batch reward per step, and the
+held-out score of base and teacher (first ``--eval-limit`` test prompts, 2 images each, per tag for
+GenEval) with the suite's evaluation sampler (ODE) and with the teacher's training sampler (SDE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from opd_bench import suites
+from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source
+from opd_bench.harness import plan
+from opd_bench.policy import Policy
+from opd_bench.trainers.grpo import GRPOTrainer
+from opd_bench.training import read_metrics
+
+
+class OneTag:
+    """A benchmark spec whose prompts are those of one GenEval tag."""
+
+    def __init__(self, spec, tag: str):
+        self.spec, self.tag = spec, tag
+
+    def __getattr__(self, name):
+        return getattr(self.spec, name)
+
+    def prompts(self, split: str = "test", limit: int | None = None):
+        chosen = [p for p in self.spec.prompts(split) if p.metadata.get("tag") == self.tag]
+        return chosen[:limit] if limit else chosen
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=["geneval", "ocr", "pref"])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--eval-limit", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default=None, help="train and evaluate on the prompts of one GenEval tag only")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.overrides)}
+    config = replace(plan("standard").teacher, steps=args.steps, eval_every=0, checkpoint_every=0, seed=args.seed, **overrides)
+
+    suite = suites.get("tiny")
+    spec = suite.benchmark(args.task)
+    policy = Policy.from_pretrained(suites.resolve_model("tiny"))
+    reward = spec.build_reward("train")
+    held_out_reward = {"main": spec.build_reward()}
+    settings = SamplerSettings(suite.num_steps, suite.guidance_scale, suite.noise_level)
+
+    if args.tag:  # one tag only
+        spec = OneTag(spec, args.tag)
+
+    # the training sampler too: does what the teacher learned on its SDE rollouts carry to the ODE?
+    train_settings = SamplerSettings(config.num_steps, config.guidance_scale, config.noise_level)
+
+    def held_out(adapter: str | None, sampler: SamplerSettings = settings) -> dict:
+        with policy.use(adapter):
+            result = evaluate_benchmark(spec, policy_source(policy, sampler), seed=777, limit=args.eval_limit,
+                                        images_per_prompt=2, rewards=held_out_reward, progress=False)
+        return {"score": round(result["score"], 4), **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {})}
+
+    before, before_sde = held_out(None), held_out(None, train_settings)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = GRPOTrainer(config, policy=policy, prompts=spec.prompts("train"), rewards={args.task: reward},
+                              run_dir=run_dir, adapter="probe")
+        trainer.train(progress=False)
+        minutes = (time.perf_counter() - started) / 60
+        curve = [round(r[f"reward/{args.task}/mean"], 3) for r in read_metrics(f"{run_dir}/metrics.jsonl") if f"reward/{args.task}/mean" in r]
+        after, after_sde = held_out("probe"), held_out("probe", train_settings)
+    print(json.dumps({"task": args.task, "tag": args.tag, "steps": args.steps, "overrides": overrides, "threads": args.threads,
+                      "train_minutes": round(minutes, 2), "base": before, "teacher": after,
+                      "training_sampler": {"base": before_sde, "teacher": after_sde}, "train_reward": curve}))
+
+
+if __name__ == "__main__":
+    main()
