@@ -547,7 +547,7 @@ to those weights. The training budget is checked against the preset's configurat
 re-trained: compute beyond the declared budget cannot be detected.
 
 **Columns.** `overall` is the mean of the suite's headline benchmarks (each in [0, 1]); benchmark
-cells are mean ± std over seeds; `steps` are student optimizer steps and `forwards` transformer
+cells are mean ± std over seeds (the mean alone for a single seed); `steps` are student optimizer steps and `forwards` transformer
 forward passes (student + teacher) of one run (mean over seeds; teachers' training is listed in the
 teacher rows). Verified student methods are ranked by `overall` within their suite and preset;
 `base` and `teacher/*` rows are references (no rank). Machine-readable copy:
@@ -569,7 +569,8 @@ def _table(rows: list[dict], benches: list[str], ranked: bool) -> str:
                  r["method"] if r["kind"] == "student" else f"*{r['method']}*", r["model"], r["preset"], f"{r['overall']:.3f}"]
         for b in benches:
             mean, std = r["scores"].get(b, (None, None))
-            cells.append("" if mean is None else f"{mean:.3f} ± {std:.3f}")
+            single = len(r["seeds"].split()) == 1  # one seed has no spread to show (base and teachers)
+            cells.append("" if mean is None else f"{mean:.3f}" if single else f"{mean:.3f} ± {std:.3f}")
         cells += ["" if r["optimizer_steps"] is None else f"{int(r['optimizer_steps']):,}",
                   "" if r["forward_passes"] is None else f"{int(round(r['forward_passes'])):,}",
                   r["seeds"], r["date"][:10]]

@@ -76,6 +76,10 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
     assert "opd-bench submit" in text and "opd-bench leaderboard" in text
     assert "## Suite `tiny`, preset `standard`" in text and "| 1 | second.v2 | opd | tiny | standard | 0.990 |" in text
     assert "Unverified" not in text
+    # a one-seed reference row shows its score alone (no spread), a three-seed student mean ± sd
+    base_row = next(line for line in text.splitlines() if "| *base* |" in line)
+    opd_row = next(line for line in text.splitlines() if "| 1 | second.v2 | opd |" in line)
+    assert "±" not in base_row and "±" in opd_row
     # Deterministic: rebuilding again gives identical bytes.
     before = tree(board)
     rebuild(board)
