@@ -407,11 +407,15 @@ class Harness:
 
     # ------------------------------------------------------------------------------ run
     def run(self) -> dict | None:
+        from opd_bench.training import return_freed_memory
+
         start = time.time()
         teachers = self.teachers()
+        return_freed_memory()
         for method in self.methods:
             for seed in self.seeds:
                 self.train_method(method, seed, teachers)
+                return_freed_memory()  # else RSS creeps up cell by cell (glibc keeps freed buffers)
         if not distributed.current().is_main:
             return None  # training is shared; rank 0 alone evaluates and writes results.json
         # Every finished cell of this folder is reported, also those of earlier runs with other
@@ -425,7 +429,10 @@ class Harness:
             models[f"teacher/{task}"] = {reference: folder / "final"}
         for method in methods:
             models[method] = dict(sorted(trained[method].items()))
-        evals = {name: {seed: self.evaluate_cell(name, folder, seed) for seed, folder in per_seed.items()} for name, per_seed in models.items()}
+        evals: dict[str, dict[int, dict]] = {}
+        for name, per_seed in models.items():
+            evals[name] = {seed: self.evaluate_cell(name, folder, seed) for seed, folder in per_seed.items()}
+            return_freed_memory()
         variance = self.variance(teachers) if any(m.startswith("opd") for m in methods) else None
         samples = self.samples({name: (min(per_seed), per_seed[min(per_seed)]) for name, per_seed in models.items()})
         results = self.assemble(teachers, models, evals, variance, samples, time.time() - start, methods, seeds)
