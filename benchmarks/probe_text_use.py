@@ -3,7 +3,8 @@
 Renders seven single objects of the tiny world, noises their latents to each sigma, and asks the
 denoiser for x0 under every image's own prompt and under the other images' prompts. Printed per
 sigma: mean x0 error with another shape's prompt (same colour) / with the own prompt, and the same
-for another colour's prompt (same shape). 1.00 means the model ignores that word.
+for another colour's prompt (same shape), and for another quoted text on the same sign (one
+character, then four). 1.00 means the model ignores that word or text.
 
     python benchmarks/probe_text_use.py [MODEL]   # MODEL: a pipeline folder, default the shipped base
 """
@@ -21,11 +22,17 @@ from opd_bench.world.render import render
 SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "diamond"]
 COLOURS = ["red", "blue", "yellow", "green", "purple", "white", "black"]
 SIGMAS = (0.4, 0.6, 0.8, 0.9)
+CHARACTERS = ["A", "K", "7", "R", "3", "X", "O"]
+TEXTS = ["K7AB", "R3XO", "MZ42", "QTE8", "H5WN", "CKOI", "Y9DP"]
 
 
 def record(shape: str, colour: str) -> dict:
     return {"tag": "single_object", "include": [{"class": shape, "count": 1, "color": colour}],
             "prompt": f"a photo of a {colour} {shape}"}
+
+
+def sign(text: str) -> dict:
+    return {"text": text, "surface": "sign", "prompt": f'a sign that says "{text}"'}
 
 
 @torch.no_grad()
@@ -56,7 +63,8 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default="tiny")
     args = ap.parse_args()
     policy = Policy.from_pretrained(suites.resolve_model(args.model))
-    for name, records in (("shape", [record(s, "red") for s in SHAPES]), ("colour", [record("circle", c) for c in COLOURS])):
+    for name, records in (("shape", [record(s, "red") for s in SHAPES]), ("colour", [record("circle", c) for c in COLOURS]),
+                          ("character", [sign(c) for c in CHARACTERS]), ("4-character text", [sign(t) for t in TEXTS])):
         ratios = wrong_word_ratios(policy, records)
         print(f"wrong {name} / own prompt, x0 error by sigma: " + "  ".join(f"{s}: {r:.3f}" for s, r in ratios.items()))
 
