@@ -14,22 +14,9 @@ import json
 import torch
 
 from opd_bench import suites
+from opd_bench.benchmarks import PromptSubset
 from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source
 from opd_bench.policy import Policy
-
-
-class TextsOfLength:
-    """The OCR benchmark restricted to prompts whose text has ``length`` characters."""
-
-    def __init__(self, spec, length: int):
-        self.spec, self.length = spec, length
-
-    def __getattr__(self, name):
-        return getattr(self.spec, name)
-
-    def prompts(self, split: str = "test", limit: int | None = None):
-        chosen = [p for p in self.spec.prompts(split) if len(p.metadata.get("text", "")) == self.length]
-        return chosen[:limit] if limit else chosen
 
 
 def main() -> None:
@@ -41,8 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     suite = suites.get("tiny")
-    spec = TextsOfLength(suite.benchmark("ocr"), args.length)
-    settings = SamplerSettings(suite.num_steps, suite.guidance_scale, suite.noise_level)
+    spec = PromptSubset(suite.benchmark("ocr"), lambda p: len(p.metadata.get("text", "")) == args.length)
+    settings = SamplerSettings.of_suite(suite)
     reward = {"main": spec.build_reward()}
     for model in args.models:
         policy = Policy.from_pretrained(suites.resolve_model(model))

@@ -17,35 +17,17 @@ import tempfile
 import time
 from dataclasses import replace
 
+import click
 import torch
 
 from opd_bench import suites
+from opd_bench.benchmarks import PromptSubset
+from opd_bench.cli import _config_overrides
 from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source
 from opd_bench.harness import plan
 from opd_bench.policy import Policy
-from opd_bench.trainers.grpo import GRPOTrainer
+from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
 from opd_bench.training import read_metrics
-
-
-class OneTag:
-    """A benchmark spec whose prompts are those of one GenEval tag."""
-
-    def __init__(self, spec, tag: str):
-        self.spec, self.tag = spec, tag
-
-    def __getattr__(self, name):
-        return getattr(self.spec, name)
-
-    def prompts(self, split: str = "test", limit: int | None = None):
-        chosen = [p for p in self.spec.prompts(split) if p.metadata.get("tag") == self.tag]
-        return chosen[:limit] if limit else chosen
-
-
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def main() -> None:
@@ -59,7 +41,10 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="train and evaluate on the prompts of one GenEval tag only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.overrides)}
+    try:
+        overrides = _config_overrides(GRPOConfig, args.overrides)
+    except click.BadParameter as error:  # a bad FIELD=VALUE: one line, as from the CLI
+        parser.error(error.format_message())
     config = replace(plan("standard").teacher, steps=args.steps, eval_every=0, checkpoint_every=0, seed=args.seed, **overrides)
 
     suite = suites.get("tiny")
@@ -67,10 +52,10 @@ def main() -> None:
     policy = Policy.from_pretrained(suites.resolve_model("tiny"))
     reward = spec.build_reward("train")
     held_out_reward = {"main": spec.build_reward()}
-    settings = SamplerSettings(suite.num_steps, suite.guidance_scale, suite.noise_level)
+    settings = SamplerSettings.of_suite(suite)
 
     if args.tag:  # one tag only
-        spec = OneTag(spec, args.tag)
+        spec = PromptSubset(spec, lambda p: p.metadata.get("tag") == args.tag)
 
     # the training sampler too: does what the teacher learned on its SDE rollouts carry to the ODE?
     train_settings = SamplerSettings(config.num_steps, config.guidance_scale, config.noise_level)

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from opd_bench.registry import Registry
 from opd_bench.rollout import Prompt
@@ -77,6 +77,22 @@ class BenchmarkSpec:
         if split == "train" and self.train_reward:
             return rewards.get(self.train_reward, **(self.train_reward_options or {}))
         return rewards.get(self.reward, **self.reward_options)
+
+
+class PromptSubset:
+    """A spec's view whose prompts are those ``keep`` accepts, e.g. one GenEval tag or one text length
+    (the probes in ``benchmarks/``); everything else (reward, metric, name) is the spec's own.
+    ``limit`` takes the first that many of the kept prompts, in file order."""
+
+    def __init__(self, spec: BenchmarkSpec, keep: Callable[[Prompt], bool]):
+        self.spec, self.keep = spec, keep
+
+    def __getattr__(self, name: str):
+        return getattr(self.spec, name)
+
+    def prompts(self, split: str = "test", limit: int | None = None) -> list[Prompt]:
+        kept = [p for p in self.spec.prompts(split) if self.keep(p)]
+        return kept[:limit] if limit else kept
 
 
 def select_prompts(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]:

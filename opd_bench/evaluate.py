@@ -27,6 +27,11 @@ class SamplerSettings:
     guidance_scale: float = 4.5
     noise_level: float = 0.0
 
+    @classmethod
+    def of_suite(cls, suite) -> "SamplerSettings":
+        """The suite's evaluation sampler."""
+        return cls(suite.num_steps, suite.guidance_scale, suite.noise_level)
+
 
 def policy_source(policy, settings: SamplerSettings) -> ImageSource:
     from opd_bench.rollout import rollout
@@ -152,7 +157,7 @@ def make_evaluator(
     the noise are the same at every call, so successive evaluations are comparable.
     """
     tasks = list(tasks or suite.tasks)
-    settings = settings or SamplerSettings(suite.num_steps, suite.guidance_scale, suite.noise_level)
+    settings = settings or SamplerSettings.of_suite(suite)
     specs = {task: suite.benchmark(task) for task in tasks}
     built: dict[str, dict] = {}
 

@@ -345,7 +345,7 @@ class Harness:
             if "per_image" in record:  # records of older versions lack per-image scores: evaluate again
                 return record
         adapter = self._loaded(name, adapter_dir, seed)
-        settings = SamplerSettings(self.suite.num_steps, self.suite.guidance_scale, self.suite.noise_level)
+        settings = SamplerSettings.of_suite(self.suite)
         started = time.perf_counter()
         with self.policy.use(adapter):
             result = evaluate_suite(

@@ -567,9 +567,9 @@ def _table(rows: list[dict], benches: list[str], ranked: bool) -> str:
     for r in rows:
         cells = [str(r.get("rank", "")) if ranked else r["status"], r["submission"],
                  r["method"] if r["kind"] == "student" else f"*{r['method']}*", r["model"], r["preset"], f"{r['overall']:.3f}"]
+        single = len(r["seeds"].split()) == 1  # one seed has no spread to show (base and teachers)
         for b in benches:
             mean, std = r["scores"].get(b, (None, None))
-            single = len(r["seeds"].split()) == 1  # one seed has no spread to show (base and teachers)
             cells.append("" if mean is None else f"{mean:.3f}" if single else f"{mean:.3f} ± {std:.3f}")
         cells += ["" if r["optimizer_steps"] is None else f"{int(r['optimizer_steps']):,}",
                   "" if r["forward_passes"] is None else f"{int(round(r['forward_passes'])):,}",

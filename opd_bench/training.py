@@ -6,6 +6,7 @@ so curves, compute counts and resume behaviour are comparable across methods.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -54,16 +55,24 @@ def return_freed_memory() -> None:
     25 MB per training cell although live tensors grow by under 1 MB (measured in
     docs/benchmarks.md); ``malloc_trim`` returns them. A no-op where libc has no ``malloc_trim``.
     """
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None; looked up once (``find_library`` runs ``ldconfig``)."""
+    import ctypes
+    import ctypes.util
+
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
     except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows, musl without it)
-        pass
+        return None
 
 
 def read_metrics(path: str | Path) -> list[dict]:
