@@ -6,7 +6,10 @@ sigma: mean x0 error with another shape's prompt (same colour) / with the own pr
 for another colour's prompt (same shape), and for another quoted text on the same sign (one
 character, then four). 1.00 means the model ignores that word or text.
 
-    python benchmarks/probe_text_use.py [MODEL]   # MODEL: a pipeline folder, default the shipped base
+``--paths`` also swaps only one of SD3's two conditioning paths at a time: the per-token context
+(joint attention) or the pooled vector (the AdaLN modulation), to see which one carries a word.
+
+    python benchmarks/probe_text_use.py [MODEL] [--paths]   # MODEL: a pipeline folder, default the shipped base
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ def sign(text: str) -> dict:
 
 
 @torch.no_grad()
-def wrong_word_ratios(policy: Policy, records: list[dict]) -> dict[float, float]:
+def wrong_word_ratios(policy: Policy, records: list[dict], swap: str = "both") -> dict[float, float]:
+    """``swap``: which conditioning comes from the other prompt: "both", "context" or "pooled"."""
     pipe, transformer, vae = policy.pipeline, policy.pipeline.transformer, policy.pipeline.vae
     images = torch.stack([torch.from_numpy(np.array(render(r, k).convert("RGB"))).permute(2, 0, 1).float() / 255
                           for k, r in enumerate(records)])
@@ -49,9 +53,10 @@ def wrong_word_ratios(policy: Policy, records: list[dict]) -> dict[float, float]
         xt = (1 - sigma) * z + sigma * noise
         errors = torch.zeros(n, n)  # [image, prompt]
         for j in range(n):
-            v = transformer(hidden_states=xt, timestep=torch.full((n,), sigma * 1000.0),
-                            encoder_hidden_states=embeds[j : j + 1].expand(n, -1, -1),
-                            pooled_projections=pooled[j : j + 1].expand(n, -1), return_dict=False)[0]
+            context = embeds[j : j + 1].expand(n, -1, -1) if swap in ("both", "context") else embeds
+            vector = pooled[j : j + 1].expand(n, -1) if swap in ("both", "pooled") else pooled
+            v = transformer(hidden_states=xt, timestep=torch.full((n,), sigma * 1000.0), encoder_hidden_states=context,
+                            pooled_projections=vector, return_dict=False)[0]
             errors[:, j] = ((xt - sigma * v - z) ** 2).mean(dim=(1, 2, 3))
         wrong = (errors.sum() - errors.diag().sum()) / (n * n - n)
         out[sigma] = float(wrong / errors.diag().mean())
@@ -61,12 +66,15 @@ def wrong_word_ratios(policy: Policy, records: list[dict]) -> dict[float, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default="tiny")
+    ap.add_argument("--paths", action="store_true", help="also swap the context tokens and the pooled vector alone")
     args = ap.parse_args()
     policy = Policy.from_pretrained(suites.resolve_model(args.model))
     for name, records in (("shape", [record(s, "red") for s in SHAPES]), ("colour", [record("circle", c) for c in COLOURS]),
                           ("character", [sign(c) for c in CHARACTERS]), ("4-character text", [sign(t) for t in TEXTS])):
-        ratios = wrong_word_ratios(policy, records)
-        print(f"wrong {name} / own prompt, x0 error by sigma: " + "  ".join(f"{s}: {r:.3f}" for s, r in ratios.items()))
+        for swap in ("both", "context", "pooled") if args.paths else ("both",):
+            ratios = wrong_word_ratios(policy, records, swap)
+            what = "" if swap == "both" else f" ({swap} only)"
+            print(f"wrong {name}{what} / own prompt, x0 error by sigma: " + "  ".join(f"{s}: {r:.3f}" for s, r in ratios.items()))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def configure(name: str, config=None, **sections) -> None:
 
 def _tiny() -> Suite:
     prompts = "suites/tiny/prompts"
-    version = "tiny-v2"  # = opd_bench.world.spec.PROMPTS_VERSION (checked by a test)
+    version = "tiny-v3"  # = opd_bench.world.spec.PROMPTS_VERSION (checked by a test)
     common = dict(suite="tiny", version=version, images_per_prompt=2)
     benchmarks.register(BenchmarkSpec(
         name="geneval", test_file=f"{prompts}/geneval_test.jsonl", train_file=f"{prompts}/geneval_train.jsonl",

@@ -4,7 +4,7 @@
 
 * geneval records (an ``include`` list): every clause's objects with the asked count and colour,
   non-overlapping, clause positions satisfied with a margin;
-* ocr records (a ``text`` field): the text in DejaVu Sans Bold on the named surface;
+* ocr records (a ``text`` field): the text in DejaVu Sans Mono Bold (one size, centred) on the named surface;
 * pref records (an ``objects`` list): the described objects on the described background.
 
 Same record + same seed -> the same image, byte for byte. Shapes are drawn with 4x
@@ -281,14 +281,11 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(spec.font_path(), size)
 
 
-def _fit_font(text: str, max_w: int, max_h: int) -> tuple[ImageFont.FreeTypeFont, tuple]:
-    for size in range(40, 7, -1):
-        font = _font(size)
-        box = font.getbbox(text)
-        if box[2] - box[0] <= max_w and box[3] - box[1] <= max_h:
-            return font, box
-    font = _font(8)
-    return font, font.getbbox(text)
+def _text_cells(text: str) -> tuple[ImageFont.FreeTypeFont, tuple]:
+    """The font and the box of ``text``'s cells: that of as many "W"s, so the layout depends on
+    the text's length only (the font is monospaced)."""
+    font = _font(spec.TEXT_SIZE)
+    return font, font.getbbox("W" * len(text))
 
 
 _BOARDS = {  # surface -> (board colours, text colours)
@@ -300,7 +297,14 @@ _BOARDS = {  # surface -> (board colours, text colours)
 
 
 def ocr_image(record: dict, rng: np.random.Generator) -> Image.Image:
-    """The record's text, large and legible, on its surface with a little decoration."""
+    """The record's text, large and legible, on its surface with a little decoration.
+
+    Every text is drawn in one monospaced font size and exactly centred, its cells laid out from
+    the font rather than from its glyphs (tiny-v3): each character then always looks the same,
+    and the i-th character of an n-character text always sits at the same place. With a few
+    pixels of random offset and sizes fitted to each text, the base model never learned which
+    glyph a character asks for (docs/tiny_base.md, G1-G2 and P10-P12), just as it ignored the
+    shape word while objects could sit anywhere."""
     text = record["text"]
     surface = record.get("surface", "sign")
     size = spec.IMAGE_SIZE
@@ -308,23 +312,22 @@ def ocr_image(record: dict, rng: np.random.Generator) -> Image.Image:
     img = Image.fromarray(np.rint(background(kind, rng)).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     if surface == "plain":
-        font, tb = _fit_font(text, 56, 34)
+        font, tb = _text_cells(text)
         colour = ((15, 15, 15), (250, 250, 250), (20, 30, 120))[int(rng.integers(3))]
         tw, th = tb[2] - tb[0], tb[3] - tb[1]
-        x = (size - tw) / 2 - tb[0] + rng.uniform(-2, 2)
-        y = (size - th) / 2 - tb[1] + rng.uniform(-4, 4)
+        x = (size - tw) // 2 - tb[0]
+        y = (size - th) // 2 - tb[1]
         draw.text((x, y), text, font=font, fill=colour)
         return img
     boards, inks = _BOARDS[surface]
     board = boards[int(rng.integers(len(boards)))]
     ink = inks[int(rng.integers(len(inks)))]
-    max_w = 50 if surface != "label" else 46
-    font, tb = _fit_font(text, max_w, 28)
+    font, tb = _text_cells(text)
     tw, th = tb[2] - tb[0], tb[3] - tb[1]
     pad = 4
     bw, bh = tw + 2 * pad, th + 2 * pad
-    bx = (size - bw) / 2 + rng.uniform(-2, 2)
-    by = (size - bh) / 2 + rng.uniform(-6, 2)
+    bx = (size - bw) // 2
+    by = (size - bh) // 2
     if surface == "sign":  # a post under the sign
         px = bx + bw / 2
         draw.rectangle([px - 2, by + bh, px + 2, size], fill=(110, 70, 35))

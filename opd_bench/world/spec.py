@@ -11,7 +11,7 @@ import os
 from functools import lru_cache
 
 #: Version of the generated prompt set; bump it whenever the vocabulary or generators change.
-PROMPTS_VERSION = "tiny-v2"
+PROMPTS_VERSION = "tiny-v3"
 
 #: Images of the tiny world are square RGB images of this side, in pixels.
 IMAGE_SIZE = 64
@@ -82,12 +82,14 @@ TEXT_MAX_LEN = 4
 #: Surfaces text is written on (the OCR prompt names one).
 TEXT_SURFACES: tuple[str, ...] = ("sign", "poster", "label", "board", "plain")
 
-FONT_NAME = "DejaVuSans-Bold.ttf"
+FONT_NAME = "DejaVuSansMono-Bold.ttf"
+#: Every text is drawn at this size (px): 4 characters are 49 px wide.
+TEXT_SIZE = 20
 
 
 @lru_cache(maxsize=1)
 def font_path() -> str:
-    """Path of DejaVu Sans Bold (the one TrueType font the world uses)."""
+    """Path of DejaVu Sans Mono Bold (the one TrueType font the world uses)."""
     env = os.environ.get("OPD_TINY_FONT")
     if env and os.path.exists(env):
         return env
