@@ -311,10 +311,10 @@ def ocr_image(record: dict, rng: np.random.Generator) -> Image.Image:
     kind = ("plain", "textured", "gradient")[int(rng.integers(3))]
     img = Image.fromarray(np.rint(background(kind, rng)).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
+    font, tb = _text_cells(text)
+    tw, th = tb[2] - tb[0], tb[3] - tb[1]
     if surface == "plain":
-        font, tb = _text_cells(text)
         colour = ((15, 15, 15), (250, 250, 250), (20, 30, 120))[int(rng.integers(3))]
-        tw, th = tb[2] - tb[0], tb[3] - tb[1]
         x = (size - tw) // 2 - tb[0]
         y = (size - th) // 2 - tb[1]
         draw.text((x, y), text, font=font, fill=colour)
@@ -322,8 +322,6 @@ def ocr_image(record: dict, rng: np.random.Generator) -> Image.Image:
     boards, inks = _BOARDS[surface]
     board = boards[int(rng.integers(len(boards)))]
     ink = inks[int(rng.integers(len(inks)))]
-    font, tb = _text_cells(text)
-    tw, th = tb[2] - tb[0], tb[3] - tb[1]
     pad = 4
     bw, bh = tw + 2 * pad, th + 2 * pad
     bx = (size - bw) // 2
