@@ -140,6 +140,14 @@ def check_results(results: dict) -> None:
     if results.get("suite_version") != suite.version:
         raise SubmissionError(f"suite_version is {results.get('suite_version')!r} but the installed {name} suite is "
                               f"{suite.version!r}; re-run the benchmark with the installed suite")
+    # A shipped base alias ('tiny') names different weights in different releases: scores made on
+    # another base are not comparable with the installed one's, nor verifiable. Schema 1 files
+    # predate the fingerprint (they are listed as legacy).
+    model = results.get("model")
+    installed = suites.model_fingerprint(model) if isinstance(model, str) and version != 1 else None
+    if installed is not None and results.get("model_sha256") != installed:
+        raise SubmissionError(f"model_sha256 is {results.get('model_sha256')!r} but the installed {model!r} base "
+                              f"is {installed!r}; re-run the benchmark with the installed base")
 
     hashes = results.get("prompt_hashes")
     if not isinstance(hashes, dict):
@@ -526,7 +534,8 @@ opd-bench leaderboard
 
 **How entries are checked.** `submit` accepts a `results.json` (schema version 2, at most 2 MiB) only
 if its suite and suite version are installed, the sha256 of every prompt file (test and train)
-matches the installed suite, every method reports every benchmark of the suite, every score is
+matches the installed suite, a run of a shipped base (`tiny`) used the installed base's weights
+(its recorded fingerprint; a new release's base makes older entries no longer valid), every method reports every benchmark of the suite, every score is
 finite and in range ([0, 1], except the unbounded learned `pref` score), every per-seed score is the
 suite's aggregate of the recorded per-image scores and every mean and std those of the per-seed
 scores, and the preset is `standard` or `paper` with that preset's number of optimizer steps. It

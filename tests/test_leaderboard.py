@@ -108,6 +108,9 @@ def _mutations():
     def unknown_suite(r):
         r["suite"] = "huge"
 
+    def earlier_base(r):  # made on a shipped 'tiny' base of an earlier release
+        r["model_sha256"] = "0123456789ab"
+
     def seeds(r):
         r["seeds"] = []
 
@@ -148,7 +151,7 @@ def _mutations():
     def schema_1(r):  # legacy files are listed, never submitted
         r["schema_version"] = 1
 
-    return [missing_benchmark, out_of_range, not_finite, schema, prompt_hash, suite_version, unknown_suite, seeds,
+    return [missing_benchmark, out_of_range, not_finite, schema, prompt_hash, suite_version, unknown_suite, earlier_base, seeds,
             edited_mean, edited_mean_and_per_seed, edited_std, edited_per_image, smoke, smoke_budget_relabelled,
             unfinished, adapter_hash, adapter_path, cell_seeds, schema_1]
 
