@@ -532,21 +532,22 @@ opd-bench submit runs/NAME --name NAME
 opd-bench leaderboard
 ```
 
-**How entries are checked.** `submit` accepts a `results.json` (schema version 2, at most 2 MiB) only
-if its suite and suite version are installed, the sha256 of every prompt file (test and train)
-matches the installed suite, a run of a shipped base (`tiny`) used the installed base's weights
-(its recorded fingerprint; a new release's base makes older entries no longer valid), every method reports every benchmark of the suite, every score is
-finite and in range ([0, 1], except the unbounded learned `pref` score), every per-seed score is the
-suite's aggregate of the recorded per-image scores and every mean and std those of the per-seed
-scores, and the preset is `standard` or `paper` with that preset's number of optimizer steps. It
-then **verifies** the run (`opd-bench verify RUN_DIR`): it checks the sha256 of every trained
-adapter in the run folder, regenerates 8 test prompts per benchmark (chosen by a hash of the run's
-identity and adapter hashes) for every model and seed with the recorded seeds and sampler settings,
-scores them and compares every image with its recorded score (within 1e-3; one image per model,
-seed and benchmark may differ, a detection or OCR read flipped by float rounding). Runs that do not
-verify are refused; `submit --unverified` lists them, unranked, in the separate unverified table.
-Names are 1-64 letters, digits, `.`, `_` or `-`; an existing name is never overwritten. Files under
-`submissions/` that no longer validate (e.g. after a suite update) are listed at the end instead.
+**How entries are checked.** `submit` accepts a `results.json` (schema version 2, at most 2 MiB)
+only if its suite and suite version are installed, the sha256 of every prompt file (test and train)
+matches the installed suite, a run of a shipped base (`tiny`) used the installed base's weights (its
+recorded fingerprint: a new release's base makes older entries no longer valid), every method
+reports every benchmark of the suite, every score is finite and in range ([0, 1], except the
+unbounded learned `pref` score), every per-seed score is the suite's aggregate of the recorded
+per-image scores and every mean and std those of the per-seed scores, and the preset is `standard`
+or `paper` with that preset's number of optimizer steps. It then **verifies** the run (`opd-bench
+verify RUN_DIR`): it checks the sha256 of every trained adapter in the run folder, regenerates 8
+test prompts per benchmark (chosen by a hash of the run's identity and adapter hashes) for every
+model and seed with the recorded seeds and sampler settings, scores them and compares every image
+with its recorded score (within 1e-3; one image per model, seed and benchmark may differ, a
+detection or OCR read flipped by float rounding). Runs that do not verify are refused; `submit
+--unverified` lists them, unranked, in the separate unverified table. Names are 1-64 letters,
+digits, `.`, `_` or `-`; an existing name is never overwritten. Files under `submissions/` that no
+longer validate (e.g. after a suite update) are listed at the end instead.
 
 **What verification does not prove.** The sample is drawn from the run's own adapters, so scores
 cannot be edited without changing images that may be re-checked, but the sample can be computed
