@@ -149,7 +149,6 @@ def test_pref_scenes_detected_and_text_ignored(files):
         assert img.std() > 10  # the text / sign is there (a bare background: std <= 6)
 
 
-
 @pytest.mark.parametrize("surface", spec.TEXT_SURFACES)
 def test_texts_of_one_length_share_one_centred_layout(surface):
     """tiny-v3: the i-th character of an n-character text always sits in the same cell, so two
@@ -164,6 +163,7 @@ def test_texts_of_one_length_share_one_centred_layout(surface):
     # the second character's cell: "AB" and "AY" differ only right of the middle
     _, cols = np.nonzero((draw("AB") != draw("AY")).any(-1))
     assert cols.min() >= 31
+
 
 def test_detector_colours_and_masks():
     rng = np.random.default_rng(0)
