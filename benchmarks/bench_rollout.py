@@ -26,7 +26,17 @@ SD35M = dict(  # SD3.5-Medium's transformer; tiny text encoders (text cost is no
 )
 
 
-def build(size: str):
+def build(size: str, device: str = "cpu"):
+    """The benchmark's random pipeline, its weights drawn directly on ``device``.
+
+    Drawing a 2.2B-parameter transformer's initial weights on the CPU and then copying them over
+    takes minutes; under ``torch.device(device)`` every parameter is created where it will run.
+    """
+    with torch.device(device):
+        return _build(size)
+
+
+def _build(size: str):
     from opd_bench.tiny import TinyConfig, build_pipeline
 
     if size == "tiny":
@@ -73,7 +83,7 @@ def main() -> None:
     from opd_bench.rollout import rollout
 
     dtype = getattr(torch, args.dtype)
-    pipe = build(args.size).to(args.device, dtype)
+    pipe = build(args.size, args.device).to(args.device, dtype)
     pipe.set_progress_bar_config(disable=True)
     policy = Policy(pipe)
     height = 512 if args.size == "sd35m" else 64

@@ -53,7 +53,7 @@ def main() -> None:
     from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
     from opd_bench.trainers.opd import OPDConfig, OPDTrainer
 
-    pipe = build(args.size).to(args.device, getattr(torch, args.dtype))
+    pipe = build(args.size, args.device).to(args.device, getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
     policy = Policy(pipe, gradient_checkpointing=args.checkpointing, resolution=512 if args.size == "sd35m" else 64)
     tasks = ("geneval", "ocr", "pref")
