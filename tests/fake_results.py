@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import random
 from pathlib import Path
@@ -96,6 +97,11 @@ def standard_config() -> dict:
                                            "guidance_scale": 4.5, "noise_level": 0.0, "resolution": None}}))
 
 
+def _cascade_stages(config: dict) -> list[dict]:
+    ends = itertools.accumulate(n for _, n in config["cascade"]["stages"])
+    return [{"stage": i, "task": task, "end_step": end} for i, ((task, _), end) in enumerate(zip(config["cascade"]["stages"], ends))]
+
+
 def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed: dict | None = None) -> dict:
     """``fixed``: {method: level} gives every image of that method the same score (exact means)."""
     from opd_bench.benchmarks import aggregate
@@ -164,8 +170,7 @@ def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed:
         "per_image": per_image, "artifacts": artifacts, "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": grad, "compute": compute,
         "variance": {"rows": variance_rows, "ratio_ppo_over_analytic": variance_rows[-1]["ratio_ppo_over_analytic"],
                      "reference": {"batch": 8, "noise_level": 0.7}},
-        "cascade_stages": [{"stage": 0, "task": "pref", "end_step": 10}, {"stage": 1, "task": "geneval", "end_step": 20},
-                           {"stage": 2, "task": "ocr", "end_step": 30}] if "cascade" in methods else [],
+        "cascade_stages": _cascade_stages(config) if "cascade" in methods else [],
         "samples": {"prompts": list(PROMPTS), "grids": {m: f"samples/{m.replace('/', '_')}.png" for m in methods}},
         "environment": {"python": "3.11.7", "torch": "2.14.1", "diffusers": "0.42.1", "platform": "Linux",
                         "cpu": "test cpu", "threads": 2, "device": "cpu"},

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fake_results import make_results, make_run
+from opd_bench.harness import plan
 from opd_bench.leaderboard import MAX_FILE_BYTES, SubmissionError, rebuild, submit, validate
 
 LEGACY = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions" / "tiny" / "tiny-standard-cpu.json"
@@ -70,7 +71,8 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
     students = [r for r in rows if r["kind"] == "student"]
     assert len(students) == 8 and all(r["rank"] for r in students)
     assert all(r["rank"] == "" for r in rows if r["kind"] == "reference")
-    assert rows[0]["optimizer_steps"] == "30" and rows[0]["forward_passes"] == str(30 * 40 + 30 * 36)
+    steps = plan("standard").opd.steps  # the fake run's cells train the preset's budget
+    assert rows[0]["optimizer_steps"] == str(steps) and rows[0]["forward_passes"] == str(steps * 40 + steps * 36)
 
     text = readme.read_text()
     assert "opd-bench submit" in text and "opd-bench leaderboard" in text

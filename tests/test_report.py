@@ -132,13 +132,14 @@ def _claims_hold(results):
         _set_scores(results, "opd", bench, [0.8 + 0.01 * i for i in range(seeds)])
         for rival in ("multi-reward", "cascade"):
             _set_scores(results, rival, bench, [0.4 + 0.01 * i for i in range(seeds)])
+    first_stage_end = results["cascade_stages"][0]["end_step"]
     for method, rows_by_seed in results["curves"].items():
         for rows in rows_by_seed.values():
             for row in rows:
                 for bench in results["headline"]:
                     row[f"eval/{bench}"] = 0.9 if method == "opd" else 0.3
                 if method == "cascade":  # the first stage's task (pref) peaks at its stage end, then drops
-                    row["eval/pref_oracle"] = 0.8 if row["step"] <= 10 else 0.3
+                    row["eval/pref_oracle"] = 0.8 if row["step"] <= first_stage_end else 0.3
     results["variance"]["ratio_ppo_over_analytic"] = 40.0
     for row in results["variance"]["rows"]:
         row["ratio_ppo_over_analytic"] = 40.0

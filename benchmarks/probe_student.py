@@ -1,0 +1,82 @@
+"""How much of its teachers' gains does a DiffusionOPD student keep? One student run from a finished
+run's teachers, then base, teachers and student on the same held-out prompts and noise.
+
+    python benchmarks/probe_student.py --run runs/standard-v4 --set steps=60 --set lr=3e-3
+
+Starts from the `standard` preset's OPD config; every ``--set FIELD=VALUE`` changes one field
+(``--set mode=ppo --set noise_level=0.7`` probes the PPO-style student). Prints one JSON line: the
+settings, wall minutes, held-out scores (first ``--eval-limit`` test prompts of every task, 2 images
+each, the suite's evaluation sampler) and the share of each teacher's gain the student keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import torch
+
+from opd_bench import suites
+from opd_bench.cli import _config_overrides
+from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source
+from opd_bench.harness import plan
+from opd_bench.policy import Policy
+from opd_bench.trainers.opd import OPDConfig, OPDTrainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="a finished `opd-bench run` folder with teachers")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--eval-limit", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        overrides = _config_overrides(OPDConfig, args.overrides)
+    except click.BadParameter as error:  # a bad FIELD=VALUE: one line, as from the CLI
+        parser.error(error.format_message())
+    config = replace(plan("standard").opd, eval_every=0, checkpoint_every=0, monitor_rewards=False, seed=args.seed, **overrides)
+
+    suite = suites.get("tiny")
+    teachers = {task: next((args.run / "teachers").glob(f"{task}-*")) / "final" for task in suite.tasks}
+    missing = [str(path) for path in teachers.values() if not (path / "adapter_config.json").exists()]
+    if missing:
+        parser.error(f"no finished teacher adapter at {', '.join(missing)}; give a run whose teachers finished")
+    policy = Policy.from_pretrained(suites.resolve_model("tiny"))
+    settings = SamplerSettings.of_suite(suite)
+    specs = {task: suite.benchmark(task) for task in suite.tasks}
+    rewards = {task: {"main": spec.build_reward()} for task, spec in specs.items()}
+
+    def held_out(adapter: str | None, task: str) -> float:
+        with policy.use(adapter):
+            result = evaluate_benchmark(specs[task], policy_source(policy, settings), seed=777, limit=args.eval_limit,
+                                        images_per_prompt=2, rewards=rewards[task], progress=False)
+        return round(result["score"], 4)
+
+    base = {task: held_out(None, task) for task in suite.tasks}
+    teacher = {}
+    for task, path in teachers.items():
+        policy.load_adapter(f"teacher_{task}", path)
+        teacher[task] = held_out(f"teacher_{task}", task)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_dir:
+        OPDTrainer(config, policy=policy, prompts={t: s.prompts("train") for t, s in specs.items()}, teachers=teachers,
+                   run_dir=run_dir, adapter="probe").train(progress=False)
+        minutes = (time.perf_counter() - started) / 60
+        student = {task: held_out("probe", task) for task in suite.tasks}
+    kept = {task: round((student[task] - base[task]) / (teacher[task] - base[task]), 3)
+            for task in suite.tasks if teacher[task] != base[task]}
+    print(json.dumps({"run": str(args.run), "overrides": overrides, "steps": config.steps, "threads": args.threads,
+                      "seed": args.seed, "train_minutes": round(minutes, 2), "base": base, "teacher": teacher,
+                      "student": student, "kept": kept}))
+
+
+if __name__ == "__main__":
+    main()
