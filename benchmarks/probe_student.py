@@ -11,44 +11,32 @@ each, the suite's evaluation sampler) and the share of each teacher's gain the s
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import click
-import torch
 
 from opd_bench import suites
-from opd_bench.cli import _config_overrides
 from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source
 from opd_bench.harness import plan
 from opd_bench.policy import Policy
-from opd_bench.trainers.opd import OPDConfig, OPDTrainer
+from opd_bench.trainers.opd import OPDTrainer
+from probe_args import probe_config, probe_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = probe_parser(__doc__)
     parser.add_argument("--run", required=True, type=Path, help="a finished `opd-bench run` folder with teachers")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--eval-limit", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    try:
-        overrides = _config_overrides(OPDConfig, args.overrides)
-    except click.BadParameter as error:  # a bad FIELD=VALUE: one line, as from the CLI
-        parser.error(error.format_message())
-    config = replace(plan("standard").opd, eval_every=0, checkpoint_every=0, monitor_rewards=False, seed=args.seed, **overrides)
+    config, overrides = probe_config(parser, args, plan("standard").opd, eval_every=0, checkpoint_every=0, monitor_rewards=False)
 
     suite = suites.get("tiny")
-    teachers = {task: next((args.run / "teachers").glob(f"{task}-*")) / "final" for task in suite.tasks}
-    missing = [str(path) for path in teachers.values() if not (path / "adapter_config.json").exists()]
+    teachers = {task: sorted((args.run / "teachers").glob(f"{task}-*/final/adapter_config.json")) for task in suite.tasks}
+    missing = [task for task, found in teachers.items() if not found]
     if missing:
-        parser.error(f"no finished teacher adapter at {', '.join(missing)}; give a run whose teachers finished")
+        parser.error(f"{args.run} holds no finished teacher for {', '.join(missing)}; give a run whose teachers finished")
+    teachers = {task: found[-1].parent for task, found in teachers.items()}
     policy = Policy.from_pretrained(suites.resolve_model("tiny"))
     settings = SamplerSettings.of_suite(suite)
     specs = {task: suite.benchmark(task) for task in suite.tasks}

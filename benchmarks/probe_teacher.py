@@ -11,41 +11,27 @@ GenEval) with the suite's evaluation sampler (ODE) and with the teacher's traini
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
-
-import click
-import torch
 
 from opd_bench import suites
 from opd_bench.benchmarks import PromptSubset
-from opd_bench.cli import _config_overrides
 from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source
 from opd_bench.harness import plan
 from opd_bench.policy import Policy
-from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+from opd_bench.trainers.grpo import GRPOTrainer
 from opd_bench.training import read_metrics
+from probe_args import probe_config, probe_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = probe_parser(__doc__)
     parser.add_argument("--task", required=True, choices=["geneval", "ocr", "pref"])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--eval-limit", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default=None, help="train and evaluate on the prompts of one GenEval tag only")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    try:
-        overrides = _config_overrides(GRPOConfig, args.overrides)
-    except click.BadParameter as error:  # a bad FIELD=VALUE: one line, as from the CLI
-        parser.error(error.format_message())
-    config = replace(plan("standard").teacher, steps=args.steps, eval_every=0, checkpoint_every=0, seed=args.seed, **overrides)
+    config, overrides = probe_config(parser, args, plan("standard").teacher, steps=args.steps, eval_every=0, checkpoint_every=0)
 
     suite = suites.get("tiny")
     spec = suite.benchmark(args.task)

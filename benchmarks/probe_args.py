@@ -1,0 +1,33 @@
+"""What the probe scripts share: their common options and the preset config with one change applied."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import click
+import torch
+
+from opd_bench.cli import _config_overrides
+
+
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--eval-limit", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def probe_config(parser: argparse.ArgumentParser, args: argparse.Namespace, base, **fixed):
+    """``base`` (a preset's config) with ``fixed`` and then every ``--set`` applied; sets the thread count."""
+    torch.set_num_threads(args.threads)
+    try:
+        overrides = _config_overrides(type(base), args.overrides)
+    except click.BadParameter as error:  # a bad FIELD=VALUE: one line, as from the CLI
+        parser.error(error.format_message())
+    try:
+        return replace(base, **{"seed": args.seed, **fixed, **overrides}), overrides
+    except (TypeError, ValueError) as error:  # a value of the wrong type or out of range
+        parser.error(f"--set {' '.join(args.overrides)}: {error}")
