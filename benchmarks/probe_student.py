@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from opd_bench import suites
 from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source
 from opd_bench.harness import plan
@@ -32,11 +31,11 @@ def main() -> None:
     config, overrides = probe_config(parser, args, plan("standard").opd, eval_every=0, checkpoint_every=0, monitor_rewards=False)
 
     suite = suites.get("tiny")
-    teachers = {task: sorted((args.run / "teachers").glob(f"{task}-*/final/adapter_config.json")) for task in suite.tasks}
-    missing = [task for task, found in teachers.items() if not found]
+    found = {task: sorted((args.run / "teachers").glob(f"{task}-*/final/adapter_config.json")) for task in suite.tasks}
+    missing = [task for task, paths in found.items() if not paths]
     if missing:
         parser.error(f"{args.run} holds no finished teacher for {', '.join(missing)}; give a run whose teachers finished")
-    teachers = {task: found[-1].parent for task, found in teachers.items()}
+    teachers = {task: paths[-1].parent for task, paths in found.items()}
     policy = Policy.from_pretrained(suites.resolve_model("tiny"))
     settings = SamplerSettings.of_suite(suite)
     specs = {task: suite.benchmark(task) for task in suite.tasks}
