@@ -54,10 +54,12 @@ def main() -> None:
         teacher[task] = held_out(f"teacher_{task}", task)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        OPDTrainer(config, policy=policy, prompts={t: s.prompts("train") for t, s in specs.items()}, teachers=teachers,
-                   run_dir=run_dir, adapter="probe").train(progress=False)
+        final = OPDTrainer(config, policy=policy, prompts={t: s.prompts("train") for t, s in specs.items()},
+                           teachers=teachers, run_dir=run_dir, adapter="probe").train(progress=False)
         minutes = (time.perf_counter() - started) / 60
-        student = {task: held_out("probe", task) for task in suite.tasks}
+        # the saved adapter, as the harness evaluates it: with `ema` set it holds the averaged weights
+        policy.load_adapter("probe_final", final)
+        student = {task: held_out("probe_final", task) for task in suite.tasks}
     kept = {task: round((student[task] - base[task]) / (teacher[task] - base[task]), 3)
             for task in suite.tasks if teacher[task] != base[task]}
     print(json.dumps({"run": str(args.run), "overrides": overrides, "steps": config.steps, "threads": args.threads,

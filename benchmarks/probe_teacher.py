@@ -57,10 +57,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = GRPOTrainer(config, policy=policy, prompts=spec.prompts("train"), rewards={args.task: reward},
                               run_dir=run_dir, adapter="probe")
-        trainer.train(progress=False)
+        final = trainer.train(progress=False)
         minutes = (time.perf_counter() - started) / 60
         curve = [round(r[f"reward/{args.task}/mean"], 3) for r in read_metrics(f"{run_dir}/metrics.jsonl") if f"reward/{args.task}/mean" in r]
-        after, after_sde = held_out("probe"), held_out("probe", train_settings)
+        # the saved adapter, as the harness evaluates it: with `ema` set it holds the averaged weights
+        policy.load_adapter("probe_final", final)
+        after, after_sde = held_out("probe_final"), held_out("probe_final", train_settings)
     print(json.dumps({"task": args.task, "tag": args.tag, "steps": args.steps, "overrides": overrides, "threads": args.threads,
                       "train_minutes": round(minutes, 2), "base": before, "teacher": after,
                       "training_sampler": {"base": before_sde, "teacher": after_sde}, "train_reward": curve}))
