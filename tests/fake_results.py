@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import io
-import itertools
 import json
 import random
 from pathlib import Path
@@ -98,8 +97,12 @@ def standard_config() -> dict:
 
 
 def _cascade_stages(config: dict) -> list[dict]:
-    ends = itertools.accumulate(n for _, n in config["cascade"]["stages"])
-    return [{"stage": i, "task": task, "end_step": end} for i, ((task, _), end) in enumerate(zip(config["cascade"]["stages"], ends))]
+    """The stage ends the harness records for the configured cascade."""
+    stages, end = [], 0
+    for i, (task, steps) in enumerate(config["cascade"]["stages"]):
+        end += steps
+        stages.append({"stage": i, "task": task, "end_step": end})
+    return stages
 
 
 def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed: dict | None = None) -> dict:
