@@ -1,4 +1,5 @@
-"""What the probe scripts share: their common options and the preset config with one change applied."""
+"""What the probe scripts share: their options, the preset config with one change applied, and the
+held-out evaluation (same prompts and noise for every model they compare)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,12 @@ def probe_config(parser: argparse.ArgumentParser, args: argparse.Namespace, base
         return replace(base, **{"seed": args.seed, **fixed, **overrides}), overrides
     except (TypeError, ValueError) as error:  # a value of the wrong type or out of range
         parser.error(f"--set {' '.join(args.overrides)}: {error}")
+
+
+def held_out(policy, adapter: str | None, spec, sampler, rewards: dict, limit: int) -> dict:
+    """``adapter`` (None = base) on the first ``limit`` test prompts of ``spec``, 2 images each, noise seed 777."""
+    from opd_bench.evaluate import evaluate_benchmark, policy_source
+
+    with policy.use(adapter):
+        return evaluate_benchmark(spec, policy_source(policy, sampler), seed=777, limit=limit,
+                                  images_per_prompt=2, rewards=rewards, progress=False)

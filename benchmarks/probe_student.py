@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from opd_bench import suites
-from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source
+from opd_bench.evaluate import SamplerSettings
 from opd_bench.harness import plan
 from opd_bench.policy import Policy
 from opd_bench.trainers.opd import OPDTrainer
-from probe_args import probe_config, probe_parser
+from probe_args import held_out, probe_config, probe_parser
 
 
 def main() -> None:
@@ -41,17 +41,14 @@ def main() -> None:
     specs = {task: suite.benchmark(task) for task in suite.tasks}
     rewards = {task: {"main": spec.build_reward()} for task, spec in specs.items()}
 
-    def held_out(adapter: str | None, task: str) -> float:
-        with policy.use(adapter):
-            result = evaluate_benchmark(specs[task], policy_source(policy, settings), seed=777, limit=args.eval_limit,
-                                        images_per_prompt=2, rewards=rewards[task], progress=False)
-        return round(result["score"], 4)
+    def score(adapter: str | None, task: str) -> float:
+        return round(held_out(policy, adapter, specs[task], settings, rewards[task], args.eval_limit)["score"], 4)
 
-    base = {task: held_out(None, task) for task in suite.tasks}
+    base = {task: score(None, task) for task in suite.tasks}
     teacher = {}
     for task, path in teachers.items():
         policy.load_adapter(f"teacher_{task}", path)
-        teacher[task] = held_out(f"teacher_{task}", task)
+        teacher[task] = score(f"teacher_{task}", task)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         final = OPDTrainer(config, policy=policy, prompts={t: s.prompts("train") for t, s in specs.items()},
@@ -59,7 +56,7 @@ def main() -> None:
         minutes = (time.perf_counter() - started) / 60
         # the saved adapter, as the harness evaluates it: with `ema` set it holds the averaged weights
         policy.load_adapter("probe_final", final)
-        student = {task: held_out("probe_final", task) for task in suite.tasks}
+        student = {task: score("probe_final", task) for task in suite.tasks}
     kept = {task: round((student[task] - base[task]) / (teacher[task] - base[task]), 3)
             for task in suite.tasks if teacher[task] != base[task]}
     print(json.dumps({"run": str(args.run), "overrides": overrides, "steps": config.steps, "threads": args.threads,

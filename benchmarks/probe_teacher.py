@@ -17,12 +17,12 @@ import time
 
 from opd_bench import suites
 from opd_bench.benchmarks import PromptSubset
-from opd_bench.evaluate import SamplerSettings, evaluate_benchmark, policy_source
+from opd_bench.evaluate import SamplerSettings
 from opd_bench.harness import plan
 from opd_bench.policy import Policy
 from opd_bench.trainers.grpo import GRPOTrainer
 from opd_bench.training import read_metrics
-from probe_args import probe_config, probe_parser
+from probe_args import held_out, probe_config, probe_parser
 
 
 def main() -> None:
@@ -46,13 +46,11 @@ def main() -> None:
     # the training sampler too: does what the teacher learned on its SDE rollouts carry to the ODE?
     train_settings = SamplerSettings(config.num_steps, config.guidance_scale, config.noise_level)
 
-    def held_out(adapter: str | None, sampler: SamplerSettings = settings) -> dict:
-        with policy.use(adapter):
-            result = evaluate_benchmark(spec, policy_source(policy, sampler), seed=777, limit=args.eval_limit,
-                                        images_per_prompt=2, rewards=held_out_reward, progress=False)
+    def score(adapter: str | None, sampler: SamplerSettings = settings) -> dict:
+        result = held_out(policy, adapter, spec, sampler, held_out_reward, args.eval_limit)
         return {"score": round(result["score"], 4), **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {})}
 
-    before, before_sde = held_out(None), held_out(None, train_settings)
+    before, before_sde = score(None), score(None, train_settings)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = GRPOTrainer(config, policy=policy, prompts=spec.prompts("train"), rewards={args.task: reward},
@@ -62,7 +60,7 @@ def main() -> None:
         curve = [round(r[f"reward/{args.task}/mean"], 3) for r in read_metrics(f"{run_dir}/metrics.jsonl") if f"reward/{args.task}/mean" in r]
         # the saved adapter, as the harness evaluates it: with `ema` set it holds the averaged weights
         policy.load_adapter("probe_final", final)
-        after, after_sde = held_out("probe_final"), held_out("probe_final", train_settings)
+        after, after_sde = score("probe_final"), score("probe_final", train_settings)
     print(json.dumps({"task": args.task, "tag": args.tag, "steps": args.steps, "overrides": overrides, "threads": args.threads,
                       "train_minutes": round(minutes, 2), "base": before, "teacher": after,
                       "training_sampler": {"base": before_sde, "teacher": after_sde}, "train_reward": curve}))

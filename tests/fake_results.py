@@ -29,13 +29,6 @@ def _suite_version() -> str:
     return suites.get("tiny").version
 
 
-@functools.lru_cache(maxsize=None)
-def _tiny_fingerprint() -> str:
-    from opd_bench import suites
-
-    return suites.model_fingerprint("tiny")
-
-
 def prompt_hashes() -> dict:
     from opd_bench import suites
 
@@ -107,6 +100,7 @@ def _cascade_stages(config: dict) -> list[dict]:
 
 def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed: dict | None = None) -> dict:
     """``fixed``: {method: level} gives every image of that method the same score (exact means)."""
+    from opd_bench import suites
     from opd_bench.benchmarks import aggregate
 
     rng = random.Random(rng_seed)
@@ -168,7 +162,7 @@ def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed:
     return {
         "schema_version": 2, "package_version": "0.1.0", "git_commit": "0123456789abcdef", "date": "2026-11-26T06:00:00Z",
         "command": "opd-bench run --method all --suite tiny --out runs/fake", "suite": "tiny", "suite_version": _suite_version(),
-        "prompt_hashes": prompt_hashes(), "model": "tiny", "model_sha256": _tiny_fingerprint(), "preset": "standard",
+        "prompt_hashes": prompt_hashes(), "model": "tiny", "model_sha256": suites.model_fingerprint("tiny"), "preset": "standard",
         "seeds": seeds, "benchmarks": list(BENCHMARKS), "headline": list(HEADLINE), "config": config,
         "per_image": per_image, "artifacts": artifacts, "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": grad, "compute": compute,
         "variance": {"rows": variance_rows, "ratio_ppo_over_analytic": variance_rows[-1]["ratio_ppo_over_analytic"],
