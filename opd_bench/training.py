@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -132,6 +133,23 @@ def add_student(policy, adapter: str, config) -> list[torch.nn.Parameter]:
         else:
             policy.add_adapter(adapter, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
     return policy.parameters(adapter)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``steps``.
+
+    ``constant``: ``lr`` throughout. ``cosine``: half a cosine from ``lr`` at the first step towards
+    0 after the last, so the final steps land with small updates instead of Adam's full-size noise.
+    A pure function of the step, so a resumed run needs no scheduler state.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+    raise ValueError(f"unknown lr_schedule {schedule!r}; choose from {list(LR_SCHEDULES)}")
 
 
 def student_optimizer(policy, adapter: str, config) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, "EMA | None"]:
@@ -336,7 +354,10 @@ class TrainingRun:
         for key, value in zip(delta, totals):
             self.counters[key] += value
 
-    def train(self, step_fn, *, steps: int, max_grad_norm: float, grad_variance: GradVariance, desc: str, progress: bool = True) -> Path:
+    def train(
+        self, step_fn, *, steps: int, max_grad_norm: float, grad_variance: GradVariance, desc: str,
+        lr: float, lr_schedule: str = "constant", progress: bool = True,
+    ) -> Path:
         """The loop every trainer shares around its ``step_fn(step) -> (metrics, images)``.
 
         ``step_fn`` accumulates gradients into ``.grad`` (recording micro-batches in
@@ -357,6 +378,9 @@ class TrainingRun:
             self.ranks.average_gradients(self.params)  # identical updates keep the ranks' weights identical
             metrics.update(grad_variance.finish())
             metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
+            metrics["lr"] = scheduled_lr(lr, lr_schedule, step, steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = metrics["lr"]
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()

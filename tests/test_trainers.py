@@ -11,7 +11,7 @@ from opd_bench.baselines.multi_reward import MULTI_REWARD_PRESETS, MultiRewardCo
 from opd_bench.policy import Policy
 from opd_bench.rl import clipped_policy_loss, group_advantages, zero_spread_share
 from opd_bench.rollout import Prompt
-from opd_bench.training import read_metrics
+from opd_bench.training import read_metrics, scheduled_lr
 from opd_bench.trainers import grpo as grpo_module
 from opd_bench.trainers.grpo import GRPO_PRESETS, GRPOConfig, GRPOTrainer, preset
 from opd_bench.trainers.opd import OPD_PRESETS, OPDConfig, OPDTrainer
@@ -200,6 +200,19 @@ def test_configs_are_validated_with_clear_errors():
         preset("fast", GRPO_PRESETS)
     with pytest.raises(ValueError, match="mode"):
         OPDConfig(mode="reinforce")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        OPDConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        GRPOConfig(lr_schedule="step")
+
+
+def test_learning_rate_schedules_by_hand():
+    assert [scheduled_lr(1e-3, "constant", k, 4) for k in range(4)] == [1e-3] * 4
+    # half a cosine over 4 steps: 1, (1 + cos 45deg) / 2, 1/2, (1 - cos 45deg) / 2
+    expected = [1e-3, 1e-3 * (1 + 2**-0.5) / 2, 5e-4, 1e-3 * (1 - 2**-0.5) / 2]
+    assert [scheduled_lr(1e-3, "cosine", k, 4) for k in range(4)] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="unknown lr_schedule 'linear'"):
+        scheduled_lr(1e-3, "linear", 0, 4)
 
 
 # ------------------------------------------------------------------------ resume
@@ -228,7 +241,7 @@ def _grpo_run(tiny_dir, run_dir, fail_after=None):
 
 def _opd_run(tiny_dir, teacher, run_dir, fail_after=None):
     policy = Policy.from_pretrained(str(tiny_dir))
-    config = preset("smoke", OPD_PRESETS, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2)
+    config = preset("smoke", OPD_PRESETS, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2, lr_schedule="cosine")
     trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, rewards=REWARDS, run_dir=run_dir)
     _interruptible(trainer, fail_after).train(progress=False)
     return policy
@@ -244,6 +257,8 @@ def test_a_killed_run_resumes_and_continues_the_same_curve(tiny_dir, tmp_path):
     a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     b = read_metrics(tmp_path / "killed" / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3]
+    # the schedule is a function of the step: the resumed step 3 takes the same small rate
+    assert [r["lr"] for r in b] == pytest.approx([1e-2, 0.75e-2, 0.25e-2])
     for key in ("loss", "kl/bright", "kl/red", "reward/red/mean", "grad/norm"):
         assert b[2][key] == pytest.approx(a[2][key], rel=1e-4, abs=1e-7), key
     assert (b[2]["student_forwards"], b[2]["teacher_forwards"], b[2]["images"]) == (a[2]["student_forwards"], a[2]["teacher_forwards"], a[2]["images"])
