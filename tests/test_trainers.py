@@ -244,6 +244,7 @@ def _opd_run(tiny_dir, teacher, run_dir, fail_after=None):
     config = preset("smoke", OPD_PRESETS, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2, lr_schedule="cosine")
     trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, rewards=REWARDS, run_dir=run_dir)
     _interruptible(trainer, fail_after).train(progress=False)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([0.25e-2])  # the last step's rate was used
     return policy
 
 
