@@ -28,7 +28,7 @@ import torch
 from opd_bench import __version__, distributed
 from opd_bench.baselines.cascade import CascadeConfig
 from opd_bench.baselines.multi_reward import MultiRewardConfig
-from opd_bench.io import atomic_write_json
+from opd_bench.io import atomic_write_json, json_differences
 from opd_bench.trainers.grpo import GRPOConfig
 from opd_bench.trainers.opd import OPDConfig
 
@@ -234,10 +234,11 @@ class Harness:
             shutil.rmtree(out)
         identity_path = out / "run.json"
         if identity_path.exists():
-            saved = json.loads(identity_path.read_text())
-            if saved != json.loads(json.dumps(self.identity)):
+            saved, current = json.loads(identity_path.read_text()), json.loads(json.dumps(self.identity))
+            if saved != current:
                 raise FileExistsError(
-                    f"{self.out} holds a run with another suite, model or preset; use another --out or pass --force"
+                    f"{self.out} holds a run with another suite, model or preset ({json_differences(saved, current)}); "
+                    "use another --out or pass --force"
                 )
         self.out.mkdir(parents=True, exist_ok=True)
         marker = self.out / RUN_MARKER

@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes and image grids."""
+"""Small file helpers: atomic writes, JSON comparison and image grids."""
 
 from __future__ import annotations
 
@@ -42,6 +42,31 @@ def json_text(value: Any, *, compact_lists: bool = False) -> str:
 
 def atomic_write_json(path: str | Path, value: Any, *, compact_lists: bool = False) -> None:
     atomic_write_bytes(path, json_text(value, compact_lists=compact_lists).encode())
+
+
+_ABSENT = object()
+
+
+def json_differences(saved: Any, current: Any, *, limit: int = 3) -> str:
+    """Where two JSON values differ, for an error message: ``"plan.opd.lr: 0.001 saved, 0.0003 now"``,
+    the first ``limit`` differing keys, shallowest first (a different ``preset`` before the dozens of
+    settings it changes), then how many more. A key one side lacks (a field a newer version added)
+    reads ``absent``."""
+    differences: list[tuple[int, str, str]] = []
+
+    def walk(a: Any, b: Any, path: list[str]) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key, _ABSENT), b.get(key, _ABSENT), [*path, str(key)])
+        elif a != b:
+            shown = ["absent" if v is _ABSENT else json.dumps(v)[:60] for v in (a, b)]
+            name = ".".join(path) or "(top)"
+            differences.append((len(path), name, f"{name}: {shown[0]} saved, {shown[1]} now"))
+
+    walk(saved, current, [])
+    found = [text for _, _, text in sorted(differences)]
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return "; ".join(found[:limit]) + more
 
 
 def save_grid(images, path: str | Path, columns: int) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from opd_bench import distributed
 from opd_bench.distributed import ProcessGroup
-from opd_bench.io import atomic_write_json
+from opd_bench.io import atomic_write_json, json_differences
 
 
 class MetricsLog:
@@ -306,8 +306,10 @@ class TrainingRun:
         checkpoint = self.dir / "checkpoint"
         if checkpoint.exists() and not overwrite:
             saved = json.loads(config_path.read_text()) if config_path.exists() else None
-            if saved != json.loads(json.dumps(config, default=str)):
-                raise ValueError(f"{self.dir} holds a run with a different config; use another folder or pass overwrite/--force")
+            current = json.loads(json.dumps(config, default=str))
+            if saved != current:
+                raise ValueError(f"{self.dir} holds a run with a different config ({json_differences(saved, current)}); "
+                                 "use another folder or pass overwrite/--force")
             state = load_checkpoint(checkpoint, params=self.params, optimizer=self.optimizer, ema=self.ema)
             self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=state["step"])
             return {"step": state["step"], "counters": state["counters"], "elapsed": state["elapsed"], "resumed": True}

@@ -56,6 +56,16 @@ def test_rerunning_skips_finished_work(smoke_run):
 def test_a_run_folder_with_another_preset_is_refused(smoke_run):
     result = CliRunner().invoke(main, ["run", "--preset", "standard", "--out", str(smoke_run), "--no-report"])
     assert result.exit_code == 1 and "--force" in result.output
+    assert 'preset: "smoke" saved, "standard" now' in result.output  # the message names what differs
+
+
+def test_json_differences_name_the_first_keys_and_count_the_rest():
+    from opd_bench.io import json_differences
+
+    assert json_differences({"a": 1, "b": {"c": [2]}}, {"a": 1, "b": {"c": [3]}}) == "b.c: [2] saved, [3] now"
+    assert json_differences({"x": 1}, {}) == "x: 1 saved, absent now"
+    many = json_differences({k: 0 for k in "edcba"}, {k: 1 for k in "abcde"})
+    assert many == "a: 0 saved, 1 now; b: 0 saved, 1 now; c: 0 saved, 1 now; and 2 more"
 
 
 def test_report_from_the_smoke_run_and_its_submission_is_refused(smoke_run, tmp_path):

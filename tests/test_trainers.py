@@ -285,8 +285,10 @@ def test_finished_runs_are_not_overwritten_and_configs_must_match(tiny_dir, tmp_
     with pytest.raises(FileExistsError, match="finished run"):
         _grpo_run(tiny_dir, tmp_path / "run")
     (tmp_path / "other" / "checkpoint").mkdir(parents=True)
-    (tmp_path / "other" / "config.json").write_text(json.dumps({"method": "something else"}))
-    with pytest.raises(ValueError, match="different config"):
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["lr_schedule"]  # as a run made before the field existed
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**saved, "lr": 0.5}))
+    with pytest.raises(ValueError, match=r'different config \(lr: 0.5 saved, 0.01 now; lr_schedule: absent saved, "constant" now\)'):
         _grpo_run(tiny_dir, tmp_path / "other")
 
 
