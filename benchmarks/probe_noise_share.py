@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
@@ -85,7 +86,7 @@ def main() -> None:
 
     config = plan("standard").teacher
     if args.noise_level is not None:
-        config = type(config)(**{**config.to_dict(), "noise_level": args.noise_level})
+        config = replace(config, noise_level=args.noise_level)
     suite = suites.get("tiny")
     policy = Policy.from_pretrained(suites.resolve_model("tiny"))
     for task in args.task:
