@@ -12,12 +12,25 @@ import torch
 from opd_bench.cli import _config_overrides
 
 
-def probe_parser(doc: str) -> argparse.ArgumentParser:
+def _parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--eval-limit", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a probe that trains with one preset change and scores the held-out evaluation."""
+    parser = _parser(doc)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--eval-limit", type=int, default=64)
+    return parser
+
+
+def task_probe_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a probe that measures the tiny base per task (``--task`` repeats)."""
+    parser = _parser(doc)
+    parser.add_argument("--task", action="append", choices=["geneval", "ocr", "pref"], required=True)
     return parser
 
 

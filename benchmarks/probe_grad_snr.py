@@ -16,7 +16,6 @@ share pure noise would give.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -28,6 +27,7 @@ from opd_bench.harness import plan
 from opd_bench.policy import Policy
 from opd_bench.trainers.grpo import grpo_step
 from opd_bench.training import sample_prompts, step_seed, student_optimizer
+from probe_args import task_probe_parser
 
 
 def signal_to_noise(grads: torch.Tensor) -> dict:
@@ -57,11 +57,8 @@ def signal_to_noise(grads: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", action="append", choices=["geneval", "ocr", "pref"], required=True)
+    parser = task_probe_parser(__doc__)
     parser.add_argument("--batches", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.batches < 4:
         parser.error("--batches must be at least 4 (two halves of two)")

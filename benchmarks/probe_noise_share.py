@@ -15,7 +15,6 @@ groups of ``--continuations`` samples that share a start have any reward spread.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace
@@ -26,6 +25,7 @@ from opd_bench import suites
 from opd_bench.harness import plan
 from opd_bench.policy import Policy
 from opd_bench.sde import flow_step
+from probe_args import task_probe_parser
 
 
 @torch.no_grad()
@@ -71,16 +71,13 @@ def decompose(rewards: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", action="append", choices=["geneval", "ocr", "pref"], required=True)
+    parser = task_probe_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--starts", type=int, default=4)
     parser.add_argument("--continuations", type=int, default=4)
     parser.add_argument("--branch-at", type=int, default=0, help="share the first N steps' noise too, not only x_T")
     parser.add_argument("--noise-level", type=float, default=None, help="default: the teachers' training sampler")
     parser.add_argument("--chunk", type=int, default=4, help="prompts per forward batch")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

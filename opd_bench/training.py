@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -135,7 +135,14 @@ def add_student(policy, adapter: str, config) -> list[torch.nn.Parameter]:
     return policy.parameters(adapter)
 
 
-LR_SCHEDULES = ("constant", "cosine")
+LRSchedule = Literal["constant", "cosine"]
+LR_SCHEDULES = get_args(LRSchedule)
+
+
+def check_lr_schedule(schedule: str) -> None:
+    """A config's ``lr_schedule`` check, shared by every trainer's config."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
 
 
 def scheduled_lr(lr: float, schedule: str, step: int, steps: int) -> float:

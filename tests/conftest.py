@@ -1,3 +1,6 @@
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,3 +22,11 @@ def policy(tiny_dir):
 
     torch.manual_seed(0)
     return Policy.from_pretrained(str(tiny_dir))
+
+
+@pytest.fixture()
+def benchmark_script(monkeypatch):
+    """Import a script of ``benchmarks/`` by name, with that folder on the path as when it is run
+    from there (the probe scripts import their shared ``probe_args``)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module

@@ -5,17 +5,11 @@ device nothing is allocated, so this checks in seconds that no parameter or buff
 anywhere else, which is what makes ``--device cuda`` draw them on the GPU.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 
-def test_sd35m_stand_in_is_created_on_the_requested_device():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
-    spec = importlib.util.spec_from_file_location("bench_rollout", path)
-    bench_rollout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_rollout)
+def test_sd35m_stand_in_is_created_on_the_requested_device(benchmark_script):
+    bench_rollout = benchmark_script("bench_rollout")
 
     pipe = bench_rollout.build("sd35m", "meta")
 

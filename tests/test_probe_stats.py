@@ -1,23 +1,12 @@
 """The statistics behind the teacher probes (issue 11): the gradient signal-to-noise split and the
 share of a group's reward spread that its starting noise decides, on hand-computed cases."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 
-def _load(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_signal_is_the_dot_product_of_distinct_batches_and_noise_the_rest():
-    snr = _load("probe_grad_snr").signal_to_noise
+def test_signal_is_the_dot_product_of_distinct_batches_and_noise_the_rest(benchmark_script):
+    snr = benchmark_script("probe_grad_snr").signal_to_noise
     a, b = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([3.0, 0.0, 1.0])
     stats = snr(torch.stack([a, b, a, b]))
     # pairs: (a,b) x4, (a,a) x1, (b,b) x1 over 6 distinct pairs -> (4*3 + 5 + 10) / 6
@@ -27,8 +16,8 @@ def test_signal_is_the_dot_product_of_distinct_batches_and_noise_the_rest():
     assert stats["snr"] == pytest.approx(stats["signal"] / stats["noise"])
 
 
-def test_signal_estimate_finds_a_known_mean_inside_its_error():
-    snr = _load("probe_grad_snr").signal_to_noise
+def test_signal_estimate_finds_a_known_mean_inside_its_error(benchmark_script):
+    snr = benchmark_script("probe_grad_snr").signal_to_noise
     generator = torch.Generator().manual_seed(0)
     grads = torch.randn(40, 2000, generator=generator) + 0.1  # |E g|^2 = 20, noise 2000
     stats = snr(grads)
@@ -37,8 +26,8 @@ def test_signal_estimate_finds_a_known_mean_inside_its_error():
     assert snr(grads - 0.1)["snr_upper"] < 0.01  # no mean: only an upper bound
 
 
-def test_noise_share_is_one_when_the_start_decides_and_zero_when_it_does_not():
-    decompose = _load("probe_noise_share").decompose
+def test_noise_share_is_one_when_the_start_decides_and_zero_when_it_does_not(benchmark_script):
+    decompose = benchmark_script("probe_noise_share").decompose
     decided = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[0.5, 0.5], [0.0, 0.0]]])  # [prompts, starts, continuations]
     assert decompose(decided)["between_share"] == 1.0
     assert decompose(decided)["groups_with_spread_shared_start"] == 0.0
@@ -47,8 +36,8 @@ def test_noise_share_is_one_when_the_start_decides_and_zero_when_it_does_not():
     assert decompose(undecided)["groups_with_spread_shared_start"] == 1.0
 
 
-def test_coordinates_with_a_mean_stand_out_of_their_noise():
-    snr = _load("probe_grad_snr").signal_to_noise
+def test_coordinates_with_a_mean_stand_out_of_their_noise(benchmark_script):
+    snr = benchmark_script("probe_grad_snr").signal_to_noise
     generator = torch.Generator().manual_seed(1)
     grads = torch.randn(40, 2000, generator=generator)
     null = snr(grads)

@@ -24,7 +24,9 @@ from opd_bench.rewards import Reward
 from opd_bench.rl import clipped_policy_loss, group_advantages, step_at, train_step_indices, zero_spread_share
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
-from opd_bench.training import LR_SCHEDULES, GradVariance, TrainingRun, sample_prompts, step_seed, student_optimizer
+from opd_bench.training import (
+    GradVariance, LRSchedule, TrainingRun, check_lr_schedule, sample_prompts, step_seed, student_optimizer,
+)
 
 Aggregation = Literal["own", "sum-then-normalise", "normalise-then-sum"]
 
@@ -50,7 +52,7 @@ class GRPOConfig:
     kl_beta: float = 0.0
     kl_weighting: Literal["step", "reference"] = "step"
     lr: float = 3e-4
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 over `steps`
+    lr_schedule: LRSchedule = "constant"  # cosine: decays to 0 over `steps`
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     lora_rank: int = 8
@@ -87,8 +89,7 @@ class GRPOConfig:
             raise ValueError(f"aggregation must be own, sum-then-normalise or normalise-then-sum, got {self.aggregation!r}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must be in (0, 1) or None, got {self.ema}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        check_lr_schedule(self.lr_schedule)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -28,7 +28,9 @@ from opd_bench.rewards import Reward
 from opd_bench.rl import clipped_policy_loss, distillation_loss, process_reward, step_at, train_step_indices
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
-from opd_bench.training import LR_SCHEDULES, GradVariance, TrainingRun, sample_prompts, step_seed, student_optimizer
+from opd_bench.training import (
+    GradVariance, LRSchedule, TrainingRun, check_lr_schedule, sample_prompts, step_seed, student_optimizer,
+)
 
 
 def teacher_adapter_name(task: str) -> str:
@@ -52,7 +54,7 @@ class OPDConfig:
     detach_uncond: bool = False
     clip_range: float = 0.2  # ppo mode
     lr: float = 3e-4
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 over `steps`
+    lr_schedule: LRSchedule = "constant"  # cosine: decays to 0 over `steps`
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     lora_rank: int = 8
@@ -81,8 +83,7 @@ class OPDConfig:
             raise ValueError(f"invalid OPD config value(s) for {bad}")
         if self.weighting not in ("step", "reference"):
             raise ValueError(f"weighting must be 'step' or 'reference', got {self.weighting!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        check_lr_schedule(self.lr_schedule)
 
     def to_dict(self) -> dict:
         return asdict(self)
