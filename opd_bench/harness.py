@@ -33,8 +33,9 @@ from opd_bench.trainers.grpo import GRPOConfig
 from opd_bench.trainers.opd import OPDConfig
 
 # 2: per-image scores of the final evaluations, the seeds of every result cell, adapter hashes.
-# Version 1 files are still read (report, leaderboard) but can no longer be submitted.
-SCHEMA_VERSION = 2
+# 3: config['eval']['seed'], the noise seed of every final evaluation (in 2, each cell's training seed).
+# Versions 1 and 2 are still read (report, leaderboard); 1 can no longer be verified, neither submitted.
+SCHEMA_VERSION = 3
 RUN_MARKER = ".opd-bench-run"
 METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
 METHOD_CHOICES = ("all", "teachers", *METHODS)
@@ -51,6 +52,10 @@ class RunPlan:
     cascade: CascadeConfig
     eval_limit: int | None = 32  # test prompts per benchmark for the final evaluations
     eval_images_per_prompt: int | None = 2  # None: each benchmark's own (GenEval: 4)
+    # Noise seed of every final evaluation. One seed for all models pairs their images (same
+    # prompt, same starting noise), so a difference between two models is theirs, not the
+    # sampler's; None scores each cell with its training seed (schema 2 runs).
+    eval_seed: int | None = 0
     train_eval_limit: int = 12  # test prompts per benchmark for the curves during training
     variance_batches: tuple[int, ...] = (1, 2, 4, 8)
     variance_noise_levels: tuple[float, ...] = (0.1, 0.3, 0.7, 1.0)
@@ -102,6 +107,9 @@ def _standard() -> RunPlan:
         multi_reward=MultiRewardConfig(steps=steps, **student_grpo),
         cascade=CascadeConfig(stages=[("pref", 20), ("geneval", 20), ("ocr", 20)],
                               grpo=GRPOConfig(steps=steps, **student_grpo)),
+        # 160 test prompts x 2 images per task: on 32 the teachers' and students' gains were within
+        # the evaluation's own noise (docs/benchmarks.md, P1 and P2).
+        eval_limit=160,
     )
 
 
@@ -344,6 +352,10 @@ class Harness:
             self.policy.load_adapter(adapter, adapter_dir)
         return adapter
 
+    def eval_noise_seed(self, seed: int) -> int:
+        """The noise seed of the final evaluation of a cell trained with ``seed``."""
+        return seed if self.plan.eval_seed is None else self.plan.eval_seed
+
     def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int) -> dict:
         """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``."""
         from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
@@ -355,14 +367,15 @@ class Harness:
                 return record
         adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings.of_suite(self.suite)
+        noise_seed = self.eval_noise_seed(seed)
         started = time.perf_counter()
         with self.policy.use(adapter):
             result = evaluate_suite(
-                self.suite, policy_source(self.policy, settings), seed=seed, limit=self.plan.eval_limit,
+                self.suite, policy_source(self.policy, settings), seed=noise_seed, limit=self.plan.eval_limit,
                 images_per_prompt=self.plan.eval_images_per_prompt, progress=self.progress,
             )
         per_image = {bench: [_score(v) for v in values] for bench, values in result["per_image"].items()}
-        record = {"seed": seed, "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
+        record = {"seed": seed, "eval_seed": noise_seed, "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
                   "seconds": round(time.perf_counter() - started, 2)}  # benchmarks/bench_run_memory.py reads it
         atomic_write_json(path, record, compact_lists=True)
         return record
@@ -499,13 +512,15 @@ class Harness:
                 "teachers": asdict(self.plan.teacher), "opd": asdict(self.plan.opd), "opd-ppo": asdict(self.plan.opd_ppo),
                 "multi-reward": asdict(self.plan.multi_reward), "cascade": asdict(self.plan.cascade),
                 "eval": {"limit": self.plan.eval_limit, "images_per_prompt": self.plan.eval_images_per_prompt,
+                         "seed": self.plan.eval_seed,
                          "num_steps": self.suite.num_steps, "guidance_scale": self.suite.guidance_scale,
                          "noise_level": self.suite.noise_level, "resolution": self.resolution},
             },
             "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": gradient_variance,
             "compute": compute, "variance": variance, "cascade_stages": cascade_stages if "cascade" in methods else [],
             # what `opd-bench verify` needs: every image's score (image i of a benchmark shows test prompt
-            # i // images_per_prompt, generated with the cell's seed) and the adapters that made them
+            # i // images_per_prompt, generated with noise seed config['eval']['seed'], or the cell's own
+            # seed where that is null) and the adapters that made them
             "per_image": {name: {str(seed): evals[name][seed]["per_image"] for seed in per_seed} for name, per_seed in evals.items()},
             "artifacts": {
                 name: {str(seed): {"path": folder.relative_to(self.out).as_posix(), "sha256": adapter_sha256(folder)}

@@ -7,7 +7,7 @@ Layout under ``root`` (default ``leaderboard/``)::
     leaderboard.csv                   the same rows, machine-readable (``rebuild``)
 
 ``check_results`` checks a results dict's shape and internal consistency against the *installed*
-suite (its version, the sha256 of every prompt file, and, for schema 2, that every per-seed score
+suite (its version, the sha256 of every prompt file, and, from schema 2 on, that every per-seed score
 is the suite's aggregate of the recorded per-image scores and every mean and std those of the
 per-seed scores). ``validate`` adds what a listing needs: the current schema, a listed preset
 (never ``smoke``) and the preset's training budget. ``submit`` also re-evaluates a sample of the
@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 from opd_bench.io import atomic_write_bytes, json_text
 
-SCHEMA_VERSION = 2  # what `opd-bench run` writes and `submit` takes; 1 is still read (listed as legacy)
-READABLE_SCHEMAS = (1, 2)
+SCHEMA_VERSION = 3  # what `opd-bench run` writes and `submit` takes; 1 and 2 are still read (1 listed as legacy)
+READABLE_SCHEMAS = (1, 2, 3)
 MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
 LISTED_PRESETS = ("standard", "paper")  # smoke runs check the pipeline; their scores are not results
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -119,7 +119,7 @@ def _check_per_image(results: dict, suite, method: str, seed: int, bench: str, e
 
 def check_results(results: dict) -> None:
     """Raise ``SubmissionError`` (one line: the problem and the fix) unless ``results`` is a
-    well-formed, internally consistent result file (schema 1 or 2) of an installed suite."""
+    well-formed, internally consistent result file (schema 1, 2 or 3) of an installed suite."""
     if not isinstance(results, dict):
         raise SubmissionError(f"results must be a JSON object, got {type(results).__name__}; "
                               "submit the results.json written by `opd-bench run`")
@@ -304,7 +304,7 @@ def validate(results: dict) -> None:
     check_results(results)
     if results["schema_version"] != SCHEMA_VERSION:
         raise SubmissionError(f"schema_version is {results['schema_version']!r}; submissions need version {SCHEMA_VERSION} "
-                              "(per-image scores and adapter hashes, so they can be verified), re-run with this opd-bench")
+                              "(per-image scores, adapter hashes and one evaluation noise seed, so they can be verified), re-run with this opd-bench")
     check_listable(results)
 
 
@@ -532,7 +532,7 @@ opd-bench submit runs/NAME --name NAME
 opd-bench leaderboard
 ```
 
-**How entries are checked.** `submit` accepts a `results.json` (schema version 2, at most 2 MiB)
+**How entries are checked.** `submit` accepts a `results.json` (schema version 3, at most 2 MiB)
 only if its suite and suite version are installed, the sha256 of every prompt file (test and train)
 matches the installed suite, a run of a shipped base (`tiny`) used the installed base's weights (its
 recorded fingerprint: a new release's base makes older entries no longer valid), every method

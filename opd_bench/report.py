@@ -513,7 +513,20 @@ class _Report:
             f"date: {r.get('date', 'n/a')}, opd-bench {r.get('package_version', 'n/a')}, "
             f"commit: {r.get('git_commit') or 'n/a'}",
             f"benchmarks: {', '.join(self.benchmarks) or 'n/a'}; overall = mean of {', '.join(self.headline) or 'n/a'}",
+            self.evaluation_line(),
         ])
+
+    def evaluation_line(self) -> str:
+        """How the final scores were sampled: prompts, images and the noise seed."""
+        record = _dict(_dict(self.r.get("config")).get("eval"))
+        if not record:
+            return "final evaluation: settings not recorded"
+        limit, images = record.get("limit"), record.get("images_per_prompt")
+        prompts = "every test prompt" if limit is None else f"{limit} test prompts"
+        per_prompt = "each benchmark's own images" if images is None else f"{images} images"
+        noise = (f"noise seed {record['seed']} for every model, so all are scored on the same starting noise"
+                 if isinstance(record.get("seed"), int) else "each cell's training seed as noise seed")
+        return f"final evaluation: {prompts} x {per_prompt} per benchmark, {noise}"
 
     def scores(self) -> None:
         if not self.methods:

@@ -1,13 +1,13 @@
 """``opd-bench verify RUN_DIR``: check a run's final scores against its own artefacts.
 
-``results.json`` (schema 2) records every image's score of every final evaluation and the sha256
+``results.json`` (schema 2 or 3) records every image's score of every final evaluation and the sha256
 of every trained adapter. Verification
 
 1. checks the file's internal consistency (``leaderboard.check_results``: each per-seed score is
    the suite's aggregate of its per-image scores, each mean and std those of its per-seed scores),
 2. checks that every adapter in the run folder still has its recorded sha256,
 3. regenerates a sample of the final evaluation's images from the base model and those adapters
-   (the recorded seeds and sampler settings) and scores them with the suite's rewards, and
+   (the recorded noise seed, or each cell's seed in schema 2, and sampler settings) and scores them with the suite's rewards, and
 4. compares each image's new score with the recorded one.
 
 The sample is ``prompts`` test prompts per benchmark, ranked by a sha256 of the run's identity,
@@ -155,12 +155,14 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
         if folder is not None:
             adapter = f"verify_{i}"
             policy.load_adapter(adapter, folder)
+        # schema 3 records one noise seed for every evaluation; schema 2 used each cell's own seed
+        noise_seed = seed if settings_record.get("seed") is None else settings_record["seed"]
         with policy.use(adapter):
             for task, (spec, test, repeats, sampled) in plan.items():
                 misses: list[dict] = []
                 for index in sampled:
                     # the same prompt, seed and noise indices as image index*repeats.. of the evaluation
-                    images = source([test[index]] * repeats, seed, index * repeats)
+                    images = source([test[index]] * repeats, noise_seed, index * repeats)
                     texts, metadata = [test[index].text] * repeats, [test[index].metadata] * repeats
                     for bench, scorer in scorers[task].items():
                         recorded = results["per_image"][name][str(seed)][bench]

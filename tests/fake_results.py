@@ -85,7 +85,7 @@ def standard_config() -> dict:
     p = plan("standard")
     return json.loads(json.dumps({"teachers": asdict(p.teacher), "opd": asdict(p.opd), "opd-ppo": asdict(p.opd_ppo),
                                   "multi-reward": asdict(p.multi_reward), "cascade": asdict(p.cascade),
-                                  "eval": {"limit": EVAL_LIMIT, "images_per_prompt": EVAL_IMAGES, "num_steps": 10,
+                                  "eval": {"limit": EVAL_LIMIT, "images_per_prompt": EVAL_IMAGES, "seed": 0, "num_steps": 10,
                                            "guidance_scale": 4.5, "noise_level": 0.0, "resolution": None}}))
 
 
@@ -160,7 +160,7 @@ def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed:
                                   "ratio_ppo_over_analytic": vp / va, "rel_var_analytic": va / 2, "rel_var_ppo": vp / 2,
                                   "cosine_of_means": rng.uniform(0.8, 1.0)})
     return {
-        "schema_version": 2, "package_version": "0.1.0", "git_commit": "0123456789abcdef", "date": "2026-11-26T06:00:00Z",
+        "schema_version": 3, "package_version": "0.1.0", "git_commit": "0123456789abcdef", "date": "2026-11-26T06:00:00Z",
         "command": "opd-bench run --method all --suite tiny --out runs/fake", "suite": "tiny", "suite_version": _suite_version(),
         "prompt_hashes": prompt_hashes(), "model": "tiny", "model_sha256": suites.model_fingerprint("tiny"), "preset": "standard",
         "seeds": seeds, "benchmarks": list(BENCHMARKS), "headline": list(HEADLINE), "config": config,

@@ -25,7 +25,8 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_a_valid_result_file(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
     check_results(results)
-    assert results["schema_version"] == 2 and results["suite"] == "tiny" and results["seeds"] == [0]
+    assert results["schema_version"] == 3 and results["suite"] == "tiny" and results["seeds"] == [0]
+    assert results["config"]["eval"]["seed"] == 0
     assert (smoke_run / ".opd-bench-run").is_file()
     for method in METHODS:
         for bench in ("geneval", "ocr", "pref", "pref_oracle"):
@@ -138,6 +139,11 @@ def test_a_partial_rerun_adds_to_the_results(smoke_run, tmp_path):
             if method != "opd":
                 assert after["results"][method][bench] == cell
     assert set(after["per_image"]["opd"]) == {"0", "1"} and set(after["artifacts"]["opd"]) == {"0", "1"}
+    # the seed-1 cell was scored with the run's one noise seed, and verify regenerates it with that seed
+    assert json.loads((out / "evals" / "opd-seed1.json").read_text())["eval_seed"] == after["config"]["eval"]["seed"] == 0
+    from opd_bench.verify import verify_run
+
+    assert verify_run(out, models=["opd"])["ok"]
 
 
 def test_paper_preset_follows_the_published_settings():
@@ -210,3 +216,18 @@ def test_force_never_deletes_the_working_directory_or_its_parents(tmp_path, monk
         with pytest.raises(FileExistsError, match="working directory or a folder above it"):
             _harness(out, force=True)
         assert (run / ".opd-bench-run").is_file() and inner.is_dir()
+
+
+def test_every_final_evaluation_shares_one_noise_seed(tmp_path):
+    """With the plan's eval_seed (0 by default) the same model scores the same whatever cell seed it
+    is filed under: all models see the same starting noise. eval_seed=None restores schema 2's
+    per-cell noise, under which the two evaluations differ."""
+    from dataclasses import replace
+
+    paired = _harness(tmp_path / "paired")
+    first, second = paired.evaluate_cell("base", None, 0), paired.evaluate_cell("base", None, 1)
+    assert first["eval_seed"] == second["eval_seed"] == 0 and first["per_image"] == second["per_image"]
+    own = _harness(tmp_path / "own")
+    own.plan = replace(own.plan, eval_seed=None)
+    again = own.evaluate_cell("base", None, 1)
+    assert again["eval_seed"] == 1 and again["per_image"] != second["per_image"]

@@ -99,7 +99,7 @@ def _mutations():
         r["results"]["opd"]["pref"]["per_seed"][0] = float("nan")
 
     def schema(r):
-        r["schema_version"] = 3
+        r["schema_version"] = 4
 
     def prompt_hash(r):
         r["prompt_hashes"]["ocr"]["test"] = "0" * 64
