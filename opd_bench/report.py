@@ -362,6 +362,26 @@ class _Report:
             return []
         return [sum(p[i] for p in per) / len(per) for i in range(len(per[0]))]
 
+    def paired_se(self, model: str, bench: str) -> float | None:
+        """Standard error of ``model``'s gain over the base on ``bench`` from the per-image
+        differences, where both were scored on the same noise (one evaluation seed, schema 3) and
+        the score is the plain mean of its images (not GenEval's mean over tags); else None."""
+        if not isinstance(_dict(_dict(self.r.get("config")).get("eval")).get("seed"), int):
+            return None
+        def first_seed_images(name: str) -> list:  # teachers and the base have one seed
+            seeds = _list(self.score(name, bench).get("seeds"))
+            per_seed = _dict(_dict(self.r.get("per_image")).get(name))
+            return [_num(v) for v in _list(_dict(per_seed.get(str(seeds[0]))).get(bench))] if seeds else []
+
+        ours, base = first_seed_images(model), first_seed_images("base")
+        if len(ours) < 2 or len(ours) != len(base) or any(v is None for v in ours + base):
+            return None
+        mean = self.mean(model, bench)
+        if mean is None or abs(sum(ours) / len(ours) - mean) > 1e-6 * max(1.0, abs(mean)):
+            return None
+        _, sd = self._mean_sd([x - y for x, y in zip(ours, base)])
+        return sd / len(ours) ** 0.5
+
     @staticmethod
     def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
         if not values:
@@ -392,6 +412,9 @@ class _Report:
                 parts.append(f"{task}: not in the file")
                 continue
             text = f"{task}: {self._ms(teacher, task)} vs base {self._ms('base', task)}, gain {g:+.3f}"
+            se = self.paired_se(teacher, task)
+            if se is not None:
+                text += f" (± {se:.3f} s.e. over the paired images)"
             if task != "pref":
                 oks.append(g >= 0.15)
                 parts.append(text + " (needs >= +0.15)")

@@ -209,3 +209,23 @@ def test_findings_with_single_seed_and_few_methods(tmp_path):
     assert lines[1].startswith("OPD keeps >= 85% of every teacher's gain: not testable. no teachers in the file")
     assert "vs multi-reward: not in the file" in lines[2]
     assert "not testable" in lines[3]
+
+
+def test_a_teachers_gain_carries_its_paired_standard_error(tmp_path):
+    """Scored on one evaluation noise seed, base and teacher images pair up: the gain's standard
+    error comes from the per-image differences (here by hand). Not where the score is not the plain
+    mean of its images (GenEval's mean over unbalanced tags), nor where each cell had its own noise seed."""
+    results = make_results()
+    ours, base = results["per_image"]["teacher/pref"]["0"]["pref"], results["per_image"]["base"]["0"]["pref"]
+    differences = [a - b for a, b in zip(ours, base)]
+    mean = sum(differences) / len(differences)
+    se = (sum((d - mean) ** 2 for d in differences) / (len(differences) - 1) / len(differences)) ** 0.5
+    teachers = _findings(tmp_path / "paired", results)[0]
+    assert f"gain {results['results']['teacher/pref']['pref']['mean'] - results['results']['base']['pref']['mean']:+.3f}" \
+           f" (± {se:.3f} s.e. over the paired images)" in teachers
+    assert teachers.count("s.e. over the paired images") == 3  # the fake GenEval's tags are balanced: a plain mean
+    # a score that is not the plain mean of its images (as GenEval's over unbalanced tags) gets none
+    _set_scores(results, "teacher/ocr", "ocr", [results["results"]["teacher/ocr"]["ocr"]["mean"] + 0.01])
+    assert _findings(tmp_path / "tagged", results)[0].count("s.e. over the paired images") == 2
+    results["config"]["eval"]["seed"] = None
+    assert "s.e." not in _findings(tmp_path / "own", results)[0]
