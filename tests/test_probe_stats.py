@@ -44,3 +44,13 @@ def test_coordinates_with_a_mean_stand_out_of_their_noise(benchmark_script):
     assert null["coords_t_above_3"] < 3 * null["coords_t_above_3_if_no_signal"]
     grads[:, :100] += 1.0  # t about 6 on 5% of the coordinates
     assert snr(grads)["coords_t_above_3"] == pytest.approx(0.05 + null["coords_t_above_3"], abs=0.005)
+
+
+def test_paired_gain_and_share_kept_by_hand(benchmark_script):
+    precision = benchmark_script("eval_precision")
+    gain, se = precision.paired_gain([3.0, 5.0, 4.0], [1.0, 2.0, 3.0])  # differences 2, 3, 1
+    assert gain == pytest.approx(2.0) and se == pytest.approx(1.0 / 3 ** 0.5)
+    # teacher gains 2 over the base, the student 1.5
+    assert precision.share_kept([2.5, 2.5], [3.0, 3.0], [1.0, 1.0]) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        precision.paired_gain([1.0, 2.0], [1.0])  # images that do not pair up
