@@ -6,7 +6,7 @@ held-out prompts and noise (the probe behind the `standard` preset's teacher set
 Starts from the `standard` preset's teacher config; every ``--set FIELD=VALUE`` changes one field.
 Prints one JSON line: the settings, wall minutes, the training-batch reward per step, and the
 held-out score of base and teacher (first ``--eval-limit`` test prompts, 2 images each, per tag for
-GenEval) with the suite's evaluation sampler (ODE) and with the teacher's training sampler (SDE).
+GenEval; the benchmark's evaluation-only rewards too, e.g. pref_oracle for pref) with the suite's evaluation sampler (ODE) and with the teacher's training sampler (SDE).
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def main() -> None:
 
     def score(adapter: str | None, sampler: SamplerSettings = settings) -> dict:
         result = held_out(policy, adapter, spec, sampler, held_out_reward, args.eval_limit)
-        return {"score": round(result["score"], 4), **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {})}
+        return {"score": round(result["score"], 4),
+                **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {}),
+                # the benchmark's evaluation-only rewards, e.g. pref's hidden taste (pref_oracle)
+                **{key: round(value, 4) for key, value in result["extra"].items()}}
 
     before, before_sde = score(None), score(None, train_settings)
     started = time.perf_counter()
