@@ -6,7 +6,9 @@ held-out prompts and noise (the probe behind the `standard` preset's teacher set
 Starts from the `standard` preset's teacher config; every ``--set FIELD=VALUE`` changes one field.
 Prints one JSON line: the settings, wall minutes, the training-batch reward per step, and the
 held-out score of base and teacher (first ``--eval-limit`` test prompts, 2 images each, per tag for
-GenEval; the benchmark's evaluation-only rewards too, e.g. pref_oracle for pref) with the suite's evaluation sampler (ODE) and with the teacher's training sampler (SDE).
+GenEval; the benchmark's evaluation-only rewards too, e.g. pref_oracle for pref) with the suite's
+evaluation sampler (ODE) and with the teacher's training sampler (SDE), and for the ODE each gain
+with the standard error of its per-image differences (``gain_and_se``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from opd_bench.harness import plan
 from opd_bench.policy import Policy
 from opd_bench.trainers.grpo import GRPOTrainer
 from opd_bench.training import read_metrics
+from eval_precision import paired_gain
 from probe_args import held_out, probe_config, probe_parser
 
 
@@ -46,8 +49,12 @@ def main() -> None:
     # the training sampler too: does what the teacher learned on its SDE rollouts carry to the ODE?
     train_settings = SamplerSettings(config.num_steps, config.guidance_scale, config.noise_level)
 
+    per_image: dict[str | None, dict] = {}  # the ODE evaluation's per-image scores, base (None) and teacher
+
     def score(adapter: str | None, sampler: SamplerSettings = settings) -> dict:
         result = held_out(policy, adapter, spec, sampler, held_out_reward, args.eval_limit)
+        if sampler is settings:
+            per_image[adapter] = result["per_image"]
         return {"score": round(result["score"], 4),
                 **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {}),
                 # the benchmark's evaluation-only rewards, e.g. pref's hidden taste (pref_oracle)
@@ -64,8 +71,11 @@ def main() -> None:
         # the saved adapter, as the harness evaluates it: with `ema` set it holds the averaged weights
         policy.load_adapter("probe_final", final)
         after, after_sde = score("probe_final"), score("probe_final", train_settings)
+    # base and teacher saw the same prompts and noise: their per-image differences give each gain's error
+    paired = {key: [round(v, 4) for v in paired_gain(values, per_image[None][key])]
+              for key, values in per_image["probe_final"].items()}
     print(json.dumps({"task": args.task, "tag": args.tag, "steps": args.steps, "overrides": overrides, "threads": args.threads,
-                      "train_minutes": round(minutes, 2), "base": before, "teacher": after,
+                      "train_minutes": round(minutes, 2), "base": before, "teacher": after, "gain_and_se": paired,
                       "training_sampler": {"base": before_sde, "teacher": after_sde}, "train_reward": curve}))
 
 
