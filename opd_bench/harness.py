@@ -34,7 +34,7 @@ from opd_bench.trainers.opd import OPDConfig
 
 # 2: per-image scores of the final evaluations, the seeds of every result cell, adapter hashes.
 # 3: config['eval']['seed'], the noise seed of every final evaluation (in 2, each cell's training seed).
-# Versions 1 and 2 are still read (report, leaderboard); 1 can no longer be verified, neither submitted.
+# Versions 1 and 2 are still read (report, leaderboard); 1 can be neither verified nor submitted.
 SCHEMA_VERSION = 3
 RUN_MARKER = ".opd-bench-run"
 METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")

@@ -127,6 +127,12 @@ def check_results(results: dict) -> None:
     if version not in READABLE_SCHEMAS:
         raise SubmissionError(f"schema_version is {version!r}, this opd-bench reads versions {list(READABLE_SCHEMAS)}; "
                               "re-run with this opd-bench version or upgrade opd-bench")
+    config = results.get("config")
+    evaluation = config.get("eval") if isinstance(config, dict) else None
+    seed = evaluation.get("seed") if isinstance(evaluation, dict) else None
+    if version >= 3 and (isinstance(seed, bool) or not (seed is None or isinstance(seed, int))):
+        raise SubmissionError(f"config['eval']['seed'] is {seed!r}; it must be the final evaluation's noise seed "
+                              "(an integer, or null for each cell's own seed); submit the results.json written by `opd-bench run`")
 
     from opd_bench import suites
 

@@ -7,7 +7,8 @@ of every trained adapter. Verification
    the suite's aggregate of its per-image scores, each mean and std those of its per-seed scores),
 2. checks that every adapter in the run folder still has its recorded sha256,
 3. regenerates a sample of the final evaluation's images from the base model and those adapters
-   (the recorded noise seed, or each cell's seed in schema 2, and sampler settings) and scores them with the suite's rewards, and
+   (the recorded noise seed, each cell's own seed in schema 2, and the recorded sampler settings)
+   and scores them with the suite's rewards, and
 4. compares each image's new score with the recorded one.
 
 The sample is ``prompts`` test prompts per benchmark, ranked by a sha256 of the run's identity,

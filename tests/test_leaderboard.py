@@ -153,9 +153,12 @@ def _mutations():
     def schema_1(r):  # legacy files are listed, never submitted
         r["schema_version"] = 1
 
+    def eval_seed(r):  # schema 3: the one noise seed of the final evaluations
+        r["config"]["eval"]["seed"] = "0"
+
     return [missing_benchmark, out_of_range, not_finite, schema, prompt_hash, suite_version, unknown_suite, earlier_base, seeds,
             edited_mean, edited_mean_and_per_seed, edited_std, edited_per_image, smoke, smoke_budget_relabelled,
-            unfinished, adapter_hash, adapter_path, cell_seeds, schema_1]
+            unfinished, adapter_hash, adapter_path, cell_seeds, schema_1, eval_seed]
 
 
 @pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
