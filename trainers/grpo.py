@@ -201,7 +201,7 @@ def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, g
                 reference = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale)
             kl = step_kl(current.mean, reference.mean, current.std, weighting=config.kl_weighting, dt=current.dt)
             per_pair = per_pair + config.kl_beta * kl
-            totals["kl"] += float(kl.sum())
+            totals["kl"] += float(kl.detach().sum())
         (per_pair.sum() / len(pairs)).backward()
         if grad_variance is not None:
             grad_variance.record()
