@@ -19,11 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-
-def paired_gain(model: list[float], base: list[float]) -> tuple[float, float]:
-    """Mean per-image difference ``model - base`` and its standard error."""
-    differences = [m - b for m, b in zip(model, base, strict=True)]
-    return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
+from opd_bench.report import paired_gain
 
 
 def share_kept(student: list[float], teacher: list[float], base: list[float]) -> float:

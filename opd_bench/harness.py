@@ -29,13 +29,10 @@ from opd_bench import __version__, distributed
 from opd_bench.baselines.cascade import CascadeConfig
 from opd_bench.baselines.multi_reward import MultiRewardConfig
 from opd_bench.io import atomic_write_json, json_differences
+from opd_bench.leaderboard import SCHEMA_VERSION, eval_noise_seed
 from opd_bench.trainers.grpo import GRPOConfig
 from opd_bench.trainers.opd import OPDConfig
 
-# 2: per-image scores of the final evaluations, the seeds of every result cell, adapter hashes.
-# 3: config['eval']['seed'], the noise seed of every final evaluation (in 2, each cell's training seed).
-# Versions 1 and 2 are still read (report, leaderboard); 1 can be neither verified nor submitted.
-SCHEMA_VERSION = 3
 RUN_MARKER = ".opd-bench-run"
 METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
 METHOD_CHOICES = ("all", "teachers", *METHODS)
@@ -352,10 +349,6 @@ class Harness:
             self.policy.load_adapter(adapter, adapter_dir)
         return adapter
 
-    def eval_noise_seed(self, seed: int) -> int:
-        """The noise seed of the final evaluation of a cell trained with ``seed``."""
-        return seed if self.plan.eval_seed is None else self.plan.eval_seed
-
     def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int) -> dict:
         """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``."""
         from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
@@ -367,7 +360,7 @@ class Harness:
                 return record
         adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings.of_suite(self.suite)
-        noise_seed = self.eval_noise_seed(seed)
+        noise_seed = eval_noise_seed(self.plan.eval_seed, seed)
         started = time.perf_counter()
         with self.policy.use(adapter):
             result = evaluate_suite(

@@ -33,8 +33,18 @@ from typing import Any, Callable
 
 from opd_bench.io import atomic_write_bytes, json_text
 
-SCHEMA_VERSION = 3  # what `opd-bench run` writes and `submit` takes; 1 and 2 are still read (1 listed as legacy)
+# The result file's version: what `opd-bench run` writes and `submit` takes.
+# 2: per-image scores of the final evaluations, the seeds of every result cell, adapter hashes.
+# 3: config['eval']['seed'], the noise seed of every final evaluation (in 2, each cell's training seed).
+# Versions 1 and 2 are still read (report, leaderboard); 1 is listed as legacy, never verified or submitted.
+SCHEMA_VERSION = 3
 READABLE_SCHEMAS = (1, 2, 3)
+
+
+def eval_noise_seed(eval_seed: int | None, cell_seed: int) -> int:
+    """The noise seed a cell's final evaluation draws with: the run's one ``config['eval']['seed']``,
+    or, where that is null (schema 2), the cell's own training seed."""
+    return cell_seed if eval_seed is None else eval_seed
 MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
 LISTED_PRESETS = ("standard", "paper")  # smoke runs check the pipeline; their scores are not results
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

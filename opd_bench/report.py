@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -98,6 +99,13 @@ def palette(methods: Iterable[str]) -> dict[str, str]:
     for method in sorted(set(methods), key=method_key):
         colours[method] = FIXED_COLOURS.get(method) or next(spare)
     return colours
+
+
+def paired_gain(model: list[float], base: list[float]) -> tuple[float, float]:
+    """Mean per-image difference ``model - base`` and its standard error, for two evaluations of
+    the same prompts from the same starting noise (image ``i`` of one pairs with image ``i`` of the other)."""
+    differences = [m - b for m, b in zip(model, base, strict=True)]
+    return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
 
 
 def _dict(value: Any) -> dict:
@@ -368,6 +376,7 @@ class _Report:
         the score is the plain mean of its images (not GenEval's mean over tags); else None."""
         if not isinstance(_dict(_dict(self.r.get("config")).get("eval")).get("seed"), int):
             return None
+
         def first_seed_images(name: str) -> list:  # teachers and the base have one seed
             seeds = _list(self.score(name, bench).get("seeds"))
             per_seed = _dict(_dict(self.r.get("per_image")).get(name))
@@ -379,8 +388,7 @@ class _Report:
         mean = self.mean(model, bench)
         if mean is None or abs(sum(ours) / len(ours) - mean) > 1e-6 * max(1.0, abs(mean)):
             return None
-        _, sd = self._mean_sd([x - y for x, y in zip(ours, base)])
-        return sd / len(ours) ** 0.5
+        return paired_gain(ours, base)[1]
 
     @staticmethod
     def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from opd_bench.leaderboard import SubmissionError
+from opd_bench.leaderboard import SubmissionError, eval_noise_seed
 
 DEFAULT_PROMPTS = 8
 ATOL = 1e-3
@@ -156,8 +156,7 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
         if folder is not None:
             adapter = f"verify_{i}"
             policy.load_adapter(adapter, folder)
-        # schema 3 records one noise seed for every evaluation; schema 2 used each cell's own seed
-        noise_seed = seed if settings_record.get("seed") is None else settings_record["seed"]
+        noise_seed = eval_noise_seed(settings_record.get("seed"), seed)
         with policy.use(adapter):
             for task, (spec, test, repeats, sampled) in plan.items():
                 misses: list[dict] = []
