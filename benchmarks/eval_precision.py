@@ -8,6 +8,11 @@ keeps move when only the first ``k`` prompts of the evaluation are kept:
 
     python benchmarks/eval_precision.py runs/standard-v9 --prompts 32,64,96,160
 
+``--against OTHER_RUN`` compares two runs evaluated on the same prompts and noise (e.g. one design
+change between them): for every model in both, the mean per-image difference ``RUN - OTHER_RUN``
+and its standard error, seed by seed. The base is the same model in both, so its difference must
+be zero: the check that the two evaluations pair up.
+
 GenEval's score is a mean over tags, so its per-image mean difference is only close to the gain in
 the results table; for the other benchmarks it is the gain.
 """
@@ -28,16 +33,42 @@ def share_kept(student: list[float], teacher: list[float], base: list[float]) ->
     return (statistics.fmean(student) - base_mean) / (statistics.fmean(teacher) - base_mean)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="a run folder (or its results.json)")
-    parser.add_argument("--prompts", default="", help="comma-separated prompt counts k for the subsample table")
-    args = parser.parse_args()
-    path = args.run / "results.json" if args.run.is_dir() else args.run
+def load_paired(run: Path) -> dict:
+    """A run's results, refused unless every model in it was scored on one noise seed."""
+    path = run / "results.json" if run.is_dir() else run
     results = json.loads(path.read_text())
     if not isinstance(results.get("config", {}).get("eval", {}).get("seed"), int):
         raise SystemExit(f"{path} scored each cell with its own noise seed (schema 2): its images do not pair up; "
                          "use a run made with opd-bench's schema 3")
+    return results
+
+
+def compare_runs(results: dict, other: dict) -> None:
+    """Print ``results - other`` per model, benchmark and seed, on the images both runs share."""
+    keys = ("seed", "limit", "images_per_prompt")
+    if [results["config"]["eval"][k] for k in keys] != [other["config"]["eval"][k] for k in keys]:
+        raise SystemExit("the two runs' evaluations differ (seed, prompts or images per prompt): their images do not pair up")
+    for name, per_seed in results["per_image"].items():
+        theirs = other["per_image"].get(name, {})
+        for seed in sorted(set(per_seed) & set(theirs)):
+            cells = []
+            for bench in results["benchmarks"]:
+                if bench in per_seed[seed] and bench in theirs[seed]:
+                    gain, se = paired_gain(per_seed[seed][bench], theirs[seed][bench])
+                    cells.append(f"{bench} {gain:+.3f} ± {se:.3f}")
+            print(json.dumps({"model": name, "seed": seed, "difference ± s.e.": cells}, ensure_ascii=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a run folder (or its results.json)")
+    parser.add_argument("--prompts", default="", help="comma-separated prompt counts k for the subsample table")
+    parser.add_argument("--against", type=Path, default=None, help="another run on the same evaluation: print RUN - AGAINST per model")
+    args = parser.parse_args()
+    results = load_paired(args.run)
+    if args.against is not None:
+        compare_runs(results, load_paired(args.against))
+        return
     images, per_prompt = results["per_image"], results["config"]["eval"]["images_per_prompt"] or 1
     base = images["base"][str(results["results"]["base"][results["benchmarks"][0]]["seeds"][0])]
     for name, per_seed in images.items():

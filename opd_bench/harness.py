@@ -88,8 +88,12 @@ def _standard() -> RunPlan:
     # r32) for the GRPO students, which at 1e-3 and r32 fell below the base (M1-M3).
     steps = 60
     student_lora = dict(lora_rank=32, lora_alpha=64)
+    # Every GRPO run (teachers, multi-reward, cascade) keeps Flow-GRPO's KL penalty to the base: without
+    # it every pref teacher seed lost 0.013-0.036 of the hidden taste pref_oracle, with it none lost
+    # more than 0.004 (docs/benchmarks.md, K0-K1).
     grpo = dict(prompts_per_step=3, group_size=4, num_steps=8, noise_level=0.7, train_fraction=0.5, lr=1e-3,
-                lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2)
+                lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2,
+                kl_beta=0.04)
     student_grpo = {**grpo, **student_lora, "lr": 3e-4}
     opd = dict(steps=steps, prompts_per_task=4, num_steps=8, train_fraction=0.875, lr=1e-3, micro_batch=48,
                eval_every=10, checkpoint_every=5, **student_lora)

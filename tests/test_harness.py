@@ -146,6 +146,15 @@ def test_a_partial_rerun_adds_to_the_results(smoke_run, tmp_path):
     assert verify_run(out, models=["opd"])["ok"]
 
 
+def test_standard_preset_penalises_every_grpo_run_with_kl():
+    from opd_bench.harness import plan
+
+    standard = plan("standard")
+    # teachers and both GRPO students share Flow-GRPO's KL penalty (docs/benchmarks.md, K0-K1)
+    assert standard.teacher.kl_beta == standard.multi_reward.kl_beta == standard.cascade.grpo.kl_beta == 0.04
+    assert standard.teacher_overrides == {}
+
+
 def test_paper_preset_follows_the_published_settings():
     from opd_bench.harness import plan
 

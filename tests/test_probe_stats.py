@@ -54,3 +54,18 @@ def test_paired_gain_and_share_kept_by_hand(benchmark_script):
     assert precision.share_kept([2.5, 2.5], [3.0, 3.0], [1.0, 1.0]) == pytest.approx(0.75)
     with pytest.raises(ValueError):
         precision.paired_gain([1.0, 2.0], [1.0])  # images that do not pair up
+
+
+def test_two_runs_compare_model_by_model_and_refuse_evaluations_that_do_not_pair(benchmark_script, capsys):
+    precision = benchmark_script("eval_precision")
+
+    def run(teacher: list[float], seed: int = 0) -> dict:
+        return {"benchmarks": ["ocr"], "config": {"eval": {"seed": seed, "limit": 3, "images_per_prompt": 1}},
+                "per_image": {"base": {"0": {"ocr": [1.0, 2.0, 3.0]}}, "teacher/ocr": {"0": {"ocr": teacher}}}}
+
+    precision.compare_runs(run([3.0, 5.0, 4.0]), run([1.0, 2.0, 3.0]))
+    lines = capsys.readouterr().out.splitlines()
+    assert '"base"' in lines[0] and "ocr +0.000 ± 0.000" in lines[0]  # the same base: the evaluations pair up
+    assert "ocr +2.000 ± 0.577" in lines[1]  # differences 2, 3, 1
+    with pytest.raises(SystemExit, match="do not pair up"):
+        precision.compare_runs(run([1.0, 2.0, 3.0]), run([1.0, 2.0, 3.0], seed=1))
