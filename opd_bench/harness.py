@@ -29,7 +29,7 @@ from opd_bench import __version__, distributed
 from opd_bench.baselines.cascade import CascadeConfig
 from opd_bench.baselines.multi_reward import MultiRewardConfig
 from opd_bench.io import atomic_write_json, json_differences
-from opd_bench.leaderboard import SCHEMA_VERSION, eval_noise_seed
+from opd_bench.leaderboard import FORWARD_KEYS, SCHEMA_VERSION, eval_noise_seed
 from opd_bench.trainers.grpo import GRPOConfig
 from opd_bench.trainers.opd import OPDConfig
 
@@ -490,7 +490,7 @@ class Harness:
                 totals.append(records[-1])
             compute[name] = {
                 key: sum(t.get(key, 0) for t in totals) / len(totals)
-                for key in ("student_forwards", "teacher_forwards", "images", "wall_seconds")
+                for key in (*FORWARD_KEYS, "images", "wall_seconds")
             }
             compute[name]["optimizer_steps"] = max(t["step"] for t in totals)
         cascade_stages, end = [], 0

@@ -65,6 +65,17 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# The transformer forward passes a method is charged for: its own, the teachers' (DiffusionOPD) and
+# the frozen reference model's (GRPO's KL penalty to the base). Results without a kind count it 0.
+FORWARD_KEYS = ("student_forwards", "teacher_forwards", "reference_forwards")
+
+
+def total_forwards(budget: dict) -> float | None:
+    """A method's forward passes of every kind, or None where it records none."""
+    values = [budget[key] for key in FORWARD_KEYS if _finite(budget.get(key))]
+    return float(sum(values)) if values else None
+
+
 def suite_benchmarks(suite) -> list[str]:
     """The suite's benchmarks: its tasks, then each task's extra evaluation-only rewards."""
     names = list(suite.tasks)
@@ -270,7 +281,7 @@ def check_results(results: dict) -> None:
         if not isinstance(budget, dict):
             raise SubmissionError(f"compute[{method!r}] must be an object; re-run with `opd-bench run`")
         for key, value in budget.items():
-            if key in ("optimizer_steps", "student_forwards", "teacher_forwards", "images", "wall_seconds") and (
+            if key in ("optimizer_steps", *FORWARD_KEYS, "images", "wall_seconds") and (
                     not _finite(value) or value < 0):
                 raise SubmissionError(f"compute[{method!r}][{key!r}] is {value!r}; it must be a finite number >= 0")
 
@@ -479,9 +490,7 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
         for method in sorted(results["results"], key=_method_key):
             scores = results["results"][method]
             budget = compute.get(method, {})
-            forwards = None
-            if _finite(budget.get("student_forwards")) or _finite(budget.get("teacher_forwards")):
-                forwards = sum(budget.get(k, 0) if _finite(budget.get(k)) else 0 for k in ("student_forwards", "teacher_forwards"))
+            forwards = total_forwards(budget)
             first = scores[benches[0]]
             seeds = first.get("seeds") or (results["seeds"] if len(first["per_seed"]) == len(results["seeds"]) else results["seeds"][:1])
             rows.append({
@@ -574,7 +583,7 @@ re-trained: compute beyond the declared budget cannot be detected.
 
 **Columns.** `overall` is the mean of the suite's headline benchmarks (each in [0, 1]); benchmark
 cells are mean ± std over seeds (the mean alone for a single seed); `steps` are student optimizer steps and `forwards` transformer
-forward passes (student + teacher) of one run (mean over seeds; teachers' training is listed in the
+forward passes (student + teacher + the frozen reference of a KL penalty) of one run (mean over seeds; teachers' training is listed in the
 teacher rows). Verified student methods are ranked by `overall` within their suite and preset;
 `base` and `teacher/*` rows are references (no rank). Machine-readable copy:
 [`leaderboard.csv`](leaderboard.csv).

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from opd_bench.io import atomic_write_bytes
+from opd_bench.leaderboard import total_forwards
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REFERENCE_ORDER = ("base", "teacher/geneval", "teacher/ocr", "teacher/pref")
@@ -623,8 +624,7 @@ class _Report:
                     if step is None:
                         continue
                     record = {"method": method, "seed": str(seed), "step": step,
-                              "forwards": (_num(row.get("student_forwards")) or 0.0)
-                              + (_num(row.get("teacher_forwards")) or 0.0),
+                              "forwards": total_forwards(row) or 0.0,
                               "stage": row.get("stage"), "stage_task": row.get("stage_task")}
                     for bench in self.benchmarks:
                         record[bench] = _num(row.get(f"eval/{bench}"))
@@ -647,8 +647,9 @@ class _Report:
         n_seeds = max(len(_dict(curves[m])) for m in methods)
         self.doc.p(
             "Score on the test prompts during training, per headline benchmark, against student optimizer "
-            "steps (left) and against transformer forward passes, student plus teacher (right); the second "
-            "axis charges DiffusionOPD and its PPO-style variant for querying the teachers. Lines are the mean "
+            "steps (left) and against transformer forward passes, student plus teacher plus the frozen reference "
+            "of a KL penalty (right); the second axis charges DiffusionOPD and its PPO-style variant for querying "
+            "the teachers and GRPO methods for their KL reference. Lines are the mean "
             f"over seeds ({_seed_label(n_seeds)}). Dashed lines: the final score of the teacher trained on that "
             "benchmark; dotted grey: the base model."
         )
@@ -663,7 +664,7 @@ class _Report:
             present = sorted(data["method"].unique(), key=method_key)
             fig, axes = _figure(12.5, 4.6, ncols=2)
             for ax, x, xlabel in ((axes[0], "step", "student optimizer steps"),
-                                  (axes[1], "forwards_mean", "transformer forward passes (student + teacher)")):
+                                  (axes[1], "forwards_mean", "transformer forward passes (student + teacher + reference)")):
                 sns.lineplot(data=data, x=x, y=bench, hue="method", hue_order=present,
                              palette={m: self.colours[m] for m in present}, errorbar="sd",
                              marker="o", markersize=4, ax=ax)
@@ -875,18 +876,18 @@ class _Report:
             "Training cost of one run of each method (mean over seeds). Teachers' rows are their own RL runs; "
             "DiffusionOPD's rows count only the distillation: add the teachers' rows for its full cost. "
             "Forward passes are per-sample transformer evaluations as counted by the policy (a classifier-free-"
-            "guided call counts 2); forwards of the frozen reference model (the KL penalty) are not included."
+            "guided call counts 2). Reference forwards are the frozen base's, for GRPO's KL penalty; every "
+            "comparison at equal forward passes charges all three kinds."
         )
         rows = []
         for method in sorted(compute, key=method_key):
             c = _dict(compute[method])
-            student, teacher = _num(c.get("student_forwards")), _num(c.get("teacher_forwards"))
-            total = None if student is None and teacher is None else (student or 0.0) + (teacher or 0.0)
             wall = _num(c.get("wall_seconds"))
-            rows.append([method, _fmt_int(c.get("optimizer_steps")), _fmt_int(student), _fmt_int(teacher),
-                         _fmt_int(total), _fmt_int(c.get("images")),
+            rows.append([method, _fmt_int(c.get("optimizer_steps")), _fmt_int(c.get("student_forwards")),
+                         _fmt_int(c.get("teacher_forwards")), _fmt_int(c.get("reference_forwards", 0)),
+                         _fmt_int(total_forwards(c)), _fmt_int(c.get("images")),
                          "n/a" if wall is None else f"{wall:,.1f} ({wall / 60:.1f} min)"])
-        self.doc.table(["method", "optimizer steps", "student forwards", "teacher forwards", "total forwards",
+        self.doc.table(["method", "optimizer steps", "student forwards", "teacher forwards", "reference forwards", "total forwards",
                         "images", "wall seconds"], rows)
 
     def details(self) -> None:

@@ -285,3 +285,19 @@ def test_rebuild_lists_invalid_stored_files_instead_of_crashing(board):
     readme, table = rebuild(board)
     assert "tampered.json" in readme.read_text()
     assert "tampered" not in table.read_text()
+
+
+def test_forward_passes_include_the_kl_reference_and_refuse_a_bad_count(tmp_path):
+    results = make_results(rng_seed=1)
+    results["compute"]["multi-reward"]["reference_forwards"] = 500.0
+    make_run(tmp_path / "run", copy.deepcopy(results))
+    root = tmp_path / "leaderboard"
+    submit(tmp_path / "run", "kl", root=root, verify=passes)
+    _, table = rebuild(root)
+    row = next(r for r in csv.DictReader(table.open()) if r["method"] == "multi-reward")
+    assert row["forward_passes"] == str(int(results["compute"]["multi-reward"]["student_forwards"]) + 500)
+
+    results["compute"]["multi-reward"]["reference_forwards"] = -1.0
+    make_run(tmp_path / "bad", results)
+    with pytest.raises(SubmissionError, match="reference_forwards"):
+        submit(tmp_path / "bad", "bad", root=root, verify=passes)

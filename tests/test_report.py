@@ -229,3 +229,21 @@ def test_a_teachers_gain_carries_its_paired_standard_error(tmp_path):
     assert _findings(tmp_path / "tagged", results)[0].count("s.e. over the paired images") == 2
     results["config"]["eval"]["seed"] = None
     assert "s.e." not in _findings(tmp_path / "own", results)[0]
+
+
+def test_equal_forward_passes_charge_the_frozen_reference_of_a_kl_penalty(tmp_path):
+    results = _claims_hold(make_results())
+    last = max(row["step"] for row in results["curves"]["opd"]["0"])
+    unpaid = _findings(tmp_path / "a", results)[2]
+    # without reference forwards the GRPO rivals reach fewer passes (40 a step) than OPD (76): the budget is theirs
+    assert f"within {last * 40:,} forward passes" in unpaid
+    for method in ("multi-reward", "cascade"):  # the KL penalty's reference model: 40 more a step
+        for rows in results["curves"][method].values():
+            for row in rows:
+                row["reference_forwards"] = row["step"] * 40
+        results["compute"][method]["reference_forwards"] = results["compute"][method]["student_forwards"]
+    charged = _findings(tmp_path / "b", results)[2]
+    assert f"within {last * 76:,} forward passes" in charged  # now OPD's 76 a step is the smaller reach
+    md = (tmp_path / "b" / "out" / "report.md").read_text()
+    steps = results["compute"]["multi-reward"]["optimizer_steps"]
+    assert re.search(rf"\| multi-reward \| {steps} \| {steps * 40:,} \| 0 \| {steps * 40:,} \| {steps * 80:,} \|", md)
