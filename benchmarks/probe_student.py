@@ -2,11 +2,14 @@
 run's teachers, then base, teachers and student on the same held-out prompts and noise.
 
     python benchmarks/probe_student.py --run runs/standard-v4 --set steps=60 --set lr=3e-3
+    python benchmarks/probe_student.py --run runs/standard-v10 --tasks pref --set prompts_per_task=12
 
 Starts from the `standard` preset's OPD config; every ``--set FIELD=VALUE`` changes one field
 (``--set mode=ppo --set noise_level=0.7`` probes the PPO-style student). Prints one JSON line: the
 settings, wall minutes, held-out scores (first ``--eval-limit`` test prompts of every task, 2 images
 each, the suite's evaluation sampler) and the share of each teacher's gain the student keeps.
+``--tasks`` distils from only the listed teachers (and scores them, or the ``--score`` ones): does
+sharing the student's steps between three teachers cost a task its share?
 """
 
 from __future__ import annotations
@@ -27,27 +30,40 @@ from probe_args import held_out, probe_config, probe_parser
 def main() -> None:
     parser = probe_parser(__doc__)
     parser.add_argument("--run", required=True, type=Path, help="a finished `opd-bench run` folder with teachers")
+    parser.add_argument("--tasks", default=None, help="comma-separated teachers to distil from (default: all the suite's)")
+    parser.add_argument("--score", default=None, help="comma-separated tasks to score (default: the distilled ones)")
     args = parser.parse_args()
     config, overrides = probe_config(parser, args, plan("standard").opd, eval_every=0, checkpoint_every=0, monitor_rewards=False)
 
     suite = suites.get("tiny")
-    found = {task: sorted((args.run / "teachers").glob(f"{task}-*/final/adapter_config.json")) for task in suite.tasks}
+    tasks = list(suite.tasks) if args.tasks is None else [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in suite.tasks]
+    if unknown or not tasks:
+        parser.error(f"--tasks {args.tasks!r}: choose from {', '.join(suite.tasks)}")
+    scored = tasks if args.score is None else [t for t in args.score.split(",") if t]
+    if not set(scored) <= set(tasks) or not scored:
+        parser.error(f"--score {args.score!r}: choose from the distilled tasks, {', '.join(tasks)}")
+    found = {task: sorted((args.run / "teachers").glob(f"{task}-*/final/adapter_config.json")) for task in tasks}
     missing = [task for task, paths in found.items() if not paths]
     if missing:
         parser.error(f"{args.run} holds no finished teacher for {', '.join(missing)}; give a run whose teachers finished")
     teachers = {task: paths[-1].parent for task, paths in found.items()}
     policy = Policy.from_pretrained(suites.resolve_model("tiny"))
     settings = SamplerSettings.of_suite(suite)
-    specs = {task: suite.benchmark(task) for task in suite.tasks}
+    specs = {task: suite.benchmark(task) for task in tasks}
     rewards = {task: {"main": spec.build_reward()} for task, spec in specs.items()}
 
-    def score(adapter: str | None, task: str) -> float:
-        return round(held_out(policy, adapter, specs[task], settings, rewards[task], args.eval_limit)["score"], 4)
+    extra: dict[str, dict] = {}  # the benchmarks' evaluation-only rewards (pref_oracle), per model
 
-    base = {task: score(None, task) for task in suite.tasks}
+    def score(adapter: str | None, task: str) -> float:
+        result = held_out(policy, adapter, specs[task], settings, rewards[task], args.eval_limit)
+        extra.setdefault(str(adapter), {}).update({key: round(value, 4) for key, value in result["extra"].items()})
+        return round(result["score"], 4)
+
+    base = {task: score(None, task) for task in scored}
     teacher = {}
-    for task, path in teachers.items():
-        policy.load_adapter(f"teacher_{task}", path)
+    for task in scored:
+        policy.load_adapter(f"teacher_{task}", teachers[task])
         teacher[task] = score(f"teacher_{task}", task)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -56,12 +72,12 @@ def main() -> None:
         minutes = (time.perf_counter() - started) / 60
         # the saved adapter, as the harness evaluates it: with `ema` set it holds the averaged weights
         policy.load_adapter("probe_final", final)
-        student = {task: score("probe_final", task) for task in suite.tasks}
+        student = {task: score("probe_final", task) for task in scored}
     kept = {task: round((student[task] - base[task]) / (teacher[task] - base[task]), 3)
-            for task in suite.tasks if teacher[task] != base[task]}
-    print(json.dumps({"run": str(args.run), "overrides": overrides, "steps": config.steps, "threads": args.threads,
+            for task in scored if teacher[task] != base[task]}
+    print(json.dumps({"run": str(args.run), "tasks": tasks, "overrides": overrides, "steps": config.steps, "threads": args.threads,
                       "seed": args.seed, "train_minutes": round(minutes, 2), "base": base, "teacher": teacher,
-                      "student": student, "kept": kept}))
+                      "student": student, "kept": kept, "evaluation_only": extra}))
 
 
 if __name__ == "__main__":
