@@ -109,6 +109,15 @@ def paired_gain(model: list[float], base: list[float]) -> tuple[float, float]:
     return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
 
 
+def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_sd: float | None) -> str:
+    """``OPD ± sd vs rival ± sd (difference)``; a difference smaller than the larger seed sd is
+    flagged, so that a reader does not take a tie for a win."""
+    spreads = [v for v in (sd, rival_sd) if v is not None]
+    tie = ", within the seed sd" if spreads and abs(mean - rival_mean) < max(spreads) else ""
+    return (f"{_fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} vs {rival} "
+            f"{_fmt(rival_mean)}{'' if rival_sd is None else f' ± {rival_sd:.3f}'} ({mean - rival_mean:+.3f}{tie})")
+
+
 def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
@@ -462,8 +471,7 @@ class _Report:
                 parts.append(f"vs {rival}: not in the file")
                 continue
             oks.append(opd_mean > mean)
-            parts.append(f"{_fmt(opd_mean)}{'' if opd_sd is None else f' ± {opd_sd:.3f}'} vs {rival} "
-                         f"{_fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} ({opd_mean - mean:+.3f})")
+            parts.append(_versus(opd_mean, opd_sd, rival, mean, sd))
         line = (f"OPD above multi-reward and cascade RL, overall ({', '.join(self.headline)}) at equal student updates "
                 f"(final results): {self._verdict(oks)}. " + "; ".join(parts) + ". At equal forward passes: ")
         frame = self._curves_frame(["opd", *rivals])
@@ -483,8 +491,7 @@ class _Report:
             for rival in rivals:
                 mean, sd = self._mean_sd(curve_overall[rival])
                 oks.append(opd_mean > mean)
-                parts.append(f"{_fmt(opd_mean)}{'' if opd_sd is None else f' ± {opd_sd:.3f}'} vs {rival} "
-                             f"{_fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} ({opd_mean - mean:+.3f})")
+                parts.append(_versus(opd_mean, opd_sd, rival, mean, sd))
             line += (f"{self._verdict(oks)} (last curve evaluation within {_fmt_int(budget)} forward passes, "
                      "the most every method reached). " + "; ".join(parts) + ".")
         else:

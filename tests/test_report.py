@@ -247,3 +247,11 @@ def test_equal_forward_passes_charge_the_frozen_reference_of_a_kl_penalty(tmp_pa
     md = (tmp_path / "b" / "out" / "report.md").read_text()
     steps = results["compute"]["multi-reward"]["optimizer_steps"]
     assert re.search(rf"\| multi-reward \| {steps} \| {steps * 40:,} \| 0 \| {steps * 40:,} \| {steps * 80:,} \|", md)
+
+
+def test_a_difference_inside_the_seed_spread_is_flagged_as_such():
+    from opd_bench.report import _versus
+
+    assert _versus(0.428, 0.004, "multi-reward", 0.427, 0.005) == "0.428 ± 0.004 vs multi-reward 0.427 ± 0.005 (+0.001, within the seed sd)"
+    assert _versus(0.45, 0.004, "cascade", 0.42, 0.005) == "0.450 ± 0.004 vs cascade 0.420 ± 0.005 (+0.030)"
+    assert _versus(0.45, None, "cascade", 0.42, None) == "0.450 vs cascade 0.420 (+0.030)"  # one seed: nothing to compare with
