@@ -455,9 +455,15 @@ class _Report:
             kept = (opd - self.mean("base", b)) / g
             std = _num(self.score("opd", b).get("std"))
             n = len(_list(self.score("opd", b).get("per_seed")))
+            text = (f"{b}: {kept:.0%}" + (f" ± {std / g:.0%}" if std is not None and n > 1 else "")
+                    + f" of {t}'s gain {g:+.3f}")
+            se = self.paired_se(t, b)
+            if se is not None and g < 2 * se:  # a share of a gain the evaluation cannot tell from zero is noise
+                oks.append(None)
+                parts.append(text + f" (not testable: the gain is within 2 s.e., {2 * se:.3f}, of zero)")
+                continue
             oks.append(kept >= 0.85)
-            parts.append(f"{b}: {kept:.0%}" + (f" ± {std / g:.0%}" if std is not None and n > 1 else "")
-                         + f" of {t}'s gain {g:+.3f}")
+            parts.append(text)
         lines.append(f"OPD keeps >= 85% of every teacher's gain: {self._verdict(oks) if teachers else 'not testable'}. "
                      + ("; ".join(parts) if parts else "no teachers in the file") + ".")
         # 3. OPD above multi-reward and cascade RL, at equal student updates and at equal forward passes.

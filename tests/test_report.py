@@ -255,3 +255,17 @@ def test_a_difference_inside_the_seed_spread_is_flagged_as_such():
     assert _versus(0.428, 0.004, "multi-reward", 0.427, 0.005) == "0.428 ± 0.004 vs multi-reward 0.427 ± 0.005 (+0.001, within the seed sd)"
     assert _versus(0.45, 0.004, "cascade", 0.42, 0.005) == "0.450 ± 0.004 vs cascade 0.420 ± 0.005 (+0.030)"
     assert _versus(0.45, None, "cascade", 0.42, None) == "0.450 vs cascade 0.420 (+0.030)"  # one seed: nothing to compare with
+
+
+def test_a_share_of_a_gain_inside_its_error_is_not_tested(tmp_path):
+    """The OCR teacher's images differ from the base's by +-0.2 around +0.01: a gain of 0.01 with an
+    s.e. near 0.2/sqrt(n) cannot be told from zero, so the share OPD keeps of it is not judged."""
+    results = make_results()
+    base = results["per_image"]["base"]["0"]["ocr"]
+    teacher = [b + 0.01 + (0.2 if i % 2 else -0.2) for i, b in enumerate(base)]
+    results["per_image"]["teacher/ocr"]["0"]["ocr"] = teacher
+    _set_scores(results, "teacher/ocr", "ocr", [sum(teacher) / len(teacher)])
+    kept = _findings(tmp_path, results)[1]
+    ocr = next(part for part in kept.split("; ") if part.startswith("ocr:"))
+    assert "not testable: the gain is within 2 s.e." in ocr
+    assert "not testable: the gain" not in kept.replace(ocr, "")  # the other teachers' gains are clear
