@@ -24,6 +24,7 @@ import json
 import statistics
 from pathlib import Path
 
+from opd_bench.leaderboard import paired_evaluation
 from opd_bench.report import paired_gain
 
 
@@ -37,7 +38,7 @@ def load_paired(run: Path) -> dict:
     """A run's results, refused unless every model in it was scored on one noise seed."""
     path = run / "results.json" if run.is_dir() else run
     results = json.loads(path.read_text())
-    if not isinstance(results.get("config", {}).get("eval", {}).get("seed"), int):
+    if not paired_evaluation(results):
         raise SystemExit(f"{path} scored each cell with its own noise seed (schema 2): its images do not pair up; "
                          "use a run made with opd-bench's schema 3")
     return results

@@ -39,18 +39,32 @@ from opd_bench.io import atomic_write_bytes, json_text
 # Versions 1 and 2 are still read (report, leaderboard); 1 is listed as legacy, never verified or submitted.
 SCHEMA_VERSION = 3
 READABLE_SCHEMAS = (1, 2, 3)
-
-
-def eval_noise_seed(eval_seed: int | None, cell_seed: int) -> int:
-    """The noise seed a cell's final evaluation draws with: the run's one ``config['eval']['seed']``,
-    or, where that is null (schema 2), the cell's own training seed."""
-    return cell_seed if eval_seed is None else eval_seed
 MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
 LISTED_PRESETS = ("standard", "paper")  # smoke runs check the pipeline; their scores are not results
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STUDENT_METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
 UNBOUNDED = frozenset({"pref"})  # finite, any value; every other benchmark is a score in [0, 1]
 METHOD_ORDER = ("opd", "opd-ppo", "multi-reward", "cascade", "base")
+
+
+def eval_noise_seed(eval_seed: int | None, cell_seed: int) -> int:
+    """The noise seed a cell's final evaluation draws with: the run's one ``config['eval']['seed']``,
+    or, where that is null (schema 2), the cell's own training seed."""
+    return cell_seed if eval_seed is None else eval_seed
+
+
+def _recorded_eval_seed(results: dict) -> Any:
+    """``config['eval']['seed']`` as recorded (None where absent or the file is malformed)."""
+    config = results.get("config")
+    evaluation = config.get("eval") if isinstance(config, dict) else None
+    return evaluation.get("seed") if isinstance(evaluation, dict) else None
+
+
+def paired_evaluation(results: dict) -> bool:
+    """Whether every model of a result file was scored on one noise seed, so that image ``i`` of
+    any two models shows the same prompt from the same starting noise and their images pair up."""
+    seed = _recorded_eval_seed(results)
+    return isinstance(seed, int) and not isinstance(seed, bool)
 
 
 class SubmissionError(ValueError):
@@ -148,9 +162,7 @@ def check_results(results: dict) -> None:
     if version not in READABLE_SCHEMAS:
         raise SubmissionError(f"schema_version is {version!r}, this opd-bench reads versions {list(READABLE_SCHEMAS)}; "
                               "re-run with this opd-bench version or upgrade opd-bench")
-    config = results.get("config")
-    evaluation = config.get("eval") if isinstance(config, dict) else None
-    seed = evaluation.get("seed") if isinstance(evaluation, dict) else None
+    seed = _recorded_eval_seed(results)
     if version >= 3 and (isinstance(seed, bool) or not (seed is None or isinstance(seed, int))):
         raise SubmissionError(f"config['eval']['seed'] is {seed!r}; it must be the final evaluation's noise seed "
                               "(an integer, or null for each cell's own seed); submit the results.json written by `opd-bench run`")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from opd_bench.io import atomic_write_bytes
-from opd_bench.leaderboard import total_forwards
+from opd_bench.leaderboard import paired_evaluation, total_forwards
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REFERENCE_ORDER = ("base", "teacher/geneval", "teacher/ocr", "teacher/pref")
@@ -384,7 +384,7 @@ class _Report:
         """Standard error of ``model``'s gain over the base on ``bench`` from the per-image
         differences, where both were scored on the same noise (one evaluation seed, schema 3) and
         the score is the plain mean of its images (not GenEval's mean over tags); else None."""
-        if not isinstance(_dict(_dict(self.r.get("config")).get("eval")).get("seed"), int):
+        if not paired_evaluation(self.r):
             return None
 
         def first_seed_images(name: str) -> list:  # teachers and the base have one seed
@@ -421,6 +421,7 @@ class _Report:
         teachers = [(t, b) for t, b in teachers if b in self.benchmarks]
         gain = {b: None if self.mean(t, b) is None or self.mean("base", b) is None else self.mean(t, b) - self.mean("base", b)
                 for t, b in teachers}
+        paired_se = {b: self.paired_se(t, b) for t, b in teachers}  # each teacher gain's s.e., where images pair up
         # 1. Teachers gain on their own task.
         oks, parts = [], []
         for task in ("geneval", "ocr", "pref"):
@@ -430,7 +431,7 @@ class _Report:
                 parts.append(f"{task}: not in the file")
                 continue
             text = f"{task}: {self._ms(teacher, task)} vs base {self._ms('base', task)}, gain {g:+.3f}"
-            se = self.paired_se(teacher, task)
+            se = paired_se[task]
             if se is not None:
                 text += f" (± {se:.3f} s.e. over the paired images)"
             if task != "pref":
@@ -457,7 +458,7 @@ class _Report:
             n = len(_list(self.score("opd", b).get("per_seed")))
             text = (f"{b}: {kept:.0%}" + (f" ± {std / g:.0%}" if std is not None and n > 1 else "")
                     + f" of {t}'s gain {g:+.3f}")
-            se = self.paired_se(t, b)
+            se = paired_se[b]
             if se is not None and g < 2 * se:  # a share of a gain the evaluation cannot tell from zero is noise
                 oks.append(None)
                 parts.append(text + f" (not testable: the gain is within 2 s.e., {2 * se:.3f}, of zero)")
@@ -570,7 +571,7 @@ class _Report:
         prompts = "every test prompt" if limit is None else f"{limit} test prompts"
         per_prompt = "each benchmark's own images" if images is None else f"{images} images"
         noise = (f"noise seed {record['seed']} for every model, so all are scored on the same starting noise"
-                 if isinstance(record.get("seed"), int) else "each cell's training seed as noise seed")
+                 if paired_evaluation(self.r) else "each cell's training seed as noise seed")
         return f"final evaluation: {prompts} x {per_prompt} per benchmark, {noise}"
 
     def scores(self) -> None:
