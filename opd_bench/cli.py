@@ -95,9 +95,14 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--report/--no-report", default=True, show_default=True, help="Write reports/<run>/ at the end.")
 @click.option("--force", is_flag=True, help="Delete the run in --out and start over (only a folder holding a run; never the working directory or its parents).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Cells (teachers, training runs, evaluations) run side by side in this many processes.  "
+                   "[default: the CPU cores, at most 4, with --device cpu; else 1]")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per cell; a cell's numbers depend on them.  [default: the cores divided among the jobs]")
 @_suite_config_option
 @_friendly
-def run_command(method, suite_name, model, preset, seeds, out, device, report, force) -> None:
+def run_command(method, suite_name, model, preset, seeds, out, device, report, force, jobs, threads) -> None:
     """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
 
     Rerunning the same command skips finished work and resumes unfinished training; a rerun with
@@ -117,7 +122,9 @@ def run_command(method, suite_name, model, preset, seeds, out, device, report, f
 
     command = "opd-bench " + " ".join(sys.argv[1:]) if sys.argv and "opd-bench" in sys.argv[0] else f"opd-bench run --method {method} --suite {suite_name} --preset {preset} --seeds {seeds} --out {out}"
     harness = Harness(out, suite=suite_name, model=model, preset=preset, seeds=seed_list, method=method, device=device, force=force, command=command)
-    results = harness.run()
+    from opd_bench.parallel import default_jobs
+
+    results = harness.run(jobs=jobs or default_jobs(device), threads=threads)
     if results is None:  # another process of a multi-process run: rank 0 prints and writes the report
         return
     click.echo(f"wrote {out / 'results.json'}")

@@ -173,13 +173,15 @@ def _git_commit() -> str | None:
         return None
 
 
-def environment(device: str) -> dict:
+def environment(device: str, threads: int | None = None, jobs: int = 1) -> dict:
+    """Where a run ran; ``threads``: torch threads per cell (a cell's numbers depend on them),
+    ``jobs``: cells side by side."""
     import diffusers
 
     return {
         "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "device": device,
+        "threads": threads or torch.get_num_threads(), "jobs": jobs, "device": device,
     }
 
 
@@ -209,6 +211,10 @@ class Harness:
             raise ValueError("--seeds needs at least one seed, e.g. 0,1,2")
         self.methods = methods_for(method)
         self.device, self.force, self.command, self.progress = device, force, command, progress
+        self.cell_threads, self.jobs = None, 1  # set by run()
+        # what a worker process of a parallel run (opd_bench.parallel) needs to build the same harness
+        self.options = dict(out=str(self.out), suite=suite, model=model, preset=preset, seeds=self.seeds, method=method,
+                            device=device, command=command)
         self.identity = {"suite": suite, "suite_version": self.suite.version, "model": self.model, "preset": preset, "plan": self.plan.to_dict()}
         self.resolution = self.suite.image_side()
         fingerprint = suites.model_fingerprint(self.model)
@@ -285,18 +291,29 @@ class Harness:
         return self._evaluators[key]
 
     # ----------------------------------------------------------------------------- cells
-    def teachers(self) -> dict[str, Path]:
+    def teacher_config(self, task: str) -> GRPOConfig:
+        return replace(self.plan.teacher, **self.plan.teacher_overrides.get(task, {}))
+
+    def teacher_dir(self, task: str) -> Path:
+        """Where the teacher of ``task`` is (or will be) trained; known before it is."""
+        from opd_bench.trainers.teachers import teacher_key, teacher_run_dir
+
+        key = teacher_key(self.teacher_base, self.suite.version, task, self.teacher_config(task))
+        return teacher_run_dir(self.out / "teachers", task, key)
+
+    def teacher(self, task: str) -> Path:
+        """Train (or reuse) the teacher of ``task``; returns its run folder (adapter in ``final/``)."""
         from opd_bench.trainers.teachers import train_teacher
 
-        found = {}
-        for task in self.suite.tasks:
-            found[task] = train_teacher(
-                task, policy=self.policy, prompts=self.prompts("train")[task], reward=self.train_rewards()[task],
-                config=replace(self.plan.teacher, **self.plan.teacher_overrides.get(task, {})), root=self.out / "teachers",
-                base=self.teacher_base, suite_version=self.suite.version,
-                evaluate=self.evaluator(self.plan.train_eval_limit, 1), progress=self.progress,
-            )
-        return found
+        return train_teacher(
+            task, policy=self.policy, prompts=self.prompts("train")[task], reward=self.train_rewards()[task],
+            config=self.teacher_config(task), root=self.out / "teachers",
+            base=self.teacher_base, suite_version=self.suite.version,
+            evaluate=self.evaluator(self.plan.train_eval_limit, 1), progress=self.progress,
+        )
+
+    def teachers(self) -> dict[str, Path]:
+        return {task: self.teacher(task) for task in self.suite.tasks}
 
     def final_adapter(self, method: str, seed: int) -> Path:
         """Where the trained adapter of one (method, seed) cell is (or will be) saved."""
@@ -344,6 +361,20 @@ class Harness:
             trainer = CascadeTrainer(config, prompts=self.prompts("train"), rewards=self.train_rewards(), **common)
         return trainer.train(progress=self.progress)
 
+    def models_to_evaluate(self, trained: dict[str, dict[int, Path]], teachers: dict[str, Path]):
+        """(methods, seeds, {model name: {seed: adapter folder or None}}) of the final evaluation.
+
+        Base and teachers are evaluated once, with the smallest seed of the folder's student runs.
+        """
+        methods = [m for m in METHODS if m in trained]
+        seeds = sorted(set(self.seeds).union(*trained.values()))
+        models: dict[str, dict[int, Path | None]] = {"base": {seeds[0]: None}}
+        for task, folder in teachers.items():
+            models[f"teacher/{task}"] = {seeds[0]: folder / "final"}
+        for method in methods:
+            models[method] = dict(sorted(trained[method].items()))
+        return methods, seeds, models
+
     def _loaded(self, name: str, adapter_dir: Path | None, seed: int) -> str | None:
         """The adapter name under which model ``name`` (seed ``seed``) is loaded; None = base."""
         if adapter_dir is None:
@@ -353,15 +384,21 @@ class Harness:
             self.policy.load_adapter(adapter, adapter_dir)
         return adapter
 
+    def _evaluation_path(self, name: str, seed: int) -> Path:
+        return self.out / "evals" / f"{name.replace('/', '_')}-seed{seed}.json"
+
+    def evaluation_finished(self, name: str, seed: int) -> bool:
+        path = self._evaluation_path(name, seed)
+        # records of older versions lack per-image scores: those are evaluated again
+        return path.exists() and "per_image" in json.loads(path.read_text())
+
     def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int) -> dict:
         """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``."""
         from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
 
-        path = self.out / "evals" / f"{name.replace('/', '_')}-seed{seed}.json"
-        if path.exists():
-            record = json.loads(path.read_text())
-            if "per_image" in record:  # records of older versions lack per-image scores: evaluate again
-                return record
+        path = self._evaluation_path(name, seed)
+        if self.evaluation_finished(name, seed):
+            return json.loads(path.read_text())
         adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings.of_suite(self.suite)
         noise_seed = eval_noise_seed(self.plan.eval_seed, seed)
@@ -425,10 +462,27 @@ class Harness:
         return {"prompts": [p.text for p in prompts], "grids": grids}
 
     # ------------------------------------------------------------------------------ run
-    def run(self) -> dict | None:
+    def run(self, jobs: int = 1, threads: int | None = None) -> dict | None:
+        """Every cell, then ``results.json``. ``jobs > 1`` (CPU only) first runs the unfinished cells
+        side by side in that many processes of ``threads`` torch threads each (default: the cores
+        shared out); the one-process pass below then finds them done."""
+        from opd_bench import parallel
         from opd_bench.training import return_freed_memory
 
         start = time.time()
+        if jobs < 1 or (threads is not None and threads < 1):
+            raise ValueError(f"--jobs {jobs} / --threads {threads}: both must be at least 1")
+        if jobs > 1:
+            if distributed.current().distributed:
+                raise ValueError(f"--jobs {jobs} runs cells side by side on one machine; under torchrun or accelerate "
+                                 "every process already shares each cell, so drop --jobs")
+            if not str(self.device).startswith("cpu"):
+                raise ValueError(f"--jobs {jobs} runs cells side by side on the CPU; with --device {self.device} use --jobs 1")
+            threads = threads or max(1, parallel.available_cores() // jobs)
+            parallel.run_cells(self, jobs, threads, progress=self.progress)
+        elif threads is not None:
+            torch.set_num_threads(threads)
+        self.cell_threads, self.jobs = threads or torch.get_num_threads(), jobs  # recorded in results.json
         teachers = self.teachers()
         return_freed_memory()
         for method in self.methods:
@@ -440,14 +494,7 @@ class Harness:
         # Every finished cell of this folder is reported, also those of earlier runs with other
         # --method or --seeds: a partial rerun adds to the results instead of replacing them.
         trained = self.finished_cells()
-        methods = [m for m in METHODS if m in trained]
-        seeds = sorted(set(self.seeds).union(*trained.values()))
-        reference = seeds[0]  # base and teachers are evaluated once, with the smallest seed
-        models: dict[str, dict[int, Path | None]] = {"base": {reference: None}}
-        for task, folder in teachers.items():
-            models[f"teacher/{task}"] = {reference: folder / "final"}
-        for method in methods:
-            models[method] = dict(sorted(trained[method].items()))
+        methods, seeds, models = self.models_to_evaluate(trained, teachers)
         evals: dict[str, dict[int, dict]] = {}
         for name, per_seed in models.items():
             evals[name] = {seed: self.evaluate_cell(name, folder, seed) for seed, folder in per_seed.items()}
@@ -524,5 +571,6 @@ class Harness:
                        for seed, folder in per_seed.items()}
                 for name, per_seed in models.items() if name != "base"
             },
-            "samples": samples, "seconds": seconds, "environment": environment(self.device),
+            "samples": samples, "seconds": seconds,
+            "environment": environment(self.device, threads=self.cell_threads, jobs=self.jobs),
         }

@@ -19,6 +19,7 @@ intended flags after every switch.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -566,6 +567,7 @@ class Policy:
         state = get_peft_model_state_dict(self.transformer, adapter_name=name)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / "adapter_model.safetensors")
         self._adapter_configs[name].save_pretrained(str(folder))
+        _sort_config_lists(folder / "adapter_config.json")
         return folder
 
     def load_adapter(self, name: str, folder: str | Path, *, trainable: bool = False) -> None:
@@ -656,4 +658,15 @@ def _resolution_shift(seq_len: int, config) -> float:
     return seq_len * slope + (base_shift - slope * base_len)
 
 
+def _sort_config_lists(path: Path) -> None:
+    """peft writes set-valued fields (``target_modules``) in hash order, which changes from one
+    process to the next, so the same weights would get another adapter sha256 in every process."""
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):  # sets of module names
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 __all__ = ["Policy", "PromptEmbeds", "ModelLoadError", "DEFAULT_LORA_TARGETS", "pack_latents", "unpack_latents"]
+

@@ -31,9 +31,10 @@ def run(out, kill_at=0, mode="before"):
 def comparable(results: dict, run_dir: Path) -> dict:
     """What must not depend on interruptions: everything but dates, timings and the command.
 
-    Adapters are compared by their weights: peft writes adapter_config.json's target_modules from a
-    set, in an order that changes from process to process, so the folder hashes differ anyway."""
-    weights = {m: {s: (a["path"], sha256_file(run_dir / a["path"] / "adapter_model.safetensors")) for s, a in per_seed.items()}
+    Adapters are compared by their recorded folder hash (weights and config, written in the same
+    order by every process) and by a fresh hash of their weights."""
+    weights = {m: {s: (a["path"], a["sha256"], sha256_file(run_dir / a["path"] / "adapter_model.safetensors"))
+                   for s, a in per_seed.items()}
                for m, per_seed in results["artifacts"].items()}
     compute = {m: {k: v for k, v in c.items() if k != "wall_seconds"} for m, c in results["compute"].items()}
     curves = {m: {s: [{k: v for k, v in row.items() if k != "wall_seconds"} for row in rows] for s, rows in per_seed.items()}

@@ -17,7 +17,9 @@ METHODS = ("base", "teacher/geneval", "teacher/ocr", "teacher/pref", "opd", "opd
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--seeds", "0", "--out", str(out), "--no-report"])
+    # cells side by side in two worker processes (what `run` does by default on a multi-core CPU)
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--seeds", "0", "--out", str(out), "--no-report",
+                                       "--jobs", "2", "--threads", "1"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -27,6 +29,7 @@ def test_smoke_run_writes_a_valid_result_file(smoke_run):
     check_results(results)
     assert results["schema_version"] == 3 and results["suite"] == "tiny" and results["seeds"] == [0]
     assert results["config"]["eval"]["seed"] == 0
+    assert results["environment"]["jobs"] == 2 and results["environment"]["threads"] == 1
     assert (smoke_run / ".opd-bench-run").is_file()
     for method in METHODS:
         for bench in ("geneval", "ocr", "pref", "pref_oracle"):
@@ -52,6 +55,44 @@ def test_rerunning_skips_finished_work(smoke_run):
     assert result.exit_code == 0, result.output
     assert marks and all(p.stat().st_mtime_ns == t for p, t in marks.items())
     assert all(p.stat().st_mtime_ns == t for p, t in evals.items())
+
+
+def test_cells_side_by_side_give_the_one_process_result(smoke_run, tmp_path):
+    """--jobs changes where and in what order the cells run, not what they compute (at equal threads):
+    the same per-image scores, adapters (weights and config, by their folder hash), variance and curves."""
+    out = tmp_path / "one-process"
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--seeds", "0", "--out", str(out), "--no-report",
+                                       "--jobs", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    parallel, single = (json.loads((folder / "results.json").read_text()) for folder in (smoke_run, out))
+    assert single["environment"]["jobs"] == 1
+    for key in ("results", "per_image", "artifacts"):
+        assert single[key] == parallel[key], key
+    assert single["variance"]["rows"] == parallel["variance"]["rows"]
+    untimed = lambda curves: {m: {s: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]  # noqa: E731
+                                  for s, rows in per_seed.items()} for m, per_seed in curves.items()}
+    assert untimed(single["curves"]) == untimed(parallel["curves"])
+
+
+def test_the_cell_plan_orders_what_each_cell_needs(smoke_run, tmp_path):
+    from opd_bench.parallel import plan_cells
+
+    assert plan_cells(_harness(smoke_run)) == []  # a finished run has nothing left to do
+    cells = {c.label: c for c in plan_cells(_harness(tmp_path / "fresh", seeds=[0, 1]))}
+    teachers = ("teacher geneval", "teacher ocr", "teacher pref")
+    assert all(cells[t].needs == () for t in teachers)
+    assert cells["train opd seed 1"].needs == teachers and cells["train cascade seed 1"].needs == ()
+    assert cells["eval teacher/ocr seed 0"].needs == ("teacher ocr",) and "eval teacher/ocr seed 1" not in cells
+    assert cells["eval multi-reward seed 1"].needs == ("train multi-reward seed 1",)
+    assert cells["eval base seed 0"].adapter is None and cells["variance opd"].needs == teachers
+    assert len(cells) == 3 + 4 * 2 + (4 + 4 * 2) + 1
+
+
+def test_cells_side_by_side_are_refused_where_they_cannot_run(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(tmp_path / "gpu"), "--device", "cuda",
+                                       "--jobs", "2", "--no-report"])
+    assert result.exit_code == 1 and "use --jobs 1" in result.output.splitlines()[-1]
+    assert not list((tmp_path / "gpu").glob("teachers/*"))
 
 
 def test_a_run_folder_with_another_preset_is_refused(smoke_run):
@@ -181,7 +222,7 @@ def test_paper_preset_follows_the_published_settings():
 def _harness(out, **options):
     from opd_bench.harness import Harness
 
-    return Harness(out, preset="smoke", seeds=[0], progress=False, **options)
+    return Harness(out, **{"preset": "smoke", "seeds": [0], "progress": False, **options})
 
 
 def test_a_folder_that_holds_no_run_is_never_written_or_deleted(tmp_path):

@@ -106,6 +106,7 @@ def _rapidocr(
     Lines scoring below ``text_score`` are dropped (PaddleOCR's drop_score, 0.5, as in
     Flow-GRPO). ``det_limit_*``: the detector upsamples images whose short side is below
     ``det_limit_side_len`` (RapidOCR's default 736 is ~3x slower on small images for no gain).
+    ``num_threads``: onnxruntime's threads; default: as many as torch uses.
     """
     from pathlib import Path
 
@@ -138,7 +139,8 @@ def _rapidocr(
         "Det.unclip_ratio": det_unclip_ratio,
         "Rec.model_path": str(paths["Rec"]),
         "Cls.model_path": str(paths["Cls"]),
-        "EngineConfig.onnxruntime.intra_op_num_threads": -1 if num_threads is None else num_threads,
+        # as many threads as torch: a worker of a parallel run (--jobs) has its share of the cores
+        "EngineConfig.onnxruntime.intra_op_num_threads": torch.get_num_threads() if num_threads is None else num_threads,
         "EngineConfig.onnxruntime.inter_op_num_threads": 1,
     }
     engine = RapidOCR(params=params)

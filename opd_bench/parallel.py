@@ -1,0 +1,198 @@
+"""Run a harness's cells side by side in worker processes (``opd-bench run --jobs N`` on a CPU).
+
+A cell (a teacher, a (method, seed) training run, a final evaluation, the variance experiment)
+writes its result to its own folder or file, and the harness skips every cell whose result exists.
+So the parallel phase only has to *fill* those results: each worker process builds its own
+:class:`~opd_bench.harness.Harness` on the same folder and runs the cells it is handed, in an
+order that respects what a cell needs (OPD needs every teacher; an evaluation needs its model).
+The harness's ordinary one-process run then finds everything done and assembles ``results.json``.
+
+Why processes rather than more threads: the tiny suite's matrices are small, so one process does
+not keep two cores busy (a pref teacher probe: 34 s alone on 2 threads, 57 s on 1 thread, and two
+1-thread runs side by side took 57 s each; docs/benchmarks.md). A cell's numbers depend on its
+torch thread count (the order of float reductions), not on which process or in what order it ran.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+MAX_AUTO_JOBS = 4  # each worker holds its own model and rewards (about 1.5 GB for the tiny suite)
+
+
+@dataclass(frozen=True)
+class Cell:
+    kind: str  # "teacher", "train", "eval" or "variance"
+    name: str  # the task (teacher), method (train) or model name (eval: "base", "teacher/ocr", "opd", ...)
+    seed: int | None = None
+    needs: tuple[str, ...] = ()  # labels of the cells that must finish first
+    adapter: Path | None = None  # eval: the adapter folder evaluated (None: the base)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name}" + ("" if self.seed is None else f" seed {self.seed}")
+
+
+# Teachers gate the OPD runs, so they go first; evaluations last, as they unblock nothing.
+_PRIORITY = {"teacher": 0, "train": 1, "variance": 2, "eval": 3}
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_jobs(device: str) -> int:
+    """Side-by-side cells by default: every core on the CPU (at most 4), one process on a GPU."""
+    return min(available_cores(), MAX_AUTO_JOBS) if str(device).startswith("cpu") else 1
+
+
+def plan_cells(harness) -> list[Cell]:
+    """Every cell of ``harness.run()`` whose result does not exist yet, with what each needs."""
+    teachers = {task: harness.teacher_dir(task) for task in harness.suite.tasks}
+    cells = [Cell("teacher", task) for task in teachers]
+    every_teacher = tuple(cell.label for cell in cells)
+    trained = harness.finished_cells()
+    planned = {method: dict(per_seed) for method, per_seed in trained.items()}
+    for method in harness.methods:
+        for seed in harness.seeds:
+            cells.append(Cell("train", method, seed, every_teacher if method.startswith("opd") else ()))
+            planned.setdefault(method, {})[seed] = harness.final_adapter(method, seed)
+    methods, _, models = harness.models_to_evaluate(planned, teachers)
+    for name, per_seed in models.items():
+        for seed, adapter in per_seed.items():
+            if name == "base":
+                needs = ()
+            elif name.startswith("teacher/"):
+                needs = (Cell("teacher", name.split("/", 1)[1]).label,)
+            else:
+                needs = (Cell("train", name, seed).label,)
+            cells.append(Cell("eval", name, seed, needs, adapter))
+    if any(method.startswith("opd") for method in methods):
+        cells.append(Cell("variance", "opd", needs=every_teacher))
+    done = {cell.label for cell in cells if _finished(harness, cell, teachers)}
+    return [
+        Cell(c.kind, c.name, c.seed, tuple(n for n in c.needs if n not in done), c.adapter)
+        for c in cells if c.label not in done
+    ]
+
+
+def _finished(harness, cell: Cell, teachers: dict[str, Path]) -> bool:
+    from opd_bench.trainers.teachers import finished_teacher
+
+    if cell.kind == "teacher":
+        return finished_teacher(teachers[cell.name]) is not None
+    if cell.kind == "train":
+        final = harness.final_adapter(cell.name, cell.seed)
+        return final.exists() and (final.parent / "DONE").exists()
+    if cell.kind == "eval":
+        return harness.evaluation_finished(cell.name, cell.seed)
+    return (harness.out / "variance.json").exists()
+
+
+def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
+    """Fill every unfinished cell of ``harness`` with ``jobs`` worker processes of ``threads``
+    torch threads each; returns the number of cells run. Finished cells stay on disk if one fails."""
+    from tqdm.auto import tqdm
+
+    cells = sorted(plan_cells(harness), key=lambda c: _PRIORITY[c.kind])
+    if not cells:
+        return 0
+    from opd_bench.suites import sd
+
+    if jobs * threads > available_cores():  # measured: 2 jobs x 2 threads on 2 cores ran the smoke cells 7x slower
+        print(f"opd-bench: {jobs} jobs x {threads} threads exceed the {available_cores()} cores; every cell will run "
+              f"several times slower (use --threads {max(1, available_cores() // jobs)})", file=sys.stderr)
+    suite_config = sd.current_config() if harness.options["suite"] == "sd" else None
+    context = get_context("spawn")  # fork would copy torch's thread pools into the children
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=context,
+                               initializer=_start_worker, initargs=(harness.options, threads, suite_config))
+    pending, running, done = list(cells), {}, set()
+    bar = tqdm(total=len(cells), desc=f"cells ({jobs} jobs x {threads} threads)", unit="cell", disable=not progress)
+    try:
+        while pending or running:
+            for cell in [c for c in pending if all(n in done for n in c.needs)][: jobs - len(running)]:
+                running[pool.submit(_run_cell, cell)] = cell
+                pending.remove(cell)
+            if not running:
+                raise RuntimeError(f"cells waiting on cells that never run: {[c.label for c in pending]}")
+            bar.set_postfix_str(", ".join(c.label for c in running.values()))
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell = running.pop(future)
+                seconds = _result(future, cell)
+                done.add(cell.label)
+                bar.update()
+                bar.write(f"{cell.label}: {seconds:.0f} s")
+    except BaseException:
+        _stop(pool)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
+    return len(cells)
+
+
+def _result(future: Future, cell: Cell) -> float:
+    try:
+        return future.result()
+    except Exception:
+        print(f"opd-bench: {cell.label} failed; the cells that finished are kept, rerun the command to resume",
+              file=sys.stderr)
+        raise
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Stop at once: a training cell resumes from its last checkpoint, and every result is written
+    atomically, so killing a worker mid-cell loses at most that cell's last few steps."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+
+
+# ----------------------------------------------------------------------------- worker side
+_WORKER: dict = {}
+
+
+def _start_worker(options: dict, threads: int, suite_config: dict | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from opd_bench.harness import Harness
+    from opd_bench.suites import sd
+
+    if suite_config is not None:
+        sd.configure(suite_config)
+    try:  # the loading bars of many processes would only interleave
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    _WORKER["harness"] = Harness(**options, progress=False)
+
+
+def _run_cell(cell: Cell) -> float:
+    from opd_bench.training import return_freed_memory
+
+    harness = _WORKER["harness"]
+    started = time.perf_counter()
+    teachers = {task: harness.teacher_dir(task) for task in harness.suite.tasks}
+    if cell.kind == "teacher":
+        harness.teacher(cell.name)
+    elif cell.kind == "train":
+        harness.train_method(cell.name, cell.seed, teachers)
+    elif cell.kind == "eval":
+        harness.evaluate_cell(cell.name, cell.adapter, cell.seed)
+    else:
+        harness.variance(teachers)
+    return_freed_memory()  # a worker runs many cells; glibc would keep their freed buffers
+    return time.perf_counter() - started
