@@ -142,11 +142,13 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
 
 
 def _result(future: Future, cell: Cell) -> float:
+    from tqdm.auto import tqdm
+
     try:
         return future.result()
-    except Exception:
-        print(f"opd-bench: {cell.label} failed; the cells that finished are kept, rerun the command to resume",
-              file=sys.stderr)
+    except Exception:  # the error itself is re-raised, so the CLI shows it as in a one-process run
+        tqdm.write(f"opd-bench: {cell.label} failed; the cells that finished are kept, rerun the command to resume",
+                   file=sys.stderr)
         raise
 
 
@@ -171,12 +173,12 @@ def _start_worker(options: dict, threads: int, suite_config: dict | None) -> Non
 
     if suite_config is not None:
         sd.configure(suite_config)
-    try:  # the loading bars of many processes would only interleave
-        from diffusers.utils import logging as diffusers_logging
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    # the loading bars of several processes would only interleave with the run's own bar
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     _WORKER["harness"] = Harness(**options, progress=False)
 
 

@@ -3,6 +3,7 @@ partial reruns and what --force may delete."""
 
 import copy
 import json
+import re
 import shutil
 
 import pytest
@@ -93,6 +94,18 @@ def test_cells_side_by_side_are_refused_where_they_cannot_run(tmp_path):
                                        "--jobs", "2", "--no-report"])
     assert result.exit_code == 1 and "use --jobs 1" in result.output.splitlines()[-1]
     assert not list((tmp_path / "gpu").glob("teachers/*"))
+
+
+def test_a_cell_failing_in_a_worker_ends_the_run_with_its_own_one_line_error(tmp_path):
+    out, missing = tmp_path / "run", tmp_path / "no-such-model"
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(out), "--model", str(missing),
+                                       "--jobs", "2", "--threads", "1", "--no-report"])
+    assert result.exit_code == 1
+    # both workers start a teacher and both fail; whichever reports first is named
+    assert re.search(r"teacher (geneval|ocr) failed; the cells that finished are kept", result.output)
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: model folder") and str(missing) in error
+    assert (out / "run.json").is_file() and not (out / "results.json").exists()
 
 
 def test_a_run_folder_with_another_preset_is_refused(smoke_run):
