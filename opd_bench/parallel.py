@@ -7,10 +7,11 @@ So the parallel phase only has to *fill* those results: each worker process buil
 order that respects what a cell needs (OPD needs every teacher; an evaluation needs its model).
 The harness's ordinary one-process run then finds everything done and assembles ``results.json``.
 
-Why processes rather than more threads: the tiny suite's matrices are small, so one process does
-not keep two cores busy (a pref teacher probe: 34 s alone on 2 threads, 57 s on 1 thread, and two
-1-thread runs side by side took 57 s each; docs/benchmarks.md). A cell's numbers depend on its
-torch thread count (the order of float reductions), not on which process or in what order it ran.
+Why processes rather than more threads: the tiny suite's matrices are small and its OCR engine
+gains little from a second thread, so one process does not keep two cores busy. The standard run
+took 31.9 min as 2 jobs x 1 thread against 41.0 in one process on 2 threads (docs/benchmarks.md,
+"Cells side by side"). A cell's numbers depend on its torch thread count (the order of float
+reductions), not on which process or in what order it ran.
 """
 
 from __future__ import annotations
