@@ -16,6 +16,7 @@ reductions), not on which process or in what order it ran.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+POLL_SECONDS = 10  # how often the bar re-reads the running cells' steps
 MAX_AUTO_JOBS = 4  # each worker holds its own model and rewards (about 1.5 GB for the tiny suite)
 
 
@@ -125,8 +127,9 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
                 pending.remove(cell)
             if not running:
                 raise RuntimeError(f"cells waiting on cells that never run: {[c.label for c in pending]}")
-            bar.set_postfix_str(", ".join(c.label for c in running.values()))
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            # a teacher runs for minutes: between completions the bar shows each training cell's step
+            bar.set_postfix_str(", ".join(_describe(harness, c) for c in running.values()), refresh=True)
+            finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
             for future in finished:
                 cell = running.pop(future)
                 seconds = _result(future, cell)
@@ -140,6 +143,26 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
         bar.close()
     pool.shutdown()
     return len(cells)
+
+
+def _describe(harness, cell: Cell) -> str:
+    """The cell's label and, for a training cell, the step its newest metrics log has reached
+    (a cascade logs each stage in its own folder first)."""
+    if cell.kind == "teacher":
+        folder = harness.teacher_dir(cell.name)
+    elif cell.kind == "train":
+        folder = harness.out / "methods" / cell.name / f"seed{cell.seed}"
+    else:
+        return cell.label
+    logs = sorted(folder.rglob("metrics.jsonl"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    for line in reversed(logs[-1].read_text().splitlines() if logs else []):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # a line being written, or not a step record
+            continue
+        stage = "" if logs[-1].parent == folder else f"{logs[-1].parent.name} "
+        return f"{cell.label} ({stage}step {step})"
+    return cell.label
 
 
 def _result(future: Future, cell: Cell) -> float:

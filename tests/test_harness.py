@@ -89,6 +89,22 @@ def test_the_cell_plan_orders_what_each_cell_needs(smoke_run, tmp_path):
     assert len(cells) == 3 + 4 * 2 + (4 + 4 * 2) + 1
 
 
+def test_the_bar_shows_the_step_each_running_training_cell_has_reached(tmp_path):
+    from opd_bench.parallel import Cell, _describe
+
+    harness = _harness(tmp_path / "run")
+    teacher, cascade = Cell("teacher", "ocr"), Cell("train", "cascade", 1)
+    assert _describe(harness, teacher) == "teacher ocr"  # not started yet
+    harness.teacher_dir("ocr").mkdir(parents=True)
+    (harness.teacher_dir("ocr") / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "eval/ocr": 0.1}\n{"ste')
+    assert _describe(harness, teacher) == "teacher ocr (step 2)"  # a half-written last line is skipped
+    stage = tmp_path / "run" / "methods" / "cascade" / "seed1" / "stage1-ocr"
+    stage.mkdir(parents=True)
+    (stage / "metrics.jsonl").write_text('{"step": 7}\n')
+    assert _describe(harness, cascade) == "train cascade seed 1 (stage1-ocr step 7)"
+    assert _describe(harness, Cell("eval", "base", 0)) == "eval base seed 0"
+
+
 def test_cells_side_by_side_are_refused_where_they_cannot_run(tmp_path):
     result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(tmp_path / "gpu"), "--device", "cuda",
                                        "--jobs", "2", "--no-report"])
