@@ -54,8 +54,13 @@ def available_cores() -> int:
 
 
 def default_jobs(device: str) -> int:
-    """Side-by-side cells by default: every core on the CPU (at most 4), one process on a GPU."""
-    return min(available_cores(), MAX_AUTO_JOBS) if str(device).startswith("cpu") else 1
+    """Side-by-side cells by default: every core on the CPU (at most 4); one process on a GPU or
+    under torchrun / accelerate, where the processes already share every cell."""
+    from opd_bench import distributed
+
+    if distributed.current().distributed or not str(device).startswith("cpu"):
+        return 1
+    return min(available_cores(), MAX_AUTO_JOBS)
 
 
 def plan_cells(harness) -> list[Cell]:

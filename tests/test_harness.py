@@ -105,6 +105,15 @@ def test_the_bar_shows_the_step_each_running_training_cell_has_reached(tmp_path)
     assert _describe(harness, Cell("eval", "base", 0)) == "eval base seed 0"
 
 
+def test_cells_run_side_by_side_by_default_only_on_a_cpu_in_one_process(monkeypatch):
+    from opd_bench import distributed, parallel
+
+    monkeypatch.setattr(parallel, "available_cores", lambda: 16)
+    assert parallel.default_jobs("cpu") == parallel.MAX_AUTO_JOBS and parallel.default_jobs("cuda") == 1
+    monkeypatch.setattr(distributed, "current", lambda: distributed.ProcessGroup(rank=0, world_size=2))
+    assert parallel.default_jobs("cpu") == 1  # under torchrun the ranks already share each cell
+
+
 def test_cells_side_by_side_are_refused_where_they_cannot_run(tmp_path):
     result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(tmp_path / "gpu"), "--device", "cuda",
                                        "--jobs", "2", "--no-report"])
