@@ -86,10 +86,11 @@ def plan_cells(harness) -> list[Cell]:
             cells.append(Cell("eval", name, seed, needs, adapter))
     if any(method.startswith("opd") for method in methods):
         cells.append(Cell("variance", "opd", needs=every_teacher))
-    done = {cell.label for cell in cells if _finished(harness, cell, teachers)}
+    # a need that is done, or not in the plan at all (a cell an earlier run finished), is met
+    todo = {cell.label for cell in cells if not _finished(harness, cell, teachers)}
     return [
-        Cell(c.kind, c.name, c.seed, tuple(n for n in c.needs if n not in done), c.adapter)
-        for c in cells if c.label not in done
+        Cell(c.kind, c.name, c.seed, tuple(n for n in c.needs if n in todo), c.adapter)
+        for c in cells if c.label in todo
     ]
 
 

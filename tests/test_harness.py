@@ -87,6 +87,14 @@ def test_the_cell_plan_orders_what_each_cell_needs(smoke_run, tmp_path):
     assert cells["eval multi-reward seed 1"].needs == ("train multi-reward seed 1",)
     assert cells["eval base seed 0"].adapter is None and cells["variance opd"].needs == teachers
     assert len(cells) == 3 + 4 * 2 + (4 + 4 * 2) + 1
+    # a partial rerun: a cell an earlier run trained but never evaluated is evaluated, needing nothing
+    partial = _harness(tmp_path / "partial", method="opd")
+    earlier = tmp_path / "partial" / "methods" / "cascade" / "seed5"
+    (earlier / "stage1-ocr" / "final").mkdir(parents=True)
+    (earlier / "stage1-ocr" / "DONE").write_text("{}")
+    cells = {c.label: c for c in plan_cells(partial)}
+    assert cells["eval cascade seed 5"].needs == () and "train cascade seed 5" not in cells
+    assert "eval cascade seed 0" not in cells and cells["eval opd seed 0"].needs == ("train opd seed 0",)
 
 
 def test_the_bar_shows_the_step_each_running_training_cell_has_reached(tmp_path):
