@@ -123,7 +123,7 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
     suite_config = sd.current_config() if harness.options["suite"] == "sd" else None
     context = get_context("spawn")  # fork would copy torch's thread pools into the children
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=context,
-                               initializer=_start_worker, initargs=(harness.options, threads, suite_config))
+                               initializer=_start_worker, initargs=(harness.options, threads, suite_config, os.getpid()))
     pending, running, done = list(cells), {}, set()
     bar = tqdm(total=len(cells), desc=f"cells ({jobs} jobs x {threads} threads)", unit="cell", disable=not progress)
     try:
@@ -194,7 +194,22 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 _WORKER: dict = {}
 
 
-def _start_worker(options: dict, threads: int, suite_config: dict | None) -> None:
+def _die_with(parent: int) -> None:
+    """Linux: the kernel sends this worker SIGTERM when the run's main process dies (kill -9, out of
+    memory), so no orphan goes on writing into a folder that a rerun is about to resume."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers end when the main process's queue closes
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os._exit(1)
+
+
+def _start_worker(options: dict, threads: int, suite_config: dict | None, parent: int) -> None:
+    _die_with(parent)
     import torch
 
     torch.set_num_threads(threads)

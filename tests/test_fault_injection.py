@@ -14,7 +14,10 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from opd_bench.benchmarks import sha256_file
 from opd_bench.leaderboard import check_results
@@ -63,3 +66,71 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     results = json.loads((out / "results.json").read_text())
     check_results(results)
     assert comparable(results, out) == comparable(expected, tmp_path / "reference")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_a_parallel_run_killed_with_sigkill_leaves_no_worker_behind_and_resumes(tmp_path):
+    """After kill -9 of `opd-bench run --jobs 2` no worker goes on writing into the folder (the
+    mechanism, PR_SET_PDEATHSIG, is the next test's), and the rerun finishes the run."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "opd_bench", "run", "--preset", "smoke", "--out", str(out), "--no-report",
+               "--jobs", "2", "--threads", "1"]
+    run_main = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("teachers/*/metrics.jsonl")):  # the workers are training
+        time.sleep(0.2)
+    workers = _children(run_main.pid)
+    assert len(workers) >= 2, "the run started no workers"
+    run_main.kill()
+    run_main.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
+    assert not (out / "results.json").exists()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    check_results(json.loads((out / "results.json").read_text()))
+
+
+PARENT = """
+import multiprocessing, os, signal, time
+from opd_bench import parallel
+
+def child(parent):
+    parallel._die_with(parent)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    worker = multiprocessing.get_context("spawn").Process(target=child, args=(os.getpid(),))
+    worker.start()
+    print(worker.pid, flush=True)
+    time.sleep(3)  # the worker has asked to die with this process
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_a_worker_dies_when_its_main_process_is_killed(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert parent.returncode == -signal.SIGKILL, parent.stderr[-2000:]
+    worker = int(parent.stdout.split()[0])
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(worker):
+        time.sleep(0.1)
+    assert not _alive(worker)  # without the request it would sleep on for two minutes
