@@ -160,8 +160,12 @@ def _describe(harness, cell: Cell) -> str:
         folder = harness.out / "methods" / cell.name / f"seed{cell.seed}"
     else:
         return cell.label
-    logs = sorted(folder.rglob("metrics.jsonl"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    for line in reversed(logs[-1].read_text().splitlines() if logs else []):
+    try:  # the bar must never stop the run: a log replaced while it is read just shows no step
+        logs = sorted(folder.rglob("metrics.jsonl"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        lines = logs[-1].read_text().splitlines() if logs else []
+    except OSError:
+        return cell.label
+    for line in reversed(lines):
         try:
             step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError):  # a line being written, or not a step record
