@@ -97,7 +97,7 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Delete the run in --out and start over (only a folder holding a run; never the working directory or its parents).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Cells (teachers, training runs, evaluations) run side by side in this many processes.  "
-                   "[default: the CPU cores, at most 4, with --device cpu; else 1]")
+                   "[default: the CPU cores, at most 4, with --device cpu; 1 on a GPU or under torchrun / accelerate]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per cell; a cell's numbers depend on them.  [default: the cores divided among the jobs]")
 @_suite_config_option
