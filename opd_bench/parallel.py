@@ -125,7 +125,7 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=context,
                                initializer=_start_worker, initargs=(harness.options, threads, suite_config, os.getpid()))
     pending, running, done = list(cells), {}, set()
-    bar = tqdm(total=len(cells), desc=f"cells ({jobs} jobs x {threads} threads)", unit="cell", disable=not progress)
+    bar = tqdm(total=len(cells), desc=f"cells ({jobs} jobs x {threads} thread{'s' if threads > 1 else ''})", unit="cell", disable=not progress)
     try:
         while pending or running:
             for cell in [c for c in pending if all(n in done for n in c.needs)][: jobs - len(running)]:
