@@ -315,13 +315,26 @@ class Harness:
     def teachers(self) -> dict[str, Path]:
         return {task: self.teacher(task) for task in self.suite.tasks}
 
+    def teacher_dirs(self) -> dict[str, Path]:
+        """Every task's teacher folder, trained or not."""
+        return {task: self.teacher_dir(task) for task in self.suite.tasks}
+
+    def method_dir(self, method: str, seed: int) -> Path:
+        """The folder of one (method, seed) training cell."""
+        return self.out / "methods" / method / f"seed{seed}"
+
     def final_adapter(self, method: str, seed: int) -> Path:
         """Where the trained adapter of one (method, seed) cell is (or will be) saved."""
-        run_dir = self.out / "methods" / method / f"seed{seed}"
+        run_dir = self.method_dir(method, seed)
         if method == "cascade":  # the last stage's adapter is the cascade's result
             last_task = self.plan.cascade.stages[-1][0]
             return run_dir / f"stage{len(self.plan.cascade.stages) - 1}-{last_task}" / "final"
         return run_dir / "final"
+
+    def trained(self, method: str, seed: int) -> bool:
+        """Whether the (method, seed) cell finished: its adapter saved and DONE written beside it."""
+        final = self.final_adapter(method, seed)
+        return final.exists() and (final.parent / "DONE").exists()
 
     def finished_cells(self) -> dict[str, dict[int, Path]]:
         """The (method, seed) cells finished in this folder, by this run or earlier ones."""
@@ -330,9 +343,9 @@ class Harness:
             for folder in sorted((self.out / "methods" / method).glob("seed*")):
                 if not folder.name[4:].isdigit():
                     continue
-                final = self.final_adapter(method, int(folder.name[4:]))
-                if final.exists() and (final.parent / "DONE").exists():
-                    found.setdefault(method, {})[int(folder.name[4:])] = final
+                seed = int(folder.name[4:])
+                if self.trained(method, seed):
+                    found.setdefault(method, {})[seed] = self.final_adapter(method, seed)
         return found
 
     def train_method(self, method: str, seed: int, teachers: dict[str, Path]) -> Path:
@@ -341,11 +354,10 @@ class Harness:
         from opd_bench.baselines.multi_reward import MultiRewardTrainer
         from opd_bench.trainers.opd import OPDTrainer
 
-        run_dir = self.out / "methods" / method / f"seed{seed}"
+        run_dir = self.method_dir(method, seed)
         adapter = f"{method}-s{seed}"
-        final = self.final_adapter(method, seed)
-        if final.exists() and (final.parent / "DONE").exists():
-            return final
+        if self.trained(method, seed):
+            return self.final_adapter(method, seed)
         evaluate = self.evaluator(self.plan.train_eval_limit, 1)
         common = dict(policy=self.policy, run_dir=run_dir, adapter=adapter, evaluate=evaluate)
         if method in ("opd", "opd-ppo"):
@@ -387,18 +399,23 @@ class Harness:
     def _evaluation_path(self, name: str, seed: int) -> Path:
         return self.out / "evals" / f"{name.replace('/', '_')}-seed{seed}.json"
 
-    def evaluation_finished(self, name: str, seed: int) -> bool:
+    def _finished_evaluation(self, name: str, seed: int) -> dict | None:
+        """The saved final evaluation of a model, or None; records of older versions lack per-image
+        scores, and those are evaluated again."""
         path = self._evaluation_path(name, seed)
-        # records of older versions lack per-image scores: those are evaluated again
-        return path.exists() and "per_image" in json.loads(path.read_text())
+        record = json.loads(path.read_text()) if path.exists() else None
+        return record if record is not None and "per_image" in record else None
+
+    def evaluation_finished(self, name: str, seed: int) -> bool:
+        return self._finished_evaluation(name, seed) is not None
 
     def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int) -> dict:
         """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``."""
         from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
 
-        path = self._evaluation_path(name, seed)
-        if self.evaluation_finished(name, seed):
-            return json.loads(path.read_text())
+        record = self._finished_evaluation(name, seed)
+        if record is not None:
+            return record
         adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings.of_suite(self.suite)
         noise_seed = eval_noise_seed(self.plan.eval_seed, seed)
@@ -411,13 +428,17 @@ class Harness:
         per_image = {bench: [_score(v) for v in values] for bench, values in result["per_image"].items()}
         record = {"seed": seed, "eval_seed": noise_seed, "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
                   "seconds": round(time.perf_counter() - started, 2)}  # benchmarks/bench_run_memory.py reads it
-        atomic_write_json(path, record, compact_lists=True)
+        atomic_write_json(self._evaluation_path(name, seed), record, compact_lists=True)
         return record
+
+    @property
+    def variance_path(self) -> Path:
+        return self.out / "variance.json"
 
     def variance(self, teachers: dict[str, Path]) -> dict:
         from opd_bench.trainers.variance import variance_experiment
 
-        path = self.out / "variance.json"
+        path = self.variance_path
         if path.exists():
             return json.loads(path.read_text())
         # The preference teacher: a continuous reward always has spread, so it always moved from the base.
@@ -524,7 +545,7 @@ class Harness:
         curves, gradient_variance, compute = {}, {}, {}
         metric_files = {f"teacher/{t}": {seeds[0]: d / "metrics.jsonl"} for t, d in teachers.items()}
         for method in methods:
-            metric_files[method] = {s: self.out / "methods" / method / f"seed{s}" / "metrics.jsonl" for s in models[method]}
+            metric_files[method] = {s: self.method_dir(method, s) / "metrics.jsonl" for s in models[method]}
         for name, files in metric_files.items():
             curves[name], gradient_variance[name] = {}, {}
             totals = []

@@ -65,7 +65,7 @@ def default_jobs(device: str) -> int:
 
 def plan_cells(harness) -> list[Cell]:
     """Every cell of ``harness.run()`` whose result does not exist yet, with what each needs."""
-    teachers = {task: harness.teacher_dir(task) for task in harness.suite.tasks}
+    teachers = harness.teacher_dirs()
     cells = [Cell("teacher", task) for task in teachers]
     every_teacher = tuple(cell.label for cell in cells)
     trained = harness.finished_cells()
@@ -100,11 +100,10 @@ def _finished(harness, cell: Cell, teachers: dict[str, Path]) -> bool:
     if cell.kind == "teacher":
         return finished_teacher(teachers[cell.name]) is not None
     if cell.kind == "train":
-        final = harness.final_adapter(cell.name, cell.seed)
-        return final.exists() and (final.parent / "DONE").exists()
+        return harness.trained(cell.name, cell.seed)
     if cell.kind == "eval":
         return harness.evaluation_finished(cell.name, cell.seed)
-    return (harness.out / "variance.json").exists()
+    return harness.variance_path.exists()
 
 
 def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
@@ -157,7 +156,7 @@ def _describe(harness, cell: Cell) -> str:
     if cell.kind == "teacher":
         folder = harness.teacher_dir(cell.name)
     elif cell.kind == "train":
-        folder = harness.out / "methods" / cell.name / f"seed{cell.seed}"
+        folder = harness.method_dir(cell.name, cell.seed)
     else:
         return cell.label
     try:  # the bar must never stop the run: a log replaced while it is read just shows no step
@@ -236,7 +235,7 @@ def _run_cell(cell: Cell) -> float:
 
     harness = _WORKER["harness"]
     started = time.perf_counter()
-    teachers = {task: harness.teacher_dir(task) for task in harness.suite.tasks}
+    teachers = harness.teacher_dirs()
     if cell.kind == "teacher":
         harness.teacher(cell.name)
     elif cell.kind == "train":

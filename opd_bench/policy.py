@@ -669,4 +669,3 @@ def _sort_config_lists(path: Path) -> None:
 
 
 __all__ = ["Policy", "PromptEmbeds", "ModelLoadError", "DEFAULT_LORA_TARGETS", "pack_latents", "unpack_latents"]
-
