@@ -48,6 +48,14 @@ def _suite_config_option(command):
     )(command)
 
 
+def _dtype_option(command):
+    return click.option(
+        "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
+        help="Weight precision: auto is bfloat16 on a GPU (as Flow-GRPO trains), float32 on the CPU. "
+             "Trained adapters stay float32 either way.",
+    )(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="opd-bench")
 def main() -> None:
@@ -100,9 +108,14 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
                    "[default: the CPU cores, at most 4, with --device cpu; 1 on a GPU or under torchrun / accelerate]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per cell; a cell's numbers depend on them.  [default: the cores divided among the jobs]")
+@_dtype_option
+@click.option("--drop-t5", is_flag=True, help="SD3 without its T5 text encoder (about 10 GB less for SD3.5); another experiment.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, same numbers.")
+@click.option("--offload-text-encoders", is_flag=True, help="Keep the text encoders on the CPU between prompts: less GPU memory, same numbers.")
 @_suite_config_option
 @_friendly
-def run_command(method, suite_name, model, preset, seeds, out, device, report, force, jobs, threads) -> None:
+def run_command(method, suite_name, model, preset, seeds, out, device, report, force, jobs, threads, dtype, drop_t5,
+                gradient_checkpointing, offload_text_encoders) -> None:
     """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
 
     Rerunning the same command skips finished work and resumes unfinished training; a rerun with
@@ -121,7 +134,9 @@ def run_command(method, suite_name, model, preset, seeds, out, device, report, f
     from opd_bench.harness import Harness
 
     command = "opd-bench " + " ".join(sys.argv[1:]) if sys.argv and "opd-bench" in sys.argv[0] else f"opd-bench run --method {method} --suite {suite_name} --preset {preset} --seeds {seeds} --out {out}"
-    harness = Harness(out, suite=suite_name, model=model, preset=preset, seeds=seed_list, method=method, device=device, force=force, command=command)
+    harness = Harness(out, suite=suite_name, model=model, preset=preset, seeds=seed_list, method=method, device=device, force=force,
+                      command=command, dtype=dtype, drop_t5=drop_t5, gradient_checkpointing=gradient_checkpointing,
+                      offload_text_encoders=offload_text_encoders)
     from opd_bench.parallel import default_jobs
 
     results = harness.run(jobs=jobs or default_jobs(device), threads=threads)
@@ -220,9 +235,10 @@ def leaderboard_command(root: Path) -> None:
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing results.json.")
+@_dtype_option
 @_suite_config_option
 @_friendly
-def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, steps, guidance, batch_size, device, force):
+def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, steps, guidance, batch_size, device, force, dtype):
     """Evaluate a model on a suite's test prompts; writes OUT/results.json and prints a table."""
     results_path = out / "results.json"
     if results_path.exists() and not force:
@@ -232,16 +248,16 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     from opd_bench import suites
     from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source, renderer_source
     from opd_bench.io import atomic_write_json
+    from opd_bench.policy import DTYPES, Policy, resolve_dtype
 
     suite = suites.get(suite_name)
     model = model or suite.default_model
     settings = SamplerSettings(steps or suite.num_steps, suite.guidance_scale if guidance is None else guidance, suite.noise_level)
+    dtype = resolve_dtype(dtype, device)
     if model == "renderer":
         source = renderer_source()
     else:
-        from opd_bench.policy import Policy
-
-        policy = Policy.from_pretrained(suites.resolve_model(model), device=device, resolution=suite.image_side())
+        policy = Policy.from_pretrained(suites.resolve_model(model), device=device, resolution=suite.image_side(), dtype=DTYPES[dtype])
         source = policy_source(policy, settings)
     start = time.time()
     result = evaluate_suite(
@@ -250,7 +266,7 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     )
     record = {
         "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed,
-        "sampler": vars(settings) if model != "renderer" else None, "limit": limit,
+        "sampler": vars(settings) if model != "renderer" else None, "dtype": dtype if model != "renderer" else None, "limit": limit,
         "num_images": sum(b["num_images"] for b in result["benchmarks"].values()),
         "seconds": time.time() - start, **result,
     }
@@ -349,18 +365,19 @@ def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@_dtype_option
 @_friendly
-def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed, device, out, force) -> None:
+def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed, device, out, force, dtype) -> None:
     """Sample images with the shared rollout and save them as one grid (rows = prompts)."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose another path or pass --force")
     from opd_bench.io import save_grid
-    from opd_bench.policy import Policy
+    from opd_bench.policy import DTYPES, Policy, resolve_dtype
     from opd_bench.rollout import rollout
-
     from opd_bench.suites import resolve_model
 
-    policy = Policy.from_pretrained(resolve_model(model), device=device)  # resolve: checks the weights first
+    # resolve: checks the weights first
+    policy = Policy.from_pretrained(resolve_model(model), device=device, dtype=DTYPES[resolve_dtype(dtype, device)])
     trajectory = rollout(
         policy,
         list(prompts),

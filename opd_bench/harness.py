@@ -65,6 +65,10 @@ class RunPlan:
         return asdict(self)
 
 
+# How a run loads its model when nothing else is asked for (the tiny suite's runs and results).
+DEFAULT_MODEL_OPTIONS = {"dtype": "float32", "drop_t5": False}
+
+
 def _smoke() -> RunPlan:
     grpo = dict(steps=2, prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1, train_fraction=0.5)
     opd = dict(steps=2, prompts_per_task=1, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1)
@@ -196,11 +200,16 @@ class Harness:
         seeds: Sequence[int] = (0, 1, 2),
         method: str = "all",
         device: str = "cpu",
+        dtype: str = "auto",
+        drop_t5: bool = False,
+        gradient_checkpointing: bool = False,
+        offload_text_encoders: bool = False,
         force: bool = False,
         command: str = "",
         progress: bool = True,
     ):
         from opd_bench import suites
+        from opd_bench.policy import resolve_dtype
 
         self.out = Path(out)
         self.suite = suites.get(suite)
@@ -211,11 +220,19 @@ class Harness:
             raise ValueError("--seeds needs at least one seed, e.g. 0,1,2")
         self.methods = methods_for(method)
         self.device, self.force, self.command, self.progress = device, force, command, progress
+        self.dtype = resolve_dtype(dtype, device)
+        # memory savers that leave every number as it is (recorded in results.json's environment)
+        self.memory = {"gradient_checkpointing": gradient_checkpointing, "offload_text_encoders": offload_text_encoders}
         self.cell_threads, self.jobs = None, 1  # set by run()
         # what a worker process of a parallel run (opd_bench.parallel) needs to build the same harness
         self.options = dict(out=str(self.out), suite=suite, model=model, preset=preset, seeds=self.seeds, method=method,
-                            device=device, command=command)
+                            device=device, dtype=self.dtype, drop_t5=drop_t5, command=command, **self.memory)
         self.identity = {"suite": suite, "suite_version": self.suite.version, "model": self.model, "preset": preset, "plan": self.plan.to_dict()}
+        # A precision or a model without T5 is another experiment. Only the non-default is written, so
+        # the float32 runs made before the option existed keep their identity and their teachers.
+        self.model_options = {"dtype": self.dtype, "drop_t5": drop_t5}
+        variant = {k: v for k, v in self.model_options.items() if v != DEFAULT_MODEL_OPTIONS[k]}
+        self.identity.update(variant)
         self.resolution = self.suite.image_side()
         fingerprint = suites.model_fingerprint(self.model)
         if self.resolution is not None:  # a run at another image size is another experiment
@@ -223,7 +240,8 @@ class Harness:
         if fingerprint:  # a shipped alias: its weights change between releases
             self.identity["model_sha256"] = fingerprint
         # teachers are reused by (base, suite version, task, config): weights and image side are part of the base
-        self.teacher_base = self.model + (f"#{fingerprint}" if fingerprint else "") + (f"@{self.resolution}px" if self.resolution else "")
+        self.teacher_base = (self.model + (f"#{fingerprint}" if fingerprint else "") + (f"@{self.resolution}px" if self.resolution else "")
+                             + "".join(f"~{key}={value}" for key, value in variant.items()))
         distributed.current().run_on_main(self._check_folder)  # one process touches the folder (--force deletes it)
         self._policy = None
         self._evaluators: dict = {}
@@ -265,12 +283,13 @@ class Harness:
     @property
     def policy(self):
         if self._policy is None:
-            from opd_bench.policy import Policy
+            from opd_bench.policy import DTYPES, Policy
             from opd_bench.suites import resolve_model
 
             # with several processes a bare "cuda" means this process's GPU
             self._policy = Policy.from_pretrained(
-                resolve_model(self.model), device=distributed.current().device(self.device), resolution=self.resolution
+                resolve_model(self.model), device=distributed.current().device(self.device), resolution=self.resolution,
+                dtype=DTYPES[self.dtype], drop_t5=self.model_options["drop_t5"], **self.memory,
             )
         return self._policy
 
@@ -580,6 +599,8 @@ class Harness:
                          "seed": self.plan.eval_seed,
                          "num_steps": self.suite.num_steps, "guidance_scale": self.suite.guidance_scale,
                          "noise_level": self.suite.noise_level, "resolution": self.resolution},
+                # how the model was loaded; `opd-bench verify` regenerates images the same way
+                "model": self.model_options,
             },
             "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": gradient_variance,
             "compute": compute, "variance": variance, "cascade_stages": cascade_stages if "cascade" in methods else [],
@@ -593,5 +614,5 @@ class Harness:
                 for name, per_seed in models.items() if name != "base"
             },
             "samples": samples, "seconds": seconds,
-            "environment": environment(self.device, threads=self.cell_threads, jobs=self.jobs),
+            "environment": {**environment(self.device, threads=self.cell_threads, jobs=self.jobs), **self.memory},
         }

@@ -298,6 +298,13 @@ def check_results(results: dict) -> None:
                 raise SubmissionError(f"compute[{method!r}][{key!r}] is {value!r}; it must be a finite number >= 0")
 
 
+def _model_label(results: dict) -> str:
+    """The model, with its precision where it was not float32 (another experiment, e.g. ``sd35m (bfloat16)``)."""
+    loading = results.get("config", {}).get("model") if isinstance(results.get("config"), dict) else None
+    dtype = loading.get("dtype") if isinstance(loading, dict) else None
+    return str(results["model"]) + (f" ({dtype})" if dtype not in (None, "float32") else "")
+
+
 def _budget(config: dict, method: str) -> Any:
     """A student method's configured optimizer steps (cascade: its stages' sum), or None."""
     section = config.get(method) if isinstance(config, dict) else None
@@ -511,7 +518,7 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
                 "kind": "student" if method in STUDENT_METHODS else "reference",
                 "status": _status(results),
                 "preset": results["preset"],
-                "model": results["model"],
+                "model": _model_label(results),
                 "suite": results["suite"],
                 "overall": sum(scores[b]["mean"] for b in results["headline"]) / len(results["headline"]),
                 "scores": {b: (scores[b]["mean"], scores[b]["std"]) for b in benches if b in scores},
@@ -593,7 +600,8 @@ by anyone: a maintainer re-checks an entry with the submitter's run folder and
 to those weights. The training budget is checked against the preset's configuration, not
 re-trained: compute beyond the declared budget cannot be detected.
 
-**Columns.** `overall` is the mean of the suite's headline benchmarks (each in [0, 1]); benchmark
+**Columns.** `model` is the base model, with its precision where a run loaded it in another than
+float32 (`--dtype`; the default on a GPU is bfloat16). `overall` is the mean of the suite's headline benchmarks (each in [0, 1]); benchmark
 cells are mean ± std over seeds (the mean alone for a single seed); `steps` are student optimizer steps and `forwards` transformer
 forward passes (student + teacher + the frozen reference of a KL penalty) of one run (mean over seeds; teachers' training is listed in the
 teacher rows). Verified student methods are ranked by `overall` within their suite and preset;

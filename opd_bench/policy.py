@@ -45,6 +45,18 @@ DEFAULT_LORA_TARGETS = (
 SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _UNKNOWN = object()  # peft's active adapter is not the one the policy last set
+# Weight precisions a run can load a model in, by the names the command line and results.json use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto``: bfloat16 on a GPU, as Flow-GRPO and the paper train; float32 on the CPU, where the
+    tiny suite was trained and its comparison was measured."""
+    if dtype == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}")
+    return dtype
 
 
 class ModelLoadError(RuntimeError):
@@ -535,6 +547,13 @@ class Policy:
         if trainable:
             self._trainable.add(name)
         self._find_lora()
+        if self.dtype != torch.float32:
+            # Adapter weights stay float32 on a bf16 base (as in diffusers' LoRA scripts and Flow-GRPO):
+            # in bf16's 8-bit mantissa Adam's small updates would round away, and saved adapters keep
+            # their full precision. peft casts each layer's input up and the sum back to the base dtype.
+            for param, adapter in self._lora_params:
+                if adapter == name:
+                    param.data = param.data.float()
         self._active = _UNKNOWN  # peft has just activated the new adapter: force the switch back
         self._activate(previous)
 

@@ -130,7 +130,7 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
 
     from opd_bench import rewards as registry
     from opd_bench.evaluate import SamplerSettings, policy_source
-    from opd_bench.policy import Policy
+    from opd_bench.policy import DTYPES, Policy
 
     settings_record = results["config"]["eval"]
     if not all(isinstance(settings_record.get(k), (int, float)) for k in ("num_steps", "guidance_scale", "noise_level")):
@@ -147,8 +147,15 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
     scorers = {task: {task: spec.build_reward(), **{k: registry.get(n) for k, n in spec.extra_rewards.items()}}
                for task, (spec, *_) in plan.items()}
 
+    # loaded as the run loaded it (results written before config['model'] existed: float32, with T5)
+    loading = results["config"].get("model")
+    loading = loading if isinstance(loading, dict) else {}
+    dtype = loading.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise VerificationError(f"config['model']['dtype'] is {dtype!r}; it must be one of {', '.join(DTYPES)}")
     policy = Policy.from_pretrained(suites.resolve_model(results["model"]), device=device,
-                                    resolution=settings_record.get("resolution"))
+                                    resolution=settings_record.get("resolution"), dtype=DTYPES[dtype],
+                                    drop_t5=bool(loading.get("drop_t5", False)))
     source = policy_source(policy, settings)
     mismatches, checked, worst = [], 0, 0.0
     for i, ((name, seed), folder) in enumerate(adapters.items()):

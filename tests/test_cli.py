@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -31,6 +32,10 @@ def test_sample_writes_a_grid_and_refuses_to_overwrite(tiny_dir, tmp_path):
     assert Image.open(out).size == (128, 64)
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 1 and "pass --force" in second.output
+    in_bf16 = CliRunner().invoke(main, [*args, "--dtype", "bfloat16", "--force"])
+    assert in_bf16.exit_code == 0, in_bf16.output
+    wrong = CliRunner().invoke(main, [*args, "--dtype", "float16", "--force"])
+    assert wrong.exit_code == 2 and "'float16' is not one of 'auto', 'float32', 'bfloat16'" in wrong.output
 
 
 def test_bad_model_is_one_line_error(tmp_path):
@@ -94,3 +99,13 @@ def test_config_overrides_parse_json_values():
 
     got = _config_overrides(PretrainConfig, ["vae_channels=[8,32]", "vae_kl=1e-3", "char_tokens=false", "device=cuda"])
     assert got == {"vae_channels": [8, 32], "vae_kl": 1e-3, "char_tokens": False, "device": "cuda"}
+
+
+def test_eval_loads_the_model_in_the_asked_precision_and_records_it(tiny_dir, tmp_path):
+    args = ["eval", "--model", str(tiny_dir), "--benchmarks", "pref", "--limit", "2", "--images-per-prompt", "1"]
+    for dtype, expected in (("auto", "float32"), ("bfloat16", "bfloat16")):
+        result = CliRunner().invoke(main, [*args, "--dtype", dtype, "--out", str(tmp_path / dtype)])
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / dtype / "results.json").read_text())["dtype"] == expected
+    per_image = [json.loads((tmp_path / d / "results.json").read_text())["per_image"]["pref"] for d in ("auto", "bfloat16")]
+    assert per_image[0] != per_image[1]  # the images themselves differ with the precision

@@ -233,6 +233,31 @@ def test_a_partial_rerun_adds_to_the_results(smoke_run, tmp_path):
     assert verify_run(out, models=["opd"])["ok"]
 
 
+def test_a_bfloat16_run_is_its_own_experiment_and_verifies_in_bfloat16(smoke_run, tmp_path):
+    from opd_bench.verify import verify_run
+
+    out = tmp_path / "bf16"
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--method", "multi-reward", "--out", str(out), "--no-report",
+                                       "--jobs", "1", "--dtype", "bfloat16", "--gradient-checkpointing"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    check_results(results)
+    assert results["config"]["model"] == {"dtype": "bfloat16", "drop_t5": False}
+    assert results["environment"]["gradient_checkpointing"] is True
+    assert json.loads((out / "run.json").read_text())["dtype"] == "bfloat16"
+    # teachers trained in another precision are other teachers: none is shared with the float32 run
+    float32_teachers = {p.name for p in (smoke_run / "teachers").iterdir()}
+    assert float32_teachers and float32_teachers.isdisjoint(p.name for p in (out / "teachers").iterdir())
+    assert verify_run(out)["ok"]
+    # the images depend on the precision: regenerated in float32, the scores no longer match
+    results["config"]["model"]["dtype"] = "float32"
+    (out / "results.json").write_text(json.dumps(results))
+    assert not verify_run(out, models=["teacher/pref"])["ok"]
+    # a rerun in the CPU's default precision is another experiment, refused in one line
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--method", "multi-reward", "--out", str(out), "--no-report"])
+    assert result.exit_code == 1 and 'dtype: "bfloat16" saved, absent now' in result.output
+
+
 def test_standard_preset_penalises_every_grpo_run_with_kl():
     from opd_bench.harness import plan
 

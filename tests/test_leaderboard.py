@@ -78,6 +78,15 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
     assert "opd-bench submit" in text and "opd-bench leaderboard" in text
     assert "## Suite `tiny`, preset `standard`" in text and "| 1 | second.v2 | opd | tiny | standard | 0.990 |" in text
     assert "Unverified" not in text
+
+    # a run in another precision says so beside its model (its results are another experiment)
+    in_bf16 = make_results(rng_seed=2)
+    in_bf16["config"]["model"] = {"dtype": "bfloat16", "drop_t5": False}
+    make_run(tmp_path / "run-c", in_bf16)
+    submit(tmp_path / "run-c", "third", root=board, verify=passes)
+    rows = list(csv.DictReader(rebuild(board)[1].open()))
+    assert {r["model"] for r in rows if r["submission"] == "third"} == {"tiny (bfloat16)"}
+    assert {r["model"] for r in rows if r["submission"] != "third"} == {"tiny"}
     # a one-seed reference row shows its score alone (no spread), a three-seed student mean ± sd
     base_row = next(line for line in text.splitlines() if "| *base* |" in line)
     opd_row = next(line for line in text.splitlines() if "| 1 | second.v2 | opd |" in line)

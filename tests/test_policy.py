@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from opd_bench.policy import ModelLoadError, Policy
+from opd_bench.policy import ModelLoadError, Policy, resolve_dtype
 from opd_bench.tiny import build_pipeline
 
 
@@ -109,6 +109,47 @@ def test_adapter_save_and_load_round_trip(policy, tiny_dir, tmp_path):
         got = other.velocity(x, sigma, other.encode(["a photo of a red circle", 'a sign that says "AB3"']))
     torch.testing.assert_close(got, expected)
     assert all(not p.requires_grad for p in other.parameters("geneval"))
+
+
+def test_a_bfloat16_base_trains_and_saves_float32_adapters(tiny_dir, tmp_path):
+    policy = Policy.from_pretrained(str(tiny_dir), dtype=torch.bfloat16)
+    x, sigma, cond = _state(policy)
+    policy.add_adapter("student", rank=4, seed=1)
+    params = policy.parameters("student")
+    assert policy.dtype == torch.bfloat16 and params and all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.Adam(params, lr=1e-5)
+    for step in range(2):  # the second step moves lora_A (its gradient is zero while lora_B is)
+        before = [p.detach().clone() for p in params]
+        with policy.use("student"):
+            velocity = policy.velocity(x.to(torch.bfloat16), sigma, cond, 4.5)
+            velocity.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert velocity.dtype == torch.bfloat16
+    lora_a = [(p, b) for (n, p), b in zip(_named(policy, "student"), before) if ".lora_A." in n]
+    moved = torch.cat([(p != b).flatten() for p, b in lora_a]).float().mean()
+    # steps of 1e-5 on weights of order 0.1 are below bfloat16's resolution there: they add up only in float32
+    kept_in_bf16 = torch.cat([(p.bfloat16() != b.bfloat16()).flatten() for p, b in lora_a]).float().mean()
+    assert moved > 0.9 and kept_in_bf16 < 0.2
+    policy.save_adapter("student", tmp_path / "student")
+    other = Policy.from_pretrained(str(tiny_dir), dtype=torch.bfloat16)
+    other.load_adapter("loaded", tmp_path / "student")
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters("loaded"), params))
+    with torch.no_grad(), policy.use("student"), other.use("loaded"):
+        torch.testing.assert_close(other.velocity(x.to(torch.bfloat16), sigma, cond, 4.5),
+                                   policy.velocity(x.to(torch.bfloat16), sigma, cond, 4.5), rtol=0, atol=0)
+
+
+def _named(policy, adapter):
+    return [(n, p) for n, p in policy.transformer.named_parameters() if f".{adapter}." in n]
+
+
+def test_auto_precision_is_bfloat16_on_a_gpu_and_float32_on_the_cpu():
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "cuda") == resolve_dtype("auto", "cuda:1") == "bfloat16"
+    assert resolve_dtype("float32", "cuda") == "float32"
+    with pytest.raises(ValueError, match="float16.*not supported; use auto, float32, bfloat16"):
+        resolve_dtype("float16", "cpu")
 
 
 def test_decode_gives_images_in_unit_range(policy):
