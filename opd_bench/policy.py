@@ -500,6 +500,10 @@ class Policy:
 
         if name in self.adapters or not name or name == "base":
             raise ValueError(f"cannot add {name!r}: names must be new, non-empty and not 'base'; adapters: {self.adapters}")
+        if trainable and self.dtype != torch.float32:
+            warnings.warn(f"the full-parameter copy {name!r} trains in {str(self.dtype).removeprefix('torch.')}, where Adam's "
+                          "small updates mostly round away; train full copies in float32 (--dtype float32) or use LoRA",
+                          stacklevel=2)
         replica = copy.deepcopy(self.transformer)
         if getattr(replica, "_hf_peft_config_loaded", False):
             replica.disable_adapters()  # LoRA layers copied from the base stay off and frozen

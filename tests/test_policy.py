@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -138,6 +139,14 @@ def test_a_bfloat16_base_trains_and_saves_float32_adapters(tiny_dir, tmp_path):
     with torch.no_grad(), policy.use("student"), other.use("loaded"):
         torch.testing.assert_close(other.velocity(x.to(torch.bfloat16), sigma, cond, 4.5),
                                    policy.velocity(x.to(torch.bfloat16), sigma, cond, 4.5), rtol=0, atol=0)
+
+
+def test_a_full_copy_trained_in_bfloat16_is_warned_about(tiny_dir, policy):
+    with pytest.warns(UserWarning, match="'student' trains in bfloat16.*--dtype float32"):
+        Policy.from_pretrained(str(tiny_dir), dtype=torch.bfloat16).add_full_copy("student")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy.add_full_copy("student")  # float32: nothing to say
 
 
 def _named(policy, adapter):
