@@ -7,6 +7,9 @@ GPU (SD3.5-Medium-sized random transformer, bf16, 512 px, LoRA r=32), issue 6's 
 Each method runs ``--steps`` optimizer steps with PAPER.md's step settings (10 sampling steps,
 9 of them trained for OPD with three teacher adapters, noise level 0.7 and groups for GRPO);
 the first step is a warm-up and the median of the others is reported, with the peak GPU memory.
+Then the work of one step is counted (``torch.utils.flop_counter``: matmuls, convolutions and,
+on a GPU, attention; a 2-step run's count minus a 1-step run's, so setup cancels), which gives
+the achieved TFLOP/s and, on a GPU, its share of ``--peak-tflops``.
 Rewards are the dependency-free ``toy/brightness`` (reward cost is not what is timed).
 Prints one JSON line per method.
 """
@@ -33,6 +36,21 @@ def step_seconds(run_dir: Path) -> list[float]:
     return [b - a for a, b in zip(walls, walls[1:])]
 
 
+def step_flops(make_trainer) -> float:
+    """FLOPs of one optimizer step of the trainer ``make_trainer(steps, run_name)`` builds: a 2-step
+    run's count minus a 1-step run's, so what a run does once (building, evaluating, saving)
+    cancels. Call it after a run of the same trainer: the policy computes some things once (the
+    negative prompt's embedding), which would otherwise fall into the 1-step count only."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for steps in (1, 2):
+        with FlopCounterMode(display=False) as counter:
+            make_trainer(steps, f"flops{steps}").train(progress=False)
+        counts.append(counter.get_total_flops())
+    return float(counts[1] - counts[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "sd35m"], default="tiny")
@@ -45,6 +63,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--no-flops", action="store_true", help="skip counting a step's FLOPs (3 more steps per method)")
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="the GPU's dense peak in this dtype, for the share reported (H100/H200 bf16: about 790-990)")
     args = parser.parse_args()
 
     from opd_bench import rewards
@@ -67,32 +88,39 @@ def main() -> None:
         policy.add_adapter("bench_teacher", rank=args.rank, alpha=2 * args.rank, trainable=False, seed=1)
         teacher = policy.save_adapter("bench_teacher", scratch / "teacher")
         runs = {
-            "opd": lambda: OPDTrainer(
-                OPDConfig(steps=args.steps, prompts_per_task=args.prompts_per_task, num_steps=10, train_fraction=0.9,
+            "opd": lambda steps, name: OPDTrainer(
+                OPDConfig(steps=steps, prompts_per_task=args.prompts_per_task, num_steps=10, train_fraction=0.9,
                           monitor_rewards=False, **lora),
-                policy=policy, prompts=prompts, teachers={t: teacher for t in tasks}, run_dir=scratch / "opd",
+                policy=policy, prompts=prompts, teachers={t: teacher for t in tasks}, run_dir=scratch / f"opd-{name}",
                 adapter="bench_opd",
             ),
-            "grpo": lambda: GRPOTrainer(
-                GRPOConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group, num_steps=10,
+            "grpo": lambda steps, name: GRPOTrainer(
+                GRPOConfig(steps=steps, prompts_per_step=args.prompts_per_step, group_size=args.group, num_steps=10,
                            noise_level=0.7, train_fraction=0.9, **lora),
                 policy=policy, prompts=[p for pool in prompts.values() for p in pool], rewards={t: reward for t in tasks},
-                run_dir=scratch / "grpo", adapter="bench_grpo",
+                run_dir=scratch / f"grpo-{name}", adapter="bench_grpo",
             ),
         }
         for method, make in runs.items():
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            make().train(progress=False)
-            seconds = step_seconds(scratch / method)
+            make(args.steps, "timed").train(progress=False)
+            seconds = step_seconds(scratch / f"{method}-timed")
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+            per_step = statistics.median(seconds) if seconds else None
+            flops = None if args.no_flops else step_flops(make)
+            achieved = flops / per_step / 1e12 if flops and per_step else None
             images = 3 * args.prompts_per_task if method == "opd" else args.prompts_per_step * args.group
             print(json.dumps({
                 "method": method, "size": args.size, "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 "dtype": args.dtype, "images_per_step": images, "lora_rank": args.rank, "micro_batch": args.micro_batch,
                 "gradient_checkpointing": args.checkpointing,
-                "seconds_per_step": round(statistics.median(seconds), 3) if seconds else None,
-                "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                "seconds_per_step": round(per_step, 3) if per_step else None,
+                "peak_memory_gb": peak,
+                "tflop_per_step": float(f"{flops / 1e12:.4g}") if flops else None,
+                "achieved_tflops": float(f"{achieved:.4g}") if achieved else None,
+                "share_of_peak": round(achieved / args.peak_tflops, 3) if achieved and cuda else None,
                 "torch": torch.__version__,
             }))
 

@@ -19,3 +19,29 @@ def test_sd35m_stand_in_is_created_on_the_requested_device(benchmark_script):
     }
     assert sum(p.numel() for p in pipe.transformer.parameters()) == pytest.approx(2.24e9, rel=0.01)
     assert devices == {name: {"meta"} for name in devices}
+
+
+def test_a_step_s_flops_are_counted_once_whatever_the_run_does_around_it(benchmark_script, policy, tmp_path):
+    """bench_train_step's achieved TFLOP/s divides one step's counted FLOPs by its time: the count
+    must be one step's, not the run's (building, saving), so doubling the images doubles it."""
+    from opd_bench import rewards
+    from opd_bench.rollout import Prompt, rollout
+    from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    bench = benchmark_script("bench_train_step")
+    prompts = [Prompt(f"a photo of {i} red circles", "geneval") for i in range(4)]
+
+    def evaluate(policy):  # work a run does at its start and end, whatever its length
+        return {"brightness": float(rollout(policy, prompts, num_steps=4, keep={"images"}).images.mean())}
+
+    def trainer_with(prompts_per_step):
+        return lambda steps, name: GRPOTrainer(
+            GRPOConfig(steps=steps, prompts_per_step=prompts_per_step, group_size=2, num_steps=2, micro_batch=8,
+                       eval_every=10**6, checkpoint_every=10**6),
+            policy=policy, prompts=prompts, rewards={"geneval": rewards.get("toy/brightness")},
+            run_dir=tmp_path / f"{prompts_per_step}-{name}", adapter=f"a{prompts_per_step}", evaluate=evaluate,
+        )
+
+    trainer_with(1)(1, "warm-up").train(progress=False)  # as the benchmark's timed run does first
+    one, two = bench.step_flops(trainer_with(1)), bench.step_flops(trainer_with(2))
+    assert one > 0 and two / one == pytest.approx(2.0, rel=1e-3)
