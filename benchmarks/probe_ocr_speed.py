@@ -35,7 +35,7 @@ def main() -> None:
     from opd_bench import suites
     from opd_bench.evaluate import SamplerSettings, policy_source, renderer_source
     from opd_bench.policy import Policy
-    from opd_bench.rewards.ocr import OCRReward, _rapidocr
+    from opd_bench.rewards.ocr import OCRReward
 
     suite = suites.get("tiny")
     prompts = [p for p in suite.benchmark("ocr").prompts("test", args.prompts) for _ in range(args.images)]
@@ -48,8 +48,7 @@ def main() -> None:
 
     reference = None
     for upscale, pad, side in SETTINGS:
-        reward = OCRReward(upscale=upscale, pad=pad)
-        reward._predict = _rapidocr(det_limit_side_len=side, num_threads=args.threads)
+        reward = OCRReward(upscale=upscale, pad=pad, engine_options={"det_limit_side_len": side, "num_threads": args.threads})
         reward(drawn[:2], texts[:2], metadata[:2])  # warm-up
         start = time.perf_counter()
         base = reward(drawn, texts, metadata).scores
