@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 
 from opd_bench.leaderboard import paired_evaluation
-from opd_bench.report import paired_gain
+from opd_bench.results_view import paired_gain
 
 
 def share_kept(student: list[float], teacher: list[float], base: list[float]) -> float:

@@ -22,7 +22,7 @@ from opd_bench.benchmarks import PromptSubset
 from opd_bench.evaluate import SamplerSettings
 from opd_bench.harness import plan
 from opd_bench.policy import Policy
-from opd_bench.report import paired_gain
+from opd_bench.results_view import paired_gain
 from opd_bench.trainers.grpo import GRPOTrainer
 from opd_bench.training import read_metrics
 from probe_args import held_out, probe_config, probe_parser

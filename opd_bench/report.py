@@ -10,23 +10,18 @@ Heavy imports (matplotlib, seaborn, pandas) happen inside functions.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
-import math
-import re
-import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from opd_bench.findings import findings_lines
 from opd_bench.io import atomic_write_bytes
 from opd_bench.leaderboard import paired_evaluation, total_forwards
+from opd_bench.report_doc import Cell, Doc, render_html, render_markdown, safe_name
+from opd_bench.results_view import ResultView, as_dict, as_list, fmt, fmt_g, fmt_int, is_student, method_key, num
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-REFERENCE_ORDER = ("base", "teacher/geneval", "teacher/ocr", "teacher/pref")
-STUDENT_ORDER = ("opd", "opd-ppo", "multi-reward", "cascade")
 FIXED_COLOURS = {
     "base": "#7f7f7f",
     "teacher/geneval": "#8c564b",
@@ -52,223 +47,12 @@ SECTION_TITLES = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Small helpers
-
-
-def _num(value: Any) -> float | None:
-    """A finite float, or None for anything else (missing, NaN, inf, strings, bools)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    value = _num(value)
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _fmt_g(value: Any) -> str:
-    value = _num(value)
-    return "n/a" if value is None else f"{value:.3g}"
-
-
-def _fmt_int(value: Any) -> str:
-    value = _num(value)
-    return "n/a" if value is None else f"{round(value):,}"
-
-
-def method_key(method: str) -> tuple:
-    """Sort order: base, teachers, then the student methods in a fixed order, then anything else."""
-    if method in REFERENCE_ORDER:
-        return (0, REFERENCE_ORDER.index(method), method)
-    if method.startswith("teacher/"):
-        return (1, 0, method)
-    if method in STUDENT_ORDER:
-        return (2, STUDENT_ORDER.index(method), method)
-    return (3, 0, method)
-
-
-def is_student(method: str) -> bool:
-    return method != "base" and not method.startswith("teacher/")
-
-
 def palette(methods: Iterable[str]) -> dict[str, str]:
     colours: dict[str, str] = {}
     spare = iter(SPARE_COLOURS * 10)
     for method in sorted(set(methods), key=method_key):
         colours[method] = FIXED_COLOURS.get(method) or next(spare)
     return colours
-
-
-def paired_gain(model: list[float], base: list[float]) -> tuple[float, float]:
-    """Mean per-image difference ``model - base`` and its standard error, for two evaluations of
-    the same prompts from the same starting noise (image ``i`` of one pairs with image ``i`` of the other)."""
-    differences = [m - b for m, b in zip(model, base, strict=True)]
-    return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
-
-
-def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_sd: float | None) -> str:
-    """``OPD ± sd vs rival ± sd (difference)``; a difference smaller than the larger seed sd is
-    flagged, so that a reader does not take a tie for a win."""
-    spreads = [v for v in (sd, rival_sd) if v is not None]
-    tie = ", within the seed sd" if spreads and abs(mean - rival_mean) < max(spreads) else ""
-    return (f"{_fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} vs {rival} "
-            f"{_fmt(rival_mean)}{'' if rival_sd is None else f' ± {rival_sd:.3f}'} ({mean - rival_mean:+.3f}{tie})")
-
-
-def _dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list:
-    return value if isinstance(value, list) else []
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
-
-
-# --------------------------------------------------------------------------------------------
-# Document model: a list of blocks rendered to both Markdown and HTML
-
-
-@dataclass
-class Cell:
-    text: str
-    bold: bool = False
-
-
-@dataclass
-class Block:
-    kind: str  # h1 h2 h3 p note list table img code details
-    text: str = ""
-    items: list = field(default_factory=list)  # list items / table rows
-    headers: list = field(default_factory=list)
-    png: bytes = b""  # img
-    file: str = ""  # img: file name relative to out_dir
-
-
-class Doc:
-    def __init__(self) -> None:
-        self.blocks: list[Block] = []
-
-    def h(self, level: int, text: str) -> None:
-        self.blocks.append(Block(f"h{level}", text))
-
-    def p(self, text: str) -> None:
-        self.blocks.append(Block("p", text))
-
-    def note(self, text: str) -> None:
-        self.blocks.append(Block("note", text))
-
-    def list(self, items: list[str], ordered: bool = False) -> None:
-        self.blocks.append(Block("list", "ol" if ordered else "ul", items=list(items)))
-
-    def table(self, headers: list[str], rows: list[list[Any]]) -> None:
-        rows = [[c if isinstance(c, Cell) else Cell(str(c)) for c in row] for row in rows]
-        self.blocks.append(Block("table", headers=list(headers), items=rows))
-
-    def img(self, file: str, png: bytes, caption: str) -> None:
-        self.blocks.append(Block("img", caption, png=png, file=file))
-
-    def code(self, text: str) -> None:
-        self.blocks.append(Block("code", text))
-
-    def details(self, summary: str, text: str) -> None:
-        self.blocks.append(Block("details", summary, items=[text]))
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _md_fence(text: str) -> str:
-    fence = "```"
-    while fence in text:
-        fence += "`"
-    return fence
-
-
-def render_markdown(doc: Doc) -> str:
-    out: list[str] = []
-    for b in doc.blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            out.append("#" * int(b.kind[1]) + " " + b.text)
-        elif b.kind == "p":
-            out.append(b.text)
-        elif b.kind == "note":
-            out.append(f"> {b.text}")
-        elif b.kind == "list":
-            out.append("\n".join(
-                f"{i}. {item}" if b.text == "ol" else f"- {item}" for i, item in enumerate(b.items, start=1)
-            ))
-        elif b.kind == "table":
-            lines = ["| " + " | ".join(_md_cell(h) for h in b.headers) + " |",
-                     "|" + "|".join("---" for _ in b.headers) + "|"]
-            for row in b.items:
-                cells = [f"**{_md_cell(c.text)}**" if c.bold else _md_cell(c.text) for c in row]
-                lines.append("| " + " | ".join(cells) + " |")
-            out.append("\n".join(lines))
-        elif b.kind == "img":
-            out.append(f"![{_md_cell(b.text)}]({b.file})\n\n*{b.text}*")
-        elif b.kind == "code":
-            fence = _md_fence(b.text)
-            out.append(f"{fence}\n{b.text}\n{fence}")
-        elif b.kind == "details":
-            fence = _md_fence(b.items[0])
-            out.append(f"<details><summary>{html.escape(b.text)}</summary>\n\n{fence}json\n{b.items[0]}\n{fence}\n\n</details>")
-    return "\n\n".join(out) + "\n"
-
-
-CSS = """
-body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1180px;
-margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{border-bottom:2px solid #ddd;padding-bottom:.2em}h2{border-bottom:1px solid #eee;margin-top:1.8em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
-figcaption{font-size:.9em;color:#555}
-.note{color:#666;font-style:italic;border-left:3px solid #ddd;padding-left:.6em}
-pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.85em}
-img.grid{image-rendering:pixelated;min-width:240px}
-"""
-
-
-def render_html(doc: Doc, title: str) -> str:
-    e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>{e(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>"]
-    for b in doc.blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            anchor = _safe_name(b.text.lower())
-            out.append(f'<{b.kind} id="{anchor}">{e(b.text)}</{b.kind}>')
-        elif b.kind == "p":
-            out.append(f"<p>{e(b.text)}</p>")
-        elif b.kind == "note":
-            out.append(f'<p class="note">{e(b.text)}</p>')
-        elif b.kind == "list":
-            out.append(f"<{b.text}>" + "".join(f"<li>{e(i)}</li>" for i in b.items) + f"</{b.text}>")
-        elif b.kind == "table":
-            rows = ["<tr>" + "".join(f"<th>{e(h)}</th>" for h in b.headers) + "</tr>"]
-            for row in b.items:
-                rows.append("<tr>" + "".join(
-                    f"<td><strong>{e(c.text)}</strong></td>" if c.bold else f"<td>{e(c.text)}</td>" for c in row
-                ) + "</tr>")
-            out.append("<table>" + "".join(rows) + "</table>")
-        elif b.kind == "img":
-            data = base64.b64encode(b.png).decode("ascii")
-            css = ' class="grid"' if b.file.startswith("samples_") else ""
-            out.append(f'<figure><img{css} alt="{e(b.text)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{e(b.text)}</figcaption></figure>")
-        elif b.kind == "code":
-            out.append(f"<pre>{e(b.text)}</pre>")
-        elif b.kind == "details":
-            out.append(f"<details><summary>{e(b.text)}</summary><pre>{e(b.items[0])}</pre></details>")
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,49 +83,16 @@ def _seed_label(n_seeds: int) -> str:
 # The report
 
 
-class _Report:
+class _Report(ResultView):
     def __init__(self, run_dir: Path, out_dir: Path, results: dict) -> None:
+        super().__init__(results)
         self.run_dir = run_dir
         self.out_dir = out_dir
-        self.r = results
         self.doc = Doc()
         self.files: dict[str, bytes] = {}  # name (relative to out_dir) -> content
-        self.results = _dict(results.get("results"))
-        self.methods = sorted(self.results, key=method_key)
-        benchmarks = [b for b in _list(results.get("benchmarks")) if isinstance(b, str)]
-        for method in self.methods:
-            for bench in _dict(self.results[method]):
-                if bench not in benchmarks:
-                    benchmarks.append(bench)
-        self.benchmarks = benchmarks
-        headline = [b for b in _list(results.get("headline")) if isinstance(b, str)]
-        self.headline = headline or [b for b in benchmarks if b != "pref"]
-        every = set(self.methods) | set(_dict(results.get("curves"))) | set(_dict(results.get("compute")))
-        every |= set(_dict(results.get("gradient_variance"))) | set(_dict(_dict(results.get("samples")).get("grids")))
+        every = set(self.methods) | set(as_dict(results.get("curves"))) | set(as_dict(results.get("compute")))
+        every |= set(as_dict(results.get("gradient_variance"))) | set(as_dict(as_dict(results.get("samples")).get("grids")))
         self.colours = palette(every)
-
-    # -- data access --
-    def score(self, method: str, bench: str) -> dict:
-        return _dict(_dict(self.results.get(method)).get(bench))
-
-    def mean(self, method: str, bench: str) -> float | None:
-        return _num(self.score(method, bench).get("mean"))
-
-    def overall(self, method: str) -> float | None:
-        values = [self.mean(method, b) for b in self.headline]
-        if not values or any(v is None for v in values):
-            return None
-        return sum(values) / len(values)
-
-    def teacher_for(self, bench: str) -> str | None:
-        """The teacher trained on ``bench`` (pref_oracle -> teacher/pref)."""
-        if f"teacher/{bench}" in self.results:
-            return f"teacher/{bench}"
-        for method in self.methods:
-            task = method.partition("/")[2]
-            if method.startswith("teacher/") and bench.startswith(task + "_"):
-                return method
-        return None
 
     def section(self, key: str, builder) -> None:
         self.doc.h(2, SECTION_TITLES[key])
@@ -355,203 +106,15 @@ class _Report:
         self.files[name] = png
         self.doc.img(name, png, caption)
 
-    # -- findings: the paper's claims, checked against the result file --
-    def _cascade_stages(self, frame) -> list[dict]:
-        stages = [_dict(s) for s in _list(self.r.get("cascade_stages"))]
-        if not stages and not frame.empty:  # fall back to the stage column of the curve rows
-            seen: dict[Any, dict] = {}
-            for _, row in frame.sort_values("step").iterrows():
-                if row["stage"] is not None and row["stage"] == row["stage"]:
-                    seen.setdefault(row["stage"], {"stage": row["stage"], "task": row["stage_task"]})["end_step"] = row["step"]
-            stages = list(seen.values())
-        return stages
-
-    def _ms(self, method: str, bench: str) -> str:
-        """'mean ± seed sd (n seeds)' of one final score."""
-        cell = self.score(method, bench)
-        n, std = len(_list(cell.get("per_seed"))), _num(cell.get("std"))
-        spread = f" ± {std:.3f}" if std is not None and n > 1 else ""
-        return f"{_fmt(self.mean(method, bench))}{spread} ({n} seed{'s' if n != 1 else ''})"
-
-    def _overall_seeds(self, method: str) -> list[float]:
-        """Per-seed overall scores (mean of the headline benchmarks' per-seed scores)."""
-        per = [[_num(v) for v in _list(self.score(method, b).get("per_seed"))] for b in self.headline]
-        if not per or any(len(p) != len(per[0]) or None in p for p in per):
-            return []
-        return [sum(p[i] for p in per) / len(per) for i in range(len(per[0]))]
-
-    def paired_se(self, model: str, bench: str) -> float | None:
-        """Standard error of ``model``'s gain over the base on ``bench`` from the per-image
-        differences, where both were scored on the same noise (one evaluation seed, schema 3) and
-        the score is the plain mean of its images (not GenEval's mean over tags); else None."""
-        if not paired_evaluation(self.r):
-            return None
-
-        def first_seed_images(name: str) -> list:  # teachers and the base have one seed
-            seeds = _list(self.score(name, bench).get("seeds"))
-            per_seed = _dict(_dict(self.r.get("per_image")).get(name))
-            return [_num(v) for v in _list(_dict(per_seed.get(str(seeds[0]))).get(bench))] if seeds else []
-
-        ours, base = first_seed_images(model), first_seed_images("base")
-        if len(ours) < 2 or len(ours) != len(base) or any(v is None for v in ours + base):
-            return None
-        mean = self.mean(model, bench)
-        if mean is None or abs(sum(ours) / len(ours) - mean) > 1e-6 * max(1.0, abs(mean)):
-            return None
-        return paired_gain(ours, base)[1]
-
-    @staticmethod
-    def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-        if not values:
-            return None, None
-        mean = sum(values) / len(values)
-        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
-        return mean, sd
-
-    @staticmethod
-    def _verdict(oks: list[bool | None]) -> str:
-        if any(ok is False for ok in oks):
-            return "did not hold"
-        return "held" if oks and all(ok is True for ok in oks) else "not testable"
-
-    def findings_lines(self) -> list[str]:
-        """One line per claim of the paper: held / did not hold / not testable, with the numbers."""
-        lines = []
-        teachers = [(t, t.partition("/")[2]) for t in self.methods if t.startswith("teacher/")]
-        teachers = [(t, b) for t, b in teachers if b in self.benchmarks]
-        gain = {b: None if self.mean(t, b) is None or self.mean("base", b) is None else self.mean(t, b) - self.mean("base", b)
-                for t, b in teachers}
-        paired_se = {b: self.paired_se(t, b) for t, b in teachers}  # each teacher gain's s.e., where images pair up
-        # 1. Teachers gain on their own task.
-        oks, parts = [], []
-        for task in ("geneval", "ocr", "pref"):
-            g, teacher = gain.get(task), f"teacher/{task}"
-            if g is None:
-                oks.append(None)
-                parts.append(f"{task}: not in the file")
-                continue
-            text = f"{task}: {self._ms(teacher, task)} vs base {self._ms('base', task)}, gain {g:+.3f}"
-            se = paired_se[task]
-            if se is not None:
-                text += f" (± {se:.3f} s.e. over the paired images)"
-            if task != "pref":
-                oks.append(g >= 0.15)
-                parts.append(text + " (needs >= +0.15)")
-                continue
-            sds = [_num(self.score(m, task).get("std")) for m in self.methods
-                   if len(_list(self.score(m, task).get("per_seed"))) > 1]
-            sd = max((v for v in sds if v is not None), default=None)
-            oks.append(None if sd is None else g > 2 * sd)
-            parts.append(text + (" (clear = above 2 seed-sd; no seed spread in the file)" if sd is None
-                                 else f" (clear = above 2 × the largest seed sd on pref, {2 * sd:.3f})"))
-        lines.append(f"Teachers gain on their own task: {self._verdict(oks)}. " + "; ".join(parts) + ".")
-        # 2. OPD keeps >= 85% of every teacher's gain.
-        oks, parts = [], []
-        for t, b in teachers:
-            g, opd = gain[b], self.mean("opd", b)
-            if g is None or opd is None or g <= 0:
-                oks.append(None)
-                parts.append(f"{b}: not testable ({'teacher did not gain' if g is not None and g <= 0 else 'missing scores'})")
-                continue
-            kept = (opd - self.mean("base", b)) / g
-            std = _num(self.score("opd", b).get("std"))
-            n = len(_list(self.score("opd", b).get("per_seed")))
-            text = (f"{b}: {kept:.0%}" + (f" ± {std / g:.0%}" if std is not None and n > 1 else "")
-                    + f" of {t}'s gain {g:+.3f}")
-            se = paired_se[b]
-            if se is not None and g < 2 * se:  # a share of a gain the evaluation cannot tell from zero is noise
-                oks.append(None)
-                parts.append(text + f" (not testable: the gain is within 2 s.e., {2 * se:.3f}, of zero)")
-                continue
-            oks.append(kept >= 0.85)
-            parts.append(text)
-        lines.append(f"OPD keeps >= 85% of every teacher's gain: {self._verdict(oks) if teachers else 'not testable'}. "
-                     + ("; ".join(parts) if parts else "no teachers in the file") + ".")
-        # 3. OPD above multi-reward and cascade RL, at equal student updates and at equal forward passes.
-        rivals = ("multi-reward", "cascade")
-        oks, parts = [], []
-        opd_mean, opd_sd = self._mean_sd(self._overall_seeds("opd"))
-        for rival in rivals:
-            mean, sd = self._mean_sd(self._overall_seeds(rival))
-            if opd_mean is None or mean is None:
-                oks.append(None)
-                parts.append(f"vs {rival}: not in the file")
-                continue
-            oks.append(opd_mean > mean)
-            parts.append(_versus(opd_mean, opd_sd, rival, mean, sd))
-        line = (f"OPD above multi-reward and cascade RL, overall ({', '.join(self.headline)}) at equal student updates "
-                f"(final results): {self._verdict(oks)}. " + "; ".join(parts) + ". At equal forward passes: ")
-        frame = self._curves_frame(["opd", *rivals])
-        heads = [b for b in self.headline if b in frame]
-        curve_overall: dict[str, list[float]] = {}
-        if not frame.empty and len(heads) == len(self.headline) and heads:
-            frame = frame.dropna(subset=heads)
-            reach = [frame[frame["method"] == m]["forwards"].max() for m in ("opd", *rivals)]
-            budget = min(reach) if all(r == r for r in reach) else 0.0
-            if budget > 0:
-                for m in ("opd", *rivals):
-                    part = frame[(frame["method"] == m) & (frame["forwards"] <= budget)].sort_values("step")
-                    curve_overall[m] = [float(rows[heads].iloc[-1].mean()) for _, rows in part.groupby("seed")]
-        if len(curve_overall) == 1 + len(rivals) and all(curve_overall.values()):
-            oks, parts = [], []
-            opd_mean, opd_sd = self._mean_sd(curve_overall["opd"])
-            for rival in rivals:
-                mean, sd = self._mean_sd(curve_overall[rival])
-                oks.append(opd_mean > mean)
-                parts.append(_versus(opd_mean, opd_sd, rival, mean, sd))
-            line += (f"{self._verdict(oks)} (last curve evaluation within {_fmt_int(budget)} forward passes, "
-                     "the most every method reached). " + "; ".join(parts) + ".")
-        else:
-            line += "not testable (no forward-pass curves for OPD, multi-reward and cascade RL in the file)."
-        lines.append(line)
-        # 4. Cascade forgetting: an earlier stage's task drops after the later stages.
-        frame = self._curves_frame(["cascade"])
-        stages = self._cascade_stages(frame)
-        oks, parts = [], []
-        for stage in stages[:-1]:
-            task, end = str(stage.get("task")), _num(stage.get("end_step"))
-            bench = task if task in self.headline else next((b for b in self.headline if b.startswith(task + "_")), None)
-            if frame.empty or end is None or bench is None or bench not in frame:
-                continue
-            drops = []
-            for _, rows in frame.dropna(subset=[bench]).sort_values("step").groupby("seed"):
-                at_end = rows[rows["step"] <= end]
-                if not at_end.empty:
-                    drops.append(float(at_end[bench].iloc[-1] - rows[bench].iloc[-1]))
-            mean, sd = self._mean_sd(drops)
-            if mean is None:
-                continue
-            oks.append(mean > 2 * (sd or 0.0))
-            parts.append(f"{bench} (stage {stage.get('stage', '?')}) drops {mean:+.3f}"
-                         + ("" if sd is None else f" ± {sd:.3f}") + f" from its stage end to the final ({len(drops)} seeds)")
-        lines.append(f"Cascade RL forgets earlier stages: {'held' if any(oks) else self._verdict(oks)}. "
-                     + ("; ".join(parts) + " (forgetting = drop above 2 seed-sd)" if parts
-                        else "no per-stage cascade curves in the file") + ".")
-        # 5. Analytic gradient variance >= 10x below the PPO-style estimator's.
-        variance = _dict(self.r.get("variance"))
-        ratios = [v for v in (_num(_dict(r).get("ratio_ppo_over_analytic")) for r in _list(variance.get("rows")))
-                  if v is not None]
-        ratio = _num(variance.get("ratio_ppo_over_analytic"))
-        if ratio is None and not ratios:
-            lines.append("Analytic gradient variance >= 10x below the PPO-style estimator's: not testable "
-                         "(no variance experiment in the file).")
-        else:
-            ok = (ratio if ratio is not None else min(ratios)) >= 10
-            lines.append(f"Analytic gradient variance >= 10x below the PPO-style estimator's: {'held' if ok else 'did not hold'}. "
-                         f"Ratio PPO-style / analytic {_fmt_g(ratio)} at the reference setting"
-                         + (f"; {sum(v >= 10 for v in ratios)} of {len(ratios)} settings >= 10 "
-                            f"(range {_fmt_g(min(ratios))} to {_fmt_g(max(ratios))})" if ratios else "") + ".")
-        return lines
-
+    # -- sections --
     def findings(self) -> None:
         self.doc.p("The paper's claims checked against this run's result file (± is the sd over seeds).")
-        self.doc.list(self.findings_lines())
+        self.doc.list(findings_lines(self))
 
-    # -- sections --
     def header(self) -> None:
         r = self.r
         self.doc.h(1, f"opd-bench report: {self.run_dir.name}")
-        seeds = ", ".join(str(s) for s in _list(r.get("seeds"))) or "n/a"
+        seeds = ", ".join(str(s) for s in as_list(r.get("seeds"))) or "n/a"
         self.doc.list([
             f"suite: {r.get('suite', 'n/a')} ({r.get('suite_version', 'n/a')}), model: {r.get('model', 'n/a')}, "
             f"preset: {r.get('preset', 'n/a')}",
@@ -564,7 +127,7 @@ class _Report:
 
     def evaluation_line(self) -> str:
         """How the final scores were sampled: prompts, images and the noise seed."""
-        record = _dict(_dict(self.r.get("config")).get("eval"))
+        record = as_dict(as_dict(self.r.get("config")).get("eval"))
         if not record:
             return "final evaluation: settings not recorded"
         limit, images = record.get("limit"), record.get("images_per_prompt")
@@ -604,61 +167,38 @@ class _Report:
             for column in columns:
                 value = values[m][column]
                 if column == "overall":
-                    text = _fmt(value)
+                    text = fmt(value)
                 else:
-                    std = _num(self.score(m, column).get("std"))
-                    n = len(_list(self.score(m, column).get("per_seed")))
-                    text = _fmt(value) + (f" ± {std:.3f}" if std is not None and n > 1 else "")
+                    std = num(self.score(m, column).get("std"))
+                    n = len(as_list(self.score(m, column).get("per_seed")))
+                    text = fmt(value) + (f" ± {std:.3f}" if std is not None and n > 1 else "")
                 if value is not None and is_student(m) and value == best_student.get(column):
                     text += " ★"
                 row.append(Cell(text, bold=value is not None and value == best_all.get(column)))
             rows.append(row)
         self.doc.table(["method"] + columns, rows)
 
-        per_tag = _dict(self.r.get("per_tag"))
-        tags = sorted({t for m in per_tag for t in _dict(_dict(per_tag[m]).get("geneval"))})
+        per_tag = as_dict(self.r.get("per_tag"))
+        tags = sorted({t for m in per_tag for t in as_dict(as_dict(per_tag[m]).get("geneval"))})
         if tags:
             self.doc.h(3, "GenEval accuracy per tag")
             rows = []
             for m in sorted(per_tag, key=method_key):
-                by_tag = _dict(_dict(per_tag[m]).get("geneval"))
-                rows.append([m] + [_fmt(by_tag.get(t)) for t in tags])
+                by_tag = as_dict(as_dict(per_tag[m]).get("geneval"))
+                rows.append([m] + [fmt(by_tag.get(t)) for t in tags])
             self.doc.table(["method"] + tags, rows)
 
-    def _curves_frame(self, methods: list[str]):
-        import pandas as pd
-
-        records = []
-        curves = _dict(self.r.get("curves"))
-        for method in methods:
-            for seed, rows in _dict(curves.get(method)).items():
-                for row in _list(rows):
-                    row = _dict(row)
-                    step = _num(row.get("step"))
-                    if step is None:
-                        continue
-                    record = {"method": method, "seed": str(seed), "step": step,
-                              "forwards": total_forwards(row) or 0.0,
-                              "stage": row.get("stage"), "stage_task": row.get("stage_task")}
-                    for bench in self.benchmarks:
-                        record[bench] = _num(row.get(f"eval/{bench}"))
-                    records.append(record)
-        frame = pd.DataFrame.from_records(records)
-        for bench in self.benchmarks:
-            if bench in frame:
-                frame[bench] = pd.to_numeric(frame[bench], errors="coerce")
-        return frame
 
     def curves(self) -> None:
         import seaborn as sns
 
-        curves = _dict(self.r.get("curves"))
-        methods = sorted((m for m in curves if is_student(m) and _dict(curves[m])), key=method_key)
+        curves = as_dict(self.r.get("curves"))
+        methods = sorted((m for m in curves if is_student(m) and as_dict(curves[m])), key=method_key)
         if not methods:
             self.doc.note("No training curves in results.json (no student method logged periodic evaluations).")
             return
-        frame = self._curves_frame(methods)
-        n_seeds = max(len(_dict(curves[m])) for m in methods)
+        frame = self.curves_frame(methods)
+        n_seeds = max(len(as_dict(curves[m])) for m in methods)
         self.doc.p(
             "Score on the test prompts during training, per headline benchmark, against student optimizer "
             "steps (left) and against transformer forward passes, student plus teacher plus the frozen reference "
@@ -694,7 +234,7 @@ class _Report:
                 ax.legend(fontsize=8, loc="best")
             axes[0].set_title(f"{bench}: score vs optimizer steps")
             axes[1].set_title(f"{bench}: score vs forward passes")
-            self.add_plot(f"curves_{_safe_name(bench)}.png", fig,
+            self.add_plot(f"curves_{safe_name(bench)}.png", fig,
                           f"{bench}: convergence (mean over seeds; {_seed_label(n_seeds)})")
             drawn += 1
         if not drawn:
@@ -704,15 +244,15 @@ class _Report:
         import pandas as pd
         import seaborn as sns
 
-        source = _dict(self.r.get("gradient_variance"))
+        source = as_dict(self.r.get("gradient_variance"))
         records = []
         for method in sorted(source, key=method_key):
-            for seed, rows in _dict(source[method]).items():
-                for row in _list(rows):
-                    row = _dict(row)
-                    step = _num(row.get("step"))
+            for seed, rows in as_dict(source[method]).items():
+                for row in as_list(rows):
+                    row = as_dict(row)
+                    step = num(row.get("step"))
                     for key in ("grad/variance", "grad/variance_rel"):
-                        value = _num(row.get(key))
+                        value = num(row.get(key))
                         if step is not None and value is not None and value > 0:
                             records.append({"method": method, "seed": str(seed), "step": step,
                                             "metric": key, "value": value})
@@ -749,13 +289,13 @@ class _Report:
         import pandas as pd
         import seaborn as sns
 
-        variance = _dict(self.r.get("variance"))
-        rows = [_dict(r) for r in _list(variance.get("rows"))]
+        variance = as_dict(self.r.get("variance"))
+        rows = [as_dict(r) for r in as_list(variance.get("rows"))]
         if not rows:
             self.doc.note("No variance experiment in results.json.")
             return
-        reference = _dict(variance.get("reference"))
-        ratio = _num(variance.get("ratio_ppo_over_analytic"))
+        reference = as_dict(variance.get("reference"))
+        ratio = num(variance.get("ratio_ppo_over_analytic"))
         self.doc.p(
             "Same student, teacher and states; the gradient of the per-step KL is estimated either "
             "analytically (DiffusionOPD's mean matching) or with the PPO-style sampled log-ratio reward. "
@@ -763,11 +303,11 @@ class _Report:
             "gradient is less noisy)."
             + (f" Teacher: the {variance['teacher_task']} teacher." if isinstance(variance.get("teacher_task"), str) else "")
             + (f" At the reference setting (batch {reference.get('batch', 'n/a')}, noise level "
-               f"{reference.get('noise_level', 'n/a')}) the ratio is {_fmt_g(ratio)}." if ratio is not None else "")
+               f"{reference.get('noise_level', 'n/a')}) the ratio is {fmt_g(ratio)}." if ratio is not None else "")
         )
         records = []
         for row in rows:
-            batch, level, value = _num(row.get("batch")), _num(row.get("noise_level")), _num(row.get("ratio_ppo_over_analytic"))
+            batch, level, value = num(row.get("batch")), num(row.get("noise_level")), num(row.get("ratio_ppo_over_analytic"))
             if batch is not None and level is not None and value is not None and value > 0:
                 records.append({"batch": batch, "noise level": f"{level:g}", "ratio": value})
         if records:
@@ -794,29 +334,29 @@ class _Report:
         else:
             self.doc.note("No finite positive ratios to plot (e.g. only deterministic steps, where the PPO-style estimator is undefined).")
         table = []
-        for row in sorted(rows, key=lambda r: (_num(r.get("noise_level")) or 0.0, _num(r.get("batch")) or 0.0)):
-            table.append([_fmt_int(row.get("batch")), _fmt_g(row.get("noise_level")), _fmt_int(row.get("repeats")),
-                          _fmt_g(row.get("var_analytic")), _fmt_g(row.get("var_ppo")),
-                          _fmt_g(row.get("ratio_ppo_over_analytic")), _fmt_g(row.get("rel_var_analytic")),
-                          _fmt_g(row.get("rel_var_ppo")), _fmt(row.get("cosine_of_means"))])
+        for row in sorted(rows, key=lambda r: (num(r.get("noise_level")) or 0.0, num(r.get("batch")) or 0.0)):
+            table.append([fmt_int(row.get("batch")), fmt_g(row.get("noise_level")), fmt_int(row.get("repeats")),
+                          fmt_g(row.get("var_analytic")), fmt_g(row.get("var_ppo")),
+                          fmt_g(row.get("ratio_ppo_over_analytic")), fmt_g(row.get("rel_var_analytic")),
+                          fmt_g(row.get("rel_var_ppo")), fmt(row.get("cosine_of_means"))])
         self.doc.table(["batch", "noise level", "repeats", "var analytic", "var PPO", "ratio PPO/analytic",
                         "rel. var analytic", "rel. var PPO", "cosine of means"], table)
 
     def cascade(self) -> None:
         import seaborn as sns
 
-        curves = _dict(_dict(self.r.get("curves")).get("cascade"))
+        curves = as_dict(as_dict(self.r.get("curves")).get("cascade"))
         if not curves:
             self.doc.note("No cascade RL curves in results.json (cascade not run).")
             return
-        frame = self._curves_frame(["cascade"])
+        frame = self.curves_frame(["cascade"])
         benches = [b for b in self.headline if b in frame and frame[b].notna().any()]
         if frame.empty or not benches:
             self.doc.note("The cascade curves carry no headline benchmark values.")
             return
         long = frame.melt(id_vars=["seed", "step"], value_vars=benches, var_name="benchmark", value_name="score")
         long = long[long["score"].notna()]
-        stages = self._cascade_stages(frame)
+        stages = self.cascade_stages(frame)
         self.doc.p(
             "Cascade RL trains one task after another, each stage starting from the previous stage's weights. "
             "Each line is one task's test score across the cascade's optimizer steps (mean over seeds); "
@@ -827,7 +367,7 @@ class _Report:
                      marker="o", markersize=4, ax=ax)
         start = 0.0
         for i, stage in enumerate(stages):
-            end = _num(stage.get("end_step"))
+            end = num(stage.get("end_step"))
             if end is None:
                 continue
             if i % 2 == 0:
@@ -849,17 +389,17 @@ class _Report:
             part = mean_curve[mean_curve["benchmark"] == bench].sort_values("step")
             peak_idx = part["score"].idxmax()
             peak, final = float(part.loc[peak_idx, "score"]), float(part["score"].iloc[-1])
-            table.append([bench, _fmt(part["score"].iloc[0]), _fmt(peak), _fmt_int(part.loc[peak_idx, "step"]),
-                          _fmt(final), _fmt(peak - final)])
+            table.append([bench, fmt(part["score"].iloc[0]), fmt(peak), fmt_int(part.loc[peak_idx, "step"]),
+                          fmt(final), fmt(peak - final)])
         self.doc.table(["benchmark", "start", "peak", "peak at step", "final", "forgetting (peak - final)"], table)
 
     def samples(self) -> None:
-        samples = _dict(self.r.get("samples"))
-        grids = _dict(samples.get("grids"))
+        samples = as_dict(self.r.get("samples"))
+        grids = as_dict(samples.get("grids"))
         if not grids:
             self.doc.note("No sample grids in results.json.")
             return
-        prompts = [str(p) for p in _list(samples.get("prompts"))]
+        prompts = [str(p) for p in as_list(samples.get("prompts"))]
         self.doc.p("Every grid uses the same prompts and the same seeds; one row per prompt, in this order:")
         if prompts:
             self.doc.list(prompts, ordered=True)
@@ -877,12 +417,12 @@ class _Report:
             if not data.startswith(PNG_MAGIC):
                 self.doc.note(f"{method}: {rel} is not a PNG; skipped.")
                 continue
-            name = f"samples_{_safe_name(method)}.png"
+            name = f"samples_{safe_name(method)}.png"
             self.files[name] = data
             self.doc.img(name, data, f"{method}: one row per prompt (same prompts and seeds for every method)")
 
     def compute(self) -> None:
-        compute = _dict(self.r.get("compute"))
+        compute = as_dict(self.r.get("compute"))
         if not compute:
             self.doc.note("No compute accounting in results.json.")
             return
@@ -895,11 +435,11 @@ class _Report:
         )
         rows = []
         for method in sorted(compute, key=method_key):
-            c = _dict(compute[method])
-            wall = _num(c.get("wall_seconds"))
-            rows.append([method, _fmt_int(c.get("optimizer_steps")), _fmt_int(c.get("student_forwards")),
-                         _fmt_int(c.get("teacher_forwards")), _fmt_int(c.get("reference_forwards", 0)),
-                         _fmt_int(total_forwards(c)), _fmt_int(c.get("images")),
+            c = as_dict(compute[method])
+            wall = num(c.get("wall_seconds"))
+            rows.append([method, fmt_int(c.get("optimizer_steps")), fmt_int(c.get("student_forwards")),
+                         fmt_int(c.get("teacher_forwards")), fmt_int(c.get("reference_forwards", 0)),
+                         fmt_int(total_forwards(c)), fmt_int(c.get("images")),
                          "n/a" if wall is None else f"{wall:,.1f} ({wall / 60:.1f} min)"])
         self.doc.table(["method", "optimizer steps", "student forwards", "teacher forwards", "reference forwards", "total forwards",
                         "images", "wall seconds"], rows)
@@ -914,16 +454,16 @@ class _Report:
         else:
             self.doc.note("No configuration recorded.")
         self.doc.h(3, "Environment")
-        env = _dict(self.r.get("environment"))
+        env = as_dict(self.r.get("environment"))
         if env:
             self.doc.table(["key", "value"], [[k, str(env[k])] for k in sorted(env)])
         else:
             self.doc.note("No environment recorded.")
-        hashes = _dict(self.r.get("prompt_hashes"))
+        hashes = as_dict(self.r.get("prompt_hashes"))
         if hashes:
             self.doc.h(3, "Prompt files (sha256)")
             self.doc.table(["benchmark", "test", "train"],
-                           [[t, str(_dict(hashes[t]).get("test", "n/a")), str(_dict(hashes[t]).get("train", "n/a"))]
+                           [[t, str(as_dict(hashes[t]).get("test", "n/a")), str(as_dict(hashes[t]).get("train", "n/a"))]
                             for t in sorted(hashes)])
 
     def build(self) -> None:
@@ -937,8 +477,6 @@ class _Report:
         self.section("samples", self.samples)
         self.section("compute", self.compute)
         self.section("details", self.details)
-
-
 
 
 def load_results(run_dir: str | Path) -> dict:

@@ -250,7 +250,7 @@ def test_equal_forward_passes_charge_the_frozen_reference_of_a_kl_penalty(tmp_pa
 
 
 def test_a_difference_inside_the_seed_spread_is_flagged_as_such():
-    from opd_bench.report import _versus
+    from opd_bench.findings import _versus
 
     assert _versus(0.428, 0.004, "multi-reward", 0.427, 0.005) == "0.428 ± 0.004 vs multi-reward 0.427 ± 0.005 (+0.001, within the seed sd)"
     assert _versus(0.45, 0.004, "cascade", 0.42, 0.005) == "0.450 ± 0.004 vs cascade 0.420 ± 0.005 (+0.030)"
@@ -269,3 +269,12 @@ def test_a_share_of_a_gain_inside_its_error_is_not_tested(tmp_path):
     ocr = next(part for part in kept.split("; ") if part.startswith("ocr:"))
     assert "not testable: the gain is within 2 s.e." in ocr
     assert "not testable: the gain" not in kept.replace(ocr, "")  # the other teachers' gains are clear
+
+
+def test_every_claim_is_not_testable_on_a_result_file_without_results():
+    from opd_bench.findings import CLAIMS, findings_lines
+    from opd_bench.results_view import ResultView
+
+    lines = findings_lines(ResultView({"results": "not a dict", "curves": [], "variance": None}))
+    assert len(lines) == len(CLAIMS)
+    assert all(": not testable" in line for line in lines), lines

@@ -1,0 +1,190 @@
+"""The paper's claims, checked against one result file: each claim is a function that reads a
+``ResultView`` and returns one line, "held" / "did not hold" / "not testable", with the numbers
+and their spread. The report opens with these lines, so a reader sees the answer before the plots.
+
+The thresholds are the issue's targets: teachers +0.15 on geneval and OCR (a clear gain on pref),
+the student keeping >= 85% of every teacher's gain, OPD above multi-reward and cascade RL at equal
+updates and at equal forward passes, cascade forgetting, the analytic gradient's variance >= 10x
+below the PPO-style estimator's.
+"""
+
+from __future__ import annotations
+
+from opd_bench.results_view import ResultView, as_dict, as_list, fmt, fmt_g, fmt_int, mean_sd, num
+
+TEACHER_TARGET = 0.15  # absolute gain on geneval and OCR
+KEPT_TARGET = 0.85  # share of a teacher's gain the student keeps
+VARIANCE_TARGET = 10.0  # PPO-style over analytic
+RIVALS = ("multi-reward", "cascade")
+
+
+def verdict(oks: list[bool | None]) -> str:
+    """A claim fails if any part fails, holds if every part holds, else it was not testable."""
+    if any(ok is False for ok in oks):
+        return "did not hold"
+    return "held" if oks and all(ok is True for ok in oks) else "not testable"
+
+
+def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_sd: float | None) -> str:
+    """``OPD ± sd vs rival ± sd (difference)``; a difference smaller than the larger seed sd is
+    flagged, so that a reader does not take a tie for a win."""
+    spreads = [v for v in (sd, rival_sd) if v is not None]
+    tie = ", within the seed sd" if spreads and abs(mean - rival_mean) < max(spreads) else ""
+    return (f"{fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} vs {rival} "
+            f"{fmt(rival_mean)}{'' if rival_sd is None else f' ± {rival_sd:.3f}'} ({mean - rival_mean:+.3f}{tie})")
+
+
+def _teachers(view: ResultView) -> list[tuple[str, str]]:
+    """(teacher, its benchmark) for every teacher whose task is a benchmark of the file."""
+    pairs = [(t, t.partition("/")[2]) for t in view.methods if t.startswith("teacher/")]
+    return [(t, b) for t, b in pairs if b in view.benchmarks]
+
+
+def _gain(view: ResultView, model: str, bench: str) -> float | None:
+    ours, base = view.mean(model, bench), view.mean("base", bench)
+    return None if ours is None or base is None else ours - base
+
+
+def teacher_gains(view: ResultView) -> str:
+    oks, parts = [], []
+    for task in ("geneval", "ocr", "pref"):
+        teacher = f"teacher/{task}"
+        g = _gain(view, teacher, task) if (teacher, task) in _teachers(view) else None
+        if g is None:
+            oks.append(None)
+            parts.append(f"{task}: not in the file")
+            continue
+        text = f"{task}: {view.score_text(teacher, task)} vs base {view.score_text('base', task)}, gain {g:+.3f}"
+        se = view.paired_se(teacher, task)
+        if se is not None:
+            text += f" (± {se:.3f} s.e. over the paired images)"
+        if task != "pref":
+            oks.append(g >= TEACHER_TARGET)
+            parts.append(text + f" (needs >= +{TEACHER_TARGET})")
+            continue
+        # pref is on the preference model's own scale: "clear" is measured against the seed spread
+        sds = [num(view.score(m, task).get("std")) for m in view.methods
+               if len(as_list(view.score(m, task).get("per_seed"))) > 1]
+        sd = max((v for v in sds if v is not None), default=None)
+        oks.append(None if sd is None else g > 2 * sd)
+        parts.append(text + (" (clear = above 2 seed-sd; no seed spread in the file)" if sd is None
+                             else f" (clear = above 2 × the largest seed sd on pref, {2 * sd:.3f})"))
+    return f"Teachers gain on their own task: {verdict(oks)}. " + "; ".join(parts) + "."
+
+
+def share_kept(view: ResultView) -> str:
+    teachers = _teachers(view)
+    oks, parts = [], []
+    for t, b in teachers:
+        g, opd = _gain(view, t, b), view.mean("opd", b)
+        if g is None or opd is None or g <= 0:
+            oks.append(None)
+            parts.append(f"{b}: not testable ({'teacher did not gain' if g is not None and g <= 0 else 'missing scores'})")
+            continue
+        kept = (opd - view.mean("base", b)) / g
+        std = num(view.score("opd", b).get("std"))
+        n = len(as_list(view.score("opd", b).get("per_seed")))
+        text = (f"{b}: {kept:.0%}" + (f" ± {std / g:.0%}" if std is not None and n > 1 else "")
+                + f" of {t}'s gain {g:+.3f}")
+        se = view.paired_se(t, b)
+        if se is not None and g < 2 * se:  # a share of a gain the evaluation cannot tell from zero is noise
+            oks.append(None)
+            parts.append(text + f" (not testable: the gain is within 2 s.e., {2 * se:.3f}, of zero)")
+            continue
+        oks.append(kept >= KEPT_TARGET)
+        parts.append(text)
+    return (f"OPD keeps >= {KEPT_TARGET:.0%} of every teacher's gain: {verdict(oks) if teachers else 'not testable'}. "
+            + ("; ".join(parts) if parts else "no teachers in the file") + ".")
+
+
+def _compare(per_seed: dict[str, list[float]]) -> tuple[list[bool | None], list[str]]:
+    """OPD's per-seed overall scores against each rival's."""
+    oks, parts = [], []
+    opd_mean, opd_sd = mean_sd(per_seed.get("opd", []))
+    for rival in RIVALS:
+        mean, sd = mean_sd(per_seed.get(rival, []))
+        if opd_mean is None or mean is None:
+            oks.append(None)
+            parts.append(f"vs {rival}: not in the file")
+            continue
+        oks.append(opd_mean > mean)
+        parts.append(_versus(opd_mean, opd_sd, rival, mean, sd))
+    return oks, parts
+
+
+def _at_equal_forwards(view: ResultView) -> tuple[float, dict[str, list[float]]]:
+    """Per seed, the last curve evaluation's overall score within the forward passes every method
+    reached (student + teacher + KL reference); empty where the curves cannot say."""
+    methods = ("opd", *RIVALS)
+    frame = view.curves_frame(list(methods))
+    heads = [b for b in view.headline if b in frame]
+    if frame.empty or not heads or len(heads) != len(view.headline):
+        return 0.0, {}
+    frame = frame.dropna(subset=heads)
+    reach = [frame[frame["method"] == m]["forwards"].max() for m in methods]
+    budget = min(reach) if all(r == r for r in reach) else 0.0  # r != r: a method without curves
+    if budget <= 0:
+        return 0.0, {}
+    overall = {}
+    for m in methods:
+        part = frame[(frame["method"] == m) & (frame["forwards"] <= budget)].sort_values("step")
+        overall[m] = [float(rows[heads].iloc[-1].mean()) for _, rows in part.groupby("seed")]
+    return budget, overall
+
+
+def opd_versus_baselines(view: ResultView) -> str:
+    oks, parts = _compare({m: view.overall_seeds(m) for m in ("opd", *RIVALS)})
+    line = (f"OPD above multi-reward and cascade RL, overall ({', '.join(view.headline)}) at equal student updates "
+            f"(final results): {verdict(oks)}. " + "; ".join(parts) + ". At equal forward passes: ")
+    budget, overall = _at_equal_forwards(view)
+    if len(overall) == 1 + len(RIVALS) and all(overall.values()):
+        oks, parts = _compare(overall)
+        return line + (f"{verdict(oks)} (last curve evaluation within {fmt_int(budget)} forward passes, "
+                       "the most every method reached). " + "; ".join(parts) + ".")
+    return line + "not testable (no forward-pass curves for OPD, multi-reward and cascade RL in the file)."
+
+
+def cascade_forgetting(view: ResultView) -> str:
+    frame = view.curves_frame(["cascade"])
+    oks, parts = [], []
+    for stage in view.cascade_stages(frame)[:-1]:
+        task, end = str(stage.get("task")), num(stage.get("end_step"))
+        bench = task if task in view.headline else next((b for b in view.headline if b.startswith(task + "_")), None)
+        if frame.empty or end is None or bench is None or bench not in frame:
+            continue
+        drops = []
+        for _, rows in frame.dropna(subset=[bench]).sort_values("step").groupby("seed"):
+            at_end = rows[rows["step"] <= end]
+            if not at_end.empty:
+                drops.append(float(at_end[bench].iloc[-1] - rows[bench].iloc[-1]))
+        mean, sd = mean_sd(drops)
+        if mean is None:
+            continue
+        oks.append(mean > 2 * (sd or 0.0))
+        parts.append(f"{bench} (stage {stage.get('stage', '?')}) drops {mean:+.3f}"
+                     + ("" if sd is None else f" ± {sd:.3f}") + f" from its stage end to the final ({len(drops)} seeds)")
+    return (f"Cascade RL forgets earlier stages: {'held' if any(oks) else verdict(oks)}. "
+            + ("; ".join(parts) + " (forgetting = drop above 2 seed-sd)" if parts
+               else "no per-stage cascade curves in the file") + ".")
+
+
+def variance_reduction(view: ResultView) -> str:
+    claim = f"Analytic gradient variance >= {VARIANCE_TARGET:g}x below the PPO-style estimator's"
+    variance = as_dict(view.r.get("variance"))
+    ratios = [v for v in (num(as_dict(r).get("ratio_ppo_over_analytic")) for r in as_list(variance.get("rows")))
+              if v is not None]
+    ratio = num(variance.get("ratio_ppo_over_analytic"))
+    if ratio is None and not ratios:
+        return f"{claim}: not testable (no variance experiment in the file)."
+    ok = (ratio if ratio is not None else min(ratios)) >= VARIANCE_TARGET
+    return (f"{claim}: {'held' if ok else 'did not hold'}. Ratio PPO-style / analytic {fmt_g(ratio)} at the reference setting"
+            + (f"; {sum(v >= VARIANCE_TARGET for v in ratios)} of {len(ratios)} settings >= {VARIANCE_TARGET:g} "
+               f"(range {fmt_g(min(ratios))} to {fmt_g(max(ratios))})" if ratios else "") + ".")
+
+
+CLAIMS = (teacher_gains, share_kept, opd_versus_baselines, cascade_forgetting, variance_reduction)
+
+
+def findings_lines(view: ResultView) -> list[str]:
+    """One line per claim of the paper, in the paper's order."""
+    return [claim(view) for claim in CLAIMS]

@@ -1,0 +1,185 @@
+"""Read-only access to a result file (``results.json``): final scores, per-seed and per-image
+values, curves and cascade stages, tolerant of anything missing or malformed (a missing value is
+None, never an exception). The report's sections and its findings both read the file through
+``ResultView``, so they cannot disagree on what a number is."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from opd_bench.leaderboard import paired_evaluation, total_forwards
+
+REFERENCE_ORDER = ("base", "teacher/geneval", "teacher/ocr", "teacher/pref")
+STUDENT_ORDER = ("opd", "opd-ppo", "multi-reward", "cascade")
+
+
+def num(value: Any) -> float | None:
+    """A finite float, or None for anything else (missing, NaN, inf, strings, bools)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    value = num(value)
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_g(value: Any) -> str:
+    value = num(value)
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def fmt_int(value: Any) -> str:
+    value = num(value)
+    return "n/a" if value is None else f"{round(value):,}"
+
+
+def method_key(method: str) -> tuple:
+    """Sort order: base, teachers, then the student methods in a fixed order, then anything else."""
+    if method in REFERENCE_ORDER:
+        return (0, REFERENCE_ORDER.index(method), method)
+    if method.startswith("teacher/"):
+        return (1, 0, method)
+    if method in STUDENT_ORDER:
+        return (2, STUDENT_ORDER.index(method), method)
+    return (3, 0, method)
+
+
+def is_student(method: str) -> bool:
+    return method != "base" and not method.startswith("teacher/")
+
+
+def paired_gain(model: list[float], base: list[float]) -> tuple[float, float]:
+    """Mean per-image difference ``model - base`` and its standard error, for two evaluations of
+    the same prompts from the same starting noise (image ``i`` of one pairs with image ``i`` of the other)."""
+    differences = [m - b for m, b in zip(model, base, strict=True)]
+    return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
+
+
+def as_dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample sd (None for fewer than two values) of per-seed values."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+    return mean, sd
+
+
+class ResultView:
+    """One result file, with its methods (sorted: base, teachers, students), benchmarks and headline."""
+
+    def __init__(self, results: dict) -> None:
+        self.r = results
+        self.results = as_dict(results.get("results"))
+        self.methods = sorted(self.results, key=method_key)
+        benchmarks = [b for b in as_list(results.get("benchmarks")) if isinstance(b, str)]
+        for method in self.methods:
+            for bench in as_dict(self.results[method]):
+                if bench not in benchmarks:
+                    benchmarks.append(bench)
+        self.benchmarks = benchmarks
+        headline = [b for b in as_list(results.get("headline")) if isinstance(b, str)]
+        self.headline = headline or [b for b in benchmarks if b != "pref"]
+
+    # -- data access --
+    def score(self, method: str, bench: str) -> dict:
+        return as_dict(as_dict(self.results.get(method)).get(bench))
+
+    def mean(self, method: str, bench: str) -> float | None:
+        return num(self.score(method, bench).get("mean"))
+
+    def overall(self, method: str) -> float | None:
+        values = [self.mean(method, b) for b in self.headline]
+        if not values or any(v is None for v in values):
+            return None
+        return sum(values) / len(values)
+
+    def teacher_for(self, bench: str) -> str | None:
+        """The teacher trained on ``bench`` (pref_oracle -> teacher/pref)."""
+        if f"teacher/{bench}" in self.results:
+            return f"teacher/{bench}"
+        for method in self.methods:
+            task = method.partition("/")[2]
+            if method.startswith("teacher/") and bench.startswith(task + "_"):
+                return method
+        return None
+
+    def cascade_stages(self, frame) -> list[dict]:
+        stages = [as_dict(s) for s in as_list(self.r.get("cascade_stages"))]
+        if not stages and not frame.empty:  # fall back to the stage column of the curve rows
+            seen: dict[Any, dict] = {}
+            for _, row in frame.sort_values("step").iterrows():
+                if row["stage"] is not None and row["stage"] == row["stage"]:
+                    seen.setdefault(row["stage"], {"stage": row["stage"], "task": row["stage_task"]})["end_step"] = row["step"]
+            stages = list(seen.values())
+        return stages
+
+    def score_text(self, method: str, bench: str) -> str:
+        """'mean ± seed sd (n seeds)' of one final score."""
+        cell = self.score(method, bench)
+        n, std = len(as_list(cell.get("per_seed"))), num(cell.get("std"))
+        spread = f" ± {std:.3f}" if std is not None and n > 1 else ""
+        return f"{fmt(self.mean(method, bench))}{spread} ({n} seed{'s' if n != 1 else ''})"
+
+    def overall_seeds(self, method: str) -> list[float]:
+        """Per-seed overall scores (mean of the headline benchmarks' per-seed scores)."""
+        per = [[num(v) for v in as_list(self.score(method, b).get("per_seed"))] for b in self.headline]
+        if not per or any(len(p) != len(per[0]) or None in p for p in per):
+            return []
+        return [sum(p[i] for p in per) / len(per) for i in range(len(per[0]))]
+
+    def paired_se(self, model: str, bench: str) -> float | None:
+        """Standard error of ``model``'s gain over the base on ``bench`` from the per-image
+        differences, where both were scored on the same noise (one evaluation seed, schema 3) and
+        the score is the plain mean of its images (not GenEval's mean over tags); else None."""
+        if not paired_evaluation(self.r):
+            return None
+
+        def first_seed_images(name: str) -> list:  # teachers and the base have one seed
+            seeds = as_list(self.score(name, bench).get("seeds"))
+            per_seed = as_dict(as_dict(self.r.get("per_image")).get(name))
+            return [num(v) for v in as_list(as_dict(per_seed.get(str(seeds[0]))).get(bench))] if seeds else []
+
+        ours, base = first_seed_images(model), first_seed_images("base")
+        if len(ours) < 2 or len(ours) != len(base) or any(v is None for v in ours + base):
+            return None
+        mean = self.mean(model, bench)
+        if mean is None or abs(sum(ours) / len(ours) - mean) > 1e-6 * max(1.0, abs(mean)):
+            return None
+        return paired_gain(ours, base)[1]
+
+    def curves_frame(self, methods: list[str]):
+        import pandas as pd
+
+        records = []
+        curves = as_dict(self.r.get("curves"))
+        for method in methods:
+            for seed, rows in as_dict(curves.get(method)).items():
+                for row in as_list(rows):
+                    row = as_dict(row)
+                    step = num(row.get("step"))
+                    if step is None:
+                        continue
+                    record = {"method": method, "seed": str(seed), "step": step,
+                              "forwards": total_forwards(row) or 0.0,
+                              "stage": row.get("stage"), "stage_task": row.get("stage_task")}
+                    for bench in self.benchmarks:
+                        record[bench] = num(row.get(f"eval/{bench}"))
+                    records.append(record)
+        frame = pd.DataFrame.from_records(records)
+        for bench in self.benchmarks:
+            if bench in frame:
+                frame[bench] = pd.to_numeric(frame[bench], errors="coerce")
+        return frame
