@@ -6,6 +6,9 @@ where a section has nothing to show, never a crash. Plots are drawn with matplot
 (no pyplot, no global backend switch) and seaborn; they are written next to the report and
 embedded in the HTML as base64 PNGs, so ``index.html`` can be mailed or archived on its own.
 Heavy imports (matplotlib, seaborn, pandas) happen inside functions.
+
+The parts: ``results_view`` reads the file, ``findings`` checks the paper's claims against it,
+``report_doc`` renders the blocks to Markdown and HTML; this module lays out the sections and plots.
 """
 
 from __future__ import annotations
