@@ -9,12 +9,15 @@ Starts from the `standard` preset's OPD config; every ``--set FIELD=VALUE`` chan
 settings, wall minutes, held-out scores (first ``--eval-limit`` test prompts of every task, 2 images
 each, the suite's evaluation sampler) and the share of each teacher's gain the student keeps.
 ``--tasks`` distils from only the listed teachers (and scores them, or the ``--score`` ones): does
-sharing the student's steps between three teachers cost a task its share?
+sharing the student's steps between three teachers cost a task its share? ``--as-base geneval,ocr``
+replaces those teachers by the base itself (their adapters with every ``lora_B`` zeroed): does a
+teacher with nothing to give cost the others as much?
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +30,24 @@ from opd_bench.trainers.opd import OPDTrainer
 from probe_args import held_out, probe_config, probe_parser
 
 
+def base_equal_copy(adapter: Path, out: Path) -> Path:
+    """A copy of a LoRA adapter folder with every ``lora_B`` zeroed: the same modules and rank,
+    and exactly the base model's output."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    for path in out.glob("*.safetensors"):
+        weights = load_file(path)
+        save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, path)
+    return out
+
+
 def main() -> None:
     parser = probe_parser(__doc__)
     parser.add_argument("--run", required=True, type=Path, help="a finished `opd-bench run` folder with teachers")
     parser.add_argument("--tasks", default=None, help="comma-separated teachers to distil from (default: all the suite's)")
     parser.add_argument("--score", default=None, help="comma-separated tasks to score (default: the distilled ones)")
+    parser.add_argument("--as-base", default="", help="comma-separated teachers replaced by the base (zeroed lora_B)")
     args = parser.parse_args()
     config, overrides = probe_config(parser, args, plan("standard").opd, eval_every=0, checkpoint_every=0, monitor_rewards=False)
 
@@ -48,6 +64,12 @@ def main() -> None:
     if missing:
         parser.error(f"{args.run} holds no finished teacher for {', '.join(missing)}; give a run whose teachers finished")
     teachers = {task: paths[-1].parent for task, paths in found.items()}
+    as_base = [t for t in args.as_base.split(",") if t]
+    if not set(as_base) <= set(tasks) - set(scored):
+        parser.error(f"--as-base {args.as_base!r}: choose from the distilled tasks that are not scored")
+    workdir = tempfile.TemporaryDirectory()
+    for task in as_base:
+        teachers[task] = base_equal_copy(teachers[task], Path(workdir.name) / task)
     policy = Policy.from_pretrained(suites.resolve_model("tiny"))
     settings = SamplerSettings.of_suite(suite)
     specs = {task: suite.benchmark(task) for task in tasks}
@@ -75,7 +97,8 @@ def main() -> None:
         student = {task: score("probe_final", task) for task in scored}
     kept = {task: round((student[task] - base[task]) / (teacher[task] - base[task]), 3)
             for task in scored if teacher[task] != base[task]}
-    print(json.dumps({"run": str(args.run), "tasks": tasks, "overrides": overrides, "steps": config.steps, "threads": args.threads,
+    workdir.cleanup()
+    print(json.dumps({"run": str(args.run), "tasks": tasks, "as_base": as_base, "overrides": overrides, "steps": config.steps, "threads": args.threads,
                       "seed": args.seed, "train_minutes": round(minutes, 2), "base": base, "teacher": teacher,
                       "student": student, "kept": kept, "evaluation_only": extra}))
 
