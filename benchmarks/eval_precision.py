@@ -24,7 +24,7 @@ import json
 import statistics
 from pathlib import Path
 
-from opd_bench.leaderboard import paired_evaluation
+from opd_bench.result_schema import paired_evaluation
 from opd_bench.results_view import paired_gain
 
 

@@ -29,7 +29,7 @@ from opd_bench import __version__, distributed
 from opd_bench.baselines.cascade import CascadeConfig
 from opd_bench.baselines.multi_reward import MultiRewardConfig
 from opd_bench.io import atomic_write_json, json_differences
-from opd_bench.leaderboard import FORWARD_KEYS, SCHEMA_VERSION, eval_noise_seed
+from opd_bench.result_schema import FORWARD_KEYS, SCHEMA_VERSION, eval_noise_seed
 from opd_bench.trainers.grpo import GRPOConfig
 from opd_bench.trainers.opd import OPDConfig
 

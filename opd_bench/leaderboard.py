@@ -6,11 +6,9 @@ Layout under ``root`` (default ``leaderboard/``)::
     README.md                         the ranked tables (``rebuild``)
     leaderboard.csv                   the same rows, machine-readable (``rebuild``)
 
-``check_results`` checks a results dict's shape and internal consistency against the *installed*
-suite (its version, the sha256 of every prompt file, and, from schema 2 on, that every per-seed score
-is the suite's aggregate of the recorded per-image scores and every mean and std those of the
-per-seed scores). ``validate`` adds what a listing needs: the current schema, a listed preset
-(never ``smoke``) and the preset's training budget. ``submit`` also re-evaluates a sample of the
+``check_results`` (``opd_bench.result_schema``) checks that a file is well-formed and consistent;
+``validate`` adds what a listing needs: the current schema, a listed preset (never ``smoke``) and
+the preset's training budget. ``submit`` also re-evaluates a sample of the
 run from its adapters (``opd_bench.verify``) and refuses what does not reproduce, unless told to
 list it as unverified; it refuses anything invalid, oversized, unsafe names and duplicates
 without touching the directory. ``rebuild`` regenerates README.md and leaderboard.csv
@@ -23,7 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import re
 import tempfile
@@ -32,270 +29,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from opd_bench.io import atomic_write_bytes, json_text
+from opd_bench.result_schema import (
+    SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, is_finite_number, total_forwards,
+)
 
-# The result file's version: what `opd-bench run` writes and `submit` takes.
-# 2: per-image scores of the final evaluations, the seeds of every result cell, adapter hashes.
-# 3: config['eval']['seed'], the noise seed of every final evaluation (in 2, each cell's training seed).
-# Versions 1 and 2 are still read (report, leaderboard); 1 is listed as legacy, never verified or submitted.
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, 3)
 MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
 LISTED_PRESETS = ("standard", "paper")  # smoke runs check the pipeline; their scores are not results
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-STUDENT_METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
-UNBOUNDED = frozenset({"pref"})  # finite, any value; every other benchmark is a score in [0, 1]
 METHOD_ORDER = ("opd", "opd-ppo", "multi-reward", "cascade", "base")
-
-
-def eval_noise_seed(eval_seed: int | None, cell_seed: int) -> int:
-    """The noise seed a cell's final evaluation draws with: the run's one ``config['eval']['seed']``,
-    or, where that is null (schema 2), the cell's own training seed."""
-    return cell_seed if eval_seed is None else eval_seed
-
-
-def _recorded_eval_seed(results: dict) -> Any:
-    """``config['eval']['seed']`` as recorded (None where absent or the file is malformed)."""
-    config = results.get("config")
-    evaluation = config.get("eval") if isinstance(config, dict) else None
-    return evaluation.get("seed") if isinstance(evaluation, dict) else None
-
-
-def paired_evaluation(results: dict) -> bool:
-    """Whether every model of a result file was scored on one noise seed, so that image ``i`` of
-    any two models shows the same prompt from the same starting noise and their images pair up."""
-    seed = _recorded_eval_seed(results)
-    return isinstance(seed, int) and not isinstance(seed, bool)
-
-
-class SubmissionError(ValueError):
-    """A results file or submission request that cannot be accepted; the message names the fix."""
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# The transformer forward passes a method is charged for: its own, the teachers' (DiffusionOPD) and
-# the frozen reference model's (GRPO's KL penalty to the base). Results without a kind count it 0.
-FORWARD_KEYS = ("student_forwards", "teacher_forwards", "reference_forwards")
-
-
-def total_forwards(budget: dict) -> float | None:
-    """A method's forward passes of every kind, or None where it records none."""
-    values = [budget[key] for key in FORWARD_KEYS if _finite(budget.get(key))]
-    return float(sum(values)) if values else None
-
-
-def suite_benchmarks(suite) -> list[str]:
-    """The suite's benchmarks: its tasks, then each task's extra evaluation-only rewards."""
-    names = list(suite.tasks)
-    for task in suite.tasks:
-        names += [k for k in suite.benchmark(task).extra_rewards if k not in names]
-    return names
-
-
-def _known_methods(suite) -> list[str]:
-    return ["base"] + [f"teacher/{t}" for t in suite.tasks] + list(STUDENT_METHODS)
-
-
-def _check_score(where: str, bench: str, value: Any) -> None:
-    if not _finite(value):
-        raise SubmissionError(f"{where} is {value!r}, not a finite number; re-run the evaluation that produced it")
-    if bench not in UNBOUNDED and not 0.0 <= value <= 1.0:
-        raise SubmissionError(f"{where} = {value!r} is outside [0, 1] ({bench} is a score in [0, 1]); "
-                              "the file is corrupt or was edited, submit the results.json written by `opd-bench run`")
-
-
-def _sample_std(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
-def _edited(where: str, what: str, got: Any, expected: Any) -> SubmissionError:
-    return SubmissionError(f"{where} = {got!r} is not {what} ({expected!r}); the file was edited, "
-                           "submit the results.json written by `opd-bench run`")
-
-
-def _check_per_image(results: dict, suite, method: str, seed: int, bench: str, expected: float, cache: dict) -> None:
-    """Schema 2: the per-seed score must be the suite's aggregate of the recorded per-image scores."""
-    from opd_bench.benchmarks import aggregate
-
-    where = f"per_image[{method!r}][{str(seed)!r}][{bench!r}]"
-    task = bench if bench in suite.tasks else next(t for t in suite.tasks if bench in suite.benchmark(t).extra_rewards)
-    spec = suite.benchmark(task)
-    evaluation = results.get("config", {}).get("eval") if isinstance(results.get("config"), dict) else None
-    limit, repeats = (evaluation.get("limit"), evaluation.get("images_per_prompt")) if isinstance(evaluation, dict) else (0, 0)
-    if not (limit is None or (isinstance(limit, int) and limit > 0)) or not (repeats is None or (isinstance(repeats, int) and repeats > 0)):
-        raise SubmissionError("config['eval'] must give the final evaluation's 'limit' and 'images_per_prompt' "
-                              "(integers or null); submit the results.json written by `opd-bench run`")
-    repeats = repeats or spec.images_per_prompt
-    if (task, limit, repeats) not in cache:  # reading a prompt file costs more than all the other checks
-        cache[task, limit, repeats] = [p.metadata for p in spec.prompts("test", limit) for _ in range(repeats)]
-    metadata = cache[task, limit, repeats]
-    values = results.get("per_image", {}).get(method, {}).get(str(seed), {}).get(bench) \
-        if isinstance(results.get("per_image"), dict) else None
-    if not isinstance(values, list) or len(values) != len(metadata):
-        raise SubmissionError(f"{where} must list the {len(metadata)} scores of the final evaluation's images; "
-                              "submit the results.json written by `opd-bench run`")
-    for i, value in enumerate(values):
-        if value is not None:
-            _check_score(f"{where}[{i}]", bench, value)
-    metric = spec.metric if bench == task else "mean"
-    score = aggregate(metric, [math.nan if v is None else v for v in values], metadata)["score"]
-    if not math.isclose(score, expected, rel_tol=1e-5, abs_tol=1e-5):
-        raise _edited(f"results[{method!r}][{bench!r}] seed {seed}", "the score of its per-image values", expected, score)
-
-
-def check_results(results: dict) -> None:
-    """Raise ``SubmissionError`` (one line: the problem and the fix) unless ``results`` is a
-    well-formed, internally consistent result file (schema 1, 2 or 3) of an installed suite."""
-    if not isinstance(results, dict):
-        raise SubmissionError(f"results must be a JSON object, got {type(results).__name__}; "
-                              "submit the results.json written by `opd-bench run`")
-    version = results.get("schema_version")
-    if version not in READABLE_SCHEMAS:
-        raise SubmissionError(f"schema_version is {version!r}, this opd-bench reads versions {list(READABLE_SCHEMAS)}; "
-                              "re-run with this opd-bench version or upgrade opd-bench")
-    seed = _recorded_eval_seed(results)
-    if version >= 3 and (isinstance(seed, bool) or not (seed is None or isinstance(seed, int))):
-        raise SubmissionError(f"config['eval']['seed'] is {seed!r}; it must be the final evaluation's noise seed "
-                              "(an integer, or null for each cell's own seed); submit the results.json written by `opd-bench run`")
-
-    from opd_bench import suites
-
-    name = results.get("suite")
-    if not isinstance(name, str):
-        raise SubmissionError(f"'suite' is {name!r}; it must name the suite the run used, e.g. \"tiny\"")
-    try:
-        suite = suites.get(name)
-    except KeyError as error:
-        raise SubmissionError(f"{error}; only runs on an installed suite can be submitted") from None
-    if results.get("suite_version") != suite.version:
-        raise SubmissionError(f"suite_version is {results.get('suite_version')!r} but the installed {name} suite is "
-                              f"{suite.version!r}; re-run the benchmark with the installed suite")
-    # A shipped base alias ('tiny') names different weights in different releases: scores made on
-    # another base are not comparable with the installed one's, nor verifiable. Schema 1 files
-    # predate the fingerprint (they are listed as legacy).
-    model = results.get("model")
-    installed = suites.model_fingerprint(model) if isinstance(model, str) and version != 1 else None
-    if installed is not None and results.get("model_sha256") != installed:
-        raise SubmissionError(f"model_sha256 is {results.get('model_sha256')!r} but the installed {model!r} base "
-                              f"is {installed!r}; re-run the benchmark with the installed base")
-
-    hashes = results.get("prompt_hashes")
-    if not isinstance(hashes, dict):
-        raise SubmissionError("'prompt_hashes' is missing; re-run with `opd-bench run`, which records them")
-    for task in suite.tasks:
-        spec = suite.benchmark(task)
-        splits = ("test", "train") if spec.train_file else ("test",)
-        for split in splits:
-            got = hashes.get(task, {}).get(split) if isinstance(hashes.get(task), dict) else None
-            if got != spec.file_hash(split):
-                raise SubmissionError(
-                    f"prompt_hashes[{task!r}][{split!r}] does not match the installed {name} suite's {split} prompt "
-                    f"file for {task} (got {str(got)[:12]}...); the run used other prompts, re-run with the installed suite"
-                )
-
-    seeds = results.get("seeds")
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise SubmissionError(f"'seeds' is {seeds!r}; it must be a non-empty list of integers, as `opd-bench run` writes")
-    if len(set(seeds)) != len(seeds):
-        raise SubmissionError(f"'seeds' {seeds!r} has repeats; each seed must be a distinct run")
-
-    model = results.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise SubmissionError(f"'model' is {model!r}; it must name the model the run trained (e.g. \"tiny\")")
-
-    required = suite_benchmarks(suite)
-    listed = results.get("benchmarks")
-    if not isinstance(listed, list) or not set(required) <= set(listed):
-        raise SubmissionError(f"'benchmarks' is {listed!r} but must include every {name} benchmark {required}; "
-                              "evaluate on the full suite")
-    headline = results.get("headline")
-    if (not isinstance(headline, list) or not headline or not all(isinstance(h, str) for h in headline)
-            or not set(headline) <= set(required) or set(headline) & UNBOUNDED):
-        raise SubmissionError(f"'headline' is {headline!r}; it must be a non-empty list of the suite's [0, 1] "
-                              f"benchmarks ({[b for b in required if b not in UNBOUNDED]})")
-
-    expected = getattr(suite, "headline", None)
-    if expected is not None and set(headline) != set(expected):
-        raise SubmissionError(f"'headline' is {headline!r} but the {name} suite's headline benchmarks are "
-                              f"{list(expected)!r}; the overall score must use the suite's own headline")
-
-    scores = results.get("results")
-    if not isinstance(scores, dict) or not scores:
-        raise SubmissionError("'results' is missing or empty; submit a run that evaluated at least one method")
-    known = _known_methods(suite)
-    prompt_cache: dict = {}
-    if not any(m in STUDENT_METHODS for m in scores):
-        raise SubmissionError(f"'results' has no student method ({', '.join(STUDENT_METHODS)}); "
-                              "submit a run that trained at least one")
-    for method, per_bench in scores.items():
-        if method not in known:
-            raise SubmissionError(f"results has unknown method {method!r}; known methods: {', '.join(known)}")
-        if not isinstance(per_bench, dict):
-            raise SubmissionError(f"results[{method!r}] must be an object of benchmarks; re-run the evaluation")
-        for bench in required:
-            where = f"results[{method!r}][{bench!r}]"
-            entry = per_bench.get(bench)
-            if not isinstance(entry, dict):
-                raise SubmissionError(f"{where} is missing; every method must be evaluated on every {name} "
-                                      f"benchmark ({', '.join(required)}), re-run the evaluation on the full suite")
-            _check_score(f"{where}['mean']", bench, entry.get("mean"))
-            std = entry.get("std")
-            if not _finite(std) or std < 0:
-                raise SubmissionError(f"{where}['std'] is {std!r}; it must be a finite number >= 0")
-            per_seed = entry.get("per_seed")
-            if version == 1:  # per_seed: one value per run seed, or the first seed's alone
-                cell_seeds = seeds if isinstance(per_seed, list) and len(per_seed) == len(seeds) else seeds[:1]
-            else:
-                cell_seeds = entry.get("seeds")
-                first = per_bench[required[0]].get("seeds") if isinstance(per_bench.get(required[0]), dict) else None
-                if (not isinstance(cell_seeds, list) or not cell_seeds or cell_seeds != first
-                        or not all(isinstance(s, int) and not isinstance(s, bool) for s in cell_seeds)
-                        or not set(cell_seeds) <= set(seeds) or len(set(cell_seeds)) != len(cell_seeds)):
-                    raise SubmissionError(f"{where}['seeds'] is {cell_seeds!r}; it must list distinct seeds of the run "
-                                          f"({seeds}), the same for every benchmark of {method}; "
-                                          "submit the results.json written by `opd-bench run`")
-            if not isinstance(per_seed, list) or len(per_seed) != len(cell_seeds):
-                raise SubmissionError(f"{where}['per_seed'] must be a list with one value per seed of the cell "
-                                      f"({len(cell_seeds)}); re-run the evaluation")
-            for i, value in enumerate(per_seed):
-                _check_score(f"{where}['per_seed'][{i}]", bench, value)
-            mean = sum(per_seed) / len(per_seed)
-            if not math.isclose(mean, entry["mean"], rel_tol=1e-5, abs_tol=1e-6):
-                raise _edited(f"{where}['mean']", "the mean of its per_seed values", entry["mean"], mean)
-            if not math.isclose(_sample_std(per_seed), std, rel_tol=1e-5, abs_tol=1e-6):
-                raise _edited(f"{where}['std']", "the standard deviation of its per_seed values", std, _sample_std(per_seed))
-            if version >= 2:
-                for seed, value in zip(cell_seeds, per_seed):
-                    _check_per_image(results, suite, method, seed, bench, value, prompt_cache)
-        if version >= 2 and method != "base":
-            for seed in per_bench[required[0]]["seeds"]:
-                record = results.get("artifacts", {}).get(method, {}).get(str(seed)) \
-                    if isinstance(results.get("artifacts"), dict) else None
-                path = record.get("path") if isinstance(record, dict) else None
-                if (not isinstance(path, str) or path.startswith(("/", "\\")) or ".." in Path(path).parts
-                        or not re.fullmatch(r"[0-9a-f]{64}", str(record.get("sha256")))):
-                    raise SubmissionError(f"artifacts[{method!r}][{str(seed)!r}] must give the adapter's path inside the "
-                                          "run folder and its sha256; submit the results.json written by `opd-bench run`")
-
-    compute = results.get("compute", {})
-    if not isinstance(compute, dict):
-        raise SubmissionError("'compute' must be an object of per-method budgets; re-run with `opd-bench run`")
-    for method, budget in compute.items():
-        if not isinstance(budget, dict):
-            raise SubmissionError(f"compute[{method!r}] must be an object; re-run with `opd-bench run`")
-        for key, value in budget.items():
-            if key in ("optimizer_steps", *FORWARD_KEYS, "images", "wall_seconds") and (
-                    not _finite(value) or value < 0):
-                raise SubmissionError(f"compute[{method!r}][{key!r}] is {value!r}; it must be a finite number >= 0")
 
 
 def _model_label(results: dict) -> str:
@@ -312,7 +53,7 @@ def _budget(config: dict, method: str) -> Any:
         return None
     if method == "cascade":
         stages = section.get("stages")
-        if not isinstance(stages, list) or not all(isinstance(s, list) and len(s) == 2 and _finite(s[1]) for s in stages):
+        if not isinstance(stages, list) or not all(isinstance(s, list) and len(s) == 2 and is_finite_number(s[1]) for s in stages):
             return None
         return sum(s[1] for s in stages)
     return section.get("steps")
@@ -474,7 +215,7 @@ def _method_key(method: str) -> tuple:
 
 
 def _f(value: Any, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if _finite(value) else ""
+    return f"{value:.{digits}f}" if is_finite_number(value) else ""
 
 
 def _status(results: dict) -> str:
@@ -522,7 +263,7 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
                 "suite": results["suite"],
                 "overall": sum(scores[b]["mean"] for b in results["headline"]) / len(results["headline"]),
                 "scores": {b: (scores[b]["mean"], scores[b]["std"]) for b in benches if b in scores},
-                "optimizer_steps": budget.get("optimizer_steps") if _finite(budget.get("optimizer_steps")) else None,
+                "optimizer_steps": budget.get("optimizer_steps") if is_finite_number(budget.get("optimizer_steps")) else None,
                 "forward_passes": forwards,
                 "seeds": " ".join(str(s) for s in seeds),
                 "date": str(results.get("date") or ""),

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from opd_bench.findings import findings_lines
 from opd_bench.io import atomic_write_bytes
-from opd_bench.leaderboard import paired_evaluation, total_forwards
+from opd_bench.result_schema import paired_evaluation, total_forwards
 from opd_bench.report_doc import Cell, Doc, render_html, render_markdown, safe_name
 from opd_bench.results_view import ResultView, as_dict, as_list, fmt, fmt_g, fmt_int, is_student, method_key, num
 

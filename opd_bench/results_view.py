@@ -9,7 +9,7 @@ import math
 import statistics
 from typing import Any
 
-from opd_bench.leaderboard import paired_evaluation, total_forwards
+from opd_bench.result_schema import paired_evaluation, total_forwards
 
 REFERENCE_ORDER = ("base", "teacher/geneval", "teacher/ocr", "teacher/pref")
 STUDENT_ORDER = ("opd", "opd-ppo", "multi-reward", "cascade")

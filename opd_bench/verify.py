@@ -3,7 +3,7 @@
 ``results.json`` (schema 2 or 3) records every image's score of every final evaluation and the sha256
 of every trained adapter. Verification
 
-1. checks the file's internal consistency (``leaderboard.check_results``: each per-seed score is
+1. checks the file's internal consistency (``result_schema.check_results``: each per-seed score is
    the suite's aggregate of its per-image scores, each mean and std those of its per-seed scores),
 2. checks that every adapter in the run folder still has its recorded sha256,
 3. regenerates a sample of the final evaluation's images from the base model and those adapters
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from opd_bench.leaderboard import SubmissionError, eval_noise_seed
+from opd_bench.result_schema import SubmissionError, eval_noise_seed
 
 DEFAULT_PROMPTS = 8
 ATOL = 1e-3
@@ -105,7 +105,8 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
     schema-1 result file, a missing or changed adapter, another shipped base model.
     """
     from opd_bench import suites
-    from opd_bench.leaderboard import UNBOUNDED, check_results, read_results, suite_benchmarks
+    from opd_bench.leaderboard import read_results
+    from opd_bench.result_schema import UNBOUNDED, check_results, suite_benchmarks
 
     start = time.time()
     run_dir = Path(run_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from opd_bench.benchmarks import sha256_file
-from opd_bench.leaderboard import check_results
+from opd_bench.result_schema import check_results
 
 SCRIPT = Path(__file__).with_name("fault_run.py")
 

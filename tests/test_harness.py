@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from opd_bench.cli import main
-from opd_bench.leaderboard import SubmissionError, check_results, submit
+from opd_bench.leaderboard import submit
+from opd_bench.result_schema import SubmissionError, check_results
 
 METHODS = ("base", "teacher/geneval", "teacher/ocr", "teacher/pref", "opd", "opd-ppo", "multi-reward", "cascade")
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from opd_bench import suites
 from opd_bench.cli import main
 from opd_bench.harness import Harness
-from opd_bench.leaderboard import check_results
+from opd_bench.result_schema import check_results
 from opd_bench.report import build_report
 from opd_bench.suites import sd
 from tiny_real_models import build_colour_clip, build_owlv2, build_pickscore
