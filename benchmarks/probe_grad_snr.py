@@ -23,7 +23,7 @@ import scipy.stats
 import torch
 
 from opd_bench import suites
-from opd_bench.harness import plan
+from opd_bench.presets import plan
 from opd_bench.policy import Policy
 from opd_bench.trainers.grpo import grpo_step
 from opd_bench.training import sample_prompts, step_seed, student_optimizer

@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from opd_bench import suites
-from opd_bench.harness import plan
+from opd_bench.presets import plan
 from opd_bench.policy import Policy
 from opd_bench.sde import flow_step
 from probe_args import task_probe_parser

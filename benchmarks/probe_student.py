@@ -24,7 +24,7 @@ from pathlib import Path
 
 from opd_bench import suites
 from opd_bench.evaluate import SamplerSettings
-from opd_bench.harness import plan
+from opd_bench.presets import plan
 from opd_bench.policy import Policy
 from opd_bench.trainers.opd import OPDTrainer
 from probe_args import held_out, probe_config, probe_parser

@@ -20,7 +20,7 @@ import time
 from opd_bench import suites
 from opd_bench.benchmarks import PromptSubset
 from opd_bench.evaluate import SamplerSettings
-from opd_bench.harness import plan
+from opd_bench.presets import plan
 from opd_bench.policy import Policy
 from opd_bench.results_view import paired_gain
 from opd_bench.trainers.grpo import GRPOTrainer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -98,6 +99,11 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--model", default=None, help="Base model: a shipped alias ('tiny'), a pipeline folder or hub id. Default: the suite's.")
 @click.option("--preset", default="standard", show_default=True, type=click.Choice(["smoke", "standard", "paper"]),
               help="smoke: about two minutes (one seed by default); standard: the embedded suite on a CPU; paper: PAPER.md's SD3.5-M settings, for GPUs.")
+@click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Change one field of the preset, VALUE parsed as JSON; repeat for several. NAME is a trainer's field "
+                   "(teacher.lr=1e-4, teacher.pref.kl_beta=0.01 for one task's teacher, opd.steps=100, opd-ppo.clip_range=0.1, "
+                   "multi-reward.lora_rank=16, cascade.stages='[[\"pref\",20],[\"ocr\",20]]', cascade.grpo.lr=1e-4) or a run field "
+                   "(eval_limit=64). A changed preset is another experiment: its own --out, not listed on the leaderboard.")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the student runs.  [default: 0,1,2; with --preset smoke: 0]")
 @click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="cpu", show_default=True)
@@ -114,7 +120,7 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--offload-text-encoders", is_flag=True, help="Keep the text encoders on the CPU between prompts: less GPU memory, same numbers.")
 @_suite_config_option
 @_friendly
-def run_command(method, suite_name, model, preset, seeds, out, device, report, force, jobs, threads, dtype, drop_t5,
+def run_command(method, suite_name, model, preset, overrides, seeds, out, device, report, force, jobs, threads, dtype, drop_t5,
                 gradient_checkpointing, offload_text_encoders) -> None:
     """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
 
@@ -133,8 +139,10 @@ def run_command(method, suite_name, model, preset, seeds, out, device, report, f
         raise click.ClickException(f"--seeds {seeds!r}: {what}; give each seed once, e.g. 0,1,2")
     from opd_bench.harness import Harness
 
-    command = "opd-bench " + " ".join(sys.argv[1:]) if sys.argv and "opd-bench" in sys.argv[0] else f"opd-bench run --method {method} --suite {suite_name} --preset {preset} --seeds {seeds} --out {out}"
-    harness = Harness(out, suite=suite_name, model=model, preset=preset, seeds=seed_list, method=method, device=device, force=force,
+    command = "opd-bench " + " ".join(sys.argv[1:]) if sys.argv and "opd-bench" in sys.argv[0] else (
+        f"opd-bench run --method {method} --suite {suite_name} --preset {preset} --seeds {seeds} --out {out}"
+        + "".join(f" --set {shlex.quote(pair)}" for pair in overrides))
+    harness = Harness(out, suite=suite_name, model=model, preset=preset, overrides=overrides, seeds=seed_list, method=method, device=device, force=force,
                       command=command, dtype=dtype, drop_t5=drop_t5, gradient_checkpointing=gradient_checkpointing,
                       offload_text_encoders=offload_text_encoders)
     from opd_bench.parallel import default_jobs

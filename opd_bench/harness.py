@@ -18,137 +18,26 @@ import math
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from opd_bench import __version__, distributed
-from opd_bench.baselines.cascade import CascadeConfig
-from opd_bench.baselines.multi_reward import MultiRewardConfig
 from opd_bench.io import atomic_write_json, json_differences
+from opd_bench.presets import apply_overrides, plan
 from opd_bench.result_schema import FORWARD_KEYS, SCHEMA_VERSION, eval_noise_seed
 from opd_bench.trainers.grpo import GRPOConfig
-from opd_bench.trainers.opd import OPDConfig
 
 RUN_MARKER = ".opd-bench-run"
 METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
 METHOD_CHOICES = ("all", "teachers", *METHODS)
 
 
-@dataclass
-class RunPlan:
-    """Everything a comparison run needs besides the suite, model and seeds (a named preset)."""
-
-    teacher: GRPOConfig
-    opd: OPDConfig
-    opd_ppo: OPDConfig
-    multi_reward: MultiRewardConfig
-    cascade: CascadeConfig
-    eval_limit: int | None = 32  # test prompts per benchmark for the final evaluations
-    eval_images_per_prompt: int | None = 2  # None: each benchmark's own (GenEval: 4)
-    # Noise seed of every final evaluation. One seed for all models pairs their images (same
-    # prompt, same starting noise), so a difference between two models is theirs, not the
-    # sampler's; None scores each cell with its training seed (schema 2 runs).
-    eval_seed: int | None = 0
-    train_eval_limit: int = 12  # test prompts per benchmark for the curves during training
-    variance_batches: tuple[int, ...] = (1, 2, 4, 8)
-    variance_noise_levels: tuple[float, ...] = (0.1, 0.3, 0.7, 1.0)
-    variance_repeats: int = 6
-    variance_reference: tuple[int, float] = (4, 0.7)
-    sample_prompts_per_task: int = 2
-    teacher_overrides: dict[str, dict] = field(default_factory=dict)  # per task, e.g. {"pref": {"kl_beta": 0.01}}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 # How a run loads its model when nothing else is asked for (the tiny suite's runs and results).
 DEFAULT_MODEL_OPTIONS = {"dtype": "float32", "drop_t5": False}
-
-
-def _smoke() -> RunPlan:
-    grpo = dict(steps=2, prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1, train_fraction=0.5)
-    opd = dict(steps=2, prompts_per_task=1, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1)
-    return RunPlan(
-        teacher=GRPOConfig(**grpo),
-        opd=OPDConfig(**opd),
-        opd_ppo=OPDConfig(mode="ppo", noise_level=0.7, **opd),
-        multi_reward=MultiRewardConfig(**{**grpo, "prompts_per_step": 3}),
-        cascade=CascadeConfig(stages=[("geneval", 1), ("ocr", 1)], grpo=GRPOConfig(**{**grpo, "prompts_per_step": 3})),
-        eval_limit=2, eval_images_per_prompt=1, train_eval_limit=1,
-        variance_batches=(1, 2), variance_noise_levels=(0.7,), variance_repeats=2, variance_reference=(2, 0.7),
-        sample_prompts_per_task=1,
-    )
-
-
-def _standard() -> RunPlan:
-    # Matched student budgets: every method takes `steps` optimizer steps on 12 images per step,
-    # with the same adapter (LoRA r32). 60 steps at r32 rather than 30 at r8: in the student probes
-    # the OPD student kept 81% of the pref teacher's gain against 59% (docs/benchmarks.md, S1-S10).
-    # Each method keeps the learning rate its probes chose: 1e-3 for OPD; 3e-4 (Flow-GRPO's for
-    # r32) for the GRPO students, which at 1e-3 and r32 fell below the base (M1-M3).
-    steps = 60
-    student_lora = dict(lora_rank=32, lora_alpha=64)
-    # Every GRPO run (teachers, multi-reward, cascade) keeps Flow-GRPO's KL penalty to the base: without
-    # it every pref teacher seed lost 0.013-0.036 of the hidden taste pref_oracle, with it none lost
-    # more than 0.004 (docs/benchmarks.md, K0-K1).
-    grpo = dict(prompts_per_step=3, group_size=4, num_steps=8, noise_level=0.7, train_fraction=0.5, lr=1e-3,
-                lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2,
-                kl_beta=0.04)
-    student_grpo = {**grpo, **student_lora, "lr": 3e-4}
-    opd = dict(steps=steps, prompts_per_task=4, num_steps=8, train_fraction=0.875, lr=1e-3, micro_batch=48,
-               eval_every=10, checkpoint_every=5, **student_lora)
-    # Teachers: 60 steps of 8 prompts x 8 images (3,840 images each), LoRA r8. On base v4 this is
-    # what the 2-core budget buys; larger learning rates made the geneval teacher worse, larger
-    # batches or all steps trained did not make it learn, and on v6 neither did r32
-    # (docs/benchmarks.md, teacher probes T1-T14, G1-G4).
-    return RunPlan(
-        teacher=GRPOConfig(steps=60, **{**grpo, "prompts_per_step": 8, "group_size": 8}),
-        opd=OPDConfig(**opd),
-        opd_ppo=OPDConfig(mode="ppo", noise_level=0.7, clip_range=0.2, **opd),
-        multi_reward=MultiRewardConfig(steps=steps, **student_grpo),
-        cascade=CascadeConfig(stages=[("pref", 20), ("geneval", 20), ("ocr", 20)],
-                              grpo=GRPOConfig(steps=steps, **student_grpo)),
-        # 160 test prompts x 2 images per task: on 32 the teachers' and students' gains were within
-        # the evaluation's own noise (docs/benchmarks.md, P1 and P2).
-        eval_limit=160,
-    )
-
-
-def _paper() -> RunPlan:
-    # PAPER.md's SD3.5-Medium settings (512 px, 10 training steps, LoRA r=32 alpha=64, lr 3e-4), for
-    # real models on GPUs. Matched student budgets: 300 steps of 48 images for every method.
-    # Prompt counts per step (4 and 16) divide by 1, 2 or 4 processes.
-    steps = 300
-    lora = dict(lora_rank=32, lora_alpha=64, lr=3e-4, micro_batch=8, eval_every=50, checkpoint_every=25)
-    grpo = dict(num_steps=10, noise_level=0.7, guidance_scale=4.5, clip_range=1e-4, adv_clip=5.0, kl_beta=0.04,
-                train_fraction=0.9, **lora)
-    opd = dict(steps=steps, prompts_per_task=16, num_steps=10, noise_level=0.0, train_fraction=0.9, ema=0.9, **lora)
-    return RunPlan(
-        teacher=GRPOConfig(steps=600, prompts_per_step=8, group_size=24, **grpo),
-        teacher_overrides={"pref": {"kl_beta": 0.01}},
-        opd=OPDConfig(**opd),
-        opd_ppo=OPDConfig(**{**opd, "mode": "ppo", "noise_level": 0.7, "clip_range": 0.2}),
-        multi_reward=MultiRewardConfig(steps=steps, prompts_per_step=4, group_size=12, **grpo),
-        # The published cascade ran pref 800 -> geneval 300 -> pref 200 -> geneval 200 -> ocr 100
-        # iterations; here its stages share the matched budget.
-        cascade=CascadeConfig(stages=[("pref", 100), ("geneval", 100), ("ocr", 100)],
-                              grpo=GRPOConfig(steps=steps, prompts_per_step=4, group_size=12, **grpo)),
-        eval_limit=None, eval_images_per_prompt=None, train_eval_limit=64,
-        variance_batches=(1, 2, 4, 8), variance_noise_levels=(0.1, 0.3, 0.7, 1.0), variance_reference=(4, 0.7),
-    )
-
-
-PRESETS: dict[str, Callable[[], RunPlan]] = {"smoke": _smoke, "standard": _standard, "paper": _paper}
-
-
-def plan(preset: str) -> RunPlan:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[preset]()
 
 
 def methods_for(method: str) -> list[str]:
@@ -197,6 +86,7 @@ class Harness:
         suite: str = "tiny",
         model: str | None = None,
         preset: str = "standard",
+        overrides: Sequence[str] = (),
         seeds: Sequence[int] = (0, 1, 2),
         method: str = "all",
         device: str = "cpu",
@@ -214,7 +104,9 @@ class Harness:
         self.out = Path(out)
         self.suite = suites.get(suite)
         self.model = model or self.suite.default_model
-        self.preset, self.plan = preset, plan(preset)
+        # a preset with --set changes is another experiment: the plan is part of the identity below
+        self.preset, self.overrides = preset, list(overrides)
+        self.plan = apply_overrides(plan(preset), self.overrides, tasks=list(self.suite.tasks))
         self.seeds = [int(s) for s in seeds]
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed, e.g. 0,1,2")
@@ -225,7 +117,8 @@ class Harness:
         self.memory = {"gradient_checkpointing": gradient_checkpointing, "offload_text_encoders": offload_text_encoders}
         self.cell_threads, self.jobs = None, 1  # set by run()
         # what a worker process of a parallel run (opd_bench.parallel) needs to build the same harness
-        self.options = dict(out=str(self.out), suite=suite, model=model, preset=preset, seeds=self.seeds, method=method,
+        self.options = dict(out=str(self.out), suite=suite, model=model, preset=preset, overrides=self.overrides,
+                            seeds=self.seeds, method=method,
                             device=device, dtype=self.dtype, drop_t5=drop_t5, command=command, **self.memory)
         self.identity = {"suite": suite, "suite_version": self.suite.version, "model": self.model, "preset": preset, "plan": self.plan.to_dict()}
         # A precision or a model without T5 is another experiment. Only the non-default is written, so
@@ -270,7 +163,7 @@ class Harness:
             saved, current = json.loads(identity_path.read_text()), json.loads(json.dumps(self.identity))
             if saved != current:
                 raise FileExistsError(
-                    f"{self.out} holds a run with another suite, model or preset ({json_differences(saved, current)}); "
+                    f"{self.out} holds a run with another suite, model, preset or --set change ({json_differences(saved, current)}); "
                     "use another --out or pass --force"
                 )
         self.out.mkdir(parents=True, exist_ok=True)
@@ -601,6 +494,7 @@ class Harness:
                          "noise_level": self.suite.noise_level, "resolution": self.resolution},
                 # how the model was loaded; `opd-bench verify` regenerates images the same way
                 "model": self.model_options,
+                "overrides": self.overrides,  # --set changes to the preset (a listed run has none)
             },
             "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": gradient_variance,
             "compute": compute, "variance": variance, "cascade_stages": cascade_stages if "cascade" in methods else [],

@@ -62,12 +62,16 @@ def _budget(config: dict, method: str) -> Any:
 def check_listable(results: dict) -> None:
     """What a listing needs beyond a consistent file: a listed preset and that preset's budget."""
     preset = results.get("preset")
+    config = results.get("config") if isinstance(results.get("config"), dict) else {}
+    if config.get("overrides"):
+        raise SubmissionError(f"the run changed its {preset} preset with --set {' '.join(map(str, config['overrides']))}; "
+                              "the leaderboard ranks unmodified presets, rerun without --set to submit")
     if preset not in LISTED_PRESETS:
         raise SubmissionError(f"preset is {preset!r}; only {' or '.join(LISTED_PRESETS)} runs are listed (smoke runs "
                               "check the pipeline, their scores are not results), submit a --preset standard run")
     from dataclasses import asdict
 
-    from opd_bench.harness import plan  # the installed definition of the preset
+    from opd_bench.presets import plan  # the installed definition of the preset
 
     planned = plan(preset)
     # through JSON, as results.json holds it (the cascade's stages become lists)

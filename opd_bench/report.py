@@ -120,7 +120,7 @@ class _Report(ResultView):
         seeds = ", ".join(str(s) for s in as_list(r.get("seeds"))) or "n/a"
         self.doc.list([
             f"suite: {r.get('suite', 'n/a')} ({r.get('suite_version', 'n/a')}), model: {r.get('model', 'n/a')}, "
-            f"preset: {r.get('preset', 'n/a')}",
+            f"preset: {r.get('preset', 'n/a')}" + "".join(f", --set {o}" for o in as_list(as_dict(r.get("config")).get("overrides"))),
             f"seeds: {seeds}",
             f"date: {r.get('date', 'n/a')}, opd-bench {r.get('package_version', 'n/a')}, "
             f"commit: {r.get('git_commit') or 'n/a'}",

@@ -80,7 +80,7 @@ def _standard_config() -> str:
 def standard_config() -> dict:
     from dataclasses import asdict
 
-    from opd_bench.harness import plan
+    from opd_bench.presets import plan
 
     p = plan("standard")
     return json.loads(json.dumps({"teachers": asdict(p.teacher), "opd": asdict(p.opd), "opd-ppo": asdict(p.opd_ppo),

@@ -18,11 +18,11 @@ import signal
 import sys
 from dataclasses import replace
 
-from opd_bench import harness, io, training
+from opd_bench import harness, io, presets, training
 
 
-def fault_preset() -> harness.RunPlan:
-    smoke = harness.plan("smoke")
+def fault_preset() -> presets.RunPlan:
+    smoke = presets.plan("smoke")
     small = dict(num_steps=2, eval_every=1, checkpoint_every=1)
     return replace(
         smoke,
@@ -56,7 +56,7 @@ def main() -> None:
     # atomic_write_json and save_grid call io.atomic_write_bytes through the module, so this catches them too
     io.atomic_write_bytes = counted(io.atomic_write_bytes)
     training.MetricsLog.write = counted(training.MetricsLog.write)
-    harness.PRESETS["fault-test"] = fault_preset
+    presets.PRESETS["fault-test"] = fault_preset
     harness.Harness(out, preset="fault-test", seeds=[0], method="opd", progress=False).run()
     print(f"events {count}")
 

@@ -260,7 +260,7 @@ def test_a_bfloat16_run_is_its_own_experiment_and_verifies_in_bfloat16(smoke_run
 
 
 def test_standard_preset_penalises_every_grpo_run_with_kl():
-    from opd_bench.harness import plan
+    from opd_bench.presets import plan
 
     standard = plan("standard")
     # teachers and both GRPO students share Flow-GRPO's KL penalty (docs/benchmarks.md, K0-K1)
@@ -269,7 +269,7 @@ def test_standard_preset_penalises_every_grpo_run_with_kl():
 
 
 def test_paper_preset_follows_the_published_settings():
-    from opd_bench.harness import plan
+    from opd_bench.presets import plan
 
     paper = plan("paper")
     assert (paper.teacher.group_size, paper.teacher.num_steps, paper.teacher.noise_level) == (24, 10, 0.7)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fake_results import make_results, make_run
-from opd_bench.harness import plan
+from opd_bench.presets import plan
 from opd_bench.leaderboard import MAX_FILE_BYTES, SubmissionError, rebuild, submit, validate
 
 LEGACY = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions" / "tiny" / "tiny-standard-cpu.json"

@@ -1,0 +1,281 @@
+"""Named presets of a comparison run (``smoke``, ``standard``, ``paper``) and ``--set`` changes to them.
+
+A ``RunPlan`` holds one config per trainer (the teachers' GRPO, DiffusionOPD and its PPO-style
+variant, multi-reward and cascade RL) plus the evaluation settings. ``plan(name)`` builds a preset;
+``apply_overrides(plan, ["opd.lr=3e-4", ...])`` changes single fields of it, checked against the
+config dataclasses (unknown names get a "did you mean", wrong types a one-line error). A changed
+plan is another experiment: it is part of a run's identity (``run.json``) and of its teachers' keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+from opd_bench.baselines.cascade import CascadeConfig
+from opd_bench.baselines.multi_reward import MultiRewardConfig
+from opd_bench.trainers.grpo import GRPOConfig
+from opd_bench.trainers.opd import OPDConfig
+
+@dataclass
+class RunPlan:
+    """Everything a comparison run needs besides the suite, model and seeds (a named preset)."""
+
+    teacher: GRPOConfig
+    opd: OPDConfig
+    opd_ppo: OPDConfig
+    multi_reward: MultiRewardConfig
+    cascade: CascadeConfig
+    eval_limit: int | None = 32  # test prompts per benchmark for the final evaluations
+    eval_images_per_prompt: int | None = 2  # None: each benchmark's own (GenEval: 4)
+    # Noise seed of every final evaluation. One seed for all models pairs their images (same
+    # prompt, same starting noise), so a difference between two models is theirs, not the
+    # sampler's; None scores each cell with its training seed (schema 2 runs).
+    eval_seed: int | None = 0
+    train_eval_limit: int = 12  # test prompts per benchmark for the curves during training
+    variance_batches: tuple[int, ...] = (1, 2, 4, 8)
+    variance_noise_levels: tuple[float, ...] = (0.1, 0.3, 0.7, 1.0)
+    variance_repeats: int = 6
+    variance_reference: tuple[int, float] = (4, 0.7)
+    sample_prompts_per_task: int = 2
+    teacher_overrides: dict[str, dict] = field(default_factory=dict)  # per task, e.g. {"pref": {"kl_beta": 0.01}}
+
+    def __post_init__(self) -> None:
+        def whole(value: Any, minimum: int, optional: bool = False) -> bool:
+            if value is None:
+                return optional
+            return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+        bad = [name for name, ok in {
+            "eval_limit": whole(self.eval_limit, 1, optional=True),
+            "eval_images_per_prompt": whole(self.eval_images_per_prompt, 1, optional=True),
+            "eval_seed": whole(self.eval_seed, 0, optional=True),
+            "train_eval_limit": whole(self.train_eval_limit, 1),
+            "variance_batches": bool(self.variance_batches) and all(whole(b, 1) for b in self.variance_batches),
+            "variance_noise_levels": bool(self.variance_noise_levels) and all(
+                isinstance(v, (int, float)) and v >= 0 for v in self.variance_noise_levels),
+            "variance_repeats": whole(self.variance_repeats, 2),
+            "sample_prompts_per_task": whole(self.sample_prompts_per_task, 1),
+        }.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid run plan value(s) for {bad}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _smoke() -> RunPlan:
+    grpo = dict(steps=2, prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1, train_fraction=0.5)
+    opd = dict(steps=2, prompts_per_task=1, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1)
+    return RunPlan(
+        teacher=GRPOConfig(**grpo),
+        opd=OPDConfig(**opd),
+        opd_ppo=OPDConfig(mode="ppo", noise_level=0.7, **opd),
+        multi_reward=MultiRewardConfig(**{**grpo, "prompts_per_step": 3}),
+        cascade=CascadeConfig(stages=[("geneval", 1), ("ocr", 1)], grpo=GRPOConfig(**{**grpo, "prompts_per_step": 3})),
+        eval_limit=2, eval_images_per_prompt=1, train_eval_limit=1,
+        variance_batches=(1, 2), variance_noise_levels=(0.7,), variance_repeats=2, variance_reference=(2, 0.7),
+        sample_prompts_per_task=1,
+    )
+
+
+def _standard() -> RunPlan:
+    # Matched student budgets: every method takes `steps` optimizer steps on 12 images per step,
+    # with the same adapter (LoRA r32). 60 steps at r32 rather than 30 at r8: in the student probes
+    # the OPD student kept 81% of the pref teacher's gain against 59% (docs/benchmarks.md, S1-S10).
+    # Each method keeps the learning rate its probes chose: 1e-3 for OPD; 3e-4 (Flow-GRPO's for
+    # r32) for the GRPO students, which at 1e-3 and r32 fell below the base (M1-M3).
+    steps = 60
+    student_lora = dict(lora_rank=32, lora_alpha=64)
+    # Every GRPO run (teachers, multi-reward, cascade) keeps Flow-GRPO's KL penalty to the base: without
+    # it every pref teacher seed lost 0.013-0.036 of the hidden taste pref_oracle, with it none lost
+    # more than 0.004 (docs/benchmarks.md, K0-K1).
+    grpo = dict(prompts_per_step=3, group_size=4, num_steps=8, noise_level=0.7, train_fraction=0.5, lr=1e-3,
+                lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2,
+                kl_beta=0.04)
+    student_grpo = {**grpo, **student_lora, "lr": 3e-4}
+    opd = dict(steps=steps, prompts_per_task=4, num_steps=8, train_fraction=0.875, lr=1e-3, micro_batch=48,
+               eval_every=10, checkpoint_every=5, **student_lora)
+    # Teachers: 60 steps of 8 prompts x 8 images (3,840 images each), LoRA r8. On base v4 this is
+    # what the 2-core budget buys; larger learning rates made the geneval teacher worse, larger
+    # batches or all steps trained did not make it learn, and on v6 neither did r32
+    # (docs/benchmarks.md, teacher probes T1-T14, G1-G4).
+    return RunPlan(
+        teacher=GRPOConfig(steps=60, **{**grpo, "prompts_per_step": 8, "group_size": 8}),
+        opd=OPDConfig(**opd),
+        opd_ppo=OPDConfig(mode="ppo", noise_level=0.7, clip_range=0.2, **opd),
+        multi_reward=MultiRewardConfig(steps=steps, **student_grpo),
+        cascade=CascadeConfig(stages=[("pref", 20), ("geneval", 20), ("ocr", 20)],
+                              grpo=GRPOConfig(steps=steps, **student_grpo)),
+        # 160 test prompts x 2 images per task: on 32 the teachers' and students' gains were within
+        # the evaluation's own noise (docs/benchmarks.md, P1 and P2).
+        eval_limit=160,
+    )
+
+
+def _paper() -> RunPlan:
+    # PAPER.md's SD3.5-Medium settings (512 px, 10 training steps, LoRA r=32 alpha=64, lr 3e-4), for
+    # real models on GPUs. Matched student budgets: 300 steps of 48 images for every method.
+    # Prompt counts per step (4 and 16) divide by 1, 2 or 4 processes.
+    steps = 300
+    lora = dict(lora_rank=32, lora_alpha=64, lr=3e-4, micro_batch=8, eval_every=50, checkpoint_every=25)
+    grpo = dict(num_steps=10, noise_level=0.7, guidance_scale=4.5, clip_range=1e-4, adv_clip=5.0, kl_beta=0.04,
+                train_fraction=0.9, **lora)
+    opd = dict(steps=steps, prompts_per_task=16, num_steps=10, noise_level=0.0, train_fraction=0.9, ema=0.9, **lora)
+    return RunPlan(
+        teacher=GRPOConfig(steps=600, prompts_per_step=8, group_size=24, **grpo),
+        teacher_overrides={"pref": {"kl_beta": 0.01}},
+        opd=OPDConfig(**opd),
+        opd_ppo=OPDConfig(**{**opd, "mode": "ppo", "noise_level": 0.7, "clip_range": 0.2}),
+        multi_reward=MultiRewardConfig(steps=steps, prompts_per_step=4, group_size=12, **grpo),
+        # The published cascade ran pref 800 -> geneval 300 -> pref 200 -> geneval 200 -> ocr 100
+        # iterations; here its stages share the matched budget.
+        cascade=CascadeConfig(stages=[("pref", 100), ("geneval", 100), ("ocr", 100)],
+                              grpo=GRPOConfig(steps=steps, prompts_per_step=4, group_size=12, **grpo)),
+        eval_limit=None, eval_images_per_prompt=None, train_eval_limit=64,
+        variance_batches=(1, 2, 4, 8), variance_noise_levels=(0.1, 0.3, 0.7, 1.0), variance_reference=(4, 0.7),
+    )
+
+
+PRESETS: dict[str, Callable[[], RunPlan]] = {"smoke": _smoke, "standard": _standard, "paper": _paper}
+
+
+def plan(preset: str) -> RunPlan:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[preset]()
+
+
+# --set SECTION.FIELD=VALUE: the sections a user names, and the RunPlan field each one is
+SECTIONS = {"teacher": "teacher", "opd": "opd", "opd-ppo": "opd_ppo", "multi-reward": "multi_reward", "cascade": "cascade"}
+SET_EXAMPLES = ("teacher.lr=1e-4", "teacher.pref.kl_beta=0.01", "opd.steps=100", "opd-ppo.clip_range=0.1",
+                "multi-reward.lora_rank=16", 'cascade.stages=[["pref",20],["ocr",20]]', "cascade.grpo.lr=1e-4",
+                "eval_limit=64")
+
+
+class OverrideError(ValueError):
+    """A ``--set`` that names no field or gives a value the field cannot take; the message says which."""
+
+
+def _suggest(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # a bare word: cosine, ppo, ...
+        return text
+
+
+def _coerce(where: str, current: Any, value: Any, annotation: str) -> Any:
+    """``value`` in the type of the field's present value, or an ``OverrideError`` saying what it takes."""
+    def wrong(takes: str) -> OverrideError:
+        return OverrideError(f"--set {where}={json.dumps(value)}: takes {takes}, e.g. {where}={json.dumps(current)}")
+
+    if dataclasses.is_dataclass(current):
+        fields = ", ".join(f.name for f in dataclasses.fields(current))
+        raise OverrideError(f"--set {where}: is a config of its own; set one of its fields ({fields}), e.g. {where}.lr=1e-4")
+    if value is None and "None" in annotation:  # an optional field switched off
+        return None
+    if current is None:  # an optional field now off: the type its annotation names
+        current = next((kind() for name, kind in (("float", float), ("int", int), ("str", str)) if name in annotation), None)
+        if current is None:
+            return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        return float(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise wrong("a word")
+        return value
+    if isinstance(current, (list, tuple)):
+        if not isinstance(value, list):
+            raise wrong("a JSON list")
+        inner = current[0] if current else None
+        items = [tuple(v) if isinstance(inner, tuple) and isinstance(v, list) else v for v in value]
+        return tuple(items) if isinstance(current, tuple) else items
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise wrong("a JSON object")
+        return value
+    return value
+
+
+def _set_field(config: Any, path: list[str], value: Any, where: str) -> Any:
+    """``config`` with the field at ``path`` (nested configs: several names) set to ``value``."""
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(config)}
+    names = list(annotations)
+    name = path[0]
+    if name not in names:
+        raise OverrideError(f"--set {where}: {type(config).__name__} has no field {name!r}{_suggest(name, names)}; "
+                            f"its fields: {', '.join(names)}")
+    if name == "seed":
+        raise OverrideError(f"--set {where}: every training run takes its seed from --seeds; use --seeds instead")
+    current = getattr(config, name)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise OverrideError(f"--set {where}: {name} is a value, not a config with fields of its own")
+        new = _set_field(current, path[1:], value, where)
+    else:
+        new = _coerce(where, current, value, annotations[name])
+    try:
+        return replace(config, **{name: new})
+    except (TypeError, ValueError) as error:  # the config's own checks (ranges, choices)
+        raise OverrideError(f"--set {where}={json.dumps(value)}: {error}") from None
+
+
+def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str] = ()) -> RunPlan:
+    """``run_plan`` with every ``SECTION.FIELD=VALUE`` (or a plan-level ``FIELD=VALUE``) applied in
+    order; VALUE is parsed as JSON (a bare word is a string). ``teacher.TASK.FIELD`` changes one
+    task's teachers only (``tasks``: the suite's, to check TASK)."""
+    plan_fields = [f.name for f in dataclasses.fields(RunPlan)
+                   if f.name not in SECTIONS.values() and f.name != "teacher_overrides"]
+    for pair in pairs:
+        where, sep, text = pair.partition("=")
+        where, value = where.strip(), _parse(text)
+        if not sep or not where:
+            raise OverrideError(f"--set {pair!r} is not NAME=VALUE; e.g. {', '.join(SET_EXAMPLES)}")
+        head, *rest = where.split(".")
+        if head == "teacher" and len(rest) == 2:  # teacher.TASK.FIELD
+            run_plan = _set_teacher_of(run_plan, rest[0], rest[1], value, where, tasks)
+        elif head in SECTIONS:
+            if not rest:
+                raise OverrideError(f"--set {where}: {head} is a config; set one of its fields, e.g. {head}.lr=1e-4")
+            section = SECTIONS[head]
+            run_plan = replace(run_plan, **{section: _set_field(getattr(run_plan, section), rest, value, where)})
+        elif head in plan_fields and not rest:
+            run_plan = _set_field(run_plan, [head], value, where)
+        else:
+            names = [*SECTIONS, *plan_fields]
+            raise OverrideError(f"--set {where}: no section or field {head!r}{_suggest(head, names)}; sections: "
+                                f"{', '.join(SECTIONS)}; run fields: {', '.join(plan_fields)}")
+    changed_stages = any(pair.partition("=")[0].strip() == "cascade.stages" for pair in pairs)
+    unknown = [task for task, _ in run_plan.cascade.stages if changed_stages and tasks and task not in tasks]
+    if unknown:  # caught now, not after the teachers have trained
+        raise OverrideError(f"--set cascade.stages: the suite has no task {unknown[0]!r}{_suggest(unknown[0], tasks)}; "
+                            f"tasks: {', '.join(tasks)}")
+    return run_plan
+
+
+def _set_teacher_of(run_plan: RunPlan, task: str, name: str, value: Any, where: str, tasks: Sequence[str]) -> RunPlan:
+    """One task's teacher config changed (``RunPlan.teacher_overrides``), the others left as they are."""
+    if tasks and task not in tasks:
+        raise OverrideError(f"--set {where}: the suite has no task {task!r}{_suggest(task, tasks)}; tasks: {', '.join(tasks)}")
+    own = dict(run_plan.teacher_overrides.get(task, {}))
+    checked = _set_field(replace(run_plan.teacher, **own), [name], value, where)
+    own[name] = getattr(checked, name)
+    return replace(run_plan, teacher_overrides={**run_plan.teacher_overrides, task: own})

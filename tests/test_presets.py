@@ -1,0 +1,109 @@
+"""`opd-bench run --set NAME=VALUE`: single fields of a preset changed, checked, and made part of the run's identity."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from opd_bench.cli import main
+from opd_bench.presets import OverrideError, apply_overrides, plan
+
+TASKS = ("geneval", "ocr", "pref")
+
+
+def test_each_kind_of_name_changes_its_field_and_nothing_else():
+    before = plan("standard")
+    after = apply_overrides(before, [
+        "opd.lr=1",  # an integer for a float field: a float
+        "opd-ppo.clip_range=0.1",
+        "multi-reward.lora_rank=16",
+        "teacher.steps=90",
+        "teacher.pref.kl_beta=0.01",
+        'cascade.stages=[["pref", 5], ["ocr", 7]]',
+        "cascade.grpo.lr=1e-4",
+        "opd.lr_schedule=cosine",  # a bare word is a string
+        "eval_limit=64",
+        "variance_batches=[2, 4]",
+    ], tasks=TASKS)
+    assert after.opd.lr == 1.0 and isinstance(after.opd.lr, float)
+    assert after.opd_ppo.clip_range == 0.1 and after.multi_reward.lora_rank == 16
+    assert after.teacher.steps == 90 and after.teacher_overrides == {"pref": {"kl_beta": 0.01}}
+    assert after.cascade.stages == [("pref", 5), ("ocr", 7)] and after.cascade.total_steps == 12
+    assert after.cascade.grpo.lr == 1e-4 and after.opd.lr_schedule == "cosine"
+    assert after.eval_limit == 64 and after.variance_batches == (2, 4)
+    untouched = {k: v for k, v in after.to_dict().items()
+                 if k not in ("opd", "opd_ppo", "multi_reward", "teacher", "teacher_overrides", "cascade", "eval_limit", "variance_batches")}
+    assert untouched == {k: v for k, v in before.to_dict().items() if k in untouched}
+    assert after.opd.steps == before.opd.steps and after.multi_reward.lr == before.multi_reward.lr
+
+
+def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
+    paper = plan("paper")  # the paper's pref teacher has its own kl_beta
+    after = apply_overrides(paper, ["teacher.pref.lr=2e-4", "teacher.ocr.kl_beta=0.02"], tasks=TASKS)
+    assert after.teacher_overrides == {"pref": {**paper.teacher_overrides["pref"], "lr": 2e-4}, "ocr": {"kl_beta": 0.02}}
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("opd.lrr=1", "OPDConfig has no field 'lrr' (did you mean 'lr'?)"),
+    ("opdd.lr=1", "no section or field 'opdd' (did you mean 'opd'?)"),
+    ("evl_limit=3", "(did you mean 'eval_limit'?)"),
+    ("teacher.prf.kl_beta=0.1", "the suite has no task 'prf' (did you mean 'pref'?)"),
+    ("opd.steps=1.5", "opd.steps=1.5: takes an integer"),
+    ("opd.detach_uncond=1", "takes true or false"),
+    ("opd.lr=-1", "invalid OPD config value(s) for ['lr']"),
+    ("opd.mode=ppx", "mode must be 'analytic' or 'ppo'"),
+    ("opd.seed=3", "use --seeds instead"),
+    ("cascade.grpo=3", "is a config of its own"),
+    ("opd", "is not NAME=VALUE"),
+    ("opd=3", "opd is a config; set one of its fields"),
+    ("eval_limit=0", "invalid run plan value(s) for ['eval_limit']"),
+    ('cascade.stages=[["prf", 2]]', "the suite has no task 'prf'"),
+])
+def test_a_bad_change_is_refused_with_the_fix(pair, message):
+    with pytest.raises(OverrideError) as error:
+        apply_overrides(plan("smoke"), [pair], tasks=TASKS)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_changed_preset_is_another_experiment(tmp_path):
+    from opd_bench.harness import Harness
+
+    out = tmp_path / "run"
+    plain = Harness(out, preset="smoke", seeds=[0], progress=False)
+    changed = Harness(tmp_path / "other", preset="smoke", seeds=[0], progress=False,
+                      overrides=["teacher.pref.kl_beta=0.02", "opd.steps=1"])
+    assert changed.plan.opd.steps == 1 and changed.options["overrides"] == ["teacher.pref.kl_beta=0.02", "opd.steps=1"]
+    assert changed.teacher_dir("pref").name != plain.teacher_dir("pref").name  # its own teacher
+    assert changed.teacher_dir("ocr").name == plain.teacher_dir("ocr").name  # the others are shared
+    with pytest.raises(FileExistsError, match="another suite, model, preset or --set change"):
+        Harness(out, preset="smoke", seeds=[0], progress=False, overrides=["opd.steps=1"])
+    assert json.loads((out / "run.json").read_text())["plan"]["opd"]["steps"] == plain.plan.opd.steps
+
+
+def test_the_cli_refuses_a_bad_change_in_one_line_before_touching_the_folder(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--set", "opd.lrr=1", "--out", str(out), "--no-report"])
+    assert result.exit_code == 1 and "did you mean 'lr'?" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_run_with_changes_is_not_listed():
+    from fake_results import make_results
+
+    from opd_bench.leaderboard import SubmissionError, check_listable
+
+    results = make_results()
+    check_listable(results)
+    results["config"]["overrides"] = ["opd.lr=0.01"]
+    with pytest.raises(SubmissionError, match="changed its standard preset with --set opd.lr=0.01"):
+        check_listable(results)
+
+
+def test_an_optional_field_takes_its_own_type_or_null():
+    smoke = plan("smoke")
+    assert smoke.opd.ema is None and smoke.eval_limit == 2
+    on = apply_overrides(smoke, ["opd.ema=0.9", "eval_limit=null"], tasks=TASKS)
+    assert on.opd.ema == 0.9 and on.eval_limit is None
+    assert apply_overrides(on, ["opd.ema=null"]).opd.ema is None
+    with pytest.raises(OverrideError, match="takes a number"):
+        apply_overrides(smoke, ["opd.ema=fast"])
