@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-import click
 import torch
 
-from opd_bench.cli import _config_overrides
+from opd_bench.presets import set_fields
 
 
 def _parser(doc: str) -> argparse.ArgumentParser:
@@ -37,14 +36,12 @@ def task_probe_parser(doc: str) -> argparse.ArgumentParser:
 def probe_config(parser: argparse.ArgumentParser, args: argparse.Namespace, base, **fixed):
     """``base`` (a preset's config) with ``fixed`` and then every ``--set`` applied; sets the thread count."""
     torch.set_num_threads(args.threads)
-    try:
-        overrides = _config_overrides(type(base), args.overrides)
-    except click.BadParameter as error:  # a bad FIELD=VALUE: one line, as from the CLI
-        parser.error(error.format_message())
-    try:
-        return replace(base, **{"seed": args.seed, **fixed, **overrides}), overrides
-    except (TypeError, ValueError) as error:  # a value of the wrong type or out of range
-        parser.error(f"--set {' '.join(args.overrides)}: {error}")
+    try:  # a bad FIELD=VALUE (unknown name, wrong type, out of range): one line, as from the CLI
+        config = set_fields(replace(base, **{"seed": args.seed, **fixed}), args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    names = [pair.partition("=")[0].strip() for pair in args.overrides]
+    return config, {name: getattr(config, name) for name in names}
 
 
 def held_out(policy, adapter: str | None, spec, sampler, rewards: dict, limit: int) -> dict:

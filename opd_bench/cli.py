@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -287,25 +286,6 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     click.echo(f"wrote {results_path}")
 
 
-def _config_overrides(config_class, pairs) -> dict:
-    """``FIELD=VALUE`` strings -> a dict of fields of ``config_class`` (VALUE parsed as JSON)."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{pair!r} is not FIELD=VALUE", param_hint="--set")
-        if name not in fields:
-            raise click.BadParameter(f"{config_class.__name__} has no field {name!r}; fields: {', '.join(sorted(fields))}", param_hint="--set")
-        try:
-            out[name] = json.loads(value)
-        except json.JSONDecodeError:
-            out[name] = value
-    return out
-
-
 @main.group()
 def pretrain() -> None:
     """Reproduce the tiny suite's shipped models (base pipeline, preference model)."""
@@ -330,13 +310,15 @@ def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers
     """Train the tiny base model from scratch on rendered scenes with web-like captions."""
     if (out / "model_index.json").exists() and not force:
         raise FileExistsError(f"{out} already holds a pipeline; choose another folder or pass --force")
+    from opd_bench.presets import set_fields
     from opd_bench.tiny.pretrain import PretrainConfig, pretrain_base
 
     given = {"num_images": num_images, "vae_steps": vae_steps, "steps": steps, "batch": batch,
-             "num_layers": layers, "num_heads": heads, **_config_overrides(PretrainConfig, overrides)}
+             "num_layers": layers, "num_heads": heads}
     config = PretrainConfig(
         seed=seed, max_minutes=max_minutes, device=device, **{k: v for k, v in given.items() if v is not None}
     )
+    config = set_fields(config, overrides)
     summary = pretrain_base(out, config)
     click.echo(
         f"saved the base pipeline to {out} ({summary['denoiser_steps']} denoiser steps, "

@@ -223,8 +223,6 @@ def _set_field(config: Any, path: list[str], value: Any, where: str) -> Any:
     if name not in names:
         raise OverrideError(f"--set {where}: {type(config).__name__} has no field {name!r}{_suggest(name, names)}; "
                             f"its fields: {', '.join(names)}")
-    if name == "seed":
-        raise OverrideError(f"--set {where}: every training run takes its seed from --seeds; use --seeds instead")
     current = getattr(config, name)
     if len(path) > 1:
         if not dataclasses.is_dataclass(current):
@@ -238,6 +236,22 @@ def _set_field(config: Any, path: list[str], value: Any, where: str) -> Any:
         raise OverrideError(f"--set {where}={json.dumps(value)}: {error}") from None
 
 
+def set_fields(config: Any, pairs: Sequence[str]) -> Any:
+    """A dataclass ``config`` with every ``FIELD=VALUE`` (a nested config's: ``A.FIELD=VALUE``) applied,
+    each checked as ``--set`` is (``opd-bench pretrain base --set``, the probe scripts)."""
+    for pair in pairs:
+        where, value = _split(pair)
+        config = _set_field(config, where.split("."), value, where)
+    return config
+
+
+def _split(pair: str) -> tuple[str, Any]:
+    where, sep, text = pair.partition("=")
+    if not sep or not where.strip():
+        raise OverrideError(f"--set {pair!r} is not NAME=VALUE; e.g. {', '.join(SET_EXAMPLES)}")
+    return where.strip(), _parse(text)
+
+
 def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str] = ()) -> RunPlan:
     """``run_plan`` with every ``SECTION.FIELD=VALUE`` (or a plan-level ``FIELD=VALUE``) applied in
     order; VALUE is parsed as JSON (a bare word is a string). ``teacher.TASK.FIELD`` changes one
@@ -245,11 +259,10 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
     plan_fields = [f.name for f in dataclasses.fields(RunPlan)
                    if f.name not in SECTIONS.values() and f.name != "teacher_overrides"]
     for pair in pairs:
-        where, sep, text = pair.partition("=")
-        where, value = where.strip(), _parse(text)
-        if not sep or not where:
-            raise OverrideError(f"--set {pair!r} is not NAME=VALUE; e.g. {', '.join(SET_EXAMPLES)}")
+        where, value = _split(pair)
         head, *rest = where.split(".")
+        if where.split(".")[-1] == "seed":
+            raise OverrideError(f"--set {where}: every training run takes its seed from --seeds; use --seeds instead")
         if head == "teacher" and len(rest) == 2:  # teacher.TASK.FIELD
             run_plan = _set_teacher_of(run_plan, rest[0], rest[1], value, where, tasks)
         elif head in SECTIONS:

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from click.testing import CliRunner
 
 from opd_bench.cli import main
@@ -93,12 +95,14 @@ def test_pretrain_base_set_names_an_unknown_field_and_the_known_ones(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_config_overrides_parse_json_values():
-    from opd_bench.cli import _config_overrides
+def test_pretrain_set_parses_json_values_into_the_fields_types():
+    from opd_bench.presets import OverrideError, set_fields
     from opd_bench.tiny.pretrain import PretrainConfig
 
-    got = _config_overrides(PretrainConfig, ["vae_channels=[8,32]", "vae_kl=1e-3", "char_tokens=false", "device=cuda"])
-    assert got == {"vae_channels": [8, 32], "vae_kl": 1e-3, "char_tokens": False, "device": "cuda"}
+    got = set_fields(PretrainConfig(), ["vae_channels=[8,32]", "vae_kl=1e-3", "char_tokens=false", "device=cuda"])
+    assert (got.vae_channels, got.vae_kl, got.char_tokens, got.device) == (type(PretrainConfig().vae_channels)([8, 32]), 1e-3, False, "cuda")
+    with pytest.raises(OverrideError, match="takes an integer"):
+        set_fields(PretrainConfig(), ["latent_channels=4.5"])
 
 
 def test_eval_loads_the_model_in_the_asked_precision_and_records_it(tiny_dir, tmp_path):
