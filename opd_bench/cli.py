@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -117,10 +118,11 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--drop-t5", is_flag=True, help="SD3 without its T5 text encoder (about 10 GB less for SD3.5); another experiment.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, same numbers.")
 @click.option("--offload-text-encoders", is_flag=True, help="Keep the text encoders on the CPU between prompts: less GPU memory, same numbers.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (the preset with every --set applied) as JSON and exit; nothing is written.")
 @_suite_config_option
 @_friendly
 def run_command(method, suite_name, model, preset, overrides, seeds, out, device, report, force, jobs, threads, dtype, drop_t5,
-                gradient_checkpointing, offload_text_encoders) -> None:
+                gradient_checkpointing, offload_text_encoders, dry_run) -> None:
     """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
 
     Rerunning the same command skips finished work and resumes unfinished training; a rerun with
@@ -136,6 +138,17 @@ def run_command(method, suite_name, model, preset, overrides, seeds, out, device
     if repeated or not seed_list:
         what = f"seed {repeated[0]} is given twice" if repeated else "no seed is given"
         raise click.ClickException(f"--seeds {seeds!r}: {what}; give each seed once, e.g. 0,1,2")
+    if dry_run:
+        from opd_bench import suites
+        from opd_bench.harness import methods_for
+        from opd_bench.presets import apply_overrides, plan
+
+        suite = suites.get(suite_name)
+        resolved = apply_overrides(plan(preset), overrides, tasks=list(suite.tasks))
+        click.echo(json.dumps({"suite": suite_name, "model": model or suite.default_model, "preset": preset,
+                               "overrides": list(overrides), "methods": methods_for(method), "seeds": seed_list,
+                               "plan": resolved.to_dict()}, indent=2))
+        return
     from opd_bench.harness import Harness
 
     command = "opd-bench " + " ".join(sys.argv[1:]) if sys.argv and "opd-bench" in sys.argv[0] else (

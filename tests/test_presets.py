@@ -107,3 +107,15 @@ def test_an_optional_field_takes_its_own_type_or_null():
     assert apply_overrides(on, ["opd.ema=null"]).opd.ema is None
     with pytest.raises(OverrideError, match="takes a number"):
         apply_overrides(smoke, ["opd.ema=fast"])
+
+
+def test_a_dry_run_prints_the_changed_plan_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--method", "opd", "--set", "opd.steps=7",
+                                       "--set", "teacher.pref.lr=1e-4", "--out", str(out), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["methods"] == ["opd"] and shown["seeds"] == [0] and shown["overrides"] == ["opd.steps=7", "teacher.pref.lr=1e-4"]
+    assert shown["plan"]["opd"]["steps"] == 7 and shown["plan"]["teacher_overrides"] == {"pref": {"lr": 1e-4}}
+    assert shown["plan"]["multi_reward"] == json.loads(json.dumps(plan("smoke").to_dict()))["multi_reward"]
+    assert not out.exists()
