@@ -12,7 +12,7 @@ import click
 
 # Errors that mean "bad input": shown as one line, no traceback.
 _USER_ERRORS = ("ModelLoadError", "PromptFileError", "UnknownNameError", "FileExistsError", "FileNotFoundError", "SubmissionError",
-                "MissingWeightsError", "RemoteRewardError")
+                "MissingWeightsError", "RemoteRewardError", "TrackerUnavailableError")
 
 
 def _friendly(command):
@@ -118,11 +118,14 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--drop-t5", is_flag=True, help="SD3 without its T5 text encoder (about 10 GB less for SD3.5); another experiment.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, same numbers.")
 @click.option("--offload-text-encoders", is_flag=True, help="Keep the text encoders on the CPU between prompts: less GPU memory, same numbers.")
+@click.option("--log-to", default="", metavar="NAMES",
+              help="Mirror every training cell's metrics to experiment trackers, comma-separated: tensorboard "
+                   "(RUN/tensorboard), wandb (one W&B run per cell, $WANDB_PROJECT). Changes no number.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (the preset with every --set applied) as JSON and exit; nothing is written.")
 @_suite_config_option
 @_friendly
 def run_command(method, suite_name, model, preset, overrides, seeds, out, device, report, force, jobs, threads, dtype, drop_t5,
-                gradient_checkpointing, offload_text_encoders, dry_run) -> None:
+                gradient_checkpointing, offload_text_encoders, log_to, dry_run) -> None:
     """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
 
     Rerunning the same command skips finished work and resumes unfinished training; a rerun with
@@ -156,7 +159,7 @@ def run_command(method, suite_name, model, preset, overrides, seeds, out, device
         + "".join(f" --set {shlex.quote(pair)}" for pair in overrides))
     harness = Harness(out, suite=suite_name, model=model, preset=preset, overrides=overrides, seeds=seed_list, method=method, device=device, force=force,
                       command=command, dtype=dtype, drop_t5=drop_t5, gradient_checkpointing=gradient_checkpointing,
-                      offload_text_encoders=offload_text_encoders)
+                      offload_text_encoders=offload_text_encoders, log_to=[n.strip() for n in log_to.split(",") if n.strip()])
     from opd_bench.parallel import default_jobs
 
     results = harness.run(jobs=jobs or default_jobs(device), threads=threads)

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from opd_bench import __version__, distributed
+from opd_bench import __version__, distributed, trackers
 from opd_bench.io import atomic_write_json, json_differences
 from opd_bench.presets import apply_overrides, plan
 from opd_bench.result_schema import FORWARD_KEYS, SCHEMA_VERSION, eval_noise_seed
@@ -94,6 +94,7 @@ class Harness:
         drop_t5: bool = False,
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
+        log_to: Sequence[str] = (),
         force: bool = False,
         command: str = "",
         progress: bool = True,
@@ -116,10 +117,14 @@ class Harness:
         # memory savers that leave every number as it is (recorded in results.json's environment)
         self.memory = {"gradient_checkpointing": gradient_checkpointing, "offload_text_encoders": offload_text_encoders}
         self.cell_threads, self.jobs = None, 1  # set by run()
+        # experiment trackers mirror every training cell's metrics; they change no number (not in the identity)
+        self.log_to = list(log_to)
+        trackers.configure(self.log_to, self.out)
         # what a worker process of a parallel run (opd_bench.parallel) needs to build the same harness
         self.options = dict(out=str(self.out), suite=suite, model=model, preset=preset, overrides=self.overrides,
                             seeds=self.seeds, method=method,
-                            device=device, dtype=self.dtype, drop_t5=drop_t5, command=command, **self.memory)
+                            device=device, dtype=self.dtype, drop_t5=drop_t5, command=command, log_to=self.log_to,
+                            **self.memory)
         self.identity = {"suite": suite, "suite_version": self.suite.version, "model": self.model, "preset": preset, "plan": self.plan.to_dict()}
         # A precision or a model without T5 is another experiment. Only the non-default is written, so
         # the float32 runs made before the option existed keep their identity and their teachers.

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Literal, Sequence, get_args
 import numpy as np
 import torch
 
-from opd_bench import distributed
+from opd_bench import distributed, trackers
 from opd_bench.distributed import ProcessGroup
 from opd_bench.io import atomic_write_json, json_differences
 
@@ -31,8 +31,9 @@ class MetricsLog:
     the run died) are dropped, so the resumed run continues the same curve without duplicates.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    def __init__(self, path: str | Path, resume_step: int | None = None, mirror=None):
         self.path = Path(path)
+        self.mirror = mirror  # an experiment tracker (opd_bench.trackers) that sees every record too
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
@@ -44,9 +45,13 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, default=float) + "\n")
         self._file.flush()
+        if self.mirror is not None:
+            self.mirror.log(record)
 
     def close(self) -> None:
         self._file.close()
+        if self.mirror is not None:
+            self.mirror.close()
 
 
 def return_freed_memory() -> None:
@@ -318,14 +323,15 @@ class TrainingRun:
                 raise ValueError(f"{self.dir} holds a run with a different config ({json_differences(saved, current)}); "
                                  "use another folder or pass overwrite/--force")
             state = load_checkpoint(checkpoint, params=self.params, optimizer=self.optimizer, ema=self.ema)
-            self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=state["step"])
+            self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=state["step"],
+                                  mirror=trackers.open_for(self.dir, config, resume_step=state["step"]))
             return {"step": state["step"], "counters": state["counters"], "elapsed": state["elapsed"], "resumed": True}
         if overwrite:
             shutil.rmtree(checkpoint, ignore_errors=True)
             (self.dir / "DONE").unlink(missing_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(config_path, json.loads(json.dumps(config, default=str)))
-        self.log = MetricsLog(self.dir / "metrics.jsonl")
+        self.log = MetricsLog(self.dir / "metrics.jsonl", mirror=trackers.open_for(self.dir, config, resume_step=None))
         counters = {"student_forwards": 0, "teacher_forwards": 0, "reference_forwards": 0, "images": 0}
         return {"step": 0, "counters": counters, "elapsed": 0.0, "resumed": False}
 
