@@ -168,6 +168,7 @@ def run_command(method, suite_name, model, preset, overrides, seeds, out, device
     click.echo(f"wrote {out / 'results.json'}")
     for name, scores in results["results"].items():
         click.echo(f"{name:18s} " + "  ".join(f"{b} {v['mean']:.3f}" for b, v in scores.items()))
+    _echo_findings(results)
     if report:
         from opd_bench.report import build_report
 
@@ -188,7 +189,20 @@ def report_command(run_dir: Path, out: Path | None) -> None:
 
     target = out or Path("reports") / run_dir.resolve().name
     build_report(run_dir, target)
+    from opd_bench.report import load_results
+
+    _echo_findings(load_results(run_dir))
     click.echo(f"wrote {target / 'report.md'} and {target / 'index.html'}")
+
+
+def _echo_findings(results: dict) -> None:
+    """The paper's claims against this result file, as the report opens with them."""
+    from opd_bench.findings import findings_lines
+    from opd_bench.results_view import ResultView
+
+    click.echo("findings:")
+    for line in findings_lines(ResultView(results)):
+        click.echo(f"- {line}")
 
 
 @main.command("verify")

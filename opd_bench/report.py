@@ -1,6 +1,7 @@
 """Turn a run directory (``results.json`` + sample grids) into ``report.md`` and a self-contained ``index.html``.
 
-``build_report(run_dir, out_dir)`` reads only the run directory. Every section is optional: a run
+``build_report(run_dir, out_dir)`` reads only the run directory (and, for the standard error of a
+GenEval gain, which test prompt has which tag, from the installed suite when it is the run's). Every section is optional: a run
 with only some methods (or without curves, variance experiment, cascade or samples) gets a note
 where a section has nothing to show, never a crash. Plots are drawn with matplotlib's Agg canvas
 (no pyplot, no global backend switch) and seaborn; they are written next to the report and

@@ -99,11 +99,9 @@ def _edited(where: str, what: str, got: Any, expected: Any) -> SubmissionError:
                            "submit the results.json written by `opd-bench run`")
 
 
-def _check_per_image(results: dict, suite, method: str, seed: int, bench: str, expected: float, cache: dict) -> None:
-    """Schema 2: the per-seed score must be the suite's aggregate of the recorded per-image scores."""
-    from opd_bench.benchmarks import aggregate
-
-    where = f"per_image[{method!r}][{str(seed)!r}][{bench!r}]"
+def evaluation_images(results: dict, suite, bench: str, cache: dict | None = None) -> tuple[str, list[dict]]:
+    """``bench``'s aggregation metric and the metadata of each of its final-evaluation images, in
+    the order the result file lists their scores (image ``i`` shows test prompt ``i // images_per_prompt``)."""
     task = bench if bench in suite.tasks else next(t for t in suite.tasks if bench in suite.benchmark(t).extra_rewards)
     spec = suite.benchmark(task)
     evaluation = results.get("config", {}).get("eval") if isinstance(results.get("config"), dict) else None
@@ -112,9 +110,18 @@ def _check_per_image(results: dict, suite, method: str, seed: int, bench: str, e
         raise SubmissionError("config['eval'] must give the final evaluation's 'limit' and 'images_per_prompt' "
                               "(integers or null); submit the results.json written by `opd-bench run`")
     repeats = repeats or spec.images_per_prompt
+    cache = {} if cache is None else cache
     if (task, limit, repeats) not in cache:  # reading a prompt file costs more than all the other checks
         cache[task, limit, repeats] = [p.metadata for p in spec.prompts("test", limit) for _ in range(repeats)]
-    metadata = cache[task, limit, repeats]
+    return (spec.metric if bench == task else "mean"), cache[task, limit, repeats]
+
+
+def _check_per_image(results: dict, suite, method: str, seed: int, bench: str, expected: float, cache: dict) -> None:
+    """Schema 2: the per-seed score must be the suite's aggregate of the recorded per-image scores."""
+    from opd_bench.benchmarks import aggregate
+
+    where = f"per_image[{method!r}][{str(seed)!r}][{bench!r}]"
+    metric, metadata = evaluation_images(results, suite, bench, cache)
     values = results.get("per_image", {}).get(method, {}).get(str(seed), {}).get(bench) \
         if isinstance(results.get("per_image"), dict) else None
     if not isinstance(values, list) or len(values) != len(metadata):
@@ -123,7 +130,6 @@ def _check_per_image(results: dict, suite, method: str, seed: int, bench: str, e
     for i, value in enumerate(values):
         if value is not None:
             _check_score(f"{where}[{i}]", bench, value)
-    metric = spec.metric if bench == task else "mean"
     score = aggregate(metric, [math.nan if v is None else v for v in values], metadata)["score"]
     if not math.isclose(score, expected, rel_tol=1e-5, abs_tol=1e-5):
         raise _edited(f"results[{method!r}][{bench!r}] seed {seed}", "the score of its per-image values", expected, score)

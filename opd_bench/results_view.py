@@ -60,6 +60,18 @@ def paired_gain(model: list[float], base: list[float]) -> tuple[float, float]:
     return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
 
 
+def stratified_paired_se(model: list[float], base: list[float], strata: list[Any]) -> float | None:
+    """Standard error of a score that is the mean over strata of each stratum's mean (GenEval: its
+    tags), for the paired per-image differences ``model - base``; one stratum is ``paired_gain``'s
+    s.e. None where a stratum has fewer than two images."""
+    groups: dict[Any, list[float]] = {}
+    for m, b, stratum in zip(model, base, strata, strict=True):
+        groups.setdefault(stratum, []).append(m - b)
+    if not groups or any(len(g) < 2 for g in groups.values()):
+        return None
+    return math.sqrt(sum(statistics.variance(g) / len(g) for g in groups.values())) / len(groups)
+
+
 def as_dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
@@ -140,10 +152,31 @@ class ResultView:
             return []
         return [sum(p[i] for p in per) / len(per) for i in range(len(per[0]))]
 
+    def image_strata(self, bench: str, count: int) -> list[Any] | None:
+        """The stratum of each of ``bench``'s ``count`` evaluation images that its score averages over:
+        GenEval's tag, one stratum for a plain mean. Read from the installed suite's test prompts,
+        so only where the run's suite version and prompt file are the installed ones; else None."""
+        from opd_bench import suites
+        from opd_bench.result_schema import evaluation_images
+
+        try:
+            suite = suites.get(str(self.r.get("suite")))
+            task = bench if bench in suite.tasks else next(t for t in suite.tasks if bench in suite.benchmark(t).extra_rewards)
+            recorded = as_dict(as_dict(self.r.get("prompt_hashes")).get(task)).get("test")
+            if self.r.get("suite_version") != suite.version or recorded != suite.benchmark(task).file_hash("test"):
+                return None
+            metric, metadata = evaluation_images(self.r, suite, bench)
+        except Exception:  # another or an unconfigured suite, a malformed file: no strata known
+            return None
+        if len(metadata) != count:
+            return None
+        return [m.get("tag", "untagged") for m in metadata] if metric == "geneval" else [None] * count
+
     def paired_se(self, model: str, bench: str) -> float | None:
         """Standard error of ``model``'s gain over the base on ``bench`` from the per-image
-        differences, where both were scored on the same noise (one evaluation seed, schema 3) and
-        the score is the plain mean of its images (not GenEval's mean over tags); else None."""
+        differences, where both were scored on the same noise (one evaluation seed, schema 3):
+        stratified by GenEval's tags where its score is their mean (the installed suite says which
+        image has which tag), or of the plain mean where the score is that; else None."""
         if not paired_evaluation(self.r):
             return None
 
@@ -155,10 +188,14 @@ class ResultView:
         ours, base = first_seed_images(model), first_seed_images("base")
         if len(ours) < 2 or len(ours) != len(base) or any(v is None for v in ours + base):
             return None
-        mean = self.mean(model, bench)
-        if mean is None or abs(sum(ours) / len(ours) - mean) > 1e-6 * max(1.0, abs(mean)):
+        strata = self.image_strata(bench, len(ours)) or [None] * len(ours)
+        groups: dict[Any, list[float]] = {}
+        for value, stratum in zip(ours, strata):
+            groups.setdefault(stratum, []).append(value)
+        mean, score = self.mean(model, bench), sum(sum(g) / len(g) for g in groups.values()) / len(groups)
+        if mean is None or abs(score - mean) > 1e-6 * max(1.0, abs(mean)):  # not the score these images make
             return None
-        return paired_gain(ours, base)[1]
+        return stratified_paired_se(ours, base, strata)
 
     def curves_frame(self, methods: list[str]):
         import pandas as pd

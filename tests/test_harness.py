@@ -164,6 +164,11 @@ def test_report_from_the_smoke_run_and_its_submission_is_refused(smoke_run, tmp_
     html = (report / "index.html").read_text()
     assert "data:image/png;base64" in html and "opd-ppo" in html
     assert list(report.glob("*.png"))
+    # the findings the report opens with are printed too, one line per claim
+    md = (report / "report.md").read_text()
+    printed = result.output.splitlines()
+    start = printed.index("findings:")
+    assert len(printed[start + 1:start + 6]) == 5 and all(line in md for line in printed[start + 1:start + 6])
     # issue 12: a smoke run outranked the standard run; smoke scores are not results
     for unverified in (False, True):
         with pytest.raises(SubmissionError, match="preset is 'smoke'"):

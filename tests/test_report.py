@@ -213,8 +213,8 @@ def test_findings_with_single_seed_and_few_methods(tmp_path):
 
 def test_a_teachers_gain_carries_its_paired_standard_error(tmp_path):
     """Scored on one evaluation noise seed, base and teacher images pair up: the gain's standard
-    error comes from the per-image differences (here by hand). Not where the score is not the plain
-    mean of its images (GenEval's mean over unbalanced tags), nor where each cell had its own noise seed."""
+    error comes from the per-image differences (here by hand). Not where the score is not the
+    aggregate of its images (an edited file), nor where each cell had its own noise seed."""
     results = make_results()
     ours, base = results["per_image"]["teacher/pref"]["0"]["pref"], results["per_image"]["base"]["0"]["pref"]
     differences = [a - b for a, b in zip(ours, base)]
@@ -223,10 +223,10 @@ def test_a_teachers_gain_carries_its_paired_standard_error(tmp_path):
     teachers = _findings(tmp_path / "paired", results)[0]
     assert f"gain {results['results']['teacher/pref']['pref']['mean'] - results['results']['base']['pref']['mean']:+.3f}" \
            f" (± {se:.3f} s.e. over the paired images)" in teachers
-    assert teachers.count("s.e. over the paired images") == 3  # the fake GenEval's tags are balanced: a plain mean
-    # a score that is not the plain mean of its images (as GenEval's over unbalanced tags) gets none
+    assert teachers.count("s.e. over the paired images") == 2  # the fake GenEval has one image per tag: no within-tag spread
+    # a score that is not the aggregate of its images gets none
     _set_scores(results, "teacher/ocr", "ocr", [results["results"]["teacher/ocr"]["ocr"]["mean"] + 0.01])
-    assert _findings(tmp_path / "tagged", results)[0].count("s.e. over the paired images") == 2
+    assert _findings(tmp_path / "tagged", results)[0].count("s.e. over the paired images") == 1
     results["config"]["eval"]["seed"] = None
     assert "s.e." not in _findings(tmp_path / "own", results)[0]
 
@@ -278,3 +278,37 @@ def test_every_claim_is_not_testable_on_a_result_file_without_results():
     lines = findings_lines(ResultView({"results": "not a dict", "curves": [], "variance": None}))
     assert len(lines) == len(CLAIMS)
     assert all(": not testable" in line for line in lines), lines
+
+
+def test_the_paired_standard_error_of_a_mean_over_tags_is_stratified():
+    from opd_bench.results_view import stratified_paired_se
+
+    model, base = [1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]
+    # per tag: differences [1, 0] and [1, 0], variance 0.5 each; sqrt(0.5 / 2 + 0.5 / 2) / 2 tags
+    assert stratified_paired_se(model, base, ["a", "a", "b", "b"]) == pytest.approx(0.5 ** 0.5 / 2)
+    assert stratified_paired_se(model, base, [None] * 4) == pytest.approx((1 / 12) ** 0.5)  # the plain mean's
+    assert stratified_paired_se(model, base, ["a", "a", "a", "b"]) is None  # a tag with one image has no variance
+
+
+def test_a_geneval_gain_gets_its_tag_stratified_error_only_from_the_runs_own_prompts():
+    import random
+
+    from opd_bench.benchmarks import aggregate
+    from opd_bench.results_view import ResultView, stratified_paired_se
+
+    results = make_results()
+    results["config"]["eval"]["limit"] = 12  # two test prompts per GenEval tag
+    tags = ResultView(results).image_strata("geneval", 12)
+    assert sorted(tags.count(tag) for tag in set(tags)) == [2] * 6
+    rng = random.Random(0)
+    images = {m: [float(rng.random() < 0.5) for _ in tags] for m in ("teacher/geneval", "base")}
+    for model, values in images.items():
+        results["per_image"][model]["0"]["geneval"] = values
+        _set_scores(results, model, "geneval", [aggregate("geneval", values, [{"tag": t} for t in tags])["score"]])
+    se = ResultView(results).paired_se("teacher/geneval", "geneval")
+    assert se == stratified_paired_se(images["teacher/geneval"], images["base"], tags) and se is not None
+    results["prompt_hashes"]["geneval"]["test"] = "0" * 64  # other prompts: which image has which tag is unknown,
+    plain = ResultView(results).paired_se("teacher/geneval", "geneval")  # so the plain mean's s.e., if it is the score
+    mean = sum(images["teacher/geneval"]) / 12
+    assert plain == (stratified_paired_se(images["teacher/geneval"], images["base"], [None] * 12)
+                     if abs(mean - results["results"]["teacher/geneval"]["geneval"]["mean"]) < 1e-9 else None)
