@@ -105,7 +105,8 @@ def _compare(per_seed: dict[str, list[float]]) -> tuple[list[bool | None], list[
         mean, sd = mean_sd(per_seed.get(rival, []))
         if opd_mean is None or mean is None:
             oks.append(None)
-            parts.append(f"vs {rival}: not in the file")
+            missing = " and ".join(name for name, value in (("OPD", opd_mean), (rival, mean)) if value is None)
+            parts.append(f"vs {rival}: {missing} not in the file")
             continue
         oks.append(opd_mean > mean)
         parts.append(_versus(opd_mean, opd_sd, rival, mean, sd))

@@ -5,6 +5,7 @@ import copy
 import json
 import re
 import shutil
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -358,3 +359,27 @@ def test_every_final_evaluation_shares_one_noise_seed(tmp_path):
     own.plan = replace(own.plan, eval_seed=None)
     again = own.evaluate_cell("base", None, 1)
     assert again["eval_seed"] == 1 and again["per_image"] != second["per_image"]
+
+
+def test_cascade_forgetting_probe_scores_stage_ends_on_the_runs_own_images(smoke_run, benchmark_script, monkeypatch, capsys, tmp_path):
+    """The probe's stage evaluation is the run's final evaluation: the last stage's adapter, scored
+    by it, gives the cascade's recorded per-image scores exactly, so stage ends pair image by image."""
+    import torch
+
+    probe = benchmark_script("probe_cascade_forgetting")
+    monkeypatch.setattr(sys, "argv", ["probe", str(smoke_run)])
+    probe.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert {(r["stage"], r["benchmark"]) for r in rows} == {("stage0-geneval", b) for b in results["benchmarks"]}
+    assert rows[0]["benchmark"] == "geneval"  # the stage's own task first
+    for row in rows:
+        assert row["change"] == pytest.approx(row["at_cascade_end"] - row["at_stage_end"], abs=1e-4)
+    torch.set_num_threads(1)  # the smoke run's cells ran on one thread
+    from opd_bench import suites
+    from opd_bench.policy import Policy
+
+    last = sorted((smoke_run / "methods" / "cascade" / "seed0").glob("stage*-*/final"))[-1]
+    record = probe.stage_evaluation(tmp_path / "last.json", Policy.from_pretrained(suites.resolve_model("tiny")), last, results, 0)
+    recorded = results["per_image"]["cascade"]["0"]  # stored to 6 decimals
+    assert {bench: [round(v, 6) for v in values] for bench, values in record["per_image"].items()} == recorded

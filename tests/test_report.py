@@ -207,8 +207,10 @@ def test_findings_with_single_seed_and_few_methods(tmp_path):
     lines = _findings(tmp_path, results)
     assert lines[0].startswith("Teachers gain on their own task: not testable.")
     assert lines[1].startswith("OPD keeps >= 85% of every teacher's gain: not testable. no teachers in the file")
-    assert "vs multi-reward: not in the file" in lines[2]
+    assert "vs multi-reward: multi-reward not in the file" in lines[2]
     assert "not testable" in lines[3]
+    cascade_only = _findings(tmp_path / "cascade", make_results(methods=["base", "cascade"], seeds=[0]))[2]
+    assert "vs multi-reward: OPD and multi-reward not in the file; vs cascade: OPD not in the file" in cascade_only
 
 
 def test_a_teachers_gain_carries_its_paired_standard_error(tmp_path):
