@@ -24,7 +24,7 @@ from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
 from opd_bench.io import atomic_write_json
 from opd_bench.policy import DTYPES, Policy
 from opd_bench.report import load_results
-from opd_bench.result_schema import eval_noise_seed
+from opd_bench.result_schema import eval_noise_seed, model_loading
 from opd_bench.results_view import ResultView, stratified_paired_se
 
 
@@ -55,9 +55,9 @@ def main() -> None:
     if "cascade" not in results.get("results", {}):
         parser.error(f"{args.run} has no cascade results; run `opd-bench run --method cascade --out {args.run}` first")
     view = ResultView(results)
-    loading = results["config"].get("model") or {}
-    policy = Policy.from_pretrained(suites.resolve_model(results["model"]), dtype=DTYPES[loading.get("dtype", "float32")],
-                                    resolution=results["config"]["eval"].get("resolution"))
+    loading = model_loading(results)  # as the run loaded it
+    policy = Policy.from_pretrained(suites.resolve_model(results["model"]), dtype=DTYPES[loading["dtype"]],
+                                    drop_t5=loading["drop_t5"], resolution=results["config"]["eval"].get("resolution"))
     rows = []
     for seed in results["results"]["cascade"][view.benchmarks[0]]["seeds"]:
         final = results["per_image"]["cascade"][str(seed)]

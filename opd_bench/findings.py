@@ -46,10 +46,10 @@ def _gain(view: ResultView, model: str, bench: str) -> float | None:
 
 
 def teacher_gains(view: ResultView) -> str:
-    oks, parts = [], []
+    oks, parts, teachers = [], [], _teachers(view)
     for task in ("geneval", "ocr", "pref"):
         teacher = f"teacher/{task}"
-        g = _gain(view, teacher, task) if (teacher, task) in _teachers(view) else None
+        g = _gain(view, teacher, task) if (teacher, task) in teachers else None
         if g is None:
             oks.append(None)
             parts.append(f"{task}: not in the file")

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from opd_bench.io import atomic_write_bytes, json_text
 from opd_bench.result_schema import (
-    SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, is_finite_number, total_forwards,
+    SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, is_finite_number, model_loading, total_forwards,
 )
 
 MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
@@ -41,9 +41,8 @@ METHOD_ORDER = ("opd", "opd-ppo", "multi-reward", "cascade", "base")
 
 def _model_label(results: dict) -> str:
     """The model, with its precision where it was not float32 (another experiment, e.g. ``sd35m (bfloat16)``)."""
-    loading = results.get("config", {}).get("model") if isinstance(results.get("config"), dict) else None
-    dtype = loading.get("dtype") if isinstance(loading, dict) else None
-    return str(results["model"]) + (f" ({dtype})" if dtype not in (None, "float32") else "")
+    dtype = model_loading(results)["dtype"]
+    return str(results["model"]) + (f" ({dtype})" if dtype != "float32" else "")
 
 
 def _budget(config: dict, method: str) -> Any:

@@ -24,6 +24,15 @@ STUDENT_METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
 UNBOUNDED = frozenset({"pref"})  # finite, any value; every other benchmark is a score in [0, 1]
 
 
+def model_loading(results: dict) -> dict[str, Any]:
+    """How the run loaded its model (``config['model']``): ``dtype`` and ``drop_t5``. Results written
+    before the record existed loaded float32 with T5, and read so."""
+    config = results.get("config")
+    loading = config.get("model") if isinstance(config, dict) else None
+    loading = loading if isinstance(loading, dict) else {}
+    return {"dtype": loading.get("dtype", "float32"), "drop_t5": bool(loading.get("drop_t5", False))}
+
+
 def eval_noise_seed(eval_seed: int | None, cell_seed: int) -> int:
     """The noise seed a cell's final evaluation draws with: the run's one ``config['eval']['seed']``,
     or, where that is null (schema 2), the cell's own training seed."""

@@ -104,6 +104,7 @@ class ResultView:
         self.benchmarks = benchmarks
         headline = [b for b in as_list(results.get("headline")) if isinstance(b, str)]
         self.headline = headline or [b for b in benchmarks if b != "pref"]
+        self._strata: dict[tuple[str, int], list[Any] | None] = {}
 
     # -- data access --
     def score(self, method: str, bench: str) -> dict:
@@ -156,6 +157,11 @@ class ResultView:
         """The stratum of each of ``bench``'s ``count`` evaluation images that its score averages over:
         GenEval's tag, one stratum for a plain mean. Read from the installed suite's test prompts,
         so only where the run's suite version and prompt file are the installed ones; else None."""
+        if (bench, count) not in self._strata:  # reading and hashing the prompt file once per benchmark
+            self._strata[bench, count] = self._read_strata(bench, count)
+        return self._strata[bench, count]
+
+    def _read_strata(self, bench: str, count: int) -> list[Any] | None:
         from opd_bench import suites
         from opd_bench.result_schema import evaluation_images
 

@@ -38,6 +38,8 @@ def _scalars(record: dict[str, Any]) -> dict[str, float]:
 class TensorBoardTracker:
     """Event files under ``RUN/tensorboard/<cell>`` (``tensorboard --logdir RUN/tensorboard``)."""
 
+    requires = ("torch.utils.tensorboard", "tensorboard")  # (module imported, package to install)
+
     def __init__(self, root: Path, name: str, config: dict, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -58,6 +60,8 @@ class WandbTracker:
     """One W&B run per cell (project ``$WANDB_PROJECT`` or ``opd-bench``, group: the run folder);
     ``WANDB_MODE=offline`` keeps it on disk. A resumed cell continues its own W&B run."""
 
+    requires = ("wandb", "wandb")
+
     def __init__(self, root: Path, name: str, config: dict, resume_step: int | None):
         import wandb
 
@@ -75,7 +79,6 @@ class WandbTracker:
 TRACKERS = Registry("tracker")
 TRACKERS.register("tensorboard", TensorBoardTracker, help="event files under RUN/tensorboard (pip install tensorboard)")
 TRACKERS.register("wandb", WandbTracker, help="Weights & Biases, one run per cell (pip install wandb)")
-_PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
 _ACTIVE: dict[str, Any] = {"names": (), "root": None}
 
@@ -87,8 +90,7 @@ def configure(names: Sequence[str], root: str | Path | None) -> None:
 
     names = tuple(dict.fromkeys(n for n in names if n))
     for name in names:
-        TRACKERS.resolve(name)  # "did you mean" for a misspelt name
-        module, package = _PACKAGES[name]
+        module, package = TRACKERS.resolve(name).requires  # resolve: "did you mean" for a misspelt name
         try:
             importlib.import_module(module)
         except ImportError:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from opd_bench.result_schema import SubmissionError, eval_noise_seed
+from opd_bench.result_schema import SubmissionError, eval_noise_seed, model_loading
 
 DEFAULT_PROMPTS = 8
 ATOL = 1e-3
@@ -148,15 +148,12 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
     scorers = {task: {task: spec.build_reward(), **{k: registry.get(n) for k, n in spec.extra_rewards.items()}}
                for task, (spec, *_) in plan.items()}
 
-    # loaded as the run loaded it (results written before config['model'] existed: float32, with T5)
-    loading = results["config"].get("model")
-    loading = loading if isinstance(loading, dict) else {}
-    dtype = loading.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise VerificationError(f"config['model']['dtype'] is {dtype!r}; it must be one of {', '.join(DTYPES)}")
+    loading = model_loading(results)  # the model loaded as the run loaded it
+    if loading["dtype"] not in DTYPES:
+        raise VerificationError(f"config['model']['dtype'] is {loading['dtype']!r}; it must be one of {', '.join(DTYPES)}")
     policy = Policy.from_pretrained(suites.resolve_model(results["model"]), device=device,
-                                    resolution=settings_record.get("resolution"), dtype=DTYPES[dtype],
-                                    drop_t5=bool(loading.get("drop_t5", False)))
+                                    resolution=settings_record.get("resolution"), dtype=DTYPES[loading["dtype"]],
+                                    drop_t5=loading["drop_t5"])
     source = policy_source(policy, settings)
     mismatches, checked, worst = [], 0, 0.0
     for i, ((name, seed), folder) in enumerate(adapters.items()):
