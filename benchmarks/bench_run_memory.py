@@ -2,8 +2,9 @@
 
 Starts `opd-bench run ARGS...` as a child process, samples the resident memory of its whole
 process tree every few seconds (from /proc), and, when it ends, reads the run folder's final
-evaluation records (`evals/*.json`, written as each evaluation finishes; each holds its seconds
-and image count) in the order they were written. Prints a table and writes both curves as JSON.
+evaluation records (`evals/*.json`; each holds its seconds and image count) in the order they were
+written: as each evaluation finishes in one process, at the end with `--jobs` (whose cells score
+one benchmark each, and the records join them). Prints a table and writes both curves as JSON.
 
     python benchmarks/bench_run_memory.py --out runs/mem -- --method all --preset standard
     python benchmarks/bench_run_memory.py --out runs/mem-smoke -- --preset smoke --seeds 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -154,14 +155,25 @@ def make_evaluator(
     """A ``policy -> {task: score, extra: score}`` function for periodic evaluation during training.
 
     Rewards are built once and reused; the prompts (first ``limit`` test prompts of every task) and
-    the noise are the same at every call, so successive evaluations are comparable.
+    the noise are the same at every call, so successive evaluations are comparable. For the same
+    reason an adapter that still equals the base (a run's step 0) gets the base's scores, computed
+    once: every training run of a comparison starts there, and they are the same numbers.
     """
     tasks = list(tasks or suite.tasks)
     settings = settings or SamplerSettings.of_suite(suite)
     specs = {task: suite.benchmark(task) for task in tasks}
     built: dict[str, dict] = {}
+    of_base: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # policy -> the base's scores
 
     def evaluate(policy) -> dict[str, float]:
+        if policy.equals_base(policy.active_adapter):
+            if policy not in of_base:
+                with policy.use(None):
+                    of_base[policy] = score(policy)
+            return dict(of_base[policy])
+        return score(policy)
+
+    def score(policy) -> dict[str, float]:
         from opd_bench import rewards as registry
 
         scores: dict[str, float] = {}

@@ -13,9 +13,11 @@ a run, and no folder that is not empty and holds no run is ever written into.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import asdict, replace
@@ -316,6 +318,9 @@ class Harness:
     def _evaluation_path(self, name: str, seed: int) -> Path:
         return self.out / "evals" / f"{name.replace('/', '_')}-seed{seed}.json"
 
+    def _part_path(self, name: str, seed: int, task: str) -> Path:
+        return self.out / "evals" / "parts" / f"{name.replace('/', '_')}-seed{seed}" / f"{task}.json"
+
     def _finished_evaluation(self, name: str, seed: int) -> dict | None:
         """The saved final evaluation of a model, or None; records of older versions lack per-image
         scores, and those are evaluated again."""
@@ -323,30 +328,57 @@ class Harness:
         record = json.loads(path.read_text()) if path.exists() else None
         return record if record is not None and "per_image" in record else None
 
-    def evaluation_finished(self, name: str, seed: int) -> bool:
-        return self._finished_evaluation(name, seed) is not None
+    def evaluation_finished(self, name: str, seed: int, task: str | None = None) -> bool:
+        """Whether the model's final evaluation (or, with ``task``, that benchmark's part of it) is saved."""
+        if self._finished_evaluation(name, seed) is not None:
+            return True
+        return task is not None and self._part_path(name, seed, task).exists()
 
-    def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int) -> dict:
-        """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``."""
-        from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
+    def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int, task: str | None = None) -> dict:
+        """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``.
 
+        It is made of one part per benchmark, each saved as it finishes (a parallel run makes each
+        part a cell of its own; with ``task`` only that part is made and returned). A benchmark's
+        images and scores do not depend on the others', so the parts join into the same record.
+        """
         record = self._finished_evaluation(name, seed)
         if record is not None:
             return record
+        tasks = [task] if task is not None else list(self.suite.tasks)
+        parts = [self._evaluation_part(name, adapter_dir, seed, t) for t in tasks]
+        if task is not None:
+            return parts[0]
+        record = {key: parts[0][key] for key in ("seed", "eval_seed")}
+        for key in ("scores", "per_tag", "per_image"):
+            record[key] = {k: v for part in parts for k, v in part[key].items()}
+        record["seconds"] = round(sum(part["seconds"] for part in parts), 2)  # benchmarks/bench_run_memory.py reads it
+        atomic_write_json(self._evaluation_path(name, seed), record, compact_lists=True)
+        parts_dir = self._part_path(name, seed, tasks[0]).parent
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            parts_dir.parent.rmdir()  # evals/parts/, once no model has parts left
+        return record
+
+    def _evaluation_part(self, name: str, adapter_dir: Path | None, seed: int, task: str) -> dict:
+        from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
+
+        path = self._part_path(name, seed, task)
+        if path.exists():
+            return json.loads(path.read_text())
         adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings.of_suite(self.suite)
         noise_seed = eval_noise_seed(self.plan.eval_seed, seed)
         started = time.perf_counter()
         with self.policy.use(adapter):
             result = evaluate_suite(
-                self.suite, policy_source(self.policy, settings), seed=noise_seed, limit=self.plan.eval_limit,
+                self.suite, policy_source(self.policy, settings), tasks=[task], seed=noise_seed, limit=self.plan.eval_limit,
                 images_per_prompt=self.plan.eval_images_per_prompt, progress=self.progress,
             )
         per_image = {bench: [_score(v) for v in values] for bench, values in result["per_image"].items()}
-        record = {"seed": seed, "eval_seed": noise_seed, "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
-                  "seconds": round(time.perf_counter() - started, 2)}  # benchmarks/bench_run_memory.py reads it
-        atomic_write_json(self._evaluation_path(name, seed), record, compact_lists=True)
-        return record
+        part = {"seed": seed, "eval_seed": noise_seed, "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
+                "seconds": round(time.perf_counter() - started, 2)}
+        atomic_write_json(path, part, compact_lists=True)
+        return part
 
     @property
     def variance_path(self) -> Path:
@@ -378,6 +410,9 @@ class Harness:
         atomic_write_json(path, record)
         return record
 
+    def samples_path(self, name: str) -> Path:
+        return self.out / "samples" / f"{name.replace('/', '_')}.png"
+
     def samples(self, models: dict[str, tuple[int, Path | None]]) -> dict:
         """One image grid per model on the same prompts and seeds (rows = prompts)."""
         from opd_bench.io import save_grid
@@ -387,8 +422,7 @@ class Harness:
         prompts = [p for task in self.suite.tasks for p in test[task][: self.plan.sample_prompts_per_task]]
         grids = {}
         for name, (seed, adapter_dir) in models.items():
-            relative = f"samples/{name.replace('/', '_')}.png"
-            path = self.out / relative
+            path = self.samples_path(name)
             if not path.exists():
                 with self.policy.use(self._loaded(name, adapter_dir, seed)):
                     t = rollout(
@@ -396,7 +430,7 @@ class Harness:
                         noise_level=self.suite.noise_level, guidance_scale=self.suite.guidance_scale, seed=0, keep={"images"},
                     )
                 save_grid(t.images, path, columns=4)
-            grids[name] = relative
+            grids[name] = str(path.relative_to(self.out))
         return {"prompts": [p.text for p in prompts], "grids": grids}
 
     # ------------------------------------------------------------------------------ run

@@ -1,7 +1,8 @@
 """Run a harness's cells side by side in worker processes (``opd-bench run --jobs N`` on a CPU).
 
-A cell (a teacher, a (method, seed) training run, a final evaluation, the variance experiment)
-writes its result to its own folder or file, and the harness skips every cell whose result exists.
+A cell (a teacher, a (method, seed) training run, one benchmark of a final evaluation, the variance
+experiment, a sample grid) writes its result to its own folder or file, and the harness skips
+every cell whose result exists.
 So the parallel phase only has to *fill* those results: each worker process builds its own
 :class:`~opd_bench.harness.Harness` on the same folder and runs the cells it is handed, in an
 order that respects what a cell needs (OPD needs every teacher; an evaluation needs its model).
@@ -17,11 +18,12 @@ reductions), not on which process or in what order it ran.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -31,19 +33,26 @@ MAX_AUTO_JOBS = 4  # each worker holds its own model and rewards (about 1.5 GB f
 
 @dataclass(frozen=True)
 class Cell:
-    kind: str  # "teacher", "train", "eval" or "variance"
-    name: str  # the task (teacher), method (train) or model name (eval: "base", "teacher/ocr", "opd", ...)
+    kind: str  # "teacher", "train", "eval", "variance" or "samples"
+    name: str  # the task (teacher), method (train) or model name (eval, samples: "base", "teacher/ocr", "opd", ...)
     seed: int | None = None
     needs: tuple[str, ...] = ()  # labels of the cells that must finish first
-    adapter: Path | None = None  # eval: the adapter folder evaluated (None: the base)
+    adapter: Path | None = None  # eval, samples: the adapter folder of the model (None: the base)
+    task: str | None = None  # eval: the one benchmark this cell scores
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.name}" + ("" if self.seed is None else f" seed {self.seed}")
+        return (f"{self.kind} {self.name}" + ("" if self.seed is None else f" seed {self.seed}")
+                + ("" if self.task is None else f" on {self.task}"))
+
+    @property
+    def sort_key(self) -> tuple[str, str]:
+        """Cells alike in length: a benchmark's evaluations, a method's runs, ..."""
+        return self.kind, self.task or self.name
 
 
-# Teachers gate the OPD runs, so they go first; evaluations last, as they unblock nothing.
-_PRIORITY = {"teacher": 0, "train": 1, "variance": 2, "eval": 3}
+# Teachers gate the OPD runs, so they go first; evaluations and sample grids last, as they unblock nothing.
+_PRIORITY = {"teacher": 0, "train": 1, "variance": 2, "eval": 3, "samples": 4}
 
 
 def available_cores() -> int:
@@ -83,15 +92,27 @@ def plan_cells(harness) -> list[Cell]:
                 needs = (Cell("teacher", name.split("/", 1)[1]).label,)
             else:
                 needs = (Cell("train", name, seed).label,)
-            cells.append(Cell("eval", name, seed, needs, adapter))
+            # one cell per benchmark: the run's last cells are then short, so no core waits long
+            # at the end for the other's one whole-model evaluation
+            cells.extend(Cell("eval", name, seed, needs, adapter, task) for task in harness.suite.tasks)
+            if seed == min(per_seed):  # the grid shows each model's first seed, as results.json does
+                cells.append(Cell("samples", name, seed, needs, adapter))
     if any(method.startswith("opd") for method in methods):
         cells.append(Cell("variance", "opd", needs=every_teacher))
     # a need that is done, or not in the plan at all (a cell an earlier run finished), is met
     todo = {cell.label for cell in cells if not _finished(harness, cell, teachers)}
-    return [
-        Cell(c.kind, c.name, c.seed, tuple(n for n in c.needs if n in todo), c.adapter)
-        for c in cells if c.label in todo
-    ]
+    return [replace(c, needs=tuple(n for n in c.needs if n in todo)) for c in cells if c.label in todo]
+
+
+def longest_first(ready: list[Cell], seconds: dict[tuple[str, str], list[float]]) -> list[Cell]:
+    """``ready`` by priority, and within one the cells expected to take longest first (from what
+    cells alike took so far; one of a kind not yet timed before all), else in the plan's order:
+    the short cells are left to fill the end of the run, where a core would otherwise wait."""
+    def expected(cell: Cell) -> float:
+        took = seconds.get(cell.sort_key)
+        return sum(took) / len(took) if took else math.inf
+
+    return sorted(ready, key=lambda c: (_PRIORITY[c.kind], -expected(c)))
 
 
 def _finished(harness, cell: Cell, teachers: dict[str, Path]) -> bool:
@@ -102,7 +123,9 @@ def _finished(harness, cell: Cell, teachers: dict[str, Path]) -> bool:
     if cell.kind == "train":
         return harness.trained(cell.name, cell.seed)
     if cell.kind == "eval":
-        return harness.evaluation_finished(cell.name, cell.seed)
+        return harness.evaluation_finished(cell.name, cell.seed, cell.task)
+    if cell.kind == "samples":
+        return harness.samples_path(cell.name).exists()
     return harness.variance_path.exists()
 
 
@@ -114,6 +137,7 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
     cells = sorted(plan_cells(harness), key=lambda c: _PRIORITY[c.kind])
     if not cells:
         return 0
+    seconds: dict[tuple[str, str], list[float]] = {}  # what cells alike took so far
     from opd_bench.suites import sd
 
     if jobs * threads > available_cores():  # measured: 2 jobs x 2 threads on 2 cores ran the smoke cells 7x slower
@@ -127,7 +151,7 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
     bar = tqdm(total=len(cells), desc=f"cells ({jobs} jobs x {threads} thread{'s' if threads > 1 else ''})", unit="cell", disable=not progress)
     try:
         while pending or running:
-            for cell in [c for c in pending if all(n in done for n in c.needs)][: jobs - len(running)]:
+            for cell in longest_first([c for c in pending if all(n in done for n in c.needs)], seconds)[: jobs - len(running)]:
                 running[pool.submit(_run_cell, cell)] = cell
                 pending.remove(cell)
             if not running:
@@ -137,10 +161,11 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
             finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
             for future in finished:
                 cell = running.pop(future)
-                seconds = _result(future, cell)
+                took = _result(future, cell)
+                seconds.setdefault(cell.sort_key, []).append(took)
                 done.add(cell.label)
                 bar.update()
-                bar.write(f"{cell.label}: {seconds:.0f} s")
+                bar.write(f"{cell.label}: {took:.0f} s")
     except BaseException:
         _stop(pool)
         raise
@@ -241,7 +266,9 @@ def _run_cell(cell: Cell) -> float:
     elif cell.kind == "train":
         harness.train_method(cell.name, cell.seed, teachers)
     elif cell.kind == "eval":
-        harness.evaluate_cell(cell.name, cell.adapter, cell.seed)
+        harness.evaluate_cell(cell.name, cell.adapter, cell.seed, cell.task)
+    elif cell.kind == "samples":
+        harness.samples({cell.name: (cell.seed, cell.adapter)})
     else:
         harness.variance(teachers)
     return_freed_memory()  # a worker runs many cells; glibc would keep their freed buffers

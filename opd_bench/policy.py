@@ -660,6 +660,19 @@ class Policy:
         for param, adapter in self._lora_params:
             param.requires_grad_(adapter in self._trainable)
 
+    def equals_base(self, name: str | None) -> bool:
+        """Whether adapter ``name`` computes exactly what the base does: a LoRA adapter whose every
+        ``lora_B`` is zero (as added, before its first update; peft then adds exact zeros). DoRA
+        rescales even then, and a full copy is never assumed equal."""
+        if name is None:
+            return True
+        config = self._adapter_configs.get(name)
+        if config is None or getattr(config, "use_dora", False):
+            return False
+        suffix = f".{name}.weight"
+        with torch.no_grad():
+            return all(not p.any() for n, p in self.transformer.named_parameters() if "lora_B" in n and n.endswith(suffix))
+
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         """The parameters of adapter ``name`` (what an optimizer of that adapter should get)."""
         if name in self._full:

@@ -97,8 +97,11 @@ def _standard() -> RunPlan:
                 lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2,
                 kl_beta=0.04)
     student_grpo = {**grpo, **student_lora, "lr": 3e-4}
+    # The students' task rewards are not scored on their own rollouts: the report reads none of
+    # them, and the OCR engine alone made an OPD cell ~17% longer (docs/benchmarks.md, "Cheaper
+    # cells"). `--set opd.monitor_rewards=true` logs them again; the trained weights are the same.
     opd = dict(steps=steps, prompts_per_task=4, num_steps=8, train_fraction=0.875, lr=1e-3, micro_batch=48,
-               eval_every=10, checkpoint_every=5, **student_lora)
+               eval_every=10, checkpoint_every=5, monitor_rewards=False, **student_lora)
     # Teachers: 60 steps of 8 prompts x 8 images (3,840 images each), LoRA r8. On base v4 this is
     # what the 2-core budget buys; larger learning rates made the geneval teacher worse, larger
     # batches or all steps trained did not make it learn, and on v6 neither did r32

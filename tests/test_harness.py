@@ -8,6 +8,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from opd_bench.cli import main
@@ -85,18 +86,21 @@ def test_the_cell_plan_orders_what_each_cell_needs(smoke_run, tmp_path):
     teachers = ("teacher geneval", "teacher ocr", "teacher pref")
     assert all(cells[t].needs == () for t in teachers)
     assert cells["train opd seed 1"].needs == teachers and cells["train cascade seed 1"].needs == ()
-    assert cells["eval teacher/ocr seed 0"].needs == ("teacher ocr",) and "eval teacher/ocr seed 1" not in cells
-    assert cells["eval multi-reward seed 1"].needs == ("train multi-reward seed 1",)
-    assert cells["eval base seed 0"].adapter is None and cells["variance opd"].needs == teachers
-    assert len(cells) == 3 + 4 * 2 + (4 + 4 * 2) + 1
+    assert cells["eval teacher/ocr seed 0 on ocr"].needs == ("teacher ocr",) and "eval teacher/ocr seed 1 on ocr" not in cells
+    assert cells["eval multi-reward seed 1 on pref"].needs == ("train multi-reward seed 1",)
+    assert cells["eval base seed 0 on geneval"].adapter is None and cells["variance opd"].needs == teachers
+    # one evaluation cell per benchmark of every model; one sample grid per model, of its first seed
+    assert cells["samples opd seed 0"].needs == ("train opd seed 0",) and "samples opd seed 1" not in cells
+    models = 1 + 3 + 4 * 2
+    assert len(cells) == 3 + 4 * 2 + 3 * models + (1 + 3 + 4) + 1
     # a partial rerun: a cell an earlier run trained but never evaluated is evaluated, needing nothing
     partial = _harness(tmp_path / "partial", method="opd")
     earlier = tmp_path / "partial" / "methods" / "cascade" / "seed5"
     (earlier / "stage1-ocr" / "final").mkdir(parents=True)
     (earlier / "stage1-ocr" / "DONE").write_text("{}")
     cells = {c.label: c for c in plan_cells(partial)}
-    assert cells["eval cascade seed 5"].needs == () and "train cascade seed 5" not in cells
-    assert "eval cascade seed 0" not in cells and cells["eval opd seed 0"].needs == ("train opd seed 0",)
+    assert cells["eval cascade seed 5 on ocr"].needs == () and "train cascade seed 5" not in cells
+    assert "eval cascade seed 0 on ocr" not in cells and cells["eval opd seed 0 on ocr"].needs == ("train opd seed 0",)
 
 
 def test_the_bar_shows_the_step_each_running_training_cell_has_reached(tmp_path):
@@ -112,7 +116,7 @@ def test_the_bar_shows_the_step_each_running_training_cell_has_reached(tmp_path)
     stage.mkdir(parents=True)
     (stage / "metrics.jsonl").write_text('{"step": 7}\n')
     assert _describe(harness, cascade) == "train cascade seed 1 (stage1-ocr step 7)"
-    assert _describe(harness, Cell("eval", "base", 0)) == "eval base seed 0"
+    assert _describe(harness, Cell("eval", "base", 0, task="ocr")) == "eval base seed 0 on ocr"
 
 
 def test_cells_run_side_by_side_by_default_only_on_a_cpu_in_one_process(monkeypatch):
@@ -383,3 +387,38 @@ def test_cascade_forgetting_probe_scores_stage_ends_on_the_runs_own_images(smoke
     record = probe.stage_evaluation(tmp_path / "last.json", Policy.from_pretrained(suites.resolve_model("tiny")), last, results, 0)
     recorded = results["per_image"]["cascade"]["0"]  # stored to 6 decimals
     assert {bench: [round(v, 6) for v in values] for bench, values in record["per_image"].items()} == recorded
+
+
+def test_an_evaluation_joined_from_benchmark_cells_is_the_suite_evaluated_at_once(smoke_run):
+    """A parallel run scores each benchmark of a model in a cell of its own; the joined record
+    holds what evaluating every benchmark in one call gives, and the parts are cleared away."""
+    from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
+
+    harness = _harness(smoke_run)
+    saved = json.loads((smoke_run / "evals" / "base-seed0.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the smoke run's cells ran on one thread each
+    try:
+        whole = evaluate_suite(harness.suite, policy_source(harness.policy, SamplerSettings.of_suite(harness.suite)),
+                               seed=saved["eval_seed"], limit=harness.plan.eval_limit,
+                               images_per_prompt=harness.plan.eval_images_per_prompt, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert saved["scores"] == whole["scores"] and list(saved["per_image"]) == list(whole["per_image"])
+    from opd_bench.harness import _score
+
+    assert saved["per_image"] == {k: [_score(v) for v in values] for k, values in whole["per_image"].items()}
+    assert saved["per_tag"] == whole["per_tag"]
+    assert not (smoke_run / "evals" / "parts").exists()
+
+
+def test_ready_cells_go_longest_first_within_their_priority():
+    """The end of a run is filled with short cells: a kind never timed goes first (to be timed),
+    then cells by what cells alike took, never ahead of a higher priority."""
+    from opd_bench.parallel import Cell, longest_first
+
+    ocr, pref, geneval = (Cell("eval", "opd", 0, task=t) for t in ("ocr", "pref", "geneval"))
+    train, grid = Cell("train", "opd", 1), Cell("samples", "opd", 0)
+    seconds = {("eval", "ocr"): [35.0, 33.0], ("eval", "pref"): [12.0]}
+    assert longest_first([grid, pref, ocr, geneval, train], seconds) == [train, geneval, ocr, pref, grid]
+    assert longest_first([pref, ocr], {}) == [pref, ocr]  # nothing timed yet: the plan's order

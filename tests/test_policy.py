@@ -205,3 +205,23 @@ def test_char_tokens_keep_case_and_give_each_quoted_character_one_token(tmp_path
     # And the plain CLIP tokenizer lower-cases, which is what the option avoids.
     plain = build_tokenizer(tmp_path / "plain", max_length=24)
     assert plain.convert_ids_to_tokens(plain('"ON"').input_ids)[2] == "on</w>"
+
+
+def test_an_adapter_equals_the_base_until_its_first_update(policy):
+    """equals_base lets evaluations reuse the base's scores for a fresh adapter: peft adds exact
+    zeros, so the velocity is the base's to the bit."""
+    policy.add_adapter("fresh", rank=4, alpha=8, seed=0)
+    cond = policy.encode(["a red circle", "a blue square"])
+    latents = torch.randn(2, *policy.latent_shape(1)[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with policy.use(None):
+            base = policy.velocity(latents, 0.5, cond, guidance_scale=4.5)
+        with policy.use("fresh"):
+            fresh = policy.velocity(latents, 0.5, cond, guidance_scale=4.5)
+    assert policy.equals_base(None) and policy.equals_base("fresh") and torch.equal(base, fresh)
+    lora_b = [p for n, p in policy.transformer.named_parameters() if ".lora_B.fresh." in n]
+    with torch.no_grad():
+        lora_b[0][0, 0] = 1e-3  # one update later
+    assert lora_b and not policy.equals_base("fresh")
+    policy.add_full_copy("copy", trainable=False)
+    assert not policy.equals_base("copy")

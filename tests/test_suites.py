@@ -172,3 +172,25 @@ def test_missing_weights_mention_safetensors_only(tiny_dir, tmp_path):
     result = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "model"), "--prompt", "x", "--out", str(tmp_path / "g.png")])
     assert result.exit_code == 1 and result.output.strip().count("\n") == 0, result.output
     assert "transformer/*.safetensors" in result.output and ".bin" not in result.output
+
+
+def test_periodic_evaluation_of_a_fresh_adapter_reuses_the_bases_scores(policy, monkeypatch):
+    """Every training run's step-0 evaluation is the base's: computed once, then reused while an
+    adapter still equals the base, and the same numbers as evaluating the adapter itself."""
+    from opd_bench.evaluate import make_evaluator
+
+    suite, settings = suites.get("tiny"), SamplerSettings(num_steps=2)
+    evaluate = make_evaluator(suite, limit=2, settings=settings)
+    policy.add_adapter("fresh", rank=4, alpha=8, seed=0)
+    with policy.use("fresh"):
+        first = evaluate(policy)
+        forwards = sum(policy.forward_counts.values())
+        assert evaluate(policy) == first and sum(policy.forward_counts.values()) == forwards  # nothing generated
+        with monkeypatch.context() as patch:
+            patch.setattr(policy, "equals_base", lambda name: False)
+            assert make_evaluator(suite, limit=2, settings=settings)(policy) == first
+        lora_b = next(p for n, p in policy.transformer.named_parameters() if ".lora_B.fresh." in n)
+        with torch.no_grad():
+            lora_b.fill_(0.5)  # trained: evaluated anew
+        evaluate(policy)
+        assert sum(policy.forward_counts.values()) > forwards

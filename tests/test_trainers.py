@@ -134,6 +134,23 @@ def test_opd_step_changes_the_student_not_the_teachers(policy, tiny_dir, tmp_pat
     assert record["teacher_forwards"] > 0 and record["kl"] > 0 and "kl/bright" in record and "reward/red/mean" in record
 
 
+def test_monitoring_rewards_changes_the_logs_not_the_trained_weights(tiny_dir, tmp_path):
+    """The standard preset turns the students' reward monitoring off to save time; that must not
+    change what they learn (rewards are never in the OPD loss, and scoring draws no random numbers)."""
+    teacher = _teacher(tiny_dir, tmp_path / "teacher")
+    weights, logs = {}, {}
+    for monitor in (True, False):
+        policy = Policy.from_pretrained(str(tiny_dir))
+        config = preset("smoke", OPD_PRESETS, steps=2, eval_every=0, lr=1e-2, monitor_rewards=monitor)
+        OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, rewards=REWARDS,
+                   run_dir=tmp_path / str(monitor)).train(progress=False)
+        weights[monitor] = [p.detach().clone() for p in policy.parameters("student")]
+        logs[monitor] = read_metrics(tmp_path / str(monitor) / "metrics.jsonl")[-1]
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+    assert "reward/red/mean" in logs[True] and not any(k.startswith("reward/") for k in logs[False])
+    assert logs[True]["loss"] == logs[False]["loss"]
+
+
 def test_opd_ppo_mode_trains_and_refuses_deterministic_steps(policy, tiny_dir, tmp_path):
     teacher = _teacher(tiny_dir, tmp_path / "teacher")
     with pytest.raises(ValueError, match="noise_level > 0"):
