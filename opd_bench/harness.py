@@ -222,8 +222,10 @@ class Harness:
 
     def teacher(self, task: str) -> Path:
         """Train (or reuse) the teacher of ``task``; returns its run folder (adapter in ``final/``)."""
-        from opd_bench.trainers.teachers import train_teacher
+        from opd_bench.trainers.teachers import finished_teacher, train_teacher
 
+        if finished_teacher(self.teacher_dir(task)) is not None:
+            return self.teacher_dir(task)  # without loading the model and the rewards it would train with
         return train_teacher(
             task, policy=self.policy, prompts=self.prompts("train")[task], reward=self.train_rewards()[task],
             config=self.teacher_config(task), root=self.out / "teachers",
@@ -459,8 +461,9 @@ class Harness:
         return_freed_memory()
         for method in self.methods:
             for seed in self.seeds:
-                self.train_method(method, seed, teachers)
-                return_freed_memory()  # else RSS creeps up cell by cell (glibc keeps freed buffers)
+                if not self.trained(method, seed):
+                    self.train_method(method, seed, teachers)
+                    return_freed_memory()  # else RSS creeps up cell by cell (glibc keeps freed buffers)
         if not distributed.current().is_main:
             return None  # training is shared; rank 0 alone evaluates and writes results.json
         # Every finished cell of this folder is reported, also those of earlier runs with other
@@ -469,8 +472,12 @@ class Harness:
         methods, seeds, models = self.models_to_evaluate(trained, teachers)
         evals: dict[str, dict[int, dict]] = {}
         for name, per_seed in models.items():
-            evals[name] = {seed: self.evaluate_cell(name, folder, seed) for seed, folder in per_seed.items()}
-            return_freed_memory()
+            evals[name] = {}
+            for seed, folder in per_seed.items():
+                fresh = not self.evaluation_finished(name, seed)
+                evals[name][seed] = self.evaluate_cell(name, folder, seed)
+                if fresh:
+                    return_freed_memory()  # a full collection costs ~0.2 s: not for a record only read
         variance = self.variance(teachers) if any(m.startswith("opd") for m in methods) else None
         samples = self.samples({name: (min(per_seed), per_seed[min(per_seed)]) for name, per_seed in models.items()})
         results = self.assemble(teachers, models, evals, variance, samples, time.time() - start, methods, seeds)

@@ -422,3 +422,14 @@ def test_ready_cells_go_longest_first_within_their_priority():
     seconds = {("eval", "ocr"): [35.0, 33.0], ("eval", "pref"): [12.0]}
     assert longest_first([grid, pref, ocr, geneval, train], seconds) == [train, geneval, ocr, pref, grid]
     assert longest_first([pref, ocr], {}) == [pref, ocr]  # nothing timed yet: the plan's order
+
+
+def test_assembling_a_finished_run_loads_no_model(smoke_run, tmp_path):
+    """The one-process pass after the cells only reads: no model, no rewards, the same results."""
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_run, copy)
+    harness = _harness(copy)
+    results = harness.run()
+    assert harness._policy is None and not hasattr(harness, "_train_rewards")
+    saved = json.loads((smoke_run / "results.json").read_text())
+    assert results["per_image"] == saved["per_image"] and results["artifacts"] == saved["artifacts"]
