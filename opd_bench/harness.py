@@ -30,11 +30,11 @@ import torch
 from opd_bench import __version__, distributed, trackers
 from opd_bench.io import atomic_write_json, json_differences
 from opd_bench.presets import apply_overrides, plan
-from opd_bench.result_schema import FORWARD_KEYS, SCHEMA_VERSION, eval_noise_seed
+from opd_bench.result_schema import FORWARD_KEYS, SCHEMA_VERSION, STUDENT_METHODS, eval_noise_seed
 from opd_bench.trainers.grpo import GRPOConfig
 
 RUN_MARKER = ".opd-bench-run"
-METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
+METHODS = STUDENT_METHODS
 METHOD_CHOICES = ("all", "teachers", *METHODS)
 
 
@@ -224,8 +224,9 @@ class Harness:
         """Train (or reuse) the teacher of ``task``; returns its run folder (adapter in ``final/``)."""
         from opd_bench.trainers.teachers import finished_teacher, train_teacher
 
-        if finished_teacher(self.teacher_dir(task)) is not None:
-            return self.teacher_dir(task)  # without loading the model and the rewards it would train with
+        run_dir = self.teacher_dir(task)
+        if finished_teacher(run_dir) is not None:
+            return run_dir  # without loading the model and the rewards it would train with
         return train_teacher(
             task, policy=self.policy, prompts=self.prompts("train")[task], reward=self.train_rewards()[task],
             config=self.teacher_config(task), root=self.out / "teachers",
@@ -320,8 +321,9 @@ class Harness:
     def _evaluation_path(self, name: str, seed: int) -> Path:
         return self.out / "evals" / f"{name.replace('/', '_')}-seed{seed}.json"
 
-    def _part_path(self, name: str, seed: int, task: str) -> Path:
-        return self.out / "evals" / "parts" / f"{name.replace('/', '_')}-seed{seed}" / f"{task}.json"
+    def _parts_dir(self, name: str, seed: int) -> Path:
+        """Where a model's evaluation waits, one file per benchmark, until every part is in."""
+        return self.out / "evals" / "parts" / f"{name.replace('/', '_')}-seed{seed}"
 
     def _finished_evaluation(self, name: str, seed: int) -> dict | None:
         """The saved final evaluation of a model, or None; records of older versions lack per-image
@@ -334,7 +336,7 @@ class Harness:
         """Whether the model's final evaluation (or, with ``task``, that benchmark's part of it) is saved."""
         if self._finished_evaluation(name, seed) is not None:
             return True
-        return task is not None and self._part_path(name, seed, task).exists()
+        return task is not None and (self._parts_dir(name, seed) / f"{task}.json").exists()
 
     def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int, task: str | None = None) -> dict:
         """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``.
@@ -355,16 +357,15 @@ class Harness:
             record[key] = {k: v for part in parts for k, v in part[key].items()}
         record["seconds"] = round(sum(part["seconds"] for part in parts), 2)  # benchmarks/bench_run_memory.py reads it
         atomic_write_json(self._evaluation_path(name, seed), record, compact_lists=True)
-        parts_dir = self._part_path(name, seed, tasks[0]).parent
-        shutil.rmtree(parts_dir, ignore_errors=True)
+        shutil.rmtree(self._parts_dir(name, seed), ignore_errors=True)
         with contextlib.suppress(OSError):
-            parts_dir.parent.rmdir()  # evals/parts/, once no model has parts left
+            self._parts_dir(name, seed).parent.rmdir()  # evals/parts/, once no model has parts left
         return record
 
     def _evaluation_part(self, name: str, adapter_dir: Path | None, seed: int, task: str) -> dict:
         from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
 
-        path = self._part_path(name, seed, task)
+        path = self._parts_dir(name, seed) / f"{task}.json"
         if path.exists():
             return json.loads(path.read_text())
         adapter = self._loaded(name, adapter_dir, seed)
@@ -474,9 +475,9 @@ class Harness:
         for name, per_seed in models.items():
             evals[name] = {}
             for seed, folder in per_seed.items():
-                fresh = not self.evaluation_finished(name, seed)
-                evals[name][seed] = self.evaluate_cell(name, folder, seed)
-                if fresh:
+                evals[name][seed] = self._finished_evaluation(name, seed)
+                if evals[name][seed] is None:
+                    evals[name][seed] = self.evaluate_cell(name, folder, seed)
                     return_freed_memory()  # a full collection costs ~0.2 s: not for a record only read
         variance = self.variance(teachers) if any(m.startswith("opd") for m in methods) else None
         samples = self.samples({name: (min(per_seed), per_seed[min(per_seed)]) for name, per_seed in models.items()})

@@ -134,10 +134,9 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
     torch threads each; returns the number of cells run. Finished cells stay on disk if one fails."""
     from tqdm.auto import tqdm
 
-    cells = sorted(plan_cells(harness), key=lambda c: _PRIORITY[c.kind])
+    cells = plan_cells(harness)  # longest_first below puts the ready ones in order
     if not cells:
         return 0
-    seconds: dict[tuple[str, str], list[float]] = {}  # what cells alike took so far
     from opd_bench.suites import sd
 
     if jobs * threads > available_cores():  # measured: 2 jobs x 2 threads on 2 cores ran the smoke cells 7x slower
@@ -148,6 +147,7 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=context,
                                initializer=_start_worker, initargs=(harness.options, threads, suite_config, os.getpid()))
     pending, running, done = list(cells), {}, set()
+    seconds: dict[tuple[str, str], list[float]] = {}  # what cells alike took so far
     bar = tqdm(total=len(cells), desc=f"cells ({jobs} jobs x {threads} thread{'s' if threads > 1 else ''})", unit="cell", disable=not progress)
     try:
         while pending or running:

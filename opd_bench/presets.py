@@ -20,6 +20,7 @@ from opd_bench.baselines.multi_reward import MultiRewardConfig
 from opd_bench.trainers.grpo import GRPOConfig
 from opd_bench.trainers.opd import OPDConfig
 
+
 @dataclass
 class RunPlan:
     """Everything a comparison run needs besides the suite, model and seeds (a named preset)."""
@@ -264,7 +265,7 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
     for pair in pairs:
         where, value = _split(pair)
         head, *rest = where.split(".")
-        if where.split(".")[-1] == "seed":
+        if (rest or [head])[-1] == "seed":
             raise OverrideError(f"--set {where}: every training run takes its seed from --seeds; use --seeds instead")
         if head == "teacher" and len(rest) == 2:  # teacher.TASK.FIELD
             run_plan = _set_teacher_of(run_plan, rest[0], rest[1], value, where, tasks)

@@ -9,10 +9,10 @@ import math
 import statistics
 from typing import Any
 
-from opd_bench.result_schema import paired_evaluation, total_forwards
+from opd_bench.result_schema import STUDENT_METHODS, paired_evaluation, total_forwards
 
 REFERENCE_ORDER = ("base", "teacher/geneval", "teacher/ocr", "teacher/pref")
-STUDENT_ORDER = ("opd", "opd-ppo", "multi-reward", "cascade")
+STUDENT_ORDER = STUDENT_METHODS
 
 
 def num(value: Any) -> float | None:
@@ -60,13 +60,18 @@ def paired_gain(model: list[float], base: list[float]) -> tuple[float, float]:
     return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
 
 
+def by_stratum(values: list[float], strata: list[Any]) -> dict[Any, list[float]]:
+    groups: dict[Any, list[float]] = {}
+    for value, stratum in zip(values, strata, strict=True):
+        groups.setdefault(stratum, []).append(value)
+    return groups
+
+
 def stratified_paired_se(model: list[float], base: list[float], strata: list[Any]) -> float | None:
     """Standard error of a score that is the mean over strata of each stratum's mean (GenEval: its
     tags), for the paired per-image differences ``model - base``; one stratum is ``paired_gain``'s
     s.e. None where a stratum has fewer than two images."""
-    groups: dict[Any, list[float]] = {}
-    for m, b, stratum in zip(model, base, strata, strict=True):
-        groups.setdefault(stratum, []).append(m - b)
+    groups = by_stratum([m - b for m, b in zip(model, base, strict=True)], strata)
     if not groups or any(len(g) < 2 for g in groups.values()):
         return None
     return math.sqrt(sum(statistics.variance(g) / len(g) for g in groups.values())) / len(groups)
@@ -195,9 +200,7 @@ class ResultView:
         if len(ours) < 2 or len(ours) != len(base) or any(v is None for v in ours + base):
             return None
         strata = self.image_strata(bench, len(ours)) or [None] * len(ours)
-        groups: dict[Any, list[float]] = {}
-        for value, stratum in zip(ours, strata):
-            groups.setdefault(stratum, []).append(value)
+        groups = by_stratum(ours, strata)
         mean, score = self.mean(model, bench), sum(sum(g) / len(g) for g in groups.values()) / len(groups)
         if mean is None or abs(score - mean) > 1e-6 * max(1.0, abs(mean)):  # not the score these images make
             return None
