@@ -51,8 +51,15 @@ class Cell:
         return self.kind, self.task or self.name
 
 
-# Teachers gate the OPD runs, so they go first; evaluations and sample grids last, as they unblock nothing.
+# Teachers gate the OPD runs, so they go first; evaluations and sample grids last, as they unblock
+# nothing. The base's evaluations and grid (a minute in all) and the variance experiment go with the
+# training runs: the bar estimates the time left only once every kind of cell has been timed
+# (time_left), and the standard run's length stays the same (a replay of v12's cell times: 32.0 min).
 _PRIORITY = {"teacher": 0, "train": 1, "variance": 2, "eval": 3, "samples": 4}
+
+
+def _priority(cell: Cell) -> int:
+    return 1 if cell.name == "base" or cell.kind == "variance" else _PRIORITY[cell.kind]
 
 
 def available_cores() -> int:
@@ -112,7 +119,31 @@ def longest_first(ready: list[Cell], seconds: dict[tuple[str, str], list[float]]
         took = seconds.get(cell.sort_key)
         return sum(took) / len(took) if took else math.inf
 
-    return sorted(ready, key=lambda c: (_PRIORITY[c.kind], -expected(c)))
+    return sorted(ready, key=lambda c: (_priority(c), -expected(c)))
+
+
+def time_left(pending: list[Cell], running: dict[Cell, float], seconds: dict[tuple[str, str], list[float]],
+              jobs: int) -> float | None:
+    """Seconds the unfinished cells should still take on ``jobs`` processes: each cell is expected to
+    take what cells alike took so far (else cells of its kind), a running one less the seconds it has
+    run (``running``: cell -> seconds so far). None while a kind of cell among them is untimed: a
+    guess from the count of cells misleads, as a teacher takes minutes and a sample grid a second."""
+    of_kind: dict[str, list[float]] = {}
+    for (kind, _), took in seconds.items():
+        of_kind.setdefault(kind, []).extend(took)
+    left = [0.0]
+    for cell, ran in [(cell, 0.0) for cell in pending] + list(running.items()):
+        took = seconds.get(cell.sort_key) or of_kind.get(cell.kind)
+        if not took:
+            return None
+        left.append(max(sum(took) / len(took) - ran, 0.0))
+    return max(sum(left) / jobs, max(left))
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return "<1 min left, " if seconds < 60 else f"~{round(seconds / 60)} min left, "
 
 
 def _finished(harness, cell: Cell, teachers: dict[str, Path]) -> bool:
@@ -148,16 +179,23 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
                                initializer=_start_worker, initargs=(harness.options, threads, suite_config, os.getpid()))
     pending, running, done = list(cells), {}, set()
     seconds: dict[tuple[str, str], list[float]] = {}  # what cells alike took so far
-    bar = tqdm(total=len(cells), desc=f"cells ({jobs} jobs x {threads} thread{'s' if threads > 1 else ''})", unit="cell", disable=not progress)
+    started: dict[Cell, float] = {}
+    # no rate or ETA from tqdm: cells differ in length by 100x, so one from the count misleads
+    # (v12's bar said 68 min left at 18 min, with 14 to go); time_left estimates from cells alike
+    bar = tqdm(total=len(cells), desc=f"cells ({jobs} jobs x {threads} thread{'s' if threads > 1 else ''})", unit="cell",
+               disable=not progress, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     try:
         while pending or running:
             for cell in longest_first([c for c in pending if all(n in done for n in c.needs)], seconds)[: jobs - len(running)]:
                 running[pool.submit(_run_cell, cell)] = cell
+                started[cell] = time.perf_counter()
                 pending.remove(cell)
             if not running:
                 raise RuntimeError(f"cells waiting on cells that never run: {[c.label for c in pending]}")
             # a teacher runs for minutes: between completions the bar shows each training cell's step
-            bar.set_postfix_str(", ".join(_describe(harness, c) for c in running.values()), refresh=True)
+            now = time.perf_counter()
+            left = time_left(pending, {c: now - started[c] for c in running.values()}, seconds, jobs)
+            bar.set_postfix_str(_minutes(left) + ", ".join(_describe(harness, c) for c in running.values()), refresh=True)
             finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
             for future in finished:
                 cell = running.pop(future)

@@ -424,6 +424,33 @@ def test_ready_cells_go_longest_first_within_their_priority():
     assert longest_first([pref, ocr], {}) == [pref, ocr]  # nothing timed yet: the plan's order
 
 
+def test_time_left_is_estimated_from_cells_alike():
+    """The bar's estimate: each unfinished cell takes what cells alike took (else cells of its
+    kind), a running one less what it has run, shared over the jobs; none while a kind is untimed."""
+    from opd_bench.parallel import Cell, _minutes, time_left
+
+    ocr0, ocr1, pref0, grid = (Cell("eval", "opd", 0, task="ocr"), Cell("eval", "opd", 1, task="ocr"),
+                               Cell("eval", "opd", 0, task="pref"), Cell("samples", "opd", 0))
+    seconds = {("eval", "ocr"): [40.0, 44.0], ("eval", "geneval"): [14.0]}
+    # ocr0 pending: 42; ocr1 has run 30 of its 42: 12; pref untimed, so the eval kind's mean: 98 / 3
+    assert time_left([ocr0, pref0], {ocr1: 30.0}, seconds, jobs=2) == pytest.approx((42 + 12 + 98 / 3) / 2)
+    assert time_left([ocr0], {ocr1: 60.0}, seconds, jobs=2) == 42.0  # overdue: 0 left; one cell can't be shared
+    assert time_left([ocr0, grid], {}, seconds, jobs=2) is None  # no sample grid timed yet
+    assert time_left([], {}, {}, jobs=2) == 0.0
+    assert [_minutes(left) for left in (None, 30.0, 150.0)] == ["", "<1 min left, ", "~2 min left, "]
+
+
+def test_the_base_cells_and_the_variance_run_with_the_training_runs():
+    """They time the evaluations, grids and variance experiment early, for the estimate of time
+    left; the students' evaluations still come after every training run."""
+    from opd_bench.parallel import Cell, longest_first
+
+    base, student, train = Cell("eval", "base", 0, task="ocr"), Cell("eval", "opd", 0, task="ocr"), Cell("train", "opd", 1)
+    variance = Cell("variance", "opd")
+    timed = {("train", "opd"): [90.0], ("variance", "opd"): [80.0]}
+    assert longest_first([student, variance, base, train], timed) == [base, train, variance, student]
+
+
 def test_assembling_a_finished_run_loads_no_model(smoke_run, tmp_path):
     """The one-process pass after the cells only reads: no model, no rewards, the same results."""
     copy = tmp_path / "copy"
