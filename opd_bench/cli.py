@@ -104,6 +104,9 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
                    "(teacher.lr=1e-4, teacher.pref.kl_beta=0.01 for one task's teacher, opd.steps=100, opd-ppo.clip_range=0.1, "
                    "multi-reward.lora_rank=16, cascade.stages='[[\"pref\",20],[\"ocr\",20]]', cascade.grpo.lr=1e-4) or a run field "
                    "(eval_limit=64). A changed preset is another experiment: its own --out, not listed on the leaderboard.")
+@click.option("--set-file", "set_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A file of --set changes, one NAME=VALUE a line ('#' starts a comment line); applied before "
+                   "the command line's --set, and recorded as if each line had been given as --set.")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the student runs.  [default: 0,1,2; with --preset smoke: 0]")
 @click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="cpu", show_default=True)
@@ -124,13 +127,17 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (the preset with every --set applied) as JSON and exit; nothing is written.")
 @_suite_config_option
 @_friendly
-def run_command(method, suite_name, model, preset, overrides, seeds, out, device, report, force, jobs, threads, dtype, drop_t5,
+def run_command(method, suite_name, model, preset, overrides, set_file, seeds, out, device, report, force, jobs, threads, dtype, drop_t5,
                 gradient_checkpointing, offload_text_encoders, log_to, dry_run) -> None:
     """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
 
     Rerunning the same command skips finished work and resumes unfinished training; a rerun with
     other --method or --seeds adds its cells to OUT/results.json.
     """
+    if set_file is not None:
+        from opd_bench.presets import read_set_file
+
+        overrides = (*read_set_file(set_file), *overrides)
     # smoke is the quick check: one seed unless asked for more (three take 10-20 minutes).
     seeds = seeds if seeds is not None else ("0" if preset == "smoke" else "0,1,2")
     try:

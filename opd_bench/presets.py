@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from opd_bench.baselines.cascade import CascadeConfig
@@ -254,6 +255,22 @@ def _split(pair: str) -> tuple[str, Any]:
     if not sep or not where.strip():
         raise OverrideError(f"--set {pair!r} is not NAME=VALUE; e.g. {', '.join(SET_EXAMPLES)}")
     return where.strip(), _parse(text)
+
+
+def read_set_file(path: str | Path) -> list[str]:
+    """The ``NAME=VALUE`` lines of a ``--set-file``: one change a line, as ``--set`` takes it; blank
+    lines and lines starting with ``#`` are skipped. A line that is not ``NAME=VALUE`` is an error
+    naming the file and line."""
+    pairs = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line or not line.partition("=")[0].strip():
+            raise OverrideError(f"{path}:{number}: {line!r} is not NAME=VALUE; write one change a line, "
+                                f"e.g. {SET_EXAMPLES[0]}")
+        pairs.append(line)
+    return pairs
 
 
 def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str] = ()) -> RunPlan:

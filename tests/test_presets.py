@@ -119,3 +119,23 @@ def test_a_dry_run_prints_the_changed_plan_and_writes_nothing(tmp_path):
     assert shown["plan"]["opd"]["steps"] == 7 and shown["plan"]["teacher_overrides"] == {"pref": {"lr": 1e-4}}
     assert shown["plan"]["multi_reward"] == json.loads(json.dumps(plan("smoke").to_dict()))["multi_reward"]
     assert not out.exists()
+
+
+def test_a_set_file_is_a_list_of_set_changes_that_the_command_line_overrides(tmp_path):
+    changes = tmp_path / "changes.txt"
+    changes.write_text('# my variant\nopd.steps=7\n\n  cascade.stages=[["pref", 2], ["ocr", 1]]\nopd.lr=1e-4\n')
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--set-file", str(changes), "--set", "opd.lr=5e-4",
+                                       "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    # recorded (and so part of the run's identity) as if each line had been a --set, the file's first
+    assert shown["overrides"] == ["opd.steps=7", 'cascade.stages=[["pref", 2], ["ocr", 1]]', "opd.lr=1e-4", "opd.lr=5e-4"]
+    assert shown["plan"]["opd"]["steps"] == 7 and shown["plan"]["opd"]["lr"] == 5e-4
+    assert shown["plan"]["cascade"]["stages"] == [["pref", 2], ["ocr", 1]]
+
+    changes.write_text("opd.steps=7\nopd.steps 9\n")
+    result = CliRunner().invoke(main, ["run", "--set-file", str(changes), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code != 0 and f"{changes}:2: 'opd.steps 9' is not NAME=VALUE" in result.output
+    changes.write_text("opd.stepz=7\n")
+    result = CliRunner().invoke(main, ["run", "--set-file", str(changes), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code != 0 and "did you mean 'steps'" in result.output
