@@ -146,24 +146,14 @@ def opd_versus_baselines(view: ResultView) -> str:
 
 
 def cascade_forgetting(view: ResultView) -> str:
-    frame = view.curves_frame(["cascade"])
     oks, parts = [], []
-    for stage in view.cascade_stages(frame)[:-1]:
-        task, end = str(stage.get("task")), num(stage.get("end_step"))
-        bench = task if task in view.headline else next((b for b in view.headline if b.startswith(task + "_")), None)
-        if frame.empty or end is None or bench is None or bench not in frame:
-            continue
-        drops = []
-        for _, rows in frame.dropna(subset=[bench]).sort_values("step").groupby("seed"):
-            at_end = rows[rows["step"] <= end]
-            if not at_end.empty:
-                drops.append(float(at_end[bench].iloc[-1] - rows[bench].iloc[-1]))
-        mean, sd = mean_sd(drops)
+    for row in view.stage_scores(view.curves_frame(["cascade"]))[:-1]:  # the last stage has nothing after it
+        mean, sd = mean_sd([end - final for end, final in zip(row["end"], row["final"])])
         if mean is None:
             continue
         oks.append(mean > 2 * (sd or 0.0))
-        parts.append(f"{bench} (stage {stage.get('stage', '?')}) drops {mean:+.3f}"
-                     + ("" if sd is None else f" ± {sd:.3f}") + f" from its stage end to the final ({len(drops)} seeds)")
+        parts.append(f"{row['bench']} (stage {row['stage']}) drops {mean:+.3f}"
+                     + ("" if sd is None else f" ± {sd:.3f}") + f" from its stage end to the final ({len(row['end'])} seeds)")
     return (f"Cascade RL forgets earlier stages: {'held' if any(oks) else verdict(oks)}. "
             + ("; ".join(parts) + " (forgetting = drop above 2 seed-sd)" if parts
                else "no per-stage cascade curves in the file") + ".")

@@ -23,7 +23,7 @@ from opd_bench.findings import findings_lines
 from opd_bench.io import atomic_write_bytes
 from opd_bench.result_schema import paired_evaluation, total_forwards
 from opd_bench.report_doc import Cell, Doc, render_html, render_markdown, safe_name
-from opd_bench.results_view import ResultView, as_dict, as_list, fmt, fmt_g, fmt_int, is_student, method_key, num
+from opd_bench.results_view import ResultView, as_dict, as_list, fmt, fmt_g, fmt_int, is_student, mean_sd, method_key, num
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIXED_COLOURS = {
@@ -387,15 +387,33 @@ class _Report(ResultView):
         ax.grid(alpha=0.3)
         ax.legend(title="benchmark", fontsize=8)
         self.add_plot("cascade_forgetting.png", fig, "Cascade RL: per-task score across stages (stage boundaries dashed)")
-        mean_curve = long.groupby(["benchmark", "step"])["score"].mean().reset_index()
+        rows = self.stage_scores(frame)
+        if not rows:
+            return
+
+        def spread(values: list[float], signed: bool = False) -> str:
+            mean, sd = mean_sd([v for v in values if v == v])  # NaN: no evaluation before the stage
+            if mean is None:
+                return "n/a"
+            return (f"{mean:+.3f}" if signed else fmt(mean)) + ("" if sd is None else f" ± {sd:.3f}")
+
+        def differences(a: list[float], b: list[float]) -> list[float]:
+            return [x - y for x, y in zip(a, b)]
+
+        self.doc.p(
+            "Each stage's own task on the curves (mean ± sd over seeds): before the stage, at its end and after "
+            "the last stage. Forgetting is the drop from the stage's end to the final score; the findings call it "
+            "forgetting where that drop is above 2 seed-sd. Curves use the training-time evaluation (fewer "
+            "prompts than the final one), so a difference of a few hundredths can be its noise."
+        )
         table = []
-        for bench in benches:
-            part = mean_curve[mean_curve["benchmark"] == bench].sort_values("step")
-            peak_idx = part["score"].idxmax()
-            peak, final = float(part.loc[peak_idx, "score"]), float(part["score"].iloc[-1])
-            table.append([bench, fmt(part["score"].iloc[0]), fmt(peak), fmt_int(part.loc[peak_idx, "step"]),
-                          fmt(final), fmt(peak - final)])
-        self.doc.table(["benchmark", "start", "peak", "peak at step", "final", "forgetting (peak - final)"], table)
+        for i, row in enumerate(rows):
+            last = i == len(rows) - 1
+            table.append([f"{row['stage']}: {row['task']}", row["bench"], fmt_int(row["end_step"]), spread(row["before"]),
+                          spread(row["end"]), spread(row["final"]), spread(differences(row["end"], row["before"]), signed=True),
+                          "n/a (last stage)" if last else spread(differences(row["end"], row["final"]), signed=True)])
+        self.doc.table(["stage", "benchmark", "ends at step", "before the stage", "at its end", "final",
+                        "gain in its stage", "forgetting (end - final)"], table)
 
     def samples(self) -> None:
         samples = as_dict(self.r.get("samples"))

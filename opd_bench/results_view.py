@@ -144,6 +144,31 @@ class ResultView:
             stages = list(seen.values())
         return stages
 
+    def stage_scores(self, frame) -> list[dict]:
+        """Per cascade stage, its task's headline benchmark on the curves (``frame``: the cascade's
+        ``curves_frame``), per seed: ``before`` (the last evaluation at or before the stage's first
+        step; NaN if none), ``end`` (at or before its last step) and ``final``. Forgetting is ``end - final``; the
+        findings and the report's table both read it from here."""
+        rows, start = [], 0.0
+        for stage in self.cascade_stages(frame):
+            task, end = str(stage.get("task")), num(stage.get("end_step"))
+            bench = task if task in self.headline else next((b for b in self.headline if b.startswith(task + "_")), None)
+            if frame.empty or end is None or bench is None or bench not in frame:
+                start = end if end is not None else start
+                continue
+            per_seed: dict[str, list[float]] = {"before": [], "end": [], "final": []}
+            for _, curve in frame.dropna(subset=[bench]).sort_values("step").groupby("seed"):
+                before, at_end = curve[curve["step"] <= start], curve[curve["step"] <= end]
+                if at_end.empty:
+                    continue
+                for key, value in (("before", before[bench].iloc[-1] if not before.empty else math.nan),
+                                   ("end", at_end[bench].iloc[-1]), ("final", curve[bench].iloc[-1])):
+                    per_seed[key].append(float(value))
+            rows.append({"stage": stage.get("stage", len(rows)), "task": task, "bench": bench, "start_step": start,
+                         "end_step": end, **per_seed})
+            start = end
+        return rows
+
     def score_text(self, method: str, bench: str) -> str:
         """'mean ± seed sd (n seeds)' of one final score."""
         cell = self.score(method, bench)

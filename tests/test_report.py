@@ -160,6 +160,19 @@ def test_findings_say_held_when_every_claim_holds(tmp_path):
     assert "Ratio PPO-style / analytic 40 at the reference setting; 8 of 8 settings >= 10" in variance
 
 
+def test_the_forgetting_table_says_what_the_findings_say(tmp_path):
+    """Per stage: its task before, at the end of and after the cascade, gain and forgetting with the
+    seed sd, the same drop the findings line reads (not the peak anywhere on the curve)."""
+    _findings(tmp_path, _claims_hold(make_results()))
+    md = (tmp_path / "out" / "report.md").read_text()
+    table = md[md.index("| stage | benchmark |"):md.index("## Samples")]
+    first, *_, last = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert first.startswith("| 0: pref | pref_oracle |")
+    # pref_oracle: 0.8 up to its stage end, 0.3 after: no gain in a stage it starts at 0.8, forgets 0.5
+    assert first.endswith("| 0.800 ± 0.000 | 0.800 ± 0.000 | 0.300 ± 0.000 | +0.000 ± 0.000 | +0.500 ± 0.000 |")
+    assert last.endswith("| n/a (last stage) |")
+
+
 def test_findings_say_did_not_hold(tmp_path):
     results = _claims_hold(make_results())
     _set_scores(results, "teacher/ocr", "ocr", [0.25])  # gain +0.05 < +0.15: OPD keeps 180% of a small gain
