@@ -87,6 +87,19 @@ def _seed_label(n_seeds: int) -> str:
 # The report
 
 
+def _reference_levels(frame, bench: str, teacher: str | None) -> tuple[float | None, float | None]:
+    """On the curves' own prompts and noise: the teacher's score at its last curve evaluation (mean
+    over its seeds) and the base's, which is every run's step-0 evaluation (a fresh adapter adds
+    zeros). Not the final table's scores, which come from a larger evaluation."""
+    if frame.empty or bench not in frame:
+        return None, None
+    scored = frame[frame[bench].notna()]
+    start = scored[scored["step"] == 0][bench]
+    own = scored[scored["method"] == teacher] if teacher else scored.iloc[:0]
+    last = own[own["step"] == own.groupby("seed")["step"].transform("max")][bench]
+    return (float(last.mean()) if len(last) else None), (float(start.mean()) if len(start) else None)
+
+
 class _Report(ResultView):
     def __init__(self, run_dir: Path, out_dir: Path, results: dict) -> None:
         super().__init__(results)
@@ -208,9 +221,12 @@ class _Report(ResultView):
             "steps (left) and against transformer forward passes, student plus teacher plus the frozen reference "
             "of a KL penalty (right); the second axis charges DiffusionOPD and its PPO-style variant for querying "
             "the teachers and GRPO methods for their KL reference. Lines are the mean "
-            f"over seeds ({_seed_label(n_seeds)}). Dashed lines: the final score of the teacher trained on that "
-            "benchmark; dotted grey: the base model."
+            f"over seeds ({_seed_label(n_seeds)}). The curves' evaluation uses fewer test prompts than the final "
+            "one, so their scores differ from the final table's; the reference lines are on the curves' own prompts "
+            "and noise: dashed, the teacher trained on that benchmark at the end of its training; dotted grey, the "
+            "base model (every run's step 0)."
         )
+        every = self.curves_frame(sorted(curves, key=method_key))
         drawn = 0
         for bench in self.headline:
             if frame.empty or bench not in frame or frame[bench].notna().sum() == 0:
@@ -226,12 +242,12 @@ class _Report(ResultView):
                 sns.lineplot(data=data, x=x, y=bench, hue="method", hue_order=present,
                              palette={m: self.colours[m] for m in present}, errorbar="sd",
                              marker="o", markersize=4, ax=ax)
-                teacher = self.teacher_for(bench)
-                if teacher and self.mean(teacher, bench) is not None:
-                    ax.axhline(self.mean(teacher, bench), ls="--", lw=1.4, color=self.colours[teacher],
-                               label=f"{teacher} (final)")
-                if self.mean("base", bench) is not None:
-                    ax.axhline(self.mean("base", bench), ls=":", lw=1.2, color=self.colours["base"], label="base")
+                teacher, base = _reference_levels(every, bench, self.teacher_for(bench))
+                if teacher is not None:
+                    ax.axhline(teacher, ls="--", lw=1.4, color=self.colours[self.teacher_for(bench)],
+                               label=f"{self.teacher_for(bench)} (end of training)")
+                if base is not None:
+                    ax.axhline(base, ls=":", lw=1.2, color=self.colours.get("base", "#777"), label="base")
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel("score (0-1)")
                 ax.grid(alpha=0.3)

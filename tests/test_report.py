@@ -97,6 +97,24 @@ def test_missing_results_file_is_a_clear_error(tmp_path):
         build_report(tmp_path, tmp_path / "out")
 
 
+def test_curve_reference_lines_are_on_the_curves_own_prompts():
+    """The teacher's and the base's lines on the convergence plots come from the curves' evaluation
+    (the teacher's last curve point, every run's step 0), not from the larger final evaluation."""
+    from opd_bench.report import _reference_levels
+    from opd_bench.results_view import ResultView
+
+    results = make_results()
+    view = ResultView(results)
+    frame = view.curves_frame(sorted(results["curves"]))
+    ends = [rows[-1]["eval/ocr"] for rows in results["curves"]["teacher/ocr"].values()]
+    starts = [rows[0]["eval/ocr"] for per_seed in results["curves"].values() for rows in per_seed.values()]
+    teacher, base = _reference_levels(frame, "ocr", "teacher/ocr")
+    assert teacher == pytest.approx(sum(ends) / len(ends)) and base == pytest.approx(sum(starts) / len(starts))
+    assert teacher != pytest.approx(view.mean("teacher/ocr", "ocr"))
+    assert _reference_levels(frame, "ocr", None) == (None, base)
+    assert _reference_levels(frame.iloc[:0], "ocr", "teacher/ocr") == (None, None)
+
+
 # --------------------------------------------------------------------------------------------
 # Findings: the paper's claims, computed from the result file
 
