@@ -281,9 +281,12 @@ class _Report(ResultView):
             return
         frame = pd.DataFrame.from_records(records)
         self.doc.p(
-            "Variance of the gradient estimate across the samples of a batch, logged during training "
-            "(log scale). Left: total variance; right: relative to the squared norm of the mean gradient. "
-            "Line: mean over seeds; band: min-max over seeds."
+            "Variance of the gradient estimate within each optimizer step, logged during training (log scale): "
+            "the trace of the covariance of the step's micro-batch gradients, each rescaled to a whole-batch "
+            "estimate. Left: total variance; right: relative to the squared norm of the step's mean gradient. "
+            "A step whose gradient is all noise gives a relative value near the number of micro-batches it pools, "
+            "one with a consistent direction less; DiffusionOPD's micro-batches are its tasks' batches, so its "
+            "value also measures how far the tasks' gradients disagree. Line: mean over seeds; band: min-max over seeds."
         )
         present = sorted(frame["method"].unique(), key=method_key)
         fig, axes = _figure(12.5, 4.4, ncols=2)
