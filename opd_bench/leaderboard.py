@@ -12,13 +12,15 @@ the preset's training budget. ``submit`` also re-evaluates a sample of the
 run from its adapters (``opd_bench.verify``) and refuses what does not reproduce, unless told to
 list it as unverified; it refuses anything invalid, oversized, unsafe names and duplicates
 without touching the directory. ``rebuild`` regenerates README.md and leaderboard.csv
-deterministically: verified entries ranked per suite and preset, unverified and schema-1
+deterministically: verified entries ranked per suite, preset and configuration (the preset's
+settings when the run was made), unverified and schema-1
 ("legacy") entries in a separate table without ranks.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -43,6 +45,38 @@ def _model_label(results: dict) -> str:
     """The model, with its precision where it was not float32 (another experiment, e.g. ``sd35m (bfloat16)``)."""
     dtype = model_loading(results)["dtype"]
     return str(results["model"]) + (f" ({dtype})" if dtype != "float32" else "")
+
+
+# Settings that change no score (what is logged and how often a run checkpoints), left out of the
+# configuration a ranking groups by: v12's standard run (monitoring off) scores as v11's to the bit.
+BOOKKEEPING = ("monitor_rewards", "checkpoint_every")
+# Parts of the recorded config that are not the preset's: how the model was loaded (shown in the
+# model column, with its precision) and the --set changes (a listed run has none).
+NOT_THE_PRESET = ("model", "overrides")
+
+
+def configuration_id(results: dict) -> str:
+    """A short hash of the preset's settings the run recorded (less bookkeeping): runs of one preset
+    name made before and after the preset changed are other experiments (another evaluation size,
+    learning rate, ...), so they are ranked apart."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in BOOKKEEPING}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    config = results.get("config") if isinstance(results.get("config"), dict) else {}
+    preset = strip({k: v for k, v in config.items() if k not in NOT_THE_PRESET})
+    return hashlib.sha256(json.dumps(preset, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
+
+
+def _evaluation(results: dict) -> str:
+    """'160 test prompts x 2 images' (or 'every test prompt x each benchmark's images')."""
+    evaluation = results.get("config", {}).get("eval", {}) if isinstance(results.get("config"), dict) else {}
+    limit, images = evaluation.get("limit"), evaluation.get("images_per_prompt")
+    prompts = f"{limit} test prompts" if is_finite_number(limit) else "every test prompt"
+    if not is_finite_number(images):
+        return f"{prompts} x each benchmark's images"
+    return f"{prompts} x {images} image{'s' if images != 1 else ''}"
 
 
 def _budget(config: dict, method: str) -> Any:
@@ -262,6 +296,8 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
                 "kind": "student" if method in STUDENT_METHODS else "reference",
                 "status": _status(results),
                 "preset": results["preset"],
+                "configuration": configuration_id(results),
+                "evaluation": _evaluation(results),
                 "model": _model_label(results),
                 "suite": results["suite"],
                 "overall": sum(scores[b]["mean"] for b in results["headline"]) / len(results["headline"]),
@@ -271,23 +307,37 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
                 "seeds": " ".join(str(s) for s in seeds),
                 "date": str(results.get("date") or ""),
             })
-    # Sort: verified first, suite, preset, overall descending (rounded, so ties are exact and stable),
-    # submission, method. Only verified student rows are ranked, within their suite and preset.
-    rows.sort(key=lambda r: (r["status"] != "verified", r["suite"], r["preset"], -round(r["overall"], 9),
-                             r["submission"], _method_key(r["method"])))
+    # Sort: verified first, suite, preset, the configuration run most recently first, overall descending
+    # (rounded, so ties are exact and stable), submission, method. Only verified student rows are
+    # ranked, within their suite, preset and configuration.
+    latest: dict[tuple, str] = {}
+    for r in rows:
+        key = _group(r)
+        latest[key] = max(latest.get(key, ""), r["date"])
+    rows.sort(key=lambda r: (r["status"] != "verified", r["suite"], r["preset"], _descending(latest[_group(r)]),
+                             r["configuration"], -round(r["overall"], 9), r["submission"], _method_key(r["method"])))
     for r in rows:
         if r["status"] == "verified" and r["kind"] == "student":
             r["rank"] = 1 + sum(1 for o in rows if o["status"] == "verified" and o["kind"] == "student"
-                                and (o["suite"], o["preset"]) == (r["suite"], r["preset"])
-                                and round(o["overall"], 9) > round(r["overall"], 9))
+                                and _group(o) == _group(r) and round(o["overall"], 9) > round(r["overall"], 9))
     return rows, skipped, bench_by_suite
+
+
+def _group(row: dict) -> tuple[str, str, str]:
+    """What a rank is within: scores compare only inside one suite, preset and configuration."""
+    return row["suite"], row["preset"], row["configuration"]
+
+
+def _descending(text: str) -> tuple[int, ...]:
+    """Sorts ISO dates newest first."""
+    return tuple(-ord(c) for c in text)
 
 
 def _csv(rows: list[dict], bench_by_suite: dict[str, list[str]]) -> bytes:
     benches: list[str] = []
     for columns in bench_by_suite.values():
         benches += [b for b in columns if b not in benches]
-    header = ["rank", "status", "submission", "method", "kind", "model", "suite", "preset", "overall"]
+    header = ["rank", "status", "submission", "method", "kind", "model", "suite", "preset", "configuration", "overall"]
     for b in benches:
         header += [f"{b}_mean", f"{b}_std"]
     header += ["optimizer_steps", "forward_passes", "seeds", "date"]
@@ -296,7 +346,7 @@ def _csv(rows: list[dict], bench_by_suite: dict[str, list[str]]) -> bytes:
     writer.writerow(header)
     for r in rows:
         line = [r.get("rank", ""), r["status"], r["submission"], r["method"], r["kind"], r["model"], r["suite"],
-                r["preset"], _f(r["overall"])]
+                r["preset"], r["configuration"], _f(r["overall"])]
         for b in benches:
             mean, std = r["scores"].get(b, (None, None))
             line += [_f(mean), _f(std)]
@@ -348,9 +398,12 @@ re-trained: compute beyond the declared budget cannot be detected.
 float32 (`--dtype`; the default on a GPU is bfloat16). `overall` is the mean of the suite's headline benchmarks (each in [0, 1]); benchmark
 cells are mean ± std over seeds (the mean alone for a single seed); `steps` are student optimizer steps and `forwards` transformer
 forward passes (student + teacher + the frozen reference of a KL penalty) of one run (mean over seeds; teachers' training is listed in the
-teacher rows). Verified student methods are ranked by `overall` within their suite and preset;
-`base` and `teacher/*` rows are references (no rank). Machine-readable copy:
-[`leaderboard.csv`](leaderboard.csv).
+teacher rows). Verified student methods are ranked by `overall` within their suite, preset and
+**configuration**: a short hash of the settings the preset had when the run was made (bookkeeping
+such as checkpoint frequency aside). A preset's settings change between releases (the evaluation's
+size, a learning rate, a KL penalty), and runs made under other settings are other experiments,
+so each configuration has a table of its own, the one run most recently first; `base` and
+`teacher/*` rows are references (no rank). Machine-readable copy: [`leaderboard.csv`](leaderboard.csv).
 """
 
 
@@ -382,9 +435,15 @@ def _readme(rows: list[dict], skipped: list[str], bench_by_suite: dict[str, list
     verified = [r for r in rows if r["status"] == "verified"]
     if not verified:
         out.append("No verified submissions yet.\n")
-    for suite, preset in sorted({(r["suite"], r["preset"]) for r in verified}):
-        out.append(f"## Suite `{suite}`, preset `{preset}`\n")
-        out.append(_table([r for r in verified if (r["suite"], r["preset"]) == (suite, preset)], bench_by_suite[suite], True))
+    for group in dict.fromkeys(_group(r) for r in verified):  # rows are sorted: newest configuration first
+        suite, preset, configuration = group
+        rows_of = [r for r in verified if _group(r) == group]
+        dates = sorted(r["date"][:10] for r in rows_of)
+        count = len({r["submission"] for r in rows_of})
+        out.append(f"## Suite `{suite}`, preset `{preset}`, configuration `{configuration}`\n")
+        out.append(f"Final evaluation: {rows_of[0]['evaluation']} per benchmark; {count} submission"
+                   f"{'s' if count > 1 else ''}, {dates[0]}" + ("" if dates[0] == dates[-1] else f" to {dates[-1]}") + ".\n")
+        out.append(_table(rows_of, bench_by_suite[suite], True))
     others = [r for r in rows if r["status"] != "verified"]
     if others:
         out.append("## Unverified (not ranked)\n")

@@ -97,6 +97,31 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
     assert tree(board) == before
 
 
+def test_runs_of_a_preset_before_and_after_it_changed_are_ranked_apart(tmp_path, board):
+    """The preset's recorded settings (less bookkeeping) make a configuration; each has its own
+    table and ranks, newest first: a run made before the preset's learning rate changed is another
+    experiment."""
+    older = make_results(rng_seed=3, fixed={"opd": 0.99})
+    older["config"]["opd"]["lr"] *= 3
+    older["date"] = "2020-01-01T00:00:00Z"
+    make_run(tmp_path / "run-old", older)
+    submit(tmp_path / "run-old", "old-preset", root=board, verify=passes)
+    logged = make_results(rng_seed=4)  # only what is logged differs: the same experiment
+    logged["config"]["opd"]["monitor_rewards"] = not logged["config"]["opd"]["monitor_rewards"]
+    make_run(tmp_path / "run-logged", logged)
+    submit(tmp_path / "run-logged", "logged", root=board, verify=passes)
+    readme, table = rebuild(board)
+    rows = list(csv.DictReader(table.open()))
+    config = {r["submission"]: r["configuration"] for r in rows}
+    assert config["first"] == config["logged"] != config["old-preset"]
+    opd_rank = {r["submission"]: r["rank"] for r in rows if r["method"] == "opd"}
+    assert opd_rank["old-preset"] == "1"  # first in its own table, whatever the others score
+    text = readme.read_text()
+    current = text.index(f"configuration `{config['first']}`")
+    assert current < text.index(f"configuration `{config['old-preset']}`")
+    assert "Final evaluation: 6 test prompts x 1 image per benchmark; 2 submissions" in text[current:current + 300]
+
+
 def _mutations():
     def missing_benchmark(r):
         del r["results"]["opd"]["ocr"]
