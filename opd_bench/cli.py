@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shlex
@@ -55,6 +56,22 @@ def _dtype_option(command):
         help="Weight precision: auto is bfloat16 on a GPU (as Flow-GRPO trains), float32 on the CPU. "
              "Trained adapters stay float32 either way.",
     )(command)
+
+
+def _adapter_option(command):
+    return click.option(
+        "--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+        help="A trained adapter on top of --model (the model it was trained from): a run's "
+             "methods/<method>/seed<k>/final or teachers/<task>-<hash>/final folder.",
+    )(command)
+
+
+def _with_adapter(policy, folder: Path | None):
+    """``policy.use`` of the adapter in ``folder`` (loaded now), or of the base where there is none."""
+    if folder is None:
+        return policy.use(None)
+    policy.load_adapter("evaluated", folder)
+    return policy.use("evaluated")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -279,10 +296,12 @@ def leaderboard_command(root: Path) -> None:
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing results.json.")
+@_adapter_option
 @_dtype_option
 @_suite_config_option
 @_friendly
-def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, steps, guidance, batch_size, device, force, dtype):
+def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, steps, guidance, batch_size, device, force,
+                 adapter, dtype):
     """Evaluate a model on a suite's test prompts; writes OUT/results.json and prints a table."""
     results_path = out / "results.json"
     if results_path.exists() and not force:
@@ -299,17 +318,23 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     settings = SamplerSettings(steps or suite.num_steps, suite.guidance_scale if guidance is None else guidance, suite.noise_level)
     dtype = resolve_dtype(dtype, device)
     if model == "renderer":
-        source = renderer_source()
+        if adapter is not None:
+            raise click.UsageError("--adapter applies to a model; the renderer draws the world's own images")
+        source, active = renderer_source(), contextlib.nullcontext()
     else:
         policy = Policy.from_pretrained(suites.resolve_model(model), device=device, resolution=suite.image_side(), dtype=DTYPES[dtype])
-        source = policy_source(policy, settings)
+        source, active = policy_source(policy, settings), _with_adapter(policy, adapter)
     start = time.time()
-    result = evaluate_suite(
-        suite, source, tasks=tasks.split(",") if tasks else None, seed=seed, limit=limit,
-        images_per_prompt=images_per_prompt, batch_size=batch_size,
-    )
+    with active:
+        result = evaluate_suite(
+            suite, source, tasks=tasks.split(",") if tasks else None, seed=seed, limit=limit,
+            images_per_prompt=images_per_prompt, batch_size=batch_size,
+        )
+    from opd_bench.verify import adapter_sha256
+
     record = {
         "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed,
+        "adapter": None if adapter is None else {"path": str(adapter), "sha256": adapter_sha256(adapter)},
         "sampler": vars(settings) if model != "renderer" else None, "dtype": dtype if model != "renderer" else None, "limit": limit,
         "num_images": sum(b["num_images"] for b in result["benchmarks"].values()),
         "seconds": time.time() - start, **result,
@@ -392,9 +417,10 @@ def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@_adapter_option
 @_dtype_option
 @_friendly
-def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed, device, out, force, dtype) -> None:
+def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed, device, out, force, adapter, dtype) -> None:
     """Sample images with the shared rollout and save them as one grid (rows = prompts)."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose another path or pass --force")
@@ -405,16 +431,17 @@ def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed
 
     # resolve: checks the weights first
     policy = Policy.from_pretrained(resolve_model(model), device=device, dtype=DTYPES[resolve_dtype(dtype, device)])
-    trajectory = rollout(
-        policy,
-        list(prompts),
-        images_per_prompt=images_per_prompt,
-        num_steps=steps,
-        noise_level=noise_level,
-        guidance_scale=guidance,
-        seed=seed,
-        keep={"images"},
-    )
+    with _with_adapter(policy, adapter):
+        trajectory = rollout(
+            policy,
+            list(prompts),
+            images_per_prompt=images_per_prompt,
+            num_steps=steps,
+            noise_level=noise_level,
+            guidance_scale=guidance,
+            seed=seed,
+            keep={"images"},
+        )
     save_grid(trajectory.images, out, columns=images_per_prompt)
     click.echo(f"wrote {len(trajectory)} images to {out}")
 

@@ -460,3 +460,30 @@ def test_assembling_a_finished_run_loads_no_model(smoke_run, tmp_path):
     assert harness._policy is None and not hasattr(harness, "_train_rewards")
     saved = json.loads((smoke_run / "results.json").read_text())
     assert results["per_image"] == saved["per_image"] and results["artifacts"] == saved["artifacts"]
+
+
+def test_eval_and_sample_take_a_trained_adapter(smoke_run, tmp_path):
+    """`opd-bench eval --adapter` scores a run's trained model as the run did (same prompts, noise and
+    sampler: the recorded per-image scores), and says which adapter it scored; `sample` draws it."""
+    results = json.loads((smoke_run / "results.json").read_text())
+    adapter = smoke_run / results["artifacts"]["opd"]["0"]["path"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(results["environment"]["threads"])  # a cell's numbers depend on its thread count
+    try:
+        args = ["eval", "--model", "tiny", "--limit", "2", "--images-per-prompt", "1", "--benchmarks", "pref"]
+        trained = CliRunner().invoke(main, args + ["--adapter", str(adapter), "--out", str(tmp_path / "opd")])
+        base = CliRunner().invoke(main, args + ["--out", str(tmp_path / "base")])
+        grid = CliRunner().invoke(main, ["sample", "--model", "tiny", "--prompt", "a red circle", "--images-per-prompt", "1",
+                                         "--adapter", str(adapter), "--out", str(tmp_path / "grid.png")])
+    finally:
+        torch.set_num_threads(threads)
+    assert trained.exit_code == 0 and base.exit_code == 0 and grid.exit_code == 0, trained.output + base.output + grid.output
+    record = json.loads((tmp_path / "opd" / "results.json").read_text())
+    assert record["adapter"] == {"path": str(adapter), "sha256": results["artifacts"]["opd"]["0"]["sha256"]}
+    assert record["per_image"]["pref"] == pytest.approx(results["per_image"]["opd"]["0"]["pref"], abs=1e-5)
+    base_scores = json.loads((tmp_path / "base" / "results.json").read_text())["per_image"]["pref"]
+    assert base_scores == pytest.approx(results["per_image"]["base"]["0"]["pref"], abs=1e-5)
+    assert min(abs(a - b) for a, b in zip(base_scores, record["per_image"]["pref"])) > 1e-4  # the adapter was applied
+    assert (tmp_path / "grid.png").is_file()
+    refused = CliRunner().invoke(main, ["eval", "--model", "renderer", "--adapter", str(adapter), "--out", str(tmp_path / "r")])
+    assert refused.exit_code != 0 and "--adapter applies to a model" in refused.output
