@@ -312,10 +312,10 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
     # ranked, within their suite, preset and configuration.
     latest: dict[tuple, str] = {}
     for r in rows:
-        key = _group(r)
-        latest[key] = max(latest.get(key, ""), r["date"])
-    rows.sort(key=lambda r: (r["status"] != "verified", r["suite"], r["preset"], _descending(latest[_group(r)]),
-                             r["configuration"], -round(r["overall"], 9), r["submission"], _method_key(r["method"])))
+        latest[_group(r)] = max(latest.get(_group(r), ""), r["date"])
+    newest_first = {group: i for i, group in enumerate(sorted(latest, key=lambda g: (latest[g], g), reverse=True))}
+    rows.sort(key=lambda r: (r["status"] != "verified", r["suite"], r["preset"], newest_first[_group(r)],
+                             -round(r["overall"], 9), r["submission"], _method_key(r["method"])))
     for r in rows:
         if r["status"] == "verified" and r["kind"] == "student":
             r["rank"] = 1 + sum(1 for o in rows if o["status"] == "verified" and o["kind"] == "student"
@@ -326,11 +326,6 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
 def _group(row: dict) -> tuple[str, str, str]:
     """What a rank is within: scores compare only inside one suite, preset and configuration."""
     return row["suite"], row["preset"], row["configuration"]
-
-
-def _descending(text: str) -> tuple[int, ...]:
-    """Sorts ISO dates newest first."""
-    return tuple(-ord(c) for c in text)
 
 
 def _csv(rows: list[dict], bench_by_suite: dict[str, list[str]]) -> bytes:
