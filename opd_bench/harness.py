@@ -543,6 +543,9 @@ class Harness:
                 "model": self.model_options,
                 "overrides": self.overrides,  # --set changes to the preset (a listed run has none)
             },
+            # the evaluation behind the curves (every trainer's eval_every steps; not in "config", whose
+            # hash ranks a run on the leaderboard and which runs before this key shared)
+            "curve_evaluation": {"limit": self.plan.train_eval_limit, "images_per_prompt": 1},
             "results": results, "per_tag": per_tag, "curves": curves, "gradient_variance": gradient_variance,
             "compute": compute, "variance": variance, "cascade_stages": cascade_stages if "cascade" in methods else [],
             # what `opd-bench verify` needs: every image's score (image i of a benchmark shows test prompt

@@ -284,6 +284,9 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
         head, *rest = where.split(".")
         if (rest or [head])[-1] == "seed":
             raise OverrideError(f"--set {where}: every training run takes its seed from --seeds; use --seeds instead")
+        if head in SECTIONS and rest and rest[-1] == "eval_limit":  # a field nothing reads (see GRPOConfig)
+            raise OverrideError(f"--set {where}: the curves during training score the run field train_eval_limit "
+                                f"test prompts per benchmark (now {run_plan.train_eval_limit}); use --set train_eval_limit=N")
         if head == "teacher" and len(rest) == 2:  # teacher.TASK.FIELD
             run_plan = _set_teacher_of(run_plan, rest[0], rest[1], value, where, tasks)
         elif head in SECTIONS:

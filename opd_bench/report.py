@@ -111,6 +111,16 @@ class _Report(ResultView):
         every |= set(as_dict(results.get("gradient_variance"))) | set(as_dict(as_dict(results.get("samples")).get("grids")))
         self.colours = palette(every)
 
+    def curve_size(self) -> str:
+        """How many test prompts the curves score, where the file says (runs since curve_evaluation)."""
+        curve, final = as_dict(self.r.get("curve_evaluation")), as_dict(as_dict(self.r.get("config")).get("eval"))
+        limit, images = num(curve.get("limit")), num(curve.get("images_per_prompt"))
+        if limit is None or images is None:
+            return "The curves' evaluation uses fewer test prompts than the final one"
+        final_limit = num(final.get("limit"))
+        return (f"The curves score {round(limit)} test prompts x {round(images)} image{'s' if images != 1 else ''} per "
+                "benchmark" + ("" if final_limit is None else f" (the final evaluation {round(final_limit)})"))
+
     def section(self, key: str, builder) -> None:
         self.doc.h(2, SECTION_TITLES[key])
         try:
@@ -221,10 +231,9 @@ class _Report(ResultView):
             "steps (left) and against transformer forward passes, student plus teacher plus the frozen reference "
             "of a KL penalty (right); the second axis charges DiffusionOPD and its PPO-style variant for querying "
             "the teachers and GRPO methods for their KL reference. Lines are the mean "
-            f"over seeds ({_seed_label(n_seeds)}). The curves' evaluation uses fewer test prompts than the final "
-            "one, so their scores differ from the final table's; the reference lines are on the curves' own prompts "
-            "and noise: dashed, the teacher trained on that benchmark at the end of its training; dotted grey, the "
-            "base model (every run's step 0)."
+            f"over seeds ({_seed_label(n_seeds)}). {self.curve_size()}, so their scores differ from the final "
+            "table's; the reference lines are on the curves' own prompts and noise: dashed, the teacher trained on "
+            "that benchmark at the end of its training; dotted grey, the base model (every run's step 0)."
         )
         every = self.curves_frame(sorted(curves, key=method_key))
         drawn = 0

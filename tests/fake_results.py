@@ -168,6 +168,7 @@ def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed:
         "variance": {"rows": variance_rows, "ratio_ppo_over_analytic": variance_rows[-1]["ratio_ppo_over_analytic"],
                      "reference": {"batch": 8, "noise_level": 0.7}},
         "cascade_stages": _cascade_stages(config) if "cascade" in methods else [],
+        "curve_evaluation": {"limit": 2, "images_per_prompt": 1},
         "samples": {"prompts": list(PROMPTS), "grids": {m: f"samples/{m.replace('/', '_')}.png" for m in methods}},
         "environment": {"python": "3.11.7", "torch": "2.14.1", "diffusers": "0.42.1", "platform": "Linux",
                         "cpu": "test cpu", "threads": 2, "device": "cpu"},

@@ -33,6 +33,7 @@ def test_smoke_run_writes_a_valid_result_file(smoke_run):
     check_results(results)
     assert results["schema_version"] == 3 and results["suite"] == "tiny" and results["seeds"] == [0]
     assert results["config"]["eval"]["seed"] == 0
+    assert results["curve_evaluation"] == {"limit": 1, "images_per_prompt": 1}  # the smoke preset's train_eval_limit
     assert results["environment"]["jobs"] == 2 and results["environment"]["threads"] == 1
     assert (smoke_run / ".opd-bench-run").is_file()
     for method in METHODS:

@@ -64,6 +64,8 @@ class OPDConfig:
     ema: float | None = None
     monitor_rewards: bool = True
     eval_every: int = 10
+    # Read by nothing: a trainer's curves come from the `evaluate` it is given (the harness's scores
+    # RunPlan.train_eval_limit prompts). Kept so runs and teachers recorded so far keep their keys.
     eval_limit: int = 16
     checkpoint_every: int = 10
     seed: int = 0
