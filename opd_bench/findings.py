@@ -141,7 +141,7 @@ def opd_versus_baselines(view: ResultView) -> str:
     if len(overall) == 1 + len(RIVALS) and all(overall.values()):
         oks, parts = _compare(overall)
         return line + (f"{verdict(oks)} (last curve evaluation within {fmt_int(budget)} forward passes, "
-                       "the most every method reached). " + "; ".join(parts) + ".")
+                       f"the most every method reached{view.curves_note()}). " + "; ".join(parts) + ".")
     return line + "not testable (no forward-pass curves for OPD, multi-reward and cascade RL in the file)."
 
 
@@ -155,7 +155,7 @@ def cascade_forgetting(view: ResultView) -> str:
         parts.append(f"{row['bench']} (stage {row['stage']}) drops {mean:+.3f}"
                      + ("" if sd is None else f" ± {sd:.3f}") + f" from its stage end to the final ({len(row['end'])} seeds)")
     return (f"Cascade RL forgets earlier stages: {'held' if any(oks) else verdict(oks)}. "
-            + ("; ".join(parts) + " (forgetting = drop above 2 seed-sd)" if parts
+            + ("; ".join(parts) + f" (forgetting = drop above 2 seed-sd{view.curves_note()})" if parts
                else "no per-stage cascade curves in the file") + ".")
 
 

@@ -112,14 +112,12 @@ class _Report(ResultView):
         self.colours = palette(every)
 
     def curve_size(self) -> str:
-        """How many test prompts the curves score, where the file says (runs since curve_evaluation)."""
-        curve, final = as_dict(self.r.get("curve_evaluation")), as_dict(as_dict(self.r.get("config")).get("eval"))
-        limit, images = num(curve.get("limit")), num(curve.get("images_per_prompt"))
-        if limit is None or images is None:
+        """How many test prompts the curves score, where the file says."""
+        size, final = self.curve_evaluation(), num(as_dict(as_dict(self.r.get("config")).get("eval")).get("limit"))
+        if size is None:
             return "The curves' evaluation uses fewer test prompts than the final one"
-        final_limit = num(final.get("limit"))
-        return (f"The curves score {round(limit)} test prompts x {round(images)} image{'s' if images != 1 else ''} per "
-                "benchmark" + ("" if final_limit is None else f" (the final evaluation {round(final_limit)})"))
+        return (f"The curves score {size[0]} test prompts x {size[1]} image{'s' if size[1] != 1 else ''} per "
+                "benchmark" + ("" if final is None else f" (the final evaluation {round(final)})"))
 
     def section(self, key: str, builder) -> None:
         self.doc.h(2, SECTION_TITLES[key])

@@ -144,6 +144,18 @@ class ResultView:
             stages = list(seen.values())
         return stages
 
+    def curve_evaluation(self) -> tuple[int, int] | None:
+        """(test prompts per benchmark, images per prompt) the training curves score, where the file
+        records it (``curve_evaluation``, runs since 2026-12-06)."""
+        curve = as_dict(self.r.get("curve_evaluation"))
+        limit, images = num(curve.get("limit")), num(curve.get("images_per_prompt"))
+        return None if limit is None or images is None else (round(limit), round(images))
+
+    def curves_note(self) -> str:
+        """'; curves: 12 test prompts per benchmark', or nothing where the file does not say."""
+        size = self.curve_evaluation()
+        return "" if size is None else f"; curves: {size[0]} test prompts per benchmark"
+
     def stage_scores(self, frame) -> list[dict]:
         """Per cascade stage, its task's headline benchmark on the curves (``frame``: the cascade's
         ``curves_frame``), per seed: ``before`` (the last evaluation at or before the stage's first

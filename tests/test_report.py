@@ -177,6 +177,9 @@ def test_findings_say_held_when_every_claim_holds(tmp_path):
     assert "vs multi-reward 0.410 ± 0.010 (+0.400)" in versus
     assert "At equal forward passes: held" in versus and "vs cascade 0.300 ± 0.000 (+0.600)" in versus
     assert "pref_oracle (stage 0) drops +0.500 ± 0.000" in cascade
+    # the claims read off the training curves say how large their evaluation is
+    assert "the most every method reached; curves: 2 test prompts per benchmark)" in versus
+    assert "(forgetting = drop above 2 seed-sd; curves: 2 test prompts per benchmark)" in cascade
     assert "Ratio PPO-style / analytic 40 at the reference setting; 8 of 8 settings >= 10" in variance
 
 
