@@ -148,7 +148,19 @@ class _Report(ResultView):
             f"commit: {r.get('git_commit') or 'n/a'}",
             f"benchmarks: {', '.join(self.benchmarks) or 'n/a'}; overall = mean of {', '.join(self.headline) or 'n/a'}",
             self.evaluation_line(),
+            *self.time_line(),
         ])
+
+    def time_line(self) -> list[str]:
+        """The wall time of the command that wrote the file, and on what (none where not recorded)."""
+        seconds, env = num(self.r.get("seconds")), as_dict(self.r.get("environment"))
+        if seconds is None:
+            return []
+        jobs, threads = num(env.get("jobs")), num(env.get("threads"))
+        on = "" if jobs is None or threads is None else (
+            f", {round(jobs)} job{'s' if jobs != 1 else ''} x {round(threads)} thread{'s' if threads != 1 else ''}")
+        return [f"wall time: {seconds / 60:.1f} min ({env.get('device', 'n/a')}{on}; the command that wrote "
+                "this file: a resumed run's earlier invocations are not in it)"]
 
     def evaluation_line(self) -> str:
         """How the final scores were sampled: prompts, images and the noise seed."""

@@ -171,7 +171,8 @@ def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed:
         "curve_evaluation": {"limit": 2, "images_per_prompt": 1},
         "samples": {"prompts": list(PROMPTS), "grids": {m: f"samples/{m.replace('/', '_')}.png" for m in methods}},
         "environment": {"python": "3.11.7", "torch": "2.14.1", "diffusers": "0.42.1", "platform": "Linux",
-                        "cpu": "test cpu", "threads": 2, "device": "cpu"},
+                        "cpu": "test cpu", "threads": 2, "device": "cpu", "jobs": 1},
+        "seconds": 93.0,
     }
 
 
