@@ -55,18 +55,37 @@ BOOKKEEPING = ("monitor_rewards", "checkpoint_every")
 NOT_THE_PRESET = ("model", "overrides")
 
 
-def configuration_id(results: dict) -> str:
-    """A short hash of the preset's settings the run recorded (less bookkeeping): runs of one preset
-    name made before and after the preset changed are other experiments (another evaluation size,
-    learning rate, ...), so they are ranked apart."""
+def preset_settings(results: dict) -> dict:
+    """The preset's settings the run recorded, less bookkeeping and model loading."""
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if k not in BOOKKEEPING}
         return [strip(v) for v in value] if isinstance(value, list) else value
 
     config = results.get("config") if isinstance(results.get("config"), dict) else {}
-    preset = strip({k: v for k, v in config.items() if k not in NOT_THE_PRESET})
-    return hashlib.sha256(json.dumps(preset, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
+    return strip({k: v for k, v in config.items() if k not in NOT_THE_PRESET})
+
+
+def configuration_id(results: dict) -> str:
+    """A short hash of ``preset_settings``: runs of one preset name made before and after the preset
+    changed are other experiments (another evaluation size, learning rate, ...), so they are ranked apart."""
+    text = json.dumps(preset_settings(results), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, str]:
+    """{'opd.lr': '0.001', ...}: every leaf setting under its dotted name, as JSON."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, inner in value.items() for k, v in _flat(inner, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.dumps(value)}
+
+
+def settings_changed(old: dict[str, str], new: dict[str, str], most: int = 6) -> str:
+    """'eval.limit 32 (now 160), teachers.kl_beta 0 (now 0.04) and 3 more': what ``old`` (flat
+    settings) has that ``new`` has not."""
+    names = sorted(set(old) | set(new), key=lambda n: (n.count("."), n))
+    changed = [f"{n} {old.get(n, 'unset')} (now {new.get(n, 'unset')})" for n in names if old.get(n) != new.get(n)]
+    return ", ".join(changed[:most]) + (f" and {len(changed) - most} more" if len(changed) > most else "")
 
 
 def _evaluation(results: dict) -> str:
@@ -297,6 +316,7 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
                 "status": _status(results),
                 "preset": results["preset"],
                 "configuration": configuration_id(results),
+                "settings": _flat(preset_settings(results)),
                 "evaluation": _evaluation(results),
                 "model": _model_label(results),
                 "suite": results["suite"],
@@ -397,7 +417,8 @@ teacher rows). Verified student methods are ranked by `overall` within their sui
 **configuration**: a short hash of the settings the preset had when the run was made (bookkeeping
 such as checkpoint frequency aside). A preset's settings change between releases (the evaluation's
 size, a learning rate, a KL penalty), and runs made under other settings are other experiments,
-so each configuration has a table of its own, the one run most recently first; `base` and
+so each configuration has a table of its own, the one run most recently first, and an older one
+says which settings differ from the newest; `base` and
 `teacher/*` rows are references (no rank). Machine-readable copy: [`leaderboard.csv`](leaderboard.csv).
 """
 
@@ -430,14 +451,20 @@ def _readme(rows: list[dict], skipped: list[str], bench_by_suite: dict[str, list
     verified = [r for r in rows if r["status"] == "verified"]
     if not verified:
         out.append("No verified submissions yet.\n")
+    newest: dict[tuple[str, str], dict] = {}
     for group in dict.fromkeys(_group(r) for r in verified):  # rows are sorted: newest configuration first
         suite, preset, configuration = group
         rows_of = [r for r in verified if _group(r) == group]
         dates = sorted(r["date"][:10] for r in rows_of)
         count = len({r["submission"] for r in rows_of})
         out.append(f"## Suite `{suite}`, preset `{preset}`, configuration `{configuration}`\n")
-        out.append(f"Final evaluation: {rows_of[0]['evaluation']} per benchmark; {count} submission"
-                   f"{'s' if count > 1 else ''}, {dates[0]}" + ("" if dates[0] == dates[-1] else f" to {dates[-1]}") + ".\n")
+        line = (f"Final evaluation: {rows_of[0]['evaluation']} per benchmark; {count} submission"
+                f"{'s' if count > 1 else ''}, {dates[0]}" + ("" if dates[0] == dates[-1] else f" to {dates[-1]}") + ".")
+        latest = newest.setdefault((suite, preset), rows_of[0])
+        if latest is not rows_of[0]:
+            line += (f" An older setting of the preset; against `{latest['configuration']}`: "
+                     + settings_changed(rows_of[0]["settings"], latest["settings"]) + ".")
+        out.append(line + "\n")
         out.append(_table(rows_of, bench_by_suite[suite], True))
     others = [r for r in rows if r["status"] != "verified"]
     if others:

@@ -120,6 +120,9 @@ def test_runs_of_a_preset_before_and_after_it_changed_are_ranked_apart(tmp_path,
     current = text.index(f"configuration `{config['first']}`")
     assert current < text.index(f"configuration `{config['old-preset']}`")
     assert "Final evaluation: 6 test prompts x 1 image per benchmark; 2 submissions" in text[current:current + 300]
+    lr = json.loads((board / "submissions" / "tiny" / "first.json").read_text())["config"]["opd"]["lr"]
+    assert (f"An older setting of the preset; against `{config['first']}`: opd.lr {json.dumps(lr * 3)} "
+            f"(now {json.dumps(lr)}).") in text
 
 
 def _mutations():
