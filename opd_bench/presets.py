@@ -284,6 +284,10 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
         head, *rest = where.split(".")
         if (rest or [head])[-1] == "seed":
             raise OverrideError(f"--set {where}: every training run takes its seed from --seeds; use --seeds instead")
+        if where == "cascade.grpo.steps":  # each stage trains its own number of steps
+            raise OverrideError(f"--set {where}: the cascade trains the steps of its stages "
+                                f"({json.dumps([list(s) for s in run_plan.cascade.stages])}); "
+                                "change them with --set cascade.stages='[[\"pref\",20],[\"geneval\",20]]'")
         if head in SECTIONS and rest and rest[-1] == "eval_limit":  # a field nothing reads (see GRPOConfig)
             raise OverrideError(f"--set {where}: the curves during training score the run field train_eval_limit "
                                 f"test prompts per benchmark (now {run_plan.train_eval_limit}); use --set train_eval_limit=N")

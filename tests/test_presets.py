@@ -59,6 +59,7 @@ def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
     ("eval_limit=0", "invalid run plan value(s) for ['eval_limit']"),
     ("opd.eval_limit=64", "use --set train_eval_limit=N"),  # a trainer field nothing reads
     ("cascade.grpo.eval_limit=64", "use --set train_eval_limit=N"),
+    ("cascade.grpo.steps=100", "the cascade trains the steps of its stages ([[\"geneval\", 1], [\"ocr\", 1]])"),
     ('cascade.stages=[["prf", 2]]', "the suite has no task 'prf'"),
 ])
 def test_a_bad_change_is_refused_with_the_fix(pair, message):
