@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -324,22 +325,47 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     else:
         policy = Policy.from_pretrained(suites.resolve_model(model), device=device, resolution=suite.image_side(), dtype=DTYPES[dtype])
         source, active = policy_source(policy, settings), _with_adapter(policy, adapter)
+    from opd_bench.verify import adapter_sha256
+
+    adapter_record = None if adapter is None else {"path": str(adapter), "sha256": adapter_sha256(adapter)}
+    sampler = vars(settings) if model != "renderer" else None
+    # A killed evaluation resumes: each benchmark is saved in OUT/parts as it ends, with what its
+    # scores depend on, and reused only by an evaluation with the same.
+    depends_on = json.loads(json.dumps({
+        "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed, "limit": limit,
+        "adapter": adapter_record and adapter_record["sha256"], "images_per_prompt": images_per_prompt,
+        "sampler": sampler, "dtype": dtype if model != "renderer" else None, "batch_size": batch_size, "device": device,
+    }))
+    parts = out / "parts"
+    if force:
+        shutil.rmtree(parts, ignore_errors=True)
+    finished = {}
+    for path in sorted(parts.glob("*.json")):
+        saved = json.loads(path.read_text())
+        if saved.get("depends_on") != depends_on:
+            raise FileExistsError(f"{parts} holds an unfinished evaluation with other settings; rerun it with those, "
+                                  "pass --force to start over, or choose another --out")
+        finished[path.stem] = saved["result"]
+    if finished:
+        click.echo(f"resuming: {', '.join(finished)} already evaluated ({parts})")
+
+    def save(task: str, result: dict) -> None:
+        atomic_write_json(parts / f"{task}.json", {"depends_on": depends_on, "result": result})
+
     start = time.time()
     with active:
         result = evaluate_suite(
             suite, source, tasks=tasks.split(",") if tasks else None, seed=seed, limit=limit,
-            images_per_prompt=images_per_prompt, batch_size=batch_size,
+            images_per_prompt=images_per_prompt, batch_size=batch_size, finished=finished, on_benchmark=save,
         )
-    from opd_bench.verify import adapter_sha256
-
     record = {
-        "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed,
-        "adapter": None if adapter is None else {"path": str(adapter), "sha256": adapter_sha256(adapter)},
-        "sampler": vars(settings) if model != "renderer" else None, "dtype": dtype if model != "renderer" else None, "limit": limit,
+        "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed, "adapter": adapter_record,
+        "sampler": sampler, "dtype": dtype if model != "renderer" else None, "limit": limit,
         "num_images": sum(b["num_images"] for b in result["benchmarks"].values()),
         "seconds": time.time() - start, **result,
     }
     atomic_write_json(results_path, record)
+    shutil.rmtree(parts, ignore_errors=True)
     click.echo(f"{'benchmark':14s} score")
     for name, score in record["scores"].items():
         click.echo(f"{name:14s} {score:.4f}")

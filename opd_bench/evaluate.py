@@ -11,7 +11,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -120,17 +120,29 @@ def evaluate_suite(
     source: ImageSource,
     *,
     tasks: Sequence[str] | None = None,
+    finished: Mapping[str, dict] | None = None,
+    on_benchmark: Callable[[str, dict], None] | None = None,
     **options,
 ) -> dict:
     """Evaluate every task of ``suite``; returns ``{"scores", "per_tag", "per_image", "benchmarks"}``.
 
     ``per_image[benchmark]`` lists every image's score (extra rewards under their own names).
+    ``finished``: benchmarks already evaluated (``evaluate_benchmark``'s results), not run again;
+    ``on_benchmark(task, result)`` is called as each other one ends (to save it, so a killed
+    evaluation resumes).
     """
     tasks = list(tasks or suite.tasks)
     unknown = sorted(set(tasks) - set(suite.tasks))
     if unknown:
         raise ValueError(f"suite {suite.name!r} has no benchmark(s) {unknown}; it has {list(suite.tasks)}")
-    results = {task: evaluate_benchmark(suite.benchmark(task), source, **options) for task in tasks}
+    results = {}
+    for task in tasks:
+        if finished and task in finished:
+            results[task] = finished[task]
+            continue
+        results[task] = evaluate_benchmark(suite.benchmark(task), source, **options)
+        if on_benchmark is not None:
+            on_benchmark(task, results[task])
     scores: dict[str, float] = {}
     per_tag: dict[str, dict] = {}
     per_image: dict[str, list[float]] = {}

@@ -113,3 +113,35 @@ def test_eval_loads_the_model_in_the_asked_precision_and_records_it(tiny_dir, tm
         assert json.loads((tmp_path / dtype / "results.json").read_text())["dtype"] == expected
     per_image = [json.loads((tmp_path / d / "results.json").read_text())["per_image"]["pref"] for d in ("auto", "bfloat16")]
     assert per_image[0] != per_image[1]  # the images themselves differ with the precision
+
+
+def test_a_killed_evaluation_resumes_from_its_finished_benchmarks(tmp_path, monkeypatch):
+    """`opd-bench eval` saves each benchmark as it ends; a rerun with the same settings reuses them
+    (and scores what is missing), one with other settings is refused, --force starts over."""
+    import opd_bench.evaluate as evaluate
+
+    args = ["eval", "--model", "renderer", "--benchmarks", "geneval,ocr", "--limit", "2", "--images-per-prompt", "1"]
+    whole = CliRunner().invoke(main, args + ["--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    assert not (tmp_path / "whole" / "parts").exists()  # joined into results.json, then removed
+
+    real, calls = evaluate.evaluate_benchmark, []
+
+    def killed_at_ocr(spec, *a, **k):
+        calls.append(spec.name)
+        if spec.name == "ocr" and calls.count("ocr") == 1:
+            raise KeyboardInterrupt  # the process dies during the second benchmark
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(evaluate, "evaluate_benchmark", killed_at_ocr)
+    out = tmp_path / "resumed"
+    CliRunner().invoke(main, args + ["--out", str(out)])
+    assert not (out / "results.json").exists() and (out / "parts" / "geneval.json").is_file()
+    other = CliRunner().invoke(main, args + ["--seed", "1", "--out", str(out)])
+    assert other.exit_code != 0 and "unfinished evaluation with other settings" in other.output
+    resumed = CliRunner().invoke(main, args + ["--out", str(out)])
+    assert resumed.exit_code == 0 and "resuming: geneval already evaluated" in resumed.output, resumed.output
+    assert calls == ["geneval", "ocr", "ocr"]  # geneval was not drawn again
+    record, reference = (json.loads((folder / "results.json").read_text()) for folder in (out, tmp_path / "whole"))
+    assert record["per_image"] == reference["per_image"] and record["scores"] == reference["scores"]
+    assert not (out / "parts").exists()
