@@ -36,6 +36,18 @@ def summary(values: list[float]) -> str:
     return f"{statistics.fmean(values):+.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
+def cosines(grads: list[dict[str, torch.Tensor]], tasks: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per batch (task -> flat gradient): each pair's cosine within a batch, and each task's cosine
+    with its own gradient of the next batch."""
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    return {
+        "within": {f"{a}/{b}": [cosine(g[a], g[b]) for g in grads] for a, b in itertools.combinations(tasks, 2)},
+        "next": {task: [cosine(x[task], y[task]) for x, y in zip(grads, grads[1:])] for task in tasks},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="a finished `opd-bench run` folder with teachers")
@@ -74,17 +86,13 @@ def main() -> None:
             per_task[task] = torch.cat([p.grad.detach().flatten() for p in params if p.grad is not None])
         grads.append(per_task)
 
-    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-
+    found = cosines(grads, list(suite.tasks))
     print(json.dumps({
         "run": str(args.run), "student": str(args.adapter) if args.adapter else "fresh (the base)",
         "batches": args.batches, "seed": args.seed, "minutes": round((time.perf_counter() - start) / 60, 1),
         "norm": {task: f"{statistics.fmean(float(g[task].norm()) for g in grads):.3g}" for task in suite.tasks},
-        "cosine within a step": {f"{a}/{b}": summary([cosine(g[a], g[b]) for g in grads])
-                                 for a, b in itertools.combinations(suite.tasks, 2)},
-        "cosine with the next step's, same task": {task: summary([cosine(x[task], y[task]) for x, y in zip(grads, grads[1:])])
-                                                   for task in suite.tasks},
+        "cosine within a step": {pair: summary(values) for pair, values in found["within"].items()},
+        "cosine with the next step's, same task": {task: summary(values) for task, values in found["next"].items()},
     }, ensure_ascii=False))
 
 

@@ -69,3 +69,13 @@ def test_two_runs_compare_model_by_model_and_refuse_evaluations_that_do_not_pair
     assert "ocr +2.000 ± 0.577" in lines[1]  # differences 2, 3, 1
     with pytest.raises(SystemExit, match="do not pair up"):
         precision.compare_runs(run([1.0, 2.0, 3.0]), run([1.0, 2.0, 3.0], seed=1))
+
+
+def test_task_gradient_cosines_pair_tasks_within_a_batch_and_a_task_across_batches(benchmark_script):
+    cosines = benchmark_script("probe_task_gradients").cosines
+    e = torch.eye(3)
+    grads = [{"a": e[0], "b": e[1], "c": -e[0]}, {"a": e[0] + e[1], "b": e[1], "c": e[2]}]
+    found = cosines(grads, ["a", "b", "c"])
+    assert found["within"]["a/b"] == pytest.approx([0.0, 2 ** -0.5])
+    assert found["within"]["a/c"] == pytest.approx([-1.0, 0.0])
+    assert found["next"] == {"a": pytest.approx([2 ** -0.5]), "b": pytest.approx([1.0]), "c": pytest.approx([0.0])}
