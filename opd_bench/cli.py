@@ -329,12 +329,13 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
 
     adapter_record = None if adapter is None else {"path": str(adapter), "sha256": adapter_sha256(adapter)}
     sampler = vars(settings) if model != "renderer" else None
+    used_dtype = dtype if model != "renderer" else None
     # A killed evaluation resumes: each benchmark is saved in OUT/parts as it ends, with what its
     # scores depend on, and reused only by an evaluation with the same.
     depends_on = json.loads(json.dumps({
         "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed, "limit": limit,
         "adapter": adapter_record and adapter_record["sha256"], "images_per_prompt": images_per_prompt,
-        "sampler": sampler, "dtype": dtype if model != "renderer" else None, "batch_size": batch_size, "device": device,
+        "sampler": sampler, "dtype": used_dtype, "batch_size": batch_size, "device": device,
     }))
     parts = out / "parts"
     if force:
@@ -360,7 +361,7 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
         )
     record = {
         "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed, "adapter": adapter_record,
-        "sampler": sampler, "dtype": dtype if model != "renderer" else None, "limit": limit,
+        "sampler": sampler, "dtype": used_dtype, "limit": limit,
         "num_images": sum(b["num_images"] for b in result["benchmarks"].values()),
         "seconds": time.time() - start, **result,
     }

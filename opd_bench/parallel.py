@@ -55,11 +55,15 @@ class Cell:
 # nothing. The base's evaluations and grid (a minute in all) and the variance experiment go with the
 # training runs: the bar estimates the time left only once every kind of cell has been timed
 # (time_left), and the standard run's length stays the same (a replay of v12's cell times: 32.0 min).
-_PRIORITY = {"teacher": 0, "train": 1, "variance": 2, "eval": 3, "samples": 4}
+_PRIORITY = {"teacher": 0, "train": 1, "variance": 1, "eval": 3, "samples": 4}
 
 
 def _priority(cell: Cell) -> int:
-    return 1 if cell.name == "base" or cell.kind == "variance" else _PRIORITY[cell.kind]
+    return 1 if cell.name == "base" else _PRIORITY[cell.kind]
+
+
+def _mean_seconds(took: list[float] | None) -> float | None:
+    return sum(took) / len(took) if took else None
 
 
 def available_cores() -> int:
@@ -116,8 +120,8 @@ def longest_first(ready: list[Cell], seconds: dict[tuple[str, str], list[float]]
     cells alike took so far; one of a kind not yet timed before all), else in the plan's order:
     the short cells are left to fill the end of the run, where a core would otherwise wait."""
     def expected(cell: Cell) -> float:
-        took = seconds.get(cell.sort_key)
-        return sum(took) / len(took) if took else math.inf
+        mean = _mean_seconds(seconds.get(cell.sort_key))
+        return math.inf if mean is None else mean
 
     return sorted(ready, key=lambda c: (_priority(c), -expected(c)))
 
@@ -133,10 +137,10 @@ def time_left(pending: list[Cell], running: dict[Cell, float], seconds: dict[tup
         of_kind.setdefault(kind, []).extend(took)
     left = [0.0]
     for cell, ran in [(cell, 0.0) for cell in pending] + list(running.items()):
-        took = seconds.get(cell.sort_key) or of_kind.get(cell.kind)
-        if not took:
+        mean = _mean_seconds(seconds.get(cell.sort_key) or of_kind.get(cell.kind))
+        if mean is None:
             return None
-        left.append(max(sum(took) / len(took) - ran, 0.0))
+        left.append(max(mean - ran, 0.0))
     return max(sum(left) / jobs, max(left))
 
 

@@ -234,7 +234,9 @@ class _Report(ResultView):
         if not methods:
             self.doc.note("No training curves in results.json (no student method logged periodic evaluations).")
             return
-        frame = self.curves_frame(methods)
+        # every logged curve (teachers' too, for their reference lines), built once; the plotted lines are the students'
+        every = self.curves_frame(sorted(curves, key=method_key))
+        frame = every[every["method"].isin(methods)] if not every.empty else every
         n_seeds = max(len(as_dict(curves[m])) for m in methods)
         self.doc.p(
             "Score on the test prompts during training, per headline benchmark, against student optimizer "
@@ -245,7 +247,6 @@ class _Report(ResultView):
             "table's; the reference lines are on the curves' own prompts and noise: dashed, the teacher trained on "
             "that benchmark at the end of its training; dotted grey, the base model (every run's step 0)."
         )
-        every = self.curves_frame(sorted(curves, key=method_key))
         drawn = 0
         for bench in self.headline:
             if frame.empty or bench not in frame or frame[bench].notna().sum() == 0:
@@ -255,16 +256,17 @@ class _Report(ResultView):
             # Align the forwards axis across seeds: per (method, step), the mean forward count.
             data["forwards_mean"] = data.groupby(["method", "step"])["forwards"].transform("mean")
             present = sorted(data["method"].unique(), key=method_key)
+            teacher_name = self.teacher_for(bench)
+            teacher, base = _reference_levels(every, bench, teacher_name)
             fig, axes = _figure(12.5, 4.6, ncols=2)
             for ax, x, xlabel in ((axes[0], "step", "student optimizer steps"),
                                   (axes[1], "forwards_mean", "transformer forward passes (student + teacher + reference)")):
                 sns.lineplot(data=data, x=x, y=bench, hue="method", hue_order=present,
                              palette={m: self.colours[m] for m in present}, errorbar="sd",
                              marker="o", markersize=4, ax=ax)
-                teacher, base = _reference_levels(every, bench, self.teacher_for(bench))
                 if teacher is not None:
-                    ax.axhline(teacher, ls="--", lw=1.4, color=self.colours[self.teacher_for(bench)],
-                               label=f"{self.teacher_for(bench)} (end of training)")
+                    ax.axhline(teacher, ls="--", lw=1.4, color=self.colours[teacher_name],
+                               label=f"{teacher_name} (end of training)")
                 if base is not None:
                     ax.axhline(base, ls=":", lw=1.2, color=self.colours.get("base", "#777"), label="base")
                 ax.set_xlabel(xlabel)

@@ -176,8 +176,7 @@ class ResultView:
                 for key, value in (("before", before[bench].iloc[-1] if not before.empty else math.nan),
                                    ("end", at_end[bench].iloc[-1]), ("final", curve[bench].iloc[-1])):
                     per_seed[key].append(float(value))
-            rows.append({"stage": stage.get("stage", len(rows)), "task": task, "bench": bench, "start_step": start,
-                         "end_step": end, **per_seed})
+            rows.append({"stage": stage.get("stage", len(rows)), "task": task, "bench": bench, "end_step": end, **per_seed})
             start = end
         return rows
 
