@@ -51,6 +51,24 @@ def _suite_config_option(command):
     )(command)
 
 
+def _device_option(command=None, *, help: str | None = None):
+    """``--device``, checked before anything loads: a name torch knows, on hardware this machine has."""
+
+    def check(ctx, param, value):
+        from opd_bench.policy import check_device
+
+        try:
+            check_device(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--device") from None
+        return value
+
+    def decorate(command):
+        return click.option("--device", default="cpu", show_default=True, callback=check, help=help)(command)
+
+    return decorate if command is None else decorate(command)
+
+
 def _dtype_option(command):
     return click.option(
         "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
@@ -65,6 +83,16 @@ def _adapter_option(command):
         help="A trained adapter on top of --model (the model it was trained from): a run's "
              "methods/<method>/seed<k>/final or teachers/<task>-<hash>/final folder.",
     )(command)
+
+
+@contextlib.contextmanager
+def _resumable(kept: str):
+    """Ctrl-C says what survives and how to go on, not just click's "Aborted!"."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: {kept}; rerun the same command to resume", err=True)
+        raise click.Abort() from None
 
 
 def _with_adapter(policy, folder: Path | None):
@@ -103,8 +131,12 @@ def list_(what: str) -> None:
 @_friendly
 def build_tiny(out: Path, seed: int, force: bool) -> None:
     """Save a random-init miniature SD3 pipeline (a diffusers folder) to OUT."""
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass --force")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass --force")
+        if not (out / "model_index.json").is_file():  # --force replaces a pipeline, never other files
+            raise FileExistsError(f"{out} holds no pipeline (no model_index.json); --force overwrites only a pipeline folder, "
+                                  "choose an empty or new folder")
     from opd_bench.tiny import save_tiny
 
     save_tiny(out, seed=seed)
@@ -127,7 +159,7 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
                    "the command line's --set, and recorded as if each line had been given as --set.")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the student runs.  [default: 0,1,2; with --preset smoke: 0]")
 @click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--device", default="cpu", show_default=True)
+@_device_option
 @click.option("--report/--no-report", default=True, show_default=True, help="Write reports/<run>/ at the end.")
 @click.option("--force", is_flag=True, help="Delete the run in --out and start over (only a folder holding a run; never the working directory or its parents).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
@@ -187,7 +219,8 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
                       offload_text_encoders=offload_text_encoders, log_to=[n.strip() for n in log_to.split(",") if n.strip()])
     from opd_bench.parallel import default_jobs
 
-    results = harness.run(jobs=jobs or default_jobs(device), threads=threads)
+    with _resumable(f"the finished cells are kept in {out}"):
+        results = harness.run(jobs=jobs or default_jobs(device), threads=threads)
     if results is None:  # another process of a multi-process run: rank 0 prints and writes the report
         return
     click.echo(f"wrote {out / 'results.json'}")
@@ -195,9 +228,14 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         click.echo(f"{name:18s} " + "  ".join(f"{b} {v['mean']:.3f}" for b, v in scores.items()))
     _echo_findings(results)
     if report:
-        from opd_bench.report import build_report
+        from opd_bench.report import build_report, report_of_another_run
 
         target = Path("reports") / out.name
+        other = report_of_another_run(out, target)
+        if other is not None:  # the run is saved; only its report waits for a folder of its own
+            click.echo(f"report: not written, {target} holds the report of another run ({other}); "
+                       f"write this one with `opd-bench report {out} --out reports/OTHER_NAME`")
+            return
         build_report(out, target)
         click.echo(f"report: {target / 'index.html'}")
 
@@ -205,14 +243,18 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
 @main.command("report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: reports/<run name>.")
+@click.option("--force", is_flag=True, help="Overwrite the report of another run in --out's folder.")
 @_friendly
-def report_command(run_dir: Path, out: Path | None) -> None:
+def report_command(run_dir: Path, out: Path | None, force: bool) -> None:
     """Generate report.md and a self-contained index.html from RUN_DIR/results.json."""
     if not (run_dir / "results.json").is_file():
         raise FileNotFoundError(f"{run_dir} has no results.json; run `opd-bench run --out {run_dir}` first")
-    from opd_bench.report import build_report
+    from opd_bench.report import build_report, report_of_another_run
 
     target = out or Path("reports") / run_dir.resolve().name
+    other = None if force else report_of_another_run(run_dir, target)
+    if other is not None:
+        raise FileExistsError(f"{target} holds the report of another run ({other}); choose another --out or pass --force")
     build_report(run_dir, target)
     from opd_bench.report import load_results
 
@@ -235,7 +277,7 @@ def _echo_findings(results: dict) -> None:
 @click.option("--prompts", default=8, show_default=True, type=click.IntRange(min=0), help="Test prompts re-checked per benchmark (0: all).")
 @click.option("--salt", default="", help="Any string: draws another sample than the default one, which anyone can compute.")
 @click.option("--model", "models", multiple=True, help="Check only this model, e.g. opd or teacher/ocr (repeat for several; default: all).")
-@click.option("--device", default="cpu", show_default=True)
+@_device_option
 @_suite_config_option
 @_friendly
 def verify_command(run_dir: Path, prompts: int, salt: str, models: tuple[str, ...], device: str) -> None:
@@ -250,7 +292,8 @@ def verify_command(run_dir: Path, prompts: int, salt: str, models: tuple[str, ..
             f"score differently, e.g. {first['model']} seed {first['seed']} {first['benchmark']} image {first['image']}: "
             f"recorded {first['recorded']}, now {first['recomputed']:.6g}"
         )
-    click.echo(f"verified {run_dir}: {report['images_checked']} re-generated image scores match the recorded ones "
+    click.echo(f"verified {run_dir}: {report['images_checked']} scores of re-generated images (each reward of each image) "
+               "match the recorded ones "
                f"(largest difference {report['max_difference_within_tolerance']:.2g}; {report['seconds']} s)")
 
 
@@ -259,7 +302,7 @@ def verify_command(run_dir: Path, prompts: int, salt: str, models: tuple[str, ..
 @click.option("--name", required=True, help="Submission name: letters, digits, '.', '_', '-'.")
 @click.option("--root", default="leaderboard", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--unverified", is_flag=True, help="Skip verification; the entry goes to the separate, unranked unverified table.")
-@click.option("--device", default="cpu", show_default=True, help="Device for the verification.")
+@_device_option(help="Device for the verification.")
 @_suite_config_option
 @_friendly
 def submit_command(run_dir: Path, name: str, root: Path, unverified: bool, device: str) -> None:
@@ -290,12 +333,12 @@ def leaderboard_command(root: Path) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.json.")
 @click.option("--benchmarks", "tasks", default=None, help="Comma-separated subset, e.g. geneval,ocr.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate N prompts per benchmark, spread over the tags (every GenEval tag when N >= 6), evenly spaced within each.")
-@click.option("--images-per-prompt", type=int, default=None, help="Default: each benchmark's.")
+@click.option("--images-per-prompt", type=click.IntRange(min=1), default=None, help="Default: each benchmark's.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--steps", type=int, default=None, help="Sampling steps (default: the suite's).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (default: the suite's).")
 @click.option("--guidance", type=float, default=None, help="CFG scale (default: the suite's).")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@_device_option
 @click.option("--force", is_flag=True, help="Overwrite an existing results.json.")
 @_adapter_option
 @_dtype_option
@@ -310,11 +353,12 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     import time
 
     from opd_bench import suites
-    from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source, renderer_source
-    from opd_bench.io import atomic_write_json
+    from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source, renderer_source, select_tasks
+    from opd_bench.io import atomic_write_json, json_differences, read_json
     from opd_bench.policy import DTYPES, Policy, resolve_dtype
 
     suite = suites.get(suite_name)
+    tasks = select_tasks(suite, [t.strip() for t in tasks.split(",")] if tasks else None)  # before the model loads
     model = model or suite.default_model
     settings = SamplerSettings(steps or suite.num_steps, suite.guidance_scale if guidance is None else guidance, suite.noise_level)
     dtype = resolve_dtype(dtype, device)
@@ -342,9 +386,10 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
         shutil.rmtree(parts, ignore_errors=True)
     finished = {}
     for path in sorted(parts.glob("*.json")):
-        saved = json.loads(path.read_text())
+        saved = read_json(path, fix="delete it to evaluate that benchmark again, or pass --force to start over")
         if saved.get("depends_on") != depends_on:
-            raise FileExistsError(f"{parts} holds an unfinished evaluation with other settings; rerun it with those, "
+            raise FileExistsError(f"{parts} holds an unfinished evaluation with other settings "
+                                  f"({json_differences(saved.get('depends_on'), depends_on)}); rerun it with those, "
                                   "pass --force to start over, or choose another --out")
         finished[path.stem] = saved["result"]
     if finished:
@@ -354,9 +399,9 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
         atomic_write_json(parts / f"{task}.json", {"depends_on": depends_on, "result": result})
 
     start = time.time()
-    with active:
+    with active, _resumable(f"the finished benchmarks are kept in {parts}"):
         result = evaluate_suite(
-            suite, source, tasks=tasks.split(",") if tasks else None, seed=seed, limit=limit,
+            suite, source, tasks=tasks, seed=seed, limit=limit,
             images_per_prompt=images_per_prompt, batch_size=batch_size, finished=finished, on_benchmark=save,
         )
     record = {
@@ -392,7 +437,7 @@ def pretrain() -> None:
 @click.option("--max-minutes", type=float, default=None, help="Time budget of the denoiser phase.")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Any other PretrainConfig field, VALUE parsed as JSON (e.g. --set latent_channels=4 --set vae_channels=[8,32]). Repeat for several.")
-@click.option("--device", default="cpu", show_default=True)
+@_device_option
 @click.option("--force", is_flag=True, help="Overwrite an existing pipeline folder.")
 @_friendly
 def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers, heads, max_minutes, overrides, device, force) -> None:
@@ -418,8 +463,8 @@ def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers
 @pretrain.command("pref")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the weights.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--num-pairs", default=20_000, show_default=True, help="Bradley-Terry training pairs.")
-@click.option("--epochs", default=3, show_default=True, help="3 for the shipped model (tiny-v2).")
+@click.option("--num-pairs", default=20_000, show_default=True, type=click.IntRange(min=1), help="Bradley-Terry training pairs.")
+@click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1), help="3 for the shipped model (tiny-v2).")
 @click.option("--force", is_flag=True, help="Overwrite existing weights.")
 @_friendly
 def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
@@ -430,19 +475,21 @@ def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
 
     metrics = pretrain_pref(out, seed=seed, num_pairs=num_pairs, epochs=epochs)
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    click.echo(f"saved the preference model to {out}: " + ", ".join(f"{k} {v:.3f}" for k, v in list(shown.items())[:6]))
+    click.echo(f"saved the preference model to {out}: "
+               + ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.3f}" for k, v in list(shown.items())[:6]))
 
 
 @main.command()
 @click.option("--model", required=True, help="Pipeline folder or hub id (SD3 family).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for several.")
-@click.option("--images-per-prompt", default=2, show_default=True)
-@click.option("--steps", default=10, show_default=True)
+@click.option("--images-per-prompt", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--guidance", default=4.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--noise-level", default=0.0, show_default=True, help="0 = ODE (Euler); >0 = Flow-GRPO SDE.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid to write.")
+@_device_option
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Image grid to write: .png (or .jpg / .webp, in that format).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @_adapter_option
 @_dtype_option
@@ -451,7 +498,12 @@ def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed
     """Sample images with the shared rollout and save them as one grid (rows = prompts)."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose another path or pass --force")
-    from opd_bench.io import save_grid
+    from opd_bench.io import GRID_FORMATS, save_grid
+
+    if out.suffix.lower() not in GRID_FORMATS:
+        raise click.BadParameter(f"{out}: give the grid a .png, .jpg or .webp name", param_hint="--out")
+    if model == "renderer":
+        raise click.UsageError("--model renderer (the world's own images) is for `opd-bench eval`; sample draws a pipeline")
     from opd_bench.policy import DTYPES, Policy, resolve_dtype
     from opd_bench.rollout import rollout
     from opd_bench.suites import resolve_model

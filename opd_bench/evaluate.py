@@ -115,6 +115,22 @@ def evaluate_benchmark(
     return result
 
 
+def select_tasks(suite, tasks: Sequence[str] | None) -> list[str]:
+    """``tasks`` checked against the suite's benchmarks (None: all of them)."""
+    from opd_bench.registry import did_you_mean
+
+    if tasks is None:
+        return list(suite.tasks)
+    for task in tasks:
+        if task not in suite.tasks:
+            raise ValueError(f"suite {suite.name!r} has no benchmark {task!r}.{did_you_mean(task, suite.tasks)} "
+                             f"Its benchmarks: {', '.join(suite.tasks)}")
+    repeated = sorted({task for task in tasks if list(tasks).count(task) > 1})
+    if repeated or not tasks:
+        raise ValueError(f"benchmark {repeated[0]!r} is given twice; name each once" if repeated else "no benchmark is given")
+    return list(tasks)
+
+
 def evaluate_suite(
     suite,
     source: ImageSource,
@@ -131,10 +147,7 @@ def evaluate_suite(
     ``on_benchmark(task, result)`` is called as each other one ends (to save it, so a killed
     evaluation resumes).
     """
-    tasks = list(tasks or suite.tasks)
-    unknown = sorted(set(tasks) - set(suite.tasks))
-    if unknown:
-        raise ValueError(f"suite {suite.name!r} has no benchmark(s) {unknown}; it has {list(suite.tasks)}")
+    tasks = select_tasks(suite, tasks)
     results = {}
     for task in tasks:
         if finished and task in finished:

@@ -18,20 +18,30 @@ VARIANCE_TARGET = 10.0  # PPO-style over analytic
 RIVALS = ("multi-reward", "cascade")
 
 
-def verdict(oks: list[bool | None]) -> str:
-    """A claim fails if any part fails, holds if every part holds, else it was not testable."""
+TIE = "tie"  # a comparison whose difference is within the seed spread: neither held nor refuted
+
+
+def verdict(oks: list[bool | str | None]) -> str:
+    """A claim fails if any part fails, holds if every part holds, is unresolved if a part is a tie
+    within the seed spread, else it was not testable."""
     if any(ok is False for ok in oks):
         return "did not hold"
+    if any(ok == TIE for ok in oks):
+        return "not resolved (a difference within the seed spread)"
     return "held" if oks and all(ok is True for ok in oks) else "not testable"
 
 
-def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_sd: float | None) -> str:
-    """``OPD ± sd vs rival ± sd (difference)``; a difference smaller than the larger seed sd is
-    flagged, so that a reader does not take a tie for a win."""
+def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_sd: float | None) -> tuple[bool | str, str]:
+    """(OPD above the rival: True, False or TIE, ``OPD ± sd vs rival ± sd (difference)``). A
+    difference smaller than the larger seed sd is a tie, so that a reader does not take it for a
+    win or a loss; with one seed there is no spread to judge, and the text says so."""
     spreads = [v for v in (sd, rival_sd) if v is not None]
-    tie = ", within the seed sd" if spreads and abs(mean - rival_mean) < max(spreads) else ""
-    return (f"{fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} vs {rival} "
-            f"{fmt(rival_mean)}{'' if rival_sd is None else f' ± {rival_sd:.3f}'} ({mean - rival_mean:+.3f}{tie})")
+    difference = mean - rival_mean
+    tie = bool(spreads) and abs(difference) < max(spreads)
+    note = ", within the seed sd" if tie else "" if spreads else ", one seed: no spread to judge"
+    return (TIE if tie else difference > 0,
+            f"{fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} vs {rival} "
+            f"{fmt(rival_mean)}{'' if rival_sd is None else f' ± {rival_sd:.3f}'} ({difference:+.3f}{note})")
 
 
 def _teachers(view: ResultView) -> list[tuple[str, str]]:
@@ -108,8 +118,9 @@ def _compare(per_seed: dict[str, list[float]]) -> tuple[list[bool | None], list[
             missing = " and ".join(name for name, value in (("OPD", opd_mean), (rival, mean)) if value is None)
             parts.append(f"vs {rival}: {missing} not in the file")
             continue
-        oks.append(opd_mean > mean)
-        parts.append(_versus(opd_mean, opd_sd, rival, mean, sd))
+        ok, text = _versus(opd_mean, opd_sd, rival, mean, sd)
+        oks.append(ok)
+        parts.append(text)
     return oks, parts
 
 
@@ -153,7 +164,7 @@ def cascade_forgetting(view: ResultView) -> str:
             continue
         oks.append(mean > 2 * (sd or 0.0))
         parts.append(f"{row['bench']} (stage {row['stage']}) drops {mean:+.3f}"
-                     + ("" if sd is None else f" ± {sd:.3f}") + f" from its stage end to the final ({len(row['end'])} seeds)")
+                     + ("" if sd is None else f" ± {sd:.3f}") + f" from its stage end to the final ({len(row['end'])} seed{'s' if len(row['end']) != 1 else ''})")
     return (f"Cascade RL forgets earlier stages: {'held' if any(oks) else verdict(oks)}. "
             + ("; ".join(parts) + f" (forgetting = drop above 2 seed-sd{view.curves_note()})" if parts
                else "no per-stage cascade curves in the file") + ".")

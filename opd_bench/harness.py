@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -28,12 +29,15 @@ from typing import Sequence
 import torch
 
 from opd_bench import __version__, distributed, trackers
-from opd_bench.io import atomic_write_json, json_differences
+from opd_bench.io import atomic_write_json, json_differences, read_json
 from opd_bench.presets import apply_overrides, plan
 from opd_bench.result_schema import FORWARD_KEYS, SCHEMA_VERSION, STUDENT_METHODS, eval_noise_seed
 from opd_bench.trainers.grpo import GRPOConfig
 
 RUN_MARKER = ".opd-bench-run"
+LOCK_FILE = ".opd-bench-lock"  # held (flock) by the command working in the folder
+# what a run folder holds before any of its work is saved
+BOOKKEEPING_FILES = {RUN_MARKER, LOCK_FILE, "run.json"}
 METHODS = STUDENT_METHODS
 METHOD_CHOICES = ("all", "teachers", *METHODS)
 
@@ -52,6 +56,35 @@ def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds an opd-bench run: its marker, or the run.json / results.json of a
     run made before markers existed."""
     return any((Path(folder) / name).is_file() for name in (RUN_MARKER, "run.json", "results.json"))
+
+
+_HELD_LOCKS: dict[Path, object] = {}
+
+
+def hold_lock(folder: Path) -> None:
+    """Take ``folder``'s lock for as long as this process lives, so that two commands never write
+    one run at once (harnesses of one process share it). A no-op where the OS has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    path = (folder / LOCK_FILE).resolve()
+    if path in _HELD_LOCKS and path.exists():
+        return
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise FileExistsError(f"another opd-bench command{f' (pid {owner})' if owner else ''} is working in {folder}; "
+                              "wait for it to end or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _HELD_LOCKS[path] = handle
 
 
 def _score(value: float) -> float | None:
@@ -100,6 +133,7 @@ class Harness:
         force: bool = False,
         command: str = "",
         progress: bool = True,
+        hold_folder: bool = True,
     ):
         from opd_bench import suites
         from opd_bench.policy import resolve_dtype
@@ -108,8 +142,10 @@ class Harness:
         self.suite = suites.get(suite)
         self.model = model or self.suite.default_model
         # a preset with --set changes is another experiment: the plan is part of the identity below
-        self.preset, self.overrides = preset, list(overrides)
-        self.plan = apply_overrides(plan(preset), self.overrides, tasks=list(self.suite.tasks))
+        self.plan = apply_overrides(plan(preset), list(overrides), tasks=list(self.suite.tasks))
+        # --set changes that leave the preset as it is (opd.steps=60 on standard) are no change: recorded
+        # as such, so whether a run can be listed does not depend on its last command's spelling
+        self.preset, self.overrides = preset, list(overrides) if self.plan != plan(preset) else []
         self.seeds = [int(s) for s in seeds]
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed, e.g. 0,1,2")
@@ -142,7 +178,8 @@ class Harness:
         # teachers are reused by (base, suite version, task, config): weights and image side are part of the base
         self.teacher_base = (self.model + (f"#{fingerprint}" if fingerprint else "") + (f"@{self.resolution}px" if self.resolution else "")
                              + "".join(f"~{key}={value}" for key, value in variant.items()))
-        distributed.current().run_on_main(self._check_folder)  # one process touches the folder (--force deletes it)
+        if hold_folder:  # one process touches the folder (--force deletes it); a parallel run's workers use it as is
+            distributed.current().run_on_main(self._check_folder)
         self._policy = None
         self._evaluators: dict = {}
 
@@ -164,16 +201,22 @@ class Harness:
                                       "nothing was changed, run from elsewhere or choose another --out")
             if out.is_symlink():
                 raise FileExistsError(f"--out {out} is a symbolic link; pass the folder it points to ({target}) to --force")
-            shutil.rmtree(out)
-        identity_path = out / "run.json"
-        if identity_path.exists():
-            saved, current = json.loads(identity_path.read_text()), json.loads(json.dumps(self.identity))
-            if saved != current:
-                raise FileExistsError(
-                    f"{self.out} holds a run with another suite, model, preset or --set change ({json_differences(saved, current)}); "
-                    "use another --out or pass --force"
-                )
         self.out.mkdir(parents=True, exist_ok=True)
+        hold_lock(out)
+        if self.force and occupied:
+            for path in out.iterdir():  # all but the lock this command holds
+                if path.name != LOCK_FILE:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        identity_path = out / "run.json"
+        work_saved = any(path.name not in BOOKKEEPING_FILES for path in out.iterdir())
+        if identity_path.exists() and work_saved:  # a start that failed before any work (say, a wrong --model) binds nothing
+            saved, current = read_json(identity_path), json.loads(json.dumps(self.identity))
+            if saved != current:
+                defaults = DEFAULT_MODEL_OPTIONS  # written only when not the default: compare them filled in
+                raise FileExistsError(
+                    f"{self.out} holds a run with another suite, model, preset or --set change "
+                    f"({json_differences({**defaults, **saved}, {**defaults, **current})}); use another --out or pass --force"
+                )
         marker = self.out / RUN_MARKER
         if not marker.exists():
             atomic_write_json(marker, {"what": "an opd-bench run folder; `opd-bench run --force` may delete it",
@@ -329,7 +372,7 @@ class Harness:
         """The saved final evaluation of a model, or None; records of older versions lack per-image
         scores, and those are evaluated again."""
         path = self._evaluation_path(name, seed)
-        record = json.loads(path.read_text()) if path.exists() else None
+        record = read_json(path) if path.exists() else None
         return record if record is not None and "per_image" in record else None
 
     def evaluation_finished(self, name: str, seed: int, task: str | None = None) -> bool:
@@ -367,7 +410,7 @@ class Harness:
 
         path = self._parts_dir(name, seed) / f"{task}.json"
         if path.exists():
-            return json.loads(path.read_text())
+            return read_json(path)
         adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings.of_suite(self.suite)
         noise_seed = eval_noise_seed(self.plan.eval_seed, seed)
@@ -392,7 +435,7 @@ class Harness:
 
         path = self.variance_path
         if path.exists():
-            return json.loads(path.read_text())
+            return read_json(path)
         # The preference teacher: a continuous reward always has spread, so it always moved from the base.
         task = "pref" if "pref" in self.suite.tasks else self.suite.tasks[0]
         if "variance_teacher" not in self.policy.adapters:

@@ -44,6 +44,36 @@ def atomic_write_json(path: str | Path, value: Any, *, compact_lists: bool = Fal
     atomic_write_bytes(path, json_text(value, compact_lists=compact_lists).encode())
 
 
+class CorruptFileError(ValueError):
+    """A file a run or command wrote that can no longer be parsed (a disk error, a hand edit)."""
+
+
+# What to do about a corrupt file inside a run folder: its part is redone once the file is gone.
+REDO_HINT = "delete it and rerun the command to redo that part, or pass --force to start over"
+
+
+def read_json(path: str | Path, *, fix: str = REDO_HINT) -> Any:
+    """``json.loads`` of a file, with an error that names the file and ``fix`` when it is not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CorruptFileError(f"{path} is not valid JSON ({error}); {fix}") from None
+
+
+def read_json_lines(path: str | Path, *, fix: str = REDO_HINT) -> list[Any]:
+    """The records of a JSON-lines file; a line that is not JSON is named with ``fix``."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise CorruptFileError(f"{path} line {number} is not valid JSON ({error}); {fix}") from None
+    return records
+
+
 _ABSENT = object()
 
 
@@ -69,8 +99,12 @@ def json_differences(saved: Any, current: Any, *, limit: int = 3) -> str:
     return "; ".join(found[:limit]) + more
 
 
+GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # by file name; PNG otherwise
+
+
 def save_grid(images, path: str | Path, columns: int) -> None:
-    """Save ``[B, 3, H, W]`` images in ``[0, 1]`` as one PNG grid with ``columns`` per row."""
+    """Save ``[B, 3, H, W]`` images in ``[0, 1]`` as one grid with ``columns`` per row, in the format
+    the name asks for (``GRID_FORMATS``; lossless PNG for any other name)."""
     import io
 
     import torch
@@ -85,5 +119,5 @@ def save_grid(images, path: str | Path, columns: int) -> None:
         grid[:, r * height : (r + 1) * height, c * width : (c + 1) * width] = image
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(array).save(buffer, format=GRID_FORMATS.get(Path(path).suffix.lower(), "PNG"), quality=95)
     atomic_write_bytes(path, buffer.getvalue())

@@ -165,6 +165,19 @@ def check_name(name: Any) -> str:
     return name
 
 
+def _listed_as(folder: Path, results: dict) -> Path | None:
+    """The stored submission in ``folder`` with the same per-image scores as ``results``, if any."""
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*.json")):
+        try:
+            if _load(path).get("per_image") == results.get("per_image"):
+                return path
+        except (SubmissionError, ValueError, OSError, AttributeError):  # an unreadable entry is listed as such by rebuild
+            continue
+    return None
+
+
 def read_results(path: str | Path) -> dict:
     """Parse a result file, refusing it before reading when it is over ``MAX_FILE_BYTES``."""
     path = Path(path)
@@ -217,6 +230,9 @@ def submit(run_dir: str | Path, name: str, root: str | Path = "leaderboard", *, 
     if folder.is_dir() and any(p.name.lower() == target.name.lower() for p in folder.iterdir()):
         raise SubmissionError(f"a submission named {name!r} already exists for suite {results['suite']!r} "
                               f"({target}); choose another --name")
+    listed = _listed_as(folder, results)
+    if listed is not None:
+        raise SubmissionError(f"these results are already submitted as {listed.stem!r} ({listed}); a run is listed once")
     verified = None
     if not unverified:
         if verify is None:
@@ -484,6 +500,9 @@ def _readme(rows: list[dict], skipped: list[str], bench_by_suite: dict[str, list
 def rebuild(root: str | Path = "leaderboard") -> tuple[Path, Path]:
     """Regenerate ``root/README.md`` and ``root/leaderboard.csv`` from ``root/submissions``."""
     root = Path(root)
+    if not (root / "submissions").is_dir():
+        raise FileNotFoundError(f"{root} has no submissions/ folder; pass --root of a leaderboard directory "
+                                "(`opd-bench submit` starts one)")
     rows, skipped, bench_by_suite = _rows(root)
     readme, table = root / "README.md", root / "leaderboard.csv"
     atomic_write_bytes(table, _csv(rows, bench_by_suite))

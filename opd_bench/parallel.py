@@ -85,6 +85,11 @@ def default_jobs(device: str) -> int:
 
 def plan_cells(harness) -> list[Cell]:
     """Every cell of ``harness.run()`` whose result does not exist yet, with what each needs."""
+    return _unfinished(harness, every_cell(harness))
+
+
+def every_cell(harness) -> list[Cell]:
+    """Every cell of ``harness.run()``, finished or not, with what each needs."""
     teachers = harness.teacher_dirs()
     cells = [Cell("teacher", task) for task in teachers]
     every_teacher = tuple(cell.label for cell in cells)
@@ -110,6 +115,11 @@ def plan_cells(harness) -> list[Cell]:
                 cells.append(Cell("samples", name, seed, needs, adapter))
     if any(method.startswith("opd") for method in methods):
         cells.append(Cell("variance", "opd", needs=every_teacher))
+    return cells
+
+
+def _unfinished(harness, cells: list[Cell]) -> list[Cell]:
+    teachers = harness.teacher_dirs()
     # a need that is done, or not in the plan at all (a cell an earlier run finished), is met
     todo = {cell.label for cell in cells if not _finished(harness, cell, teachers)}
     return [replace(c, needs=tuple(n for n in c.needs if n in todo)) for c in cells if c.label in todo]
@@ -169,9 +179,12 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
     torch threads each; returns the number of cells run. Finished cells stay on disk if one fails."""
     from tqdm.auto import tqdm
 
-    cells = plan_cells(harness)  # longest_first below puts the ready ones in order
+    every = every_cell(harness)
+    cells = _unfinished(harness, every)  # longest_first below puts the ready ones in order
     if not cells:
         return 0
+    if len(cells) < len(every) and progress:
+        print(f"resuming {harness.out}: {len(every) - len(cells)} of {len(every)} cells already finished", file=sys.stderr)
     from opd_bench.suites import sd
 
     if jobs * threads > available_cores():  # measured: 2 jobs x 2 threads on 2 cores ran the smoke cells 7x slower
@@ -294,7 +307,7 @@ def _start_worker(options: dict, threads: int, suite_config: dict | None, parent
     # the loading bars of several processes would only interleave with the run's own bar
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    _WORKER["harness"] = Harness(**options, progress=False)
+    _WORKER["harness"] = Harness(**options, progress=False, hold_folder=False)
 
 
 def _run_cell(cell: Cell) -> float:

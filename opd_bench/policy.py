@@ -59,6 +59,25 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
+def check_device(device: str) -> None:
+    """A one-line ``ValueError`` for a device name torch does not know, or hardware this machine lacks."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{device}: this machine has no usable CUDA GPU; use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"{device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{device}: this machine has no usable MPS device; use cpu")
+    elif parsed.type != "cpu":
+        raise ValueError(f"{device}: opd-bench runs on cpu, cuda or mps")
+
+
 class ModelLoadError(RuntimeError):
     """A model path or hub id that cannot be loaded; the message says what to do."""
 
@@ -328,6 +347,8 @@ class Policy:
         if drop_t5:
             if class_name != "StableDiffusion3Pipeline":
                 raise ModelLoadError("drop_t5 is for SD3 only: FLUX's text sequence comes from T5 alone")
+            if "text_encoder_3" in absent or "text_encoder_3" not in index:
+                raise ModelLoadError(f"drop_t5: {path!r} has no T5 text encoder to drop; leave --drop-t5 out")
             absent.update(text_encoder_3=None, tokenizer_3=None)
         try:
             pipeline = getattr(diffusers, class_name).from_pretrained(
@@ -611,7 +632,14 @@ class Policy:
                 "(written by Policy.save_adapter)"
             )
         self._add(name, LoraConfig.from_pretrained(str(folder)), trainable)
-        result = set_peft_model_state_dict(self.transformer, load_file(weights), adapter_name=name)
+        try:
+            result = set_peft_model_state_dict(self.transformer, load_file(weights), adapter_name=name)
+        except RuntimeError as error:  # torch lists every tensor of another shape
+            if "size mismatch" not in str(error):
+                raise
+            first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), "")
+            raise ModelLoadError(f"adapter {str(folder)!r} was trained on a model of another shape ({first[:160]}); "
+                                 "load it on the model it was trained from") from None
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter {str(folder)!r} does not fit this model: {result.unexpected_keys[:3]}...")
 

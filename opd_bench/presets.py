@@ -20,6 +20,7 @@ from opd_bench.baselines.cascade import CascadeConfig
 from opd_bench.baselines.multi_reward import MultiRewardConfig
 from opd_bench.trainers.grpo import GRPOConfig
 from opd_bench.trainers.opd import OPDConfig
+from opd_bench.training import check_fields
 
 
 @dataclass
@@ -51,19 +52,18 @@ class RunPlan:
                 return optional
             return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
-        bad = [name for name, ok in {
-            "eval_limit": whole(self.eval_limit, 1, optional=True),
-            "eval_images_per_prompt": whole(self.eval_images_per_prompt, 1, optional=True),
-            "eval_seed": whole(self.eval_seed, 0, optional=True),
-            "train_eval_limit": whole(self.train_eval_limit, 1),
-            "variance_batches": bool(self.variance_batches) and all(whole(b, 1) for b in self.variance_batches),
-            "variance_noise_levels": bool(self.variance_noise_levels) and all(
-                isinstance(v, (int, float)) and v >= 0 for v in self.variance_noise_levels),
-            "variance_repeats": whole(self.variance_repeats, 2),
-            "sample_prompts_per_task": whole(self.sample_prompts_per_task, 1),
-        }.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid run plan value(s) for {bad}")
+        check_fields("run plan", self, {
+            "eval_limit": (whole(self.eval_limit, 1, optional=True), "an integer >= 1, or null: every test prompt"),
+            "eval_images_per_prompt": (whole(self.eval_images_per_prompt, 1, optional=True), "an integer >= 1, or null"),
+            "eval_seed": (whole(self.eval_seed, 0, optional=True), "an integer >= 0, or null"),
+            "train_eval_limit": (whole(self.train_eval_limit, 1), "an integer >= 1"),
+            "variance_batches": (bool(self.variance_batches) and all(whole(b, 1) for b in self.variance_batches),
+                                 "a non-empty list of integers >= 1"),
+            "variance_noise_levels": (bool(self.variance_noise_levels) and all(
+                isinstance(v, (int, float)) and v >= 0 for v in self.variance_noise_levels), "a non-empty list of numbers >= 0"),
+            "variance_repeats": (whole(self.variance_repeats, 2), "an integer >= 2"),
+            "sample_prompts_per_task": (whole(self.sample_prompts_per_task, 1), "an integer >= 1"),
+        })
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,6 +12,12 @@ import importlib
 from typing import Any, Callable
 
 
+def did_you_mean(name: str, names) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``names``, or ``""``."""
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 class UnknownNameError(KeyError):
     """Raised for a name that is not registered; the message lists the known names."""
 
@@ -45,10 +51,8 @@ class Registry:
     def _check(self, name: str) -> None:
         if name in self._entries:
             return
-        close = difflib.get_close_matches(name, self.names(), n=1, cutoff=0.6)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownNameError(
-            f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(self.names()) or '(none)'}."
+            f"unknown {self.kind} {name!r}.{did_you_mean(name, self.names())} Known {self.kind}s: {', '.join(self.names()) or '(none)'}."
         )
 
     def resolve(self, name: str) -> Any:

@@ -554,6 +554,18 @@ def load_results(run_dir: str | Path) -> dict:
     return results
 
 
+SOURCE_FILE = ".source"  # in a report folder: the run folder it was built from
+
+
+def report_of_another_run(run_dir: str | Path, out_dir: str | Path) -> str | None:
+    """The run folder whose report ``out_dir`` holds, where that is not ``run_dir``; else None."""
+    source = Path(out_dir) / SOURCE_FILE
+    if not source.is_file():
+        return None
+    built_from = source.read_text().strip()
+    return None if built_from == str(Path(run_dir).resolve()) else built_from
+
+
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write ``report.md``, a self-contained ``index.html`` and the plot PNGs for one run.
 
@@ -574,4 +586,5 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     title = f"opd-bench report: {run_dir.name}"
     atomic_write_bytes(out_dir / "index.html", render_html(report.doc, title).encode("utf-8"))
     written["index.html"] = out_dir / "index.html"
+    atomic_write_bytes(out_dir / SOURCE_FILE, f"{run_dir.resolve()}\n".encode())
     return written

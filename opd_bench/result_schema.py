@@ -167,7 +167,7 @@ def check_results(results: dict) -> None:
     try:
         suite = suites.get(name)
     except KeyError as error:
-        raise SubmissionError(f"{error}; only runs on an installed suite can be submitted") from None
+        raise SubmissionError(f"{str(error).rstrip('.')}; only runs on an installed suite can be submitted") from None
     if results.get("suite_version") != suite.version:
         raise SubmissionError(f"suite_version is {results.get('suite_version')!r} but the installed {name} suite is "
                               f"{suite.version!r}; re-run the benchmark with the installed suite")

@@ -21,7 +21,7 @@ import torch
 
 from opd_bench import distributed, trackers
 from opd_bench.distributed import ProcessGroup
-from opd_bench.io import atomic_write_json, json_differences
+from opd_bench.io import atomic_write_json, json_differences, read_json, read_json_lines
 
 
 class MetricsLog:
@@ -36,7 +36,11 @@ class MetricsLog:
         self.mirror = mirror  # an experiment tracker (opd_bench.trackers) that sees every record too
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            lines = self.path.read_text().splitlines()
+            if lines and not _parses(lines[-1]):  # the record being written when the run was killed
+                lines.pop()
+                self.path.write_text("".join(line + "\n" for line in lines))
+            kept = [json.dumps(record) for record in read_json_lines(self.path) if record["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -81,8 +85,16 @@ def _malloc_trim():
         return None
 
 
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_json_lines(path)
 
 
 class GradVariance:
@@ -142,6 +154,14 @@ def add_student(policy, adapter: str, config) -> list[torch.nn.Parameter]:
 
 LRSchedule = Literal["constant", "cosine"]
 LR_SCHEDULES = get_args(LRSchedule)
+
+
+def check_fields(kind: str, config, rules: dict[str, tuple[bool, str]]) -> None:
+    """One ``ValueError`` naming every field of ``config`` whose rule fails, its value and what it
+    needs: ``rules`` maps a field to (holds, "> 0")."""
+    bad = [f"{name}={getattr(config, name)!r} (needs {need})" for name, (holds, need) in rules.items() if not holds]
+    if bad:
+        raise ValueError(f"invalid {kind} value(s): {', '.join(bad)}")
 
 
 def check_lr_schedule(schedule: str) -> None:
@@ -244,7 +264,7 @@ def load_checkpoint(folder: str | Path, *, params: Sequence[torch.nn.Parameter],
     if ema is not None and payload["ema"] is not None:
         ema.load_state_dict(payload["ema"])
     set_rng_state(payload["rng"])
-    return json.loads((folder / "state.json").read_text())
+    return read_json(folder / "state.json")
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -317,7 +337,7 @@ class TrainingRun:
         config_path = self.dir / "config.json"
         checkpoint = self.dir / "checkpoint"
         if checkpoint.exists() and not overwrite:
-            saved = json.loads(config_path.read_text()) if config_path.exists() else None
+            saved = read_json(config_path) if config_path.exists() else None
             current = json.loads(json.dumps(config, default=str))
             if saved != current:
                 raise ValueError(f"{self.dir} holds a run with a different config ({json_differences(saved, current)}); "

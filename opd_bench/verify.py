@@ -82,6 +82,9 @@ def _adapter_folder(run_dir: Path, name: str, seed: int, results: dict) -> Path:
     if not folder.is_dir():
         raise VerificationError(f"the adapter of {name} seed {seed} is missing ({folder}); keep the run folder whole "
                                 "(adapters included) to verify it")
+    if not (folder / "adapter_model.safetensors").is_file() and not (folder / "full_model.safetensors").is_file():
+        raise VerificationError(f"the adapter of {name} seed {seed} ({folder}) has no weights file; keep the run folder "
+                                "whole (adapters included) to verify it")
     if adapter_sha256(folder) != record.get("sha256"):
         raise VerificationError(f"the adapter of {name} seed {seed} ({folder}) does not match its recorded sha256; "
                                 "the adapter or results.json was changed")

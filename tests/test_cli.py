@@ -145,3 +145,69 @@ def test_a_killed_evaluation_resumes_from_its_finished_benchmarks(tmp_path, monk
     record, reference = (json.loads((folder / "results.json").read_text()) for folder in (out, tmp_path / "whole"))
     assert record["per_image"] == reference["per_image"] and record["scores"] == reference["scores"]
     assert not (out / "parts").exists()
+
+
+# ------------------------------------------------------------------ bad input: one line, nothing lost
+def test_a_device_this_machine_lacks_is_one_line_error_before_anything_loads(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in (("gpu", "'gpu' is not a device"), ("cuda", "no usable CUDA GPU")):
+        for command in (["sample", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "s.png")],
+                        ["eval", "--out", str(tmp_path / "e")], ["run", "--preset", "smoke", "--out", str(tmp_path / "r")]):
+            result = CliRunner().invoke(main, [*command, "--device", device])
+            assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
+def test_eval_refuses_zero_counts_and_bad_benchmarks_before_loading_the_model(tmp_path):
+    missing = str(tmp_path / "no-model")  # never loaded: the checks come first
+    for option in ("--images-per-prompt", "--steps", "--batch-size"):
+        result = CliRunner().invoke(main, ["eval", "--out", str(tmp_path / "e"), "--model", missing, option, "0"])
+        assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output, result.output
+    typo = CliRunner().invoke(main, ["eval", "--out", str(tmp_path / "e"), "--model", missing, "--benchmarks", "genevall"])
+    assert typo.exit_code == 1 and "Did you mean 'geneval'?" in typo.output
+    twice = CliRunner().invoke(main, ["eval", "--out", str(tmp_path / "e"), "--model", missing, "--benchmarks", "ocr,ocr"])
+    assert twice.exit_code == 1 and "'ocr' is given twice" in twice.output
+
+
+def test_a_mistyped_model_alias_gets_a_did_you_mean():
+    from opd_bench import suites
+
+    with pytest.raises(FileNotFoundError, match="Did you mean 'tiny'"):
+        suites.resolve_model("tinyy")
+    assert suites.resolve_model("org/some-model") == "org/some-model"  # a hub id is left to the loader
+
+
+def test_an_adapter_of_another_model_shape_is_one_line_error(policy, tmp_path):
+    from opd_bench import suites
+    from opd_bench.policy import ModelLoadError, Policy
+
+    policy.add_adapter("other", rank=4, alpha=8)
+    folder = policy.save_adapter("other", tmp_path / "adapter")
+    shipped = Policy.from_pretrained(suites.resolve_model("tiny"))
+    with pytest.raises(ModelLoadError, match="trained on a model of another shape"):
+        shipped.load_adapter("other", folder)
+
+
+def test_drop_t5_on_a_model_without_t5_says_so(tiny_dir):
+    from opd_bench.policy import ModelLoadError, Policy
+
+    with pytest.raises(ModelLoadError, match="has no T5 text encoder"):
+        Policy.from_pretrained(str(tiny_dir), drop_t5=True)
+
+
+def test_build_tiny_force_replaces_only_a_pipeline(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    result = CliRunner().invoke(main, ["build-tiny", str(tmp_path), "--force"])
+    assert result.exit_code == 1 and "holds no pipeline" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_sample_writes_the_format_its_name_asks_for(tiny_dir, tmp_path):
+    args = ["sample", "--model", str(tiny_dir), "--prompt", "a red circle", "--steps", "1", "--images-per-prompt", "1"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "grid.jpg")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "grid.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
+    gif = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "grid.gif")])
+    assert gif.exit_code == 2 and ".png, .jpg or .webp" in gif.output

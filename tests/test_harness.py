@@ -3,8 +3,10 @@ partial reruns and what --force may delete."""
 
 import copy
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from opd_bench.cli import main
+from opd_bench.harness import Harness
 from opd_bench.leaderboard import submit
 from opd_bench.result_schema import SubmissionError, check_results
 
@@ -129,7 +132,10 @@ def test_cells_run_side_by_side_by_default_only_on_a_cpu_in_one_process(monkeypa
     assert parallel.default_jobs("cpu") == 1  # under torchrun the ranks already share each cell
 
 
-def test_cells_side_by_side_are_refused_where_they_cannot_run(tmp_path):
+def test_cells_side_by_side_are_refused_where_they_cannot_run(tmp_path, monkeypatch):
+    from opd_bench import policy
+
+    monkeypatch.setattr(policy, "check_device", lambda device: None)  # as if this machine had a GPU
     result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(tmp_path / "gpu"), "--device", "cuda",
                                        "--jobs", "2", "--no-report"])
     assert result.exit_code == 1 and "use --jobs 1" in result.output.splitlines()[-1]
@@ -267,7 +273,7 @@ def test_a_bfloat16_run_is_its_own_experiment_and_verifies_in_bfloat16(smoke_run
     assert not verify_run(out, models=["teacher/pref"])["ok"]
     # a rerun in the CPU's default precision is another experiment, refused in one line
     result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--method", "multi-reward", "--out", str(out), "--no-report"])
-    assert result.exit_code == 1 and 'dtype: "bfloat16" saved, absent now' in result.output
+    assert result.exit_code == 1 and 'dtype: "bfloat16" saved, "float32" now' in result.output
 
 
 def test_standard_preset_penalises_every_grpo_run_with_kl():
@@ -488,3 +494,41 @@ def test_eval_and_sample_take_a_trained_adapter(smoke_run, tmp_path):
     assert (tmp_path / "grid.png").is_file()
     refused = CliRunner().invoke(main, ["eval", "--model", "renderer", "--adapter", str(adapter), "--out", str(tmp_path / "r")])
     assert refused.exit_code != 0 and "--adapter applies to a model" in refused.output
+
+
+def test_a_start_that_saved_no_work_does_not_bind_the_folder(tmp_path):
+    out = tmp_path / "run"
+    Harness(out, preset="smoke", seeds=[0], progress=False, model=str(tmp_path / "wrong-model"))  # fails once it loads
+    retried = Harness(out, preset="smoke", seeds=[0], progress=False)  # the same folder, the right model
+    assert json.loads((out / "run.json").read_text())["model"] == retried.model == "tiny"
+
+
+def test_two_commands_never_work_in_one_run_folder(tmp_path):
+    out = tmp_path / "run"
+    Harness(out, preset="smoke", seeds=[0], progress=False)  # holds the folder while this process lives
+    Harness(out, preset="smoke", seeds=[0], progress=False)  # harnesses of one process share it
+    code = ("import sys; from pathlib import Path; from opd_bench.harness import hold_lock\n"
+            "try:\n    hold_lock(Path(sys.argv[1]))\nexcept FileExistsError as error:\n    print(error)")
+    other = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+    assert f"(pid {os.getpid()}) is working in {out}" in other.stdout
+
+
+def test_a_corrupt_file_in_a_run_folder_is_named_with_the_fix(tmp_path):
+    out = tmp_path / "run"
+    Harness(out, preset="smoke", seeds=[0], progress=False)
+    (out / "evals").mkdir()
+    (out / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"run\.json is not valid JSON .*delete it and rerun the command"):
+        Harness(out, preset="smoke", seeds=[0], progress=False)
+
+
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    from opd_bench.training import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    MetricsLog(path, resume_step=2).close()
+    assert read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')  # not a torn end: a damaged file
+    with pytest.raises(ValueError, match="metrics.jsonl line 2 is not valid JSON"):
+        MetricsLog(path, resume_step=3)

@@ -230,8 +230,8 @@ def test_oversized_result_file_is_refused_before_reading(tmp_path, board, valid)
     assert "big.json" in readme.read_text() and "cap" in readme.read_text()
 
 
-def test_a_run_that_does_not_verify_is_refused_or_listed_apart(tmp_path, board, valid):
-    make_run(tmp_path / "run-d", copy.deepcopy(valid))
+def test_a_run_that_does_not_verify_is_refused_or_listed_apart(tmp_path, board):
+    make_run(tmp_path / "run-d", make_results(rng_seed=3))  # another run than the board's
     before = tree(board)
     with pytest.raises(SubmissionError, match="does not verify.*--unverified"):
         submit(tmp_path / "run-d", "edited", root=board, verify=fails)
@@ -297,6 +297,21 @@ def test_duplicate_name_is_refused(tmp_path, board, valid, name):
     with pytest.raises(SubmissionError, match="already exists"):
         submit(tmp_path / "again", name, root=board, verify=passes)
     assert tree(board) == before
+
+
+def test_results_already_on_the_board_are_refused_under_another_name(tmp_path, board, valid):
+    make_run(tmp_path / "copy", copy.deepcopy(valid))
+    before = tree(board)
+    for unverified in (False, True):
+        with pytest.raises(SubmissionError, match="already submitted as 'first'"):
+            submit(tmp_path / "copy", "copy1", root=board, unverified=unverified, verify=passes)
+    assert tree(board) == before
+
+
+def test_rebuilding_where_no_board_is_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no submissions/ folder"):
+        rebuild(tmp_path / "leaderboard")
+    assert not (tmp_path / "leaderboard").exists()
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "..", "a..b", "", ".hidden", "-x", "x" * 65, "a b"])

@@ -50,13 +50,15 @@ def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
     ("teacher.prf.kl_beta=0.1", "the suite has no task 'prf' (did you mean 'pref'?)"),
     ("opd.steps=1.5", "opd.steps=1.5: takes an integer"),
     ("opd.detach_uncond=1", "takes true or false"),
-    ("opd.lr=-1", "invalid OPD config value(s) for ['lr']"),
+    ("opd.lr=-1", "invalid OPD config value(s): lr=-1.0 (needs > 0)"),
+    ("opd-ppo.clip_range=-1", "clip_range=-1.0 (needs > 0)"),
+    ("teacher.group_size=1", "group_size=1 (needs >= 2: advantages need a group)"),
     ("opd.mode=ppx", "mode must be 'analytic' or 'ppo'"),
     ("opd.seed=3", "use --seeds instead"),
     ("cascade.grpo=3", "is a config of its own"),
     ("opd", "is not NAME=VALUE"),
     ("opd=3", "opd is a config; set one of its fields"),
-    ("eval_limit=0", "invalid run plan value(s) for ['eval_limit']"),
+    ("eval_limit=0", "invalid run plan value(s): eval_limit=0 (needs an integer >= 1, or null: every test prompt)"),
     ("opd.eval_limit=64", "use --set train_eval_limit=N"),  # a trainer field nothing reads
     ("cascade.grpo.eval_limit=64", "use --set train_eval_limit=N"),
     ("cascade.grpo.steps=100", "the cascade trains the steps of its stages ([[\"geneval\", 1], [\"ocr\", 1]])"),
@@ -78,9 +80,13 @@ def test_a_changed_preset_is_another_experiment(tmp_path):
     assert changed.plan.opd.steps == 1 and changed.options["overrides"] == ["teacher.pref.kl_beta=0.02", "opd.steps=1"]
     assert changed.teacher_dir("pref").name != plain.teacher_dir("pref").name  # its own teacher
     assert changed.teacher_dir("ocr").name == plain.teacher_dir("ocr").name  # the others are shared
+    (out / "teachers").mkdir()  # once work is saved, the folder is bound to its plan
     with pytest.raises(FileExistsError, match="another suite, model, preset or --set change"):
         Harness(out, preset="smoke", seeds=[0], progress=False, overrides=["opd.steps=1"])
     assert json.loads((out / "run.json").read_text())["plan"]["opd"]["steps"] == plain.plan.opd.steps
+    # a --set that leaves the preset as it is changes nothing, and is recorded as no change
+    same = Harness(out, preset="smoke", seeds=[0], progress=False, overrides=[f"opd.steps={plain.plan.opd.steps}"])
+    assert same.overrides == [] and same.options["overrides"] == []
 
 
 def test_the_cli_refuses_a_bad_change_in_one_line_before_touching_the_folder(tmp_path):

@@ -288,12 +288,17 @@ def test_equal_forward_passes_charge_the_frozen_reference_of_a_kl_penalty(tmp_pa
     assert re.search(rf"\| multi-reward \| {steps} \| {steps * 40:,} \| 0 \| {steps * 40:,} \| {steps * 80:,} \|", md)
 
 
-def test_a_difference_inside_the_seed_spread_is_flagged_as_such():
-    from opd_bench.findings import _versus
+def test_a_difference_inside_the_seed_spread_is_a_tie_not_a_win():
+    from opd_bench.findings import TIE, _versus, verdict
 
-    assert _versus(0.428, 0.004, "multi-reward", 0.427, 0.005) == "0.428 ± 0.004 vs multi-reward 0.427 ± 0.005 (+0.001, within the seed sd)"
-    assert _versus(0.45, 0.004, "cascade", 0.42, 0.005) == "0.450 ± 0.004 vs cascade 0.420 ± 0.005 (+0.030)"
-    assert _versus(0.45, None, "cascade", 0.42, None) == "0.450 vs cascade 0.420 (+0.030)"  # one seed: nothing to compare with
+    assert _versus(0.428, 0.004, "multi-reward", 0.427, 0.005) == (
+        TIE, "0.428 ± 0.004 vs multi-reward 0.427 ± 0.005 (+0.001, within the seed sd)")
+    assert _versus(0.427, 0.004, "multi-reward", 0.428, 0.005)[0] == TIE  # nor is a small deficit a loss
+    assert _versus(0.45, 0.004, "cascade", 0.42, 0.005) == (True, "0.450 ± 0.004 vs cascade 0.420 ± 0.005 (+0.030)")
+    assert _versus(0.40, 0.004, "cascade", 0.42, 0.005)[0] is False
+    assert _versus(0.45, None, "cascade", 0.42, None) == (True, "0.450 vs cascade 0.420 (+0.030, one seed: no spread to judge)")
+    assert verdict([True, TIE]) == "not resolved (a difference within the seed spread)"
+    assert verdict([False, TIE]) == "did not hold" and verdict([True, True]) == "held" and verdict([True, None]) == "not testable"
 
 
 def test_a_share_of_a_gain_inside_its_error_is_not_tested(tmp_path):
@@ -351,3 +356,22 @@ def test_a_geneval_gain_gets_its_tag_stratified_error_only_from_the_runs_own_pro
     mean = sum(images["teacher/geneval"]) / 12
     assert plain == (stratified_paired_se(images["teacher/geneval"], images["base"], [None] * 12)
                      if abs(mean - results["results"]["teacher/geneval"]["geneval"]["mean"]) < 1e-9 else None)
+
+
+def test_the_report_of_another_run_is_not_overwritten(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from opd_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("a/smoke", "b/smoke"):
+        make_run(tmp_path / folder)
+    first = CliRunner().invoke(main, ["report", "a/smoke"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, ["report", "a/smoke"])  # its own report: rewritten
+    assert again.exit_code == 0, again.output
+    other = CliRunner().invoke(main, ["report", "b/smoke"])  # the same default folder, reports/smoke
+    assert other.exit_code == 1 and "holds the report of another run" in other.output
+    assert (tmp_path / "reports" / "smoke" / ".source").read_text().strip() == str(tmp_path / "a" / "smoke")
+    forced = CliRunner().invoke(main, ["report", "b/smoke", "--force"])
+    assert forced.exit_code == 0 and (tmp_path / "reports" / "smoke" / ".source").read_text().strip() == str(tmp_path / "b" / "smoke")

@@ -25,7 +25,7 @@ from opd_bench.rl import clipped_policy_loss, group_advantages, step_at, train_s
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
 from opd_bench.training import (
-    GradVariance, LRSchedule, TrainingRun, check_lr_schedule, sample_prompts, step_seed, student_optimizer,
+    GradVariance, LRSchedule, TrainingRun, check_fields, check_lr_schedule, sample_prompts, step_seed, student_optimizer,
 )
 
 Aggregation = Literal["own", "sum-then-normalise", "normalise-then-sum"]
@@ -70,19 +70,14 @@ class GRPOConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 1, "prompts_per_step": self.prompts_per_step >= 1,
-            "group_size": self.group_size >= 2, "num_steps": self.num_steps >= 1,
-            "noise_level": self.noise_level > 0, "train_fraction": 0 < self.train_fraction <= 1,
-            "clip_range": self.clip_range > 0, "lr": self.lr > 0, "micro_batch": self.micro_batch >= 1,
-            "kl_beta": self.kl_beta >= 0, "lora_rank": self.lora_rank >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"invalid GRPO config value(s) for {bad}: group_size >= 2 (advantages need a group), "
-                "noise_level > 0 (GRPO needs stochastic steps), 0 < train_fraction <= 1, others positive"
-            )
+        check_fields("GRPO config", self, {
+            "steps": (self.steps >= 1, ">= 1"), "prompts_per_step": (self.prompts_per_step >= 1, ">= 1"),
+            "group_size": (self.group_size >= 2, ">= 2: advantages need a group"), "num_steps": (self.num_steps >= 1, ">= 1"),
+            "noise_level": (self.noise_level > 0, "> 0: GRPO needs stochastic steps"),
+            "train_fraction": (0 < self.train_fraction <= 1, "0 < x <= 1"), "clip_range": (self.clip_range > 0, "> 0"),
+            "lr": (self.lr > 0, "> 0"), "micro_batch": (self.micro_batch >= 1, ">= 1"), "kl_beta": (self.kl_beta >= 0, ">= 0"),
+            "lora_rank": (self.lora_rank >= 1, ">= 1"),
+        })
         if self.train_steps not in ("first", "random"):
             raise ValueError(f"train_steps must be 'first' or 'random', got {self.train_steps!r}")
         if self.adv_ddof not in (0, 1):
@@ -90,7 +85,7 @@ class GRPOConfig:
         if self.aggregation not in ("own", "sum-then-normalise", "normalise-then-sum"):
             raise ValueError(f"aggregation must be own, sum-then-normalise or normalise-then-sum, got {self.aggregation!r}")
         if self.ema is not None and not 0 < self.ema < 1:
-            raise ValueError(f"ema must be in (0, 1) or None, got {self.ema}")
+            raise ValueError(f"ema must be in (0, 1) or null, got {self.ema}")
         check_lr_schedule(self.lr_schedule)
 
     def to_dict(self) -> dict:

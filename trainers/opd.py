@@ -29,7 +29,7 @@ from opd_bench.rl import clipped_policy_loss, distillation_loss, process_reward,
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
 from opd_bench.training import (
-    GradVariance, LRSchedule, TrainingRun, check_lr_schedule, sample_prompts, step_seed, student_optimizer,
+    GradVariance, LRSchedule, TrainingRun, check_fields, check_lr_schedule, sample_prompts, step_seed, student_optimizer,
 )
 
 
@@ -75,14 +75,14 @@ class OPDConfig:
             raise ValueError(f"mode must be 'analytic' or 'ppo', got {self.mode!r}")
         if self.mode == "ppo" and self.noise_level <= 0:
             raise ValueError("mode='ppo' needs noise_level > 0: a deterministic step has no log-probability to form the process reward")
-        bad = [n for n, ok in {
-            "steps": self.steps >= 1, "prompts_per_task": self.prompts_per_task >= 1,
-            "images_per_prompt": self.images_per_prompt >= 1, "num_steps": self.num_steps >= 1,
-            "noise_level": self.noise_level >= 0, "train_fraction": 0 < self.train_fraction <= 1,
-            "lr": self.lr > 0, "micro_batch": self.micro_batch >= 1, "lora_rank": self.lora_rank >= 1,
-        }.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid OPD config value(s) for {bad}")
+        check_fields("OPD config", self, {
+            "steps": (self.steps >= 1, ">= 1"), "prompts_per_task": (self.prompts_per_task >= 1, ">= 1"),
+            "images_per_prompt": (self.images_per_prompt >= 1, ">= 1"), "num_steps": (self.num_steps >= 1, ">= 1"),
+            "noise_level": (self.noise_level >= 0, ">= 0"), "train_fraction": (0 < self.train_fraction <= 1, "0 < x <= 1"),
+            "clip_range": (self.clip_range > 0, "> 0"), "lr": (self.lr > 0, "> 0"),
+            "micro_batch": (self.micro_batch >= 1, ">= 1"), "lora_rank": (self.lora_rank >= 1, ">= 1"),
+            "ema": (self.ema is None or 0 < self.ema < 1, "0 < x < 1, or null"),
+        })
         if self.weighting not in ("step", "reference"):
             raise ValueError(f"weighting must be 'step' or 'reference', got {self.weighting!r}")
         check_lr_schedule(self.lr_schedule)

@@ -113,6 +113,11 @@ def resolve_model(model: str) -> str:
         return str(folder)
     if (Path(model).expanduser() / "model_index.json").is_file():
         check_pipeline_folder(Path(model).expanduser())
+    elif "/" not in model and not Path(model).expanduser().exists():  # hub ids are org/name: a mistyped alias
+        from opd_bench.registry import did_you_mean
+
+        raise FileNotFoundError(f"model {model!r} is neither a shipped alias ({', '.join(MODELS)}) nor a folder.{did_you_mean(model, MODELS)} "
+                                "A hub id has the form org/name")
     return model
 
 
