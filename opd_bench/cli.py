@@ -55,6 +55,8 @@ def _device_option(command=None, *, help: str | None = None):
     """``--device``, checked before anything loads: a name torch knows, on hardware this machine has."""
 
     def check(ctx, param, value):
+        if value == "cpu":  # always there; no need to import torch to say so
+            return value
         from opd_bench.policy import check_device
 
         try:
@@ -248,7 +250,12 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
 def report_command(run_dir: Path, out: Path | None, force: bool) -> None:
     """Generate report.md and a self-contained index.html from RUN_DIR/results.json."""
     if not (run_dir / "results.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no results.json; run `opd-bench run --out {run_dir}` first")
+        from opd_bench.io import read_json
+
+        identity = run_dir / "run.json"  # an unfinished run: the preset it was started with finishes it
+        preset = read_json(identity).get("preset", "standard") if identity.is_file() else "standard"
+        raise FileNotFoundError(f"{run_dir} has no results.json; finish the run first: "
+                                f"`opd-bench run --preset {preset} --out {run_dir}` (with its --method and --set, if any)")
     from opd_bench.report import build_report, report_of_another_run
 
     target = out or Path("reports") / run_dir.resolve().name
@@ -347,6 +354,10 @@ def leaderboard_command(root: Path) -> None:
 def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, steps, guidance, batch_size, device, force,
                  adapter, dtype):
     """Evaluate a model on a suite's test prompts; writes OUT/results.json and prints a table."""
+    from opd_bench.harness import holds_run
+
+    if holds_run(out):  # with or without --force: a run's results are not an evaluation's to replace
+        raise FileExistsError(f"{out} holds an opd-bench run; eval writes a results.json of its own, choose another --out")
     results_path = out / "results.json"
     if results_path.exists() and not force:
         raise FileExistsError(f"{results_path} exists; choose another --out or pass --force")
@@ -358,7 +369,7 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     from opd_bench.policy import DTYPES, Policy, resolve_dtype
 
     suite = suites.get(suite_name)
-    tasks = select_tasks(suite, [t.strip() for t in tasks.split(",")] if tasks else None)  # before the model loads
+    tasks = select_tasks(suite, [t.strip() for t in tasks.split(",")] if tasks is not None else None)  # before the model loads
     model = model or suite.default_model
     settings = SamplerSettings(steps or suite.num_steps, suite.guidance_scale if guidance is None else guidance, suite.noise_level)
     dtype = resolve_dtype(dtype, device)

@@ -54,8 +54,14 @@ def methods_for(method: str) -> list[str]:
 
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds an opd-bench run: its marker, or the run.json / results.json of a
-    run made before markers existed."""
-    return any((Path(folder) / name).is_file() for name in (RUN_MARKER, "run.json", "results.json"))
+    run made before markers existed (an `opd-bench eval` results.json has no schema_version)."""
+    folder = Path(folder)
+    if (folder / RUN_MARKER).is_file() or (folder / "run.json").is_file():
+        return True
+    try:
+        return "schema_version" in json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 _HELD_LOCKS: dict[Path, object] = {}
@@ -487,9 +493,14 @@ class Harness:
         from opd_bench import parallel
         from opd_bench.training import return_freed_memory
 
+        from opd_bench.policy import check_pipeline
+        from opd_bench.suites import resolve_model
+
         start = time.time()
         if jobs < 1 or (threads is not None and threads < 1):
             raise ValueError(f"--jobs {jobs} / --threads {threads}: both must be at least 1")
+        # a model that cannot load fails here, in one line, not in the first cells of every worker
+        check_pipeline(resolve_model(self.model), drop_t5=self.model_options["drop_t5"])
         if jobs > 1:
             if distributed.current().distributed:
                 raise ValueError(f"--jobs {jobs} runs cells side by side on one machine; under torchrun or accelerate "

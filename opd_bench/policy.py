@@ -127,6 +127,22 @@ def _load_index(path: str) -> dict:
         ) from error
 
 
+def check_pipeline(path: str, *, drop_t5: bool = False) -> dict:
+    """The ``model_index.json`` of a pipeline ``from_pretrained`` can load (with ``drop_t5``), else a
+    one-line ``ModelLoadError``; reads no weights, so a run checks its model before starting work."""
+    index = _load_index(str(path))
+    class_name = index.get("_class_name")
+    if class_name not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(f"{str(path)!r} is a {class_name}; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    if drop_t5:
+        if class_name != "StableDiffusion3Pipeline":
+            raise ModelLoadError("drop_t5 is for SD3 only: FLUX's text sequence comes from T5 alone")
+        t5 = index.get("text_encoder_3")
+        if not isinstance(t5, list) or t5[0] is None:
+            raise ModelLoadError(f"drop_t5: {str(path)!r} has no T5 text encoder to drop; leave --drop-t5 out")
+    return index
+
+
 # ------------------------------------------------------------------------------- backends
 # One small class per pipeline family: what differs between SD3 and FLUX, and nothing else.
 # ``forward`` always takes and returns unpacked latents [B, C, h, w] and sigmas in [0, 1].
@@ -339,16 +355,10 @@ class Policy:
         import diffusers
 
         path = str(path)
-        index = _load_index(path)
-        class_name = index.get("_class_name")
-        if class_name not in SUPPORTED_PIPELINES:
-            raise ModelLoadError(f"{path!r} is a {class_name}; supported: {', '.join(SUPPORTED_PIPELINES)}")
+        index = check_pipeline(path, drop_t5=drop_t5)
+        class_name = index["_class_name"]
         absent = {key: None for key, value in index.items() if isinstance(value, list) and value[0] is None}
         if drop_t5:
-            if class_name != "StableDiffusion3Pipeline":
-                raise ModelLoadError("drop_t5 is for SD3 only: FLUX's text sequence comes from T5 alone")
-            if "text_encoder_3" in absent or "text_encoder_3" not in index:
-                raise ModelLoadError(f"drop_t5: {path!r} has no T5 text encoder to drop; leave --drop-t5 out")
             absent.update(text_encoder_3=None, tokenizer_3=None)
         try:
             pipeline = getattr(diffusers, class_name).from_pretrained(
@@ -631,14 +641,20 @@ class Policy:
                 f"adapter folder {str(folder)!r} needs adapter_config.json and adapter_model.safetensors "
                 "(written by Policy.save_adapter)"
             )
-        self._add(name, LoraConfig.from_pretrained(str(folder)), trainable)
         try:
-            result = set_peft_model_state_dict(self.transformer, load_file(weights), adapter_name=name)
+            config, state = LoraConfig.from_pretrained(str(folder)), load_file(weights)
+        except Exception as error:  # noqa: BLE001 - json's, safetensors' and peft's own errors alike
+            raise ModelLoadError(f"adapter {str(folder)!r} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+                                 "its adapter_config.json or adapter_model.safetensors is damaged, copy or train it again") from None
+        self._add(name, config, trainable)
+        try:
+            result = set_peft_model_state_dict(self.transformer, state, adapter_name=name)
         except RuntimeError as error:  # torch lists every tensor of another shape
             if "size mismatch" not in str(error):
                 raise
             first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), "")
-            raise ModelLoadError(f"adapter {str(folder)!r} was trained on a model of another shape ({first[:160]}); "
+            first = first.split(", copying a param")[0].rstrip(":")  # torch's line: "size mismatch for NAME: copying a param with shape ..."
+            raise ModelLoadError(f"adapter {str(folder)!r} was trained on a model of another shape ({first}); "
                                  "load it on the model it was trained from") from None
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter {str(folder)!r} does not fit this model: {result.unexpected_keys[:3]}...")

@@ -151,6 +151,9 @@ def check_results(results: dict) -> None:
         raise SubmissionError(f"results must be a JSON object, got {type(results).__name__}; "
                               "submit the results.json written by `opd-bench run`")
     version = results.get("schema_version")
+    if version is None and "num_images" in results and "sampler" in results:
+        raise SubmissionError("this is the results.json of `opd-bench eval` (one model's scores), not of a run; "
+                              "pass the folder of an `opd-bench run`")
     if version not in READABLE_SCHEMAS:
         raise SubmissionError(f"schema_version is {version!r}, this opd-bench reads versions {list(READABLE_SCHEMAS)}; "
                               "re-run with this opd-bench version or upgrade opd-bench")

@@ -40,7 +40,8 @@ class MetricsLog:
             if lines and not _parses(lines[-1]):  # the record being written when the run was killed
                 lines.pop()
                 self.path.write_text("".join(line + "\n" for line in lines))
-            kept = [json.dumps(record) for record in read_json_lines(self.path) if record["step"] <= resume_step]
+            kept = [json.dumps(record) for record in read_json_lines(self.path, fix=retrain_hint(self.path.parent))
+                    if record["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -94,7 +95,13 @@ def _parses(line: str) -> bool:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return read_json_lines(path)
+    """A training run's records; a damaged file names its run folder, which must be trained again."""
+    return read_json_lines(path, fix=retrain_hint(Path(path).parent))
+
+
+def retrain_hint(run_dir: str | Path) -> str:
+    """The fix for a damaged file of a training run: train that run again (its files belong together)."""
+    return f"delete {run_dir} and rerun the command to train that run again, or pass --force to start over"
 
 
 class GradVariance:
@@ -264,7 +271,7 @@ def load_checkpoint(folder: str | Path, *, params: Sequence[torch.nn.Parameter],
     if ema is not None and payload["ema"] is not None:
         ema.load_state_dict(payload["ema"])
     set_rng_state(payload["rng"])
-    return read_json(folder / "state.json")
+    return read_json(folder / "state.json", fix=retrain_hint(folder.parent))
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -337,7 +344,7 @@ class TrainingRun:
         config_path = self.dir / "config.json"
         checkpoint = self.dir / "checkpoint"
         if checkpoint.exists() and not overwrite:
-            saved = read_json(config_path) if config_path.exists() else None
+            saved = read_json(config_path, fix=retrain_hint(self.dir)) if config_path.exists() else None
             current = json.loads(json.dumps(config, default=str))
             if saved != current:
                 raise ValueError(f"{self.dir} holds a run with a different config ({json_differences(saved, current)}); "

@@ -190,6 +190,20 @@ def test_an_adapter_of_another_model_shape_is_one_line_error(policy, tmp_path):
         shipped.load_adapter("other", folder)
 
 
+def test_a_damaged_adapter_is_one_line_error_naming_it(policy, tmp_path):
+    from opd_bench.policy import ModelLoadError
+
+    policy.add_adapter("kept", rank=4, alpha=8)
+    folder = policy.save_adapter("kept", tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(ModelLoadError, match="adapter .* cannot be read .*damaged"):
+        policy.load_adapter("cut", folder)
+    result = CliRunner().invoke(main, ["sample", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "s.png"),
+                                       "--adapter", str(folder)])
+    assert result.exit_code == 1 and "cannot be read" in result.output and "Traceback" not in result.output
+
+
 def test_drop_t5_on_a_model_without_t5_says_so(tiny_dir):
     from opd_bench.policy import ModelLoadError, Policy
 

@@ -142,15 +142,25 @@ def test_cells_side_by_side_are_refused_where_they_cannot_run(tmp_path, monkeypa
     assert not list((tmp_path / "gpu").glob("teachers/*"))
 
 
-def test_a_cell_failing_in_a_worker_ends_the_run_with_its_own_one_line_error(tmp_path):
+def test_a_model_that_cannot_load_fails_before_any_cell(tmp_path):
     out, missing = tmp_path / "run", tmp_path / "no-such-model"
     result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(out), "--model", str(missing),
                                        "--jobs", "2", "--threads", "1", "--no-report"])
+    assert result.exit_code == 1 and "failed;" not in result.output  # no worker started
+    assert result.output.strip().startswith("Error: model folder") and str(missing) in result.output
+    assert not (out / "teachers").exists() and not (out / "results.json").exists()
+
+
+def test_a_cell_failing_in_a_worker_ends_the_run_with_its_own_one_line_error(tmp_path):
+    out = tmp_path / "run"
+    teacher = Harness(out, preset="smoke", seeds=[0], progress=False).teacher_dir("geneval")
+    (teacher / "checkpoint").mkdir(parents=True)  # an unfinished teacher whose config was damaged
+    (teacher / "config.json").write_text("{damaged")
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(out), "--jobs", "2", "--threads", "1", "--no-report"])
     assert result.exit_code == 1
-    # both workers start a teacher and both fail; whichever reports first is named
-    assert re.search(r"teacher (geneval|ocr) failed; the cells that finished are kept", result.output)
+    assert "teacher geneval failed; the cells that finished are kept" in result.output
     error = result.output.strip().splitlines()[-1]
-    assert error.startswith("Error: model folder") and str(missing) in error
+    assert error.startswith("Error: ") and "config.json is not valid JSON" in error and f"delete {teacher} and rerun" in error
     assert (out / "run.json").is_file() and not (out / "results.json").exists()
 
 
@@ -338,7 +348,7 @@ def test_force_deletes_a_run_folder_and_an_old_run_counts_as_one(tmp_path):
     assert not (run / "stale").exists() and (run / ".opd-bench-run").is_file()
     old = tmp_path / "old"  # a run made before the marker existed
     old.mkdir()
-    (old / "results.json").write_text("{}")
+    (old / "results.json").write_text(json.dumps({"schema_version": 1}))
     _harness(old, force=True)
     assert not (old / "results.json").exists() and (old / ".opd-bench-run").is_file()
     (tmp_path / "empty").mkdir()
@@ -530,5 +540,33 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     MetricsLog(path, resume_step=2).close()
     assert read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
     path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')  # not a torn end: a damaged file
-    with pytest.raises(ValueError, match="metrics.jsonl line 2 is not valid JSON"):
-        MetricsLog(path, resume_step=3)
+    with pytest.raises(ValueError, match=f"metrics.jsonl line 2 is not valid JSON .*; delete {tmp_path} and rerun"):
+        MetricsLog(path, resume_step=3)  # the fix: train that run again (a finished run's curve needs the file)
+
+
+def test_an_evaluations_folder_and_a_runs_folder_are_told_apart(tmp_path):
+    from opd_bench.harness import holds_run
+    from opd_bench.result_schema import SubmissionError
+
+    evaluated, run = tmp_path / "evaluated", tmp_path / "run"
+    evaluated.mkdir()
+    eval_record = {"suite": "tiny", "model": "tiny", "sampler": {}, "num_images": 2, "scores": {}}
+    (evaluated / "results.json").write_text(json.dumps(eval_record))
+    assert not holds_run(evaluated)  # so `run --out` refuses it instead of writing over it
+    refused = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(evaluated), "--no-report"])
+    assert refused.exit_code == 1 and "holds no opd-bench run" in refused.output
+    with pytest.raises(SubmissionError, match="results.json of `opd-bench eval`"):
+        check_results(eval_record)
+    Harness(run, preset="smoke", seeds=[0], progress=False)
+    assert holds_run(run)
+    for extra in ([], ["--force"]):  # an evaluation never writes into a run's folder
+        result = CliRunner().invoke(main, ["eval", "--out", str(run), "--limit", "1", *extra])
+        assert result.exit_code == 1 and "holds an opd-bench run" in result.output
+    assert not (run / "results.json").exists()
+
+
+def test_report_of_an_unfinished_run_names_the_command_that_finishes_it(tmp_path):
+    run = tmp_path / "run"
+    Harness(run, preset="smoke", seeds=[0], progress=False)
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 1 and f"opd-bench run --preset smoke --out {run}" in result.output

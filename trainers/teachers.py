@@ -16,6 +16,7 @@ from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
 from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+from opd_bench.training import retrain_hint
 
 
 def teacher_key(base: str, suite_version: str, task: str, config: GRPOConfig) -> str:
@@ -30,7 +31,7 @@ def teacher_run_dir(root: str | Path, task: str, key: str) -> Path:
 def finished_teacher(run_dir: Path) -> dict | None:
     """The DONE record of a finished teacher run, or None."""
     done = run_dir / "DONE"
-    return read_json(done) if done.exists() and (run_dir / "final" / "adapter_model.safetensors").exists() else None
+    return read_json(done, fix=retrain_hint(run_dir)) if done.exists() and (run_dir / "final" / "adapter_model.safetensors").exists() else None
 
 
 def train_teacher(
