@@ -71,6 +71,15 @@ def _device_option(command=None, *, help: str | None = None):
     return decorate if command is None else decorate(command)
 
 
+def _finite(ctx, param, value):
+    """A float option that must be a number, not nan or inf (click's FloatRange lets nan through)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param_hint=f"--{param.name.replace('_', '-')}")
+    return value
+
+
 def _dtype_option(command):
     return click.option(
         "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
@@ -205,8 +214,12 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         from opd_bench.harness import methods_for
         from opd_bench.presets import apply_overrides, plan
 
+        from opd_bench.trackers import TRACKERS
+
         suite = suites.get(suite_name)
         resolved = apply_overrides(plan(preset), overrides, tasks=list(suite.tasks))
+        for name in (n.strip() for n in log_to.split(",") if n.strip()):
+            TRACKERS.resolve(name)  # a misspelt tracker, as the run itself would refuse it
         click.echo(json.dumps({"suite": suite_name, "model": model or suite.default_model, "preset": preset,
                                "overrides": list(overrides), "methods": methods_for(method), "seeds": seed_list,
                                "plan": resolved.to_dict()}, indent=2))
@@ -343,7 +356,7 @@ def leaderboard_command(root: Path) -> None:
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=None, help="Default: each benchmark's.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (default: the suite's).")
-@click.option("--guidance", type=float, default=None, help="CFG scale (default: the suite's).")
+@click.option("--guidance", type=float, default=None, callback=_finite, help="CFG scale (default: the suite's).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @_device_option
 @click.option("--force", is_flag=True, help="Overwrite an existing results.json.")
@@ -495,8 +508,8 @@ def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for several.")
 @click.option("--images-per-prompt", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--guidance", default=4.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--noise-level", default=0.0, show_default=True, help="0 = ODE (Euler); >0 = Flow-GRPO SDE.")
+@click.option("--guidance", default=4.5, show_default=True, callback=_finite, help="Classifier-free guidance scale.")
+@click.option("--noise-level", default=0.0, show_default=True, callback=_finite, help="0 = ODE (Euler); >0 = Flow-GRPO SDE.")
 @click.option("--seed", default=0, show_default=True)
 @_device_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),

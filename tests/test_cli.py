@@ -225,3 +225,10 @@ def test_sample_writes_the_format_its_name_asks_for(tiny_dir, tmp_path):
     assert (tmp_path / "grid.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
     gif = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "grid.gif")])
     assert gif.exit_code == 2 and ".png, .jpg or .webp" in gif.output
+
+
+def test_nan_guidance_and_a_misspelt_tracker_are_refused_before_anything_runs(tmp_path):
+    nan = CliRunner().invoke(main, ["sample", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "s.png"), "--guidance", "nan"])
+    assert nan.exit_code == 2 and "nan is not a finite number" in nan.output
+    dry = CliRunner().invoke(main, ["run", "--preset", "smoke", "--dry-run", "--log-to", "tensorbord"])
+    assert dry.exit_code == 1 and "Did you mean 'tensorboard'?" in dry.output
