@@ -63,14 +63,18 @@ def read_json(path: str | Path, *, fix: str = REDO_HINT) -> Any:
 
 def read_json_lines(path: str | Path, *, fix: str = REDO_HINT) -> list[Any]:
     """The records of a JSON-lines file; a line that is not JSON is named with ``fix``."""
-    path = Path(path)
+    return parse_json_lines(Path(path).read_text().splitlines(), Path(path), fix=fix)
+
+
+def parse_json_lines(lines: list[str], source: Path, *, fix: str = REDO_HINT) -> list[Any]:
+    """One record per line of ``lines`` (blank lines: none), read from ``source``."""
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise CorruptFileError(f"{path} line {number} is not valid JSON ({error}); {fix}") from None
+                raise CorruptFileError(f"{source} line {number} is not valid JSON ({error}); {fix}") from None
     return records
 
 

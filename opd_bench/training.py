@@ -21,7 +21,7 @@ import torch
 
 from opd_bench import distributed, trackers
 from opd_bench.distributed import ProcessGroup
-from opd_bench.io import atomic_write_json, json_differences, read_json, read_json_lines
+from opd_bench.io import atomic_write_json, json_differences, parse_json_lines, read_json, read_json_lines
 
 
 class MetricsLog:
@@ -36,12 +36,11 @@ class MetricsLog:
         self.mirror = mirror  # an experiment tracker (opd_bench.trackers) that sees every record too
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            lines = self.path.read_text().splitlines()
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
             if lines and not _parses(lines[-1]):  # the record being written when the run was killed
                 lines.pop()
-                self.path.write_text("".join(line + "\n" for line in lines))
-            kept = [json.dumps(record) for record in read_json_lines(self.path, fix=retrain_hint(self.path.parent))
-                    if record["step"] <= resume_step]
+            records = parse_json_lines(lines, self.path, fix=retrain_hint(self.path.parent))
+            kept = [line for line, record in zip(lines, records) if record["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
