@@ -37,6 +37,8 @@ def share_kept(student: list[float], teacher: list[float], base: list[float]) ->
 def load_paired(run: Path) -> dict:
     """A run's results, refused unless every model in it was scored on one noise seed."""
     path = run / "results.json" if run.is_dir() else run
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist; pass a finished run folder (opd-bench run --out) or its results.json")
     results = json.loads(path.read_text())
     if not paired_evaluation(results):
         raise SystemExit(f"{path} scored each cell with its own noise seed (schema 2): its images do not pair up; "
