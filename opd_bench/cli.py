@@ -209,16 +209,16 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
     if repeated or not seed_list:
         what = f"seed {repeated[0]} is given twice" if repeated else "no seed is given"
         raise click.ClickException(f"--seeds {seeds!r}: {what}; give each seed once, e.g. 0,1,2")
+    trackers = [name.strip() for name in log_to.split(",") if name.strip()]
     if dry_run:
         from opd_bench import suites
         from opd_bench.harness import methods_for
         from opd_bench.presets import apply_overrides, plan
-
         from opd_bench.trackers import TRACKERS
 
         suite = suites.get(suite_name)
         resolved = apply_overrides(plan(preset), overrides, tasks=list(suite.tasks))
-        for name in (n.strip() for n in log_to.split(",") if n.strip()):
+        for name in trackers:
             TRACKERS.resolve(name)  # a misspelt tracker, as the run itself would refuse it
         click.echo(json.dumps({"suite": suite_name, "model": model or suite.default_model, "preset": preset,
                                "overrides": list(overrides), "methods": methods_for(method), "seeds": seed_list,
@@ -231,7 +231,7 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         + "".join(f" --set {shlex.quote(pair)}" for pair in overrides))
     harness = Harness(out, suite=suite_name, model=model, preset=preset, overrides=overrides, seeds=seed_list, method=method, device=device, force=force,
                       command=command, dtype=dtype, drop_t5=drop_t5, gradient_checkpointing=gradient_checkpointing,
-                      offload_text_encoders=offload_text_encoders, log_to=[n.strip() for n in log_to.split(",") if n.strip()])
+                      offload_text_encoders=offload_text_encoders, log_to=trackers)
     from opd_bench.parallel import default_jobs
 
     with _resumable(f"the finished cells are kept in {out}"):

@@ -121,13 +121,14 @@ def select_tasks(suite, tasks: Sequence[str] | None) -> list[str]:
 
     if tasks is None:
         return list(suite.tasks)
-    for task in tasks:
+    if not tasks:
+        raise ValueError("no benchmark is given")
+    for i, task in enumerate(tasks):
         if task not in suite.tasks:
             raise ValueError(f"suite {suite.name!r} has no benchmark {task!r}.{did_you_mean(task, suite.tasks)} "
                              f"Its benchmarks: {', '.join(suite.tasks)}")
-    repeated = sorted({task for task in tasks if list(tasks).count(task) > 1})
-    if repeated or not tasks:
-        raise ValueError(f"benchmark {repeated[0]!r} is given twice; name each once" if repeated else "no benchmark is given")
+        if task in tasks[:i]:
+            raise ValueError(f"benchmark {task!r} is given twice; name each once")
     return list(tasks)
 
 

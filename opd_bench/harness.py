@@ -148,10 +148,11 @@ class Harness:
         self.suite = suites.get(suite)
         self.model = model or self.suite.default_model
         # a preset with --set changes is another experiment: the plan is part of the identity below
-        self.plan = apply_overrides(plan(preset), list(overrides), tasks=list(self.suite.tasks))
+        preset_plan = plan(preset)
+        self.plan = apply_overrides(preset_plan, list(overrides), tasks=list(self.suite.tasks))
         # --set changes that leave the preset as it is (opd.steps=60 on standard) are no change: recorded
         # as such, so whether a run can be listed does not depend on its last command's spelling
-        self.preset, self.overrides = preset, list(overrides) if self.plan != plan(preset) else []
+        self.preset, self.overrides = preset, list(overrides) if self.plan != preset_plan else []
         self.seeds = [int(s) for s in seeds]
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed, e.g. 0,1,2")
@@ -491,10 +492,9 @@ class Harness:
         side by side in that many processes of ``threads`` torch threads each (default: the cores
         shared out); the one-process pass below then finds them done."""
         from opd_bench import parallel
-        from opd_bench.training import return_freed_memory
-
         from opd_bench.policy import check_pipeline
         from opd_bench.suites import resolve_model
+        from opd_bench.training import return_freed_memory
 
         start = time.time()
         if jobs < 1 or (threads is not None and threads < 1):

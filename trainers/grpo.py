@@ -76,7 +76,7 @@ class GRPOConfig:
             "noise_level": (self.noise_level > 0, "> 0: GRPO needs stochastic steps"),
             "train_fraction": (0 < self.train_fraction <= 1, "0 < x <= 1"), "clip_range": (self.clip_range > 0, "> 0"),
             "lr": (self.lr > 0, "> 0"), "micro_batch": (self.micro_batch >= 1, ">= 1"), "kl_beta": (self.kl_beta >= 0, ">= 0"),
-            "lora_rank": (self.lora_rank >= 1, ">= 1"),
+            "lora_rank": (self.lora_rank >= 1, ">= 1"), "ema": (self.ema is None or 0 < self.ema < 1, "0 < x < 1, or null"),
         })
         if self.train_steps not in ("first", "random"):
             raise ValueError(f"train_steps must be 'first' or 'random', got {self.train_steps!r}")
@@ -84,8 +84,6 @@ class GRPOConfig:
             raise ValueError(f"adv_ddof must be 0 (population std, Flow-GRPO) or 1 (unbiased), got {self.adv_ddof!r}")
         if self.aggregation not in ("own", "sum-then-normalise", "normalise-then-sum"):
             raise ValueError(f"aggregation must be own, sum-then-normalise or normalise-then-sum, got {self.aggregation!r}")
-        if self.ema is not None and not 0 < self.ema < 1:
-            raise ValueError(f"ema must be in (0, 1) or null, got {self.ema}")
         check_lr_schedule(self.lr_schedule)
 
     def to_dict(self) -> dict:
