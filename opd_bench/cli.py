@@ -220,7 +220,7 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         resolved = apply_overrides(plan(preset), overrides, tasks=list(suite.tasks))
         for name in trackers:
             TRACKERS.resolve(name)  # a misspelt tracker, as the run itself would refuse it
-        click.echo(json.dumps({"suite": suite_name, "model": model or suite.default_model, "preset": preset,
+        click.echo(json.dumps({"suite": suite_name, "model": suites.canonical_model(model or suite.default_model), "preset": preset,
                                "overrides": list(overrides), "methods": methods_for(method), "seeds": seed_list,
                                "plan": resolved.to_dict()}, indent=2))
         return
@@ -383,7 +383,7 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
 
     suite = suites.get(suite_name)
     tasks = select_tasks(suite, [t.strip() for t in tasks.split(",")] if tasks is not None else None)  # before the model loads
-    model = model or suite.default_model
+    model = suites.canonical_model(model or suite.default_model)
     settings = SamplerSettings(steps or suite.num_steps, suite.guidance_scale if guidance is None else guidance, suite.noise_level)
     dtype = resolve_dtype(dtype, device)
     if model == "renderer":

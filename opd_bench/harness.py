@@ -146,7 +146,7 @@ class Harness:
 
         self.out = Path(out)
         self.suite = suites.get(suite)
-        self.model = model or self.suite.default_model
+        self.model = suites.canonical_model(model or self.suite.default_model)
         # a preset with --set changes is another experiment: the plan is part of the identity below
         preset_plan = plan(preset)
         self.plan = apply_overrides(preset_plan, list(overrides), tasks=list(self.suite.tasks))

@@ -104,6 +104,39 @@ class PromptEmbeds:
         return (self.embeds, self.pooled, self.negative_embeds, self.negative_pooled)
 
 
+QUIET_LOAD_BYTES = 256 * 2**20  # a pipeline this small loads in well under a second
+
+
+@contextlib.contextmanager
+def quiet_libraries(*, quiet_warnings: bool = False) -> Iterator[None]:
+    """diffusers' and transformers' progress bars off (and, with ``quiet_warnings``, diffusers' warnings)
+    for a block, then as they were."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = diffusers_logging.get_verbosity(), (
+        diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if quiet_warnings:
+        diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        for enabled, library in zip(bars, (diffusers_logging, transformers_logging)):
+            if enabled:
+                library.enable_progress_bar()
+
+
+def _loads_in_a_blink(path: str) -> bool:
+    """A local pipeline of under ``QUIET_LOAD_BYTES`` of weights (the tiny ones): its loading bars
+    would flash past and stay in the output as clutter. A real model's load takes a while, and its
+    bars say so."""
+    folder = Path(path).expanduser()
+    return folder.is_dir() and sum(f.stat().st_size for f in folder.glob("*/*.safetensors")) < QUIET_LOAD_BYTES
+
+
 def _load_index(path: str) -> dict:
     """Read ``model_index.json`` from a local folder or the hub cache, with a clear error."""
     from diffusers import DiffusionPipeline
@@ -361,9 +394,10 @@ class Policy:
         if drop_t5:
             absent.update(text_encoder_3=None, tokenizer_3=None)
         try:
-            pipeline = getattr(diffusers, class_name).from_pretrained(
-                path, dtype=dtype, local_files_only=True, **{**absent, **components}
-            )
+            with quiet_libraries() if _loads_in_a_blink(path) else contextlib.nullcontext():
+                pipeline = getattr(diffusers, class_name).from_pretrained(
+                    path, dtype=dtype, local_files_only=True, **{**absent, **components}
+                )
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"cannot load pipeline {path!r}: {str(error).splitlines()[0]}") from error
         pipeline.set_progress_bar_config(disable=True)

@@ -570,3 +570,11 @@ def test_report_of_an_unfinished_run_names_the_command_that_finishes_it(tmp_path
     Harness(run, preset="smoke", seeds=[0], progress=False)
     result = CliRunner().invoke(main, ["report", str(run)])
     assert result.exit_code == 1 and f"opd-bench run --preset smoke --out {run}" in result.output
+
+
+def test_the_shipped_base_by_its_folder_shares_the_aliases_teachers(tmp_path):
+    from opd_bench import suites
+
+    by_alias, by_folder = _harness(tmp_path / "a"), _harness(tmp_path / "b", model=str(suites.MODELS["tiny"]))
+    assert by_folder.model == "tiny" and by_folder.identity == by_alias.identity
+    assert by_folder.teacher_base == by_alias.teacher_base

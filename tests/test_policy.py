@@ -27,6 +27,26 @@ def test_tiny_pipeline_round_trips_through_save_and_load(tiny_dir):
     assert loaded.pipeline.text_encoder_3 is None
 
 
+def test_tiny_pipelines_save_and_load_without_library_clutter(tmp_path, capfd, monkeypatch):
+    """No warning for the T5 a tiny pipeline leaves out, no bars for a load that takes a blink;
+    the libraries' own settings come back afterwards. A big model's load keeps its bars."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from opd_bench import policy as policy_module
+    from opd_bench.tiny import save_tiny
+
+    diffusers_logging.enable_progress_bar()
+    verbosity = diffusers_logging.get_verbosity()
+    capfd.readouterr()
+    Policy.from_pretrained(str(save_tiny(tmp_path / "tiny")))
+    printed = capfd.readouterr().err
+    assert "cannot be saved" not in printed and "Writing model shards" not in printed and "Loading" not in printed
+    assert diffusers_logging.is_progress_bar_enabled() and diffusers_logging.get_verbosity() == verbosity
+    monkeypatch.setattr(policy_module, "QUIET_LOAD_BYTES", 0)
+    Policy.from_pretrained(str(tmp_path / "tiny"))
+    assert "Loading pipeline components" in capfd.readouterr().err
+
+
 def test_handmade_tokenizer_gives_distinct_words_distinct_ids(policy):
     tokenizer = policy.pipeline.tokenizer
     words = ["red", "blue", "circle", "square", "photo", "that", "to", "left", "right"]

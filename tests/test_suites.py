@@ -101,6 +101,16 @@ def test_shipped_models_have_a_weight_fingerprint():
     assert suites.model_fingerprint("some/other-model") is None
 
 
+def test_the_shipped_base_given_by_its_folder_is_named_by_its_alias(tmp_path, monkeypatch):
+    folder = suites.MODELS["tiny"]
+    assert suites.canonical_model(str(folder)) == "tiny"
+    monkeypatch.chdir(folder.parent)
+    assert suites.canonical_model("./base/../base") == "tiny"
+    assert suites.canonical_model("tiny") == "tiny"
+    assert suites.canonical_model(str(tmp_path)) == str(tmp_path)  # another folder stays itself
+    assert suites.canonical_model("org/model") == "org/model"
+
+
 def test_a_limit_covers_every_geneval_tag_evenly():
     spec = benchmarks.get("tiny/geneval")
     every = spec.prompts("test")

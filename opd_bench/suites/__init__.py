@@ -94,6 +94,21 @@ REGISTRY.register("sd", "opd_bench.suites.sd:SUITE", "real SD3 / SD3.5 models on
 MODELS = {"tiny": SUITE_DIR / "tiny" / "weights" / "base"}
 
 
+def canonical_model(model: str) -> str:
+    """A shipped model given by its folder -> its alias, so that results name it one way.
+
+    Run identities, teacher caches, the fingerprint check and the leaderboard compare model
+    names as strings: the shipped base passed as ``.../weights/base`` would otherwise count as
+    another model than ``tiny`` (and get no fingerprint).
+    """
+    path = Path(model).expanduser()
+    if model not in MODELS and path.is_dir():
+        for alias, folder in MODELS.items():
+            if path.resolve() == folder.resolve():
+                return alias
+    return model
+
+
 def resolve_model(model: str) -> str:
     """A shipped model alias ("tiny") -> its folder; anything else is returned unchanged.
 

@@ -141,11 +141,21 @@ def build_pipeline(config: TinyConfig | None = None, seed: int = 0):
     )
 
 
-def save_tiny(folder: str | Path, config: TinyConfig | None = None, seed: int = 0) -> Path:
-    """Build a random tiny pipeline and save it as a diffusers folder; returns the folder."""
+def save_pipeline(pipeline, folder: str | Path) -> Path:
+    """``save_pretrained``, quietly, with a tokenizer class both transformers 4 and 5 load.
+
+    Quietly because diffusers warns once per component a tiny pipeline leaves out on purpose
+    (the T5 encoder) and transformers draws a bar per one-shard model: noise in a command's output.
+    """
+    from opd_bench.policy import quiet_libraries
     from opd_bench.tiny.tokenizer import portable_tokenizer_class
 
-    folder = Path(folder)
-    build_pipeline(config, seed).save_pretrained(folder)
+    with quiet_libraries(quiet_warnings=True):
+        pipeline.save_pretrained(folder)
     portable_tokenizer_class(folder)
-    return folder
+    return Path(folder)
+
+
+def save_tiny(folder: str | Path, config: TinyConfig | None = None, seed: int = 0) -> Path:
+    """Build a random tiny pipeline and save it as a diffusers folder; returns the folder."""
+    return save_pipeline(build_pipeline(config, seed), folder)

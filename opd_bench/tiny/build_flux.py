@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from opd_bench.tiny.build import clip_text_config, tiny_vae
+from opd_bench.tiny.build import clip_text_config, save_pipeline, tiny_vae
 
 T5_SPACE = "\u2581"  # SentencePiece's word-start marker, as in T5's vocabulary
 
@@ -152,9 +152,7 @@ def build_flux_pipeline(seed: int = 0, config: TinyFluxConfig | None = None):
 
 def save_tiny_flux(folder: str | Path, seed: int = 0, config: TinyFluxConfig | None = None) -> Path:
     """Build a random tiny FLUX pipeline and save it as a diffusers folder; returns the folder."""
-    folder = Path(folder)
-    build_flux_pipeline(seed, config).save_pretrained(folder)
-    return folder
+    return save_pipeline(build_flux_pipeline(seed, config), folder)
 
 
 __all__ = ["TinyFluxConfig", "build_flux_pipeline", "build_t5_tokenizer", "save_tiny_flux"]

@@ -260,8 +260,7 @@ def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config:
 def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> dict:
     """Run the whole pretraining and save the pipeline to ``out_dir``; returns a summary."""
     from opd_bench.io import atomic_write_json
-    from opd_bench.tiny.build import build_pipeline
-    from opd_bench.tiny.tokenizer import portable_tokenizer_class
+    from opd_bench.tiny.build import build_pipeline, save_pipeline
 
     config = config or PretrainConfig()
     out_dir = Path(out_dir)
@@ -291,8 +290,7 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     pipeline.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     latents = (latents - shift) * scale
     summary = train_denoiser(pipeline, latents, records, config, log)
-    pipeline.to("cpu").save_pretrained(out_dir)
-    portable_tokenizer_class(out_dir)
+    save_pipeline(pipeline.to("cpu"), out_dir)
     summary.update(
         render_seconds=t_render, vae_seconds=t_vae, vae_reconstruction_scores=vae_bound, total_seconds=time.time() - t0,
         latent_shift=shift, latent_scale=scale, config=asdict(config), architecture=architecture.to_dict(),
