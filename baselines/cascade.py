@@ -37,15 +37,6 @@ class CascadeConfig:
         return sum(steps for _, steps in self.stages)
 
 
-CASCADE_PRESETS: dict[str, CascadeConfig] = {
-    "smoke": CascadeConfig(
-        stages=[("geneval", 1), ("ocr", 1)],
-        grpo=GRPOConfig(prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=1, eval_limit=2, checkpoint_every=1),
-    ),
-    "standard": CascadeConfig(),
-}
-
-
 class CascadeTrainer:
     def __init__(
         self,

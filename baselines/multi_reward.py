@@ -31,12 +31,6 @@ class MultiRewardConfig(GRPOConfig):
             raise ValueError("reward_mode='weighted-sum' needs aggregation 'sum-then-normalise' or 'normalise-then-sum'")
 
 
-MULTI_REWARD_PRESETS: dict[str, MultiRewardConfig] = {
-    "smoke": MultiRewardConfig(steps=2, prompts_per_step=3, group_size=2, num_steps=3, micro_batch=64, eval_every=2, eval_limit=2, checkpoint_every=1),
-    "standard": MultiRewardConfig(),
-}
-
-
 def interleave(pools: Mapping[str, Sequence[Prompt]]) -> list[Prompt]:
     """The union of the pools, balanced: each task contributes equally many prompts."""
     size = min(len(pool) for pool in pools.values())

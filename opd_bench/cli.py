@@ -504,7 +504,7 @@ def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
 
 
 @main.command()
-@click.option("--model", required=True, help="Pipeline folder or hub id (SD3 family).")
+@click.option("--model", required=True, help="'tiny' (shipped base), a pipeline folder or hub id (SD3 family or FLUX.1).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for several.")
 @click.option("--images-per-prompt", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))

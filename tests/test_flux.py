@@ -1,5 +1,7 @@
 """The FLUX.1 backend of ``Policy``, on the tiny offline FLUX pipeline (``opd_bench.tiny.build_flux``)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -133,9 +135,10 @@ def test_default_lora_targets_cover_flux_attention(flux):
 
 
 def test_grpo_step_on_flux_changes_only_the_adapter(flux, tmp_path):
-    from opd_bench.trainers.grpo import GRPO_PRESETS, GRPOTrainer, preset
+    from opd_bench.presets import plan
+    from opd_bench.trainers.grpo import GRPOTrainer
 
-    config = preset("smoke", GRPO_PRESETS, steps=1, eval_every=0, lr=1e-2, guidance_scale=3.5)
+    config = replace(plan("smoke").teacher, steps=1, eval_every=0, lr=1e-2, guidance_scale=3.5)
     reward = rewards.get("toy/color", target=(1, 0, 0))
     trainer = GRPOTrainer(config, policy=flux, prompts=PROMPTS, rewards={"red": reward}, run_dir=tmp_path)
     before = {n: p.detach().clone() for n, p in flux.transformer.named_parameters()}

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from opd_bench import rewards
-from opd_bench.baselines.cascade import CASCADE_PRESETS, CascadeTrainer
-from opd_bench.baselines.multi_reward import MULTI_REWARD_PRESETS, MultiRewardConfig, MultiRewardTrainer
+from opd_bench.baselines.cascade import CascadeTrainer
+from opd_bench.baselines.multi_reward import MultiRewardConfig, MultiRewardTrainer
 from opd_bench.policy import Policy
+from opd_bench.presets import plan
 from opd_bench.rl import clipped_policy_loss, group_advantages, zero_spread_share
 from opd_bench.rollout import Prompt
 from opd_bench.training import read_metrics, scheduled_lr
 from opd_bench.trainers import grpo as grpo_module
-from opd_bench.trainers.grpo import GRPO_PRESETS, GRPOConfig, GRPOTrainer, preset
-from opd_bench.trainers.opd import OPD_PRESETS, OPDConfig, OPDTrainer
+from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+from opd_bench.trainers.opd import OPDConfig, OPDTrainer
 from opd_bench.trainers.teachers import train_teacher
 from opd_bench.trainers.variance import variance_experiment
 
@@ -23,6 +24,7 @@ POOLS = {
     "red": [Prompt("a red circle", "red"), Prompt("a red heart", "red")],
 }
 REWARDS = {"bright": rewards.get("toy/brightness"), "red": rewards.get("toy/color", target=(1, 0, 0))}
+SMOKE = plan("smoke")  # the smoke run's configs: the smallest that exercise every code path
 
 
 def _snapshot(policy):
@@ -110,7 +112,7 @@ def test_grpo_loss_matches_hand_computation_on_a_tiny_batch(policy):
 
 
 def test_grpo_step_changes_only_the_trained_adapter(policy, tmp_path):
-    config = preset("smoke", GRPO_PRESETS, steps=1, eval_every=0, lr=1e-2)
+    config = replace(SMOKE.teacher, steps=1, eval_every=0, lr=1e-2)
     trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=tmp_path)
     before = _snapshot(policy)
     trainer.train(progress=False)
@@ -124,7 +126,7 @@ def test_grpo_step_changes_only_the_trained_adapter(policy, tmp_path):
 
 def test_opd_step_changes_the_student_not_the_teachers(policy, tiny_dir, tmp_path):
     teacher = _teacher(tiny_dir, tmp_path / "teacher")
-    config = preset("smoke", OPD_PRESETS, steps=1, eval_every=0, lr=1e-2)
+    config = replace(SMOKE.opd, steps=1, eval_every=0, lr=1e-2)
     trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, rewards=REWARDS, run_dir=tmp_path / "run")
     before = _snapshot(policy)
     trainer.train(progress=False)
@@ -141,7 +143,7 @@ def test_monitoring_rewards_changes_the_logs_not_the_trained_weights(tiny_dir, t
     weights, logs = {}, {}
     for monitor in (True, False):
         policy = Policy.from_pretrained(str(tiny_dir))
-        config = preset("smoke", OPD_PRESETS, steps=2, eval_every=0, lr=1e-2, monitor_rewards=monitor)
+        config = replace(SMOKE.opd, steps=2, eval_every=0, lr=1e-2, monitor_rewards=monitor)
         OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, rewards=REWARDS,
                    run_dir=tmp_path / str(monitor)).train(progress=False)
         weights[monitor] = [p.detach().clone() for p in policy.parameters("student")]
@@ -155,7 +157,7 @@ def test_opd_ppo_mode_trains_and_refuses_deterministic_steps(policy, tiny_dir, t
     teacher = _teacher(tiny_dir, tmp_path / "teacher")
     with pytest.raises(ValueError, match="noise_level > 0"):
         OPDConfig(mode="ppo", noise_level=0.0)
-    config = preset("smoke", OPD_PRESETS, mode="ppo", noise_level=0.7, steps=1, eval_every=0, lr=1e-2)
+    config = replace(SMOKE.opd, mode="ppo", noise_level=0.7, steps=1, eval_every=0, lr=1e-2)
     trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, run_dir=tmp_path / "run")
     before = _snapshot(policy)
     trainer.train(progress=False)
@@ -164,7 +166,7 @@ def test_opd_ppo_mode_trains_and_refuses_deterministic_steps(policy, tiny_dir, t
 
 def test_opd_loss_is_zero_when_the_student_is_the_teacher(policy, tiny_dir, tmp_path):
     teacher = _teacher(tiny_dir, tmp_path / "teacher")
-    config = preset("smoke", OPD_PRESETS, steps=1, eval_every=0)
+    config = replace(SMOKE.opd, steps=1, eval_every=0)
     trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, run_dir=tmp_path / "run")
     policy.copy_adapter_weights("student", teacher)
     trainer.train(progress=False)
@@ -174,7 +176,7 @@ def test_opd_loss_is_zero_when_the_student_is_the_teacher(policy, tiny_dir, tmp_
 
 def test_multi_reward_and_cascade_steps(policy, tmp_path):
     multi = MultiRewardTrainer(
-        preset("smoke", MULTI_REWARD_PRESETS, steps=1, eval_every=0), policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "multi"
+        replace(SMOKE.multi_reward, steps=1, eval_every=0), policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "multi"
     )
     before = _snapshot(policy)
     multi.train(progress=False)
@@ -182,7 +184,7 @@ def test_multi_reward_and_cascade_steps(policy, tmp_path):
     record = read_metrics(tmp_path / "multi" / "metrics.jsonl")[-1]
     assert "reward/bright/mean" in record and "reward/red/mean" in record
 
-    cascade_config = replace(CASCADE_PRESETS["smoke"], stages=[("bright", 1), ("red", 2)])
+    cascade_config = replace(SMOKE.cascade, stages=[("bright", 1), ("red", 2)])
     cascade_config = replace(cascade_config, grpo=replace(cascade_config.grpo, eval_every=0))
     cascade = CascadeTrainer(cascade_config, policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "cascade", adapter="cascade")
     policy.add_adapter("cascade", rank=cascade_config.grpo.lora_rank, alpha=cascade_config.grpo.lora_alpha)
@@ -213,8 +215,6 @@ def test_weighted_sum_aggregations():
 def test_configs_are_validated_with_clear_errors():
     with pytest.raises(ValueError, match="group_size"):
         GRPOConfig(group_size=1)
-    with pytest.raises(ValueError, match="unknown preset 'fast'"):
-        preset("fast", GRPO_PRESETS)
     with pytest.raises(ValueError, match="mode"):
         OPDConfig(mode="reinforce")
     with pytest.raises(ValueError, match="lr_schedule"):
@@ -250,7 +250,7 @@ def _interruptible(trainer, fail_after):
 
 def _grpo_run(tiny_dir, run_dir, fail_after=None):
     policy = Policy.from_pretrained(str(tiny_dir))
-    config = preset("smoke", GRPO_PRESETS, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2)
+    config = replace(SMOKE.teacher, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2)
     trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=run_dir)
     _interruptible(trainer, fail_after).train(progress=False)
     return policy
@@ -258,7 +258,7 @@ def _grpo_run(tiny_dir, run_dir, fail_after=None):
 
 def _opd_run(tiny_dir, teacher, run_dir, fail_after=None):
     policy = Policy.from_pretrained(str(tiny_dir))
-    config = preset("smoke", OPD_PRESETS, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2, lr_schedule="cosine")
+    config = replace(SMOKE.opd, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2, lr_schedule="cosine")
     trainer = OPDTrainer(config, policy=policy, prompts=POOLS, teachers={"bright": teacher, "red": teacher}, rewards=REWARDS, run_dir=run_dir)
     _interruptible(trainer, fail_after).train(progress=False)
     assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([0.25e-2])  # the last step's rate was used
@@ -310,7 +310,7 @@ def test_finished_runs_are_not_overwritten_and_configs_must_match(tiny_dir, tmp_
 
 
 def test_teachers_are_reused_for_the_same_base_task_and_config(policy, tmp_path):
-    config = preset("smoke", GRPO_PRESETS, steps=1, eval_every=0)
+    config = replace(SMOKE.teacher, steps=1, eval_every=0)
     kwargs = dict(policy=policy, prompts=POOLS["red"], reward=REWARDS["red"], config=config, root=tmp_path, base="tiny-random", suite_version="v1", progress=False)
     first = train_teacher("red", **kwargs)
     stamp = (first / "DONE").stat().st_mtime_ns
@@ -365,7 +365,7 @@ def test_full_parameter_training_changes_only_the_copy(policy, tiny_dir, tmp_pat
     with torch.no_grad():
         base_before = policy.velocity(x, 0.5, cond)
     before = _snapshot(policy)
-    config = preset("smoke", GRPO_PRESETS, steps=1, eval_every=0, lr=1e-2, full_params=True)
+    config = replace(SMOKE.teacher, steps=1, eval_every=0, lr=1e-2, full_params=True)
     trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=tmp_path / "run")
     copy_before = [p.detach().clone() for p in policy.parameters("student")]
     final = trainer.train(progress=False)
@@ -381,7 +381,7 @@ def test_full_parameter_training_changes_only_the_copy(policy, tiny_dir, tmp_pat
         torch.testing.assert_close(other.velocity(x, 0.5, other.encode(["a red circle", "a blue star"])), trained)
     teacher = _teacher(tiny_dir, tmp_path / "teacher")
     opd = OPDTrainer(
-        preset("smoke", OPD_PRESETS, steps=1, eval_every=0, full_params=True), policy=other, prompts=POOLS,
+        replace(SMOKE.opd, steps=1, eval_every=0, full_params=True), policy=other, prompts=POOLS,
         teachers={"bright": teacher, "red": teacher}, run_dir=tmp_path / "opd", adapter="full_student",
     )
     opd.train(progress=False)
@@ -389,7 +389,7 @@ def test_full_parameter_training_changes_only_the_copy(policy, tiny_dir, tmp_pat
 
 
 def test_cascade_refuses_a_stage_without_prompts_or_without_reward(tmp_path):
-    config = replace(CASCADE_PRESETS["smoke"], stages=[("bright", 1), ("red", 1)])
+    config = replace(SMOKE.cascade, stages=[("bright", 1), ("red", 1)])
     for pools, scorers in ((POOLS, {"bright": REWARDS["bright"]}), ({"bright": POOLS["bright"]}, REWARDS)):
         with pytest.raises(ValueError, match=r"\['red'\] have no prompts or reward"):
             CascadeTrainer(config, policy=None, prompts=pools, rewards=scorers, run_dir=tmp_path)

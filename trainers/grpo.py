@@ -11,7 +11,7 @@ rewards become one advantage (multi-reward RL); a teacher has one reward.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -88,18 +88,6 @@ class GRPOConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-GRPO_PRESETS: dict[str, GRPOConfig] = {
-    "smoke": GRPOConfig(steps=2, prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=2, eval_limit=2, checkpoint_every=1),
-    "standard": GRPOConfig(),
-}
-
-
-def preset(name: str, presets: Mapping, **overrides):
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
-    return replace(presets[name], **overrides)
 
 
 def aggregate_advantages(

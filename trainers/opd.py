@@ -91,12 +91,6 @@ class OPDConfig:
         return asdict(self)
 
 
-OPD_PRESETS: dict[str, OPDConfig] = {
-    "smoke": OPDConfig(steps=2, prompts_per_task=2, num_steps=3, eval_every=2, eval_limit=2, checkpoint_every=1),
-    "standard": OPDConfig(),
-}
-
-
 def opd_task_step(
     policy: Policy,
     adapter: str,

@@ -19,7 +19,7 @@
 Weights and ``config.json`` (architecture, vocabulary, training settings, metrics) go to
 ``out_dir``; the shipped model lives in ``opd_bench/suites/tiny/weights/pref/``.
 
-    python -m opd_bench.world.pref_train --out DIR [--seed 0] [--num-pairs 20000]
+    opd-bench pretrain pref --out DIR [--seed 0] [--num-pairs 20000] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -247,24 +247,3 @@ def pretrain_pref(out_dir: str | Path | None, seed: int = 0, num_pairs: int = 20
     if out_dir is not None:
         model.save(out_dir, extra=metrics)
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="train the tiny preference model")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-pairs", type=int, default=20000)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    m = pretrain_pref(args.out, seed=args.seed, num_pairs=args.num_pairs, epochs=args.epochs,
-                      threads=args.threads)
-    print(json.dumps(m, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
