@@ -132,8 +132,12 @@ def read_prompts(
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {str(path)!r} does not exist; check the path or the benchmark spec")
+    lines = read_text_lines(path)
+    if "".join(lines).lstrip().startswith("["):
+        raise PromptFileError(f"{path} is a JSON array; a prompt file holds one JSON object per line (JSON lines): "
+                              "write each element on a line of its own")
     prompts: list[Prompt] = []
-    for number, line in enumerate(read_text_lines(path), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -163,7 +167,8 @@ def read_text_lines(path: str | Path) -> list[str]:
     path = Path(path)
     try:
         # split("\n"), not splitlines(): a JSON string may hold a raw U+2028, which splitlines breaks at.
-        return path.read_text(encoding="utf-8").split("\n")
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the first prompt
+        return path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as error:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise PromptFileError(

@@ -30,6 +30,26 @@ def _friendly(command):
     return wrapper
 
 
+def typed_command(argv: list[str]) -> str | None:
+    """The command as typed, through the script or ``python -m opd_bench`` (as torchrun and
+    accelerate launch run it), quoted to paste back; None when called from Python."""
+    script = Path(argv[0]) if argv else Path()
+    if script.name == "opd-bench" or (script.name == "__main__.py" and script.parent.name == "opd_bench"):
+        return shlex.join(["opd-bench", *argv[1:]])
+    return None
+
+
+def _known_suite(ctx, param, value):
+    from opd_bench import suites
+    from opd_bench.registry import UnknownNameError
+
+    try:
+        suites.get(value)
+    except UnknownNameError as error:
+        raise click.BadParameter(str(error).splitlines()[0]) from None
+    return value
+
+
 def _suite_config_option(command):
     """``--suite-config FILE``: files and weights of a configurable suite (sd), applied before use."""
 
@@ -37,10 +57,12 @@ def _suite_config_option(command):
         if value is not None:
             from opd_bench import suites
 
+            name = ctx.params.get("suite_name", "sd")  # run and eval name it (parsed first); verify and submit read the run's
             try:
-                suites.configure(ctx.params.get("suite_name", "sd"), str(value))
+                suites.configure(name, str(value))
             except (ValueError, OSError, KeyError) as error:
-                raise click.BadParameter(str(error).splitlines()[0], param_hint="--suite-config") from None
+                hint = "; the configurable suite is sd: add --suite sd" if name == "tiny" else ""
+                raise click.BadParameter(str(error).splitlines()[0] + hint, param_hint="--suite-config") from None
         return value
 
     return click.option(
@@ -156,7 +178,7 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 
 @main.command("run")
 @click.option("--method", default="all", show_default=True, type=click.Choice(["all", "teachers", "opd", "opd-ppo", "multi-reward", "cascade"]))
-@click.option("--suite", "suite_name", default="tiny", show_default=True)
+@click.option("--suite", "suite_name", default="tiny", show_default=True, is_eager=True, callback=_known_suite)  # before --suite-config, which needs it
 @click.option("--model", default=None, help="Base model: a shipped alias ('tiny'), a pipeline folder or hub id. Default: the suite's.")
 @click.option("--preset", default="standard", show_default=True, type=click.Choice(["smoke", "standard", "paper"]),
               help="smoke: about two minutes (one seed by default); standard: the embedded suite on a CPU; paper: PAPER.md's SD3.5-M settings, for GPUs.")
@@ -226,8 +248,9 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         return
     from opd_bench.harness import Harness
 
-    command = "opd-bench " + " ".join(sys.argv[1:]) if sys.argv and "opd-bench" in sys.argv[0] else (
-        f"opd-bench run --method {method} --suite {suite_name} --preset {preset} --seeds {seeds} --out {out}"
+    command = typed_command(sys.argv) or (  # called from Python (tests): the options that decide the results
+        f"opd-bench run --method {method} --suite {suite_name}" + (f" --model {shlex.quote(model)}" if model else "")
+        + f" --preset {preset} --seeds {seeds} --out {shlex.quote(str(out))}"
         + "".join(f" --set {shlex.quote(pair)}" for pair in overrides))
     harness = Harness(out, suite=suite_name, model=model, preset=preset, overrides=overrides, seeds=seed_list, method=method, device=device, force=force,
                       command=command, dtype=dtype, drop_t5=drop_t5, gradient_checkpointing=gradient_checkpointing,
@@ -312,9 +335,13 @@ def verify_command(run_dir: Path, prompts: int, salt: str, models: tuple[str, ..
             f"score differently, e.g. {first['model']} seed {first['seed']} {first['benchmark']} image {first['image']}: "
             f"recorded {first['recorded']}, now {first['recomputed']:.6g}"
         )
-    click.echo(f"verified {run_dir}: {report['images_checked']} scores of re-generated images (each reward of each image) "
-               "match the recorded ones "
-               f"(largest difference {report['max_difference_within_tolerance']:.2g}; {report['seconds']} s)")
+    flips = report["flips"]
+    flipped = (f"; {len(flips)} flipped a detection or OCR decision, as float rounding can (at most "
+               f"{report['tolerance']['flips_allowed_per_model_seed_benchmark']} per model, seed and benchmark), e.g. "
+               f"{flips[0]['model']} seed {flips[0]['seed']} {flips[0]['benchmark']} image {flips[0]['image']}") if flips else ""
+    click.echo(f"verified {run_dir}: {report['images_checked'] - len(flips)} of {report['images_checked']} scores of re-generated "
+               "images (each reward of each image) match the recorded ones "
+               f"(largest difference {report['max_difference_within_tolerance']:.2g}{flipped}; {report['seconds']} s)")
 
 
 @main.command("submit")
@@ -348,7 +375,7 @@ def leaderboard_command(root: Path) -> None:
 
 
 @main.command("eval")
-@click.option("--suite", "suite_name", default="tiny", show_default=True)
+@click.option("--suite", "suite_name", default="tiny", show_default=True, is_eager=True, callback=_known_suite)  # before --suite-config, which needs it
 @click.option("--model", default=None, help="'tiny' (shipped base), a pipeline folder or hub id, or 'renderer'. Default: the suite's.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.json.")
 @click.option("--benchmarks", "tasks", default=None, help="Comma-separated subset, e.g. geneval,ocr.")
@@ -384,9 +411,11 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     suite = suites.get(suite_name)
     tasks = select_tasks(suite, [t.strip() for t in tasks.split(",")] if tasks is not None else None)  # before the model loads
     model = suites.canonical_model(model or suite.default_model)
-    settings = SamplerSettings(steps or suite.num_steps, suite.guidance_scale if guidance is None else guidance, suite.noise_level)
+    settings = SamplerSettings(steps or suite.num_steps, suite.evaluation_guidance() if guidance is None else guidance, suite.noise_level)
     dtype = resolve_dtype(dtype, device)
     if model == "renderer":
+        if suite.name != "tiny":
+            raise click.UsageError(f"--model renderer draws the tiny world's own images; suite {suite.name!r} has no renderer")
         if adapter is not None:
             raise click.UsageError("--adapter applies to a model; the renderer draws the world's own images")
         source, active = renderer_source(), contextlib.nullcontext()
@@ -401,8 +430,8 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     # A killed evaluation resumes: each benchmark is saved in OUT/parts as it ends, with what its
     # scores depend on, and reused only by an evaluation with the same.
     depends_on = json.loads(json.dumps({
-        "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed, "limit": limit,
-        "adapter": adapter_record and adapter_record["sha256"], "images_per_prompt": images_per_prompt,
+        "suite": suite.name, "suite_version": suite.version, "suite_settings": suite.settings(), "model": model, "seed": seed,
+        "limit": limit, "adapter": adapter_record and adapter_record["sha256"], "images_per_prompt": images_per_prompt,
         "sampler": sampler, "dtype": used_dtype, "batch_size": batch_size, "device": device,
     }))
     parts = out / "parts"
@@ -429,8 +458,8 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
             images_per_prompt=images_per_prompt, batch_size=batch_size, finished=finished, on_benchmark=save,
         )
     record = {
-        "suite": suite.name, "suite_version": suite.version, "model": model, "seed": seed, "adapter": adapter_record,
-        "sampler": sampler, "dtype": used_dtype, "limit": limit,
+        "suite": suite.name, "suite_version": suite.version, "suite_settings": depends_on["suite_settings"], "model": model,
+        "seed": seed, "adapter": adapter_record, "sampler": sampler, "dtype": used_dtype, "resolution": suite.image_side(), "limit": limit,
         "num_images": sum(b["num_images"] for b in result["benchmarks"].values()),
         "seconds": time.time() - start, **result,
     }

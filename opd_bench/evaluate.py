@@ -31,7 +31,7 @@ class SamplerSettings:
     @classmethod
     def of_suite(cls, suite) -> "SamplerSettings":
         """The suite's evaluation sampler."""
-        return cls(suite.num_steps, suite.guidance_scale, suite.noise_level)
+        return cls(suite.num_steps, suite.evaluation_guidance(), suite.noise_level)
 
 
 def policy_source(policy, settings: SamplerSettings) -> ImageSource:

@@ -37,9 +37,11 @@ def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_
     win or a loss; with one seed there is no spread to judge, and the text says so."""
     spreads = [v for v in (sd, rival_sd) if v is not None]
     difference = mean - rival_mean
-    tie = bool(spreads) and abs(difference) < max(spreads)
-    note = ", within the seed sd" if tie else "" if spreads else ", one seed: no spread to judge"
-    return (TIE if tie else difference > 0,
+    within = bool(spreads) and abs(difference) < max(spreads)
+    equal = abs(difference) < 5e-4  # equal at the precision shown (0.000 vs 0.000): no win, no loss, spread or not
+    note = (", within the seed sd" if within else ", equal at this precision" if equal
+            else "" if spreads else ", one seed: no spread to judge")
+    return (TIE if within or equal else difference > 0,
             f"{fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} vs {rival} "
             f"{fmt(rival_mean)}{'' if rival_sd is None else f' ± {rival_sd:.3f}'} ({difference:+.3f}{note})")
 
@@ -53,6 +55,13 @@ def _teachers(view: ResultView) -> list[tuple[str, str]]:
 def _gain(view: ResultView, model: str, bench: str) -> float | None:
     ours, base = view.mean(model, bench), view.mean("base", bench)
     return None if ours is None or base is None else ours - base
+
+
+def _largest_seed_sd(view: ResultView, bench: str) -> float | None:
+    """The largest seed sd of any model on ``bench``: the yardstick of a clear gain on a score
+    with no fixed scale (pref)."""
+    sds = [num(view.score(m, bench).get("std")) for m in view.methods if len(as_list(view.score(m, bench).get("per_seed"))) > 1]
+    return max((v for v in sds if v is not None), default=None)
 
 
 def teacher_gains(view: ResultView) -> str:
@@ -73,9 +82,7 @@ def teacher_gains(view: ResultView) -> str:
             parts.append(text + f" (needs >= +{TEACHER_TARGET})")
             continue
         # pref is on the preference model's own scale: "clear" is measured against the seed spread
-        sds = [num(view.score(m, task).get("std")) for m in view.methods
-               if len(as_list(view.score(m, task).get("per_seed"))) > 1]
-        sd = max((v for v in sds if v is not None), default=None)
+        sd = _largest_seed_sd(view, task)
         oks.append(None if sd is None else g > 2 * sd)
         parts.append(text + (" (clear = above 2 seed-sd; no seed spread in the file)" if sd is None
                              else f" (clear = above 2 × the largest seed sd on pref, {2 * sd:.3f})"))
@@ -96,10 +103,14 @@ def share_kept(view: ResultView) -> str:
         n = len(as_list(view.score("opd", b).get("per_seed")))
         text = (f"{b}: {kept:.0%}" + (f" ± {std / g:.0%}" if std is not None and n > 1 else "")
                 + f" of {t}'s gain {g:+.3f}")
-        se = view.paired_se(t, b)
+        se, sd = view.paired_se(t, b), _largest_seed_sd(view, b) if b == "pref" else None
         if se is not None and g < 2 * se:  # a share of a gain the evaluation cannot tell from zero is noise
             oks.append(None)
             parts.append(text + f" (not testable: the gain is within 2 s.e., {2 * se:.3f}, of zero)")
+            continue
+        if sd is not None and g <= 2 * sd:  # the teacher line calls this gain not clear: no share of it either
+            oks.append(None)
+            parts.append(text + f" (not testable: the gain is within 2 seed sd, {2 * sd:.3f})")
             continue
         oks.append(kept >= KEPT_TARGET)
         parts.append(text)

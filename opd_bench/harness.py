@@ -182,6 +182,9 @@ class Harness:
             self.identity["resolution"] = self.resolution
         if fingerprint:  # a shipped alias: its weights change between releases
             self.identity["model_sha256"] = fingerprint
+        self.suite_settings = self.suite.settings()
+        if self.suite_settings is not None:  # a configurable suite's prompt files and rewards
+            self.identity["suite_settings"] = self.suite_settings
         # teachers are reused by (base, suite version, task, config): weights and image side are part of the base
         self.teacher_base = (self.model + (f"#{fingerprint}" if fingerprint else "") + (f"@{self.resolution}px" if self.resolution else "")
                              + "".join(f"~{key}={value}" for key, value in variant.items()))
@@ -221,7 +224,7 @@ class Harness:
             if saved != current:
                 defaults = DEFAULT_MODEL_OPTIONS  # written only when not the default: compare them filled in
                 raise FileExistsError(
-                    f"{self.out} holds a run with another suite, model, preset or --set change "
+                    f"{self.out} holds a run with another suite, suite config, model, preset or --set change "
                     f"({json_differences({**defaults, **saved}, {**defaults, **current})}); use another --out or pass --force"
                 )
         marker = self.out / RUN_MARKER
@@ -480,7 +483,7 @@ class Harness:
                 with self.policy.use(self._loaded(name, adapter_dir, seed)):
                     t = rollout(
                         self.policy, prompts, images_per_prompt=4, num_steps=self.suite.num_steps,
-                        noise_level=self.suite.noise_level, guidance_scale=self.suite.guidance_scale, seed=0, keep={"images"},
+                        noise_level=self.suite.noise_level, guidance_scale=self.suite.evaluation_guidance(), seed=0, keep={"images"},
                     )
                 save_grid(t.images, path, columns=4)
             grids[name] = str(path.relative_to(self.out))
@@ -501,6 +504,9 @@ class Harness:
             raise ValueError(f"--jobs {jobs} / --threads {threads}: both must be at least 1")
         # a model that cannot load fails here, in one line, not in the first cells of every worker
         check_pipeline(resolve_model(self.model), drop_t5=self.model_options["drop_t5"])
+        for task in self.suite.tasks:  # so do a configurable suite's prompt files and reward options
+            for split in ("test", "train"):
+                self.suite.benchmark(task).path(split)
         if jobs > 1:
             if distributed.current().distributed:
                 raise ValueError(f"--jobs {jobs} runs cells side by side on one machine; under torchrun or accelerate "
@@ -581,7 +587,7 @@ class Harness:
         return {
             "schema_version": SCHEMA_VERSION, "package_version": __version__, "git_commit": _git_commit(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": self.command,
-            "suite": self.suite.name, "suite_version": self.suite.version,
+            "suite": self.suite.name, "suite_version": self.suite.version, "suite_settings": self.suite_settings,
             "prompt_hashes": {t: {s: self.suite.benchmark(t).file_hash(s) for s in ("test", "train")} for t in self.suite.tasks},
             "model": self.model, "model_sha256": self.identity.get("model_sha256"), "preset": self.preset,
             "seeds": seeds, "methods": methods,
@@ -591,7 +597,7 @@ class Harness:
                 "multi-reward": asdict(self.plan.multi_reward), "cascade": asdict(self.plan.cascade),
                 "eval": {"limit": self.plan.eval_limit, "images_per_prompt": self.plan.eval_images_per_prompt,
                          "seed": self.plan.eval_seed,
-                         "num_steps": self.suite.num_steps, "guidance_scale": self.suite.guidance_scale,
+                         "num_steps": self.suite.num_steps, "guidance_scale": self.suite.evaluation_guidance(),
                          "noise_level": self.suite.noise_level, "resolution": self.resolution},
                 # how the model was loaded; `opd-bench verify` regenerates images the same way
                 "model": self.model_options,

@@ -120,7 +120,7 @@ def check_listable(results: dict) -> None:
                               "the leaderboard ranks unmodified presets, rerun without --set to submit")
     if preset not in LISTED_PRESETS:
         raise SubmissionError(f"preset is {preset!r}; only {' or '.join(LISTED_PRESETS)} runs are listed (smoke runs "
-                              "check the pipeline, their scores are not results), submit a --preset standard run")
+                              "check the pipeline, their scores are not results), submit a --preset standard run (paper for real models)")
     from dataclasses import asdict
 
     from opd_bench.presets import plan  # the installed definition of the preset

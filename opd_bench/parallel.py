@@ -260,8 +260,8 @@ def _result(future: Future, cell: Cell) -> float:
     try:
         return future.result()
     except Exception:  # the error itself is re-raised, so the CLI shows it as in a one-process run
-        tqdm.write(f"opd-bench: {cell.label} failed; the cells that finished are kept, rerun the command to resume",
-                   file=sys.stderr)
+        tqdm.write(f"opd-bench: {cell.label} failed (the error follows); the cells that finished are kept: "
+                   "mend the cause and rerun the command to resume", file=sys.stderr)
         raise
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from typing import Any, Callable
 
 
@@ -16,6 +17,28 @@ def did_you_mean(name: str, names) -> str:
     """`` Did you mean 'x'?`` for the closest of ``names``, or ``""``."""
     close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class UnknownOptionError(ValueError):
+    """A keyword option a factory does not take; the message names the close one and all of them."""
+
+
+def option_names(factory: Callable[..., Any]) -> list[str] | None:
+    """The keyword options ``factory`` takes (None: any, it has ``**options``)."""
+    parameters = inspect.signature(factory).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_options(what: str, factory: Callable[..., Any], options) -> None:
+    """An ``UnknownOptionError`` for the first option ``factory`` does not take: a misspelt option
+    would otherwise surface as a TypeError traceback from deep inside the build."""
+    accepted = option_names(factory)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise UnknownOptionError(f"{what} has no option {unknown[0]!r}.{did_you_mean(unknown[0], accepted)} "
+                                 f"Its options: {', '.join(accepted) or 'none'}")
 
 
 class UnknownNameError(KeyError):

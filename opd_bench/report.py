@@ -184,7 +184,8 @@ class _Report(ResultView):
             "teachers and base included; ★ marks the best student method (DiffusionOPD, its PPO-style "
             "variant, multi-reward or cascade RL) in each column. "
             f"'overall' is the mean of the headline benchmarks ({', '.join(self.headline)}), each in [0, 1]; "
-            "pref is the learned preference model's logit-scale score (unbounded, higher is better)."
+            "pref is a preference model's score, unbounded, higher is better (the tiny suite's learned "
+            "preference model, PickScore on real models)."
         )
         columns = self.benchmarks + ["overall"]
         values = {m: {b: self.mean(m, b) for b in self.benchmarks} for m in self.methods}

@@ -192,9 +192,11 @@ def check_results(results: dict) -> None:
         for split in splits:
             got = hashes.get(task, {}).get(split) if isinstance(hashes.get(task), dict) else None
             if got != spec.file_hash(split):
+                ours, fix = ((f"the installed {name} suite's", "re-run with the installed suite") if suite.settings() is None
+                             else (f"the {name} suite config's", "give the suite config the run used"))
                 raise SubmissionError(
-                    f"prompt_hashes[{task!r}][{split!r}] does not match the installed {name} suite's {split} prompt "
-                    f"file for {task} (got {str(got)[:12]}...); the run used other prompts, re-run with the installed suite"
+                    f"prompt_hashes[{task!r}][{split!r}] does not match {ours} {split} prompt "
+                    f"file for {task} (got {str(got)[:12]}...); the run used other prompts, {fix}"
                 )
 
     seeds = results.get("seeds")

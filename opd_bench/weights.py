@@ -40,12 +40,15 @@ def resolve_weights(
     expected: Sequence[str] = (),
     hub_id: str | None = None,
     option: str = "model_path",
+    model_type: str | None = None,
 ) -> Path:
     """Return the local path of ``value`` (a folder, a file or a cached hub id).
 
     ``what``: the model's name in messages ("PickScore"). ``expected``: file names that must be
     inside a folder (any one of ``a|b`` alternatives). ``hub_id``: the usual hub id, suggested
     when ``value`` is missing. ``option``: the argument the user passes the path as.
+    ``model_type``: the ``model_type`` of a transformers ``config.json`` there (other weights in
+    the right place would load with a wall of warnings and fail on a shape, far from the cause).
     """
     if value is None or str(value) == "":
         suggestion = f" (usually the hub id {hub_id!r})" if hub_id else ""
@@ -58,6 +61,7 @@ def resolve_weights(
             fetch = f" (fetch with `hf download {hub_id} --local-dir {path}` on a machine with internet)" if hub_id else ""
             raise MissingWeightsError(f"{what} weights not found: {str(path)!r} does not exist{fetch}")
         _check_expected(path, expected, what)
+        _check_model_type(path, model_type, what, option)
         return path
     try:
         from huggingface_hub import snapshot_download
@@ -70,7 +74,23 @@ def resolve_weights(
             f"as {option}= ({type(error).__name__})"
         ) from None
     _check_expected(path, expected, what)
+    _check_model_type(path, model_type, what, option)
     return path
+
+
+def _check_model_type(path: Path, model_type: str | None, what: str, option: str) -> None:
+    import json
+
+    config = path / "config.json"
+    if model_type is None or not config.is_file():
+        return
+    try:
+        found = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError):
+        return  # not a transformers config; the loader says what it makes of it
+    if found is not None and found != model_type:
+        raise MissingWeightsError(f"{what} weights in {str(path)!r} are a {found!r} model (config.json), not {model_type!r}; "
+                                  f"check that {option} names the {what} folder")
 
 
 def _check_expected(path: Path, expected: Sequence[str], what: str) -> None:

@@ -232,3 +232,11 @@ def test_nan_guidance_and_a_misspelt_tracker_are_refused_before_anything_runs(tm
     assert nan.exit_code == 2 and "nan is not a finite number" in nan.output
     dry = CliRunner().invoke(main, ["run", "--preset", "smoke", "--dry-run", "--log-to", "tensorbord"])
     assert dry.exit_code == 1 and "Did you mean 'tensorboard'?" in dry.output
+
+
+def test_the_recorded_command_is_the_one_typed_through_the_script_or_python_m():
+    from opd_bench.cli import typed_command
+
+    assert typed_command(["/venv/bin/opd-bench", "run", "--set", "opd.lr=[1, 2]"]) == "opd-bench run --set 'opd.lr=[1, 2]'"
+    assert typed_command(["/repo/opd_bench/__main__.py", "run", "--model", "my model"]) == "opd-bench run --model 'my model'"
+    assert typed_command(["/venv/bin/pytest", "-q"]) is None and typed_command([]) is None

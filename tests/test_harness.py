@@ -158,7 +158,7 @@ def test_a_cell_failing_in_a_worker_ends_the_run_with_its_own_one_line_error(tmp
     (teacher / "config.json").write_text("{damaged")
     result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(out), "--jobs", "2", "--threads", "1", "--no-report"])
     assert result.exit_code == 1
-    assert "teacher geneval failed; the cells that finished are kept" in result.output
+    assert "teacher geneval failed (the error follows); the cells that finished are kept" in result.output
     error = result.output.strip().splitlines()[-1]
     assert error.startswith("Error: ") and "config.json is not valid JSON" in error and f"delete {teacher} and rerun" in error
     assert (out / "run.json").is_file() and not (out / "results.json").exists()
@@ -227,6 +227,25 @@ def test_the_real_smoke_run_verifies_and_a_consistent_edit_does_not(smoke_run, t
     result = CliRunner().invoke(main, ["verify", str(edited), "--model", "opd"])
     error = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and error.startswith("Error: ") and "does not verify: 2 of 8" in error
+
+    # One image edited: a decision's flip is tolerated and said so; a continuous score has no flip to excuse.
+    def edit_one_image(bench):
+        results = copy.deepcopy(original)
+        images = results["per_image"]["opd"]["0"][bench]
+        images[0] = min(1.0, images[0] + 0.5) if bench == "pref_oracle" else images[0] + 0.5
+        cell = results["results"]["opd"][bench]
+        cell["per_seed"] = [sum(images) / len(images)]
+        cell["mean"] = cell["per_seed"][0]
+        (edited / "results.json").write_text(json.dumps(results))
+
+    edit_one_image("pref")
+    report = verify_run(edited, models=["opd"])
+    assert not report["ok"] and [m["benchmark"] for m in report["mismatches"]] == ["pref"]
+    edit_one_image("pref_oracle")
+    report = verify_run(edited, models=["opd"])
+    assert report["ok"] and [m["benchmark"] for m in report["flips"]] == ["pref_oracle"]
+    result = CliRunner().invoke(main, ["verify", str(edited), "--model", "opd"])
+    assert result.exit_code == 0 and "7 of 8 scores" in result.output and "1 flipped a detection or OCR decision" in result.output
 
     # A retrained or swapped adapter no longer matches its recorded hash.
     (edited / "results.json").write_text(json.dumps(original))

@@ -74,8 +74,13 @@ def test_prompt_file_errors_name_the_line(tmp_path):
         read_prompts(_write(tmp_path / "a.jsonl", [good, "{oops"]))
     with pytest.raises(PromptFileError, match=r":1: missing field\(s\) \['prompt'\]"):
         read_prompts(_write(tmp_path / "b.jsonl", [json.dumps({"text": "x"})]))
-    with pytest.raises(PromptFileError, match="expected a JSON object"):
-        read_prompts(_write(tmp_path / "c.jsonl", ["[1, 2]"]))
+    with pytest.raises(PromptFileError, match=":2: expected a JSON object"):
+        read_prompts(_write(tmp_path / "c.jsonl", [good, "[1, 2]"]))
+    with pytest.raises(PromptFileError, match="is a JSON array; a prompt file holds one JSON object per line"):
+        read_prompts(_write(tmp_path / "array.json", ["[", good + ",", good, "]"]))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good.encode())  # a byte-order mark, as some editors write
+    assert read_prompts(bom)[0].text == "a red circle"
     with pytest.raises(PromptFileError, match="does not exist"):
         read_prompts(tmp_path / "missing.jsonl")
     prompts = read_prompts(_write(tmp_path / "d.jsonl", [good, "", good]), task="geneval")

@@ -239,6 +239,17 @@ def test_findings_say_not_testable(tmp_path):
     assert variance.endswith("not testable (no variance experiment in the file).")
 
 
+def test_a_share_of_a_pref_gain_the_teacher_line_calls_unclear_is_not_tested(tmp_path):
+    """The teacher line judges a pref gain against 2 seed sd; the share line must not then take a
+    share of that same gain (it read "OPD keeps -10%" of a gain called not clear)."""
+    results = _claims_hold(make_results())
+    _set_scores(results, "teacher/pref", "pref", [19.2])  # +0.2 over the base
+    _set_scores(results, "opd", "pref", [18.6, 19.0, 19.4])  # seed sd 0.4: +0.2 is not clear
+    teachers, kept = _findings(tmp_path, results)[:2]
+    assert "(clear = above 2 × the largest seed sd on pref, 0.800)" in teachers
+    assert "pref: 0% ± 200% of teacher/pref's gain +0.200 (not testable: the gain is within 2 seed sd, 0.800)" in kept
+
+
 def test_findings_with_single_seed_and_few_methods(tmp_path):
     results = make_results(methods=["base", "opd"], seeds=[0])
     lines = _findings(tmp_path, results)
@@ -297,6 +308,7 @@ def test_a_difference_inside_the_seed_spread_is_a_tie_not_a_win():
     assert _versus(0.45, 0.004, "cascade", 0.42, 0.005) == (True, "0.450 ± 0.004 vs cascade 0.420 ± 0.005 (+0.030)")
     assert _versus(0.40, 0.004, "cascade", 0.42, 0.005)[0] is False
     assert _versus(0.45, None, "cascade", 0.42, None) == (True, "0.450 vs cascade 0.420 (+0.030, one seed: no spread to judge)")
+    assert _versus(0.0001, None, "cascade", 0.0, None) == (TIE, "0.000 vs cascade 0.000 (+0.000, equal at this precision)")
     assert verdict([True, TIE]) == "not resolved (a difference within the seed spread)"
     assert verdict([False, TIE]) == "did not hold" and verdict([True, True]) == "held" and verdict([True, None]) == "not testable"
 

@@ -197,8 +197,10 @@ def test_bad_client_and_server_settings_are_one_line_errors():
         rewards.get("remote", url="127.0.0.1:8700")
     with pytest.raises(ValueError, match="retries"):
         rewards.get("remote", url="http://127.0.0.1:8700", retries=0)
-    with pytest.raises(ValueError, match="does not accept options"):
+    with pytest.raises(ValueError, match="'toy/brightness' has no option 'nope'"):
         make_reward_server("toy/brightness", {"nope": 1}, port=0)
+    with pytest.raises(ValueError, match="no option 'procesor_path'. Did you mean 'processor_path'"):
+        rewards.get("pickscore", procesor_path="/w")
     with pytest.raises(ValueError, match="max_batch"):
         make_reward_server("toy/brightness", port=0, max_batch=0)
 

@@ -161,3 +161,32 @@ def test_the_cli_with_suite_config_resumes_the_run(sd_run, sd_config, tiny_dir):
     assert "wrote" in result.output and "teacher/ocr" in result.output
     assert marks and all(p.stat().st_mtime_ns == t for p, t in marks.items())
     assert evals and all(p.stat().st_mtime_ns == t for p, t in evals.items())
+
+
+def test_the_results_record_the_suite_settings_and_a_changed_config_is_refused(sd_run, sd_config, tiny_dir, tmp_path):
+    """The prompt files (by content) and reward options decide the scores: a run resumed with others
+    would keep its old scores under the new files' hashes, so it is refused, naming what changed."""
+    out, results = sd_run
+    before = (out / "results.json").read_bytes()
+    settings = results["suite_settings"]
+    assert settings["pref"]["test"] == results["prompt_hashes"]["pref"]["test"]
+    assert settings["pref"]["pickscore"]["model_path"] and "device" not in settings["pref"]["pickscore"]
+    config = json.loads(sd_config.read_text())
+    other_prompts = tmp_path / "pick_test.txt"
+    _lines(other_prompts, ["a snowy mountain"])
+    changes = {"pref.test": {**config["pref"], "test": str(other_prompts)},
+               "geneval.threshold": {**config["geneval"], "threshold": 0.1}}
+    for name, section in changes.items():
+        changed = tmp_path / "sd.json"
+        # prompt paths are relative to the config file: the other file names the same ones absolutely
+        absolute = {task: {**config[task], **{k: str(sd_config.parent / config[task][k]) for k in ("test", "train")}}
+                    for task in BENCHMARKS}
+        changed.write_text(json.dumps({**config, **absolute, name.split(".")[0]: section}))
+        saved = sd._CONFIG
+        try:
+            result = CliRunner().invoke(main, ["run", "--suite", "sd", "--suite-config", str(changed), "--preset", "smoke",
+                                               "--seeds", "0", "--model", str(tiny_dir), "--out", str(out), "--no-report"])
+        finally:
+            sd._CONFIG = saved
+        assert result.exit_code == 1 and f"suite_settings.{name}" in result.output, result.output
+        assert (out / "results.json").read_bytes() == before

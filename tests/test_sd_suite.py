@@ -118,6 +118,61 @@ def test_config_file_from_the_environment_ocr_and_pref(tmp_path, monkeypatch):
         suite.benchmark("pref")
 
 
+def test_config_mistakes_are_one_line_errors_before_anything_loads(tmp_path):
+    metadata = write(tmp_path / "evaluation_metadata.jsonl", OFFICIAL)
+    text = write(tmp_path / "ocr.txt", ['A sign that says "Open"'])
+    suites.configure("sd", ocr={"test": str(text), "tset": "x"})
+    with pytest.raises(sd.SuiteConfigError, match=r"ocr.tset is not an option of the 'ocr' reward. Did you mean 'test'\?"):
+        suites.get("sd").benchmark("ocr")
+    suites.configure("sd", pref={"test": str(text), "pickscore": {"model_path": "/w", "procesor_path": "/p"}})
+    with pytest.raises(sd.SuiteConfigError, match=r"pref.pickscore.procesor_path .* Did you mean 'processor_path'\?"):
+        suites.get("sd").benchmark("pref")
+    suites.configure("sd", geneval={"test": str(metadata), "model_pth": "/w"})
+    with pytest.raises(sd.SuiteConfigError, match=r"geneval.model_pth .* Did you mean 'model_path'\?"):
+        suites.get("sd").benchmark("geneval")
+    with pytest.raises(ValueError, match=r"'owlv2' \(detector_options\) has no option 'min_confidnce'"):
+        rewards.get("sd/geneval", detector_options={"min_confidnce": 0.1}, colour=fake_colour([]))
+    with pytest.raises(sd.SuiteConfigError, match="device 'gpu' is not a device"):
+        suites.configure("sd", {"device": "gpu"})
+    purplish = {**COLOURS, "include": [{"class": "car", "count": 1, "color": "purplish"}]}
+    suites.configure("sd", geneval={"test": str(write(tmp_path / "purplish.jsonl", [json.dumps(purplish)]))})
+    with pytest.raises(PromptFileError, match="asks for the colour 'purplish'; GenEval's colour classifier knows red, "):
+        suites.get("sd").benchmark("geneval").prompts()
+    # GenEval's rules need its metadata: a plain prompt list is refused, not scored as NaN
+    suites.configure("sd", geneval={"test": str(text)})
+    with pytest.raises(PromptFileError, match=r"needs JSON lines with the fields \['prompt', 'tag', 'include'\]"):
+        suites.get("sd").benchmark("geneval").prompts()
+
+
+def test_the_config_can_set_the_evaluation_guidance_for_flux_dev():
+    from opd_bench.evaluate import SamplerSettings
+
+    suite = suites.get("sd")
+    assert suite.evaluation_guidance() == 4.5 and "guidance_scale" not in suite.settings()
+    suites.configure("sd", {"guidance_scale": 3.5})
+    assert suite.evaluation_guidance() == 3.5 == SamplerSettings.of_suite(suite).guidance_scale
+    assert suite.settings()["guidance_scale"] == 3.5  # a part of the run's identity: other guidance, other scores
+    for bad in (0, -1, "3.5", True):
+        with pytest.raises(sd.SuiteConfigError, match="guidance_scale must be a positive number"):
+            suites.configure("sd", {"guidance_scale": bad})
+
+
+def test_evaluation_needs_no_train_file_and_weights_sit_next_to_the_config(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "weights" / "pick").mkdir(parents=True)
+    write(tmp_path / "data" / "pick.txt", ["a cat in a hat"])
+    config = {"pref": {"test": "data/pick.txt", "pickscore": {"model_path": "weights/pick", "processor_path": "org/hub-id"}}}
+    (tmp_path / "sd.json").write_text(json.dumps(config))
+    suites.configure("sd", tmp_path / "sd.json")
+    spec = suites.get("sd").benchmark("pref")
+    assert len(spec.prompts()) == 1  # no train file: an evaluation reads none
+    with pytest.raises(sd.SuiteConfigError, match=r"no train prompt file, which training needs: set pref.train .*pickscore/train.txt"):
+        spec.prompts("train")
+    # a relative weight path that exists next to the file is taken from there; another stays as given
+    assert spec.reward_options["model_path"] == str(tmp_path / "weights" / "pick")
+    assert spec.reward_options["processor_path"] == "org/hub-id"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("paddleocr") is not None, reason="paddleocr is installed")
 def test_paddleocr_engine_is_registered_and_says_how_to_install():
     from opd_bench.rewards.ocr import ENGINES, build_engine
@@ -261,9 +316,11 @@ def sd_colours():
     return COLORS
 
 
-def test_missing_weights_give_clear_errors(tmp_path):
+def test_missing_weights_give_clear_errors(tmp_path, owlv2_dir):
     with pytest.raises(MissingWeightsError, match="OWLv2 detector weights not found: .*does not exist"):
         OwlV2Detector(str(tmp_path / "owl"))
+    with pytest.raises(MissingWeightsError, match=r"PickScore weights in .* are a 'owlv2' model \(config.json\), not 'clip'"):
+        rewards.get("pickscore", model_path=str(owlv2_dir), processor_path=str(owlv2_dir))
     with pytest.raises(MissingWeightsError, match="GenEval colour classifier .*does not exist"):
         ClipColourClassifier(model_path=str(tmp_path / "clip"))
     (tmp_path / "empty").mkdir()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from opd_bench.registry import Registry
+from opd_bench.registry import Registry, check_options
 from opd_bench.rewards.base import Reward, RewardOutput, check_batch
 
 REGISTRY = Registry("reward")
@@ -108,8 +108,15 @@ REGISTRY.register(
 
 
 def get(name: str, **options: Any) -> Reward:
-    """Build the reward registered as ``name`` with keyword ``options``."""
+    """Build the reward registered as ``name`` with keyword ``options`` (a misspelt one is an
+    ``UnknownOptionError`` naming the close option, before anything loads)."""
+    check(name, options)
     return REGISTRY.resolve(name)(**options)
+
+
+def check(name: str, options: dict[str, Any]) -> None:
+    """What ``get`` checks before it builds: a registered name and options its factory takes."""
+    check_options(f"reward {name!r}", REGISTRY.resolve(name), options)
 
 
 def register(name: str, target: str | Callable[..., Reward], help: str = "") -> None:
@@ -120,4 +127,4 @@ def names() -> list[str]:
     return REGISTRY.names()
 
 
-__all__ = ["Reward", "RewardOutput", "check_batch", "get", "register", "names", "REGISTRY"]
+__all__ = ["Reward", "RewardOutput", "check", "check_batch", "get", "register", "names", "REGISTRY"]

@@ -77,7 +77,7 @@ class PickScoreReward:
                  batch_size: int = 32, divide_by: float = 1.0):
         from transformers import AutoProcessor, CLIPModel
 
-        model_dir = resolve_weights(model_path, what="PickScore", hub_id=PICKSCORE_HUB_ID,
+        model_dir = resolve_weights(model_path, what="PickScore", hub_id=PICKSCORE_HUB_ID, model_type="clip",
                                     expected=["config.json", "model.safetensors|pytorch_model.bin"])
         proc_dir = resolve_weights(processor_path, what="PickScore processor",
                                    hub_id=PICKSCORE_PROCESSOR_HUB_ID, option="processor_path",

@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from opd_bench import geneval
+from opd_bench.registry import check_options
 from opd_bench.rewards.base import RewardOutput, check_batch, to_uint8
 from opd_bench.weights import resolve_weights
 
@@ -67,7 +68,9 @@ def build_detector(name: str, **options: Any) -> Detector:
     if name not in DETECTORS:
         raise ValueError(f"unknown GenEval detector {name!r}; known detectors: {', '.join(sorted(DETECTORS))}")
     module, _, attr = DETECTORS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)(**options)
+    factory = getattr(importlib.import_module(module), attr)
+    check_options(f"GenEval detector {name!r} (detector_options)", factory, options)
+    return factory(**options)
 
 
 def default_device() -> str:
@@ -105,7 +108,7 @@ class OwlV2Detector:
         batch_size: int = 8,
     ):
         self.path = str(resolve_weights(
-            model_path, what="OWLv2 detector", hub_id=OWLV2_HUB_ID,
+            model_path, what="OWLv2 detector", hub_id=OWLV2_HUB_ID, model_type="owlv2",
             expected=("config.json", "preprocessor_config.json|processor_config.json"),
         ))
         self.device = device or default_device()

@@ -42,6 +42,15 @@ class Suite:
         """The image side runs of this suite use (None: the pipeline's default)."""
         return self.resolution
 
+    def evaluation_guidance(self) -> float:
+        """The evaluation sampler's guidance scale (a configurable suite may set its own)."""
+        return self.guidance_scale
+
+    def settings(self) -> dict | None:
+        """What decides this suite's scores beyond its version: None when everything ships with
+        the package; a configurable suite's prompt files and reward options (``sd``)."""
+        return None
+
 
 REGISTRY = Registry("suite")
 

@@ -12,13 +12,15 @@ the user's, named in one small JSON configuration, one section per benchmark::
                   "pickscore": {"model_path": "/weights/PickScore_v1", "processor_path": "/weights/CLIP-ViT-H-14"}}
     }
 
-In a section, ``test`` / ``train`` are prompt files (relative to the config file), ``reward`` /
+In a section, ``test`` / ``train`` are prompt files (relative to the config file, as are relative
+weight paths that exist there), ``reward`` /
 ``train_reward`` replace the default reward (a name or ``[name, {options}]``, e.g. ``["remote",
 {"url": ...}]``), and every other key is an option of the default reward (``pref``: one options
 dict per reward name; ``pickscore`` is scored, ``hpsv2`` / ``clipscore`` / ``imagereward`` are
 reported beside it when given). ``device`` is added to the options of the geneval and pref rewards.
 An optional top-level ``resolution`` (pixels) replaces the suite's 512 px image side, e.g. for
-small test pipelines; leave it out for comparable numbers.
+small test pipelines; leave it out for comparable numbers. An optional ``guidance_scale`` replaces
+the evaluation sampler's 4.5 (FLUX.1-dev's distilled guidance is usually 3.5).
 
 Give it with ``OPD_SD_CONFIG=/path/sd.json`` (read when a benchmark is first needed, so the CLI
 works unchanged) or ``opd_bench.suites.configure("sd", path_or_dict, **sections)``. See
@@ -28,6 +30,7 @@ works unchanged) or ``opd_bench.suites.configure("sd", path_or_dict, **sections)
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from opd_bench.rollout import Prompt
 from opd_bench.suites import Suite
 
 CONFIG_ENV = "OPD_SD_CONFIG"
+TOP_KEYS = ("device", "resolution", "guidance_scale")
 VERSION = "sd-v1"
 TASKS = ("geneval", "ocr", "pref")
 PREF_EXTRAS = ("hpsv2", "clipscore", "imagereward")
@@ -48,6 +52,13 @@ WHERE = {
     "geneval": "GenEval's prompts/evaluation_metadata.jsonl (553 prompts) from https://github.com/djghosh13/geneval",
     "ocr": "a prompt file with the text in double quotes, e.g. Flow-GRPO's dataset/ocr/test.txt (https://github.com/yifan123/flow_grpo)",
     "pref": "a prompt file, e.g. Flow-GRPO's dataset/pickscore/test.txt (https://github.com/yifan123/flow_grpo)",
+}
+
+
+WHERE_TRAIN = {
+    "geneval": "GenEval-style metadata lines, e.g. Flow-GRPO's dataset/geneval/train_metadata.jsonl (https://github.com/yifan123/flow_grpo)",
+    "ocr": "a prompt file with the text in double quotes, e.g. Flow-GRPO's dataset/ocr/train.txt (https://github.com/yifan123/flow_grpo)",
+    "pref": "a prompt file, e.g. Flow-GRPO's dataset/pickscore/train.txt (https://github.com/yifan123/flow_grpo)",
 }
 
 
@@ -75,22 +86,48 @@ def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
         if not isinstance(source, dict):
             raise SuiteConfigError(f"sd suite config {path}: expected a JSON object with sections {list(TASKS)}")
         base = path.resolve().parent
-    unknown = sorted(set(source) - set(TASKS) - {"device", "resolution"})
+    unknown = sorted(set(source) - set(TASKS) - set(TOP_KEYS))
     if unknown:
-        raise SuiteConfigError(f"sd suite config: unknown key(s) {unknown}; expected 'device', 'resolution' and sections {list(TASKS)}")
+        raise SuiteConfigError(f"sd suite config: unknown key(s) {unknown}; expected {', '.join(map(repr, TOP_KEYS))} "
+                               f"and sections {list(TASKS)}")
+    guidance = source.get("guidance_scale")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 < guidance < math.inf):
+        raise SuiteConfigError(f"sd suite config: guidance_scale must be a positive number, e.g. 3.5 for FLUX.1-dev, got {guidance!r}")
     resolution = source.get("resolution")
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0):
         raise SuiteConfigError(f"sd suite config: resolution must be an image side in pixels, e.g. 512, got {resolution!r}")
-    config: dict[str, Any] = {"device": source.get("device"), "resolution": resolution}
+    device = source.get("device")
+    if device is not None:
+        import torch
+
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise SuiteConfigError(f"sd suite config: device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    config: dict[str, Any] = {"device": device, "resolution": resolution, "guidance_scale": guidance}
     for task in TASKS:
         if not isinstance(source.get(task) or {}, dict):
             raise SuiteConfigError(f"sd suite config: section {task!r} must be an object like {{\"test\": FILE, ...}}")
-        section = dict(source.get(task) or {})
+        section = _weights_next_to(dict(source.get(task) or {}), base)
         for key in FILE_KEYS:
             if section.get(key):
                 section[key] = str(base / Path(section[key]).expanduser())
         config[task] = section
     return config
+
+
+def _weights_next_to(options: dict, base: Path) -> dict:
+    """Relative weight paths (``*_path`` options) as a config file's prompt files are: next to
+    the file. One that is not there is kept as given (the working directory's, or a hub id)."""
+    resolved = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            value = _weights_next_to(value, base)
+        elif key.endswith("_path") and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            candidate = base / Path(value).expanduser()
+            value = str(candidate) if candidate.exists() else value
+        resolved[key] = value
+    return resolved
 
 
 def configure(config: str | os.PathLike | dict | None = None, **sections: Any) -> None:
@@ -156,12 +193,34 @@ class FileBenchmarkSpec(BenchmarkSpec):
 
     quoted_text: bool = False  # every prompt must quote the text to render (OCR)
 
+    def path(self, split: str = "test") -> Path:
+        """The file of ``split``; training reads the train file, so an evaluation does without one."""
+        where = WHERE if split == "test" else WHERE_TRAIN
+        if split == "train" and self.train_file is None:
+            raise SuiteConfigError(f"benchmark sd/{self.name} has no train prompt file, which training needs: set "
+                                   f"{self.name}.train in the sd suite config; get {where[self.name]}")
+        path = super().path(split)
+        if not path.is_file():
+            raise PromptFileError(f"sd/{self.name} {split} prompt file {str(path)!r} does not exist; get {where[self.name]}")
+        return path
+
     def prompts(self, split: str = "test", limit: int | None = None) -> list[Prompt]:
         path = self.path(split)
         if path.suffix in (".jsonl", ".json"):
             prompts = read_prompts(path, task=self.name, required=self.required_fields)
+        elif set(self.required_fields) - {"prompt"}:  # a plain line has the prompt alone
+            raise PromptFileError(f"{path}: sd/{self.name} needs JSON lines with the fields {list(self.required_fields)} "
+                                  f"(a .jsonl file), not one prompt a line; get {(WHERE if split == 'test' else WHERE_TRAIN)[self.name]}")
         else:
             prompts = read_text_prompts(path, task=self.name)
+        if self.name == "geneval":  # a colour the classifier cannot name would score 0 on every image
+            from opd_bench.geneval import COLORS
+
+            for p in prompts:
+                for wanted in p.metadata.get("include") or ():
+                    if isinstance(wanted, dict) and wanted.get("color") is not None and wanted["color"] not in COLORS:
+                        raise PromptFileError(f"{path}: prompt {p.text!r} asks for the colour {wanted['color']!r}; "
+                                              f"GenEval's colour classifier knows {', '.join(COLORS)}")
         if self.quoted_text:
             from opd_bench.rewards.ocr import target_text
 
@@ -175,12 +234,11 @@ def _files(task: str, section: dict) -> dict:
     if not section.get("test"):
         raise SuiteConfigError(
             f"benchmark sd/{task} needs its prompt file: set {task}.test in the sd suite config "
-            f"({CONFIG_ENV}=FILE.json or suites.configure('sd', ...)); get {WHERE[task]}"
+            f"(--suite-config FILE.json, {CONFIG_ENV}=FILE.json or suites.configure('sd', ...)); get {WHERE[task]}"
         )
-    for key in FILE_KEYS:
-        if section.get(key) and not Path(section[key]).is_file():
-            raise PromptFileError(f"sd/{task} {key} prompt file {section[key]!r} does not exist; get {WHERE[task]}")
-    return {"test_file": section["test"], "train_file": section.get("train")}
+    if not Path(section["test"]).is_file():
+        raise PromptFileError(f"sd/{task} test prompt file {section['test']!r} does not exist; get {WHERE[task]}")
+    return {"test_file": section["test"], "train_file": section.get("train")}  # train: checked when training reads it
 
 
 def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
@@ -209,12 +267,31 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
         train_reward, train_options = None, None
         spec = dict(images_per_prompt=1, description="PickScore (HPSv2, CLIPScore, ImageReward beside it when configured)",
                     extra_rewards={name: f"sd/{name}" for name in PREF_EXTRAS if config["pref"].get(name) is not None})
+    if "reward" not in section:
+        _check_options(task, reward, options if task != "pref" else reward_options or {}, f"{task}." if task != "pref" else "pref.pickscore.")
+        for name in PREF_EXTRAS if task == "pref" else ():
+            _check_options(task, name, _pref_options(config, name) or {}, f"pref.{name}.")
     if "reward" in section:
         reward, reward_options = _reward_spec(section["reward"], f"{task}.reward")
     if "train_reward" in section:
         train_reward, train_options = _reward_spec(section["train_reward"], f"{task}.train_reward")
     return FileBenchmarkSpec(reward=reward, reward_options=reward_options or {}, train_reward=train_reward,
                              train_reward_options=train_options, **common, **spec)
+
+
+def _check_options(task: str, reward: str, options: dict, where: str) -> None:
+    """A key of a section that is neither a section key nor an option of its reward, in one line."""
+    from opd_bench import rewards
+    from opd_bench.registry import did_you_mean, option_names
+
+    accepted = option_names(rewards.REGISTRY.resolve(reward))
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        section_keys = [*SPEC_KEYS, *(("pickscore", *PREF_EXTRAS) if task == "pref" else accepted)]
+        close = did_you_mean(unknown[0], section_keys if where == f"{task}." else accepted)
+        raise SuiteConfigError(f"sd suite config: {where}{unknown[0]} is not an option of the {reward!r} reward.{close} "
+                               f"Its options: {', '.join(accepted)}" + (f"; the section's own keys: {', '.join(SPEC_KEYS)}"
+                                                                       if where == f"{task}." else ""))
 
 
 def _configured(name: str):
@@ -245,6 +322,10 @@ class SDSuite(Suite):
     def image_side(self) -> int | None:
         return current_config().get("resolution") or self.resolution
 
+    def evaluation_guidance(self) -> float:
+        guidance = current_config().get("guidance_scale")
+        return self.guidance_scale if guidance is None else float(guidance)
+
     def benchmark(self, task: str) -> FileBenchmarkSpec:
         if task not in self.tasks:
             raise UnknownNameError(f"unknown benchmark 'sd/{task}'. Known benchmarks of suite sd: {', '.join(self.tasks)}.")
@@ -252,6 +333,21 @@ class SDSuite(Suite):
 
     def configure(self, config: str | os.PathLike | dict | None = None, **sections: Any) -> None:
         configure(config, **sections)
+
+    def settings(self) -> dict:
+        """Each section with its prompt files by content (sha256; a moved file is the same file) and
+        its reward options as given, without ``device``: a run or evaluation records them, and one
+        whose files or rewards changed is another experiment."""
+        from opd_bench.benchmarks import sha256_file
+
+        def without_device(options: dict) -> dict:
+            return {k: without_device(v) if isinstance(v, dict) else v for k, v in sorted(options.items()) if k != "device"}
+
+        config = current_config()
+        sections = {task: {key: (sha256_file(value) if Path(value).is_file() else f"missing: {value}") if key in FILE_KEYS else value
+                           for key, value in without_device(config[task]).items()} for task in self.tasks}
+        # the evaluation's guidance, where the file sets one (the resolution is a part of every run's identity)
+        return sections if config.get("guidance_scale") is None else {**sections, "guidance_scale": config["guidance_scale"]}
 
 
 SUITE = SDSuite(
