@@ -62,6 +62,10 @@ WHERE_TRAIN = {
 }
 
 
+def _where(task: str, split: str) -> str:
+    return (WHERE if split == "test" else WHERE_TRAIN)[task]
+
+
 class SuiteConfigError(ValueError):
     """A missing or malformed entry of the sd suite's configuration; the message says what to give."""
 
@@ -195,13 +199,12 @@ class FileBenchmarkSpec(BenchmarkSpec):
 
     def path(self, split: str = "test") -> Path:
         """The file of ``split``; training reads the train file, so an evaluation does without one."""
-        where = WHERE if split == "test" else WHERE_TRAIN
         if split == "train" and self.train_file is None:
             raise SuiteConfigError(f"benchmark sd/{self.name} has no train prompt file, which training needs: set "
-                                   f"{self.name}.train in the sd suite config; get {where[self.name]}")
+                                   f"{self.name}.train in the sd suite config; get {_where(self.name, split)}")
         path = super().path(split)
         if not path.is_file():
-            raise PromptFileError(f"sd/{self.name} {split} prompt file {str(path)!r} does not exist; get {where[self.name]}")
+            raise PromptFileError(f"sd/{self.name} {split} prompt file {str(path)!r} does not exist; get {_where(self.name, split)}")
         return path
 
     def prompts(self, split: str = "test", limit: int | None = None) -> list[Prompt]:
@@ -210,17 +213,11 @@ class FileBenchmarkSpec(BenchmarkSpec):
             prompts = read_prompts(path, task=self.name, required=self.required_fields)
         elif set(self.required_fields) - {"prompt"}:  # a plain line has the prompt alone
             raise PromptFileError(f"{path}: sd/{self.name} needs JSON lines with the fields {list(self.required_fields)} "
-                                  f"(a .jsonl file), not one prompt a line; get {(WHERE if split == 'test' else WHERE_TRAIN)[self.name]}")
+                                  f"(a .jsonl file), not one prompt a line; get {_where(self.name, split)}")
         else:
             prompts = read_text_prompts(path, task=self.name)
-        if self.name == "geneval":  # a colour the classifier cannot name would score 0 on every image
-            from opd_bench.geneval import COLORS
-
-            for p in prompts:
-                for wanted in p.metadata.get("include") or ():
-                    if isinstance(wanted, dict) and wanted.get("color") is not None and wanted["color"] not in COLORS:
-                        raise PromptFileError(f"{path}: prompt {p.text!r} asks for the colour {wanted['color']!r}; "
-                                              f"GenEval's colour classifier knows {', '.join(COLORS)}")
+        if self.name == "geneval":
+            _check_colours(path, prompts)
         if self.quoted_text:
             from opd_bench.rewards.ocr import target_text
 
@@ -228,6 +225,17 @@ class FileBenchmarkSpec(BenchmarkSpec):
                 if p.metadata.get("text") is None and target_text(p.text) is None:
                     raise PromptFileError(f"{path}: prompt {p.text!r} has no text in double quotes; OCR prompts quote the text to render")
         return select_prompts(prompts, limit)  # stratified by tag, as BenchmarkSpec
+
+
+def _check_colours(path: Path, prompts: list[Prompt]) -> None:
+    """A colour GenEval's classifier cannot name would score 0 on every image of its prompt."""
+    from opd_bench.geneval import COLORS
+
+    for p in prompts:
+        for wanted in p.metadata.get("include") or ():
+            if isinstance(wanted, dict) and wanted.get("color") is not None and wanted["color"] not in COLORS:
+                raise PromptFileError(f"{path}: prompt {p.text!r} asks for the colour {wanted['color']!r}; "
+                                      f"GenEval's colour classifier knows {', '.join(COLORS)}")
 
 
 def _files(task: str, section: dict) -> dict:
@@ -267,10 +275,12 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
         train_reward, train_options = None, None
         spec = dict(images_per_prompt=1, description="PickScore (HPSv2, CLIPScore, ImageReward beside it when configured)",
                     extra_rewards={name: f"sd/{name}" for name in PREF_EXTRAS if config["pref"].get(name) is not None})
-    if "reward" not in section:
-        _check_options(task, reward, options if task != "pref" else reward_options or {}, f"{task}." if task != "pref" else "pref.pickscore.")
-        for name in PREF_EXTRAS if task == "pref" else ():
-            _check_options(task, name, _pref_options(config, name) or {}, f"pref.{name}.")
+    if "reward" not in section:  # the default reward's options, checked before anything loads
+        if task == "pref":
+            for name in ("pickscore", *PREF_EXTRAS):
+                _check_options(name, _pref_options(config, name) or {}, where=f"pref.{name}.")
+        else:
+            _check_options(reward, options, where=f"{task}.", section_keys=SPEC_KEYS)
     if "reward" in section:
         reward, reward_options = _reward_spec(section["reward"], f"{task}.reward")
     if "train_reward" in section:
@@ -279,19 +289,17 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
                              train_reward_options=train_options, **common, **spec)
 
 
-def _check_options(task: str, reward: str, options: dict, where: str) -> None:
-    """A key of a section that is neither a section key nor an option of its reward, in one line."""
+def _check_options(reward: str, options: dict, *, where: str, section_keys: tuple[str, ...] = ()) -> None:
+    """A key (at ``where``) that is neither one of ``section_keys`` nor an option of ``reward``, in one line."""
     from opd_bench import rewards
     from opd_bench.registry import did_you_mean, option_names
 
     accepted = option_names(rewards.REGISTRY.resolve(reward))
     unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
     if unknown:
-        section_keys = [*SPEC_KEYS, *(("pickscore", *PREF_EXTRAS) if task == "pref" else accepted)]
-        close = did_you_mean(unknown[0], section_keys if where == f"{task}." else accepted)
-        raise SuiteConfigError(f"sd suite config: {where}{unknown[0]} is not an option of the {reward!r} reward.{close} "
-                               f"Its options: {', '.join(accepted)}" + (f"; the section's own keys: {', '.join(SPEC_KEYS)}"
-                                                                       if where == f"{task}." else ""))
+        own = f"; the section's own keys: {', '.join(section_keys)}" if section_keys else ""
+        raise SuiteConfigError(f"sd suite config: {where}{unknown[0]} is not an option of the {reward!r} reward."
+                               f"{did_you_mean(unknown[0], [*section_keys, *accepted])} Its options: {', '.join(accepted)}{own}")
 
 
 def _configured(name: str):
@@ -343,9 +351,13 @@ class SDSuite(Suite):
         def without_device(options: dict) -> dict:
             return {k: without_device(v) if isinstance(v, dict) else v for k, v in sorted(options.items()) if k != "device"}
 
+        def recorded(key: str, value: Any) -> Any:
+            if key not in FILE_KEYS:
+                return value
+            return sha256_file(value) if Path(value).is_file() else f"missing: {value}"
+
         config = current_config()
-        sections = {task: {key: (sha256_file(value) if Path(value).is_file() else f"missing: {value}") if key in FILE_KEYS else value
-                           for key, value in without_device(config[task]).items()} for task in self.tasks}
+        sections = {task: {key: recorded(key, value) for key, value in without_device(config[task]).items()} for task in self.tasks}
         # the evaluation's guidance, where the file sets one (the resolution is a part of every run's identity)
         return sections if config.get("guidance_scale") is None else {**sections, "guidance_scale": config["guidance_scale"]}
 
