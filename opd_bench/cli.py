@@ -333,7 +333,9 @@ def verify_command(run_dir: Path, prompts: int, salt: str, models: tuple[str, ..
         raise click.ClickException(
             f"{run_dir} does not verify: {len(report['mismatches'])} of {report['images_checked']} re-generated images "
             f"score differently, e.g. {first['model']} seed {first['seed']} {first['benchmark']} image {first['image']}: "
-            f"recorded {first['recorded']}, now {first['recomputed']:.6g}"
+            f"recorded {first['recorded']}, now {first['recomputed']:.6g} (tolerated: a difference of "
+            f"{report['tolerance']['atol']:g}, and one flipped detection or OCR decision per model, seed and benchmark "
+            f"among {report['tolerance']['flips_need_images']} images or more)"
         )
     flips = report["flips"]
     flipped = (f"; {len(flips)} flipped a detection or OCR decision, as float rounding can (at most "
@@ -410,6 +412,8 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
 
     suite = suites.get(suite_name)
     tasks = select_tasks(suite, [t.strip() for t in tasks.split(",")] if tasks is not None else None)  # before the model loads
+    for task in tasks:  # and every benchmark's prompt file and reward options, not when its turn comes
+        suite.benchmark(task).prompts("test")
     model = suites.canonical_model(model or suite.default_model)
     settings = SamplerSettings(steps or suite.num_steps, suite.evaluation_guidance() if guidance is None else guidance, suite.noise_level)
     dtype = resolve_dtype(dtype, device)
@@ -428,28 +432,34 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     sampler = vars(settings) if model != "renderer" else None
     used_dtype = dtype if model != "renderer" else None
     # A killed evaluation resumes: each benchmark is saved in OUT/parts as it ends, with what its
-    # scores depend on, and reused only by an evaluation with the same.
-    depends_on = json.loads(json.dumps({
-        "suite": suite.name, "suite_version": suite.version, "suite_settings": suite.settings(), "model": model, "seed": seed,
-        "limit": limit, "adapter": adapter_record and adapter_record["sha256"], "images_per_prompt": images_per_prompt,
-        "sampler": sampler, "dtype": used_dtype, "batch_size": batch_size, "device": device,
-    }))
+    # scores depend on (of a configurable suite's settings, its own section's), and reused only
+    # by an evaluation with the same.
+    suite_settings = suite.settings()
+
+    def depends_on(task: str) -> dict:
+        own = None if suite_settings is None else {k: v for k, v in suite_settings.items() if k in (task, "guidance_scale")}
+        return json.loads(json.dumps({
+            "suite": suite.name, "suite_version": suite.version, "suite_settings": own, "model": model, "seed": seed,
+            "limit": limit, "adapter": adapter_record and adapter_record["sha256"], "images_per_prompt": images_per_prompt,
+            "sampler": sampler, "dtype": used_dtype, "batch_size": batch_size, "device": device,
+        }))
+
     parts = out / "parts"
     if force:
         shutil.rmtree(parts, ignore_errors=True)
     finished = {}
     for path in sorted(parts.glob("*.json")):
         saved = read_json(path, fix="delete it to evaluate that benchmark again, or pass --force to start over")
-        if saved.get("depends_on") != depends_on:
+        if saved.get("depends_on") != depends_on(path.stem):
             raise FileExistsError(f"{parts} holds an unfinished evaluation with other settings "
-                                  f"({json_differences(saved.get('depends_on'), depends_on)}); rerun it with those, "
+                                  f"({json_differences(saved.get('depends_on'), depends_on(path.stem))}); rerun it with those, "
                                   "pass --force to start over, or choose another --out")
         finished[path.stem] = saved["result"]
     if finished:
         click.echo(f"resuming: {', '.join(finished)} already evaluated ({parts})")
 
     def save(task: str, result: dict) -> None:
-        atomic_write_json(parts / f"{task}.json", {"depends_on": depends_on, "result": result})
+        atomic_write_json(parts / f"{task}.json", {"depends_on": depends_on(task), "result": result})
 
     start = time.time()
     with active, _resumable(f"the finished benchmarks are kept in {parts}"):
@@ -458,7 +468,7 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
             images_per_prompt=images_per_prompt, batch_size=batch_size, finished=finished, on_benchmark=save,
         )
     record = {
-        "suite": suite.name, "suite_version": suite.version, "suite_settings": depends_on["suite_settings"], "model": model,
+        "suite": suite.name, "suite_version": suite.version, "suite_settings": suite_settings, "model": model,
         "seed": seed, "adapter": adapter_record, "sampler": sampler, "dtype": used_dtype, "resolution": suite.image_side(), "limit": limit,
         "num_images": sum(b["num_images"] for b in result["benchmarks"].values()),
         "seconds": time.time() - start, **result,

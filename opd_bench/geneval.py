@@ -93,6 +93,38 @@ def confidence_threshold(metadata: dict) -> float:
     return COUNTING_THRESHOLD if metadata.get("tag") == "counting" else THRESHOLD
 
 
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+def record_problem(record: dict) -> str | None:
+    """What in a metadata record the rules cannot read (None: nothing): a malformed record would
+    otherwise fail while scoring, after its images were drawn, or score 0 on every image."""
+
+    def whole(value, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    include = record.get("include")
+    if not isinstance(include, list) or not include:
+        return "'include' must be a non-empty list of {\"class\", \"count\"} objects"
+    for key in ("include", "exclude"):
+        for i, wanted in enumerate(record.get(key) or []):
+            where = f"{key}[{i}]"
+            if not isinstance(wanted, dict) or not isinstance(wanted.get("class"), str) or not wanted["class"]:
+                return f"{where} must be an object with a 'class' name"
+            if not whole(wanted.get("count"), 1):
+                return f"{where}.count must be an integer >= 1, got {wanted.get('count')!r}"
+            if key == "exclude":
+                continue
+            if wanted.get("color") is not None and wanted["color"] not in COLORS:
+                return f"{where} asks for the colour {wanted['color']!r}; GenEval's colour classifier knows {', '.join(COLORS)}"
+            position = wanted.get("position")
+            if position is not None and not (isinstance(position, list) and len(position) == 2 and position[0] in RELATIONS
+                                             and whole(position[1], 0) and position[1] < i):
+                return (f"{where}.position must be [relation, index of an earlier include entry] with a relation in "
+                        f"{', '.join(RELATIONS)}, got {position!r}")
+    return None
+
+
 def group_detections(
     detections: Iterable[dict], threshold: float, max_objects: int = MAX_OBJECTS
 ) -> dict[str, list[dict]]:

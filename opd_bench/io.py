@@ -81,6 +81,10 @@ def parse_json_lines(lines: list[str], source: Path, *, fix: str = REDO_HINT) ->
 _ABSENT = object()
 
 
+def _clipped(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def json_differences(saved: Any, current: Any, *, limit: int = 3) -> str:
     """Where two JSON values differ, for an error message: ``"plan.opd.lr: 0.001 saved, 0.0003 now"``,
     the first ``limit`` differing keys, shallowest first (a different ``preset`` before the dozens of
@@ -93,7 +97,7 @@ def json_differences(saved: Any, current: Any, *, limit: int = 3) -> str:
             for key in sorted(set(a) | set(b), key=str):
                 walk(a.get(key, _ABSENT), b.get(key, _ABSENT), [*path, str(key)])
         elif a != b:
-            shown = ["absent" if v is _ABSENT else json.dumps(v)[:60] for v in (a, b)]
+            shown = ["absent" if v is _ABSENT else _clipped(json.dumps(v)) for v in (a, b)]
             name = ".".join(path) or "(top)"
             differences.append((len(path), name, f"{name}: {shown[0]} saved, {shown[1]} now"))
 

@@ -24,11 +24,18 @@ class UnknownOptionError(ValueError):
 
 
 def option_names(factory: Callable[..., Any]) -> list[str] | None:
-    """The keyword options ``factory`` takes (None: any, it has ``**options``)."""
-    parameters = inspect.signature(factory).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return None
-    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    """The keyword options ``factory`` takes (None: any). A class whose ``__init__`` passes
+    ``**options`` on to its base's takes the base's too."""
+    steps = ([c.__init__ for c in factory.__mro__ if "__init__" in vars(c) and c is not object]
+             if inspect.isclass(factory) else [factory])
+    names: list[str] = []
+    for step in steps:
+        parameters = inspect.signature(step).parameters.values()
+        names += [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name != "self" and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return names if inspect.isclass(factory) else None  # a class's **options end at object, which takes none
 
 
 def check_options(what: str, factory: Callable[..., Any], options) -> None:

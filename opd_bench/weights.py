@@ -89,7 +89,7 @@ def _check_model_type(path: Path, model_type: str | None, what: str, option: str
     except (ValueError, AttributeError):
         return  # not a transformers config; the loader says what it makes of it
     if found is not None and found != model_type:
-        raise MissingWeightsError(f"{what} weights in {str(path)!r} are a {found!r} model (config.json), not {model_type!r}; "
+        raise MissingWeightsError(f"{what} weights in {str(path)!r} are of model type {found!r} (config.json), not {model_type!r}; "
                                   f"check that {option} names the {what} folder")
 
 

@@ -108,3 +108,26 @@ def test_geneval_metric_is_the_mean_of_tag_accuracies():
     assert result["per_tag"] == {"colors": 1.0, "counting": 0.5}
     assert result["score"] == pytest.approx(0.75) and result["count"] == 4
     assert aggregate("mean", scores, metadata)["score"] == pytest.approx(0.75)
+
+
+def test_option_names_follow_options_passed_on_to_a_base_class():
+    from opd_bench.registry import UnknownOptionError, check_options, option_names
+
+    class Base:
+        def __init__(self, size: int = 1, colour: str = "red"):
+            pass
+
+    class Child(Base):
+        def __init__(self, strict: bool = True, **options):
+            super().__init__(**options)
+
+    class Plain:
+        pass
+
+    def forwards(**options):
+        return options
+
+    assert option_names(Child) == ["strict", "size", "colour"] and option_names(Plain) == [] and option_names(forwards) is None
+    with pytest.raises(UnknownOptionError, match="'Child' has no option 'colur'. Did you mean 'colour'"):
+        check_options("'Child'", Child, {"colur": "blue"})
+    check_options("forwards", forwards, {"anything": 1})  # **options: the callee checks

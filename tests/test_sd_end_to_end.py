@@ -190,3 +190,54 @@ def test_the_results_record_the_suite_settings_and_a_changed_config_is_refused(s
             sd._CONFIG = saved
         assert result.exit_code == 1 and f"suite_settings.{name}" in result.output, result.output
         assert (out / "results.json").read_bytes() == before
+
+
+def test_a_killed_sd_evaluation_keeps_its_finished_benchmark_when_another_section_changes(sd_config, tiny_dir, tmp_path, monkeypatch):
+    """A finished benchmark of a killed `eval` depends on its own section of the config only: mending
+    a typo in another section (the usual reason to rerun) does not throw it away."""
+    from opd_bench import evaluate
+
+    real = evaluate.evaluate_suite
+
+    def killed_after_the_first(suite, source, *, tasks, on_benchmark, **options):
+        real(suite, source, tasks=tasks[:1], on_benchmark=on_benchmark, **options)
+        raise RuntimeError("killed")
+
+    config = json.loads(sd_config.read_text())
+    absolute = {task: {**config[task], **{k: str(sd_config.parent / config[task][k]) for k in ("test", "train")}} for task in BENCHMARKS}
+
+    def evaluate_with(pref_section, ocr_section=None):
+        path = tmp_path / "sd.json"
+        path.write_text(json.dumps({**config, **absolute, "pref": pref_section, **({"ocr": ocr_section} if ocr_section else {})}))
+        saved = sd._CONFIG
+        try:
+            return CliRunner().invoke(main, ["eval", "--suite", "sd", "--suite-config", str(path), "--model", str(tiny_dir),
+                                             "--limit", "1", "--benchmarks", "ocr,pref", "--out", str(tmp_path / "eval")])
+        finally:
+            sd._CONFIG = saved
+
+    monkeypatch.setattr(evaluate, "evaluate_suite", killed_after_the_first)
+    assert evaluate_with(absolute["pref"]).exit_code == 1 and (tmp_path / "eval" / "parts" / "ocr.json").is_file()
+    monkeypatch.setattr(evaluate, "evaluate_suite", real)
+    other_ocr = {**absolute["ocr"], "pad": 8}
+    refused = evaluate_with(absolute["pref"], other_ocr)  # the finished benchmark's own section changed
+    assert refused.exit_code == 1 and "suite_settings.ocr.pad" in refused.output
+    pref = {**absolute["pref"], "pickscore": {**absolute["pref"]["pickscore"], "batch_size": 4}}
+    resumed = evaluate_with(pref)
+    assert resumed.exit_code == 0 and "resuming: ocr already evaluated" in resumed.output, resumed.output
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["suite_settings"]["pref"]["pickscore"]["batch_size"] == 4
+
+
+def test_verify_names_a_reward_option_that_differs_from_the_runs(sd_run, sd_config):
+    from opd_bench.verify import VerificationError, verify_run
+
+    out, _ = sd_run
+    saved = sd._CONFIG
+    try:
+        suites.configure("sd", sd_config)
+        suites.configure("sd", sd_config, geneval={**sd.current_config()["geneval"], "threshold": 0.1})
+        with pytest.raises(VerificationError, match=r"differs from the one the run used in what decides its scores "
+                                                    r"\(geneval.threshold: absent saved, 0.1 now\)"):
+            verify_run(out, prompts=1, models=["base"])
+    finally:
+        sd._CONFIG = saved

@@ -130,14 +130,29 @@ def test_config_mistakes_are_one_line_errors_before_anything_loads(tmp_path):
     suites.configure("sd", geneval={"test": str(metadata), "model_pth": "/w"})
     with pytest.raises(sd.SuiteConfigError, match=r"geneval.model_pth .* Did you mean 'model_path'\?"):
         suites.get("sd").benchmark("geneval")
+    suites.configure("sd", geneval={"test": str(metadata), "train_reward": ["sd/geneval-partial", {"partal": "clipped"}]})
+    with pytest.raises(sd.SuiteConfigError, match=r"geneval.train_reward.partal .* Did you mean 'partial'\?"):
+        suites.get("sd").benchmark("geneval")
     with pytest.raises(ValueError, match=r"'owlv2' \(detector_options\) has no option 'min_confidnce'"):
         rewards.get("sd/geneval", detector_options={"min_confidnce": 0.1}, colour=fake_colour([]))
     with pytest.raises(sd.SuiteConfigError, match="device 'gpu' is not a device"):
         suites.configure("sd", {"device": "gpu"})
-    purplish = {**COLOURS, "include": [{"class": "car", "count": 1, "color": "purplish"}]}
-    suites.configure("sd", geneval={"test": str(write(tmp_path / "purplish.jsonl", [json.dumps(purplish)]))})
-    with pytest.raises(PromptFileError, match="asks for the colour 'purplish'; GenEval's colour classifier knows red, "):
-        suites.get("sd").benchmark("geneval").prompts()
+    for side in (63, "512", 0):
+        with pytest.raises(sd.SuiteConfigError, match="resolution must be an image side in pixels, a multiple of 8"):
+            suites.configure("sd", {"resolution": side})
+    # a record the rules cannot read is named before any image is drawn (it failed while scoring, or scored 0)
+    for include, problem in (
+        ([{"class": "car", "count": 1, "color": "purplish"}], r"include\[0\] asks for the colour 'purplish'; GenEval's colour classifier knows red, "),
+        ([{"class": "car"}], r"include\[0\].count must be an integer >= 1, got None"),
+        ([{"class": "car", "count": "two"}], r"include\[0\].count must be an integer >= 1, got 'two'"),
+        ("bench", r"'include' must be a non-empty list"),
+        ([{"class": "tv", "count": 1}, {"class": "dog", "count": 1, "position": ["beside", 0]}], r"include\[1\].position must be"),
+        ([{"class": "tv", "count": 1}, {"class": "dog", "count": 1, "position": ["above", 1]}], r"include\[1\].position must be"),
+    ):
+        bad = write(tmp_path / "bad.jsonl", [json.dumps({**COLOURS, "include": include})])
+        suites.configure("sd", geneval={"test": str(bad)})
+        with pytest.raises(PromptFileError, match=problem):
+            suites.get("sd").benchmark("geneval").prompts()
     # GenEval's rules need its metadata: a plain prompt list is refused, not scored as NaN
     suites.configure("sd", geneval={"test": str(text)})
     with pytest.raises(PromptFileError, match=r"needs JSON lines with the fields \['prompt', 'tag', 'include'\]"):
@@ -319,7 +334,7 @@ def sd_colours():
 def test_missing_weights_give_clear_errors(tmp_path, owlv2_dir):
     with pytest.raises(MissingWeightsError, match="OWLv2 detector weights not found: .*does not exist"):
         OwlV2Detector(str(tmp_path / "owl"))
-    with pytest.raises(MissingWeightsError, match=r"PickScore weights in .* are a 'owlv2' model \(config.json\), not 'clip'"):
+    with pytest.raises(MissingWeightsError, match=r"PickScore weights in .* are of model type 'owlv2' \(config.json\), not 'clip'"):
         rewards.get("pickscore", model_path=str(owlv2_dir), processor_path=str(owlv2_dir))
     with pytest.raises(MissingWeightsError, match="GenEval colour classifier .*does not exist"):
         ClipColourClassifier(model_path=str(tmp_path / "clip"))

@@ -107,8 +107,11 @@ def test_the_shipped_base_given_by_its_folder_is_named_by_its_alias(tmp_path, mo
     monkeypatch.chdir(folder.parent)
     assert suites.canonical_model("./base/../base") == "tiny"
     assert suites.canonical_model("tiny") == "tiny"
-    assert suites.canonical_model(str(tmp_path)) == str(tmp_path)  # another folder stays itself
-    assert suites.canonical_model("org/model") == "org/model"
+    assert suites.canonical_model(str(tmp_path)) == str(tmp_path)  # another folder: its absolute path
+    (tmp_path / "models" / "sd3").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models")
+    assert suites.canonical_model("sd3") == suites.canonical_model("../models/sd3") == str(tmp_path / "models" / "sd3")
+    assert suites.canonical_model("org/model") == "org/model"  # a hub id (no such folder here)
 
 
 def test_a_limit_covers_every_geneval_tag_evenly():

@@ -12,6 +12,7 @@ prompt files and reward weights are the user's, so its specs are built from a co
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,18 +105,22 @@ MODELS = {"tiny": SUITE_DIR / "tiny" / "weights" / "base"}
 
 
 def canonical_model(model: str) -> str:
-    """A shipped model given by its folder -> its alias, so that results name it one way.
+    """A model named one way whatever way it was given: a shipped model's folder -> its alias,
+    another local folder -> its absolute path (``../sd3`` and ``/models/sd3`` are one model);
+    aliases and hub ids as they are.
 
     Run identities, teacher caches, the fingerprint check and the leaderboard compare model
     names as strings: the shipped base passed as ``.../weights/base`` would otherwise count as
-    another model than ``tiny`` (and get no fingerprint).
+    another model than ``tiny`` (and get no fingerprint), and a run resumed from another working
+    directory as another experiment.
     """
     path = Path(model).expanduser()
-    if model not in MODELS and path.is_dir():
-        for alias, folder in MODELS.items():
-            if path.resolve() == folder.resolve():
-                return alias
-    return model
+    if model in MODELS or not path.is_dir():
+        return model
+    for alias, folder in MODELS.items():
+        if path.resolve() == folder.resolve():
+            return alias
+    return os.path.abspath(path)  # normalises "..", keeps the links the user named
 
 
 def resolve_model(model: str) -> str:

@@ -98,8 +98,10 @@ def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 < guidance < math.inf):
         raise SuiteConfigError(f"sd suite config: guidance_scale must be a positive number, e.g. 3.5 for FLUX.1-dev, got {guidance!r}")
     resolution = source.get("resolution")
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0):
-        raise SuiteConfigError(f"sd suite config: resolution must be an image side in pixels, e.g. 512, got {resolution!r}")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0
+                                   or resolution % 8):
+        raise SuiteConfigError(f"sd suite config: resolution must be an image side in pixels, a multiple of 8 (16 for "
+                               f"SD3.5 and FLUX), e.g. 512, got {resolution!r}")
     device = source.get("device")
     if device is not None:
         import torch
@@ -217,7 +219,7 @@ class FileBenchmarkSpec(BenchmarkSpec):
         else:
             prompts = read_text_prompts(path, task=self.name)
         if self.name == "geneval":
-            _check_colours(path, prompts)
+            _check_records(path, prompts)
         if self.quoted_text:
             from opd_bench.rewards.ocr import target_text
 
@@ -227,15 +229,14 @@ class FileBenchmarkSpec(BenchmarkSpec):
         return select_prompts(prompts, limit)  # stratified by tag, as BenchmarkSpec
 
 
-def _check_colours(path: Path, prompts: list[Prompt]) -> None:
-    """A colour GenEval's classifier cannot name would score 0 on every image of its prompt."""
-    from opd_bench.geneval import COLORS
+def _check_records(path: Path, prompts: list[Prompt]) -> None:
+    """Every GenEval record readable by the rules, before any image is drawn."""
+    from opd_bench.geneval import record_problem
 
     for p in prompts:
-        for wanted in p.metadata.get("include") or ():
-            if isinstance(wanted, dict) and wanted.get("color") is not None and wanted["color"] not in COLORS:
-                raise PromptFileError(f"{path}: prompt {p.text!r} asks for the colour {wanted['color']!r}; "
-                                      f"GenEval's colour classifier knows {', '.join(COLORS)}")
+        problem = record_problem(p.metadata)
+        if problem:
+            raise PromptFileError(f"{path}: prompt {p.text!r}: {problem}")
 
 
 def _files(task: str, section: dict) -> dict:
@@ -283,8 +284,10 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
             _check_options(reward, options, where=f"{task}.", section_keys=SPEC_KEYS)
     if "reward" in section:
         reward, reward_options = _reward_spec(section["reward"], f"{task}.reward")
+        _check_options(reward, reward_options, where=f"{task}.reward.")
     if "train_reward" in section:
         train_reward, train_options = _reward_spec(section["train_reward"], f"{task}.train_reward")
+        _check_options(train_reward, train_options, where=f"{task}.train_reward.")
     return FileBenchmarkSpec(reward=reward, reward_options=reward_options or {}, train_reward=train_reward,
                              train_reward_options=train_options, **common, **spec)
 
