@@ -186,6 +186,10 @@ def test_evaluation_needs_no_train_file_and_weights_sit_next_to_the_config(tmp_p
     # a relative weight path that exists next to the file is taken from there; another stays as given
     assert spec.reward_options["model_path"] == str(tmp_path / "weights" / "pick")
     assert spec.reward_options["processor_path"] == "org/hub-id"
+    config["pref"]["pickscore"]["model_path"] = "weights/missing"  # its folder is there: named where looked for
+    (tmp_path / "sd.json").write_text(json.dumps(config))
+    suites.configure("sd", tmp_path / "sd.json")
+    assert suites.get("sd").benchmark("pref").reward_options["model_path"] == str(tmp_path / "weights" / "missing")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("paddleocr") is not None, reason="paddleocr is installed")

@@ -124,14 +124,15 @@ def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
 
 def _weights_next_to(options: dict, base: Path) -> dict:
     """Relative weight paths (``*_path`` options) as a config file's prompt files are: next to
-    the file. One that is not there is kept as given (the working directory's, or a hub id)."""
+    the file, when it or its folder is there (a missing folder is then named where it was looked
+    for). Another is kept as given (the working directory's, or a hub id such as ``org/name``)."""
     resolved = {}
     for key, value in options.items():
         if isinstance(value, dict):
             value = _weights_next_to(value, base)
         elif key.endswith("_path") and isinstance(value, str) and not Path(value).expanduser().is_absolute():
             candidate = base / Path(value).expanduser()
-            value = str(candidate) if candidate.exists() else value
+            value = str(candidate) if candidate.exists() or (candidate.parent != base and candidate.parent.is_dir()) else value
         resolved[key] = value
     return resolved
 
