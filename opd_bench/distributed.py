@@ -19,6 +19,7 @@ How the trainers use it (data parallel, every rank holds the whole model):
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import pickle
 from datetime import timedelta
@@ -209,6 +210,19 @@ def current() -> ProcessGroup:
     return _current
 
 
+def _timeout_seconds() -> float:
+    text = os.environ.get("OPD_BENCH_DIST_TIMEOUT")
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"OPD_BENCH_DIST_TIMEOUT={text!r}: give the seconds a process waits for the others, e.g. 14400")
+    return seconds
+
+
 def from_environment() -> ProcessGroup:
     """Join the group described by ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (or stay single).
 
@@ -225,7 +239,7 @@ def from_environment() -> ProcessGroup:
         backend = os.environ.get("OPD_BENCH_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        timeout = timedelta(seconds=float(os.environ.get("OPD_BENCH_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        timeout = timedelta(seconds=_timeout_seconds())
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         atexit.register(_destroy)  # we created it, so we tear it down (torch warns otherwise)
     return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())

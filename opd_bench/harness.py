@@ -263,6 +263,21 @@ class Harness:
         return self._evaluators[key]
 
     # ----------------------------------------------------------------------------- cells
+    def _check_split(self, processes: int) -> None:
+        """Every trainer's prompts per step must split evenly over the processes: checked for all
+        of them before the first trains (each trainer checks its own, hours later for the last)."""
+        counts = {f"teacher.{task}.prompts_per_step" if task in self.plan.teacher_overrides else "teacher.prompts_per_step":
+                  self.teacher_config(task).prompts_per_step for task in self.suite.tasks}
+        students = {"opd": ("opd.prompts_per_task", self.plan.opd.prompts_per_task),
+                    "opd-ppo": ("opd-ppo.prompts_per_task", self.plan.opd_ppo.prompts_per_task),
+                    "multi-reward": ("multi-reward.prompts_per_step", self.plan.multi_reward.prompts_per_step),
+                    "cascade": ("cascade.grpo.prompts_per_step", self.plan.cascade.grpo.prompts_per_step)}
+        counts.update(students[method] for method in self.methods)
+        uneven = [f"{name}={count}" for name, count in counts.items() if count % processes]
+        if uneven:
+            raise ValueError(f"{', '.join(uneven)} cannot be split over {processes} processes (each takes an equal share of a "
+                             f"step's prompts); --set each to a multiple of {processes}")
+
     def teacher_config(self, task: str) -> GRPOConfig:
         return replace(self.plan.teacher, **self.plan.teacher_overrides.get(task, {}))
 
@@ -507,6 +522,7 @@ class Harness:
         for task in self.suite.tasks:  # so do a configurable suite's prompt files and reward options
             for split in ("test", "train"):
                 self.suite.benchmark(task).path(split)
+        self._check_split(distributed.current().world_size)
         if jobs > 1:
             if distributed.current().distributed:
                 raise ValueError(f"--jobs {jobs} runs cells side by side on one machine; under torchrun or accelerate "
@@ -618,5 +634,6 @@ class Harness:
                 for name, per_seed in models.items() if name != "base"
             },
             "samples": samples, "seconds": seconds,
-            "environment": {**environment(self.device, threads=self.cell_threads, jobs=self.jobs), **self.memory},
+            "environment": {**environment(self.device, threads=self.cell_threads, jobs=self.jobs),
+                            "processes": distributed.current().world_size, **self.memory},
         }

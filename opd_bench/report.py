@@ -156,9 +156,10 @@ class _Report(ResultView):
         seconds, env = num(self.r.get("seconds")), as_dict(self.r.get("environment"))
         if seconds is None:
             return []
-        jobs, threads = num(env.get("jobs")), num(env.get("threads"))
+        jobs, threads, processes = num(env.get("jobs")), num(env.get("threads")), num(env.get("processes"))
         on = "" if jobs is None or threads is None else (
             f", {round(jobs)} job{'s' if jobs != 1 else ''} x {round(threads)} thread{'s' if threads != 1 else ''}")
+        on += f", {round(processes)} processes (data-parallel)" if processes is not None and processes > 1 else ""
         return [f"wall time: {seconds / 60:.1f} min ({env.get('device', 'n/a')}{on}; the command that wrote "
                 "this file: a resumed run's earlier invocations are not in it)"]
 

@@ -31,8 +31,11 @@ class Tracker(Protocol):
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    # An evaluation line repeats its step's counters (for the report's forward-pass axis): a
+    # tracker takes them from the training line, so that each step has one point per series.
+    evaluation = any(k.startswith("eval/") for k in record)
     return {k: float(v) for k, v in record.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if k != "step" and (not evaluation or k.startswith("eval/")) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class TensorBoardTracker:

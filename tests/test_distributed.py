@@ -77,6 +77,18 @@ def test_shard_and_single_process_collectives():
     assert ProcessGroup().device("cpu") == torch.device("cpu")
 
 
+def test_a_bad_timeout_is_named(monkeypatch):
+    from opd_bench.distributed import DEFAULT_TIMEOUT_S, _timeout_seconds
+
+    assert _timeout_seconds() == DEFAULT_TIMEOUT_S
+    monkeypatch.setenv("OPD_BENCH_DIST_TIMEOUT", "90")
+    assert _timeout_seconds() == 90
+    for bad in ("abc", "0", "-5", "inf"):
+        monkeypatch.setenv("OPD_BENCH_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=f"OPD_BENCH_DIST_TIMEOUT='{bad}': give the seconds"):
+            _timeout_seconds()
+
+
 def test_two_processes_train_like_one(tiny_dir, tmp_path):
     _, single_weights = _train(tiny_dir, tmp_path / "single")
     single = read_metrics(tmp_path / "single" / "metrics.jsonl")

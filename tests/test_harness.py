@@ -257,6 +257,17 @@ def test_the_real_smoke_run_verifies_and_a_consistent_edit_does_not(smoke_run, t
         verify_run(edited)
 
 
+def test_prompt_counts_that_do_not_split_over_the_processes_are_named_before_any_training(tmp_path):
+    harness = _harness(tmp_path / "run")  # smoke: teachers 2 prompts a step, students 1 or 3
+    harness._check_split(1)
+    with pytest.raises(ValueError, match=r"^opd.prompts_per_task=1, opd-ppo.prompts_per_task=1, multi-reward.prompts_per_step=3, "
+                                         r"cascade.grpo.prompts_per_step=3 cannot be split over 2 processes .* multiple of 2$"):
+        harness._check_split(2)
+    only = _harness(tmp_path / "opd", method="opd", overrides=['teacher.ocr.prompts_per_step=3'])
+    with pytest.raises(ValueError, match=r"^teacher.ocr.prompts_per_step=3, opd.prompts_per_task=1 cannot"):
+        only._check_split(2)
+
+
 def test_verify_tolerates_only_what_a_flipped_decision_can_give():
     from opd_bench.verify import FLIP_SAMPLE, tolerated
 

@@ -40,6 +40,12 @@ def test_full_report_writes_markdown_html_and_plots(full_report):
         assert f">{title}</h2>" in page
     assert "could not be built" not in md  # no section failed
     assert "wall time: 1.6 min (cpu, 1 job x 2 threads; the command that wrote this file" in md
+    from opd_bench.report import _Report
+
+    data_parallel = json.loads((run_dir / "results.json").read_text())
+    data_parallel["environment"]["processes"] = 4
+    assert _Report(run_dir, run_dir, data_parallel).time_line()[0].startswith("wall time: 1.6 min (cpu, 1 job x 2 threads, "
+                                                                             "4 processes (data-parallel); ")
     # the curves say how many prompts they score, beside the final evaluation's
     assert "The curves score 2 test prompts x 1 image per benchmark (the final evaluation 6)" in md
     # The scores table lists every method, with the best of each column in bold and a starred student.

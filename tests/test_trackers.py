@@ -36,15 +36,17 @@ def _scalars(folder):
 def test_tensorboard_gets_every_numeric_metric_per_cell_and_a_resume_replaces_the_lost_steps(tmp_path):
     trackers.configure(["tensorboard"], tmp_path)
     cell = tmp_path / "methods" / "opd" / "seed0"
-    _write(cell, [{"step": 0, "eval/ocr": 0.25}, {"step": 1, "loss": 2.0, "kl": 0.5, "mode": "analytic"},
-                  {"step": 2, "loss": 1.5, "kl": 0.4}, {"step": 3, "loss": 1.25, "kl": 0.3}])
+    _write(cell, [{"step": 0, "eval/ocr": 0.25, "images": 0}, {"step": 1, "loss": 2.0, "kl": 0.5, "mode": "analytic", "images": 8},
+                  {"step": 2, "loss": 1.5, "kl": 0.4, "images": 16}, {"step": 2, "eval/ocr": 0.5, "images": 16},
+                  {"step": 3, "loss": 1.25, "kl": 0.3, "images": 24}])
     assert _scalars(tmp_path / "tensorboard" / "methods" / "opd" / "seed0") == {
-        "eval/ocr": [(0, 0.25)], "loss": [(1, 2.0), (2, 1.5), (3, 1.25)], "kl": [(1, 0.5), (2, 0.4), (3, 0.3)],
+        "eval/ocr": [(0, 0.25), (2, 0.5)], "loss": [(1, 2.0), (2, 1.5), (3, 1.25)], "kl": [(1, 0.5), (2, 0.4), (3, 0.3)],
+        "images": [(1, 8.0), (2, 16.0), (3, 24.0)],  # once a step: an evaluation line's counters repeat its step's
     }  # strings are not scalars
     # killed after its step-1 checkpoint: steps 2-3 are logged again by the resumed run, with other values
     _write(cell, [{"step": 2, "loss": 1.0, "kl": 0.2}, {"step": 3, "loss": 0.5, "kl": 0.1}], resume_step=1)
     shown = _scalars(tmp_path / "tensorboard" / "methods" / "opd" / "seed0")
-    assert shown["loss"] == [(1, 2.0), (2, 1.0), (3, 0.5)] and shown["eval/ocr"] == [(0, 0.25)]
+    assert shown["loss"] == [(1, 2.0), (2, 1.0), (3, 0.5)] and shown["eval/ocr"] == [(0, 0.25)]  # step 2's was purged
     assert [r["loss"] for r in map(json.loads, (cell / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [2.0, 1.0, 0.5]
 
 
