@@ -128,12 +128,30 @@ def _resumable(kept: str):
         raise click.Abort() from None
 
 
-def _with_adapter(policy, folder: Path | None):
-    """``policy.use`` of the adapter in ``folder`` (loaded now), or of the base where there is none."""
+def _with_adapter(policy, folder: Path | None, model: str):
+    """``policy.use`` of the adapter in ``folder`` (loaded now), or of the base where there is none.
+    An adapter of a run trained on another base than ``model`` is said so: one of the same shape
+    loads without complaint, and its scores would be another model's."""
     if folder is None:
         return policy.use(None)
+    trained_on = _run_model(folder)
+    if trained_on is not None and trained_on[1] != model:
+        click.echo(f"note: {folder} was trained on {trained_on[1]!r} ({trained_on[0] / 'run.json'}); "
+                   f"it is applied to {model!r} here", err=True)
     policy.load_adapter("evaluated", folder)
     return policy.use("evaluated")
+
+
+def _run_model(folder: Path) -> tuple[Path, str] | None:
+    """The run folder above an adapter and the base model that run trained (None: not a run's)."""
+    for parent in Path(folder).resolve().parents:
+        if (parent / "run.json").is_file():
+            try:
+                model = json.loads((parent / "run.json").read_text())["model"]
+            except (ValueError, KeyError, TypeError):
+                return None
+            return (parent, model) if isinstance(model, str) else None
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -425,7 +443,7 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
         source, active = renderer_source(), contextlib.nullcontext()
     else:
         policy = Policy.from_pretrained(suites.resolve_model(model), device=device, resolution=suite.image_side(), dtype=DTYPES[dtype])
-        source, active = policy_source(policy, settings), _with_adapter(policy, adapter)
+        source, active = policy_source(policy, settings), _with_adapter(policy, adapter, model)
     from opd_bench.verify import adapter_sha256
 
     adapter_record = None if adapter is None else {"path": str(adapter), "sha256": adapter_sha256(adapter)}
@@ -569,11 +587,11 @@ def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed
         raise click.UsageError("--model renderer (the world's own images) is for `opd-bench eval`; sample draws a pipeline")
     from opd_bench.policy import DTYPES, Policy, resolve_dtype
     from opd_bench.rollout import rollout
-    from opd_bench.suites import resolve_model
+    from opd_bench.suites import canonical_model, resolve_model
 
     # resolve: checks the weights first
     policy = Policy.from_pretrained(resolve_model(model), device=device, dtype=DTYPES[resolve_dtype(dtype, device)])
-    with _with_adapter(policy, adapter):
+    with _with_adapter(policy, adapter, canonical_model(model)):
         trajectory = rollout(
             policy,
             list(prompts),

@@ -548,6 +548,15 @@ def test_eval_and_sample_take_a_trained_adapter(smoke_run, tmp_path):
     assert (tmp_path / "grid.png").is_file()
     refused = CliRunner().invoke(main, ["eval", "--model", "renderer", "--adapter", str(adapter), "--out", str(tmp_path / "r")])
     assert refused.exit_code != 0 and "--adapter applies to a model" in refused.output
+    assert "note:" not in trained.output + grid.output  # the run trained on the model it is applied to
+    # the same adapter in a run made on another base (of the same shape): applied, and said so
+    other = tmp_path / "other-run"
+    shutil.copytree(adapter, other / "methods" / "opd" / "seed0" / "final")
+    (other / "run.json").write_text(json.dumps({"model": "/models/another-tiny"}))
+    noted = CliRunner().invoke(main, ["sample", "--model", "tiny", "--prompt", "a red circle", "--images-per-prompt", "1",
+                                      "--adapter", str(other / "methods" / "opd" / "seed0" / "final"),
+                                      "--out", str(tmp_path / "other.png")])
+    assert noted.exit_code == 0 and f"was trained on '/models/another-tiny' ({other.resolve() / 'run.json'}); it is applied to 'tiny'" in noted.output
 
 
 def test_a_start_that_saved_no_work_does_not_bind_the_folder(tmp_path):
