@@ -50,6 +50,11 @@ def _known_suite(ctx, param, value):
     return value
 
 
+def _suite_option(command):
+    # eager: parsed before --suite-config, which configures the suite it names
+    return click.option("--suite", "suite_name", default="tiny", show_default=True, is_eager=True, callback=_known_suite)(command)
+
+
 def _suite_config_option(command):
     """``--suite-config FILE``: files and weights of a configurable suite (sd), applied before use."""
 
@@ -196,7 +201,7 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 
 @main.command("run")
 @click.option("--method", default="all", show_default=True, type=click.Choice(["all", "teachers", "opd", "opd-ppo", "multi-reward", "cascade"]))
-@click.option("--suite", "suite_name", default="tiny", show_default=True, is_eager=True, callback=_known_suite)  # before --suite-config, which needs it
+@_suite_option
 @click.option("--model", default=None, help="Base model: a shipped alias ('tiny'), a pipeline folder or hub id. Default: the suite's.")
 @click.option("--preset", default="standard", show_default=True, type=click.Choice(["smoke", "standard", "paper"]),
               help="smoke: about two minutes (one seed by default); standard: the embedded suite on a CPU; paper: PAPER.md's SD3.5-M settings, for GPUs.")
@@ -395,7 +400,7 @@ def leaderboard_command(root: Path) -> None:
 
 
 @main.command("eval")
-@click.option("--suite", "suite_name", default="tiny", show_default=True, is_eager=True, callback=_known_suite)  # before --suite-config, which needs it
+@_suite_option
 @click.option("--model", default=None, help="'tiny' (shipped base), a pipeline folder or hub id, or 'renderer'. Default: the suite's.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.json.")
 @click.option("--benchmarks", "tasks", default=None, help="Comma-separated subset, e.g. geneval,ocr.")

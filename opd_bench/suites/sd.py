@@ -246,9 +246,7 @@ def _files(task: str, section: dict) -> dict:
             f"benchmark sd/{task} needs its prompt file: set {task}.test in the sd suite config "
             f"(--suite-config FILE.json, {CONFIG_ENV}=FILE.json or suites.configure('sd', ...)); get {WHERE[task]}"
         )
-    if not Path(section["test"]).is_file():
-        raise PromptFileError(f"sd/{task} test prompt file {section['test']!r} does not exist; get {WHERE[task]}")
-    return {"test_file": section["test"], "train_file": section.get("train")}  # train: checked when training reads it
+    return {"test_file": section["test"], "train_file": section.get("train")}  # checked by FileBenchmarkSpec.path
 
 
 def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
@@ -277,20 +275,22 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
         train_reward, train_options = None, None
         spec = dict(images_per_prompt=1, description="PickScore (HPSv2, CLIPScore, ImageReward beside it when configured)",
                     extra_rewards={name: f"sd/{name}" for name in PREF_EXTRAS if config["pref"].get(name) is not None})
-    if "reward" not in section:  # the default reward's options, checked before anything loads
-        if task == "pref":
-            for name in ("pickscore", *PREF_EXTRAS):
-                _check_options(name, _pref_options(config, name) or {}, where=f"pref.{name}.")
-        else:
-            _check_options(reward, options, where=f"{task}.", section_keys=SPEC_KEYS)
+    # every reward's options checked before anything loads
     if "reward" in section:
         reward, reward_options = _reward_spec(section["reward"], f"{task}.reward")
         _check_options(reward, reward_options, where=f"{task}.reward.")
+    elif task == "pref":
+        for name in ("pickscore", *PREF_EXTRAS):
+            _check_options(name, _pref_options(config, name) or {}, where=f"pref.{name}.")
+    else:
+        _check_options(reward, options, where=f"{task}.", section_keys=SPEC_KEYS)
     if "train_reward" in section:
         train_reward, train_options = _reward_spec(section["train_reward"], f"{task}.train_reward")
         _check_options(train_reward, train_options, where=f"{task}.train_reward.")
-    return FileBenchmarkSpec(reward=reward, reward_options=reward_options or {}, train_reward=train_reward,
-                             train_reward_options=train_options, **common, **spec)
+    built = FileBenchmarkSpec(reward=reward, reward_options=reward_options or {}, train_reward=train_reward,
+                              train_reward_options=train_options, **common, **spec)
+    built.path("test")  # the test file exists (the train file is checked when training reads it)
+    return built
 
 
 def _check_options(reward: str, options: dict, *, where: str, section_keys: tuple[str, ...] = ()) -> None:
