@@ -8,7 +8,9 @@ Prints one JSON line: the settings, wall minutes, the training-batch reward per 
 held-out score of base and teacher (first ``--eval-limit`` test prompts, 2 images each, per tag for
 GenEval; the benchmark's evaluation-only rewards too, e.g. pref_oracle for pref) with the suite's
 evaluation sampler (ODE) and with the teacher's training sampler (SDE), and for the ODE each gain
-with the standard error of its per-image differences (``gain_and_se``).
+with the standard error of its per-image differences (``gain_and_se``). With ``--curve-every N``
+the held-out ODE gain is measured every N steps as well (``curve``: does a longer teacher keep
+gaining?).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import replace
 
 from opd_bench import suites
 from opd_bench.benchmarks import PromptSubset
@@ -33,6 +36,8 @@ def main() -> None:
     parser.add_argument("--task", required=True, choices=["geneval", "ocr", "pref"])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--tag", default=None, help="train and evaluate on the prompts of one GenEval tag only")
+    parser.add_argument("--curve-every", type=int, default=0, metavar="N",
+                        help="also score the held-out ODE gain every N steps (0: only at the end)")
     args = parser.parse_args()
     config, overrides = probe_config(parser, args, plan("standard").teacher, steps=args.steps, eval_every=0, checkpoint_every=0)
 
@@ -61,10 +66,25 @@ def main() -> None:
                 **{key: round(value, 4) for key, value in result["extra"].items()}}
 
     before, before_sde = score(None), score(None, train_settings)
+    curve_points: list[dict] = []
+
+    def curve_point(trained) -> dict:
+        """The trainer's evaluation hook (called with the adapter active): the held-out ODE gain so far."""
+        result = held_out(trained, "probe", spec, settings, held_out_reward, args.eval_limit)
+        gain, se = paired_gain(result["per_image"][spec.name], per_image[None][spec.name])
+        curve_points.append({"images": len(curve_points) * args.curve_every * config.prompts_per_step * config.group_size,
+                             "score": round(result["score"], 4), "gain": round(gain, 4), "se": round(se, 4)})
+        print(json.dumps({"curve": curve_points[-1]}), flush=True)  # a long probe shows its progress
+        return {"score": result["score"]}
+
+    if args.curve_every:
+        if args.steps % args.curve_every:
+            parser.error(f"--steps {args.steps} is not a multiple of --curve-every {args.curve_every}; make it one")
+        config = replace(config, eval_every=args.curve_every)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = GRPOTrainer(config, policy=policy, prompts=spec.prompts("train"), rewards={args.task: reward},
-                              run_dir=run_dir, adapter="probe")
+                              run_dir=run_dir, adapter="probe", evaluate=curve_point if args.curve_every else None)
         final = trainer.train(progress=False)
         minutes = (time.perf_counter() - started) / 60
         curve = [round(r[f"reward/{args.task}/mean"], 3) for r in read_metrics(f"{run_dir}/metrics.jsonl") if f"reward/{args.task}/mean" in r]
@@ -76,7 +96,8 @@ def main() -> None:
               for key, values in per_image["probe_final"].items()}
     print(json.dumps({"task": args.task, "tag": args.tag, "steps": args.steps, "overrides": overrides, "threads": args.threads,
                       "train_minutes": round(minutes, 2), "base": before, "teacher": after, "gain_and_se": paired,
-                      "training_sampler": {"base": before_sde, "teacher": after_sde}, "train_reward": curve}))
+                      "training_sampler": {"base": before_sde, "teacher": after_sde}, "train_reward": curve,
+                      **({"curve": curve_points} if args.curve_every else {})}))
 
 
 if __name__ == "__main__":

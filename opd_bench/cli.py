@@ -284,7 +284,8 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         results = harness.run(jobs=jobs or default_jobs(device), threads=threads)
     if results is None:  # another process of a multi-process run: rank 0 prints and writes the report
         return
-    click.echo(f"wrote {out / 'results.json'}")
+    click.echo(f"{out / 'results.json'}: nothing new since it was written; kept as it was" if harness.results_unchanged
+               else f"wrote {out / 'results.json'}")
     for name, scores in results["results"].items():
         click.echo(f"{name:18s} " + "  ".join(f"{b} {v['mean']:.3f}" for b, v in scores.items()))
     _echo_findings(results)

@@ -76,6 +76,17 @@ class Rules:
     max_overlap: float = 1.0  # per-class NMS IoU; 1.0 = no NMS (the official default)
     position_threshold: float = POSITION_THRESHOLD
 
+    def __post_init__(self):
+        # a config's "0.3" (a string) or true would compare or count wrongly, or fail mid-scoring
+        for name, low, high in (("threshold", 0, 1), ("counting_threshold", 0, 1), ("max_overlap", 0, 1),
+                                ("position_threshold", 0, None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high is not None and value > high):
+                bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
+        if isinstance(self.max_objects, bool) or not isinstance(self.max_objects, int) or self.max_objects < 1:
+            raise ValueError(f"max_objects must be a whole number of at least 1, got {self.max_objects!r}")
+
     def confidence_threshold(self, metadata: dict) -> float:
         return self.counting_threshold if metadata.get("tag") == "counting" else self.threshold
 

@@ -107,6 +107,16 @@ def _git_commit() -> str | None:
         return None
 
 
+# what a rerun changes in results.json although it trained and evaluated nothing new
+INVOCATION_KEYS = ("date", "command", "seconds", "environment", "git_commit", "package_version")
+
+
+def _same_outcome(previous: dict, results: dict) -> bool:
+    """Whether ``results`` says what ``previous`` (a written results.json) says, apart from the invocation."""
+    fresh = json.loads(json.dumps(results))
+    return all(previous.get(key) == fresh.get(key) for key in {*previous, *fresh} - set(INVOCATION_KEYS))
+
+
 def environment(device: str, threads: int | None = None, jobs: int = 1) -> dict:
     """Where a run ran; ``threads``: torch threads per cell (a cell's numbers depend on them),
     ``jobs``: cells side by side."""
@@ -162,6 +172,7 @@ class Harness:
         # memory savers that leave every number as it is (recorded in results.json's environment)
         self.memory = {"gradient_checkpointing": gradient_checkpointing, "offload_text_encoders": offload_text_encoders}
         self.cell_threads, self.jobs = None, 1  # set by run()
+        self.results_unchanged = False  # set by run(): a rerun found nothing new and kept results.json
         # experiment trackers mirror every training cell's metrics; they change no number (not in the identity)
         self.log_to = list(log_to)
         trackers.configure(self.log_to, self.out)
@@ -557,8 +568,16 @@ class Harness:
         variance = self.variance(teachers) if any(m.startswith("opd") for m in methods) else None
         samples = self.samples({name: (min(per_seed), per_seed[min(per_seed)]) for name, per_seed in models.items()})
         results = self.assemble(teachers, models, evals, variance, samples, time.time() - start, methods, seeds)
+        previous = self._written_results()
+        self.results_unchanged = previous is not None and _same_outcome(previous, results)
+        if self.results_unchanged:
+            return previous  # a rerun with nothing new keeps the file, and the wall time of the command that made it
         atomic_write_json(self.out / "results.json", results, compact_lists=True)
         return results
+
+    def _written_results(self) -> dict | None:
+        path = self.out / "results.json"
+        return read_json(path, fix=f"delete {path}; the next run writes it again") if path.is_file() else None
 
     def assemble(self, teachers, models, evals, variance, samples, seconds, methods, seeds) -> dict:
         from opd_bench.training import read_metrics

@@ -59,10 +59,14 @@ def test_smoke_run_writes_a_valid_result_file(smoke_run):
 def test_rerunning_skips_finished_work(smoke_run):
     marks = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("DONE")}
     evals = {p: p.stat().st_mtime_ns for p in (smoke_run / "evals").iterdir()}
+    written = (smoke_run / "results.json").read_bytes()
     result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--seeds", "0", "--out", str(smoke_run), "--no-report"])
     assert result.exit_code == 0, result.output
     assert marks and all(p.stat().st_mtime_ns == t for p, t in marks.items())
     assert all(p.stat().st_mtime_ns == t for p, t in evals.items())
+    # nothing new: the file keeps the first command's wall time, date and environment (--jobs 2)
+    assert (smoke_run / "results.json").read_bytes() == written
+    assert "results.json: nothing new since it was written; kept as it was" in result.output
 
 
 def test_cells_side_by_side_give_the_one_process_result(smoke_run, tmp_path):

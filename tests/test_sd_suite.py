@@ -133,6 +133,13 @@ def test_config_mistakes_are_one_line_errors_before_anything_loads(tmp_path):
     suites.configure("sd", geneval={"test": str(metadata), "train_reward": ["sd/geneval-partial", {"partal": "clipped"}]})
     with pytest.raises(sd.SuiteConfigError, match=r"geneval.train_reward.partal .* Did you mean 'partial'\?"):
         suites.get("sd").benchmark("geneval")
+    # GenEval's rule options by value: a string threshold compared as text or failed mid-scoring
+    for options, problem in (({"threshold": "0.3"}, r"geneval.threshold must be a number between 0 and 1, got '0.3'"),
+                             ({"max_objects": 2.5}, r"geneval.max_objects must be a whole number of at least 1, got 2.5"),
+                             ({"partial": "clip"}, r"geneval.partial must be one of .*, got 'clip'")):
+        suites.configure("sd", geneval={"test": str(metadata), **options})
+        with pytest.raises(sd.SuiteConfigError, match=problem):
+            suites.get("sd").benchmark("geneval")
     with pytest.raises(ValueError, match=r"'owlv2' \(detector_options\) has no option 'min_confidnce'"):
         rewards.get("sd/geneval", detector_options={"min_confidnce": 0.1}, colour=fake_colour([]))
     with pytest.raises(sd.SuiteConfigError, match="device 'gpu' is not a device"):

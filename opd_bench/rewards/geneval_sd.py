@@ -273,8 +273,7 @@ class SDGenEvalReward:
             raise ValueError(f"partial must be one of {geneval.PARTIAL_FORMS}, got {partial!r}")
         self.strict = bool(strict)
         self.partial = partial
-        self.rules = geneval.Rules(float(threshold), float(counting_threshold), int(max_objects),
-                                   float(max_overlap), float(position_threshold))
+        self.rules = geneval.Rules(threshold, counting_threshold, max_objects, max_overlap, position_threshold)
         if isinstance(detector, str):
             options = dict(detector_options or {}, device=device)
             if model_path is not None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +304,22 @@ def _check_options(reward: str, options: dict, *, where: str, section_keys: tupl
         own = f"; the section's own keys: {', '.join(section_keys)}" if section_keys else ""
         raise SuiteConfigError(f"sd suite config: {where}{unknown[0]} is not an option of the {reward!r} reward."
                                f"{did_you_mean(unknown[0], [*section_keys, *accepted])} Its options: {', '.join(accepted)}{own}")
+    if reward in ("sd/geneval", "sd/geneval-partial"):
+        _check_geneval_values(options, where)
+
+
+def _check_geneval_values(options: dict, where: str) -> None:
+    """GenEval's rule options and partial form, by value: a string "0.3" or a misspelt form fails here, not mid-scoring."""
+    from opd_bench import geneval
+
+    rules = {f.name: options[f.name] for f in fields(geneval.Rules) if f.name in options}
+    try:
+        geneval.Rules(**rules)
+    except ValueError as error:
+        raise SuiteConfigError(f"sd suite config: {where}{error}") from None
+    if options.get("partial", geneval.DEFAULT_PARTIAL_FORM) not in geneval.PARTIAL_FORMS:
+        raise SuiteConfigError(f"sd suite config: {where}partial must be one of {', '.join(geneval.PARTIAL_FORMS)}, "
+                               f"got {options['partial']!r}")
 
 
 def _configured(name: str):
