@@ -8,7 +8,7 @@ Layout under ``root`` (default ``leaderboard/``)::
 
 ``check_results`` (``opd_bench.result_schema``) checks that a file is well-formed and consistent;
 ``validate`` adds what a listing needs: the current schema, a listed preset (never ``smoke``) and
-the preset's training budget. ``submit`` also re-evaluates a sample of the
+the preset's settings as installed (stored entries made under older settings keep their own table). ``submit`` also re-evaluates a sample of the
 run from its adapters (``opd_bench.verify``) and refuses what does not reproduce, unless told to
 list it as unverified; it refuses anything invalid, oversized, unsafe names and duplicates
 without touching the directory. ``rebuild`` regenerates README.md and leaderboard.csv
@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from opd_bench.io import atomic_write_bytes, json_text
 from opd_bench.result_schema import (
-    SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, is_finite_number, model_loading, total_forwards,
+    SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, dig, is_finite_number, model_loading, total_forwards,
 )
 
 MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
@@ -57,13 +57,8 @@ NOT_THE_PRESET = ("model", "overrides")
 
 def preset_settings(results: dict) -> dict:
     """The preset's settings the run recorded, less bookkeeping and model loading."""
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in BOOKKEEPING}
-        return [strip(v) for v in value] if isinstance(value, list) else value
-
     config = results.get("config") if isinstance(results.get("config"), dict) else {}
-    return strip({k: v for k, v in config.items() if k not in NOT_THE_PRESET})
+    return _strip_bookkeeping({k: v for k, v in config.items() if k not in NOT_THE_PRESET})
 
 
 def configuration_id(results: dict) -> str:
@@ -71,6 +66,38 @@ def configuration_id(results: dict) -> str:
     changed are other experiments (another evaluation size, learning rate, ...), so they are ranked apart."""
     text = json.dumps(preset_settings(results), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _strip_bookkeeping(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_bookkeeping(v) for k, v in value.items() if k not in BOOKKEEPING}
+    return [_strip_bookkeeping(v) for v in value] if isinstance(value, list) else value
+
+
+def installed_preset_settings(preset: str) -> dict:
+    """What a run of ``preset`` made with the installed opd-bench records (the sections ``preset_settings``
+    reads; of the evaluation, what the preset sets, not what the suite and model do)."""
+    from dataclasses import asdict
+
+    from opd_bench.presets import plan
+
+    planned = plan(preset)
+    sections = {"teachers": asdict(planned.teacher), "opd": asdict(planned.opd), "opd-ppo": asdict(planned.opd_ppo),
+                "multi-reward": asdict(planned.multi_reward), "cascade": asdict(planned.cascade),
+                "eval": {"limit": planned.eval_limit, "images_per_prompt": planned.eval_images_per_prompt,
+                         "seed": planned.eval_seed}}
+    return _strip_bookkeeping(json.loads(json.dumps(sections)))  # through JSON, as results.json holds it
+
+
+def preset_differences(results: dict) -> str:
+    """The settings of ``results`` that are not the installed preset's, e.g. 'opd.lr 0.003 (now 0.001)';
+    '' when it is a run of the preset as installed."""
+    expected = installed_preset_settings(results["preset"])
+    recorded = preset_settings(results)
+    recorded = {section: ({k: v for k, v in recorded[section].items() if k in fields}
+                          if section == "eval" and isinstance(recorded.get(section), dict) else recorded.get(section))
+                for section, fields in expected.items()}
+    return settings_changed(_flat(recorded), _flat(expected))
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, str]:
@@ -90,7 +117,8 @@ def settings_changed(old: dict[str, str], new: dict[str, str], most: int = 6) ->
 
 def _evaluation(results: dict) -> str:
     """'160 test prompts x 2 images' (or 'every test prompt x each benchmark's images')."""
-    evaluation = results.get("config", {}).get("eval", {}) if isinstance(results.get("config"), dict) else {}
+    evaluation = dig(results, "config", "eval")
+    evaluation = evaluation if isinstance(evaluation, dict) else {}
     limit, images = evaluation.get("limit"), evaluation.get("images_per_prompt")
     prompts = f"{limit} test prompts" if is_finite_number(limit) else "every test prompt"
     if not is_finite_number(images):
@@ -121,14 +149,7 @@ def check_listable(results: dict) -> None:
     if preset not in LISTED_PRESETS:
         raise SubmissionError(f"preset is {preset!r}; only {' or '.join(LISTED_PRESETS)} runs are listed (smoke runs "
                               "check the pipeline, their scores are not results), submit a --preset standard run (paper for real models)")
-    from dataclasses import asdict
-
-    from opd_bench.presets import plan  # the installed definition of the preset
-
-    planned = plan(preset)
-    # through JSON, as results.json holds it (the cascade's stages become lists)
-    expected_config = json.loads(json.dumps({"opd": asdict(planned.opd), "opd-ppo": asdict(planned.opd_ppo),
-                                             "multi-reward": asdict(planned.multi_reward), "cascade": asdict(planned.cascade)}))
+    expected_config = installed_preset_settings(preset)
     compute = results.get("compute") if isinstance(results.get("compute"), dict) else {}
     for method in (m for m in STUDENT_METHODS if m in results["results"]):
         configured, expected = _budget(results.get("config"), method), _budget(expected_config, method)
@@ -143,12 +164,16 @@ def check_listable(results: dict) -> None:
 
 def validate(results: dict) -> None:
     """Raise ``SubmissionError`` (one line: the problem and the fix) unless ``results`` can be submitted:
-    a consistent file of the current schema, of a listed preset with that preset's budget."""
+    a consistent file of the current schema, of a listed preset with that preset's settings as installed."""
     check_results(results)
     if results["schema_version"] != SCHEMA_VERSION:
         raise SubmissionError(f"schema_version is {results['schema_version']!r}; submissions need version {SCHEMA_VERSION} "
                               "(per-image scores, adapter hashes and one evaluation noise seed, so they can be verified), re-run with this opd-bench")
     check_listable(results)
+    changed = preset_differences(results)
+    if changed:  # a hand-relabelled smoke run, or one made with another release (its entries keep their own table)
+        raise SubmissionError(f"the run's settings are not the installed {results['preset']} preset's: {changed}; "
+                              f"submit an unmodified --preset {results['preset']} run made with this opd-bench")
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,13 +190,23 @@ def check_name(name: Any) -> str:
     return name
 
 
+def _student_adapters(results: dict) -> set[str]:
+    """The sha256 of every trained student adapter a result file names."""
+    artifacts = results.get("artifacts") if isinstance(results.get("artifacts"), dict) else {}
+    return {record["sha256"] for method in STUDENT_METHODS if isinstance(artifacts.get(method), dict)
+            for record in artifacts[method].values() if isinstance(record, dict) and isinstance(record.get("sha256"), str)}
+
+
 def _listed_as(folder: Path, results: dict) -> Path | None:
-    """The stored submission in ``folder`` with the same per-image scores as ``results``, if any."""
+    """The stored submission in ``folder`` with the same per-image scores as ``results``, or a trained
+    student adapter of it (its scores edited within verify's tolerance is still the same run), if any."""
     if not folder.is_dir():
         return None
+    adapters = _student_adapters(results)
     for path in sorted(folder.glob("*.json")):
         try:
-            if _load(path).get("per_image") == results.get("per_image"):
+            stored = _load(path)
+            if stored.get("per_image") == results.get("per_image") or adapters & _student_adapters(stored):
                 return path
         except (SubmissionError, ValueError, OSError, AttributeError):  # an unreadable entry is listed as such by rebuild
             continue
@@ -196,10 +231,16 @@ def _load(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise SubmissionError(f"cannot read {path} ({error.strerror}); pass a run directory with a results.json") from None
+    except UnicodeDecodeError as error:
+        raise SubmissionError(f"{path} is not UTF-8 text (byte {error.start}); "
+                              "submit the results.json written by `opd-bench run`") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise SubmissionError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}); "
+                              "submit the results.json written by `opd-bench run`") from None
+    except RecursionError:
+        raise SubmissionError(f"{path} nests too deeply to be a result file; "
                               "submit the results.json written by `opd-bench run`") from None
 
 
@@ -342,13 +383,16 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
                 "forward_passes": forwards,
                 "seeds": " ".join(str(s) for s in seeds),
                 "date": str(results.get("date") or ""),
+                "current": not preset_differences(results),
             })
-    # Sort: verified first, suite, preset, the configuration run most recently first, overall descending
+    # Sort: verified first, suite, preset, the configuration (installed, then by latest run), overall descending
     # (rounded, so ties are exact and stable), submission, method. Only verified student rows are
     # ranked, within their suite, preset and configuration.
-    latest: dict[tuple, str] = {}
+    # The installed preset's configuration comes first, then the others by their latest run (a run
+    # made with an older release later than one made with this release does not take the top table).
+    latest: dict[tuple, tuple[bool, str]] = {}
     for r in rows:
-        latest[_group(r)] = max(latest.get(_group(r), ""), r["date"])
+        latest[_group(r)] = max(latest.get(_group(r), (False, "")), (r["current"], r["date"]))
     newest_first = {group: i for i, group in enumerate(sorted(latest, key=lambda g: (latest[g], g), reverse=True))}
     rows.sort(key=lambda r: (r["status"] != "verified", r["suite"], r["preset"], newest_first[_group(r)],
                              -round(r["overall"], 9), r["submission"], _method_key(r["method"])))

@@ -103,6 +103,13 @@ def _sample_std(values: list[float]) -> float:
     return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
+def dig(value: Any, *keys: str) -> Any:
+    """``value[k1][k2]...`` where every level is an object; None where one is missing or is not (an edited file)."""
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def _edited(where: str, what: str, got: Any, expected: Any) -> SubmissionError:
     return SubmissionError(f"{where} = {got!r} is not {what} ({expected!r}); the file was edited, "
                            "submit the results.json written by `opd-bench run`")
@@ -131,8 +138,7 @@ def _check_per_image(results: dict, suite, method: str, seed: int, bench: str, e
 
     where = f"per_image[{method!r}][{str(seed)!r}][{bench!r}]"
     metric, metadata = evaluation_images(results, suite, bench, cache)
-    values = results.get("per_image", {}).get(method, {}).get(str(seed), {}).get(bench) \
-        if isinstance(results.get("per_image"), dict) else None
+    values = dig(results, "per_image", method, str(seed), bench)
     if not isinstance(values, list) or len(values) != len(metadata):
         raise SubmissionError(f"{where} must list the {len(metadata)} scores of the final evaluation's images; "
                               "submit the results.json written by `opd-bench run`")
@@ -190,7 +196,7 @@ def check_results(results: dict) -> None:
         spec = suite.benchmark(task)
         splits = ("test", "train") if spec.train_file else ("test",)
         for split in splits:
-            got = hashes.get(task, {}).get(split) if isinstance(hashes.get(task), dict) else None
+            got = dig(hashes, task, split)
             if got != spec.file_hash(split):
                 ours, fix = ((f"the installed {name} suite's", "re-run with the installed suite") if suite.settings() is None
                              else (f"the {name} suite config's", "give the suite config the run used"))
@@ -275,8 +281,7 @@ def check_results(results: dict) -> None:
                     _check_per_image(results, suite, method, seed, bench, value, prompt_cache)
         if version >= 2 and method != "base":
             for seed in per_bench[required[0]]["seeds"]:
-                record = results.get("artifacts", {}).get(method, {}).get(str(seed)) \
-                    if isinstance(results.get("artifacts"), dict) else None
+                record = dig(results, "artifacts", method, str(seed))
                 path = record.get("path") if isinstance(record, dict) else None
                 if (not isinstance(path, str) or path.startswith(("/", "\\")) or ".." in Path(path).parts
                         or not re.fullmatch(r"[0-9a-f]{64}", str(record.get("sha256")))):

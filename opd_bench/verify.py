@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from opd_bench.result_schema import SubmissionError, eval_noise_seed, model_loading
+from opd_bench.result_schema import SubmissionError, dig, eval_noise_seed, model_loading
 
 DEFAULT_PROMPTS = 8
 ATOL = 1e-3
@@ -106,7 +106,7 @@ def sample_prompts(key: str, task: str, available: int, count: int) -> list[int]
 
 
 def _adapter_folder(run_dir: Path, name: str, seed: int, results: dict) -> Path:
-    record = results.get("artifacts", {}).get(name, {}).get(str(seed))
+    record = dig(results, "artifacts", name, str(seed))
     if not isinstance(record, dict) or not isinstance(record.get("path"), str):
         raise VerificationError(f"results.json records no adapter for {name} seed {seed}; re-run with `opd-bench run`")
     folder = (run_dir / record["path"]).resolve()

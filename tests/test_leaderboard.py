@@ -55,7 +55,7 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
     assert stored["submission"]["name"] == "first" and stored["results"] == valid["results"]
     assert stored["submission"]["verified"]["images_checked"] == 1
 
-    better = make_results(rng_seed=1, fixed={"opd": 0.99})
+    better = make_results(rng_seed=5, fixed={"opd": 0.99})
     make_run(tmp_path / "run-b", better)
     path = submit(tmp_path / "run-b", "second.v2", root=board, verify=passes)
     assert path == board / "submissions" / "tiny" / "second.v2.json"
@@ -99,13 +99,16 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
 
 def test_runs_of_a_preset_before_and_after_it_changed_are_ranked_apart(tmp_path, board):
     """The preset's recorded settings (less bookkeeping) make a configuration; each has its own
-    table and ranks, newest first: a run made before the preset's learning rate changed is another
-    experiment."""
+    table and ranks, the installed preset's first: a run made before the preset's learning rate
+    changed is another experiment (stored when that was the preset; submit now refuses it)."""
     older = make_results(rng_seed=3, fixed={"opd": 0.99})
     older["config"]["opd"]["lr"] *= 3
-    older["date"] = "2020-01-01T00:00:00Z"
+    older["date"] = "2030-01-01T00:00:00Z"  # made later, with an older release: still not the top table
     make_run(tmp_path / "run-old", older)
-    submit(tmp_path / "run-old", "old-preset", root=board, verify=passes)
+    with pytest.raises(SubmissionError, match=r"not the installed standard preset's: opd.lr .* \(now "):
+        submit(tmp_path / "run-old", "old-preset", root=board, verify=passes)
+    older["submission"] = {"name": "old-preset", "submitted": older["date"], "verified": {"images_checked": 1}}
+    (board / "submissions" / "tiny" / "old-preset.json").write_text(json.dumps(older))
     logged = make_results(rng_seed=4)  # only what is logged differs: the same experiment
     logged["config"]["opd"]["monitor_rewards"] = not logged["config"]["opd"]["monitor_rewards"]
     make_run(tmp_path / "run-logged", logged)
@@ -119,7 +122,7 @@ def test_runs_of_a_preset_before_and_after_it_changed_are_ranked_apart(tmp_path,
     text = readme.read_text()
     current = text.index(f"configuration `{config['first']}`")
     assert current < text.index(f"configuration `{config['old-preset']}`")
-    assert "Final evaluation: 6 test prompts x 1 image per benchmark; 2 submissions" in text[current:current + 300]
+    assert "Final evaluation: 160 test prompts x 2 images per benchmark; 2 submissions" in text[current:current + 300]
     lr = json.loads((board / "submissions" / "tiny" / "first.json").read_text())["config"]["opd"]["lr"]
     assert (f"An older setting of the preset; against `{config['first']}`: opd.lr {json.dumps(lr * 3)} "
             f"(now {json.dumps(lr)}).") in text
@@ -193,9 +196,17 @@ def _mutations():
     def eval_seed(r):  # schema 3: the one noise seed of the final evaluations
         r["config"]["eval"]["seed"] = "0"
 
+    def other_settings(r):  # a smoke run relabelled standard with its budget edited would differ in these
+        r["config"]["multi-reward"]["lr"] *= 3
+        r["config"]["eval"]["seed"] = 5
+
+    def not_objects(r):  # an edited file's per-image scores and adapters of one model as lists
+        r["per_image"]["opd"] = []
+        r["artifacts"]["opd"] = []
+
     return [missing_benchmark, out_of_range, not_finite, schema, prompt_hash, suite_version, unknown_suite, earlier_base, seeds,
             edited_mean, edited_mean_and_per_seed, edited_std, edited_per_image, smoke, smoke_budget_relabelled,
-            unfinished, adapter_hash, adapter_path, cell_seeds, schema_1, eval_seed]
+            unfinished, adapter_hash, adapter_path, cell_seeds, schema_1, eval_seed, other_settings, not_objects]
 
 
 @pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
@@ -308,6 +319,14 @@ def test_results_already_on_the_board_are_refused_under_another_name(tmp_path, b
     assert tree(board) == before
 
 
+def test_the_same_adapters_with_scores_edited_within_tolerance_are_refused(tmp_path, board, valid):
+    nudged = copy.deepcopy(valid)
+    nudged["per_image"]["base"]["0"]["pref"][0] += 1e-6  # verify's tolerance would pass it
+    make_run(tmp_path / "nudged", nudged)
+    with pytest.raises(SubmissionError, match="already submitted as 'first'"):
+        submit(tmp_path / "nudged", "nudged", root=board, verify=passes)
+
+
 def test_rebuilding_where_no_board_is_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no submissions/ folder"):
         rebuild(tmp_path / "leaderboard")
@@ -332,11 +351,19 @@ def test_refusal_on_a_fresh_root_creates_nothing(tmp_path, valid):
     assert not (tmp_path / "lb").exists()
 
 
-def test_rebuild_lists_invalid_stored_files_instead_of_crashing(board):
-    (board / "submissions" / "tiny" / "tampered.json").write_text(json.dumps({"schema_version": 1, "suite": "tiny"}))
+def test_rebuild_lists_invalid_stored_files_instead_of_crashing(board, valid):
+    stored = board / "submissions" / "tiny"
+    (stored / "tampered.json").write_text(json.dumps({"schema_version": 1, "suite": "tiny"}))
+    (stored / "deep.json").write_text("[" * 100_000)
+    (stored / "latin1.json").write_bytes(b'{"suite": "\xff"}')
+    lists = copy.deepcopy(valid)
+    lists["per_image"]["opd"] = []
+    (stored / "lists.json").write_text(json.dumps(lists))
     readme, table = rebuild(board)
-    assert "tampered.json" in readme.read_text()
-    assert "tampered" not in table.read_text()
+    text = readme.read_text()
+    assert "tampered.json" in text and "deep.json: " in text and "nests too deeply" in text
+    assert "latin1.json is not UTF-8 text" in text and "lists.json: per_image['opd']['0']['geneval'] must list" in text
+    assert "tampered" not in table.read_text() and "first" in table.read_text()
 
 
 def test_forward_passes_include_the_kl_reference_and_refuse_a_bad_count(tmp_path):

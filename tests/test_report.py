@@ -47,7 +47,7 @@ def test_full_report_writes_markdown_html_and_plots(full_report):
     assert _Report(run_dir, run_dir, data_parallel).time_line()[0].startswith("wall time: 1.6 min (cpu, 1 job x 2 threads, "
                                                                              "4 processes (data-parallel); ")
     # the curves say how many prompts they score, beside the final evaluation's
-    assert "The curves score 2 test prompts x 1 image per benchmark (the final evaluation 6)" in md
+    assert "The curves score 2 test prompts x 1 image per benchmark (the final evaluation 160)" in md
     # The scores table lists every method, with the best of each column in bold and a starred student.
     results = json.loads((run_dir / "results.json").read_text())
     for method in ALL_METHODS:
@@ -279,10 +279,10 @@ def test_a_teachers_gain_carries_its_paired_standard_error(tmp_path):
     teachers = _findings(tmp_path / "paired", results)[0]
     assert f"gain {results['results']['teacher/pref']['pref']['mean'] - results['results']['base']['pref']['mean']:+.3f}" \
            f" (± {se:.3f} s.e. over the paired images)" in teachers
-    assert teachers.count("s.e. over the paired images") == 2  # the fake GenEval has one image per tag: no within-tag spread
+    assert teachers.count("s.e. over the paired images") == 3  # geneval's stratified over its tags
     # a score that is not the aggregate of its images gets none
     _set_scores(results, "teacher/ocr", "ocr", [results["results"]["teacher/ocr"]["ocr"]["mean"] + 0.01])
-    assert _findings(tmp_path / "tagged", results)[0].count("s.e. over the paired images") == 1
+    assert _findings(tmp_path / "tagged", results)[0].count("s.e. over the paired images") == 2
     results["config"]["eval"]["seed"] = None
     assert "s.e." not in _findings(tmp_path / "own", results)[0]
 
@@ -359,7 +359,7 @@ def test_a_geneval_gain_gets_its_tag_stratified_error_only_from_the_runs_own_pro
     from opd_bench.results_view import ResultView, stratified_paired_se
 
     results = make_results()
-    results["config"]["eval"]["limit"] = 12  # two test prompts per GenEval tag
+    results["config"]["eval"].update(limit=12, images_per_prompt=1)  # two test prompts per GenEval tag, one image each
     tags = ResultView(results).image_strata("geneval", 12)
     assert sorted(tags.count(tag) for tag in set(tags)) == [2] * 6
     rng = random.Random(0)
