@@ -38,14 +38,24 @@ def option_names(factory: Callable[..., Any]) -> list[str] | None:
     return names if inspect.isclass(factory) else None  # a class's **options end at object, which takes none
 
 
+def required_options(factory: Callable[..., Any]) -> list[str]:
+    """The keyword options ``factory`` has no default for."""
+    step = factory.__init__ if inspect.isclass(factory) else factory
+    return [p.name for p in inspect.signature(step).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name != "self"]
+
+
 def check_options(what: str, factory: Callable[..., Any], options) -> None:
-    """An ``UnknownOptionError`` for the first option ``factory`` does not take: a misspelt option
-    would otherwise surface as a TypeError traceback from deep inside the build."""
+    """An ``UnknownOptionError`` for the first option ``factory`` does not take, or lacks: a misspelt
+    or missing option would otherwise surface as a TypeError traceback from deep inside the build."""
     accepted = option_names(factory)
     unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
     if unknown:
         raise UnknownOptionError(f"{what} has no option {unknown[0]!r}.{did_you_mean(unknown[0], accepted)} "
                                  f"Its options: {', '.join(accepted) or 'none'}")
+    missing = [name for name in required_options(factory) if name not in options]
+    if missing:
+        raise UnknownOptionError(f"{what} needs the option {missing[0]!r}; its options: {', '.join(accepted or missing)}")
 
 
 class UnknownNameError(KeyError):

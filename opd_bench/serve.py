@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hmac
 import io
 import ipaddress
@@ -73,6 +74,14 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 2048 * 2048
 DEFAULT_MAX_REQUEST_PIXELS = 8 * 1024 * 1024
 TOKEN_ENV = "OPD_REWARD_TOKEN"  # the shared token, read by the CLI and the remote reward
+
+
+def check_token(token: str, where: str) -> None:
+    """A token an HTTP header can carry: printable ASCII, no spaces (a trailing newline from a file
+    is the usual slip). The message never shows the token."""
+    if not isinstance(token, str) or not token or any(not ("!" <= c <= "~") for c in token):
+        raise ValueError(f"{where} must be non-empty printable ASCII without spaces or line breaks "
+                         "(a token read from a file keeps its newline: strip it)")
 
 logger = logging.getLogger(__name__)
 
@@ -318,8 +327,8 @@ class RewardServer(ThreadingHTTPServer):
         for key, value in limits.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if token is not None and not token.strip():
-            raise ValueError("the reward server token is empty; pass a non-empty token or none")
+        if token is not None:
+            check_token(token, "the reward server's --token (or OPD_REWARD_TOKEN)")
         self.reward = reward
         self.reward_name = name
         self.reward_options = dict(options or {})
@@ -557,14 +566,14 @@ def make_reward_server(
         raise ValueError("serving the 'remote' reward would only forward requests; serve the reward itself")
     try:
         reward = rewards.get(name, **options)
-    except TypeError as error:
-        raise ValueError(f"reward {name!r} does not accept options {sorted(options)} ({error})") from None
+    except TypeError as error:  # the options' names are checked by rewards.get: a value the reward cannot take
+        raise ValueError(f"reward {name!r} could not be built with options {sorted(options)} ({error})") from None
     try:
         return RewardServer((host, port), reward, name=name, options=options, **settings)
     except OSError as error:
-        raise ValueError(
-            f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port or stop what uses it"
-        ) from None
+        fix = ("choose another --port or stop what uses it" if error.errno == errno.EADDRINUSE
+               else "give --host an IPv4 address of this machine (127.0.0.1, or 0.0.0.0 for all)")
+        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); {fix}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -647,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_request_pixels=args.max_request_pixels, token=args.token,
             on_ready=lambda server: print(f"serving reward {args.name} at {server.url} (Ctrl-C to stop)", flush=True),
         )
-    except (ValueError, UnknownNameError) as error:  # bad input: one line, no traceback
+    except (ValueError, UnknownNameError, OSError, OverflowError, RuntimeError) as error:  # bad input: one line, no traceback
         parser.exit(1, f"error: {str(error).splitlines()[0]}\n")
 
 

@@ -100,6 +100,47 @@ def test_nan_survives_the_round_trip():
     assert torch.equal(got.scores[[0, 2]], expected.scores[[0, 2]])
 
 
+def test_a_diverged_image_scores_nan_as_in_process_and_is_not_sent():
+    images, prompts, metadata = random_batch(3, seed=3)
+    images[1, 0, 2, 2] = float("nan")
+    with serve("toy/brightness") as server:
+        got = rewards.get("remote", url=server.url, **FAST_RETRY)(images, prompts, metadata)
+    local = rewards.get("toy/brightness")(images, prompts, metadata)
+    assert math.isnan(got.scores[1]) and math.isnan(local.scores[1])  # PNG would have made it an ordinary image
+    expected = rewards.get("toy/brightness")(png_rounded(images[[0, 2]]), prompts[::2], metadata[::2])
+    assert torch.equal(got.scores[[0, 2]], expected.scores)
+
+
+def test_the_client_checks_the_served_reward_before_sending_images():
+    images, prompts, metadata = random_batch(2)
+    with serve("toy/brightness") as server:
+        assert rewards.get("remote", url=server.url, reward="toy/brightness", **FAST_RETRY)(images, prompts, metadata).scores.shape == (2,)
+        wrong = rewards.get("remote", url=server.url, reward="toy/color", **FAST_RETRY)
+        with pytest.raises(RemoteRewardError, match=r"serves the reward 'toy/brightness', not 'toy/color'; point url"):
+            wrong(images, prompts, metadata)
+
+
+def test_something_else_on_the_port_is_named_not_told_to_start_a_server():
+    with socket.socket() as listener:  # answers every connection with an SSH banner
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def banner():
+            for _ in range(3):
+                connection, _ = listener.accept()
+                with connection:
+                    connection.recv(65536)
+                    connection.sendall(b"SSH-2.0-OpenSSH_8.9\r\n")
+
+        thread = threading.Thread(target=banner, daemon=True)
+        thread.start()
+        with pytest.raises(RemoteRewardError) as error:
+            rewards.get("remote", url=f"http://127.0.0.1:{port}/", **FAST_RETRY).health()
+        thread.join(timeout=5)
+    assert "something that is not HTTP" in str(error.value) and "serve-reward" not in str(error.value)
+
+
 def test_health_reports_reward_options_and_protocol():
     with serve("toy/color", {"target": [0, 0, 1]}, max_batch=4) as server:
         health = rewards.get("remote", url=server.url, **FAST_RETRY).health()
@@ -203,6 +244,18 @@ def test_bad_client_and_server_settings_are_one_line_errors():
         rewards.get("pickscore", procesor_path="/w")
     with pytest.raises(ValueError, match="max_batch"):
         make_reward_server("toy/brightness", port=0, max_batch=0)
+    with pytest.raises(ValueError, match="reward 'remote' needs the option 'url'"):
+        rewards.get("remote")
+    with pytest.raises(ValueError, match="timeout must be a number"):
+        rewards.get("remote", url="http://127.0.0.1:8700", timeout="5")
+    with pytest.raises(ValueError, match="port outside 0-65535"):
+        rewards.get("remote", url="http://127.0.0.1:99999/")
+    # a token a header cannot carry, named without showing it (a newline from a file is the usual slip)
+    for make in (lambda: rewards.get("remote", url="http://127.0.0.1:8700", token="sekrit\n"),
+                 lambda: make_reward_server("toy/brightness", port=0, token="sek rit")):
+        with pytest.raises(ValueError, match="printable ASCII without spaces or line breaks") as error:
+            make()
+        assert "sek" not in str(error.value)
 
 
 def test_option_parsing_reads_json_else_strings():

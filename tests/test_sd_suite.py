@@ -133,6 +133,9 @@ def test_config_mistakes_are_one_line_errors_before_anything_loads(tmp_path):
     suites.configure("sd", geneval={"test": str(metadata), "train_reward": ["sd/geneval-partial", {"partal": "clipped"}]})
     with pytest.raises(sd.SuiteConfigError, match=r"geneval.train_reward.partal .* Did you mean 'partial'\?"):
         suites.get("sd").benchmark("geneval")
+    suites.configure("sd", geneval={"test": str(metadata), "reward": ["remote", {}]})  # a TypeError once the model had loaded
+    with pytest.raises(sd.SuiteConfigError, match=r"geneval.reward.url is missing; the 'remote' reward needs it"):
+        suites.get("sd").benchmark("geneval")
     # GenEval's rule options by value: a string threshold compared as text or failed mid-scoring
     for options, problem in (({"threshold": "0.3"}, r"geneval.threshold must be a number between 0 and 1, got '0.3'"),
                              ({"max_objects": 2.5}, r"geneval.max_objects must be a whole number of at least 1, got 2.5"),
@@ -164,6 +167,15 @@ def test_config_mistakes_are_one_line_errors_before_anything_loads(tmp_path):
     suites.configure("sd", geneval={"test": str(text)})
     with pytest.raises(PromptFileError, match=r"needs JSON lines with the fields \['prompt', 'tag', 'include'\]"):
         suites.get("sd").benchmark("geneval").prompts()
+
+
+def test_the_recorded_settings_leave_out_where_a_reward_runs_and_a_remote_token(tmp_path):
+    metadata = write(tmp_path / "evaluation_metadata.jsonl", OFFICIAL)
+    suites.configure("sd", geneval={"test": str(metadata), "device": "cpu",
+                                    "reward": ["remote", {"url": "http://gpu:8701/", "token": "sekrit", "device": "cpu"}]})
+    recorded = suites.get("sd").settings()["geneval"]
+    assert recorded["reward"] == ["remote", {"url": "http://gpu:8701/"}] and "device" not in recorded
+    assert "sekrit" not in json.dumps(suites.get("sd").settings())
 
 
 def test_the_config_can_set_the_evaluation_guidance_for_flux_dev():

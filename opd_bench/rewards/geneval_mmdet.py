@@ -10,7 +10,8 @@ It is meant to run inside that separate environment, behind the reward server::
     opd-bench serve-reward sd/geneval-mmdet ...   # options: model_path=<.pth>, clip_model_path=...
 
 and to be used from the training / evaluation environment with the ``remote`` reward (in the sd
-suite config: ``"geneval_reward": ["remote", {"url": ...}]``; see ``docs/sd_suite.md``). mmdet is
+suite config: ``"reward": ["remote", {"url": ..., "reward": "sd/geneval-mmdet"}]`` in the geneval
+section; see ``docs/sd_suite.md``). mmdet is
 imported only when the detector is built.
 
 ``model_path``: the checkpoint GenEval's ``download_models.sh`` fetches

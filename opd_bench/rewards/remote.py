@@ -2,7 +2,9 @@
 
 ``rewards.get("remote", url="http://127.0.0.1:8700/")`` has the signature of every other reward,
 so trainers and evaluators cannot tell the difference. Images travel as 8-bit PNGs: the server
-scores ``round(image * 255) / 255``, not the float image. Protocol: ``opd_bench/serve.py``.
+scores ``round(image * 255) / 255`` of the image clipped to [0, 1], not the float image; an image
+with a NaN or infinite value is not sent and scores NaN, as a diverged image does in-process.
+Protocol: ``opd_bench/serve.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -19,7 +23,9 @@ from typing import Any, Sequence
 import torch
 
 from opd_bench.rewards.base import RewardOutput, check_batch
-from opd_bench.serve import TOKEN_ENV, chunk_ranges, encode_png_batch, merge_chunk_details, scores_from_json
+from opd_bench.serve import (
+    PROTOCOL_VERSION, TOKEN_ENV, check_token, chunk_ranges, encode_png_batch, merge_chunk_details, scores_from_json,
+)
 
 # Failures worth another try: the server is starting, restarting, overloaded or the network hiccuped.
 _TRANSIENT_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
@@ -40,6 +46,9 @@ class RemoteReward:
       lower it when the server answers 413 (request too large).
     * ``token``: the server's shared token (``opd-bench serve-reward --token``), sent as
       ``Authorization: Bearer TOKEN``; None reads ``OPD_REWARD_TOKEN`` (unset: no token).
+    * ``reward``: the reward the server must serve (its ``/health`` name), checked with its
+      protocol version before the first images are sent; None checks the protocol only. A
+      server of another reward would otherwise score, say, GenEval images with PickScore.
 
     Environment proxies (``http_proxy``) are ignored: a reward server is your own service.
     """
@@ -52,16 +61,23 @@ class RemoteReward:
         backoff: float = 0.5,
         max_batch: int | None = None,
         token: str | None = None,
+        reward: str | None = None,
     ):
         parsed = urllib.parse.urlsplit(str(url))
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"remote reward url must look like http://HOST:PORT/, got {url!r}")
-        if not timeout > 0:
-            raise ValueError(f"remote reward timeout must be > 0 seconds, got {timeout!r}")
+        try:
+            parsed.port  # noqa: B018 - raises for a port out of range
+        except ValueError:
+            raise ValueError(f"remote reward url {url!r} has a port outside 0-65535") from None
+        if not _is_number(timeout) or not timeout > 0:
+            raise ValueError(f"remote reward timeout must be a number of seconds > 0, got {timeout!r}")
         if not isinstance(retries, int) or retries < 1:
             raise ValueError(f"remote reward retries is the number of tries in all and must be >= 1, got {retries!r}")
-        if not backoff >= 0:
-            raise ValueError(f"remote reward backoff must be >= 0 seconds, got {backoff!r}")
+        if not _is_number(backoff) or not backoff >= 0:
+            raise ValueError(f"remote reward backoff must be a number of seconds >= 0, got {backoff!r}")
+        if reward is not None and not isinstance(reward, str):
+            raise ValueError(f"remote reward 'reward' names the served reward (e.g. \"sd/geneval-mmdet\"), got {reward!r}")
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"remote reward max_batch must be a positive integer or None, got {max_batch!r}")
         self.url = str(url).rstrip("/") + "/"
@@ -70,7 +86,11 @@ class RemoteReward:
         self.backoff = float(backoff)
         self.max_batch = max_batch
         token = os.environ.get(TOKEN_ENV) if token is None else token
+        if token:
+            check_token(token, f"the remote reward's token (token=... or {TOKEN_ENV})")
         self._token = token or None  # kept out of repr and error messages
+        self.expected_reward = reward
+        self._checked = False  # the server's reward and protocol, before the first images go out
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __repr__(self) -> str:
@@ -81,13 +101,33 @@ class RemoteReward:
         total = images.shape[0]
         if total == 0:
             return RewardOutput(torch.empty(0))
-        scores: list[float] = []
+        scores = torch.full((total,), float("nan"))
+        sent = torch.isfinite(images.detach().reshape(total, -1)).all(dim=1).nonzero().flatten().tolist()
+        if not sent:
+            return RewardOutput(scores)
+        self._check_server()
         chunks = []
-        for part in chunk_ranges(total, self.max_batch or total):
-            reply = self._score_request(images[part.start : part.stop], prompts[part.start : part.stop], metadata[part.start : part.stop])
-            scores.extend(reply["scores"])
+        for part in chunk_ranges(len(sent), self.max_batch or len(sent)):
+            indices = sent[part.start : part.stop]
+            reply = self._score_request(images[indices], [prompts[i] for i in indices], [metadata[i] for i in indices])
+            scores[indices] = torch.tensor(reply["scores"], dtype=torch.float32)
             chunks.append((len(part), reply["details"]))
-        return RewardOutput(torch.tensor(scores, dtype=torch.float32), merge_chunk_details(chunks))
+        return RewardOutput(scores, merge_chunk_details(chunks))
+
+    def _check_server(self) -> None:
+        """Once: the server speaks this protocol and, where ``reward`` was given, serves that reward."""
+        if self._checked:
+            return
+        health = self.health()
+        served = health.get("reward") if isinstance(health, dict) else None
+        protocol = health.get("protocol") if isinstance(health, dict) else None
+        if protocol != PROTOCOL_VERSION:
+            raise RemoteRewardError(f"the server at {self.url} speaks protocol {protocol!r}, this opd-bench "
+                                    f"{PROTOCOL_VERSION}; is it an `opd-bench serve-reward` server of the same version?")
+        if self.expected_reward is not None and served != self.expected_reward:
+            raise RemoteRewardError(f"the server at {self.url} serves the reward {served!r}, not {self.expected_reward!r}; "
+                                    "point url at the right server, or change reward=...")
+        self._checked = True
 
     def health(self) -> dict[str, Any]:
         """The server's ``GET /health`` reply: reward name, options, protocol version, limits."""
@@ -140,12 +180,22 @@ class RemoteReward:
                 "raise timeout=... or lower max_batch=... of the remote reward"
             )
         text = (str(reason) or type(reason).__name__).splitlines()[0]
+        tries = f"{self.retries} {'try' if self.retries == 1 else 'tries'}"
         parsed = urllib.parse.urlsplit(self.url)
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        return (
-            f"is not reachable after {self.retries} tries ({text}); "
-            f"start it with `opd-bench serve-reward NAME --port {port}`"
-        )
+        if isinstance(reason, ConnectionRefusedError):
+            return f"is not reachable after {tries} ({text}); start it with `opd-bench serve-reward NAME --port {port}`"
+        if isinstance(reason, socket.gaierror):
+            return f"is not reachable after {tries} ({text}); the host name is not known: check the url"
+        if isinstance(reason, ssl.SSLError):
+            return f"is not reachable after {tries} ({text}); a reward server speaks plain HTTP: use http://"
+        if isinstance(reason, http.client.BadStatusLine):
+            return f"answered {tries} times with something that is not HTTP ({text}); is the url's port the reward server's?"
+        return f"is not reachable after {tries} ({text}); check the url and that the server runs"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _json_body(payload: dict[str, Any]) -> bytes:

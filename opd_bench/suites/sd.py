@@ -249,6 +249,10 @@ def _files(task: str, section: dict) -> dict:
     return {"test_file": section["test"], "train_file": section.get("train")}  # checked by FileBenchmarkSpec.path
 
 
+# Reward options a run does not record: where the reward runs, and a remote reward's secret.
+UNRECORDED_OPTIONS = ("device", "token")
+
+
 def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
     section = config[task]
     common = dict(name=task, suite="sd", version=VERSION, **_files(task, section))
@@ -281,7 +285,8 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
         _check_options(reward, reward_options, where=f"{task}.reward.")
     elif task == "pref":
         for name in ("pickscore", *PREF_EXTRAS):
-            _check_options(name, _pref_options(config, name) or {}, where=f"pref.{name}.")
+            if _pref_options(config, name) is not None:
+                _check_options(name, _pref_options(config, name), where=f"pref.{name}.")
     else:
         _check_options(reward, options, where=f"{task}.", section_keys=SPEC_KEYS)
     if "train_reward" in section:
@@ -296,14 +301,18 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
 def _check_options(reward: str, options: dict, *, where: str, section_keys: tuple[str, ...] = ()) -> None:
     """A key (at ``where``) that is neither one of ``section_keys`` nor an option of ``reward``, in one line."""
     from opd_bench import rewards
-    from opd_bench.registry import did_you_mean, option_names
+    from opd_bench.registry import did_you_mean, option_names, required_options
 
-    accepted = option_names(rewards.REGISTRY.resolve(reward))
+    factory = rewards.REGISTRY.resolve(reward)
+    accepted = option_names(factory)
     unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
     if unknown:
         own = f"; the section's own keys: {', '.join(section_keys)}" if section_keys else ""
         raise SuiteConfigError(f"sd suite config: {where}{unknown[0]} is not an option of the {reward!r} reward."
                                f"{did_you_mean(unknown[0], [*section_keys, *accepted])} Its options: {', '.join(accepted)}{own}")
+    missing = [name for name in required_options(factory) if name not in options]
+    if missing:  # e.g. ["remote", {}]: a TypeError when the reward was first built, after the model loaded
+        raise SuiteConfigError(f"sd suite config: {where}{missing[0]} is missing; the {reward!r} reward needs it")
     if reward in ("sd/geneval", "sd/geneval-partial"):
         _check_geneval_values(options, where)
 
@@ -364,12 +373,15 @@ class SDSuite(Suite):
 
     def settings(self) -> dict:
         """Each section with its prompt files by content (sha256; a moved file is the same file) and
-        its reward options as given, without ``device``: a run or evaluation records them, and one
-        whose files or rewards changed is another experiment."""
+        its reward options as given, without ``device`` or a remote reward's ``token`` (where a reward
+        runs changes no score; a secret must not reach results.json): a run or evaluation records
+        them, and one whose files or rewards changed is another experiment."""
         from opd_bench.benchmarks import sha256_file
 
-        def without_device(options: dict) -> dict:
-            return {k: without_device(v) if isinstance(v, dict) else v for k, v in sorted(options.items()) if k != "device"}
+        def unrecorded_removed(value: Any) -> Any:  # at any depth: inside reward specs ["remote", {...}] too
+            if isinstance(value, dict):
+                return {k: unrecorded_removed(v) for k, v in sorted(value.items()) if k not in UNRECORDED_OPTIONS}
+            return [unrecorded_removed(v) for v in value] if isinstance(value, list) else value
 
         def recorded(key: str, value: Any) -> Any:
             if key not in FILE_KEYS:
@@ -377,7 +389,7 @@ class SDSuite(Suite):
             return sha256_file(value) if Path(value).is_file() else f"missing: {value}"
 
         config = current_config()
-        sections = {task: {key: recorded(key, value) for key, value in without_device(config[task]).items()} for task in self.tasks}
+        sections = {task: {key: recorded(key, value) for key, value in unrecorded_removed(config[task]).items()} for task in self.tasks}
         # the evaluation's guidance, where the file sets one (the resolution is a part of every run's identity)
         return sections if config.get("guidance_scale") is None else {**sections, "guidance_scale": config["guidance_scale"]}
 
