@@ -290,12 +290,14 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         click.echo(f"{name:18s} " + "  ".join(f"{b} {v['mean']:.3f}" for b, v in scores.items()))
     _echo_findings(results)
     if report:
-        from opd_bench.report import build_report, report_of_another_run
+        from opd_bench.report import build_report, report_of_another_run, unusable_report_folder
 
         target = Path("reports") / out.name
         other = report_of_another_run(out, target)
-        if other is not None:  # the run is saved; only its report waits for a folder of its own
-            click.echo(f"report: not written, {target} holds the report of another run ({other}); "
+        unusable = unusable_report_folder(out, target)
+        if other is not None or unusable is not None:  # the run is saved; only its report waits for a folder of its own
+            why = unusable or f"{target} holds the report of another run ({other})"
+            click.echo(f"report: not written, {why.split('; ')[0]}; "
                        f"write this one with `opd-bench report {out} --out reports/OTHER_NAME`")
             return
         build_report(out, target)
@@ -309,16 +311,13 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
 @_friendly
 def report_command(run_dir: Path, out: Path | None, force: bool) -> None:
     """Generate report.md and a self-contained index.html from RUN_DIR/results.json."""
-    if not (run_dir / "results.json").is_file():
-        from opd_bench.io import read_json
-
-        identity = run_dir / "run.json"  # an unfinished run: the preset it was started with finishes it
-        preset = read_json(identity).get("preset", "standard") if identity.is_file() else "standard"
-        raise FileNotFoundError(f"{run_dir} has no results.json; finish the run first: "
-                                f"`opd-bench run --preset {preset} --out {run_dir}` (with its --method and --set, if any)")
-    from opd_bench.report import build_report, report_of_another_run
+    _check_finished_run(run_dir)
+    from opd_bench.report import build_report, report_of_another_run, unusable_report_folder
 
     target = out or Path("reports") / run_dir.resolve().name
+    unusable = unusable_report_folder(run_dir, target)
+    if unusable is not None:
+        raise FileExistsError(unusable)
     other = None if force else report_of_another_run(run_dir, target)
     if other is not None:
         raise FileExistsError(f"{target} holds the report of another run ({other}); choose another --out or pass --force")
@@ -327,6 +326,23 @@ def report_command(run_dir: Path, out: Path | None, force: bool) -> None:
 
     _echo_findings(load_results(run_dir))
     click.echo(f"wrote {target / 'report.md'} and {target / 'index.html'}")
+
+
+def _check_finished_run(run_dir: Path) -> None:
+    """A one-line error unless ``run_dir`` holds a finished run (its results.json): an unfinished one
+    is told the command that finishes it, a folder that holds no run what to pass instead."""
+    if (run_dir / "results.json").is_file():
+        return
+    from opd_bench.harness import holds_run
+    from opd_bench.io import read_json
+
+    if not holds_run(run_dir):
+        raise FileNotFoundError(f"{run_dir} holds no opd-bench run; pass the --out folder of an `opd-bench run`")
+    identity = run_dir / "run.json"  # an unfinished run: the preset it was started with finishes it
+    recorded = read_json(identity) if identity.is_file() else {}
+    preset = recorded.get("preset", "standard") if isinstance(recorded, dict) else "standard"
+    raise FileNotFoundError(f"{run_dir} holds an unfinished run (no results.json yet); finish it first: "
+                            f"`opd-bench run --preset {preset} --out {run_dir}` (with its --method and --set, if any)")
 
 
 def _echo_findings(results: dict) -> None:
@@ -351,12 +367,13 @@ def verify_command(run_dir: Path, prompts: int, salt: str, models: tuple[str, ..
     """Regenerate and re-score a sample of RUN_DIR's final evaluations from its adapters; exit 1 unless they match."""
     from opd_bench.verify import verify_run
 
+    _check_finished_run(run_dir)
     report = verify_run(run_dir, prompts=prompts, salt=salt, device=device, models=models or None, progress=True)
     if not report["ok"]:
         first = report["mismatches"][0]
         raise click.ClickException(
-            f"{run_dir} does not verify: {len(report['mismatches'])} of {report['images_checked']} re-generated images "
-            f"score differently, e.g. {first['model']} seed {first['seed']} {first['benchmark']} image {first['image']}: "
+            f"{run_dir} does not verify: {len(report['mismatches'])} of {report['images_checked']} scores of re-generated "
+            f"images (each reward of each image) differ from the recorded ones, e.g. {first['model']} seed {first['seed']} {first['benchmark']} image {first['image']}: "
             f"recorded {first['recorded']}, now {first['recomputed']:.6g} (tolerated: a difference of "
             f"{report['tolerance']['atol']:g}, and one flipped detection or OCR decision per model, seed and benchmark "
             f"among {report['tolerance']['flips_need_images']} images or more)"
@@ -383,6 +400,7 @@ def submit_command(run_dir: Path, name: str, root: Path, unverified: bool, devic
     from opd_bench.leaderboard import rebuild, submit
     from opd_bench.verify import verify_run
 
+    _check_finished_run(run_dir)
     path = submit(run_dir, name, root=root, unverified=unverified,
                   verify=lambda folder: verify_run(folder, device=device, progress=True))
     rebuild(root)

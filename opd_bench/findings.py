@@ -27,7 +27,7 @@ def verdict(oks: list[bool | str | None]) -> str:
     if any(ok is False for ok in oks):
         return "did not hold"
     if any(ok == TIE for ok in oks):
-        return "not resolved (a difference within the seed spread)"
+        return "not resolved (a difference within the seed spread or below the precision shown)"
     return "held" if oks and all(ok is True for ok in oks) else "not testable"
 
 

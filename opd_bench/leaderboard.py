@@ -34,6 +34,7 @@ from opd_bench.io import atomic_write_bytes, json_text
 from opd_bench.result_schema import (
     SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, dig, is_finite_number, model_loading, total_forwards,
 )
+from opd_bench.results_view import counted
 
 MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
 LISTED_PRESETS = ("standard", "paper")  # smoke runs check the pipeline; their scores are not results
@@ -120,10 +121,10 @@ def _evaluation(results: dict) -> str:
     evaluation = dig(results, "config", "eval")
     evaluation = evaluation if isinstance(evaluation, dict) else {}
     limit, images = evaluation.get("limit"), evaluation.get("images_per_prompt")
-    prompts = f"{limit} test prompts" if is_finite_number(limit) else "every test prompt"
+    prompts = counted(limit, "test prompt") if is_finite_number(limit) else "every test prompt"
     if not is_finite_number(images):
         return f"{prompts} x each benchmark's images"
-    return f"{prompts} x {images} image{'s' if images != 1 else ''}"
+    return f"{prompts} x {counted(images, 'image')}"
 
 
 def _budget(config: dict, method: str) -> Any:
@@ -282,7 +283,8 @@ def submit(run_dir: str | Path, name: str, root: str | Path = "leaderboard", *, 
         if not report["ok"]:
             first = report["mismatches"][0]
             raise SubmissionError(
-                f"{path.parent} does not verify: {len(report['mismatches'])} re-generated images score differently, e.g. "
+                f"{path.parent} does not verify: {len(report['mismatches'])} of {report.get('images_checked', '?')} scores of "
+                "re-generated images differ from the recorded ones, e.g. "
                 f"{first['model']} seed {first['seed']} {first['benchmark']} image {first['image']}: recorded "
                 f"{first['recorded']}, now {first['recomputed']:.6g}; submit an unedited run, or pass --unverified "
                 "to list it in the unverified table"
@@ -451,23 +453,28 @@ matches the installed suite, a run of a shipped base (`tiny`) used the installed
 recorded fingerprint: a new release's base makes older entries no longer valid), every method
 reports every benchmark of the suite, every score is finite and in range ([0, 1], except the
 unbounded learned `pref` score), every per-seed score is the suite's aggregate of the recorded
-per-image scores and every mean and std those of the per-seed scores, and the preset is `standard`
-or `paper` with that preset's number of optimizer steps. It then **verifies** the run (`opd-bench
+per-image scores and every mean and std those of the per-seed scores, and the run's recorded
+settings are those of the installed `standard` or `paper` preset (a run made with another release,
+or relabelled, is refused). It then **verifies** the run (`opd-bench
 verify RUN_DIR`): it checks the sha256 of every trained adapter in the run folder, regenerates 8
 test prompts per benchmark (chosen by a hash of the run's identity and adapter hashes) for every
 model and seed with the recorded seeds and sampler settings, scores them and compares every image
 with its recorded score (within 1e-3; one image per model, seed and benchmark may differ, a
 detection or OCR read flipped by float rounding). Runs that do not verify are refused; `submit
 --unverified` lists them, unranked, in the separate unverified table. Names are 1-64 letters,
-digits, `.`, `_` or `-`; an existing name is never overwritten. Files under `submissions/` that no
-longer validate (e.g. after a suite update) are listed at the end instead.
+digits, `.`, `_` or `-`, starting with a letter or digit, without `..`; an existing name is never
+overwritten, and a run already listed (the same per-image scores, or a trained student adapter
+of it) is refused under another name. Files under `submissions/` that no longer validate (e.g.
+after a suite update) or cannot be read are listed at the end instead.
 
 **What verification does not prove.** The sample is drawn from the run's own adapters, so scores
 cannot be edited without changing images that may be re-checked, but the sample can be computed
 by anyone: a maintainer re-checks an entry with the submitter's run folder and
 `opd-bench verify RUN_DIR --salt ANYTHING --prompts 32`, and the adapter hashes in the entry tie it
 to those weights. The training budget is checked against the preset's configuration, not
-re-trained: compute beyond the declared budget cannot be detected.
+re-trained: compute beyond the declared budget cannot be detected. The seeds are the submitter's
+(the `seeds` column lists them; the presets' default is 0, 1, 2): a run of one seed is ranked beside
+runs of three.
 
 **Columns.** `model` is the base model, with its precision where a run loaded it in another than
 float32 (`--dtype`; the default on a GPU is bfloat16). `overall` is the mean of the suite's headline benchmarks (each in [0, 1]); benchmark
@@ -477,8 +484,8 @@ teacher rows). Verified student methods are ranked by `overall` within their sui
 **configuration**: a short hash of the settings the preset had when the run was made (bookkeeping
 such as checkpoint frequency aside). A preset's settings change between releases (the evaluation's
 size, a learning rate, a KL penalty), and runs made under other settings are other experiments,
-so each configuration has a table of its own, the one run most recently first, and an older one
-says which settings differ from the newest; `base` and
+so each configuration has a table of its own, the installed preset's first (then by their latest
+run), and each other one says which settings differ from the first; `base` and
 `teacher/*` rows are references (no rank). Machine-readable copy: [`leaderboard.csv`](leaderboard.csv).
 """
 

@@ -23,7 +23,7 @@ from opd_bench.findings import findings_lines
 from opd_bench.io import atomic_write_bytes
 from opd_bench.result_schema import paired_evaluation, total_forwards
 from opd_bench.report_doc import Cell, Doc, render_html, render_markdown, safe_name
-from opd_bench.results_view import ResultView, as_dict, as_list, fmt, fmt_g, fmt_int, is_student, mean_sd, method_key, num
+from opd_bench.results_view import ResultView, as_dict, as_list, counted, fmt, fmt_g, fmt_int, is_student, mean_sd, method_key, num
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIXED_COLOURS = {
@@ -116,7 +116,7 @@ class _Report(ResultView):
         size, final = self.curve_evaluation(), num(as_dict(as_dict(self.r.get("config")).get("eval")).get("limit"))
         if size is None:
             return "The curves' evaluation uses fewer test prompts than the final one"
-        return (f"The curves score {size[0]} test prompts x {size[1]} image{'s' if size[1] != 1 else ''} per "
+        return (f"The curves score {counted(size[0], 'test prompt')} x {counted(size[1], 'image')} per "
                 "benchmark" + ("" if final is None else f" (the final evaluation {round(final)})"))
 
     def section(self, key: str, builder) -> None:
@@ -169,8 +169,8 @@ class _Report(ResultView):
         if not record:
             return "final evaluation: settings not recorded"
         limit, images = record.get("limit"), record.get("images_per_prompt")
-        prompts = "every test prompt" if limit is None else f"{limit} test prompts"
-        per_prompt = "each benchmark's own images" if images is None else f"{images} images"
+        prompts = "every test prompt" if limit is None else counted(limit, "test prompt")
+        per_prompt = "each benchmark's own images" if images is None else counted(images, "image")
         noise = (f"noise seed {record['seed']} for every model, so all are scored on the same starting noise"
                  if paired_evaluation(self.r) else "each cell's training seed as noise seed")
         return f"final evaluation: {prompts} x {per_prompt} per benchmark, {noise}"
@@ -566,6 +566,18 @@ def report_of_another_run(run_dir: str | Path, out_dir: str | Path) -> str | Non
         return None
     built_from = source.read_text().strip()
     return None if built_from == str(Path(run_dir).resolve()) else built_from
+
+
+def unusable_report_folder(run_dir: str | Path, out_dir: str | Path) -> str | None:
+    """Why ``out_dir`` cannot take ``run_dir``'s report whatever --force says, or None: it is a run
+    folder (the report's files would mix with the run's), or it holds files but no report."""
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(run_dir).resolve() or (out_dir / "results.json").exists():
+        return f"{out_dir} is a run folder; write the report elsewhere, e.g. --out reports/{Path(run_dir).resolve().name}"
+    is_report = (out_dir / SOURCE_FILE).is_file() or all((out_dir / name).is_file() for name in ("report.md", "index.html"))
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_report:
+        return f"{out_dir} holds files that are not a report (its report.md and plots would replace them); choose another --out"
+    return None
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:

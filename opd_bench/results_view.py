@@ -33,6 +33,11 @@ def fmt_g(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+def counted(count: Any, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def fmt_int(value: Any) -> str:
     value = num(value)
     return "n/a" if value is None else f"{round(value):,}"

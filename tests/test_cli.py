@@ -240,3 +240,16 @@ def test_the_recorded_command_is_the_one_typed_through_the_script_or_python_m():
     assert typed_command(["/venv/bin/opd-bench", "run", "--set", "opd.lr=[1, 2]"]) == "opd-bench run --set 'opd.lr=[1, 2]'"
     assert typed_command(["/repo/opd_bench/__main__.py", "run", "--model", "my model"]) == "opd-bench run --model 'my model'"
     assert typed_command(["/venv/bin/pytest", "-q"]) is None and typed_command([]) is None
+
+
+def test_commands_after_a_run_name_an_unfinished_run_and_a_folder_without_one(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "run.json").write_text(json.dumps({"preset": "smoke", "suite": "tiny"}))
+    for command in (["report"], ["verify"], ["submit", "--name", "x", "--root", str(tmp_path / "board")]):
+        empty = CliRunner().invoke(main, [command[0], str(tmp_path / "empty"), *command[1:]])
+        assert empty.exit_code == 1 and "holds no opd-bench run; pass the --out folder of an `opd-bench run`" in empty.output
+        half = CliRunner().invoke(main, [command[0], str(tmp_path / "half"), *command[1:]])
+        assert half.exit_code == 1 and "holds an unfinished run (no results.json yet); finish it first: " \
+            f"`opd-bench run --preset smoke --out {tmp_path / 'half'}`" in half.output, half.output
+    assert not (tmp_path / "board").exists()

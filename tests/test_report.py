@@ -315,7 +315,7 @@ def test_a_difference_inside_the_seed_spread_is_a_tie_not_a_win():
     assert _versus(0.40, 0.004, "cascade", 0.42, 0.005)[0] is False
     assert _versus(0.45, None, "cascade", 0.42, None) == (True, "0.450 vs cascade 0.420 (+0.030, one seed: no spread to judge)")
     assert _versus(0.0001, None, "cascade", 0.0, None) == (TIE, "0.000 vs cascade 0.000 (+0.000, equal at this precision)")
-    assert verdict([True, TIE]) == "not resolved (a difference within the seed spread)"
+    assert verdict([True, TIE]) == "not resolved (a difference within the seed spread or below the precision shown)"
     assert verdict([False, TIE]) == "did not hold" and verdict([True, True]) == "held" and verdict([True, None]) == "not testable"
 
 
@@ -393,3 +393,22 @@ def test_the_report_of_another_run_is_not_overwritten(tmp_path, monkeypatch):
     assert (tmp_path / "reports" / "smoke" / ".source").read_text().strip() == str(tmp_path / "a" / "smoke")
     forced = CliRunner().invoke(main, ["report", "b/smoke", "--force"])
     assert forced.exit_code == 0 and (tmp_path / "reports" / "smoke" / ".source").read_text().strip() == str(tmp_path / "b" / "smoke")
+
+
+def test_a_report_never_lands_in_a_run_folder_or_on_other_files(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from opd_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "runs" / "smoke")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("my notes")
+    for out, problem in (("mine", "holds files that are not a report"), ("runs/smoke", "is a run folder")):
+        for force in ([], ["--force"]):
+            refused = CliRunner().invoke(main, ["report", "runs/smoke", "--out", out, *force])
+            assert refused.exit_code == 1 and problem in refused.output, refused.output
+    assert (tmp_path / "mine" / "report.md").read_text() == "my notes"
+    assert not (tmp_path / "runs" / "smoke" / "report.md").exists()
+    empty = CliRunner().invoke(main, ["report", "runs/smoke", "--out", "fresh"])  # a new folder is fine
+    assert empty.exit_code == 0 and (tmp_path / "fresh" / "report.md").is_file()
