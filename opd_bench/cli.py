@@ -401,10 +401,14 @@ def submit_command(run_dir: Path, name: str, root: Path, unverified: bool, devic
     from opd_bench.verify import verify_run
 
     _check_finished_run(run_dir)
+    new_board = not (root / "submissions").is_dir()
     path = submit(run_dir, name, root=root, unverified=unverified,
                   verify=lambda folder: verify_run(folder, device=device, progress=True))
     rebuild(root)
     click.echo(f"submitted {path}{' (unverified)' if unverified else ' (verified)'}; regenerated {root / 'README.md'}")
+    if new_board:  # from outside the repository, the default --root starts a board of one entry
+        click.echo(f"note: {root.resolve()} had no submissions/ folder, so this started a new leaderboard there; "
+                   "to add to the project's, run from its checkout or pass --root PATH/leaderboard", err=True)
 
 
 @main.command("leaderboard")

@@ -346,7 +346,11 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
     rows: list[dict] = []
     skipped: list[str] = []
     bench_by_suite: dict[str, list[str]] = {}
-    for path in sorted((root / "submissions").glob("*/*.json")):
+    entries = sorted((root / "submissions").glob("*/*.json"))
+    for path in sorted(p for p in (root / "submissions").rglob("*") if p.is_file() and p not in entries):
+        if not path.name.startswith("."):  # a file in the wrong place would be left out without a word
+            skipped.append(f"{path.relative_to(root).as_posix()}: not an entry; entries are submissions/<suite>/<name>.json")
+    for path in entries:
         where = path.relative_to(root).as_posix()
         try:
             results = read_results(path)

@@ -205,6 +205,11 @@ def check_results(results: dict) -> None:
                     f"file for {task} (got {str(got)[:12]}...); the run used other prompts, {fix}"
                 )
 
+    date = results.get("date")
+    if not isinstance(date, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", date):
+        raise SubmissionError(f"'date' is {date!r}; it must be the UTC time the run wrote the file (YYYY-MM-DDTHH:MM:SSZ), "
+                              "as `opd-bench run` records it")
+
     seeds = results.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise SubmissionError(f"'seeds' is {seeds!r}; it must be a non-empty list of integers, as `opd-bench run` writes")

@@ -196,6 +196,9 @@ def _mutations():
     def eval_seed(r):  # schema 3: the one noise seed of the final evaluations
         r["config"]["eval"]["seed"] = "0"
 
+    def date(r):  # the board orders configurations by it
+        r["date"] = "not a date"
+
     def other_settings(r):  # a smoke run relabelled standard with its budget edited would differ in these
         r["config"]["multi-reward"]["lr"] *= 3
         r["config"]["eval"]["seed"] = 5
@@ -206,7 +209,7 @@ def _mutations():
 
     return [missing_benchmark, out_of_range, not_finite, schema, prompt_hash, suite_version, unknown_suite, earlier_base, seeds,
             edited_mean, edited_mean_and_per_seed, edited_std, edited_per_image, smoke, smoke_budget_relabelled,
-            unfinished, adapter_hash, adapter_path, cell_seeds, schema_1, eval_seed, other_settings, not_objects]
+            unfinished, adapter_hash, adapter_path, cell_seeds, schema_1, eval_seed, date, other_settings, not_objects]
 
 
 @pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
@@ -364,6 +367,11 @@ def test_rebuild_lists_invalid_stored_files_instead_of_crashing(board, valid):
     assert "tampered.json" in text and "deep.json: " in text and "nests too deeply" in text
     assert "latin1.json is not UTF-8 text" in text and "lists.json: per_image['opd']['0']['geneval'] must list" in text
     assert "tampered" not in table.read_text() and "first" in table.read_text()
+    (board / "submissions" / "top.json").write_text("{}")
+    (stored / "upper.JSON").write_text("{}")
+    text = rebuild(board)[0].read_text()
+    for misplaced in ("submissions/top.json", "submissions/tiny/upper.JSON"):
+        assert f"{misplaced}: not an entry; entries are submissions/<suite>/<name>.json" in text
 
 
 def test_forward_passes_include_the_kl_reference_and_refuse_a_bad_count(tmp_path):
