@@ -8,12 +8,12 @@ Layout under ``root`` (default ``leaderboard/``)::
 
 ``check_results`` (``opd_bench.result_schema``) checks that a file is well-formed and consistent;
 ``validate`` adds what a listing needs: the current schema, a listed preset (never ``smoke``) and
-the preset's settings as installed (stored entries made under older settings keep their own table). ``submit`` also re-evaluates a sample of the
-run from its adapters (``opd_bench.verify``) and refuses what does not reproduce, unless told to
-list it as unverified; it refuses anything invalid, oversized, unsafe names and duplicates
-without touching the directory. ``rebuild`` regenerates README.md and leaderboard.csv
-deterministically: verified entries ranked per suite, preset and configuration (the preset's
-settings when the run was made), unverified and schema-1
+the preset's settings as installed (stored entries made under older settings keep their own
+table). ``submit`` also re-evaluates a sample of the run from its adapters (``opd_bench.verify``)
+and refuses what does not reproduce, unless told to list it as unverified; it refuses anything
+invalid, oversized, unsafe names and duplicates without touching the directory. ``rebuild``
+regenerates README.md and leaderboard.csv deterministically: verified entries ranked per suite,
+preset and configuration (the preset's settings when the run was made), unverified and schema-1
 ("legacy") entries in a separate table without ranks.
 """
 
@@ -366,6 +366,7 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
         columns = bench_by_suite.setdefault(results["suite"], [])
         columns += [b for b in benches if b not in columns]
         compute = results.get("compute") if isinstance(results.get("compute"), dict) else {}
+        current = not preset_differences(results)  # made with the installed preset
         for method in sorted(results["results"], key=_method_key):
             scores = results["results"][method]
             budget = compute.get(method, {})
@@ -389,13 +390,12 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
                 "forward_passes": forwards,
                 "seeds": " ".join(str(s) for s in seeds),
                 "date": str(results.get("date") or ""),
-                "current": not preset_differences(results),
+                "current": current,
             })
-    # Sort: verified first, suite, preset, the configuration (installed, then by latest run), overall descending
-    # (rounded, so ties are exact and stable), submission, method. Only verified student rows are
-    # ranked, within their suite, preset and configuration.
-    # The installed preset's configuration comes first, then the others by their latest run (a run
-    # made with an older release later than one made with this release does not take the top table).
+    # Sort: verified first, suite, preset, the configuration, overall descending (rounded, so ties
+    # are exact and stable), submission, method. The installed preset's configuration comes first,
+    # then the others by their latest run (a run made later with an older release does not take the
+    # top table). Only verified student rows are ranked, within their suite, preset and configuration.
     latest: dict[tuple, tuple[bool, str]] = {}
     for r in rows:
         latest[_group(r)] = max(latest.get(_group(r), (False, "")), (r["current"], r["date"]))
