@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from opd_bench import distributed
+from opd_bench.io import json_differences, read_json
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
@@ -29,8 +30,13 @@ class CascadeConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # steps is taken from each stage
 
     def __post_init__(self) -> None:
-        if not self.stages or any(steps < 1 for _, steps in self.stages):
-            raise ValueError("cascade stages must be a non-empty list of (task, steps >= 1)")
+        def is_stage(stage) -> bool:
+            return (isinstance(stage, (list, tuple)) and len(stage) == 2 and isinstance(stage[0], str)
+                    and isinstance(stage[1], int) and not isinstance(stage[1], bool) and stage[1] >= 1)
+
+        if not isinstance(self.stages, (list, tuple)) or not self.stages or not all(is_stage(s) for s in self.stages):
+            raise ValueError(f"cascade stages must be a non-empty list of (task, steps >= 1), e.g. [('pref', 20), "
+                             f"('geneval', 20)], got {self.stages!r}")
 
     @property
     def total_steps(self) -> int:
@@ -63,16 +69,22 @@ class CascadeTrainer:
         final = None
         for k, (task, steps) in enumerate(self.config.stages):
             stage_dir = self.stage_dir(k, task)
+            config = replace(self.config.grpo, steps=steps, seed=self.config.grpo.seed + k)
+            extra = {"method": "cascade", "stage": k, "stages": [list(s) for s in self.config.stages]}
             if (stage_dir / "DONE").exists() and not self.overwrite:
-                add_student(self.policy, self.adapter, self.config.grpo)
+                saved = read_json(stage_dir / "config.json")
+                current = json.loads(json.dumps({"method": "grpo", **config.to_dict(), **extra}, default=str))
+                if saved != current:  # a finished stage of other settings is not this cascade's
+                    raise ValueError(f"{stage_dir} holds a finished stage with a different config "
+                                     f"({json_differences(saved, current)}); use another folder or pass overwrite/--force")
+                add_student(self.policy, self.adapter, self.config.grpo, reuse=k > 0)
                 self.policy.copy_adapter_weights(self.adapter, stage_dir / "final")
                 final = stage_dir / "final"
                 continue
             trainer = GRPOTrainer(
-                replace(self.config.grpo, steps=steps, seed=self.config.grpo.seed + k), policy=self.policy,
-                prompts=self.prompts[task], rewards={task: self.rewards[task]}, run_dir=stage_dir,
-                adapter=self.adapter, evaluate=self.evaluate, overwrite=self.overwrite,
-                extra_config={"method": "cascade", "stage": k, "stages": [list(s) for s in self.config.stages]},
+                config, policy=self.policy, prompts=self.prompts[task], rewards={task: self.rewards[task]},
+                run_dir=stage_dir, adapter=self.adapter, evaluate=self.evaluate, overwrite=self.overwrite,
+                extra_config=extra, reuse_adapter=k > 0,
             )
             final = trainer.train(progress)
         if distributed.current().is_main:  # one writer; the stages' files are complete (finish() waits for them)

@@ -14,7 +14,7 @@ import click
 
 # Errors that mean "bad input": shown as one line, no traceback.
 _USER_ERRORS = ("ModelLoadError", "PromptFileError", "UnknownNameError", "FileExistsError", "FileNotFoundError", "SubmissionError",
-                "MissingWeightsError", "RemoteRewardError", "TrackerUnavailableError")
+                "MissingWeightsError", "RemoteRewardError", "TrackerUnavailableError", "FloatingPointError")
 
 
 def _friendly(command):

@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from opd_bench.benchmarks import BenchmarkSpec, aggregate
+from opd_bench.rewards.base import call_reward
 from opd_bench.rollout import Prompt
 
 # (prompts, seed, sample_offset) -> images [B, 3, H, W] in [0, 1]
@@ -93,7 +94,7 @@ def evaluate_benchmark(
         texts, metadata = [p.text for p in chunk], [p.metadata for p in chunk]
         for key, scorer in scorers.items():
             t0 = time.perf_counter()
-            scores[key].extend(scorer(images, texts, metadata).scores.tolist())
+            scores[key].extend(call_reward(scorer, spec.name if key == "main" else key, images, texts, metadata).scores.tolist())
             seconds[key] += time.perf_counter() - t0
         bar.update(len(chunk))
     bar.close()

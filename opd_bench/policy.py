@@ -359,6 +359,7 @@ class Policy:
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
         # Full-parameter students: name -> a trainable copy of the transformer (the base stays frozen).
         self._full: dict[str, torch.nn.Module] = {}
+        self._sources: dict[str, Path] = {}  # adapter -> the folder it was loaded from
         # Sample-forwards of the transformer per adapter (None = base); CFG-guided calls count 2.
         self.forward_counts: dict[str | None, int] = {}
 
@@ -377,7 +378,8 @@ class Policy:
         resolution: int | None = None,
         **components,
     ) -> "Policy":
-        """Load a diffusers SD3-family or FLUX.1 pipeline by local folder or hub id.
+        """Load a diffusers SD3-family or FLUX.1 pipeline by local folder or hub id, or the shipped
+        model by its alias (``"tiny"``), as ``--model`` takes them.
 
         Components listed as absent in ``model_index.json`` (e.g. no T5) are passed as ``None``;
         ``drop_t5=True`` skips T5 on an SD3 pipeline that has it (saves ~10 GB on SD3.5).
@@ -387,7 +389,9 @@ class Policy:
         """
         import diffusers
 
-        path = str(path)
+        from opd_bench.suites import resolve_model
+
+        path = resolve_model(str(path))
         index = check_pipeline(path, drop_t5=drop_t5)
         class_name = index["_class_name"]
         absent = {key: None for key, value in index.items() if isinstance(value, list) and value[0] is None}
@@ -555,6 +559,10 @@ class Policy:
     def adapters(self) -> list[str]:
         return list(self._adapter_configs) + list(self._full)
 
+    def adapter_source(self, name: str) -> Path | None:
+        """The folder adapter ``name`` was loaded from (``load_adapter``); None for one made here."""
+        return self._sources.get(name)
+
     def add_full_copy(self, name: str, *, trainable: bool = True) -> None:
         """Add a full-parameter copy of the transformer named ``name``, used like an adapter.
 
@@ -668,6 +676,7 @@ class Policy:
         if (folder / "full_model.safetensors").is_file():
             self.add_full_copy(name, trainable=trainable)
             self.copy_adapter_weights(name, folder)
+            self._sources[name] = folder.resolve()
             return
         weights = folder / "adapter_model.safetensors"
         if not (folder / "adapter_config.json").is_file() or not weights.is_file():
@@ -692,6 +701,7 @@ class Policy:
                                  "load it on the model it was trained from") from None
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter {str(folder)!r} does not fit this model: {result.unexpected_keys[:3]}...")
+        self._sources[name] = folder.resolve()
 
     def copy_adapter_weights(self, name: str, folder: str | Path) -> None:
         """Overwrite the weights of existing adapter ``name`` with those saved in ``folder``."""

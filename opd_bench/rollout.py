@@ -29,6 +29,11 @@ class Prompt:
     task: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # rewards see metadata only: the per-task reward routes on metadata["task"], which prompt files carry
+        if self.task and "task" not in self.metadata:
+            self.metadata = {**self.metadata, "task": self.task}
+
     @classmethod
     def coerce(cls, value: "Prompt | str | dict") -> "Prompt":
         if isinstance(value, Prompt):

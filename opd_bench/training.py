@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence, get_args
+from typing import Any, Iterable, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 import torch
@@ -147,9 +147,14 @@ class GradVariance:
         return {"grad/variance": trace, "grad/variance_rel": trace / max(float(mean.pow(2).sum()), 1e-30)}
 
 
-def add_student(policy, adapter: str, config) -> list[torch.nn.Parameter]:
-    """Create the trained adapter if missing (LoRA, or a full copy with ``config.full_params``);
-    return its parameters. ``config`` has ``lora_rank``, ``lora_alpha``, ``full_params``, ``seed``."""
+def add_student(policy, adapter: str, config, *, reuse: bool = False) -> list[torch.nn.Parameter]:
+    """Create the trained adapter (LoRA, or a full copy with ``config.full_params``); return its
+    parameters. ``config`` has ``lora_rank``, ``lora_alpha``, ``full_params``, ``seed``. An adapter of
+    that name already on ``policy`` is trained on only with ``reuse`` (the cascade's next stage):
+    otherwise it is another trainer's, and a student would start from its weights."""
+    if adapter in policy.adapters and not reuse:
+        raise ValueError(f"the policy already has an adapter {adapter!r} (another trainer's on this policy?); "
+                         "give this trainer another adapter=... or a fresh Policy")
     if adapter not in policy.adapters:
         if config.full_params:
             policy.add_full_copy(adapter)
@@ -168,6 +173,47 @@ def check_fields(kind: str, config, rules: dict[str, tuple[bool, str]]) -> None:
     bad = [f"{name}={getattr(config, name)!r} (needs {need})" for name, (holds, need) in rules.items() if not holds]
     if bad:
         raise ValueError(f"invalid {kind} value(s): {', '.join(bad)}")
+
+
+_NUMBER_TYPES = {"int": (int,), "float": (int, float), "int | None": (int, type(None)), "float | None": (int, float, type(None))}
+
+
+def check_field_types(kind: str, config) -> None:
+    """One ``ValueError`` naming every number field of the dataclass ``config`` holding another type
+    (``lr="1e-3"`` failed inside a comparison; ``steps=2.5`` at the first step); call it before
+    the rules, which compare."""
+    import dataclasses
+
+    bad = []
+    for f in dataclasses.fields(config):
+        allowed = _NUMBER_TYPES.get(str(f.type))
+        value = getattr(config, f.name)
+        if allowed is not None and (isinstance(value, bool) or not isinstance(value, allowed)):
+            bad.append(f"{f.name}={value!r} (needs {'a whole number' if f.type.startswith('int') else 'a number'})")
+    if bad:
+        raise ValueError(f"invalid {kind} value(s): {', '.join(bad)}")
+
+
+def check_reward_names(field_name: str, named: Mapping[str, Any], known: Iterable[str], what: str = "rewards") -> None:
+    """A config's per-task mapping (``reward_weights``, ``teacher_guidance``) naming a task the
+    trainer was not given: a misspelt key would be ignored without a word."""
+    from opd_bench.registry import did_you_mean
+
+    known = sorted(known)
+    unknown = sorted(set(named) - set(known))
+    if unknown:
+        raise ValueError(f"{field_name} names {unknown[0]!r}, which is not one of the trainer's {what} "
+                         f"({', '.join(known) or 'none'}).{did_you_mean(unknown[0], known)}")
+
+
+def shared_rules(config) -> dict[str, tuple[bool, str]]:
+    """The rules of the fields every trainer's config has (``check_fields``'s form)."""
+    return {
+        "lora_alpha": (config.lora_alpha > 0, "> 0: LoRA's update is scaled by alpha / rank"),
+        "max_grad_norm": (config.max_grad_norm > 0, "> 0: a negative bound reverses the update"),
+        "weight_decay": (config.weight_decay >= 0, ">= 0"), "guidance_scale": (config.guidance_scale >= 0, ">= 0"),
+        "eval_every": (config.eval_every >= 0, ">= 0 (0: never)"), "checkpoint_every": (config.checkpoint_every >= 0, ">= 0 (0: never)"),
+    }
 
 
 def check_lr_schedule(schedule: str) -> None:
@@ -190,9 +236,9 @@ def scheduled_lr(lr: float, schedule: str, step: int, steps: int) -> float:
     raise ValueError(f"unknown lr_schedule {schedule!r}; choose from {list(LR_SCHEDULES)}")
 
 
-def student_optimizer(policy, adapter: str, config) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, "EMA | None"]:
+def student_optimizer(policy, adapter: str, config, *, reuse: bool = False) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, "EMA | None"]:
     """The trained parameters, their AdamW and (if ``config.ema``) their EMA, as every trainer uses them."""
-    params = add_student(policy, adapter, config)
+    params = add_student(policy, adapter, config, reuse=reuse)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return params, optimizer, EMA(params, config.ema) if config.ema else None
 
@@ -419,6 +465,11 @@ class TrainingRun:
             self.ranks.average_gradients(self.params)  # identical updates keep the ranks' weights identical
             metrics.update(grad_variance.finish())
             metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
+            if not math.isfinite(metrics["grad/norm"]):  # stepping would write NaN into every weight and checkpoint
+                raise FloatingPointError(
+                    f"step {step + 1}: the gradient is not finite (loss {metrics.get('loss', float('nan')):.4g}); nothing was "
+                    f"stepped, and the checkpoint in {self.dir / 'checkpoint'} (if any) is intact; look for an infinite "
+                    "or NaN reward or a learning rate too large")
             metrics["lr"] = scheduled_lr(lr, lr_schedule, step, steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = metrics["lr"]

@@ -60,7 +60,8 @@ def test_per_task_reward_routes_and_marks_not_applicable_with_nan():
 def test_weighted_sum_reward():
     reward = rewards.get("weighted-sum", rewards={"b": "toy/brightness", "c": "toy/color"}, weights={"b": 2.0})
     out = reward(torch.ones(1, 3, 2, 2), ["x"], [{}])
-    assert out.scores[0] == pytest.approx(2.0)  # brightness 1 * 2, colour weight defaults to 0
+    colour = rewards.get("toy/color")(torch.ones(1, 3, 2, 2), ["x"], [{}]).scores[0]
+    assert out.scores[0] == pytest.approx(2.0 + colour)  # brightness 1 * 2; an unnamed weight is 1, as in reward_weights
 
 
 def _write(path, lines):

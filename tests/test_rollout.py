@@ -24,7 +24,7 @@ def test_trajectory_layout_and_bookkeeping(policy):
     assert t.log_probs.shape == t.stds.shape == (6, 5) and torch.isfinite(t.log_probs).all()
     assert t.sigmas.shape == (6,) and t.sigmas[0] == 1 and t.sigmas[-1] == 0
     assert t.group.tolist() == [0, 0, 0, 1, 1, 1]
-    assert t.tasks == ["geneval"] * 3 + ["ocr"] * 3 and t.metadata[0] == {"tag": "colors"}
+    assert t.tasks == ["geneval"] * 3 + ["ocr"] * 3 and t.metadata[0] == {"tag": "colors", "task": "geneval"}  # the task travels to the rewards
     assert torch.equal(t.latents[:, -1], t.final)
 
 

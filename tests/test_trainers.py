@@ -32,7 +32,8 @@ def _snapshot(policy):
 
 
 def _changed(before, policy):
-    return {n for n, p in policy.transformer.named_parameters() if not torch.equal(before[n], p)}
+    """Parameters that changed since ``before``, or were added since (a new adapter)."""
+    return {n for n, p in policy.transformer.named_parameters() if n not in before or not torch.equal(before[n], p)}
 
 
 def _teacher(tiny_dir, folder, scale=0.3, seed=1):
@@ -187,11 +188,11 @@ def test_multi_reward_and_cascade_steps(policy, tmp_path):
     cascade_config = replace(SMOKE.cascade, stages=[("bright", 1), ("red", 2)])
     cascade_config = replace(cascade_config, grpo=replace(cascade_config.grpo, eval_every=0))
     cascade = CascadeTrainer(cascade_config, policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "cascade", adapter="cascade")
-    policy.add_adapter("cascade", rank=cascade_config.grpo.lora_rank, alpha=cascade_config.grpo.lora_alpha)
     before = _snapshot(policy)
     cascade.train(progress=False)
     changed = _changed(before, policy)
     assert changed and all(".cascade." in n for n in changed)
+    assert any(p.abs().sum() > 0 for n, p in policy.transformer.named_parameters() if ".lora_B.cascade." in n)  # trained from B = 0
     records = read_metrics(tmp_path / "cascade" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3] and [r["stage_task"] for r in records] == ["bright", "red", "red"]
     assert records[2]["images"] == 3 * records[0]["images"]
@@ -393,3 +394,93 @@ def test_cascade_refuses_a_stage_without_prompts_or_without_reward(tmp_path):
     for pools, scorers in ((POOLS, {"bright": REWARDS["bright"]}), ({"bright": POOLS["bright"]}, REWARDS)):
         with pytest.raises(ValueError, match=r"\['red'\] have no prompts or reward"):
             CascadeTrainer(config, policy=None, prompts=pools, rewards=scorers, run_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------- library use: one policy, several trainers
+
+
+def test_a_second_trainer_on_one_policy_never_starts_from_the_first_ones_weights(policy, tmp_path):
+    config = replace(SMOKE.teacher, steps=1, eval_every=0)
+    GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=tmp_path / "a").train(progress=False)
+    with pytest.raises(ValueError, match="the policy already has an adapter 'student'.*another adapter=... or a fresh Policy"):
+        GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=tmp_path / "b")
+    # two teachers of one task under other configs: each its own adapter, each from the base
+    first = train_teacher("red", policy=policy, prompts=POOLS["red"], reward=REWARDS["red"], config=config, root=tmp_path,
+                          base="tiny-random", suite_version="v1", progress=False)
+    other = train_teacher("red", policy=policy, prompts=POOLS["red"], reward=REWARDS["red"], config=replace(config, lr=1e-3),
+                          root=tmp_path, base="tiny-random", suite_version="v1", progress=False)
+    assert first != other and policy.adapters.count(f"train_teacher_{other.name}") == 1
+
+
+def test_an_opd_trainer_distils_the_teacher_it_is_given_not_one_already_on_the_policy(policy, tiny_dir, tmp_path):
+    one, two = _teacher(tiny_dir, tmp_path / "one", seed=1), _teacher(tiny_dir, tmp_path / "two", seed=2)
+    config = replace(SMOKE.opd, steps=1, eval_every=0, monitor_rewards=False)
+    first = OPDTrainer(config, policy=policy, prompts={"red": POOLS["red"]}, teachers={"red": one}, run_dir=tmp_path / "a", adapter="a")
+    second = OPDTrainer(config, policy=policy, prompts={"red": POOLS["red"]}, teachers={"red": two}, run_dir=tmp_path / "b", adapter="b")
+    again = OPDTrainer(config, policy=policy, prompts={"red": POOLS["red"]}, teachers={"red": one}, run_dir=tmp_path / "c", adapter="c")
+    assert first.teachers["red"] == again.teachers["red"] != second.teachers["red"]  # the same folder is loaded once
+    assert policy.adapter_source(second.teachers["red"]) == two.resolve()
+
+
+def test_a_reward_that_breaks_its_contract_is_named(policy, tmp_path):
+    config = replace(SMOKE.teacher, steps=1, eval_every=0)
+    broken = {
+        "infinite": (lambda images, prompts, metadata: rewards.RewardOutput(torch.full((len(prompts),), math.inf)),
+                     r"reward 'red' returned an infinite score for \d+ of \d+ images"),
+        "one score": (lambda images, prompts, metadata: rewards.RewardOutput(torch.tensor([1.0])),
+                      r"reward 'red' returned 1 scores for \d+ images; return one per image"),
+        "a bare tensor": (lambda images, prompts, metadata: torch.ones(len(prompts)),
+                          r"reward 'red' returned a Tensor; a reward returns RewardOutput"),
+        "NaN": (lambda images, prompts, metadata: rewards.RewardOutput(torch.full((len(prompts),), math.nan)),
+                r"reward 'red' returned NaN for \d+ of its task's \d+ samples"),
+    }
+    for k, (reward, problem) in enumerate(broken.values()):
+        trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": reward}, run_dir=tmp_path / str(k), adapter=f"s{k}")
+        with pytest.raises((ValueError, TypeError), match=problem):
+            trainer.train(progress=False)
+
+
+def test_a_non_finite_gradient_stops_training_before_it_reaches_the_weights(tmp_path):
+    from types import SimpleNamespace
+
+    from opd_bench.training import GradVariance, TrainingRun
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    run = TrainingRun(tmp_path / "run", config={"method": "test"}, policy=SimpleNamespace(forward_counts={}), adapter="x",
+                      params=[weight], optimizer=optimizer, ema=None)
+
+    def step_fn(step):
+        weight.grad = torch.tensor([1.0, math.nan, 1.0])
+        return {"loss": math.nan}, 1
+
+    with pytest.raises(FloatingPointError, match="step 1: the gradient is not finite .* nothing was stepped"):
+        run.train(step_fn, steps=2, max_grad_norm=1.0, grad_variance=GradVariance([weight]), desc="x", lr=0.1, progress=False)
+    assert torch.equal(weight.detach(), torch.ones(3))
+
+
+def test_config_values_of_the_wrong_type_or_sign_and_misspelt_task_keys_are_named(policy, tiny_dir, tmp_path):
+    for change, problem in (({"max_grad_norm": -1.0}, "max_grad_norm=-1.0 .needs > 0: a negative bound reverses"),
+                            ({"lora_alpha": 0}, r"lora_alpha=0 \(needs > 0"), ({"lr": "1e-3"}, r"lr='1e-3' \(needs a number\)"),
+                            ({"steps": 2.5}, r"steps=2.5 \(needs a whole number\)"), ({"eval_every": -1}, r"eval_every=-1 \(needs >= 0")):
+        with pytest.raises(ValueError, match=problem):
+            replace(SMOKE.teacher, **change)
+    for stages in (["red"], [("red", "3")], [("red", 0)]):
+        with pytest.raises(ValueError, match="cascade stages must be a non-empty list of \\(task, steps >= 1\\)"):
+            replace(SMOKE.cascade, stages=stages)
+    with pytest.raises(ValueError, match="reward_weights names 'rde', which is not one of the trainer's rewards .* Did you mean 'red'"):
+        GRPOTrainer(replace(SMOKE.teacher, reward_weights={"rde": 2.0}), policy=policy, prompts=POOLS["red"],
+                    rewards={"red": REWARDS["red"]}, run_dir=tmp_path / "w")
+    teacher = _teacher(tiny_dir, tmp_path / "teacher")
+    with pytest.raises(ValueError, match="teacher_guidance names 'rde', which is not one of the trainer's tasks"):
+        OPDTrainer(replace(SMOKE.opd, teacher_guidance={"rde": 3.0}), policy=policy, prompts={"red": POOLS["red"]},
+                   teachers={"red": teacher}, run_dir=tmp_path / "g")
+
+
+def test_a_cascade_refuses_a_finished_stage_of_other_settings(policy, tmp_path):
+    config = replace(SMOKE.cascade, stages=[("red", 1)])
+    config = replace(config, grpo=replace(config.grpo, eval_every=0))
+    CascadeTrainer(config, policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "c", adapter="c1").train(progress=False)
+    longer = replace(config, stages=[("red", 2)])
+    with pytest.raises(ValueError, match=r"stage0-red holds a finished stage with a different config \(.*steps: 1 saved, 2 now"):
+        CascadeTrainer(longer, policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "c", adapter="c2").train(progress=False)

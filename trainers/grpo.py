@@ -21,11 +21,13 @@ from opd_bench import distributed
 from opd_bench.distributed import SINGLE, ProcessGroup
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
+from opd_bench.rewards.base import call_reward
 from opd_bench.rl import clipped_policy_loss, group_advantages, step_at, train_step_indices, zero_spread_share
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
 from opd_bench.training import (
-    GradVariance, LRSchedule, TrainingRun, check_fields, check_lr_schedule, sample_prompts, step_seed, student_optimizer,
+    GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_lr_schedule, check_reward_names, sample_prompts, shared_rules,
+    step_seed, student_optimizer,
 )
 
 Aggregation = Literal["own", "sum-then-normalise", "normalise-then-sum"]
@@ -48,7 +50,7 @@ class GRPOConfig:
     clip_range: float = 1e-4  # Flow-GRPO's ratio clip on SD3.5
     adv_std: Literal["group", "batch"] = "group"
     adv_ddof: int = 0  # 0: population std, np.std's default (Flow-GRPO); 1: unbiased std
-    adv_clip: float = 5.0
+    adv_clip: float | None = 5.0  # None: no clipping
     kl_beta: float = 0.0
     kl_weighting: Literal["step", "reference"] = "step"
     lr: float = 3e-4
@@ -70,6 +72,7 @@ class GRPOConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types("GRPO config", self)
         check_fields("GRPO config", self, {
             "steps": (self.steps >= 1, ">= 1"), "prompts_per_step": (self.prompts_per_step >= 1, ">= 1"),
             "group_size": (self.group_size >= 2, ">= 2: advantages need a group"), "num_steps": (self.num_steps >= 1, ">= 1"),
@@ -77,6 +80,7 @@ class GRPOConfig:
             "train_fraction": (0 < self.train_fraction <= 1, "0 < x <= 1"), "clip_range": (self.clip_range > 0, "> 0"),
             "lr": (self.lr > 0, "> 0"), "micro_batch": (self.micro_batch >= 1, ">= 1"), "kl_beta": (self.kl_beta >= 0, ">= 0"),
             "lora_rank": (self.lora_rank >= 1, ">= 1"), "ema": (self.ema is None or 0 < self.ema < 1, "0 < x < 1, or null"),
+            **shared_rules(self),
         })
         if self.train_steps not in ("first", "random"):
             raise ValueError(f"train_steps must be 'first' or 'random', got {self.train_steps!r}")
@@ -104,7 +108,13 @@ def aggregate_advantages(
         own = torch.stack([scores[task][i] if task in scores else torch.tensor(math.nan) for i, task in enumerate(tasks)])
         if torch.isnan(own).any():
             missing = sorted({t for t, v in zip(tasks, own.tolist()) if math.isnan(v)})
-            raise ValueError(f"no applicable reward for samples of task(s) {missing}")
+            scored = [t for t in missing if t in scores]
+            if scored:  # the task's own reward said "does not apply" to its own samples
+                count = sum(1 for t, v in zip(tasks, own.tolist()) if t == scored[0] and math.isnan(v))
+                raise ValueError(f"reward {scored[0]!r} returned NaN for {count} of its task's {sum(t == scored[0] for t in tasks)} samples; "
+                                 "NaN means 'does not apply', and a task's own reward must score its samples")
+            raise ValueError(f"no reward for samples of task(s) {missing}; pass rewards={{task: reward}} for each "
+                             f"(given: {sorted(scores)})")
         return own, group_advantages(own, group, **options)
     weights = {name: config.reward_weights.get(name, 1.0) for name in scores}
     if config.aggregation == "sum-then-normalise":
@@ -122,7 +132,8 @@ def score_samples(trajectory, rewards: Mapping[str, Reward], *, own: bool) -> di
         index = [i for i, task in enumerate(trajectory.tasks) if task == name] if own else list(range(len(trajectory)))
         values = torch.full((len(trajectory),), math.nan)
         if index:
-            out = reward(trajectory.images[index], [trajectory.prompts[i] for i in index], [trajectory.metadata[i] for i in index])
+            out = call_reward(reward, name, trajectory.images[index], [trajectory.prompts[i] for i in index],
+                              [trajectory.metadata[i] for i in index])
             values[index] = out.scores
         scores[name] = values
     return scores
@@ -232,9 +243,13 @@ class GRPOTrainer:
         evaluate: Callable | None = None,
         overwrite: bool = False,
         extra_config: dict | None = None,
+        reuse_adapter: bool = False,
     ):
+        """``reuse_adapter``: train on the policy's existing ``adapter`` (a cascade's next stage)
+        rather than refuse it."""
         if not prompts:
             raise ValueError("GRPO needs a non-empty prompt pool")
+        check_reward_names("reward_weights", config.reward_weights, rewards)
         self.config, self.policy, self.prompts, self.rewards, self.adapter = config, policy, list(prompts), dict(rewards), adapter
         self.ranks = distributed.current()
         if config.prompts_per_step % self.ranks.world_size:
@@ -242,7 +257,7 @@ class GRPOTrainer:
                 f"prompts_per_step={config.prompts_per_step} cannot be split over {self.ranks.world_size} processes "
                 "(each prompt's group stays on one process); use a multiple of the number of processes"
             )
-        self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config)
+        self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config, reuse=reuse_adapter)
         self.run = TrainingRun(
             run_dir, config={"method": "grpo", **config.to_dict(), **(extra_config or {})}, policy=policy,
             adapter=adapter, params=self.params, optimizer=self.optimizer, ema=self.ema, evaluate=evaluate,

@@ -15,6 +15,7 @@ Task rewards are only monitored, never in the loss.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
@@ -25,16 +26,31 @@ from opd_bench import distributed
 from opd_bench.distributed import SINGLE, ProcessGroup
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
+from opd_bench.rewards.base import call_reward
 from opd_bench.rl import clipped_policy_loss, distillation_loss, process_reward, step_at, train_step_indices
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
 from opd_bench.training import (
-    GradVariance, LRSchedule, TrainingRun, check_fields, check_lr_schedule, sample_prompts, step_seed, student_optimizer,
+    GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_lr_schedule, check_reward_names, sample_prompts, shared_rules,
+    step_seed, student_optimizer,
 )
 
 
 def teacher_adapter_name(task: str) -> str:
     return f"teacher_{task}"
+
+
+def _teacher_on(policy: Policy, task: str, folder: str | Path) -> str:
+    """The adapter name of ``task``'s teacher from ``folder`` on ``policy``, loaded if not yet there.
+    Trainers on one policy share a teacher loaded from the same folder; one from another folder is
+    loaded beside it (reusing it made a second trainer distil the first trainer's teacher)."""
+    folder = Path(folder).resolve()
+    name = teacher_adapter_name(task)
+    if name in policy.adapters and policy.adapter_source(name) != folder:
+        name = f"{name}@{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+    if name not in policy.adapters:
+        policy.load_adapter(name, folder, trainable=False)
+    return name
 
 
 @dataclass
@@ -71,6 +87,7 @@ class OPDConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types("OPD config", self)
         if self.mode not in ("analytic", "ppo"):
             raise ValueError(f"mode must be 'analytic' or 'ppo', got {self.mode!r}")
         if self.mode == "ppo" and self.noise_level <= 0:
@@ -81,7 +98,7 @@ class OPDConfig:
             "noise_level": (self.noise_level >= 0, ">= 0"), "train_fraction": (0 < self.train_fraction <= 1, "0 < x <= 1"),
             "clip_range": (self.clip_range > 0, "> 0"), "lr": (self.lr > 0, "> 0"),
             "micro_batch": (self.micro_batch >= 1, ">= 1"), "lora_rank": (self.lora_rank >= 1, ">= 1"),
-            "ema": (self.ema is None or 0 < self.ema < 1, "0 < x < 1, or null"),
+            "ema": (self.ema is None or 0 < self.ema < 1, "0 < x < 1, or null"), **shared_rules(self),
         })
         if self.weighting not in ("step", "reference"):
             raise ValueError(f"weighting must be 'step' or 'reference', got {self.weighting!r}")
@@ -155,7 +172,7 @@ def _opd_task_step(
     summed = ranks.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()
     metrics = {key: value / (len(pairs) * ranks.world_size) for key, value in zip(totals, summed)}
     if reward is not None:
-        scores = ranks.all_gather(reward(trajectory.images, trajectory.prompts, trajectory.metadata).scores)
+        scores = ranks.all_gather(call_reward(reward, "monitored", trajectory.images, trajectory.prompts, trajectory.metadata).scores)
         metrics["reward/mean"] = scores.nanmean().item()
         metrics["reward/std"] = scores[~scores.isnan()].std().item() if (~scores.isnan()).sum() > 1 else 0.0
     return metrics, len(trajectory)
@@ -190,11 +207,11 @@ class OPDTrainer:
             )
         self.tasks = list(prompts)
         self.prompts = {task: list(pool) for task, pool in prompts.items()}
+        check_reward_names("teacher_guidance", config.teacher_guidance, self.tasks, "tasks")
+        if config.monitor_rewards:
+            check_reward_names("rewards", rewards or {}, self.tasks, "tasks")
         self.rewards = dict(rewards or {}) if config.monitor_rewards else {}
-        self.teachers = {task: teacher_adapter_name(task) for task in self.tasks}
-        for task in self.tasks:
-            if self.teachers[task] not in policy.adapters:
-                policy.load_adapter(self.teachers[task], teachers[task], trainable=False)
+        self.teachers = {task: _teacher_on(policy, task, teachers[task]) for task in self.tasks}
         self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config)
         method = "opd" if config.mode == "analytic" else "opd-ppo"
         self.run = TrainingRun(

@@ -54,7 +54,7 @@ def train_teacher(
         return run_dir
     trainer = GRPOTrainer(
         config, policy=policy, prompts=prompts, rewards={task: reward}, run_dir=run_dir,
-        adapter=f"train_teacher_{task}", evaluate=evaluate,
+        adapter=f"train_teacher_{run_dir.name}", evaluate=evaluate,  # one per config: each teacher starts from the base
         extra_config={"role": "teacher", "task": task, "base": base, "suite_version": suite_version},
     )
     trainer.train(progress=progress)

@@ -120,6 +120,9 @@ def check(name: str, options: dict[str, Any]) -> None:
 
 
 def register(name: str, target: str | Callable[..., Reward], help: str = "") -> None:
+    """Register ``target`` under ``name``: a factory that builds a reward from keyword options (a
+    reward class, or a function returning a reward), or its ``"module:attribute"`` path, imported
+    on first use. ``get(name, **options)`` then calls ``target(**options)``."""
     REGISTRY.register(name, target, help)
 
 

@@ -31,6 +31,23 @@ class RewardOutput:
         self.scores = scores
 
 
+def call_reward(reward, name: str, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
+    """``reward(images, prompts, metadata)``, checked: a ``RewardOutput`` with one score per image,
+    each finite or NaN ("does not apply"). An infinite score would turn the loss and then every
+    trained weight into NaN; a single score would be broadcast over the batch and teach nothing."""
+    out = reward(images, prompts, metadata)
+    if not isinstance(out, RewardOutput):
+        raise TypeError(f"reward {name!r} returned a {type(out).__name__}; a reward returns "
+                        "RewardOutput(scores) with one float per image (opd_bench.rewards.RewardOutput)")
+    if out.scores.shape[0] != len(prompts):
+        raise ValueError(f"reward {name!r} returned {out.scores.shape[0]} scores for {len(prompts)} images; return one per image")
+    infinite = int(torch.isinf(out.scores).sum())
+    if infinite:
+        raise ValueError(f"reward {name!r} returned an infinite score for {infinite} of {len(prompts)} images; "
+                         "return finite scores, or NaN where the reward does not apply")
+    return out
+
+
 @runtime_checkable
 class Reward(Protocol):
     def __call__(

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from opd_bench.rewards.base import Reward, RewardOutput, check_batch
+from opd_bench.rewards.base import Reward, RewardOutput, call_reward, check_batch
 
 RewardSpec = "Reward | str | tuple[str, dict[str, Any]]"
 
@@ -48,7 +48,7 @@ class PerTaskReward:
             index = [i for i, meta in enumerate(metadata) if meta.get("task") == task]
             if not index:
                 continue
-            out = reward(images[index], [prompts[i] for i in index], [metadata[i] for i in index])
+            out = call_reward(reward, task, images[index], [prompts[i] for i in index], [metadata[i] for i in index])
             scores[index] = out.scores
             details.update({f"{task}/{key}": value for key, value in out.details.items()})
             details[f"{task}/index"] = index
@@ -56,7 +56,8 @@ class PerTaskReward:
 
 
 class WeightedSumReward:
-    """``sum_k weight_k * reward_k`` on every sample; NaN scores count as 0."""
+    """``sum_k weight_k * reward_k`` on every sample; NaN scores count as 0. A reward ``weights``
+    does not name has weight 1, as in a GRPO config's ``reward_weights``."""
 
     def __init__(self, rewards: Mapping[str, Any], weights: Mapping[str, float] | None = None):
         if not rewards:
@@ -66,14 +67,14 @@ class WeightedSumReward:
         unknown = set(weights) - set(rewards)
         if unknown:
             raise ValueError(f"weights name rewards that are not given: {sorted(unknown)}")
-        self.weights = {key: float(weights.get(key, 0.0)) for key in rewards}
+        self.weights = {key: float(weights.get(key, 1.0)) for key in rewards}
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]):
         check_batch(images, prompts, metadata)
         total = torch.zeros(len(prompts))
         details: dict[str, Any] = {}
         for key, reward in self.rewards.items():
-            scores = reward(images, prompts, metadata).scores
+            scores = call_reward(reward, key, images, prompts, metadata).scores
             details[key] = scores.tolist()
             total += self.weights[key] * torch.nan_to_num(scores, nan=0.0)
         return RewardOutput(total, details)
