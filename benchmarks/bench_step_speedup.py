@@ -93,10 +93,10 @@ def make_trainer(method: str, policy, run_dir: Path, steps: int, teacher: Path |
     if method == "grpo":
         config = GRPOConfig(prompts_per_step=2, group_size=4, noise_level=0.7, **common)
         return GRPOTrainer(config, policy=policy, prompts=prompts_for("geneval", 16),
-                           rewards={"geneval": rewards.get("toy/brightness")}, run_dir=run_dir, adapter="bench")
+                           rewards={"geneval": rewards.get("toy/brightness")}, run_dir=run_dir, adapter=f"bench-{run_dir.name}")
     config = OPDConfig(prompts_per_task=2, monitor_rewards=False, **common)
     return OPDTrainer(config, policy=policy, prompts={t: prompts_for(t, 16) for t in TASKS},
-                      teachers={t: teacher for t in TASKS}, run_dir=run_dir, adapter="bench")
+                      teachers={t: teacher for t in TASKS}, run_dir=run_dir, adapter=f"bench-{run_dir.name}")
 
 
 def child(args) -> None:

@@ -92,13 +92,13 @@ def main() -> None:
                 OPDConfig(steps=steps, prompts_per_task=args.prompts_per_task, num_steps=10, train_fraction=0.9,
                           monitor_rewards=False, **lora),
                 policy=policy, prompts=prompts, teachers={t: teacher for t in tasks}, run_dir=scratch / f"opd-{name}",
-                adapter="bench_opd",
+                adapter=f"bench_opd-{name}",
             ),
             "grpo": lambda steps, name: GRPOTrainer(
                 GRPOConfig(steps=steps, prompts_per_step=args.prompts_per_step, group_size=args.group, num_steps=10,
                            noise_level=0.7, train_fraction=0.9, **lora),
                 policy=policy, prompts=[p for pool in prompts.values() for p in pool], rewards={t: reward for t in tasks},
-                run_dir=scratch / f"grpo-{name}", adapter="bench_grpo",
+                run_dir=scratch / f"grpo-{name}", adapter=f"bench_grpo-{name}",
             ),
         }
         for method, make in runs.items():

@@ -680,10 +680,9 @@ class Policy:
             return
         weights = folder / "adapter_model.safetensors"
         if not (folder / "adapter_config.json").is_file() or not weights.is_file():
-            raise FileNotFoundError(
-                f"adapter folder {str(folder)!r} needs adapter_config.json and adapter_model.safetensors "
-                "(written by Policy.save_adapter)"
-            )
+            hint = (f"; it is a training run's folder, its trained adapter is {folder / 'final'}"
+                    if (folder / "final" / "adapter_config.json").is_file() else " (written by Policy.save_adapter)")
+            raise FileNotFoundError(f"adapter folder {str(folder)!r} needs adapter_config.json and adapter_model.safetensors{hint}")
         try:
             config, state = LoraConfig.from_pretrained(str(folder)), load_file(weights)
         except Exception as error:  # noqa: BLE001 - json's, safetensors' and peft's own errors alike

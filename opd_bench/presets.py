@@ -150,7 +150,9 @@ PRESETS: dict[str, Callable[[], RunPlan]] = {"smoke": _smoke, "standard": _stand
 
 def plan(preset: str) -> RunPlan:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        from opd_bench.registry import did_you_mean
+
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}.{did_you_mean(preset, sorted(PRESETS))}")
     return PRESETS[preset]()
 
 

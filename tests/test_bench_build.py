@@ -39,7 +39,7 @@ def test_a_step_s_flops_are_counted_once_whatever_the_run_does_around_it(benchma
             GRPOConfig(steps=steps, prompts_per_step=prompts_per_step, group_size=2, num_steps=2, micro_batch=8,
                        eval_every=10**6, checkpoint_every=10**6),
             policy=policy, prompts=prompts, rewards={"geneval": rewards.get("toy/brightness")},
-            run_dir=tmp_path / f"{prompts_per_step}-{name}", adapter=f"a{prompts_per_step}", evaluate=evaluate,
+            run_dir=tmp_path / f"{prompts_per_step}-{name}", adapter=f"a{prompts_per_step}-{name}", evaluate=evaluate,
         )
 
     trainer_with(1)(1, "warm-up").train(progress=False)  # as the benchmark's timed run does first

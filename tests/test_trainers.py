@@ -410,6 +410,8 @@ def test_a_second_trainer_on_one_policy_never_starts_from_the_first_ones_weights
     other = train_teacher("red", policy=policy, prompts=POOLS["red"], reward=REWARDS["red"], config=replace(config, lr=1e-3),
                           root=tmp_path, base="tiny-random", suite_version="v1", progress=False)
     assert first != other and policy.adapters.count(f"train_teacher_{other.name}") == 1
+    with pytest.raises(FileNotFoundError, match=f"it is a training run's folder, its trained adapter is {first / 'final'}"):
+        policy.load_adapter("teacher", first)  # train_teacher returns the run folder
 
 
 def test_an_opd_trainer_distils_the_teacher_it_is_given_not_one_already_on_the_policy(policy, tiny_dir, tmp_path):
