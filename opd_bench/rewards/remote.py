@@ -39,8 +39,9 @@ class RemoteReward:
     """Score images with the reward server at ``url``.
 
     * ``timeout``: seconds to wait for one HTTP reply (a reward on a large batch may be slow).
-    * ``retries``: how many times a request is tried in all, for connection errors, timeouts
-      and 5xx replies; 4xx replies (a bad request) are never retried.
+    * ``retries``: how many times a request is tried in all, for connection errors and 5xx
+      replies; 4xx replies (a bad request) and timeouts (the server may still be busy with it)
+      are not retried.
     * ``backoff``: seconds before the second try, doubled before each further try.
     * ``max_batch``: at most this many images per request (None: the whole batch in one);
       lower it when the server answers 413 (request too large).
@@ -167,6 +168,8 @@ class RemoteReward:
                 failure = f"failed {self.retries} tries (HTTP {error.code}: {message})"
             except _TRANSIENT_ERRORS as error:
                 failure = self._transport_failure(error)
+                if isinstance(getattr(error, "reason", None) or error, TimeoutError):
+                    break  # not sent again: the server may still be scoring it, and a second copy queues behind it
             except json.JSONDecodeError:
                 raise RemoteRewardError(f"reward server at {self.url} sent a reply that is not JSON; is the url right?") from None
         raise RemoteRewardError(f"reward server at {self.url} {failure}")
@@ -176,7 +179,7 @@ class RemoteReward:
         reason = getattr(error, "reason", None) or error
         if isinstance(reason, TimeoutError):
             return (
-                f"did not answer within {self.timeout:g} s in {self.retries} tries; "
+                f"did not answer within {self.timeout:g} s (a request that timed out is not sent again); "
                 "raise timeout=... or lower max_batch=... of the remote reward"
             )
         text = (str(reason) or type(reason).__name__).splitlines()[0]
