@@ -186,10 +186,11 @@ def check_field_types(kind: str, config) -> None:
 
     bad = []
     for f in dataclasses.fields(config):
-        allowed = _NUMBER_TYPES.get(str(f.type))
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        allowed = _NUMBER_TYPES.get(annotation)
         value = getattr(config, f.name)
         if allowed is not None and (isinstance(value, bool) or not isinstance(value, allowed)):
-            bad.append(f"{f.name}={value!r} (needs {'a whole number' if f.type.startswith('int') else 'a number'})")
+            bad.append(f"{f.name}={value!r} (needs {'a whole number' if annotation.startswith('int') else 'a number'})")
     if bad:
         raise ValueError(f"invalid {kind} value(s): {', '.join(bad)}")
 

@@ -26,8 +26,8 @@ from opd_bench.rl import clipped_policy_loss, group_advantages, step_at, train_s
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
 from opd_bench.training import (
-    GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_lr_schedule, check_reward_names, sample_prompts, shared_rules,
-    step_seed, student_optimizer,
+    GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_lr_schedule, check_reward_names,
+    sample_prompts, shared_rules, step_seed, student_optimizer,
 )
 
 Aggregation = Literal["own", "sum-then-normalise", "normalise-then-sum"]
@@ -111,7 +111,8 @@ def aggregate_advantages(
             scored = [t for t in missing if t in scores]
             if scored:  # the task's own reward said "does not apply" to its own samples
                 count = sum(1 for t, v in zip(tasks, own.tolist()) if t == scored[0] and math.isnan(v))
-                raise ValueError(f"reward {scored[0]!r} returned NaN for {count} of its task's {sum(t == scored[0] for t in tasks)} samples; "
+                total = sum(t == scored[0] for t in tasks)
+                raise ValueError(f"reward {scored[0]!r} returned NaN for {count} of its task's {total} samples; "
                                  "NaN means 'does not apply', and a task's own reward must score its samples")
             raise ValueError(f"no reward for samples of task(s) {missing}; pass rewards={{task: reward}} for each "
                              f"(given: {sorted(scores)})")

@@ -31,8 +31,8 @@ from opd_bench.rl import clipped_policy_loss, distillation_loss, process_reward,
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
 from opd_bench.training import (
-    GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_lr_schedule, check_reward_names, sample_prompts, shared_rules,
-    step_seed, student_optimizer,
+    GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_lr_schedule, check_reward_names,
+    sample_prompts, shared_rules, step_seed, student_optimizer,
 )
 
 
