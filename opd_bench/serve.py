@@ -59,6 +59,7 @@ import os
 import struct
 import sys
 import threading
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
 
@@ -440,7 +441,7 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if not self._check_token():
             return
-        if self.path.rstrip("/") == "/health":
+        if self.path.split("?")[0].rstrip("/") == "/health":
             self._send_json(200, self.server.health())
         else:
             self._send_error(404, f"no GET {self.path}; use GET /health or POST /score")
@@ -448,7 +449,7 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         if not self._check_token():
             return
-        if self.path.rstrip("/") != "/score":
+        if self.path.split("?")[0].rstrip("/") != "/score":
             self._send_error(404, f"no POST {self.path}; use POST /score")
             return
         self.server.score_requests += 1
@@ -516,6 +517,17 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
 
     def _send_error(self, status: int, message: str) -> None:
         self._send_json(status, {"error": message})
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (an unknown method, a bad request line) as ``{"error": ...}``
+        too, where they were HTML pages."""
+        self.close_connection = True
+        text = f"{message or HTTPStatus(code).phrase}; this server answers GET /health and POST /score"
+        if self.command == "HEAD":
+            self.send_response(code)
+            self.end_headers()
+            return
+        self._send_error(code, text)
 
     def _send_json(self, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload, allow_nan=False).encode("utf-8")

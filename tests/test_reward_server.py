@@ -141,6 +141,20 @@ def test_something_else_on_the_port_is_named_not_told_to_start_a_server():
     assert "something that is not HTTP" in str(error.value) and "serve-reward" not in str(error.value)
 
 
+def test_http_servers_own_refusals_are_json_too():
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with serve("toy/brightness") as server:
+        with pytest.raises(urllib.error.HTTPError) as put:
+            opener.open(urllib.request.Request(server.url + "score", data=b"{}", method="PUT"), timeout=5)
+        assert put.value.code == 501 and "this server answers GET /health and POST /score" in json.loads(put.value.read())["error"]
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"NOT A REQUEST LINE AT ALL\r\n\r\n")
+            reply = raw.recv(65536).decode()
+        assert '{"error": "Bad request version' in reply and "this server answers" in reply  # was an HTML page
+        with opener.open(server.url + "health?probe=1", timeout=5) as response:  # a query string is not another path
+            assert json.loads(response.read())["status"] == "ok"
+
+
 def test_health_reports_reward_options_and_protocol():
     with serve("toy/color", {"target": [0, 0, 1]}, max_batch=4) as server:
         health = rewards.get("remote", url=server.url, **FAST_RETRY).health()
