@@ -481,11 +481,13 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     # scores depend on (of a configurable suite's settings, its own section's), and reused only
     # by an evaluation with the same.
     suite_settings = suite.settings()
+    model_sha256 = None if model == "renderer" else suites.model_fingerprint(model)  # a rebuilt folder is another model
 
     def depends_on(task: str) -> dict:
         own = None if suite_settings is None else {k: v for k, v in suite_settings.items() if k in (task, "guidance_scale")}
         return json.loads(json.dumps({
-            "suite": suite.name, "suite_version": suite.version, "suite_settings": own, "model": model, "seed": seed,
+            "suite": suite.name, "suite_version": suite.version, "suite_settings": own, "model": model,
+            "model_sha256": model_sha256, "seed": seed,
             "limit": limit, "adapter": adapter_record and adapter_record["sha256"], "images_per_prompt": images_per_prompt,
             "sampler": sampler, "dtype": used_dtype, "batch_size": batch_size, "device": device,
         }))
@@ -515,7 +517,7 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
         )
     record = {
         "suite": suite.name, "suite_version": suite.version, "suite_settings": suite_settings, "model": model,
-        "seed": seed, "adapter": adapter_record, "sampler": sampler, "dtype": used_dtype, "resolution": suite.image_side(), "limit": limit,
+        "model_sha256": model_sha256, "seed": seed, "adapter": adapter_record, "sampler": sampler, "dtype": used_dtype, "resolution": suite.image_side(), "limit": limit,
         "num_images": sum(b["num_images"] for b in result["benchmarks"].values()),
         "seconds": time.time() - start, **result,
     }
@@ -550,9 +552,14 @@ def pretrain() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing pipeline folder.")
 @_friendly
 def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers, heads, max_minutes, overrides, device, force) -> None:
-    """Train the tiny base model from scratch on rendered scenes with web-like captions."""
+    """Train the tiny base model from scratch on rendered scenes with web-like captions (not resumable:
+    a killed one starts over)."""
     if (out / "model_index.json").exists() and not force:
         raise FileExistsError(f"{out} already holds a pipeline; choose another folder or pass --force")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists() \
+            and not any(out.glob("pretrain_log.jsonl*")):  # a run folder, a preference model, other files
+        raise FileExistsError(f"{out} holds files but no pipeline; --force overwrites only a pipeline folder, "
+                              "choose an empty or new folder")
     from opd_bench.presets import set_fields
     from opd_bench.tiny.pretrain import PretrainConfig, pretrain_base
 

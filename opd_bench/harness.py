@@ -191,7 +191,7 @@ class Harness:
         fingerprint = suites.model_fingerprint(self.model)
         if self.resolution is not None:  # a run at another image size is another experiment
             self.identity["resolution"] = self.resolution
-        if fingerprint:  # a shipped alias: its weights change between releases
+        if fingerprint:  # the shipped alias's weights change between releases; a local folder can be rebuilt
             self.identity["model_sha256"] = fingerprint
         self.suite_settings = self.suite.settings()
         if self.suite_settings is not None:  # a configurable suite's prompt files and rewards

@@ -153,7 +153,8 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
         raise VerificationError(f"{run_dir / 'results.json'} is schema version {results['schema_version']}, which records "
                                 "no per-image scores or adapter hashes; re-run with this opd-bench to verify")
     suite = suites.get(results["suite"])
-    if suites.model_fingerprint(results["model"]) != results.get("model_sha256"):
+    recorded = results.get("model_sha256")  # None: a hub model (or a local one, before folders were fingerprinted)
+    if recorded is not None and suites.model_fingerprint(results["model"]) != recorded:
         raise VerificationError(f"the installed {results['model']!r} model is not the one the run used "
                                 f"(weights {suites.model_fingerprint(results['model'])} vs {results.get('model_sha256')}); "
                                 "verify with the opd-bench version that made the run")

@@ -253,3 +253,40 @@ def test_commands_after_a_run_name_an_unfinished_run_and_a_folder_without_one(tm
         assert half.exit_code == 1 and "holds an unfinished run (no results.json yet); finish it first: " \
             f"`opd-bench run --preset smoke --out {tmp_path / 'half'}`" in half.output, half.output
     assert not (tmp_path / "board").exists()
+
+
+def test_a_rebuilt_local_model_folder_is_another_model(tiny_dir, tmp_path, monkeypatch):
+    """A local folder's transformer weights are fingerprinted: work done on its old weights (a
+    run's cells, an evaluation's finished benchmarks) is not reused after it is rebuilt in place."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import opd_bench.evaluate as evaluate
+    from opd_bench import suites
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    before = suites.model_fingerprint(str(folder))
+    assert before is not None and before == suites.model_fingerprint(str(tiny_dir))  # the same bytes: the same model
+    assert suites.model_fingerprint("org/some-hub-model") is None
+    real = evaluate.evaluate_benchmark
+
+    def killed_at_ocr(spec, *a, **k):
+        if spec.name == "ocr":
+            raise KeyboardInterrupt  # the process dies during the second benchmark
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(evaluate, "evaluate_benchmark", killed_at_ocr)
+    args = ["eval", "--model", str(folder), "--benchmarks", "geneval,ocr", "--limit", "1", "--images-per-prompt", "1",
+            "--out", str(tmp_path / "e")]
+    CliRunner().invoke(main, args)
+    assert json.loads((tmp_path / "e" / "parts" / "geneval.json").read_text())["depends_on"]["model_sha256"] == before
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = next(iter(state))
+    state[name] = state[name] + 1
+    save_file(state, weights)  # rebuilt in place
+    assert suites.model_fingerprint(str(folder)) not in (None, before)
+    refused = CliRunner().invoke(main, args)  # geneval's scores were drawn by the old weights
+    assert refused.exit_code == 1 and "unfinished evaluation with other settings (model_sha256" in refused.output, refused.output

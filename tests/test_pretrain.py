@@ -1,6 +1,8 @@
 import json
 
+import pytest
 import torch
+from click.testing import CliRunner
 
 from opd_bench.policy import Policy
 from opd_bench.rollout import rollout
@@ -26,9 +28,28 @@ def test_pretrain_base_writes_a_loadable_pipeline(tmp_path):
     assert info["config"]["vae_crop"] == 32 and info["architecture"]["vae_mid_attention"] is False
     assert (info["architecture"]["num_layers"], info["architecture"]["num_heads"]) == (2, 2)
     losses = [json.loads(line) for line in (tmp_path / "pretrain_log.jsonl").read_text().splitlines()]
+    assert not (tmp_path / "pretrain_log.jsonl.partial").exists()  # moved over the log when the pipeline is saved
     assert any(r.get("phase") == "denoiser" and "loss" in r for r in losses)
     policy = Policy.from_pretrained(str(tmp_path))
     vae = policy.pipeline.vae.config
     assert vae.scaling_factor == info["latent_scale"] and vae.shift_factor == info["latent_shift"]
     images = rollout(policy, ["a photo of a red circle"], num_steps=2, noise_level=0.0, seed=0).images
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_pretrain_settings_and_folders_that_cannot_make_a_base_are_refused_before_work(tmp_path):
+    from opd_bench.cli import main
+
+    for change, problem in (({"steps": 0}, r"steps=0 \(needs >= 1\)"), ({"num_layers": 0}, r"num_layers=0 \(needs >= 1\)"),
+                            ({"batch": -4}, r"batch=-4 \(needs >= 1\)"), ({"max_minutes": 0.0}, r"max_minutes=0.0 \(needs > 0"),
+                            ({"seed": -1}, r"seed=-1 \(needs >= 0\)"), ({"mixture": {"geneval": 0.5, "foo": 0.5}}, "mixture names 'foo'"),
+                            ({"device": "bogus"}, "'bogus' is not a device")):
+        with pytest.raises(ValueError, match=problem):
+            PretrainConfig(**change)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    for force in ([], ["--force"]):  # a run folder (or any folder of other files) never gets a pipeline mixed in
+        refused = CliRunner().invoke(main, ["pretrain", "base", "--out", str(run), *force])
+        assert refused.exit_code == 1 and "holds files but no pipeline" in refused.output, refused.output
+    assert sorted(p.name for p in run.iterdir()) == ["results.json"]

@@ -12,6 +12,7 @@ prompt files and reward weights are the user's, so its specs are built from a co
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,16 +152,22 @@ def resolve_model(model: str) -> str:
 
 
 def model_fingerprint(model: str) -> str | None:
-    """Short hash of a shipped model's transformer weights (None for other models).
+    """Short hash of a model's transformer weights: the shipped alias's, or a local pipeline
+    folder's (None for a hub id, or a folder without transformer weights).
 
-    Shipped weights change between releases under the same alias; run folders and teachers record
-    the fingerprint so a new base is never mixed with work trained on an old one.
+    Weights change under one name: a shipped alias between releases, a local folder rebuilt in
+    place (``pretrain base --force``). Run folders, teachers and evaluations record the fingerprint,
+    so work done on other weights is never reused or mixed with the new. A shard is hashed once
+    per process and file version (a real model's ~5 GB take seconds, beside a minute to load).
     """
-    if model not in MODELS:
+    folder = Path(resolve_model(model)) if model in MODELS else Path(model).expanduser()
+    transformer = folder / "transformer"
+    shards = sorted(transformer.glob("*.safetensors")) if transformer.is_dir() else []
+    if not shards:
         return None
-    weights = Path(resolve_model(model)) / "transformer" / "diffusion_pytorch_model.safetensors"
-    stat = weights.stat()
-    return _weights_digest(str(weights), stat.st_size, stat.st_mtime_ns)
+    digests = [_weights_digest(str(shard), shard.stat().st_size, shard.stat().st_mtime_ns) for shard in shards]
+    # one file (the shipped base): its own digest, as recorded since before sharded models were fingerprinted
+    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=8)

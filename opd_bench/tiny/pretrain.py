@@ -86,10 +86,24 @@ class PretrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        from opd_bench.training import check_fields, check_field_types
+
+        check_field_types("pretrain config", self)
+        check_fields("pretrain config", self, {  # a 0-step or 0-layer base saved as if trained, or a late traceback
+            name: (getattr(self, name) >= 1, ">= 1") for name in
+            ("num_images", "vae_steps", "vae_batch", "steps", "batch", "num_layers", "num_heads", "text_layers", "latent_channels")
+        } | {"seed": (self.seed >= 0, ">= 0"), "max_minutes": (self.max_minutes is None or self.max_minutes > 0, "> 0, or null")})
+        unknown = sorted(set(self.mixture) - {"geneval", "ocr", "pref"})
+        if unknown:
+            raise ValueError(f"mixture names {unknown[0]!r}; its tasks are geneval, ocr and pref")
         if abs(sum(self.mixture.values()) - 1) > 1e-6:
             raise ValueError(f"mixture weights must sum to 1, got {self.mixture}")
         if self.num_images < self.batch:
             raise ValueError("num_images must be at least one batch")
+        if self.device != "cpu":
+            from opd_bench.policy import check_device
+
+            check_device(self.device)
 
 
 def _read(path: Path) -> list[dict]:
@@ -266,7 +280,9 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    log_path = out_dir / "pretrain_log.jsonl"
+    # Written beside the pipeline's log and moved over it at the end: a killed rebuild (--force)
+    # leaves the old weights with their own log, and its partial log beside them.
+    log_path = out_dir / "pretrain_log.jsonl.partial"
     log_file = log_path.open("w")
 
     def log(record: dict) -> None:
@@ -298,4 +314,5 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     )
     atomic_write_json(out_dir / "pretrain_info.json", summary)
     log_file.close()
+    log_path.replace(out_dir / "pretrain_log.jsonl")
     return summary
