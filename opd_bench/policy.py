@@ -154,10 +154,9 @@ def _load_index(path: str) -> dict:
         # Never download at run time: a hub id must already be in the hub cache.
         return dict(DiffusionPipeline.load_config(str(local) if looks_local else path, local_files_only=True))
     except (OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"cannot load pipeline {path!r}: {str(error).splitlines()[0]} Download it on a machine with "
-            f"internet (`hf download {path}`) and copy the hub cache, or pass a local folder."
-        ) from error
+        fix = ("Its model_index.json is damaged: rebuild the folder or copy it again." if looks_local else
+               f"Download it on a machine with internet (`hf download {path}`) and copy the hub cache, or pass a local folder.")
+        raise ModelLoadError(f"cannot load pipeline {path!r}: {str(error).splitlines()[0]} {fix}") from error
 
 
 def check_pipeline(path: str, *, drop_t5: bool = False) -> dict:

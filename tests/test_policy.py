@@ -195,8 +195,9 @@ def test_bad_model_paths_get_one_line_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="supported"):
         Policy.from_pretrained(str(tmp_path))
     (tmp_path / "model_index.json").write_text("{not json")
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(ModelLoadError, match="Its model_index.json is damaged: rebuild the folder or copy it again") as info:
         Policy.from_pretrained(str(tmp_path))
+    assert "hf download" not in str(info.value)  # a local folder is not fetched from the hub
 
 
 def test_adapter_errors(policy, tmp_path):
