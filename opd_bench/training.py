@@ -7,6 +7,7 @@ so curves, compute counts and resume behaviour are comparable across methods.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -323,6 +324,14 @@ def load_checkpoint(folder: str | Path, *, params: Sequence[torch.nn.Parameter],
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """A distinct, reproducible seed per (run seed, step, stream): resumed runs redraw the same."""
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+
+
+def training_data(prompts: Sequence, rewards: Iterable[str] = ()) -> dict:
+    """What a run trains on, for its saved config: the prompt pool's size and digest and the reward
+    names, so that resuming a folder with other prompts or rewards is refused like another config."""
+    text = json.dumps([[p.text, p.metadata] for p in prompts], sort_keys=True, default=str)
+    return {"prompts": len(prompts), "prompts_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "rewards": sorted(rewards)}
 
 
 def sample_prompts(pool: Sequence, count: int, seed: int) -> list:

@@ -249,10 +249,10 @@ def _interruptible(trainer, fail_after):
     return trainer
 
 
-def _grpo_run(tiny_dir, run_dir, fail_after=None):
+def _grpo_run(tiny_dir, run_dir, fail_after=None, task="red"):
     policy = Policy.from_pretrained(str(tiny_dir))
     config = replace(SMOKE.teacher, steps=3, eval_every=0, checkpoint_every=1, lr=1e-2)
-    trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=run_dir)
+    trainer = GRPOTrainer(config, policy=policy, prompts=POOLS[task], rewards={task: REWARDS[task]}, run_dir=run_dir)
     _interruptible(trainer, fail_after).train(progress=False)
     return policy
 
@@ -296,6 +296,13 @@ def test_a_killed_grpo_run_resumes_on_the_same_prompts_and_noise(tiny_dir, tmp_p
     assert [r["images"] for r in b] == [r["images"] for r in a]
     for key in ("reward/red/mean", "grad/norm"):
         assert b[1][key] == pytest.approx(a[1][key], rel=1e-3), key
+
+
+def test_a_killed_run_is_not_resumed_on_other_prompts_or_rewards(tiny_dir, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _grpo_run(tiny_dir, tmp_path / "killed", fail_after=1)
+    with pytest.raises(ValueError, match=r'different config \(data.prompts_sha256: "[0-9a-f]{16}" saved, "[0-9a-f]{16}" now; data.rewards: \["red"\] saved, \["bright"\] now\)'):
+        _grpo_run(tiny_dir, tmp_path / "killed", task="bright")
 
 
 def test_finished_runs_are_not_overwritten_and_configs_must_match(tiny_dir, tmp_path):

@@ -27,7 +27,7 @@ from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
 from opd_bench.training import (
     GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_lr_schedule, check_reward_names,
-    sample_prompts, shared_rules, step_seed, student_optimizer,
+    sample_prompts, shared_rules, step_seed, student_optimizer, training_data,
 )
 
 Aggregation = Literal["own", "sum-then-normalise", "normalise-then-sum"]
@@ -260,7 +260,7 @@ class GRPOTrainer:
             )
         self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config, reuse=reuse_adapter)
         self.run = TrainingRun(
-            run_dir, config={"method": "grpo", **config.to_dict(), **(extra_config or {})}, policy=policy,
+            run_dir, config={"method": "grpo", **config.to_dict(), "data": training_data(self.prompts, self.rewards), **(extra_config or {})}, policy=policy,
             adapter=adapter, params=self.params, optimizer=self.optimizer, ema=self.ema, evaluate=evaluate,
             eval_every=config.eval_every, checkpoint_every=config.checkpoint_every, overwrite=overwrite,
         )

@@ -32,7 +32,7 @@ from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
 from opd_bench.training import (
     GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_lr_schedule, check_reward_names,
-    sample_prompts, shared_rules, step_seed, student_optimizer,
+    sample_prompts, shared_rules, step_seed, student_optimizer, training_data,
 )
 
 
@@ -215,7 +215,8 @@ class OPDTrainer:
         self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config)
         method = "opd" if config.mode == "analytic" else "opd-ppo"
         self.run = TrainingRun(
-            run_dir, config={"method": method, **config.to_dict(), "teachers": {t: str(p) for t, p in teachers.items()}, **(extra_config or {})},
+            run_dir, config={"method": method, **config.to_dict(), "teachers": {t: str(p) for t, p in teachers.items()},
+                             "data": {task: training_data(pool) for task, pool in self.prompts.items()}, **(extra_config or {})},
             policy=policy, adapter=adapter, params=self.params, optimizer=self.optimizer, ema=self.ema,
             teachers=list(self.teachers.values()), evaluate=evaluate, eval_every=config.eval_every,
             checkpoint_every=config.checkpoint_every, overwrite=overwrite,
