@@ -326,6 +326,8 @@ def test_teachers_are_reused_for_the_same_base_task_and_config(policy, tmp_path)
     assert again == first and (first / "DONE").stat().st_mtime_ns == stamp
     other = train_teacher("red", **{**kwargs, "config": replace(config, lr=1e-3)})
     assert other != first
+    with pytest.raises(ValueError, match="trained on other prompts; pass another suite_version"):
+        train_teacher("red", **{**kwargs, "prompts": POOLS["red"][:1]})
 
 
 # --------------------------------------------------------------- variance experiment

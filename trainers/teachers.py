@@ -1,7 +1,8 @@
 """Teachers: one Flow-GRPO run per task from the base model, saved as a LoRA adapter.
 
 A teacher is identified by (base model, suite version, task, GRPO config); if a finished run with
-that identity exists under ``root`` it is reused instead of retrained.
+that identity exists under ``root`` it is reused instead of retrained (refused if it was trained on
+other prompts: the suite version names the prompt set).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
 from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
-from opd_bench.training import retrain_hint
+from opd_bench.training import retrain_hint, training_data
 
 
 def teacher_key(base: str, suite_version: str, task: str, config: GRPOConfig) -> str:
@@ -51,6 +52,12 @@ def train_teacher(
     key = teacher_key(base, suite_version, task, config)
     run_dir = teacher_run_dir(root, task, key)
     if finished_teacher(run_dir) is not None:
+        saved = read_json(run_dir / "config.json", fix=retrain_hint(run_dir)).get("data")
+        if saved is not None and saved != training_data(prompts, [task]):  # runs made before the record reuse as before
+            raise ValueError(
+                f"{run_dir} holds the {task} teacher of this base, suite version and config trained on other prompts; "
+                "pass another suite_version for another prompt set, or another root"
+            )
         return run_dir
     trainer = GRPOTrainer(
         config, policy=policy, prompts=prompts, rewards={task: reward}, run_dir=run_dir,
