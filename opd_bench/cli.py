@@ -244,7 +244,7 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         from opd_bench.presets import read_set_file
 
         overrides = (*read_set_file(set_file), *overrides)
-    # smoke is the quick check: one seed unless asked for more (three take 10-20 minutes).
+    # smoke is the quick check: one seed unless asked for more (three take about two minutes too).
     seeds = seeds if seeds is not None else ("0" if preset == "smoke" else "0,1,2")
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -536,6 +536,17 @@ def pretrain() -> None:
     """Reproduce the tiny suite's shipped models (base pipeline, preference model)."""
 
 
+def _check_pretrain_out(out: Path, marker: str, what: str, force: bool, leftovers: str | None = None) -> None:
+    """--out of a pretrain command: new, empty, or a folder of the same kind (replaced with --force);
+    never a run folder or another model's (``leftovers``: a killed build's files, which --force replaces)."""
+    holds = (out / marker).exists()
+    if holds and not force:
+        raise FileExistsError(f"{out} already holds a {what}; choose another folder or pass --force")
+    if out.is_dir() and any(out.iterdir()) and not holds and not (leftovers and any(out.glob(leftovers))):
+        raise FileExistsError(f"{out} holds files but no {what}; --force overwrites only a {what} folder, "
+                              "choose an empty or new folder")
+
+
 @pretrain.command("base")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the pipeline.")
 @click.option("--seed", default=0, show_default=True)
@@ -554,12 +565,7 @@ def pretrain() -> None:
 def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers, heads, max_minutes, overrides, device, force) -> None:
     """Train the tiny base model from scratch on rendered scenes with web-like captions (not resumable:
     a killed one starts over)."""
-    if (out / "model_index.json").exists() and not force:
-        raise FileExistsError(f"{out} already holds a pipeline; choose another folder or pass --force")
-    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists() \
-            and not any(out.glob("pretrain_log.jsonl*")):  # a run folder, a preference model, other files
-        raise FileExistsError(f"{out} holds files but no pipeline; --force overwrites only a pipeline folder, "
-                              "choose an empty or new folder")
+    _check_pretrain_out(out, "model_index.json", "pipeline", force, leftovers="pretrain_log.jsonl*")
     from opd_bench.presets import set_fields
     from opd_bench.tiny.pretrain import PretrainConfig, pretrain_base
 
@@ -585,8 +591,7 @@ def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers
 @_friendly
 def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
     """Train the tiny suite's preference model on oracle-labelled pairs with label noise."""
-    if (out / "model.safetensors").exists() and not force:
-        raise FileExistsError(f"{out} already holds a preference model; choose another folder or pass --force")
+    _check_pretrain_out(out, "model.safetensors", "preference model", force)
     from opd_bench.world.pref_train import pretrain_pref
 
     metrics = pretrain_pref(out, seed=seed, num_pairs=num_pairs, epochs=epochs)
@@ -606,11 +611,13 @@ def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
 @_device_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Image grid to write: .png (or .jpg / .webp, in that format).")
+@click.option("--resolution", type=click.IntRange(min=1), default=None, metavar="PX",
+              help="Image side in pixels [default: the pipeline's own; the sd suite trains and evaluates at 512].")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @_adapter_option
 @_dtype_option
 @_friendly
-def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed, device, out, force, adapter, dtype) -> None:
+def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed, device, out, resolution, force, adapter, dtype) -> None:
     """Sample images with the shared rollout and save them as one grid (rows = prompts)."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose another path or pass --force")
@@ -625,7 +632,8 @@ def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed
     from opd_bench.suites import canonical_model, resolve_model
 
     # resolve: checks the weights first
-    policy = Policy.from_pretrained(resolve_model(model), device=device, dtype=DTYPES[resolve_dtype(dtype, device)])
+    policy = Policy.from_pretrained(resolve_model(model), device=device, dtype=DTYPES[resolve_dtype(dtype, device)],
+                                    resolution=resolution)
     with _with_adapter(policy, adapter, canonical_model(model)):
         trajectory = rollout(
             policy,

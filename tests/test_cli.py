@@ -38,6 +38,11 @@ def test_sample_writes_a_grid_and_refuses_to_overwrite(tiny_dir, tmp_path):
     assert in_bf16.exit_code == 0, in_bf16.output
     wrong = CliRunner().invoke(main, [*args, "--dtype", "float16", "--force"])
     assert wrong.exit_code == 2 and "'float16' is not one of 'auto', 'float32', 'bfloat16'" in wrong.output
+    smaller = CliRunner().invoke(main, [*args, "--resolution", "32", "--force"])
+    assert smaller.exit_code == 0, smaller.output
+    assert Image.open(out).size == (64, 32)
+    odd = CliRunner().invoke(main, [*args, "--resolution", "33", "--force"])
+    assert odd.exit_code == 1 and odd.output.strip().count("\n") == 0 and "must be multiples of" in odd.output, odd.output
 
 
 def test_bad_model_is_one_line_error(tmp_path):

@@ -52,4 +52,6 @@ def test_pretrain_settings_and_folders_that_cannot_make_a_base_are_refused_befor
     for force in ([], ["--force"]):  # a run folder (or any folder of other files) never gets a pipeline mixed in
         refused = CliRunner().invoke(main, ["pretrain", "base", "--out", str(run), *force])
         assert refused.exit_code == 1 and "holds files but no pipeline" in refused.output, refused.output
+        refused = CliRunner().invoke(main, ["pretrain", "pref", "--out", str(run), *force])
+        assert refused.exit_code == 1 and "holds files but no preference model" in refused.output, refused.output
     assert sorted(p.name for p in run.iterdir()) == ["results.json"]
