@@ -306,12 +306,29 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
             names = [*SECTIONS, *plan_fields]
             raise OverrideError(f"--set {where}: no section or field {head!r}{_suggest(head, names)}; sections: "
                                 f"{', '.join(SECTIONS)}; run fields: {', '.join(plan_fields)}")
+    _check_task_keys(run_plan, tasks)
     changed_stages = any(pair.partition("=")[0].strip() == "cascade.stages" for pair in pairs)
     unknown = [task for task, _ in run_plan.cascade.stages if changed_stages and tasks and task not in tasks]
     if unknown:  # caught now, not after the teachers have trained
         raise OverrideError(f"--set cascade.stages: the suite has no task {unknown[0]!r}{_suggest(unknown[0], tasks)}; "
                             f"tasks: {', '.join(tasks)}")
     return run_plan
+
+
+PER_TASK_FIELDS = ("reward_weights", "teacher_guidance")  # dicts keyed by task, checked by the trainers too
+
+
+def _check_task_keys(run_plan: RunPlan, tasks: Sequence[str]) -> None:
+    """A per-task key that names no task of the suite, caught now rather than when its trainer is
+    built (after the teachers have trained)."""
+    for head, section in SECTIONS.items() if tasks else ():
+        config = getattr(run_plan, section)
+        for where, part in ((head, config), (f"{head}.grpo", getattr(config, "grpo", None))):
+            for name in PER_TASK_FIELDS:
+                unknown = [key for key in getattr(part, name, None) or {} if key not in tasks]
+                if unknown:
+                    raise OverrideError(f"--set {where}.{name}: the suite has no task {unknown[0]!r}"
+                                        f"{_suggest(unknown[0], tasks)}; tasks: {', '.join(tasks)}")
 
 
 def _set_teacher_of(run_plan: RunPlan, task: str, name: str, value: Any, where: str, tasks: Sequence[str]) -> RunPlan:

@@ -63,6 +63,9 @@ def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
     ("cascade.grpo.eval_limit=64", "use --set train_eval_limit=N"),
     ("cascade.grpo.steps=100", "the cascade trains the steps of its stages ([[\"geneval\", 1], [\"ocr\", 1]])"),
     ('cascade.stages=[["prf", 2]]', "the suite has no task 'prf'"),
+    ('opd.teacher_guidance={"gneval": 3}', "--set opd.teacher_guidance: the suite has no task 'gneval' (did you mean 'geneval'?)"),
+    ('multi-reward.reward_weights={"ocr": 1, "prf": 2}', "--set multi-reward.reward_weights: the suite has no task 'prf'"),
+    ('cascade.grpo.reward_weights={"x": 1}', "--set cascade.grpo.reward_weights: the suite has no task 'x'"),
 ])
 def test_a_bad_change_is_refused_with_the_fix(pair, message):
     with pytest.raises(OverrideError) as error:
