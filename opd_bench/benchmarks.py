@@ -71,12 +71,26 @@ class BenchmarkSpec:
     def file_hash(self, split: str = "test") -> str:
         return sha256_file(self.path(split))
 
+    def reward_of(self, split: str = "test") -> tuple[str, dict[str, Any]]:
+        """The registered name and options of the reward that scores ``split``'s prompts."""
+        if split == "train" and self.train_reward:
+            return self.train_reward, dict(self.train_reward_options or {})
+        return self.reward, dict(self.reward_options)
+
     def build_reward(self, split: str = "test"):
         from opd_bench import rewards
 
-        if split == "train" and self.train_reward:
-            return rewards.get(self.train_reward, **(self.train_reward_options or {}))
-        return rewards.get(self.reward, **self.reward_options)
+        name, options = self.reward_of(split)
+        return rewards.get(name, **options)
+
+    def locate_weights(self, split: str = "test") -> None:
+        """Find the weight files of ``split``'s reward (and, for the test split, the extra scores')
+        without loading them: a missing file stops a run or evaluation before its first image."""
+        from opd_bench import rewards
+
+        rewards.locate_weights(*self.reward_of(split))
+        for name in self.extra_rewards.values() if split == "test" else ():
+            rewards.locate_weights(name, {})
 
 
 class PromptSubset:

@@ -458,8 +458,9 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
 
     suite = suites.get(suite_name)
     tasks = select_tasks(suite, [t.strip() for t in tasks.split(",")] if tasks is not None else None)  # before the model loads
-    for task in tasks:  # and every benchmark's prompt file and reward options, not when its turn comes
+    for task in tasks:  # and every benchmark's prompt file, reward options and weights, not when its turn comes
         suite.benchmark(task).prompts("test")
+        suite.benchmark(task).locate_weights()
     model = suites.canonical_model(model or suite.default_model)
     settings = SamplerSettings(steps or suite.num_steps, suite.evaluation_guidance() if guidance is None else guidance, suite.noise_level)
     dtype = resolve_dtype(dtype, device)

@@ -530,8 +530,11 @@ class Harness:
             raise ValueError(f"--jobs {jobs} / --threads {threads}: both must be at least 1")
         # a model that cannot load fails here, in one line, not in the first cells of every worker
         check_pipeline(resolve_model(self.model), drop_t5=self.model_options["drop_t5"])
-        for task in self.suite.tasks:  # so do a configurable suite's prompt files and reward options
-            self.suite.benchmark(task).path("train")  # building the spec checks the rest
+        for task in self.suite.tasks:  # so do a configurable suite's prompt files, reward options and weights
+            spec = self.suite.benchmark(task)
+            spec.path("train")  # building the spec checks the rest
+            spec.locate_weights("train")
+            spec.locate_weights("test")
         self._check_split(distributed.current().world_size)
         if jobs > 1:
             if distributed.current().distributed:

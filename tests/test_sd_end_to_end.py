@@ -228,6 +228,31 @@ def test_a_killed_sd_evaluation_keeps_its_finished_benchmark_when_another_sectio
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["suite_settings"]["pref"]["pickscore"]["batch_size"] == 4
 
 
+def test_missing_weights_stop_an_evaluation_or_run_before_its_first_image(sd_config, tiny_dir, tmp_path):
+    """Every benchmark's weights are located up front: a missing extra score (HPSv2) of the last
+    benchmark, or the first benchmark's detector, fails in one line before anything is drawn."""
+    config = json.loads(sd_config.read_text())
+    absolute = {task: {**config[task], **{k: str(sd_config.parent / config[task][k]) for k in ("test", "train")}} for task in BENCHMARKS}
+    broken = {
+        "HPS v2.1 weights not found": {**absolute, "pref": {**absolute["pref"], "hpsv2": {"model_path": str(tmp_path / "no-hps")}}},
+        "OWLv2 detector weights not found": {**absolute, "geneval": {**absolute["geneval"], "model_path": str(tmp_path / "no-owl")}},
+    }
+    for problem, contents in broken.items():
+        path = tmp_path / "sd.json"
+        path.write_text(json.dumps({**config, **contents}))
+        saved = sd._CONFIG
+        try:
+            evaluation = CliRunner().invoke(main, ["eval", "--suite", "sd", "--suite-config", str(path), "--model", str(tiny_dir),
+                                                   "--limit", "1", "--out", str(tmp_path / "eval")])
+            run = CliRunner().invoke(main, ["run", "--suite", "sd", "--suite-config", str(path), "--model", str(tiny_dir),
+                                            "--preset", "smoke", "--no-report", "--out", str(tmp_path / "run")])
+        finally:
+            sd._CONFIG = saved
+        for result in (evaluation, run):
+            assert result.exit_code == 1 and problem in result.output and result.output.strip().count("\n") == 0, result.output
+        assert not (tmp_path / "eval" / "parts").exists() and not (tmp_path / "run" / "teachers").exists()
+
+
 def test_verify_names_a_reward_option_that_differs_from_the_runs(sd_run, sd_config):
     from opd_bench.verify import VerificationError, verify_run
 

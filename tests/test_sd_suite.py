@@ -16,7 +16,7 @@ import torch
 
 from opd_bench import rewards, suites
 from opd_bench.benchmarks import PromptFileError
-from opd_bench.registry import UnknownNameError
+from opd_bench.registry import UnknownNameError, UnknownOptionError
 from opd_bench.rewards.geneval_sd import COCO_CLASSES, ClipColourClassifier, OwlV2Detector
 from opd_bench.suites import sd
 from opd_bench.weights import MissingWeightsError
@@ -361,6 +361,11 @@ def test_missing_weights_give_clear_errors(tmp_path, owlv2_dir):
         rewards.get("pickscore", model_path=str(owlv2_dir), processor_path=str(owlv2_dir))
     with pytest.raises(MissingWeightsError, match="GenEval colour classifier .*does not exist"):
         ClipColourClassifier(model_path=str(tmp_path / "clip"))
+    for name, what in (("pickscore", "PickScore"), ("clipscore", "CLIPScore"), ("hpsv2", "HPS v2.1"), ("imagereward", "ImageReward")):
+        with pytest.raises(MissingWeightsError, match=f"{what} weights not found"):  # located without building
+            rewards.locate_weights(name, {"model_path": str(tmp_path / name)})
+    with pytest.raises(UnknownOptionError, match="model_pth"):
+        rewards.locate_weights("hpsv2", {"model_pth": "x"})
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no open_clip checkpoint"):
         ClipColourClassifier(model_path=str(tmp_path / "empty"))

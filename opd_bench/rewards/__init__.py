@@ -119,6 +119,16 @@ def check(name: str, options: dict[str, Any]) -> None:
     check_options(f"reward {name!r}", REGISTRY.resolve(name), options)
 
 
+def locate_weights(name: str, options: dict[str, Any]) -> None:
+    """Find the weight files of reward ``name`` with ``options`` without loading them (its factory's
+    ``locate_weights(**options)``, where it has one: those that load weights when built), so that a
+    run or an evaluation with a missing file stops before its first image, not when its turn comes."""
+    check(name, options)
+    locate = getattr(REGISTRY.resolve(name), "locate_weights", None)
+    if locate is not None:
+        locate(**options)
+
+
 def register(name: str, target: str | Callable[..., Reward], help: str = "") -> None:
     """Register ``target`` under ``name``: a factory that builds a reward from keyword options (a
     reward class, or a function returning a reward), or its ``"module:attribute"`` path, imported

@@ -21,7 +21,7 @@ with the fetch command.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,12 +77,7 @@ class PickScoreReward:
                  batch_size: int = 32, divide_by: float = 1.0):
         from transformers import AutoProcessor, CLIPModel
 
-        model_dir = resolve_weights(model_path, what="PickScore", hub_id=PICKSCORE_HUB_ID, model_type="clip",
-                                    expected=["config.json", "model.safetensors|pytorch_model.bin"])
-        proc_dir = resolve_weights(processor_path, what="PickScore processor",
-                                   hub_id=PICKSCORE_PROCESSOR_HUB_ID, option="processor_path",
-                                   expected=["preprocessor_config.json|processor_config.json",
-                                             "tokenizer_config.json"])
+        model_dir, proc_dir = self.locate_weights(model_path, processor_path)
         self.dtype = _torch_dtype(dtype)
         self.device = device
         self.processor = AutoProcessor.from_pretrained(str(proc_dir))
@@ -92,6 +87,17 @@ class PickScoreReward:
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
         self.batch_size = int(batch_size)
         self.divide_by = float(divide_by)
+
+    @staticmethod
+    def locate_weights(model_path: str | Path | None = PICKSCORE_HUB_ID,
+                       processor_path: str | Path | None = PICKSCORE_PROCESSOR_HUB_ID, **_: Any) -> tuple[Path, Path]:
+        model_dir = resolve_weights(model_path, what="PickScore", hub_id=PICKSCORE_HUB_ID, model_type="clip",
+                                    expected=["config.json", "model.safetensors|pytorch_model.bin"])
+        proc_dir = resolve_weights(processor_path, what="PickScore processor",
+                                   hub_id=PICKSCORE_PROCESSOR_HUB_ID, option="processor_path",
+                                   expected=["preprocessor_config.json|processor_config.json",
+                                             "tokenizer_config.json"])
+        return model_dir, proc_dir
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]
@@ -167,10 +173,13 @@ class CLIPScoreReward:
     def __init__(self, model_path: str | Path | None = None, model_name: str = "ViT-L-14-quickgelu",
                  device: str = "cpu", dtype: torch.dtype | str = torch.float32,
                  batch_size: int = 32, weight: float = 100.0):
-        path = resolve_weights(model_path, what="CLIPScore", hub_id=CLIPSCORE_HUB_ID,
-                               expected=["open_clip_config.json", OPEN_CLIP_WEIGHTS])
-        self.scorer = _OpenClipScorer(model_name, path, device, dtype, batch_size)
+        self.scorer = _OpenClipScorer(model_name, self.locate_weights(model_path), device, dtype, batch_size)
         self.weight = float(weight)
+
+    @staticmethod
+    def locate_weights(model_path: str | Path | None = None, **_: Any) -> Path:
+        return resolve_weights(model_path, what="CLIPScore", hub_id=CLIPSCORE_HUB_ID,
+                               expected=["open_clip_config.json", OPEN_CLIP_WEIGHTS])
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]
                  ) -> RewardOutput:
@@ -192,13 +201,17 @@ class HPSv2Reward:
     def __init__(self, model_path: str | Path | None = HPSV2_HUB_ID, version: str = "v2.1",
                  model_name: str = "ViT-H-14", device: str = "cpu",
                  dtype: torch.dtype | str = torch.float32, batch_size: int = 32):
+        path = self.locate_weights(model_path, version)
+        self.scorer = _OpenClipScorer(model_name, path, device, dtype, batch_size, resize_mode="longest")
+
+    @staticmethod
+    def locate_weights(model_path: str | Path | None = HPSV2_HUB_ID, version: str = "v2.1", **_: Any) -> Path:
+        """The checkpoint file of ``version``."""
         if version not in HPSV2_FILES:
             raise ValueError(f"HPSv2 version must be one of {sorted(HPSV2_FILES)}, got {version!r}")
         filename = HPSV2_FILES[version]
         path = resolve_weights(model_path, what=f"HPS {version}", hub_id=HPSV2_HUB_ID, expected=[filename])
-        if path.is_dir():
-            path = path / filename
-        self.scorer = _OpenClipScorer(model_name, path, device, dtype, batch_size, resize_mode="longest")
+        return path / filename if path.is_dir() else path
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]
                  ) -> RewardOutput:

@@ -282,6 +282,10 @@ class SDGenEvalReward:
         self.detector = detector
         self.colour = colour or ClipColourClassifier(clip_model_name, clip_model_path, device)
 
+    @classmethod
+    def locate_weights(cls, **options: Any) -> None:
+        cls(**options)  # building one locates the weights and loads nothing
+
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
         check_batch(images, prompts, metadata)
         n = len(prompts)

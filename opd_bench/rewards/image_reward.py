@@ -342,8 +342,8 @@ class ImageReward:
     def __init__(self, model_path: str | Path | None = None, tokenizer_path: str | Path | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
                  batch_size: int = 16):
-        checkpoint, config = _resolve_model(model_path)
-        self.tokenizer = load_tokenizer(_resolve_tokenizer(tokenizer_path))
+        (checkpoint, config), tokenizer = self.locate_weights(model_path, tokenizer_path)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.model = ImageRewardModel.from_state_dict(_load_state(checkpoint), json.loads(config.read_text()))
         if len(self.tokenizer) > self.model.blip.text_encoder.embeddings.word_embeddings.num_embeddings:
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but {CONFIG_NAME} vocab_size is smaller")
@@ -353,6 +353,12 @@ class ImageReward:
         self.model.mlp.to(self.device, torch.float32)
         self.batch_size = int(batch_size)
         self.image_size = self.model.blip.visual_encoder.image_size
+
+    @staticmethod
+    def locate_weights(model_path: str | Path | None = None, tokenizer_path: str | Path | None = None,
+                       **_: Any) -> tuple[tuple[Path, Path], Path]:
+        """(checkpoint file, med_config.json) and the tokenizer folder."""
+        return _resolve_model(model_path), _resolve_tokenizer(tokenizer_path)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH,

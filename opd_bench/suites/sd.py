@@ -338,7 +338,13 @@ def _configured(name: str):
 
         return rewards.get(name, **{**(_pref_options(current_config(), name) or {}), **options})
 
+    def locate_weights(**options: Any) -> None:
+        from opd_bench import rewards
+
+        rewards.locate_weights(name, {**(_pref_options(current_config(), name) or {}), **options})
+
     build.__name__ = build.__qualname__ = f"{name}_reward"
+    build.locate_weights = locate_weights
     return build
 
 
