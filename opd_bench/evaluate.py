@@ -85,19 +85,19 @@ def evaluate_benchmark(
         scorers[key] = rewards.get(key) or registry.get(name)
     scores: dict[str, list[float]] = {key: [] for key in scorers}
     seconds = {"generate": 0.0, **{key: 0.0 for key in scorers}}
-    bar = tqdm(total=len(prompts), desc=f"eval {spec.key}", unit="img", disable=not progress, mininterval=2)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        t0 = time.perf_counter()
-        images = source(chunk, seed, start)
-        seconds["generate"] += time.perf_counter() - t0
-        texts, metadata = [p.text for p in chunk], [p.metadata for p in chunk]
-        for key, scorer in scorers.items():
+    # `with`: closed on an error too, so the error's message starts a line of its own
+    with tqdm(total=len(prompts), desc=f"eval {spec.key}", unit="img", disable=not progress, mininterval=2) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
             t0 = time.perf_counter()
-            scores[key].extend(call_reward(scorer, spec.name if key == "main" else key, images, texts, metadata).scores.tolist())
-            seconds[key] += time.perf_counter() - t0
-        bar.update(len(chunk))
-    bar.close()
+            images = source(chunk, seed, start)
+            seconds["generate"] += time.perf_counter() - t0
+            texts, metadata = [p.text for p in chunk], [p.metadata for p in chunk]
+            for key, scorer in scorers.items():
+                t0 = time.perf_counter()
+                scores[key].extend(call_reward(scorer, spec.name if key == "main" else key, images, texts, metadata).scores.tolist())
+                seconds[key] += time.perf_counter() - t0
+            bar.update(len(chunk))
     metadata = [p.metadata for p in prompts]
     main = aggregate(spec.metric, scores["main"], metadata)
     result = {

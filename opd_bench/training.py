@@ -467,29 +467,29 @@ class TrainingRun:
 
         if self.start_step == 0 and self.evaluate is not None and self.eval_every:
             self.run_eval(0)
-        bar = tqdm(total=steps, initial=self.start_step, desc=desc, disable=not progress or not self.ranks.is_main)
-        for step in range(self.start_step, steps):
-            self.optimizer.zero_grad(set_to_none=True)
-            grad_variance.start()
-            metrics, images = step_fn(step)
-            self.ranks.average_gradients(self.params)  # identical updates keep the ranks' weights identical
-            metrics.update(grad_variance.finish())
-            metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
-            if not math.isfinite(metrics["grad/norm"]):  # stepping would write NaN into every weight and checkpoint
-                raise FloatingPointError(
-                    f"step {step + 1}: the gradient is not finite (loss {metrics.get('loss', float('nan')):.4g}); nothing was "
-                    f"stepped, and the checkpoint in {self.dir / 'checkpoint'} (if any) is intact; look for an infinite "
-                    "or NaN reward or a learning rate too large")
-            metrics["lr"] = scheduled_lr(lr, lr_schedule, step, steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = metrics["lr"]
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update()
-            self.end_step(step + 1, metrics, images)
-            bar.update()
-            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k == "kl" or k.endswith("/mean")})
-        bar.close()
+        # `with`: closed on an error too, so the error's message starts a line of its own
+        with tqdm(total=steps, initial=self.start_step, desc=desc, disable=not progress or not self.ranks.is_main) as bar:
+            for step in range(self.start_step, steps):
+                self.optimizer.zero_grad(set_to_none=True)
+                grad_variance.start()
+                metrics, images = step_fn(step)
+                self.ranks.average_gradients(self.params)  # identical updates keep the ranks' weights identical
+                metrics.update(grad_variance.finish())
+                metrics["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
+                if not math.isfinite(metrics["grad/norm"]):  # stepping would write NaN into every weight and checkpoint
+                    raise FloatingPointError(
+                        f"step {step + 1}: the gradient is not finite (loss {metrics.get('loss', float('nan')):.4g}); nothing was "
+                        f"stepped, and the checkpoint in {self.dir / 'checkpoint'} (if any) is intact; look for an infinite "
+                        "or NaN reward or a learning rate too large")
+                metrics["lr"] = scheduled_lr(lr, lr_schedule, step, steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = metrics["lr"]
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update()
+                self.end_step(step + 1, metrics, images)
+                bar.update()
+                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k == "kl" or k.endswith("/mean")})
         return self.finish(steps)
 
     def end_step(self, step: int, metrics: dict, images: int) -> None:
