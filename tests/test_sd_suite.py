@@ -366,6 +366,12 @@ def test_missing_weights_give_clear_errors(tmp_path, owlv2_dir):
             rewards.locate_weights(name, {"model_path": str(tmp_path / name)})
     with pytest.raises(UnknownOptionError, match="model_pth"):
         rewards.locate_weights("hpsv2", {"model_pth": "x"})
+    with pytest.raises(MissingWeightsError, match="OWLv2 detector weights not found"):
+        rewards.locate_weights("sd/geneval-partial", {"model_path": str(tmp_path / "owl")})
+    with pytest.raises(MissingWeightsError, match="GenEval colour classifier .*does not exist"):
+        rewards.locate_weights("sd/geneval", {"model_path": str(owlv2_dir), "clip_model_path": str(tmp_path / "clip")})
+    with pytest.raises(MissingWeightsError, match=r"Mask2Former \(GenEval detector\) checkpoint weights not found"):
+        rewards.locate_weights("sd/geneval-mmdet", {"model_path": str(tmp_path / "m2f.pth")})  # located without mmdet
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no open_clip checkpoint"):
         ClipColourClassifier(model_path=str(tmp_path / "empty"))

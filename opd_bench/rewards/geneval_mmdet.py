@@ -45,12 +45,15 @@ class MMDetDetector:
             raise RuntimeError("the mmdet GenEval detector needs mmdet (GenEval's environment: mmdet 2.x, mmcv-full 1.x); "
                                "run it in that environment with `opd-bench serve-reward sd/geneval-mmdet` "
                                "and use the `remote` reward here") from None
-        checkpoint = resolve_weights(model_path, what="Mask2Former (GenEval detector) checkpoint",
-                                     option="model_path")
+        checkpoint = self.locate_weights(model_path)
         config = config or os.path.join(os.path.dirname(mmdet.__file__), "..", CONFIG)
         if not os.path.isfile(config):
             raise FileNotFoundError(f"mmdet config {config!r} does not exist; pass config= (GenEval uses {CONFIG} of mmdet)")
         self.model = init_detector(config, str(checkpoint), device=device or default_device())
+
+    @staticmethod
+    def locate_weights(model_path: str | None = None, **_: Any):
+        return resolve_weights(model_path, what="Mask2Former (GenEval detector) checkpoint", option="model_path")
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor, class_names: Sequence[str] = COCO_CLASSES) -> list[list[dict]]:
@@ -88,3 +91,7 @@ class MMDetGenEvalReward(SDGenEvalReward):
 
     def __init__(self, strict: bool = True, **options: Any):
         super().__init__(strict=strict, detector=options.pop("detector", "mmdet"), **options)
+
+    @classmethod
+    def locate_weights(cls, detector: Any = "mmdet", **options: Any) -> None:
+        super().locate_weights(detector=detector, **options)

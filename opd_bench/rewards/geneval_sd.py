@@ -64,13 +64,18 @@ DETECTORS = {
 }
 
 
-def build_detector(name: str, **options: Any) -> Detector:
+def detector_factory(name: str, options: dict[str, Any]) -> Callable[..., Detector]:
+    """The class of detector ``name``, its ``options`` checked."""
     if name not in DETECTORS:
         raise ValueError(f"unknown GenEval detector {name!r}; known detectors: {', '.join(sorted(DETECTORS))}")
     module, _, attr = DETECTORS[name].partition(":")
     factory = getattr(importlib.import_module(module), attr)
     check_options(f"GenEval detector {name!r} (detector_options)", factory, options)
-    return factory(**options)
+    return factory
+
+
+def build_detector(name: str, **options: Any) -> Detector:
+    return detector_factory(name, options)(**options)
 
 
 def default_device() -> str:
@@ -107,15 +112,17 @@ class OwlV2Detector:
         nms_iou: float = 0.5,
         batch_size: int = 8,
     ):
-        self.path = str(resolve_weights(
-            model_path, what="OWLv2 detector", hub_id=OWLV2_HUB_ID, model_type="owlv2",
-            expected=("config.json", "preprocessor_config.json|processor_config.json"),
-        ))
+        self.path = str(self.locate_weights(model_path))
         self.device = device or default_device()
         self.query_template = query_template
         self.min_confidence = float(min_confidence)
         self.nms_iou = float(nms_iou)
         self.batch_size = int(batch_size)
+
+    @staticmethod
+    def locate_weights(model_path: str | None = OWLV2_HUB_ID, **_: Any) -> Path:
+        return resolve_weights(model_path, what="OWLv2 detector", hub_id=OWLV2_HUB_ID, model_type="owlv2",
+                               expected=("config.json", "preprocessor_config.json|processor_config.json"))
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor, class_names: Sequence[str]) -> list[list[dict]]:
@@ -239,6 +246,13 @@ class ClipColourClassifier:
 ColourClassifier = Callable[[Any, Sequence[dict], str], Sequence[str]]
 
 
+def _detector_options(model_path: str | None, device: str | None, detector_options: dict[str, Any] | None) -> dict[str, Any]:
+    options = dict(detector_options or {}, device=device)
+    if model_path is not None:
+        options["model_path"] = model_path
+    return options
+
+
 class SDGenEvalReward:
     """GenEval on real images: 1.0 / 0.0 by GenEval's rules (``strict=True``) or Flow-GRPO's
     partial credit (``partial="flow-grpo"``, the default, may be negative; ``"clipped"``: in
@@ -275,16 +289,23 @@ class SDGenEvalReward:
         self.partial = partial
         self.rules = geneval.Rules(threshold, counting_threshold, max_objects, max_overlap, position_threshold)
         if isinstance(detector, str):
-            options = dict(detector_options or {}, device=device)
-            if model_path is not None:
-                options["model_path"] = model_path
-            detector = build_detector(detector, **options)
+            detector = build_detector(detector, **_detector_options(model_path, device, detector_options))
         self.detector = detector
         self.colour = colour or ClipColourClassifier(clip_model_name, clip_model_path, device)
 
     @classmethod
-    def locate_weights(cls, **options: Any) -> None:
-        cls(**options)  # building one locates the weights and loads nothing
+    def locate_weights(cls, detector: str | Detector = "owlv2", model_path: str | None = None,
+                       detector_options: dict[str, Any] | None = None, clip_model_path: str | None = CLIP_HUB_ID,
+                       colour: ColourClassifier | None = None, **_: Any) -> None:
+        """The detector's and the colour classifier's weights, found without building them (mmdet's
+        detector loads its checkpoint when built)."""
+        if isinstance(detector, str):
+            options = _detector_options(model_path, None, detector_options)
+            locate = getattr(detector_factory(detector, options), "locate_weights", None)
+            if locate is not None:
+                locate(**options)
+        if colour is None:
+            _clip_checkpoint(clip_model_path)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
         check_batch(images, prompts, metadata)
