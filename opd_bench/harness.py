@@ -513,7 +513,8 @@ class Harness:
                     )
                 save_grid(t.images, path, columns=4)
             grids[name] = str(path.relative_to(self.out))
-        return {"prompts": [p.text for p in prompts], "grids": grids}
+        return {"prompts": [p.text for p in prompts], "grids": grids, "images_per_prompt": 4, "noise_seed": 0,
+                "seeds": {name: seed for name, (seed, _) in models.items()}}  # the training seed each grid shows
 
     # ------------------------------------------------------------------------------ run
     def run(self, jobs: int = 1, threads: int | None = None) -> dict | None:

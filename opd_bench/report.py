@@ -133,7 +133,8 @@ class _Report(ResultView):
 
     # -- sections --
     def findings(self) -> None:
-        self.doc.p("The paper's claims checked against this run's result file (± is the sd over seeds).")
+        self.doc.p("The paper's claims checked against this run's result file (± is the sd over seeds where a line "
+                   "does not say otherwise).")
         self.doc.list(findings_lines(self))
 
     def header(self) -> None:
@@ -143,13 +144,32 @@ class _Report(ResultView):
         self.doc.list([
             f"suite: {r.get('suite', 'n/a')} ({r.get('suite_version', 'n/a')}), model: {r.get('model', 'n/a')}, "
             f"preset: {r.get('preset', 'n/a')}" + "".join(f", --set {o}" for o in as_list(as_dict(r.get("config")).get("overrides"))),
-            f"seeds: {seeds}",
+            f"seeds: {seeds}" + (" (of every student method; the base and each teacher are one model each)"
+                                 if any(m.startswith("teacher/") for m in self.methods) else ""),
             f"date: {r.get('date', 'n/a')}, opd-bench {r.get('package_version', 'n/a')}, "
             f"commit: {r.get('git_commit') or 'n/a'}",
-            f"benchmarks: {', '.join(self.benchmarks) or 'n/a'}; overall = mean of {', '.join(self.headline) or 'n/a'}",
+            f"benchmarks: {', '.join(self.benchmarks) or 'n/a'}; overall = mean of {', '.join(self.headline) or 'n/a'}"
+            + "".join(f"; {line}" for line in self.benchmark_descriptions()),
             self.evaluation_line(),
             *self.time_line(),
         ])
+
+    def benchmark_descriptions(self) -> list[str]:
+        """What each benchmark is, from the installed suite where it is the run's (none otherwise)."""
+        from opd_bench import rewards, suites
+
+        try:
+            suite = suites.get(str(self.r.get("suite")))
+            if suite.version != self.r.get("suite_version"):
+                return []
+            lines = []
+            for task in suite.tasks:
+                spec = suite.benchmark(task)
+                lines.append(f"{task}: {spec.description}")
+                lines += [f"{name}: {rewards.REGISTRY.help(reward)}" for name, reward in spec.extra_rewards.items()]
+            return [line for line in lines if not line.endswith(": ")]
+        except Exception:  # another or an unconfigured suite: the names alone
+            return []
 
     def time_line(self) -> list[str]:
         """The wall time of the command that wrote the file, and on what (none where not recorded)."""
@@ -205,8 +225,9 @@ class _Report(ResultView):
             row: list[Any] = [Cell(m)]
             for column in columns:
                 value = values[m][column]
-                if column == "overall":
-                    text = fmt(value)
+                if column == "overall":  # the sd of the per-seed overall scores
+                    _, std = mean_sd(self.overall_seeds(m))
+                    text = fmt(value) + (f" ± {std:.3f}" if std is not None else "")
                 else:
                     std = num(self.score(m, column).get("std"))
                     n = len(as_list(self.score(m, column).get("per_seed")))
@@ -245,9 +266,11 @@ class _Report(ResultView):
             "steps (left) and against transformer forward passes, student plus teacher plus the frozen reference "
             "of a KL penalty (right); the second axis charges DiffusionOPD and its PPO-style variant for querying "
             "the teachers and GRPO methods for their KL reference. Lines are the mean "
-            f"over seeds ({_seed_label(n_seeds)}). {self.curve_size()}, so their scores differ from the final "
-            "table's; the reference lines are on the curves' own prompts and noise: dashed, the teacher trained on "
-            "that benchmark at the end of its training; dotted grey, the base model (every run's step 0)."
+            f"over seeds ({_seed_label(n_seeds)}). {self.curve_size()}, so their scores, and even which model is "
+            "above another, can differ from the final table's; the reference lines are on the curves' own prompts "
+            "and noise: dashed, the teacher of that benchmark's task at the end of its training (for an evaluation-only "
+            "score such as pref_oracle, the teacher of the task it belongs to, trained on that task's reward); dotted "
+            "grey, the base model (every run's step 0)."
         )
         drawn = 0
         for bench in self.headline:
@@ -310,6 +333,7 @@ class _Report(ResultView):
             "A step whose gradient is all noise gives a relative value near the number of micro-batches it pools, "
             "one with a consistent direction less; DiffusionOPD's micro-batches are its tasks' batches, so its "
             "value also measures how far the tasks' gradients disagree. Line: mean over seeds; band: min-max over seeds."
+            + self._unlogged_note(frame)
         )
         present = sorted(frame["method"].unique(), key=method_key)
         fig, axes = _figure(12.5, 4.4, ncols=2)
@@ -331,6 +355,12 @@ class _Report(ResultView):
             ax.legend(fontsize=8)
         self.add_plot("gradient_variance.png", fig, "Gradient variance over training, per method (log y)")
 
+    def _unlogged_note(self, frame) -> str:
+        """The student methods the plot leaves out: a step of one micro-batch has no variance to log."""
+        missing = [m for m in self.methods if is_student(m) and m not in set(frame["method"])]
+        return (f" Not drawn: {', '.join(missing)} (each step is one micro-batch, so there is no within-step "
+                "variance to log)." if missing else "")
+
     def variance(self) -> None:
         import pandas as pd
         import seaborn as sns
@@ -345,8 +375,12 @@ class _Report(ResultView):
         self.doc.p(
             "Same student, teacher and states; the gradient of the per-step KL is estimated either "
             "analytically (DiffusionOPD's mean matching) or with the PPO-style sampled log-ratio reward. "
-            "The ratio is the PPO-style estimator's variance over the analytic one's (above 1: the analytic "
-            "gradient is less noisy)."
+            "The student is a fresh adapter (the base model), the prompts the teacher task's training prompts, "
+            "one seed; each setting draws `repeats` independent batches. The ratio is the PPO-style estimator's "
+            "variance over the analytic one's (above 1: the analytic gradient is less noisy); 'rel. var' is an "
+            "estimator's variance over the squared norm of its mean gradient (near `repeats` or above: its mean "
+            "is not resolved from noise), and 'cosine of means' the cosine between the two estimators' mean "
+            "gradients (near 1 where both are resolved and estimate the same gradient)."
             + (f" Teacher: the {variance['teacher_task']} teacher." if isinstance(variance.get("teacher_task"), str) else "")
             + (f" At the reference setting (batch {reference.get('batch', 'n/a')}, noise level "
                f"{reference.get('noise_level', 'n/a')}) the ratio is {fmt_g(ratio)}." if ratio is not None else "")
@@ -443,10 +477,12 @@ class _Report(ResultView):
             return [x - y for x, y in zip(a, b)]
 
         self.doc.p(
-            "Each stage's own task on the curves (mean ± sd over seeds): before the stage, at its end and after "
-            "the last stage. Forgetting is the drop from the stage's end to the final score; the findings call it "
-            "forgetting where that drop is above 2 seed-sd. Curves use the training-time evaluation (fewer "
-            "prompts than the final one), so a difference of a few hundredths can be its noise."
+            "Each stage's own task on the curves, on the score it trains on (for pref the learned preference "
+            "model, which the plot above leaves out for its unbounded scale), mean ± sd over seeds: before the "
+            "stage, at its end and after the last stage. Forgetting is the drop from the stage's end to the final "
+            "score; the findings call it forgetting where that drop is above 2 seed-sd after a gain in the stage "
+            "above 2 seed-sd (a stage that gained nothing has nothing to forget). Curves use the training-time "
+            "evaluation (fewer prompts than the final one), so a difference of a few hundredths can be its noise."
         )
         table = []
         for i, row in enumerate(rows):
@@ -464,7 +500,16 @@ class _Report(ResultView):
             self.doc.note("No sample grids in results.json.")
             return
         prompts = [str(p) for p in as_list(samples.get("prompts"))]
-        self.doc.p("Every grid uses the same prompts and the same seeds; one row per prompt, in this order:")
+        images, noise = num(samples.get("images_per_prompt")), num(samples.get("noise_seed"))
+        seeds = as_dict(samples.get("seeds"))
+        shown = sorted({str(v) for m, v in seeds.items() if is_student(m)})
+        self.doc.p(
+            "Every grid uses the same prompts and the same starting noise; one row per prompt"
+            + ("" if images is None else f", {counted(images, 'image')} per row (columns: independent noise draws"
+               + ("" if noise is None else f" of noise seed {round(noise)}") + ")")
+            + (f"; the student methods' grids show their training seed {', '.join(shown)}" if shown else "")
+            + ". The prompts, in row order:"
+        )
         if prompts:
             self.doc.list(prompts, ordered=True)
         root = self.run_dir.resolve()

@@ -162,14 +162,15 @@ class ResultView:
         return "" if size is None else f"; curves: {size[0]} test prompts per benchmark"
 
     def stage_scores(self, frame) -> list[dict]:
-        """Per cascade stage, its task's headline benchmark on the curves (``frame``: the cascade's
-        ``curves_frame``), per seed: ``before`` (the last evaluation at or before the stage's first
+        """Per cascade stage, on the curves (``frame``: the cascade's ``curves_frame``), the benchmark
+        of the reward it trains on (its task's; else the task's headline score), per seed: ``before`` (the last evaluation at or before the stage's first
         step; NaN if none), ``end`` (at or before its last step) and ``final``. Forgetting is ``end - final``; the
         findings and the report's table both read it from here."""
         rows, start = [], 0.0
         for stage in self.cascade_stages(frame):
             task, end = str(stage.get("task")), num(stage.get("end_step"))
-            bench = task if task in self.headline else next((b for b in self.headline if b.startswith(task + "_")), None)
+            own = task in frame and frame[task].notna().any()  # e.g. the learned pref, which the pref stage trains on
+            bench = task if own or task in self.headline else next((b for b in self.headline if b.startswith(task + "_")), None)
             if frame.empty or end is None or bench is None or bench not in frame:
                 start = end if end is not None else start
                 continue
