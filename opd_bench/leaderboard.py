@@ -385,6 +385,7 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
                 "model": _model_label(results),
                 "suite": results["suite"],
                 "overall": sum(scores[b]["mean"] for b in results["headline"]) / len(results["headline"]),
+                "overall_std": _overall_sd([scores[b]["per_seed"] for b in results["headline"]]),
                 "scores": {b: (scores[b]["mean"], scores[b]["std"]) for b in benches if b in scores},
                 "optimizer_steps": budget.get("optimizer_steps") if is_finite_number(budget.get("optimizer_steps")) else None,
                 "forward_passes": forwards,
@@ -405,8 +406,24 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
     for r in rows:
         if r["status"] == "verified" and r["kind"] == "student":
             r["rank"] = 1 + sum(1 for o in rows if o["status"] == "verified" and o["kind"] == "student"
-                                and _group(o) == _group(r) and round(o["overall"], 9) > round(r["overall"], 9))
+                                and _group(o) == _group(r) and _clearly_above(o, r))
     return rows, skipped, bench_by_suite
+
+
+def _overall_sd(per_seed: list[list[float]]) -> float | None:
+    """The sd over seeds of the per-seed overall score (None for one seed)."""
+    overall = [sum(values) / len(values) for values in zip(*per_seed)]
+    if len(overall) < 2:
+        return None
+    mean = sum(overall) / len(overall)
+    return (sum((v - mean) ** 2 for v in overall) / (len(overall) - 1)) ** 0.5
+
+
+def _clearly_above(a: dict, b: dict) -> bool:
+    """``a``'s overall above ``b``'s by more than the larger of their seed sds: a smaller difference
+    is one the seeds cannot tell, and the two share a rank (without seeds, any difference counts)."""
+    spread = max((v for v in (a["overall_std"], b["overall_std"]) if v is not None), default=0.0)
+    return round(a["overall"] - b["overall"], 9) > round(spread, 9)
 
 
 def _group(row: dict) -> tuple[str, str, str]:
@@ -418,7 +435,7 @@ def _csv(rows: list[dict], bench_by_suite: dict[str, list[str]]) -> bytes:
     benches: list[str] = []
     for columns in bench_by_suite.values():
         benches += [b for b in columns if b not in benches]
-    header = ["rank", "status", "submission", "method", "kind", "model", "suite", "preset", "configuration", "overall"]
+    header = ["rank", "status", "submission", "method", "kind", "model", "suite", "preset", "configuration", "overall", "overall_std"]
     for b in benches:
         header += [f"{b}_mean", f"{b}_std"]
     header += ["optimizer_steps", "forward_passes", "seeds", "date"]
@@ -427,7 +444,7 @@ def _csv(rows: list[dict], bench_by_suite: dict[str, list[str]]) -> bytes:
     writer.writerow(header)
     for r in rows:
         line = [r.get("rank", ""), r["status"], r["submission"], r["method"], r["kind"], r["model"], r["suite"],
-                r["preset"], r["configuration"], _f(r["overall"])]
+                r["preset"], r["configuration"], _f(r["overall"]), _f(r["overall_std"])]
         for b in benches:
             mean, std = r["scores"].get(b, (None, None))
             line += [_f(mean), _f(std)]
@@ -484,13 +501,16 @@ runs of three.
 float32 (`--dtype`; the default on a GPU is bfloat16). `overall` is the mean of the suite's headline benchmarks (each in [0, 1]); benchmark
 cells are mean ± std over seeds (the mean alone for a single seed); `steps` are student optimizer steps and `forwards` transformer
 forward passes (student + teacher + the frozen reference of a KL penalty) of one run (mean over seeds; teachers' training is listed in the
-teacher rows). Verified student methods are ranked by `overall` within their suite, preset and
+teacher rows). Verified student methods are ranked by `overall` (± its sd over seeds) within their suite, preset and
 **configuration**: a short hash of the settings the preset had when the run was made (bookkeeping
 such as checkpoint frequency aside). A preset's settings change between releases (the evaluation's
 size, a learning rate, a KL penalty), and runs made under other settings are other experiments,
 so each configuration has a table of its own, the installed preset's first (then by their latest
 run), and each other one says which settings differ from the first; `base` and
-`teacher/*` rows are references (no rank). Machine-readable copy: [`leaderboard.csv`](leaderboard.csv).
+`teacher/*` rows are references (no rank). A rank counts the entries clearly above: one whose
+`overall` is higher by more than the larger of the two seed sds; entries closer than that share a
+rank, since their seeds cannot tell them apart (three seeds give a rough sd, so a shared rank is
+"not shown different", not "equal"). Machine-readable copy: [`leaderboard.csv`](leaderboard.csv).
 """
 
 
@@ -505,7 +525,8 @@ def _table(rows: list[dict], benches: list[str], ranked: bool) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if h in text else "---:" for h in header) + "|"]
     for r in rows:
         cells = [str(r.get("rank", "")) if ranked else r["status"], r["submission"],
-                 r["method"] if r["kind"] == "student" else f"*{r['method']}*", r["model"], r["preset"], f"{r['overall']:.3f}"]
+                 r["method"] if r["kind"] == "student" else f"*{r['method']}*", r["model"], r["preset"],
+                 f"{r['overall']:.3f}" + ("" if r["overall_std"] is None else f" ± {r['overall_std']:.3f}")]
         single = len(r["seeds"].split()) == 1  # one seed has no spread to show (base and teachers)
         for b in benches:
             mean, std = r["scores"].get(b, (None, None))

@@ -76,7 +76,7 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
 
     text = readme.read_text()
     assert "opd-bench submit" in text and "opd-bench leaderboard" in text
-    assert "## Suite `tiny`, preset `standard`" in text and "| 1 | second.v2 | opd | tiny | standard | 0.990 |" in text
+    assert "## Suite `tiny`, preset `standard`" in text and "| 1 | second.v2 | opd | tiny | standard | 0.990 ± 0.000 |" in text
     assert "Unverified" not in text
 
     # a run in another precision says so beside its model (its results are another experiment)
@@ -95,6 +95,16 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
     before = tree(board)
     rebuild(board)
     assert tree(board) == before
+
+
+def test_entries_closer_than_their_seed_spread_share_a_rank():
+    from opd_bench.leaderboard import _clearly_above, _overall_sd
+
+    assert _overall_sd([[0.4, 0.5, 0.6], [0.2, 0.3, 0.4]]) == pytest.approx(0.1) and _overall_sd([[0.4], [0.2]]) is None
+    opd, multi, cascade = ({"overall": v, "overall_std": sd} for v, sd in ((0.428, 0.002), (0.426, 0.005), (0.424, 0.0005)))
+    assert not _clearly_above(opd, multi)  # +0.002 inside multi-reward's 0.005: one rank
+    assert _clearly_above(opd, cascade) and not _clearly_above(multi, cascade)  # +0.004 > 0.002; +0.002 < 0.005
+    assert _clearly_above({"overall": 0.5, "overall_std": None}, {"overall": 0.4999, "overall_std": None})  # no seeds: any gap
 
 
 def test_runs_of_a_preset_before_and_after_it_changed_are_ranked_apart(tmp_path, board):
