@@ -179,9 +179,10 @@ def opd_versus_baselines(view: ResultView) -> str:
     return line + "not testable (no forward-pass curves for OPD, multi-reward and cascade RL in the file)."
 
 
-def _signed(values: list[float]) -> tuple[float | None, str]:
-    mean, sd = mean_sd([v for v in values if v == v])  # NaN: no evaluation before the stage
-    return mean, "n/a" if mean is None else f"{mean:+.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+def _signed(values: list[float]) -> tuple[float | None, float | None, str]:
+    """Mean, seed sd and '+m ± sd' of per-seed differences (NaN, no evaluation before a stage, left out)."""
+    mean, sd = mean_sd([v for v in values if v == v])
+    return mean, sd, "n/a" if mean is None else f"{mean:+.3f}" + ("" if sd is None else f" ± {sd:.3f}")
 
 
 def cascade_forgetting(view: ResultView) -> str:
@@ -193,9 +194,8 @@ def cascade_forgetting(view: ResultView) -> str:
         drop, drop_sd = mean_sd(drops)
         if drop is None:
             continue
-        gain, gain_text = _signed([end - before for end, before in zip(row["end"], row["before"])])
-        _, gain_sd = mean_sd([end - before for end, before in zip(row["end"], row["before"]) if before == before])
-        _, after_text = _signed([-d for d in drops])
+        gain, gain_sd, gain_text = _signed([end - before for end, before in zip(row["end"], row["before"])])
+        after_text = _signed([-d for d in drops])[2]
         text = (f"{row['bench']} (stage {row['stage']}): {gain_text} in its stage, then {after_text} from its stage "
                 f"end to the final ({len(row['end'])} seed{'s' if len(row['end']) != 1 else ''})")
         if gain is not None and gain <= 2 * (gain_sd or 0.0):
