@@ -505,7 +505,7 @@ class _Report(ResultView):
         shown = sorted({str(v) for m, v in seeds.items() if is_student(m)})
         self.doc.p(
             "Every grid uses the same prompts and the same starting noise; one row per prompt"
-            + ("" if images is None else f", {counted(images, 'image')} per row (columns: independent noise draws"
+            + ("" if images is None else f", {counted(round(images), 'image')} per row (columns: independent noise draws"
                + ("" if noise is None else f" of noise seed {round(noise)}") + ")")
             + (f"; the student methods' grids show their training seed {', '.join(shown)}" if shown else "")
             + ". The prompts, in row order:"

@@ -59,6 +59,10 @@ def test_full_report_writes_markdown_html_and_plots(full_report):
     assert "★" in md and "<strong>" in page
     assert results["command"] in md and results["command"] in page
     assert "<details><summary>config" in page
+    # what a reader needs beside the numbers: which runs are single models, what pref_oracle is, the grids' columns
+    assert "seeds: 0, 1, 2 (of every student method; the base and each teacher are one model each)" in md
+    assert "pref_oracle: tiny world: the hidden taste the preference model was trained on (evaluation only)" in md
+    assert "one row per prompt, 4 images per row (columns: independent noise draws of noise seed 0); the student methods' grids show their training seed 0" in md
 
 
 def test_html_is_self_contained(full_report):
