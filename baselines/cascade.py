@@ -19,7 +19,7 @@ from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
 from opd_bench.training import add_student, read_metrics
-from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
+from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer, grpo_run_config
 
 COUNTERS = ("student_forwards", "teacher_forwards", "reference_forwards", "images", "wall_seconds")
 
@@ -73,7 +73,10 @@ class CascadeTrainer:
             extra = {"method": "cascade", "stage": k, "stages": [list(s) for s in self.config.stages]}
             if (stage_dir / "DONE").exists() and not self.overwrite:
                 saved = read_json(stage_dir / "config.json")
-                current = json.loads(json.dumps({"method": "grpo", **config.to_dict(), **extra}, default=str))
+                recorded = grpo_run_config(config, self.prompts[task], {task: self.rewards[task]}, extra)
+                current = json.loads(json.dumps(recorded, default=str))
+                if "data" not in saved:  # a stage finished before config.json recorded its data
+                    current.pop("data")
                 if saved != current:  # a finished stage of other settings is not this cascade's
                     raise ValueError(f"{stage_dir} holds a finished stage with a different config "
                                      f"({json_differences(saved, current)}); use another folder or pass overwrite/--force")

@@ -401,6 +401,8 @@ class TrainingRun:
         if checkpoint.exists() and not overwrite:
             saved = read_json(config_path, fix=retrain_hint(self.dir)) if config_path.exists() else None
             current = json.loads(json.dumps(config, default=str))
+            if isinstance(saved, dict) and "data" not in saved:  # a run killed before config.json recorded its data
+                current.pop("data", None)
             if saved != current:
                 raise ValueError(f"{self.dir} holds a run with a different config ({json_differences(saved, current)}); "
                                  "use another folder or pass overwrite/--force")

@@ -1,4 +1,5 @@
 import json
+import shutil
 import math
 from dataclasses import replace
 
@@ -301,6 +302,12 @@ def test_a_killed_grpo_run_resumes_on_the_same_prompts_and_noise(tiny_dir, tmp_p
 def test_a_killed_run_is_not_resumed_on_other_prompts_or_rewards(tiny_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _grpo_run(tiny_dir, tmp_path / "killed", fail_after=1)
+    saved = tmp_path / "killed" / "config.json"
+    recorded = json.loads(saved.read_text())
+    saved.write_text(json.dumps({k: v for k, v in recorded.items() if k != "data"}))  # as a run killed before the record
+    with pytest.raises(KeyboardInterrupt):
+        _grpo_run(tiny_dir, tmp_path / "killed", fail_after=2)  # resumed, not refused
+    saved.write_text(json.dumps(recorded))
     with pytest.raises(ValueError, match=r'different config \(data.prompts_sha256: "[0-9a-f]{16}" saved, "[0-9a-f]{16}" now; data.rewards: \["red"\] saved, \["bright"\] now\)'):
         _grpo_run(tiny_dir, tmp_path / "killed", task="bright")
 
@@ -495,3 +502,18 @@ def test_a_cascade_refuses_a_finished_stage_of_other_settings(policy, tmp_path):
     longer = replace(config, stages=[("red", 2)])
     with pytest.raises(ValueError, match=r"stage0-red holds a finished stage with a different config \(.*steps: 1 saved, 2 now"):
         CascadeTrainer(longer, policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "c", adapter="c2").train(progress=False)
+    # the same stage again (a rerun after a kill in a later stage) is reused, also one recorded before
+    # config.json held its training data
+    two = replace(config, stages=[("red", 1), ("bright", 1)])
+    for old_format in (False, True):
+        CascadeTrainer(two, policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "d", adapter=f"d{old_format}",
+                       overwrite=True).train(progress=False)
+        stage = tmp_path / "d" / "stage0-red" / "config.json"
+        if old_format:
+            stage.write_text(json.dumps({k: v for k, v in json.loads(stage.read_text()).items() if k != "data"}))
+        shutil.rmtree(tmp_path / "d" / "stage1-bright")
+        stamp = (tmp_path / "d" / "stage0-red" / "DONE").stat().st_mtime_ns
+        CascadeTrainer(two, policy=policy, prompts=POOLS, rewards=REWARDS, run_dir=tmp_path / "d",
+                       adapter=f"d{old_format}-again").train(progress=False)
+        assert (tmp_path / "d" / "stage1-bright" / "DONE").exists()
+        assert (tmp_path / "d" / "stage0-red" / "DONE").stat().st_mtime_ns == stamp  # reused, not retrained

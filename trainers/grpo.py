@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 
@@ -229,6 +229,13 @@ def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, g
     return metrics, len(trajectory)
 
 
+def grpo_run_config(config: GRPOConfig, prompts: Sequence[Prompt], rewards: Mapping[str, Any],
+                    extra_config: dict | None = None) -> dict:
+    """What a GRPO run folder's ``config.json`` records: the config, what it trains on and the
+    caller's ``extra_config``; a resume, or a finished cascade stage, is checked against it."""
+    return {"method": "grpo", **config.to_dict(), "data": training_data(prompts, rewards), **(extra_config or {})}
+
+
 class GRPOTrainer:
     """Flow-GRPO on ``prompts`` with ``rewards``, training LoRA adapter ``adapter`` of ``policy``."""
 
@@ -260,7 +267,7 @@ class GRPOTrainer:
             )
         self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config, reuse=reuse_adapter)
         self.run = TrainingRun(
-            run_dir, config={"method": "grpo", **config.to_dict(), "data": training_data(self.prompts, self.rewards), **(extra_config or {})}, policy=policy,
+            run_dir, config=grpo_run_config(config, self.prompts, self.rewards, extra_config), policy=policy,
             adapter=adapter, params=self.params, optimizer=self.optimizer, ema=self.ema, evaluate=evaluate,
             eval_every=config.eval_every, checkpoint_every=config.checkpoint_every, overwrite=overwrite,
         )
