@@ -403,11 +403,19 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
     newest_first = {group: i for i, group in enumerate(sorted(latest, key=lambda g: (latest[g], g), reverse=True))}
     rows.sort(key=lambda r: (r["status"] != "verified", r["suite"], r["preset"], newest_first[_group(r)],
                              -round(r["overall"], 9), r["submission"], _method_key(r["method"])))
-    for r in rows:
-        if r["status"] == "verified" and r["kind"] == "student":
-            r["rank"] = 1 + sum(1 for o in rows if o["status"] == "verified" and o["kind"] == "student"
-                                and _group(o) == _group(r) and _clearly_above(o, r))
+    _rank(rows)
     return rows, skipped, bench_by_suite
+
+
+def _rank(rows: list[dict]) -> None:
+    """Set ``rank`` on the verified student rows (sorted: overall descending within a group): one
+    more than the rows clearly above, and never above a row scored higher (a wide seed spread low
+    in the table would otherwise jump it)."""
+    ranked = [r for r in rows if r["status"] == "verified" and r["kind"] == "student"]
+    last: dict[tuple, int] = {}
+    for r in ranked:
+        clearly = 1 + sum(1 for o in ranked if _group(o) == _group(r) and _clearly_above(o, r))
+        r["rank"] = last[_group(r)] = max(clearly, last.get(_group(r), 1))
 
 
 def _overall_sd(per_seed: list[list[float]]) -> float | None:
@@ -435,21 +443,22 @@ def _csv(rows: list[dict], bench_by_suite: dict[str, list[str]]) -> bytes:
     benches: list[str] = []
     for columns in bench_by_suite.values():
         benches += [b for b in columns if b not in benches]
-    header = ["rank", "status", "submission", "method", "kind", "model", "suite", "preset", "configuration", "overall", "overall_std"]
+    header = ["rank", "status", "submission", "method", "kind", "model", "suite", "preset", "configuration", "overall"]
     for b in benches:
         header += [f"{b}_mean", f"{b}_std"]
-    header += ["optimizer_steps", "forward_passes", "seeds", "date"]
+    header += ["optimizer_steps", "forward_passes", "seeds", "date", "overall_std"]  # added last: columns keep their places
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for r in rows:
         line = [r.get("rank", ""), r["status"], r["submission"], r["method"], r["kind"], r["model"], r["suite"],
-                r["preset"], r["configuration"], _f(r["overall"]), _f(r["overall_std"])]
+                r["preset"], r["configuration"], _f(r["overall"])]
         for b in benches:
             mean, std = r["scores"].get(b, (None, None))
             line += [_f(mean), _f(std)]
         line += ["" if r["optimizer_steps"] is None else str(int(r["optimizer_steps"])),
-                 "" if r["forward_passes"] is None else str(int(round(r["forward_passes"]))), r["seeds"], r["date"]]
+                 "" if r["forward_passes"] is None else str(int(round(r["forward_passes"]))), r["seeds"], r["date"],
+                 _f(r["overall_std"])]
         writer.writerow(line)
     return buffer.getvalue().encode("utf-8")
 
@@ -510,7 +519,7 @@ run), and each other one says which settings differ from the first; `base` and
 `teacher/*` rows are references (no rank). A rank counts the entries clearly above: one whose
 `overall` is higher by more than the larger of the two seed sds; entries closer than that share a
 rank, since their seeds cannot tell them apart (three seeds give a rough sd, so a shared rank is
-"not shown different", not "equal"). Machine-readable copy: [`leaderboard.csv`](leaderboard.csv).
+"not shown different", not "equal"); no entry ranks above one with a higher `overall`. Machine-readable copy: [`leaderboard.csv`](leaderboard.csv).
 """
 
 

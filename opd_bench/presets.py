@@ -320,7 +320,16 @@ PER_TASK_FIELDS = ("reward_weights", "teacher_guidance")  # dicts keyed by task,
 
 def _check_task_keys(run_plan: RunPlan, tasks: Sequence[str]) -> None:
     """A per-task key that names no task of the suite, caught now rather than when its trainer is
-    built (after the teachers have trained)."""
+    built (after the teachers have trained); so are reward weights where one reward is trained
+    (a teacher, a cascade stage), which its trainer would refuse for every other task."""
+    single = [("teacher", run_plan.teacher), ("cascade.grpo", run_plan.cascade.grpo),
+              *((f"teacher.{task}", own) for task, own in run_plan.teacher_overrides.items())]
+    for where, part in single:
+        weights = part.get("reward_weights") if isinstance(part, dict) else part.reward_weights
+        if weights:
+            raise OverrideError(f"--set {where}.reward_weights: a teacher or cascade stage trains on its own task's "
+                                "reward alone, so it takes no reward weights; they weigh multi-reward's rewards "
+                                "(--set multi-reward.reward_weights=...)")
     for head, section in SECTIONS.items() if tasks else ():
         config = getattr(run_plan, section)
         for where, part in ((head, config), (f"{head}.grpo", getattr(config, "grpo", None))):

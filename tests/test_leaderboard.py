@@ -105,6 +105,12 @@ def test_entries_closer_than_their_seed_spread_share_a_rank():
     assert not _clearly_above(opd, multi)  # +0.002 inside multi-reward's 0.005: one rank
     assert _clearly_above(opd, cascade) and not _clearly_above(multi, cascade)  # +0.004 > 0.002; +0.002 < 0.005
     assert _clearly_above({"overall": 0.5, "overall_std": None}, {"overall": 0.4999, "overall_std": None})  # no seeds: any gap
+    from opd_bench.leaderboard import _rank
+
+    rows = [{"status": "verified", "kind": "student", "suite": "tiny", "preset": "standard", "configuration": "c",
+             "overall": v, "overall_std": sd} for v, sd in ((0.50, 0.001), (0.49, 0.001), (0.48, 0.05), (0.30, 0.001))]
+    _rank(rows)  # the wide third entry is within its spread of the first, but never ranks above the second
+    assert [r["rank"] for r in rows] == [1, 2, 2, 4]
 
 
 def test_runs_of_a_preset_before_and_after_it_changed_are_ranked_apart(tmp_path, board):

@@ -65,7 +65,9 @@ def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
     ('cascade.stages=[["prf", 2]]', "the suite has no task 'prf'"),
     ('opd.teacher_guidance={"gneval": 3}', "--set opd.teacher_guidance: the suite has no task 'gneval' (did you mean 'geneval'?)"),
     ('multi-reward.reward_weights={"ocr": 1, "prf": 2}', "--set multi-reward.reward_weights: the suite has no task 'prf'"),
-    ('cascade.grpo.reward_weights={"x": 1}', "--set cascade.grpo.reward_weights: the suite has no task 'x'"),
+    ('cascade.grpo.reward_weights={"ocr": 2}', "--set cascade.grpo.reward_weights: a teacher or cascade stage trains on its own"),
+    ('teacher.reward_weights={"geneval": 2}', "--set teacher.reward_weights: a teacher or cascade stage"),
+    ('teacher.ocr.reward_weights={"gneval": 2}', "--set teacher.ocr.reward_weights: a teacher or cascade stage"),
 ])
 def test_a_bad_change_is_refused_with_the_fix(pair, message):
     with pytest.raises(OverrideError) as error:
