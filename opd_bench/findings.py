@@ -94,7 +94,7 @@ def teacher_gains(view: ResultView) -> str:
 
 def share_kept(view: ResultView) -> str:
     teachers = _teachers(view)
-    oks, parts = [], []
+    oks, parts, combined = [], [], False
     for t, b in teachers:
         g, opd = _gain(view, t, b), view.mean("opd", b)
         if g is None or opd is None or g <= 0:
@@ -109,6 +109,7 @@ def share_kept(view: ResultView) -> str:
         terms = [x for x in (std / g if std is not None and n > 1 else None, kept * se / g if se is not None else None)
                  if x is not None]
         spread = math.sqrt(sum(x * x for x in terms)) if terms else None
+        combined |= len(terms) == 2
         text = f"{b}: {kept:.0%}" + (f" ± {spread:.0%}" if spread is not None else "") + f" of {t}'s gain {g:+.3f}"
         if se is not None and g < 2 * se:  # a share of a gain the evaluation cannot tell from zero is noise
             oks.append(None)
@@ -125,8 +126,8 @@ def share_kept(view: ResultView) -> str:
         oks.append(kept >= KEPT_TARGET)
         parts.append(text)
     return (f"OPD keeps >= {KEPT_TARGET:.0%} of every teacher's gain: {verdict(oks) if teachers else 'not testable'}. "
-            + ("; ".join(parts) + ". Here ± combines OPD's seed sd with the s.e. of the teacher's paired gain"
-               if parts else "no teachers in the file") + ".")
+            + ("; ".join(parts) if parts else "no teachers in the file")
+            + (". Here ± combines OPD's seed sd with the s.e. of the teacher's paired gain" if combined else "") + ".")
 
 
 def _compare(per_seed: dict[str, list[float]]) -> tuple[list[bool | None], list[str]]:
@@ -186,8 +187,9 @@ def _signed(values: list[float]) -> tuple[float | None, float | None, str]:
 
 
 def cascade_forgetting(view: ResultView) -> str:
-    """A stage forgets if its task's score falls after it by more than 2 seed-sd; a stage that did
-    not clearly gain on its own task has nothing to forget, and is not testable."""
+    """A stage forgets if its task's score falls after it by more than 2 seed-sd; a stage measured
+    not to gain clearly on its own task has nothing to forget, and is not testable (one with no
+    evaluation before it is judged on its fall alone)."""
     oks, parts = [], []
     for row in view.stage_scores(view.curves_frame(["cascade"]))[:-1]:  # the last stage has nothing after it
         drops = [end - final for end, final in zip(row["end"], row["final"])]
@@ -224,6 +226,8 @@ def students_versus_base(view: ResultView) -> str:
         ok, text = _versus(mean, sd, "base", base, None)
         oks.append(ok)
         parts.append(f"{m} {text}")
+    if not parts:
+        return "Student methods above the untrained base, overall: not testable (no per-seed overall scores in the file)."
     return (f"Student methods above the untrained base, overall ({', '.join(view.headline)}): {verdict(oks)}. "
             + "; ".join(parts) + ".")
 

@@ -356,10 +356,11 @@ class _Report(ResultView):
         self.add_plot("gradient_variance.png", fig, "Gradient variance over training, per method (log y)")
 
     def _unlogged_note(self, frame) -> str:
-        """The student methods the plot leaves out: a step of one micro-batch has no variance to log."""
+        """The student methods the plot leaves out (a step of one micro-batch has no variance to log)."""
         missing = [m for m in self.methods if is_student(m) and m not in set(frame["method"])]
-        return (f" Not drawn: {', '.join(missing)} (each step is one micro-batch, so there is no within-step "
-                "variance to log)." if missing else "")
+        return (f" Not drawn: {', '.join(missing)} (no within-step variance in the file: a method whose every "
+                "step is one micro-batch, as multi-reward and cascade RL in the standard presets, has none to log)."
+                if missing else "")
 
     def variance(self) -> None:
         import pandas as pd

@@ -283,7 +283,8 @@ def test_findings_with_single_seed_and_few_methods(tmp_path):
     results = make_results(methods=["base", "opd"], seeds=[0])
     lines = _findings(tmp_path, results)
     assert lines[0].startswith("Teachers gain on their own task: not testable.")
-    assert lines[1].startswith("OPD keeps >= 85% of every teacher's gain: not testable. no teachers in the file")
+    assert lines[1] == "OPD keeps >= 85% of every teacher's gain: not testable. no teachers in the file."
+    assert lines[5].startswith("Student methods above the untrained base") and "opd " in lines[5]
     assert "vs multi-reward: multi-reward not in the file" in lines[2]
     assert "not testable" in lines[3]
     cascade_only = _findings(tmp_path / "cascade", make_results(methods=["base", "cascade"], seeds=[0]))[2]
