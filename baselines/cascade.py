@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from opd_bench import distributed
-from opd_bench.io import json_differences, read_json
+from opd_bench.io import read_json
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
-from opd_bench.training import add_student, read_metrics
+from opd_bench.training import add_student, config_differences, read_metrics
 from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer, grpo_run_config
 
 COUNTERS = ("student_forwards", "teacher_forwards", "reference_forwards", "images", "wall_seconds")
@@ -72,14 +72,11 @@ class CascadeTrainer:
             config = replace(self.config.grpo, steps=steps, seed=self.config.grpo.seed + k)
             extra = {"method": "cascade", "stage": k, "stages": [list(s) for s in self.config.stages]}
             if (stage_dir / "DONE").exists() and not self.overwrite:
-                saved = read_json(stage_dir / "config.json")
                 recorded = grpo_run_config(config, self.prompts[task], {task: self.rewards[task]}, extra)
-                current = json.loads(json.dumps(recorded, default=str))
-                if "data" not in saved:  # a stage finished before config.json recorded its data
-                    current.pop("data")
-                if saved != current:  # a finished stage of other settings is not this cascade's
+                differences = config_differences(read_json(stage_dir / "config.json"), recorded)
+                if differences:  # a finished stage of other settings is not this cascade's
                     raise ValueError(f"{stage_dir} holds a finished stage with a different config "
-                                     f"({json_differences(saved, current)}); use another folder or pass overwrite/--force")
+                                     f"({differences}); use another folder or pass overwrite/--force")
                 add_student(self.policy, self.adapter, self.config.grpo, reuse=k > 0)
                 self.policy.copy_adapter_weights(self.adapter, stage_dir / "final")
                 final = stage_dir / "final"

@@ -83,14 +83,17 @@ class BenchmarkSpec:
         name, options = self.reward_of(split)
         return rewards.get(name, **options)
 
-    def locate_weights(self, split: str = "test") -> None:
-        """Find the weight files of ``split``'s reward (and, for the test split, the extra scores')
-        without loading them: a missing file stops a run or evaluation before its first image."""
+    def locate_weights(self, *, train: bool = False) -> None:
+        """Find the weight files of the evaluation's rewards (the main score and the extra ones) and,
+        with ``train``, of the training reward, without loading them: a missing file stops a run or
+        evaluation before its first image."""
         from opd_bench import rewards
 
-        rewards.locate_weights(*self.reward_of(split))
-        for name in self.extra_rewards.values() if split == "test" else ():
-            rewards.locate_weights(name, {})
+        used = [self.reward_of("test"), *((name, {}) for name in self.extra_rewards.values())]
+        if train and self.reward_of("train") not in used:
+            used.append(self.reward_of("train"))
+        for name, options in used:
+            rewards.locate_weights(name, options)
 
 
 class PromptSubset:

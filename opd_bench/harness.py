@@ -534,8 +534,7 @@ class Harness:
         for task in self.suite.tasks:  # so do a configurable suite's prompt files, reward options and weights
             spec = self.suite.benchmark(task)
             spec.path("train")  # building the spec checks the rest
-            spec.locate_weights("train")
-            spec.locate_weights("test")
+            spec.locate_weights(train=True)
         self._check_split(distributed.current().world_size)
         if jobs > 1:
             if distributed.current().distributed:

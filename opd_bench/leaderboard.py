@@ -34,7 +34,7 @@ from opd_bench.io import atomic_write_bytes, json_text
 from opd_bench.result_schema import (
     SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, dig, is_finite_number, model_loading, total_forwards,
 )
-from opd_bench.results_view import counted
+from opd_bench.results_view import counted, mean_sd
 
 MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
 LISTED_PRESETS = ("standard", "paper")  # smoke runs check the pipeline; their scores are not results
@@ -420,11 +420,7 @@ def _rank(rows: list[dict]) -> None:
 
 def _overall_sd(per_seed: list[list[float]]) -> float | None:
     """The sd over seeds of the per-seed overall score (None for one seed)."""
-    overall = [sum(values) / len(values) for values in zip(*per_seed)]
-    if len(overall) < 2:
-        return None
-    mean = sum(overall) / len(overall)
-    return (sum((v - mean) ** 2 for v in overall) / (len(overall) - 1)) ** 0.5
+    return mean_sd([sum(values) / len(values) for values in zip(*per_seed)])[1]
 
 
 def _clearly_above(a: dict, b: dict) -> bool:

@@ -334,6 +334,16 @@ def training_data(prompts: Sequence, rewards: Iterable[str] = ()) -> dict:
             "rewards": sorted(rewards)}
 
 
+def config_differences(saved: Any, config: dict) -> str | None:
+    """How a run folder's saved ``config.json`` differs from the ``config`` a trainer would record
+    now (None: the same run). A folder saved before configs recorded their ``data`` is compared
+    without it, so runs made before the record resume as before."""
+    current = json.loads(json.dumps(config, default=str))
+    if isinstance(saved, dict) and "data" not in saved:
+        current.pop("data", None)
+    return None if saved == current else json_differences(saved, current)
+
+
 def sample_prompts(pool: Sequence, count: int, seed: int) -> list:
     """``count`` prompts drawn without replacement (with, if the pool is smaller), reproducibly."""
     rng = np.random.default_rng(seed)
@@ -400,11 +410,9 @@ class TrainingRun:
         checkpoint = self.dir / "checkpoint"
         if checkpoint.exists() and not overwrite:
             saved = read_json(config_path, fix=retrain_hint(self.dir)) if config_path.exists() else None
-            current = json.loads(json.dumps(config, default=str))
-            if isinstance(saved, dict) and "data" not in saved:  # a run killed before config.json recorded its data
-                current.pop("data", None)
-            if saved != current:
-                raise ValueError(f"{self.dir} holds a run with a different config ({json_differences(saved, current)}); "
+            differences = config_differences(saved, config)
+            if differences:
+                raise ValueError(f"{self.dir} holds a run with a different config ({differences}); "
                                  "use another folder or pass overwrite/--force")
             state = load_checkpoint(checkpoint, params=self.params, optimizer=self.optimizer, ema=self.ema)
             self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=state["step"],

@@ -285,8 +285,8 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
         _check_options(reward, reward_options, where=f"{task}.reward.")
     elif task == "pref":
         for name in ("pickscore", *PREF_EXTRAS):
-            if _pref_options(config, name) is not None:
-                _check_options(name, _pref_options(config, name), where=f"pref.{name}.")
+            if (given := _pref_options(config, name)) is not None:
+                _check_options(name, given, where=f"pref.{name}.")
     else:
         _check_options(reward, options, where=f"{task}.", section_keys=SPEC_KEYS)
     if "train_reward" in section:
@@ -333,15 +333,18 @@ def _check_geneval_values(options: dict, where: str) -> None:
 
 def _configured(name: str):
     """A reward factory for ``extra_rewards`` (built without options): ``name`` with the pref section's options."""
+    def configured(options: dict[str, Any]) -> dict[str, Any]:
+        return {**(_pref_options(current_config(), name) or {}), **options}
+
     def build(**options: Any):
         from opd_bench import rewards
 
-        return rewards.get(name, **{**(_pref_options(current_config(), name) or {}), **options})
+        return rewards.get(name, **configured(options))
 
     def locate_weights(**options: Any) -> None:
         from opd_bench import rewards
 
-        rewards.locate_weights(name, {**(_pref_options(current_config(), name) or {}), **options})
+        rewards.locate_weights(name, configured(options))
 
     build.__name__ = build.__qualname__ = f"{name}_reward"
     build.locate_weights = locate_weights
