@@ -1,0 +1,186 @@
+"""Can a small update move the base's held-out score when the signal is clean? (issue 11, probes B1-B6)
+
+The teacher probes (docs/benchmarks.md, T/G/L) found that GRPO does not move this base's held-out
+GenEval or OCR score, and blamed the base: its failures are not near misses that a small update
+corrects. This probe asks the base that question without GRPO's noisy gradient. It draws
+``--images`` samples of ``--prompts`` evenly spaced train prompts with the suite's evaluation
+sampler (ODE), keeps those that the benchmark's own reward scores at least ``--keep-at`` (1.0: the
+strict hits; 0: every sample, the control that the filter is what teaches), and fine-tunes a fresh
+LoRA adapter (the standard teacher's rank, alpha and learning rate) on the kept latents with the
+base's own pretraining loss (rectified flow, logit-normal sigmas, conditional only). With
+``--source render`` the kept set is the world's own renders of the same prompts instead (always
+right): what a clean supervised signal on these prompts can do at this adapter size.
+
+    python benchmarks/probe_self_sft.py --task geneval [--source self|render] [--keep-at 1.0]
+
+The defaults draw 3,840 images (a standard teacher's rollouts) and train 600 steps of 32 (about a
+teacher's training forwards). Prints one JSON line: how many samples were kept (per tag for
+GenEval), minutes, and base and adapter on the held-out prompts and noise of probe_teacher.py
+(``--eval-limit`` test prompts x 2 images, noise seed 777), with each gain's paired standard error,
+and the same on as many of the prompts it was fitted on (``fitted_prompts``: fitted, or not even that?).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from opd_bench import suites
+from opd_bench.evaluate import SamplerSettings
+from opd_bench.presets import plan
+from opd_bench.policy import Policy
+from opd_bench.results_view import paired_gain
+from opd_bench.rewards.base import call_reward
+from opd_bench.rollout import rollout
+from opd_bench.world.render import render_batch
+from probe_args import held_out, probe_parser
+
+CHUNK = 64  # images per sampling / encoding call
+
+
+def evenly_spaced(prompts: list, count: int) -> list:
+    step = len(prompts) / max(1, count)
+    return [prompts[int(i * step)] for i in range(min(count, len(prompts)))]
+
+
+class TrainedPrompts:
+    """``spec`` whose test prompts are the ones the adapter was fitted on: did it fit them at all?"""
+
+    def __init__(self, spec, prompts: list):
+        self.spec, self.trained = spec, prompts
+
+    def __getattr__(self, name: str):
+        return getattr(self.spec, name)
+
+    def prompts(self, split: str = "test", limit: int | None = None) -> list:
+        return evenly_spaced(self.trained, limit or len(self.trained))
+
+
+@torch.no_grad()
+def kept_samples(policy, spec, prompts, images_per_prompt: int, source: str, keep_at: float, seed: int,
+                 settings: SamplerSettings):
+    """(latents of the kept samples, their prompt indices, the reward of every drawn sample).
+
+    ``source``: "self" draws with ``policy`` and ``settings``; "render" draws the world's renders."""
+    reward = spec.build_reward()
+    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(images_per_prompt)]
+    latents, owners, scores = [], [], []
+    vae = policy.pipeline.vae
+    for start in range(0, len(jobs), CHUNK):
+        chunk = jobs[start:start + CHUNK]
+        batch = [p for _, p in chunk]
+        if source == "self":
+            trajectory = rollout(policy, batch, num_steps=settings.num_steps, noise_level=settings.noise_level,
+                                 guidance_scale=settings.guidance_scale, seed=seed, keep={"images"}, sample_offset=start)
+            final, images = trajectory.final, trajectory.images
+        else:
+            images = render_batch([p.metadata for p in batch], [seed * 1_000_003 + start + k for k in range(len(batch))])
+            final = vae.encode(images * 2 - 1).latent_dist.mean
+            final = (final - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        chunk_scores = call_reward(reward, spec.name, images, [p.text for p in batch], [p.metadata for p in batch]).scores
+        scores.extend(chunk_scores.tolist())
+        keep = chunk_scores >= keep_at
+        latents.append(final[keep].float().cpu())
+        owners.extend(i for (i, _), k in zip(chunk, keep.tolist()) if k)
+    return torch.cat(latents), torch.tensor(owners), scores
+
+
+def fine_tune(policy, adapter: str, latents, owners, embeds, *, steps: int, batch: int, lr: float, seed: int,
+              guidance: float = 1.0) -> list[float]:
+    """The pretraining loss on the kept latents, through adapter ``adapter``; the loss every 50 steps.
+
+    ``guidance`` > 1 fits the guided velocity (unconditional half detached, as GRPO trains) instead
+    of the conditional one: samples drawn with guidance, fitted by the conditional velocity and then
+    drawn with guidance again, would be guided twice."""
+    params = policy.parameters(adapter)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    with policy.use(adapter):
+        for step in range(steps):
+            index = torch.randint(len(latents), (batch,), generator=generator)
+            x0 = latents[index].to(policy.device, policy.dtype)
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            sigma = torch.sigmoid(torch.randn(batch, generator=generator)).to(x0)  # logit-normal, as in pretraining
+            noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+            velocity = policy.velocity(noisy, sigma, embeds.select(owners[index]), guidance, detach_uncond=True)
+            loss = F.mse_loss(velocity.float(), (noise - x0).float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if step % 50 == 0 or step == steps - 1:
+                losses.append(round(loss.item(), 4))
+    return losses
+
+
+def main() -> None:
+    teacher = plan("standard").teacher
+    parser = probe_parser(__doc__)
+    parser.add_argument("--task", required=True, choices=["geneval", "ocr"])
+    parser.add_argument("--source", choices=["self", "render"], default="self",
+                        help="self: the base's own ODE samples, filtered by the reward; render: the world's renders")
+    parser.add_argument("--keep-at", type=float, default=1.0, help="keep the samples the reward scores at least this")
+    parser.add_argument("--prompts", type=int, default=960, help="evenly spaced train prompts")
+    parser.add_argument("--images", type=int, default=4, help="samples drawn per prompt")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=teacher.lr)
+    parser.add_argument("--rank", type=int, default=teacher.lora_rank)
+    parser.add_argument("--alpha", type=float, default=teacher.lora_alpha)
+    parser.add_argument("--guided", action="store_true",
+                        help="fit the guided velocity (the evaluation's CFG scale) instead of the conditional one")
+    args = parser.parse_args()
+    if args.overrides:
+        parser.error("--set does not apply here (no trainer config); use --lr, --rank, --alpha, --steps")
+    torch.set_num_threads(args.threads)
+
+    suite = suites.get("tiny")
+    spec = suite.benchmark(args.task)
+    policy = Policy.from_pretrained(suites.resolve_model("tiny"))
+    settings = SamplerSettings.of_suite(suite)
+    prompts = evenly_spaced(spec.prompts("train"), args.prompts)
+    rewards = {"main": spec.build_reward()}
+
+    started = time.perf_counter()
+    latents, owners, drawn = kept_samples(policy, spec, prompts, args.images, args.source, args.keep_at,
+                                          seed=1234 + args.seed, settings=settings)
+    if not len(latents):
+        raise SystemExit(f"no sample scored >= {args.keep_at}; lower --keep-at or draw more with --images")
+    tags = Counter(prompts[i].metadata.get("tag", spec.name) for i in owners.tolist())
+    sample_minutes = (time.perf_counter() - started) / 60
+    embeds = policy.encode([p.text for p in prompts])
+    policy.add_adapter("sft", rank=args.rank, alpha=args.alpha, seed=args.seed)
+    started = time.perf_counter()
+    losses = fine_tune(policy, "sft", latents, owners, embeds, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                       guidance=settings.guidance_scale if args.guided else 1.0)
+    train_minutes = (time.perf_counter() - started) / 60
+
+    results = {name: held_out(policy, name, spec, settings, rewards, args.eval_limit) for name in (None, "sft")}
+    gain, se = paired_gain(results["sft"]["per_image"][spec.name], results[None]["per_image"][spec.name])
+    # the same on the prompts it was fitted on (other noise than the samples'): fitted, or not even that?
+    fitted = TrainedPrompts(spec, prompts)
+    fit = {name: held_out(policy, name, fitted, settings, rewards, args.eval_limit) for name in (None, "sft")}
+    fit_gain, fit_se = paired_gain(fit["sft"]["per_image"][spec.name], fit[None]["per_image"][spec.name])
+
+    def summary(result: dict) -> dict:
+        return {"score": round(result["score"], 4),
+                **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {})}
+
+    print(json.dumps({"task": args.task, "source": args.source, "keep_at": args.keep_at, "seed": args.seed,
+                      "prompts": args.prompts, "images": args.images, "steps": args.steps, "batch": args.batch,
+                      "lr": args.lr, "guided": args.guided, "rank": args.rank, "alpha": args.alpha, "threads": args.threads,
+                      "drawn_reward": round(sum(drawn) / len(drawn), 4), "kept": len(latents), "kept_per_tag": dict(tags),
+                      "sample_minutes": round(sample_minutes, 2), "train_minutes": round(train_minutes, 2),
+                      "loss": losses, "base": summary(results[None]), "sft": summary(results["sft"]),
+                      "gain": round(gain, 4), "se": round(se, 4),
+                      "fitted_prompts": {"base": summary(fit[None]), "sft": summary(fit["sft"]),
+                                         "gain": round(fit_gain, 4), "se": round(fit_se, 4)}}))
+
+
+if __name__ == "__main__":
+    main()
