@@ -1,13 +1,14 @@
-"""Can a small update move the base's held-out score when the signal is clean? (issue 11, probes B1-B6)
+"""Can a small update move the base's held-out score when the signal is clean? (issue 11, probes B1-B12)
 
 The teacher probes (docs/benchmarks.md, T/G/L) found that GRPO does not move this base's held-out
 GenEval or OCR score, and blamed the base: its failures are not near misses that a small update
 corrects. This probe asks the base that question without GRPO's noisy gradient. It draws
 ``--images`` samples of ``--prompts`` evenly spaced train prompts with the suite's evaluation
-sampler (ODE), keeps those that the benchmark's own reward scores at least ``--keep-at`` (1.0: the
+sampler (ODE; ``--sample-guidance`` changes its CFG scale), keeps those that the benchmark's own reward scores at least ``--keep-at`` (1.0: the
 strict hits; 0: every sample, the control that the filter is what teaches), and fine-tunes a fresh
 LoRA adapter (the standard teacher's rank, alpha and learning rate) on the kept latents with the
-base's own pretraining loss (rectified flow, logit-normal sigmas, conditional only). With
+base's own pretraining loss (rectified flow, logit-normal sigmas, the conditional velocity;
+``--guided``: the guided one). With
 ``--source render`` the kept set is the world's own renders of the same prompts instead (always
 right): what a clean supervised signal on these prompts can do at this adapter size.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +134,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=teacher.lr)
     parser.add_argument("--rank", type=int, default=teacher.lora_rank)
     parser.add_argument("--alpha", type=float, default=teacher.lora_alpha)
+    parser.add_argument("--sample-guidance", type=float, default=None,
+                        help="the CFG scale the base draws its own samples with (default: the evaluation's)")
     parser.add_argument("--guided", action="store_true",
                         help="fit the guided velocity (the evaluation's CFG scale) instead of the conditional one")
     args = parser.parse_args()
@@ -147,8 +151,9 @@ def main() -> None:
     rewards = {"main": spec.build_reward()}
 
     started = time.perf_counter()
+    drawing = settings if args.sample_guidance is None else replace(settings, guidance_scale=args.sample_guidance)
     latents, owners, drawn = kept_samples(policy, spec, prompts, args.images, args.source, args.keep_at,
-                                          seed=1234 + args.seed, settings=settings)
+                                          seed=1234 + args.seed, settings=drawing)
     if not len(latents):
         raise SystemExit(f"no sample scored >= {args.keep_at}; lower --keep-at or draw more with --images")
     tags = Counter(prompts[i].metadata.get("tag", spec.name) for i in owners.tolist())
@@ -173,7 +178,7 @@ def main() -> None:
 
     print(json.dumps({"task": args.task, "source": args.source, "keep_at": args.keep_at, "seed": args.seed,
                       "prompts": args.prompts, "images": args.images, "steps": args.steps, "batch": args.batch,
-                      "lr": args.lr, "guided": args.guided, "rank": args.rank, "alpha": args.alpha, "threads": args.threads,
+                      "lr": args.lr, "sample_guidance": drawing.guidance_scale, "guided": args.guided, "rank": args.rank, "alpha": args.alpha, "threads": args.threads,
                       "drawn_reward": round(sum(drawn) / len(drawn), 4), "kept": len(latents), "kept_per_tag": dict(tags),
                       "sample_minutes": round(sample_minutes, 2), "train_minutes": round(train_minutes, 2),
                       "loss": losses, "base": summary(results[None]), "sft": summary(results["sft"]),

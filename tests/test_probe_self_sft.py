@@ -1,4 +1,4 @@
-"""The fine-tuning probe behind B1-B8 (issue 11): it keeps exactly the samples its reward accepts, and
+"""The fine-tuning probe behind B1-B12 (issue 11): it keeps exactly the samples its reward accepts, and
 its loss fits the kept latents through the adapter alone."""
 
 import torch
