@@ -3,22 +3,26 @@
 The teacher probes (docs/benchmarks.md, T/G/L) found that GRPO does not move this base's held-out
 GenEval or OCR score, and blamed the base: its failures are not near misses that a small update
 corrects. This probe asks the base that question without GRPO's noisy gradient. It draws
-``--images`` samples of ``--prompts`` evenly spaced train prompts with the suite's evaluation
-sampler (ODE; ``--sample-guidance`` changes its CFG scale), keeps those that the benchmark's own reward scores at least ``--keep-at`` (1.0: the
-strict hits; 0: every sample, the control that the filter is what teaches), and fine-tunes a fresh
-LoRA adapter (the standard teacher's rank, alpha and learning rate) on the kept latents with the
-base's own pretraining loss (rectified flow, logit-normal sigmas, the conditional velocity;
-``--guided``: the guided one). With
-``--source render`` the kept set is the world's own renders of the same prompts instead (always
-right): what a clean supervised signal on these prompts can do at this adapter size.
+``--images`` samples of ``--prompts`` evenly spaced train prompts, keeps those that the
+benchmark's own reward scores at least ``--keep-at`` (1.0: the strict hits; 0: every sample, the
+control that the filter is what teaches), and fine-tunes a fresh LoRA adapter (the standard
+teacher's rank, alpha and learning rate) on the kept latents with the base's pretraining loss
+(rectified flow, logit-normal sigmas; the conditional velocity, or with ``--guided`` the guided
+one; unlike pretraining, no caption is dropped). The samples are the base's own, drawn with the
+suite's evaluation sampler (ODE; ``--sample-guidance`` changes its CFG scale), or with ``--source
+render`` the world's renders of the same prompts (right by construction; scored as rendered and
+fitted through the VAE): what a clean supervised signal on these prompts can do at this adapter
+size (``--full``: at full-parameter size). ``--model DIR`` checks a candidate base instead of the shipped one (docs/tiny_base.md).
 
     python benchmarks/probe_self_sft.py --task geneval [--source self|render] [--keep-at 1.0]
 
-The defaults draw 3,840 images (a standard teacher's rollouts) and train 600 steps of 32 (about a
-teacher's training forwards). Prints one JSON line: how many samples were kept (per tag for
-GenEval), minutes, and base and adapter on the held-out prompts and noise of probe_teacher.py
-(``--eval-limit`` test prompts x 2 images, noise seed 777), with each gain's paired standard error,
-and the same on as many of the prompts it was fitted on (``fitted_prompts``: fitted, or not even that?).
+The defaults draw 3,840 images (a standard teacher's rollouts) and fit 600 steps of 32 (19,200
+image-sigma pairs; a teacher trains 15,360 image-steps). Prints one JSON line: how many samples
+were kept (per tag for GenEval), minutes, and base and adapter on the held-out prompts and noise
+of probe_teacher.py (``--eval-limit`` test prompts x 2 images, noise seed 777): each score, the
+per-image gain with its paired standard error and, for GenEval, the score's own gain
+(``score_gain``, the tags' mean) with its stratified one; the same on up to as many of the
+prompts with a kept sample (``fitted_prompts``: did it fit even those?).
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ import torch.nn.functional as F
 from opd_bench import suites
 from opd_bench.evaluate import SamplerSettings
 from opd_bench.presets import plan
-from opd_bench.policy import Policy
-from opd_bench.results_view import paired_gain
+from opd_bench.policy import ModelLoadError, Policy
+from opd_bench.results_view import paired_gain, stratified_paired_se
 from opd_bench.rewards.base import call_reward
 from opd_bench.rollout import rollout
 from opd_bench.world.render import render_batch
@@ -45,12 +49,15 @@ CHUNK = 64  # images per sampling / encoding call
 
 
 def evenly_spaced(prompts: list, count: int) -> list:
+    """``count`` distinct items of ``prompts`` (all of them if fewer), evenly spaced, in order."""
+    count = min(count, len(prompts))
     step = len(prompts) / max(1, count)
-    return [prompts[int(i * step)] for i in range(min(count, len(prompts)))]
+    return [prompts[int(i * step)] for i in range(count)]
 
 
 class TrainedPrompts:
-    """``spec`` whose test prompts are the ones the adapter was fitted on: did it fit them at all?"""
+    """``spec`` whose test prompts are those the adapter was fitted on (at least one kept sample):
+    did it fit even those?"""
 
     def __init__(self, spec, prompts: list):
         self.spec, self.trained = spec, prompts
@@ -63,12 +70,12 @@ class TrainedPrompts:
 
 
 @torch.no_grad()
-def kept_samples(policy, spec, prompts, images_per_prompt: int, source: str, keep_at: float, seed: int,
+def kept_samples(policy, spec, reward, prompts, images_per_prompt: int, source: str, keep_at: float, seed: int,
                  settings: SamplerSettings):
     """(latents of the kept samples, their prompt indices, the reward of every drawn sample).
 
-    ``source``: "self" draws with ``policy`` and ``settings``; "render" draws the world's renders."""
-    reward = spec.build_reward()
+    ``source``: "self" draws with ``policy`` and ``settings``; "render" draws the world's renders
+    (scored as rendered; what is fitted is their VAE latent)."""
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(images_per_prompt)]
     latents, owners, scores = [], [], []
     vae = policy.pipeline.vae
@@ -81,7 +88,7 @@ def kept_samples(policy, spec, prompts, images_per_prompt: int, source: str, kee
             final, images = trajectory.final, trajectory.images
         else:
             images = render_batch([p.metadata for p in batch], [seed * 1_000_003 + start + k for k in range(len(batch))])
-            final = vae.encode(images * 2 - 1).latent_dist.mean
+            final = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
             final = (final - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
         chunk_scores = call_reward(reward, spec.name, images, [p.text for p in batch], [p.metadata for p in batch]).scores
         scores.extend(chunk_scores.tolist())
@@ -124,6 +131,8 @@ def main() -> None:
     teacher = plan("standard").teacher
     parser = probe_parser(__doc__)
     parser.add_argument("--task", required=True, choices=["geneval", "ocr"])
+    parser.add_argument("--model", default="tiny",
+                        help="the base: the shipped tiny model, or a candidate's pipeline folder (docs/tiny_base.md)")
     parser.add_argument("--source", choices=["self", "render"], default="self",
                         help="self: the base's own ODE samples, filtered by the reward; render: the world's renders")
     parser.add_argument("--keep-at", type=float, default=1.0, help="keep the samples the reward scores at least this")
@@ -134,6 +143,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=teacher.lr)
     parser.add_argument("--rank", type=int, default=teacher.lora_rank)
     parser.add_argument("--alpha", type=float, default=teacher.lora_alpha)
+    parser.add_argument("--full", action="store_true",
+                        help="fine-tune a full copy of the transformer instead of a LoRA adapter (--rank, --alpha unused)")
     parser.add_argument("--sample-guidance", type=float, default=None,
                         help="the CFG scale the base draws its own samples with (default: the evaluation's)")
     parser.add_argument("--guided", action="store_true",
@@ -145,46 +156,67 @@ def main() -> None:
 
     suite = suites.get("tiny")
     spec = suite.benchmark(args.task)
-    policy = Policy.from_pretrained(suites.resolve_model("tiny"))
+    try:
+        policy = Policy.from_pretrained(suites.resolve_model(args.model))
+    except (ModelLoadError, FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     settings = SamplerSettings.of_suite(suite)
     prompts = evenly_spaced(spec.prompts("train"), args.prompts)
-    rewards = {"main": spec.build_reward()}
+    reward = spec.build_reward()
 
     started = time.perf_counter()
     drawing = settings if args.sample_guidance is None else replace(settings, guidance_scale=args.sample_guidance)
-    latents, owners, drawn = kept_samples(policy, spec, prompts, args.images, args.source, args.keep_at,
+    latents, owners, drawn = kept_samples(policy, spec, reward, prompts, args.images, args.source, args.keep_at,
                                           seed=1234 + args.seed, settings=drawing)
     if not len(latents):
         raise SystemExit(f"no sample scored >= {args.keep_at}; lower --keep-at or draw more with --images")
     tags = Counter(prompts[i].metadata.get("tag", spec.name) for i in owners.tolist())
     sample_minutes = (time.perf_counter() - started) / 60
     embeds = policy.encode([p.text for p in prompts])
-    policy.add_adapter("sft", rank=args.rank, alpha=args.alpha, seed=args.seed)
+    # the velocity fitted: the conditional one, or (--guided) the one the evaluation draws with
+    fit_guidance = settings.guidance_scale if args.guided else 1.0
+    if args.full:
+        policy.add_full_copy("sft")
+    else:
+        policy.add_adapter("sft", rank=args.rank, alpha=args.alpha, seed=args.seed)
     started = time.perf_counter()
     losses = fine_tune(policy, "sft", latents, owners, embeds, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                       guidance=settings.guidance_scale if args.guided else 1.0)
+                       guidance=fit_guidance)
     train_minutes = (time.perf_counter() - started) / 60
 
-    results = {name: held_out(policy, name, spec, settings, rewards, args.eval_limit) for name in (None, "sft")}
-    gain, se = paired_gain(results["sft"]["per_image"][spec.name], results[None]["per_image"][spec.name])
-    # the same on the prompts it was fitted on (other noise than the samples'): fitted, or not even that?
-    fitted = TrainedPrompts(spec, prompts)
-    fit = {name: held_out(policy, name, fitted, settings, rewards, args.eval_limit) for name in (None, "sft")}
-    fit_gain, fit_se = paired_gain(fit["sft"]["per_image"][spec.name], fit[None]["per_image"][spec.name])
+    rewards = {"main": reward}
 
-    def summary(result: dict) -> dict:
-        return {"score": round(result["score"], 4),
-                **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {})}
+    def compare(view) -> dict:
+        """Base and adapter on ``view``'s first ``--eval-limit`` test prompts, same noise: the score
+        of each, the gain per image and, for a score that averages tags (GenEval), the score's gain."""
+        result = {name: held_out(policy, name, view, settings, rewards, args.eval_limit) for name in (None, "sft")}
+        after, before = result["sft"]["per_image"][spec.name], result[None]["per_image"][spec.name]
+        gain, se = paired_gain(after, before)
+        out = {"base": summary(result[None]), "sft": summary(result["sft"]), "gain": round(gain, 4), "se": round(se, 4)}
+        if "per_tag" in result[None]:
+            tags = [p.metadata.get("tag") for p in view.prompts("test", args.eval_limit) for _ in range(2)]
+            out["score_gain"] = round(result["sft"]["score"] - result[None]["score"], 4)
+            se = stratified_paired_se(after, before, tags)  # None where a tag has one image
+            out["score_se"] = None if se is None else round(se, 4)
+        return out
 
-    print(json.dumps({"task": args.task, "source": args.source, "keep_at": args.keep_at, "seed": args.seed,
-                      "prompts": args.prompts, "images": args.images, "steps": args.steps, "batch": args.batch,
-                      "lr": args.lr, "sample_guidance": drawing.guidance_scale, "guided": args.guided, "rank": args.rank, "alpha": args.alpha, "threads": args.threads,
-                      "drawn_reward": round(sum(drawn) / len(drawn), 4), "kept": len(latents), "kept_per_tag": dict(tags),
+    held = compare(spec)
+    # the same on prompts it was fitted on (other noise than the samples'): did it fit even those?
+    fitted_prompts = [prompts[i] for i in owners.unique().tolist()]
+    fit = compare(TrainedPrompts(spec, fitted_prompts))
+    print(json.dumps({"task": args.task, "model": args.model, "source": args.source, "keep_at": args.keep_at,
+                      "seed": args.seed, "prompts": args.prompts, "images": args.images, "steps": args.steps,
+                      "batch": args.batch, "lr": args.lr, "sample_guidance": drawing.guidance_scale,
+                      "guided": args.guided, "fit_guidance": fit_guidance, "full": args.full, "rank": args.rank, "alpha": args.alpha,
+                      "threads": args.threads, "drawn_reward": round(sum(drawn) / len(drawn), 4),
+                      "kept": len(latents), "kept_per_tag": dict(tags), "prompts_fitted": len(fitted_prompts),
                       "sample_minutes": round(sample_minutes, 2), "train_minutes": round(train_minutes, 2),
-                      "loss": losses, "base": summary(results[None]), "sft": summary(results["sft"]),
-                      "gain": round(gain, 4), "se": round(se, 4),
-                      "fitted_prompts": {"base": summary(fit[None]), "sft": summary(fit["sft"]),
-                                         "gain": round(fit_gain, 4), "se": round(fit_se, 4)}}))
+                      "loss": losses, **held, "fitted_prompts": fit}))
+
+
+def summary(result: dict) -> dict:
+    return {"score": round(result["score"], 4),
+            **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {})}
 
 
 if __name__ == "__main__":
