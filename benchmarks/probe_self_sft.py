@@ -1,4 +1,4 @@
-"""Can a small update move the base's held-out score when the signal is clean? (issue 11, probes B1-B12)
+"""Can a small update move the base's held-out score when the signal is clean? (issue 11, probes B1-B16)
 
 The teacher probes (docs/benchmarks.md, T/G/L) found that GRPO does not move this base's held-out
 GenEval or OCR score, and blamed the base: its failures are not near misses that a small update

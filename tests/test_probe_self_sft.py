@@ -1,4 +1,4 @@
-"""The fine-tuning probe behind B1-B12 (issue 11): it keeps exactly the samples its reward accepts, the
+"""The fine-tuning probe behind B1-B16 (issue 11): it keeps exactly the samples its reward accepts, the
 latents it keeps are the samples' own (the base's, or the renders' through the VAE), and its loss
 fits each kept latent to its own prompt through the adapter alone."""
 
