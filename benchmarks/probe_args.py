@@ -44,6 +44,13 @@ def probe_config(parser: argparse.ArgumentParser, args: argparse.Namespace, base
     return config, {name: getattr(config, name) for name in names}
 
 
+def summary(result: dict) -> dict:
+    """An evaluation's score, per-tag scores (GenEval) and evaluation-only scores (e.g. pref_oracle), rounded."""
+    return {"score": round(result["score"], 4),
+            **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {}),
+            **{key: round(value, 4) for key, value in result["extra"].items()}}
+
+
 def held_out(policy, adapter: str | None, spec, sampler, rewards: dict, limit: int) -> dict:
     """``adapter`` (None = base) on the first ``limit`` test prompts of ``spec``, 2 images each, noise seed 777."""
     from opd_bench.evaluate import evaluate_benchmark, policy_source

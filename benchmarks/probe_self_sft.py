@@ -42,8 +42,9 @@ from opd_bench.policy import ModelLoadError, Policy
 from opd_bench.results_view import paired_gain, stratified_paired_se
 from opd_bench.rewards.base import call_reward
 from opd_bench.rollout import rollout
+from opd_bench.tiny.pretrain import logit_normal
 from opd_bench.world.render import render_batch
-from probe_args import held_out, probe_parser
+from probe_args import held_out, probe_parser, summary
 
 CHUNK = 64  # images per sampling / encoding call
 
@@ -78,7 +79,6 @@ def kept_samples(policy, spec, reward, prompts, images_per_prompt: int, source: 
     (scored as rendered; what is fitted is their VAE latent)."""
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(images_per_prompt)]
     latents, owners, scores = [], [], []
-    vae = policy.pipeline.vae
     for start in range(0, len(jobs), CHUNK):
         chunk = jobs[start:start + CHUNK]
         batch = [p for _, p in chunk]
@@ -88,8 +88,7 @@ def kept_samples(policy, spec, reward, prompts, images_per_prompt: int, source: 
             final, images = trajectory.final, trajectory.images
         else:
             images = render_batch([p.metadata for p in batch], [seed * 1_000_003 + start + k for k in range(len(batch))])
-            final = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
-            final = (final - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+            final = policy.encode_images(images)
         chunk_scores = call_reward(reward, spec.name, images, [p.text for p in batch], [p.metadata for p in batch]).scores
         scores.extend(chunk_scores.tolist())
         keep = chunk_scores >= keep_at
@@ -114,7 +113,7 @@ def fine_tune(policy, adapter: str, latents, owners, embeds, *, steps: int, batc
             index = torch.randint(len(latents), (batch,), generator=generator)
             x0 = latents[index].to(policy.device, policy.dtype)
             noise = torch.randn(x0.shape, generator=generator).to(x0)
-            sigma = torch.sigmoid(torch.randn(batch, generator=generator)).to(x0)  # logit-normal, as in pretraining
+            sigma = logit_normal(batch, generator).to(x0)
             noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
             velocity = policy.velocity(noisy, sigma, embeds.select(owners[index]), guidance, detach_uncond=True)
             loss = F.mse_loss(velocity.float(), (noise - x0).float())
@@ -212,11 +211,6 @@ def main() -> None:
                       "kept": len(latents), "kept_per_tag": dict(tags), "prompts_fitted": len(fitted_prompts),
                       "sample_minutes": round(sample_minutes, 2), "train_minutes": round(train_minutes, 2),
                       "loss": losses, **held, "fitted_prompts": fit}))
-
-
-def summary(result: dict) -> dict:
-    return {"score": round(result["score"], 4),
-            **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {})}
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from opd_bench.policy import Policy
 from opd_bench.results_view import paired_gain
 from opd_bench.trainers.grpo import GRPOTrainer
 from opd_bench.training import read_metrics
-from probe_args import held_out, probe_config, probe_parser
+from probe_args import held_out, probe_config, probe_parser, summary
 
 
 def main() -> None:
@@ -60,10 +60,7 @@ def main() -> None:
         result = held_out(policy, adapter, spec, sampler, held_out_reward, args.eval_limit)
         if sampler is settings:
             per_image[adapter] = result["per_image"]
-        return {"score": round(result["score"], 4),
-                **({"per_tag": {k: round(v, 3) for k, v in result["per_tag"].items()}} if "per_tag" in result else {}),
-                # the benchmark's evaluation-only rewards, e.g. pref's hidden taste (pref_oracle)
-                **{key: round(value, 4) for key, value in result["extra"].items()}}
+        return summary(result)  # with the benchmark's evaluation-only rewards, e.g. pref's hidden taste
 
     before, before_sde = score(None), score(None, train_settings)
     curve_points: list[dict] = []

@@ -41,10 +41,10 @@ def sign(text: str) -> dict:
 @torch.no_grad()
 def wrong_word_ratios(policy: Policy, records: list[dict], swap: str = "both") -> dict[float, float]:
     """``swap``: which conditioning comes from the other prompt: "both", "context" or "pooled"."""
-    pipe, transformer, vae = policy.pipeline, policy.pipeline.transformer, policy.pipeline.vae
+    pipe, transformer = policy.pipeline, policy.pipeline.transformer
     images = torch.stack([torch.from_numpy(np.array(render(r, k).convert("RGB"))).permute(2, 0, 1).float() / 255
                           for k, r in enumerate(records)])
-    z = (vae.encode(images * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    z = policy.encode_images(images)
     embeds, _, pooled, _ = pipe.encode_prompt(prompt=[r["prompt"] for r in records], prompt_2=None, prompt_3=None,
                                               device="cpu", do_classifier_free_guidance=False, max_sequence_length=1)
     n, out = len(records), {}

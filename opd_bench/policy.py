@@ -553,6 +553,15 @@ class Policy:
         images = vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` -> latents, the inverse of ``decode`` (the VAE's
+        posterior mean, scaled and shifted as the sampler's states are): what a loss that fits
+        given images works on."""
+        vae = self.pipeline.vae
+        latents = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
+        return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
     # ----------------------------------------------------------------------------- adapters
     @property
     def adapters(self) -> list[str]:

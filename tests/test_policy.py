@@ -246,3 +246,12 @@ def test_an_adapter_equals_the_base_until_its_first_update(policy):
     assert lora_b and not policy.equals_base("fresh")
     policy.add_full_copy("copy", trainable=False)
     assert not policy.equals_base("copy")
+
+
+def test_encode_images_is_the_inverse_of_decode(policy):
+    vae = policy.pipeline.vae
+    vae.register_to_config(scaling_factor=2.0, shift_factor=0.5)  # a scale and shift to get the wrong way round
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reconstructed = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    assert torch.allclose(policy.decode(policy.encode_images(images)), reconstructed, atol=1e-5)

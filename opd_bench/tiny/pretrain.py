@@ -201,7 +201,8 @@ def encode_dataset(vae, images: torch.Tensor, device: str, batch: int = 256) -> 
     return torch.cat(latents)
 
 
-def _logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
+def logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """``batch`` sigmas in (0, 1), logit-normal: most of them mid-way, as rectified-flow training draws them."""
     return torch.sigmoid(torch.randn(batch, generator=generator))
 
 
@@ -239,7 +240,7 @@ def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config:
         ]
         x0 = latents[index].to(config.device)
         noise = torch.randn(x0.shape, generator=generator).to(config.device)
-        sigma = _logit_normal(config.batch, generator).to(config.device)
+        sigma = logit_normal(config.batch, generator).to(config.device)
         xs = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
         embeds, _, pooled, _ = pipeline.encode_prompt(
             prompt=captions, prompt_2=None, prompt_3=None, device=config.device,
