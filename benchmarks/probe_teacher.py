@@ -8,7 +8,10 @@ Prints one JSON line: the settings, wall minutes, the training-batch reward per 
 held-out score of base and teacher (first ``--eval-limit`` test prompts, 2 images each, per tag for
 GenEval; the benchmark's evaluation-only rewards too, e.g. pref_oracle for pref) with the suite's
 evaluation sampler (ODE) and with the teacher's training sampler (SDE), and for the ODE each gain
-with the standard error of its per-image differences (``gain_and_se``). With ``--curve-every N``
+with the standard error of its per-image differences (``gain_and_se``; the training sampler's in
+``training_sampler_gain_and_se``). With ``--also TASK`` base and teacher are scored on that other
+benchmark too, with both samplers (``also``: is what the teacher gains its task, or any image's
+repair?). With ``--curve-every N``
 the held-out ODE gain is measured every N steps as well (``curve``: does a longer teacher keep
 gaining?).
 """
@@ -38,6 +41,8 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="train and evaluate on the prompts of one GenEval tag only")
     parser.add_argument("--curve-every", type=int, default=0, metavar="N",
                         help="also score the held-out ODE gain every N steps (0: only at the end)")
+    parser.add_argument("--also", action="append", default=[], choices=["geneval", "ocr", "pref"], metavar="TASK",
+                        help="also score base and teacher on this other benchmark, with both samplers (repeatable)")
     args = parser.parse_args()
     config, overrides = probe_config(parser, args, plan("standard").teacher, steps=args.steps, eval_every=0, checkpoint_every=0)
 
@@ -54,21 +59,33 @@ def main() -> None:
     # the training sampler too: does what the teacher learned on its SDE rollouts carry to the ODE?
     train_settings = SamplerSettings(config.num_steps, config.guidance_scale, config.noise_level)
 
-    per_image: dict[str | None, dict] = {}  # the ODE evaluation's per-image scores, base (None) and teacher
+    # per-image scores by (adapter, sampler, benchmark); adapter None is the base
+    per_image: dict[tuple, dict] = {}
+    others = {name: suite.benchmark(name) for name in dict.fromkeys(args.also) if name != args.task}
 
-    def score(adapter: str | None, sampler: SamplerSettings = settings) -> dict:
-        result = held_out(policy, adapter, spec, sampler, held_out_reward, args.eval_limit)
-        if sampler is settings:
-            per_image[adapter] = result["per_image"]
+    def score(adapter: str | None, sampler: SamplerSettings = settings, benchmark=spec) -> dict:
+        rewards = held_out_reward if benchmark is spec else {"main": benchmark.build_reward()}
+        result = held_out(policy, adapter, benchmark, sampler, rewards, args.eval_limit)
+        per_image[adapter, sampler is settings, benchmark.name] = result["per_image"]
         return summary(result)  # with the benchmark's evaluation-only rewards, e.g. pref's hidden taste
 
-    before, before_sde = score(None), score(None, train_settings)
+    def paired(sampler: SamplerSettings, name: str) -> dict:
+        """Teacher minus base per image on one benchmark and sampler: each score's gain and its s.e."""
+        ode = sampler is settings
+        return {key: [round(v, 4) for v in paired_gain(values, per_image[None, ode, name][key])]
+                for key, values in per_image["probe_final", ode, name].items()}
+
+    def score_others(adapter: str | None) -> dict:
+        return {name: {"ode": score(adapter, settings, other), "training_sampler": score(adapter, train_settings, other)}
+                for name, other in others.items()}
+
+    before, before_sde, before_others = score(None), score(None, train_settings), score_others(None)
     curve_points: list[dict] = []
 
     def curve_point(trained) -> dict:
         """The trainer's evaluation hook (called with the adapter active): the held-out ODE gain so far."""
         result = held_out(trained, "probe", spec, settings, held_out_reward, args.eval_limit)
-        gain, se = paired_gain(result["per_image"][spec.name], per_image[None][spec.name])
+        gain, se = paired_gain(result["per_image"][spec.name], per_image[None, True, spec.name][spec.name])
         curve_points.append({"images": len(curve_points) * args.curve_every * config.prompts_per_step * config.group_size,
                              "score": round(result["score"], 4), "gain": round(gain, 4), "se": round(se, 4)})
         print(json.dumps({"curve": curve_points[-1]}), flush=True)  # a long probe shows its progress
@@ -87,14 +104,17 @@ def main() -> None:
         curve = [round(r[f"reward/{args.task}/mean"], 3) for r in read_metrics(f"{run_dir}/metrics.jsonl") if f"reward/{args.task}/mean" in r]
         # the saved adapter, as the harness evaluates it: with `ema` set it holds the averaged weights
         policy.load_adapter("probe_final", final)
-        after, after_sde = score("probe_final"), score("probe_final", train_settings)
+        after, after_sde, after_others = score("probe_final"), score("probe_final", train_settings), score_others("probe_final")
     # base and teacher saw the same prompts and noise: their per-image differences give each gain's error
-    paired = {key: [round(v, 4) for v in paired_gain(values, per_image[None][key])]
-              for key, values in per_image["probe_final"].items()}
+    also = {name: {"base": before_others[name], "teacher": after_others[name],
+                   "gain_and_se": paired(settings, name), "training_sampler_gain_and_se": paired(train_settings, name)}
+            for name in others}
     print(json.dumps({"task": args.task, "tag": args.tag, "steps": args.steps, "overrides": overrides, "threads": args.threads,
-                      "train_minutes": round(minutes, 2), "base": before, "teacher": after, "gain_and_se": paired,
-                      "training_sampler": {"base": before_sde, "teacher": after_sde}, "train_reward": curve,
-                      **({"curve": curve_points} if args.curve_every else {})}))
+                      "train_minutes": round(minutes, 2), "base": before, "teacher": after,
+                      "gain_and_se": paired(settings, spec.name),
+                      "training_sampler": {"base": before_sde, "teacher": after_sde},
+                      "training_sampler_gain_and_se": paired(train_settings, spec.name), "train_reward": curve,
+                      **({"also": also} if also else {}), **({"curve": curve_points} if args.curve_every else {})}))
 
 
 if __name__ == "__main__":
