@@ -11,7 +11,9 @@ evaluation sampler (ODE) and with the teacher's training sampler (SDE), and for 
 with the standard error of its per-image differences (``gain_and_se``; the training sampler's in
 ``training_sampler_gain_and_se``). With ``--also TASK`` base and teacher are scored on that other
 benchmark too, with both samplers (``also``: is what the teacher gains its task, or any image's
-repair?). With ``--curve-every N``
+repair?). With ``--sampler STEPS,NOISE`` base and teacher are scored on their own task with that
+sampler too (``samplers``: is the gain tied to the training sampler's steps, or to its noise?). With
+``--curve-every N``
 the held-out ODE gain is measured every N steps as well (``curve``: does a longer teacher keep
 gaining?).
 """
@@ -43,6 +45,8 @@ def main() -> None:
                         help="also score the held-out ODE gain every N steps (0: only at the end)")
     parser.add_argument("--also", action="append", default=[], choices=["geneval", "ocr", "pref"], metavar="TASK",
                         help="also score base and teacher on this other benchmark, with both samplers (repeatable)")
+    parser.add_argument("--sampler", action="append", default=[], metavar="STEPS,NOISE",
+                        help="also score the own task with this sampler, e.g. 8,0 (an ODE on the training steps; repeatable)")
     args = parser.parse_args()
     config, overrides = probe_config(parser, args, plan("standard").teacher, steps=args.steps, eval_every=0, checkpoint_every=0)
 
@@ -59,33 +63,44 @@ def main() -> None:
     # the training sampler too: does what the teacher learned on its SDE rollouts carry to the ODE?
     train_settings = SamplerSettings(config.num_steps, config.guidance_scale, config.noise_level)
 
-    # per-image scores by (adapter, sampler, benchmark); adapter None is the base
+    extra_samplers = {}
+    for text in args.sampler:
+        try:
+            steps, noise = text.split(",")
+            extra_samplers[text] = SamplerSettings(int(steps), config.guidance_scale, float(noise))
+        except ValueError:
+            parser.error(f"--sampler {text!r} is not STEPS,NOISE; write e.g. --sampler 8,0")
+
+    # per-image scores by (adapter, sampler label, benchmark); adapter None is the base
     per_image: dict[tuple, dict] = {}
     others = {name: suite.benchmark(name) for name in dict.fromkeys(args.also) if name != args.task}
 
-    def score(adapter: str | None, sampler: SamplerSettings = settings, benchmark=spec) -> dict:
+    def score(adapter: str | None, sampler: str = "ode", benchmark=spec) -> dict:
+        """``sampler``: "ode" (the evaluation's), "training_sampler", or a ``--sampler`` label."""
         rewards = held_out_reward if benchmark is spec else {"main": benchmark.build_reward()}
-        result = held_out(policy, adapter, benchmark, sampler, rewards, args.eval_limit)
-        per_image[adapter, sampler is settings, benchmark.name] = result["per_image"]
+        settings_of = {"ode": settings, "training_sampler": train_settings, **extra_samplers}
+        result = held_out(policy, adapter, benchmark, settings_of[sampler], rewards, args.eval_limit)
+        per_image[adapter, sampler, benchmark.name] = result["per_image"]
         return summary(result)  # with the benchmark's evaluation-only rewards, e.g. pref's hidden taste
 
-    def paired(sampler: SamplerSettings, name: str) -> dict:
+    def paired(sampler: str, name: str) -> dict:
         """Teacher minus base per image on one benchmark and sampler: each score's gain and its s.e."""
-        ode = sampler is settings
-        return {key: [round(v, 4) for v in paired_gain(values, per_image[None, ode, name][key])]
-                for key, values in per_image["probe_final", ode, name].items()}
+        return {key: [round(v, 4) for v in paired_gain(values, per_image[None, sampler, name][key])]
+                for key, values in per_image["probe_final", sampler, name].items()}
 
-    def score_others(adapter: str | None) -> dict:
-        return {name: {"ode": score(adapter, settings, other), "training_sampler": score(adapter, train_settings, other)}
-                for name, other in others.items()}
+    def score_extra(adapter: str | None) -> tuple[dict, dict]:
+        """The other benchmarks with both samplers, and the own task with every ``--sampler``."""
+        return ({name: {"ode": score(adapter, "ode", other), "training_sampler": score(adapter, "training_sampler", other)}
+                 for name, other in others.items()},
+                {label: score(adapter, label) for label in extra_samplers})
 
-    before, before_sde, before_others = score(None), score(None, train_settings), score_others(None)
+    before, before_sde, (before_others, before_samplers) = score(None), score(None, "training_sampler"), score_extra(None)
     curve_points: list[dict] = []
 
     def curve_point(trained) -> dict:
         """The trainer's evaluation hook (called with the adapter active): the held-out ODE gain so far."""
         result = held_out(trained, "probe", spec, settings, held_out_reward, args.eval_limit)
-        gain, se = paired_gain(result["per_image"][spec.name], per_image[None, True, spec.name][spec.name])
+        gain, se = paired_gain(result["per_image"][spec.name], per_image[None, "ode", spec.name][spec.name])
         curve_points.append({"images": len(curve_points) * args.curve_every * config.prompts_per_step * config.group_size,
                              "score": round(result["score"], 4), "gain": round(gain, 4), "se": round(se, 4)})
         print(json.dumps({"curve": curve_points[-1]}), flush=True)  # a long probe shows its progress
@@ -104,17 +119,20 @@ def main() -> None:
         curve = [round(r[f"reward/{args.task}/mean"], 3) for r in read_metrics(f"{run_dir}/metrics.jsonl") if f"reward/{args.task}/mean" in r]
         # the saved adapter, as the harness evaluates it: with `ema` set it holds the averaged weights
         policy.load_adapter("probe_final", final)
-        after, after_sde, after_others = score("probe_final"), score("probe_final", train_settings), score_others("probe_final")
+        after, after_sde, (after_others, after_samplers) = (score("probe_final"), score("probe_final", "training_sampler"),
+                                                             score_extra("probe_final"))
     # base and teacher saw the same prompts and noise: their per-image differences give each gain's error
     also = {name: {"base": before_others[name], "teacher": after_others[name],
-                   "gain_and_se": paired(settings, name), "training_sampler_gain_and_se": paired(train_settings, name)}
+                   "gain_and_se": paired("ode", name), "training_sampler_gain_and_se": paired("training_sampler", name)}
             for name in others}
+    samplers = {label: {"base": before_samplers[label], "teacher": after_samplers[label], "gain_and_se": paired(label, spec.name)}
+                for label in extra_samplers}
     print(json.dumps({"task": args.task, "tag": args.tag, "steps": args.steps, "overrides": overrides, "threads": args.threads,
                       "train_minutes": round(minutes, 2), "base": before, "teacher": after,
-                      "gain_and_se": paired(settings, spec.name),
+                      "gain_and_se": paired("ode", spec.name),
                       "training_sampler": {"base": before_sde, "teacher": after_sde},
-                      "training_sampler_gain_and_se": paired(train_settings, spec.name), "train_reward": curve,
-                      **({"also": also} if also else {}), **({"curve": curve_points} if args.curve_every else {})}))
+                      "training_sampler_gain_and_se": paired("training_sampler", spec.name), "train_reward": curve,
+                      **({"also": also} if also else {}), **({"samplers": samplers} if samplers else {}), **({"curve": curve_points} if args.curve_every else {})}))
 
 
 if __name__ == "__main__":
