@@ -193,6 +193,10 @@ def _coerce(where: str, current: Any, value: Any, annotation: str) -> Any:
         current = next((kind() for name, kind in (("float", float), ("int", int), ("str", str)) if name in annotation), None)
         if current is None:
             return value
+    if annotation.startswith("float | list") and isinstance(value, list):  # one value or one per item (noise_level)
+        return value  # the config's own checks read the list
+    if annotation.startswith("float | list") and isinstance(current, list):
+        current = 0.0  # back to one value for every item
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise wrong("true or false")

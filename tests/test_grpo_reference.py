@@ -7,6 +7,7 @@ import torch
 from opd_bench import rewards
 from opd_bench.baselines.cascade import CascadeConfig
 from opd_bench.baselines.multi_reward import MultiRewardConfig
+from opd_bench.presets import set_fields
 from opd_bench.rl import group_advantages, step_at, train_step_indices
 from opd_bench.rollout import Prompt
 from opd_bench.training import add_student
@@ -65,6 +66,32 @@ def test_grpo_step_trains_steps_0_to_k_with_the_unconditional_half_detached(poli
     params = add_student(policy, "student", config)
     grpo_module.grpo_step(policy, "student", [Prompt("a red circle", "red")], {"red": rewards.get("toy/brightness")}, config, seed=0, params=params)
     assert calls == [([0, 0, 1, 1], [0, 1, 0, 1], True)]
+
+
+def test_a_per_step_noise_level_makes_the_untrained_steps_deterministic(policy, monkeypatch):
+    rollouts, real_rollout = [], grpo_module.rollout
+
+    def recording_rollout(*args, **options):
+        rollouts.append(real_rollout(*args, **options))
+        return rollouts[-1]
+
+    monkeypatch.setattr(grpo_module, "rollout", recording_rollout)
+    config = GRPOConfig(prompts_per_step=1, group_size=2, num_steps=4, train_fraction=0.5, micro_batch=4, noise_level=[0.7, 0.7, 0, 0])
+    params = add_student(policy, "student", config)
+    grpo_module.grpo_step(policy, "student", [Prompt("a red circle", "red")], {"red": rewards.get("toy/brightness")}, config, seed=0, params=params)
+    trajectory = rollouts[0]
+    assert trajectory.noise_levels == [0.7, 0.7, 0.0, 0.0]
+    # the untrained steps are Euler steps (no noise, no density); the trained ones stay stochastic
+    assert torch.equal(trajectory.stds[:, 2:], torch.zeros_like(trajectory.stds[:, 2:]))
+    assert trajectory.log_probs[:, 2:].isnan().all() and (trajectory.stds[:, :2] > 0).all()
+    for bad, match in ([0.7, 0.7, 0.7], "3 levels for num_steps=4"), ([0.7, 0, 0.7, 0.7], "0 on a trained step"), (0, "needs > 0"):
+        with pytest.raises(ValueError, match=match):
+            GRPOConfig(num_steps=4, train_fraction=0.5, noise_level=bad)
+    with pytest.raises(ValueError, match="0 on a trained step"):  # random trains any step
+        GRPOConfig(num_steps=4, train_fraction=0.5, noise_level=[0.7, 0.7, 0, 0], train_steps="random")
+    # --set takes either form
+    listed = set_fields(GRPOConfig(num_steps=4, train_fraction=0.5), ["noise_level=[0.7,0.7,0,0]"])
+    assert listed.noise_level == [0.7, 0.7, 0, 0] and set_fields(listed, ["noise_level=0.5"]).noise_level == 0.5
 
 
 def _trainable_student(policy):

@@ -39,7 +39,9 @@ class GRPOConfig:
     prompts_per_step: int = 8
     group_size: int = 4  # images per prompt
     num_steps: int = 10  # sampling steps
-    noise_level: float = 0.7
+    # One SDE noise level for every sampling step (Flow-GRPO), or one per step: 0 makes a step
+    # deterministic (an ODE step), e.g. after the trained window as MixGRPO / Flow-GRPO-Fast sample.
+    noise_level: float | list[float] = 0.7
     guidance_scale: float = 4.5
     train_fraction: float = 0.6  # share of each trajectory's steps trained on
     # "first": steps 0 .. int(train_fraction * num_steps) - 1 of every sample (Flow-GRPO);
@@ -76,7 +78,6 @@ class GRPOConfig:
         check_fields("GRPO config", self, {
             "steps": (self.steps >= 1, ">= 1"), "prompts_per_step": (self.prompts_per_step >= 1, ">= 1"),
             "group_size": (self.group_size >= 2, ">= 2: advantages need a group"), "num_steps": (self.num_steps >= 1, ">= 1"),
-            "noise_level": (self.noise_level > 0, "> 0: GRPO needs stochastic steps"),
             "train_fraction": (0 < self.train_fraction <= 1, "0 < x <= 1"), "clip_range": (self.clip_range > 0, "> 0"),
             "lr": (self.lr > 0, "> 0"), "micro_batch": (self.micro_batch >= 1, ">= 1"), "kl_beta": (self.kl_beta >= 0, ">= 0"),
             "lora_rank": (self.lora_rank >= 1, ">= 1"), "ema": (self.ema is None or 0 < self.ema < 1, "0 < x < 1, or null"),
@@ -84,6 +85,7 @@ class GRPOConfig:
         })
         if self.train_steps not in ("first", "random"):
             raise ValueError(f"train_steps must be 'first' or 'random', got {self.train_steps!r}")
+        self._check_noise_level()
         if self.adv_ddof not in (0, 1):
             raise ValueError(f"adv_ddof must be 0 (population std, Flow-GRPO) or 1 (unbiased), got {self.adv_ddof!r}")
         if self.aggregation not in ("own", "sum-then-normalise", "normalise-then-sum"):
@@ -92,6 +94,22 @@ class GRPOConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def _check_noise_level(self) -> None:
+        levels = self.noise_level if isinstance(self.noise_level, list) else [self.noise_level]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in levels):
+            raise ValueError(f"noise_level must be a number > 0 or a list of numbers >= 0, got {self.noise_level!r}")
+        if not isinstance(self.noise_level, list):
+            if self.noise_level <= 0:
+                raise ValueError(f"invalid GRPO config value(s): noise_level={self.noise_level!r} (needs > 0: GRPO needs stochastic steps)")
+            return
+        if len(levels) != self.num_steps:
+            raise ValueError(f"noise_level lists {len(levels)} levels for num_steps={self.num_steps}; give one per sampling step")
+        trained = (range(self.num_steps) if self.train_steps == "random" else
+                   train_step_indices(1, self.num_steps, self.train_fraction, mode="first")[0].tolist())
+        if any(levels[step] <= 0 for step in trained):
+            raise ValueError(f"noise_level {self.noise_level!r} is 0 on a trained step (train_steps={self.train_steps!r}, "
+                             f"train_fraction={self.train_fraction}): GRPO needs stochastic steps where it trains")
 
 
 def aggregate_advantages(
