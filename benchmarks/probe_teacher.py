@@ -21,6 +21,7 @@ gaining?).
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -30,7 +31,7 @@ from opd_bench.benchmarks import PromptSubset
 from opd_bench.evaluate import SamplerSettings
 from opd_bench.presets import plan
 from opd_bench.policy import Policy
-from opd_bench.results_view import paired_gain
+from opd_bench.results_view import by_stratum, paired_gain, stratified_paired_se
 from opd_bench.trainers.grpo import GRPOTrainer
 from opd_bench.training import read_metrics
 from probe_args import held_out, probe_config, probe_parser, summary
@@ -66,27 +67,42 @@ def main() -> None:
     extra_samplers = {}
     for text in args.sampler:
         try:
-            steps, noise = text.split(",")
-            extra_samplers[text] = SamplerSettings(int(steps), config.guidance_scale, float(noise))
-        except ValueError:
-            parser.error(f"--sampler {text!r} is not STEPS,NOISE; write e.g. --sampler 8,0")
+            steps, noise = int(text.split(",")[0]), float(text.split(",")[1])
+        except (ValueError, IndexError):
+            steps, noise = 0, -1.0
+        if len(text.split(",")) != 2 or steps < 1 or noise < 0:
+            parser.error(f"--sampler {text!r} is not STEPS,NOISE (steps >= 1, noise >= 0); write e.g. --sampler 8,0")
+        extra_samplers[text] = SamplerSettings(steps, config.guidance_scale, noise)
+    if args.task in args.also:
+        parser.error(f"--also {args.task} is the probe's own task, scored anyway; name another benchmark")
 
     # per-image scores by (adapter, sampler label, benchmark); adapter None is the base
     per_image: dict[tuple, dict] = {}
-    others = {name: suite.benchmark(name) for name in dict.fromkeys(args.also) if name != args.task}
+    others = {name: suite.benchmark(name) for name in dict.fromkeys(args.also)}
+    other_rewards = {name: {"main": other.build_reward()} for name, other in others.items()}
 
     def score(adapter: str | None, sampler: str = "ode", benchmark=spec) -> dict:
         """``sampler``: "ode" (the evaluation's), "training_sampler", or a ``--sampler`` label."""
-        rewards = held_out_reward if benchmark is spec else {"main": benchmark.build_reward()}
+        rewards = held_out_reward if benchmark is spec else other_rewards[benchmark.name]
         settings_of = {"ode": settings, "training_sampler": train_settings, **extra_samplers}
         result = held_out(policy, adapter, benchmark, settings_of[sampler], rewards, args.eval_limit)
         per_image[adapter, sampler, benchmark.name] = result["per_image"]
         return summary(result)  # with the benchmark's evaluation-only rewards, e.g. pref's hidden taste
 
     def paired(sampler: str, name: str) -> dict:
-        """Teacher minus base per image on one benchmark and sampler: each score's gain and its s.e."""
-        return {key: [round(v, 4) for v in paired_gain(values, per_image[None, sampler, name][key])]
-                for key, values in per_image["probe_final", sampler, name].items()}
+        """Teacher minus base per image on one benchmark and sampler: each score's gain per image and
+        its s.e.; for GenEval, whose score is the tags' mean, also the score's gain (``score``) with
+        its stratified s.e."""
+        after, before = per_image["probe_final", sampler, name], per_image[None, sampler, name]
+        gains = {key: [round(v, 4) for v in paired_gain(values, before[key])] for key, values in after.items()}
+        if name == "geneval":
+            benchmark = spec if spec.name == name else others[name]
+            tags = [p.metadata.get("tag") for p in benchmark.prompts("test", args.eval_limit) for _ in range(2)]
+            per_tag = by_stratum([a - b for a, b in zip(after[name], before[name], strict=True)], tags).values()
+            score_se = stratified_paired_se(after[name], before[name], tags)
+            gains["score"] = [round(sum(statistics.fmean(g) for g in per_tag) / len(per_tag), 4),
+                              None if score_se is None else round(score_se, 4)]
+        return gains
 
     def score_extra(adapter: str | None) -> tuple[dict, dict]:
         """The other benchmarks with both samplers, and the own task with every ``--sampler``."""

@@ -193,10 +193,13 @@ def _coerce(where: str, current: Any, value: Any, annotation: str) -> Any:
         current = next((kind() for name, kind in (("float", float), ("int", int), ("str", str)) if name in annotation), None)
         if current is None:
             return value
-    if annotation.startswith("float | list") and isinstance(value, list):  # one value or one per item (noise_level)
-        return value  # the config's own checks read the list
-    if annotation.startswith("float | list") and isinstance(current, list):
-        current = 0.0  # back to one value for every item
+    if annotation.startswith("float | list"):  # one value, or one per item (noise_level)
+        if isinstance(value, list):  # numbers as floats, as a single value is; the config checks the rest
+            return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise OverrideError(f"--set {where}={json.dumps(value)}: takes a number or a JSON list of numbers, "
+                                f"e.g. {where}=0.7 or {where}=[0.7,0.7,0,0]")
+        return float(value)
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise wrong("true or false")
@@ -310,6 +313,12 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
             names = [*SECTIONS, *plan_fields]
             raise OverrideError(f"--set {where}: no section or field {head!r}{_suggest(head, names)}; sections: "
                                 f"{', '.join(SECTIONS)}; run fields: {', '.join(plan_fields)}")
+    for task, own in run_plan.teacher_overrides.items():  # a teacher-wide change made after one task's
+        try:
+            replace(run_plan.teacher, **own)
+        except (TypeError, ValueError) as error:
+            raise OverrideError(f"--set teacher.{task}.{'/'.join(own)}: no longer fits the teacher settings changed "
+                                f"after it: {error}") from None
     _check_task_keys(run_plan, tasks)
     changed_stages = any(pair.partition("=")[0].strip() == "cascade.stages" for pair in pairs)
     unknown = [task for task, _ in run_plan.cascade.stages if changed_stages and tasks and task not in tasks]

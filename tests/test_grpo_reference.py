@@ -7,7 +7,7 @@ import torch
 from opd_bench import rewards
 from opd_bench.baselines.cascade import CascadeConfig
 from opd_bench.baselines.multi_reward import MultiRewardConfig
-from opd_bench.presets import set_fields
+from opd_bench.presets import OverrideError, apply_overrides, plan, set_fields
 from opd_bench.rl import group_advantages, step_at, train_step_indices
 from opd_bench.rollout import Prompt
 from opd_bench.training import add_student
@@ -84,14 +84,19 @@ def test_a_per_step_noise_level_makes_the_untrained_steps_deterministic(policy, 
     # the untrained steps are Euler steps (no noise, no density); the trained ones stay stochastic
     assert torch.equal(trajectory.stds[:, 2:], torch.zeros_like(trajectory.stds[:, 2:]))
     assert trajectory.log_probs[:, 2:].isnan().all() and (trajectory.stds[:, :2] > 0).all()
-    for bad, match in ([0.7, 0.7, 0.7], "3 levels for num_steps=4"), ([0.7, 0, 0.7, 0.7], "0 on a trained step"), (0, "needs > 0"):
+    for bad, match in (([0.7, 0.7, 0.7], "3 levels for num_steps=4"), ([0.7, 0, 0.7, 0.7], "0 on a trained step"), (0, "needs > 0"),
+                       ([0.9, 0.5, 0, 0], "varies over the trained steps")):  # a micro-batch holds several steps
         with pytest.raises(ValueError, match=match):
             GRPOConfig(num_steps=4, train_fraction=0.5, noise_level=bad)
     with pytest.raises(ValueError, match="0 on a trained step"):  # random trains any step
         GRPOConfig(num_steps=4, train_fraction=0.5, noise_level=[0.7, 0.7, 0, 0], train_steps="random")
     # --set takes either form
     listed = set_fields(GRPOConfig(num_steps=4, train_fraction=0.5), ["noise_level=[0.7,0.7,0,0]"])
-    assert listed.noise_level == [0.7, 0.7, 0, 0] and set_fields(listed, ["noise_level=0.5"]).noise_level == 0.5
+    assert listed.noise_level == [0.7, 0.7, 0.0, 0.0] and all(isinstance(v, float) for v in listed.noise_level)
+    assert set_fields(listed, ["noise_level=0.5"]).noise_level == 0.5
+    # one task's list, then a teacher-wide change it no longer fits: refused now, naming the task's setting
+    with pytest.raises(OverrideError, match="teacher.ocr.noise_level: no longer fits"):
+        apply_overrides(plan("smoke"), ["teacher.ocr.noise_level=[0.7,0,0]", "teacher.num_steps=4"], tasks=["ocr", "pref"])
 
 
 def _trainable_student(policy):

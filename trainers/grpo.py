@@ -41,6 +41,7 @@ class GRPOConfig:
     num_steps: int = 10  # sampling steps
     # One SDE noise level for every sampling step (Flow-GRPO), or one per step: 0 makes a step
     # deterministic (an ODE step), e.g. after the trained window as MixGRPO / Flow-GRPO-Fast sample.
+    # The trained steps share one level (a micro-batch re-evaluates several steps together).
     noise_level: float | list[float] = 0.7
     guidance_scale: float = 4.5
     train_fraction: float = 0.6  # share of each trajectory's steps trained on
@@ -110,6 +111,9 @@ class GRPOConfig:
         if any(levels[step] <= 0 for step in trained):
             raise ValueError(f"noise_level {self.noise_level!r} is 0 on a trained step (train_steps={self.train_steps!r}, "
                              f"train_fraction={self.train_fraction}): GRPO needs stochastic steps where it trains")
+        if len({levels[step] for step in trained}) > 1:  # a micro-batch re-evaluates several steps in one call
+            raise ValueError(f"noise_level {self.noise_level!r} varies over the trained steps (train_steps={self.train_steps!r}, "
+                             f"train_fraction={self.train_fraction}); give them one level, and vary only the untrained steps")
 
 
 def aggregate_advantages(
