@@ -1,0 +1,33 @@
+"""The teacher probe behind T1-T14, L1-L2, O4-O6, S1-S5 and W1-W2 (issue 11): every gain it prints
+pairs the teacher with the base on the same benchmark and sampler, so each equals the difference of
+the two scores it prints beside it (GenEval's ``score`` gain: the tags' mean)."""
+
+import json
+import sys
+
+import pytest
+
+
+def test_every_gain_is_the_teacher_minus_the_base_on_its_own_benchmark_and_sampler(benchmark_script, monkeypatch, capsys):
+    probe = benchmark_script("probe_teacher")
+    monkeypatch.setattr(sys, "argv", [
+        "probe_teacher.py", "--task", "geneval", "--steps", "1", "--eval-limit", "9", "--set", "prompts_per_step=1",
+        "--set", "group_size=2", "--set", "lr=0.05", "--also", "pref", "--sampler", "3,0"])
+    probe.main()
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    def gain_of(scores):  # the two scores' difference, as the probe prints them (rounded to 4 places)
+        return scores["teacher"]["score"] - scores["base"]["score"]
+
+    own = {"base": out["base"], "teacher": out["teacher"]}
+    assert out["gain_and_se"]["score"][0] == pytest.approx(gain_of(own), abs=2e-4)
+    training = out["training_sampler"]
+    assert out["training_sampler_gain_and_se"]["score"][0] == pytest.approx(gain_of(training), abs=2e-4)
+    extra = out["samplers"]["3,0"]
+    assert extra["gain_and_se"]["score"][0] == pytest.approx(gain_of(extra), abs=2e-4)
+    pref = out["also"]["pref"]
+    for sampler, key in (("ode", "gain_and_se"), ("training_sampler", "training_sampler_gain_and_se")):
+        scores = {"base": pref["base"][sampler], "teacher": pref["teacher"][sampler]}
+        assert pref[key]["pref"][0] == pytest.approx(gain_of(scores), abs=2e-4)
+    # the teacher moved (lr 0.05), so the pairings above compare numbers that differ
+    assert gain_of({"base": pref["base"]["ode"], "teacher": pref["teacher"]["ode"]}) != 0
