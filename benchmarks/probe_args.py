@@ -51,10 +51,23 @@ def summary(result: dict) -> dict:
             **{key: round(value, 4) for key, value in result["extra"].items()}}
 
 
+HELD_OUT_IMAGES = 2  # images per held-out prompt
+
+
 def held_out(policy, adapter: str | None, spec, sampler, rewards: dict, limit: int) -> dict:
     """``adapter`` (None = base) on the first ``limit`` test prompts of ``spec``, 2 images each, noise seed 777."""
     from opd_bench.evaluate import evaluate_benchmark, policy_source
 
     with policy.use(adapter):
         return evaluate_benchmark(spec, policy_source(policy, sampler), seed=777, limit=limit,
-                                  images_per_prompt=2, rewards=rewards, progress=False)
+                                  images_per_prompt=HELD_OUT_IMAGES, rewards=rewards, progress=False)
+
+
+def tag_score_gain(after: list[float], before: list[float], spec, limit: int) -> tuple[float, float | None]:
+    """For a score that is the mean over tags (GenEval), from ``held_out``'s per-image results of two
+    models: the score's gain and its stratified paired s.e. (None where a tag has one image)."""
+    from opd_bench.results_view import by_stratum, stratified_paired_se
+
+    tags = [p.metadata.get("tag") for p in spec.prompts("test", limit) for _ in range(HELD_OUT_IMAGES)]
+    per_tag = by_stratum([a - b for a, b in zip(after, before, strict=True)], tags).values()
+    return sum(sum(g) / len(g) for g in per_tag) / len(per_tag), stratified_paired_se(after, before, tags)

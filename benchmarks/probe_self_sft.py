@@ -39,12 +39,12 @@ from opd_bench import suites
 from opd_bench.evaluate import SamplerSettings
 from opd_bench.presets import plan
 from opd_bench.policy import ModelLoadError, Policy
-from opd_bench.results_view import paired_gain, stratified_paired_se
+from opd_bench.results_view import paired_gain
 from opd_bench.rewards.base import call_reward
 from opd_bench.rollout import rollout
 from opd_bench.tiny.pretrain import logit_normal
 from opd_bench.world.render import render_batch
-from probe_args import held_out, probe_parser, summary
+from probe_args import held_out, probe_parser, summary, tag_score_gain
 
 CHUNK = 64  # images per sampling / encoding call
 
@@ -193,10 +193,9 @@ def main() -> None:
         gain, se = paired_gain(after, before)
         out = {"base": summary(result[None]), "sft": summary(result["sft"]), "gain": round(gain, 4), "se": round(se, 4)}
         if "per_tag" in result[None]:
-            tags = [p.metadata.get("tag") for p in view.prompts("test", args.eval_limit) for _ in range(2)]
-            out["score_gain"] = round(result["sft"]["score"] - result[None]["score"], 4)
-            se = stratified_paired_se(after, before, tags)  # None where a tag has one image
-            out["score_se"] = None if se is None else round(se, 4)
+            score_gain, score_se = tag_score_gain(after, before, view, args.eval_limit)
+            out["score_gain"] = round(score_gain, 4)
+            out["score_se"] = None if score_se is None else round(score_se, 4)
         return out
 
     held = compare(spec)

@@ -21,7 +21,6 @@ gaining?).
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -31,10 +30,10 @@ from opd_bench.benchmarks import PromptSubset
 from opd_bench.evaluate import SamplerSettings
 from opd_bench.presets import plan
 from opd_bench.policy import Policy
-from opd_bench.results_view import by_stratum, paired_gain, stratified_paired_se
+from opd_bench.results_view import paired_gain
 from opd_bench.trainers.grpo import GRPOTrainer
 from opd_bench.training import read_metrics
-from probe_args import held_out, probe_config, probe_parser, summary
+from probe_args import held_out, probe_config, probe_parser, summary, tag_score_gain
 
 
 def main() -> None:
@@ -64,15 +63,17 @@ def main() -> None:
     # the training sampler too: does what the teacher learned on its SDE rollouts carry to the ODE?
     train_settings = SamplerSettings(config.num_steps, config.guidance_scale, config.noise_level)
 
-    extra_samplers = {}
+    samplers = {"ode": settings, "training_sampler": train_settings}  # by label; --sampler adds its own
     for text in args.sampler:
+        parts = text.split(",")
         try:
-            steps, noise = int(text.split(",")[0]), float(text.split(",")[1])
+            steps, noise = int(parts[0]), float(parts[1])
         except (ValueError, IndexError):
-            steps, noise = 0, -1.0
-        if len(text.split(",")) != 2 or steps < 1 or noise < 0:
+            steps = 0
+        if len(parts) != 2 or steps < 1 or noise < 0:
             parser.error(f"--sampler {text!r} is not STEPS,NOISE (steps >= 1, noise >= 0); write e.g. --sampler 8,0")
-        extra_samplers[text] = SamplerSettings(steps, config.guidance_scale, noise)
+        samplers[text] = SamplerSettings(steps, config.guidance_scale, noise)
+    extra_labels = list(samplers)[2:]
     if args.task in args.also:
         parser.error(f"--also {args.task} is the probe's own task, scored anyway; name another benchmark")
 
@@ -84,8 +85,7 @@ def main() -> None:
     def score(adapter: str | None, sampler: str = "ode", benchmark=spec) -> dict:
         """``sampler``: "ode" (the evaluation's), "training_sampler", or a ``--sampler`` label."""
         rewards = held_out_reward if benchmark is spec else other_rewards[benchmark.name]
-        settings_of = {"ode": settings, "training_sampler": train_settings, **extra_samplers}
-        result = held_out(policy, adapter, benchmark, settings_of[sampler], rewards, args.eval_limit)
+        result = held_out(policy, adapter, benchmark, samplers[sampler], rewards, args.eval_limit)
         per_image[adapter, sampler, benchmark.name] = result["per_image"]
         return summary(result)  # with the benchmark's evaluation-only rewards, e.g. pref's hidden taste
 
@@ -96,19 +96,15 @@ def main() -> None:
         after, before = per_image["probe_final", sampler, name], per_image[None, sampler, name]
         gains = {key: [round(v, 4) for v in paired_gain(values, before[key])] for key, values in after.items()}
         if name == "geneval":
-            benchmark = spec if spec.name == name else others[name]
-            tags = [p.metadata.get("tag") for p in benchmark.prompts("test", args.eval_limit) for _ in range(2)]
-            per_tag = by_stratum([a - b for a, b in zip(after[name], before[name], strict=True)], tags).values()
-            score_se = stratified_paired_se(after[name], before[name], tags)
-            gains["score"] = [round(sum(statistics.fmean(g) for g in per_tag) / len(per_tag), 4),
-                              None if score_se is None else round(score_se, 4)]
+            gain, se = tag_score_gain(after[name], before[name], spec if spec.name == name else others[name], args.eval_limit)
+            gains["score"] = [round(gain, 4), None if se is None else round(se, 4)]
         return gains
 
     def score_extra(adapter: str | None) -> tuple[dict, dict]:
         """The other benchmarks with both samplers, and the own task with every ``--sampler``."""
         return ({name: {"ode": score(adapter, "ode", other), "training_sampler": score(adapter, "training_sampler", other)}
                  for name, other in others.items()},
-                {label: score(adapter, label) for label in extra_samplers})
+                {label: score(adapter, label) for label in extra_labels})
 
     before, before_sde, (before_others, before_samplers) = score(None), score(None, "training_sampler"), score_extra(None)
     curve_points: list[dict] = []
@@ -141,14 +137,14 @@ def main() -> None:
     also = {name: {"base": before_others[name], "teacher": after_others[name],
                    "gain_and_se": paired("ode", name), "training_sampler_gain_and_se": paired("training_sampler", name)}
             for name in others}
-    samplers = {label: {"base": before_samplers[label], "teacher": after_samplers[label], "gain_and_se": paired(label, spec.name)}
-                for label in extra_samplers}
+    extra = {label: {"base": before_samplers[label], "teacher": after_samplers[label], "gain_and_se": paired(label, spec.name)}
+             for label in extra_labels}
     print(json.dumps({"task": args.task, "tag": args.tag, "steps": args.steps, "overrides": overrides, "threads": args.threads,
                       "train_minutes": round(minutes, 2), "base": before, "teacher": after,
                       "gain_and_se": paired("ode", spec.name),
                       "training_sampler": {"base": before_sde, "teacher": after_sde},
                       "training_sampler_gain_and_se": paired("training_sampler", spec.name), "train_reward": curve,
-                      **({"also": also} if also else {}), **({"samplers": samplers} if samplers else {}), **({"curve": curve_points} if args.curve_every else {})}))
+                      **({"also": also} if also else {}), **({"samplers": extra} if extra else {}), **({"curve": curve_points} if args.curve_every else {})}))
 
 
 if __name__ == "__main__":
