@@ -12,7 +12,8 @@ with the standard error of its per-image differences (``gain_and_se``; the train
 ``training_sampler_gain_and_se``). With ``--also TASK`` base and teacher are scored on that other
 benchmark too, with both samplers (``also``: is what the teacher gains its task, or any image's
 repair?). With ``--sampler STEPS,NOISE`` base and teacher are scored on their own task with that
-sampler too (``samplers``: is the gain tied to the training sampler's steps, or to its noise?). With
+sampler too (``samplers``: is the gain tied to the training sampler's steps, or to its noise?);
+NOISE is one level, or one per step joined by ``/`` (which steps' noise?). With
 ``--curve-every N``
 the held-out ODE gain is measured every N steps as well (``curve``: does a longer teacher keep
 gaining?).
@@ -36,6 +37,20 @@ from opd_bench.training import read_metrics
 from probe_args import held_out, probe_config, probe_parser, summary, tag_score_gain
 
 
+def parse_sampler(parser, text: str, guidance_scale: float) -> tuple:
+    """``STEPS,NOISE``: one noise level for every step, or one per step joined by ``/`` (0: a
+    deterministic step), e.g. ``8,0/0/0/0/0.7/0.7/0.7/0.7`` for noise on the last four steps only."""
+    steps_text, _, noise_text = text.partition(",")
+    try:
+        steps, levels = int(steps_text), [float(level) for level in noise_text.split("/")]
+    except ValueError:
+        steps, levels = 0, []
+    if steps < 1 or not levels or min(levels) < 0 or len(levels) not in (1, steps):
+        parser.error(f"--sampler {text!r} is not STEPS,NOISE (steps >= 1; one noise level >= 0, or one per step "
+                     f"joined by '/'); write e.g. --sampler 8,0 or --sampler 4,0/0/0.7/0.7")
+    return steps, guidance_scale, levels[0] if len(levels) == 1 else levels
+
+
 def main() -> None:
     parser = probe_parser(__doc__)
     parser.add_argument("--task", required=True, choices=["geneval", "ocr", "pref"])
@@ -46,7 +61,8 @@ def main() -> None:
     parser.add_argument("--also", action="append", default=[], choices=["geneval", "ocr", "pref"], metavar="TASK",
                         help="also score base and teacher on this other benchmark, with both samplers (repeatable)")
     parser.add_argument("--sampler", action="append", default=[], metavar="STEPS,NOISE",
-                        help="also score the own task with this sampler, e.g. 8,0 (an ODE on the training steps; repeatable)")
+                        help="also score the own task with this sampler, e.g. 8,0 (an ODE on the training steps) or "
+                             "8,0/0/0/0/0.7/0.7/0.7/0.7 (one level per step; repeatable)")
     args = parser.parse_args()
     config, overrides = probe_config(parser, args, plan("standard").teacher, steps=args.steps, eval_every=0, checkpoint_every=0)
 
@@ -65,14 +81,7 @@ def main() -> None:
 
     samplers = {"ode": settings, "training_sampler": train_settings}  # by label; --sampler adds its own
     for text in args.sampler:
-        parts = text.split(",")
-        try:
-            steps, noise = int(parts[0]), float(parts[1])
-        except (ValueError, IndexError):
-            steps = 0
-        if len(parts) != 2 or steps < 1 or noise < 0:
-            parser.error(f"--sampler {text!r} is not STEPS,NOISE (steps >= 1, noise >= 0); write e.g. --sampler 8,0")
-        samplers[text] = SamplerSettings(steps, config.guidance_scale, noise)
+        samplers[text] = SamplerSettings(*parse_sampler(parser, text, config.guidance_scale))
     extra_labels = list(samplers)[2:]
     if args.task in args.also:
         parser.error(f"--also {args.task} is the probe's own task, scored anyway; name another benchmark")

@@ -27,7 +27,7 @@ ImageSource = Callable[[Sequence[Prompt], int, int], torch.Tensor]
 class SamplerSettings:
     num_steps: int = 10
     guidance_scale: float = 4.5
-    noise_level: float = 0.0
+    noise_level: float | list[float] = 0.0  # one level, or one per step (0: a deterministic step)
 
     @classmethod
     def of_suite(cls, suite) -> "SamplerSettings":

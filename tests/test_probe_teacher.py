@@ -12,7 +12,7 @@ def test_every_gain_is_the_teacher_minus_the_base_on_its_own_benchmark_and_sampl
     probe = benchmark_script("probe_teacher")
     monkeypatch.setattr(sys, "argv", [
         "probe_teacher.py", "--task", "geneval", "--steps", "1", "--eval-limit", "9", "--set", "prompts_per_step=1",
-        "--set", "group_size=2", "--set", "lr=0.05", "--also", "pref", "--sampler", "3,0"])
+        "--set", "group_size=2", "--set", "lr=0.05", "--also", "pref", "--sampler", "3,0", "--sampler", "3,0/0/0.7"])
     probe.main()
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -23,11 +23,27 @@ def test_every_gain_is_the_teacher_minus_the_base_on_its_own_benchmark_and_sampl
     assert out["gain_and_se"]["score"][0] == pytest.approx(gain_of(own), abs=2e-4)
     training = out["training_sampler"]
     assert out["training_sampler_gain_and_se"]["score"][0] == pytest.approx(gain_of(training), abs=2e-4)
-    extra = out["samplers"]["3,0"]
-    assert extra["gain_and_se"]["score"][0] == pytest.approx(gain_of(extra), abs=2e-4)
+    for label in ("3,0", "3,0/0/0.7"):  # one level, and one per step
+        extra = out["samplers"][label]
+        assert extra["gain_and_se"]["score"][0] == pytest.approx(gain_of(extra), abs=2e-4)
     pref = out["also"]["pref"]
     for sampler, key in (("ode", "gain_and_se"), ("training_sampler", "training_sampler_gain_and_se")):
         scores = {"base": pref["base"][sampler], "teacher": pref["teacher"][sampler]}
         assert pref[key]["pref"][0] == pytest.approx(gain_of(scores), abs=2e-4)
     # the teacher moved (lr 0.05), so the pairings above compare numbers that differ
     assert gain_of({"base": pref["base"]["ode"], "teacher": pref["teacher"]["ode"]}) != 0
+
+
+@pytest.mark.parametrize("text", ["3", "0,0", "3,-1", "3,0/0.7", "3,a", "3,0/0/0/0"])
+def test_a_bad_sampler_is_refused_with_the_form_to_write(benchmark_script, text):
+    probe = benchmark_script("probe_teacher")
+    parser = probe.probe_parser("")
+    with pytest.raises(SystemExit):
+        probe.parse_sampler(parser, text, 4.5)
+
+
+def test_a_sampler_takes_one_level_or_one_per_step(benchmark_script):
+    probe = benchmark_script("probe_teacher")
+    parser = probe.probe_parser("")
+    assert probe.parse_sampler(parser, "8,0", 4.5) == (8, 4.5, 0.0)
+    assert probe.parse_sampler(parser, "3,0/0/0.7", 4.5) == (3, 4.5, [0.0, 0.0, 0.7])
