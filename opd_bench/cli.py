@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -25,8 +24,6 @@ def _friendly(command):
             return command(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - re-raised unless it is a known user error
             if type(error).__name__ in _USER_ERRORS or isinstance(error, ValueError):
-                if os.environ.get("RANK", "0") != "0":  # under torchrun every rank meets the same bad input: one says it
-                    raise SystemExit(1) from None
                 raise click.ClickException(str(error).splitlines()[0]) from None
             raise
 

@@ -51,17 +51,6 @@ def test_bad_model_is_one_line_error(tmp_path):
     assert result.output.strip().count("\n") == 0 and "does not exist" in result.output
 
 
-def test_under_torchrun_only_rank_0_prints_a_user_error(tmp_path, monkeypatch):
-    (tmp_path / "keep.txt").write_text("x")
-    outputs = {}
-    for rank in ("0", "1"):  # every rank meets the same bad input; one line for the user, not one per process
-        monkeypatch.setenv("RANK", rank)
-        result = CliRunner().invoke(main, ["build-tiny", str(tmp_path)])
-        assert result.exit_code == 1
-        outputs[rank] = result.output
-    assert "--force" in outputs["0"] and outputs["1"] == ""
-
-
 def test_build_tiny_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     result = CliRunner().invoke(main, ["build-tiny", str(tmp_path)])
