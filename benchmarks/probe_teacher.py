@@ -22,6 +22,7 @@ gaining?).
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import replace
@@ -45,7 +46,7 @@ def parse_sampler(parser, text: str, guidance_scale: float) -> tuple:
         steps, levels = int(steps_text), [float(level) for level in noise_text.split("/")]
     except ValueError:
         steps, levels = 0, []
-    if steps < 1 or not levels or min(levels) < 0 or len(levels) not in (1, steps):
+    if steps < 1 or not levels or not all(0 <= level < math.inf for level in levels) or len(levels) not in (1, steps):
         parser.error(f"--sampler {text!r} is not STEPS,NOISE (steps >= 1; one noise level >= 0, or one per step "
                      f"joined by '/'); write e.g. --sampler 8,0 or --sampler 4,0/0/0.7/0.7")
     return steps, guidance_scale, levels[0] if len(levels) == 1 else levels

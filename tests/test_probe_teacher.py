@@ -1,4 +1,4 @@
-"""The teacher probe behind T1-T14, L1-L2, O4-O6, S1-S5 and W1-W2 (issue 11): every gain it prints
+"""The teacher probe behind T1-T14, L1-L2, O4-O6, S1-S5, W1-W2 and Q1-Q6 (issue 11): every gain it prints
 pairs the teacher with the base on the same benchmark and sampler, so each equals the difference of
 the two scores it prints beside it (GenEval's ``score`` gain: the tags' mean)."""
 
@@ -34,7 +34,7 @@ def test_every_gain_is_the_teacher_minus_the_base_on_its_own_benchmark_and_sampl
     assert gain_of({"base": pref["base"]["ode"], "teacher": pref["teacher"]["ode"]}) != 0
 
 
-@pytest.mark.parametrize("text", ["3", "0,0", "3,-1", "3,0/0.7", "3,a", "3,0/0/0/0"])
+@pytest.mark.parametrize("text", ["3", "0,0", "3,-1", "3,0/0.7", "3,a", "3,0/0/0/0", "3,nan", "3,0/inf/0"])
 def test_a_bad_sampler_is_refused_with_the_form_to_write(benchmark_script, text):
     probe = benchmark_script("probe_teacher")
     parser = probe.probe_parser("")

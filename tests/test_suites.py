@@ -44,6 +44,18 @@ def test_policy_images_do_not_depend_on_the_batch_size(policy):
     torch.testing.assert_close(whole, parts, rtol=1e-4, atol=1e-4)
 
 
+def test_a_sampler_with_one_noise_level_per_step_adds_noise_on_those_steps_only(policy):
+    prompts = benchmarks.get("tiny/ocr").prompts("test", limit=1)
+
+    def images(noise_level):
+        return policy_source(policy, SamplerSettings(3, 4.5, noise_level))(prompts, 0, 0)
+
+    ode, last_noisy = images(0.0), images([0.0, 0.0, 0.7])
+    torch.testing.assert_close(images([0.0, 0.0, 0.0]), ode)
+    assert not torch.allclose(last_noisy, ode, atol=1e-3)
+    assert not torch.allclose(last_noisy, images(0.7), atol=1e-3)
+
+
 def test_eval_command_writes_results_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "eval"
     args = ["eval", "--model", "renderer", "--benchmarks", "geneval", "--limit", "8", "--out", str(out)]
