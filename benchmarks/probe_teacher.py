@@ -9,14 +9,14 @@ held-out score of base and teacher (first ``--eval-limit`` test prompts, 2 image
 GenEval; the benchmark's evaluation-only rewards too, e.g. pref_oracle for pref) with the suite's
 evaluation sampler (ODE) and with the teacher's training sampler (SDE), and for the ODE each gain
 with the standard error of its per-image differences (``gain_and_se``; the training sampler's in
-``training_sampler_gain_and_se``). With ``--also TASK`` base and teacher are scored on that other
-benchmark too, with both samplers (``also``: is what the teacher gains its task, or any image's
-repair?). With ``--sampler STEPS,NOISE`` base and teacher are scored on their own task with that
-sampler too (``samplers``: is the gain tied to the training sampler's steps, or to its noise?);
-NOISE is one level, or one per step joined by ``/`` (which steps' noise?). With
-``--curve-every N``
-the held-out ODE gain is measured every N steps as well (``curve``: does a longer teacher keep
-gaining?).
+``training_sampler_gain_and_se``, and how much it exceeds the ODE's gain, per image, with that
+difference's s.e., in ``training_sampler_excess_over_ode_and_se``). With ``--also TASK`` base and
+teacher are scored on that other benchmark too, with both samplers (``also``: is what the teacher
+gains its task, or any image's repair?). With ``--sampler STEPS,NOISE`` base and teacher are scored
+on their own task with that sampler too, its excess over the ODE's gain included (``samplers``: is
+the gain tied to the training sampler's steps, or to its noise?); NOISE is one level, or one per
+step joined by ``/`` (which steps' noise?). With ``--curve-every N`` the held-out ODE gain is
+measured every N steps as well (``curve``: does a longer teacher keep gaining?).
 """
 
 from __future__ import annotations
@@ -110,6 +110,15 @@ def main() -> None:
             gains["score"] = [round(gain, 4), None if se is None else round(se, 4)]
         return gains
 
+    def excess_over_ode(sampler: str) -> list[float]:
+        """How much more the teacher gains on the own task with ``sampler`` than with the ODE, per
+        image (image i pairs with image i: same prompt, same starting noise), and its s.e."""
+        def gains(label: str) -> list[float]:
+            after, before = per_image["probe_final", label, spec.name], per_image[None, label, spec.name]
+            return [a - b for a, b in zip(after[spec.name], before[spec.name], strict=True)]
+
+        return [round(v, 4) for v in paired_gain(gains(sampler), gains("ode"))]
+
     def score_extra(adapter: str | None) -> tuple[dict, dict]:
         """The other benchmarks with both samplers, and the own task with every ``--sampler``."""
         return ({name: {"ode": score(adapter, "ode", other), "training_sampler": score(adapter, "training_sampler", other)}
@@ -147,13 +156,15 @@ def main() -> None:
     also = {name: {"base": before_others[name], "teacher": after_others[name],
                    "gain_and_se": paired("ode", name), "training_sampler_gain_and_se": paired("training_sampler", name)}
             for name in others}
-    extra = {label: {"base": before_samplers[label], "teacher": after_samplers[label], "gain_and_se": paired(label, spec.name)}
+    extra = {label: {"base": before_samplers[label], "teacher": after_samplers[label], "gain_and_se": paired(label, spec.name),
+                     "excess_over_ode_and_se": excess_over_ode(label)}
              for label in extra_labels}
     print(json.dumps({"task": args.task, "tag": args.tag, "steps": args.steps, "overrides": overrides, "threads": args.threads,
                       "train_minutes": round(minutes, 2), "base": before, "teacher": after,
                       "gain_and_se": paired("ode", spec.name),
                       "training_sampler": {"base": before_sde, "teacher": after_sde},
-                      "training_sampler_gain_and_se": paired("training_sampler", spec.name), "train_reward": curve,
+                      "training_sampler_gain_and_se": paired("training_sampler", spec.name),
+                      "training_sampler_excess_over_ode_and_se": excess_over_ode("training_sampler"), "train_reward": curve,
                       **({"also": also} if also else {}), **({"samplers": extra} if extra else {}), **({"curve": curve_points} if args.curve_every else {})}))
 
 

@@ -26,6 +26,14 @@ def test_every_gain_is_the_teacher_minus_the_base_on_its_own_benchmark_and_sampl
     for label in ("3,0", "3,0/0/0.7"):  # one level, and one per step
         extra = out["samplers"][label]
         assert extra["gain_and_se"]["score"][0] == pytest.approx(gain_of(extra), abs=2e-4)
+    # a sampler's excess over the ODE is its per-image gain minus the ODE's, with an s.e. of its own
+    per_image_gain = out["gain_and_se"]["geneval"][0]
+    excesses = [(out["training_sampler_excess_over_ode_and_se"], out["training_sampler_gain_and_se"]["geneval"][0])]
+    excesses += [(out["samplers"][label]["excess_over_ode_and_se"], out["samplers"][label]["gain_and_se"]["geneval"][0])
+                 for label in ("3,0", "3,0/0/0.7")]
+    for (excess, se), gain in excesses:
+        assert excess == pytest.approx(gain - per_image_gain, abs=2e-4) and se >= 0
+    assert any(excess != 0 for (excess, _), _ in excesses)
     pref = out["also"]["pref"]
     for sampler, key in (("ode", "gain_and_se"), ("training_sampler", "training_sampler_gain_and_se")):
         scores = {"base": pref["base"][sampler], "teacher": pref["teacher"][sampler]}
