@@ -99,11 +99,14 @@ def main() -> None:
         per_image[adapter, sampler, benchmark.name] = result["per_image"]
         return summary(result)  # with the benchmark's evaluation-only rewards, e.g. pref's hidden taste
 
+    def teacher_and_base(sampler: str, name: str) -> tuple[dict, dict]:
+        return per_image["probe_final", sampler, name], per_image[None, sampler, name]
+
     def paired(sampler: str, name: str) -> dict:
         """Teacher minus base per image on one benchmark and sampler: each score's gain per image and
         its s.e.; for GenEval, whose score is the tags' mean, also the score's gain (``score``) with
         its stratified s.e."""
-        after, before = per_image["probe_final", sampler, name], per_image[None, sampler, name]
+        after, before = teacher_and_base(sampler, name)
         gains = {key: [round(v, 4) for v in paired_gain(values, before[key])] for key, values in after.items()}
         if name == "geneval":
             gain, se = tag_score_gain(after[name], before[name], spec if spec.name == name else others[name], args.eval_limit)
@@ -114,7 +117,7 @@ def main() -> None:
         """How much more the teacher gains on the own task with ``sampler`` than with the ODE, per
         image (image i pairs with image i: same prompt, same starting noise), and its s.e."""
         def gains(label: str) -> list[float]:
-            after, before = per_image["probe_final", label, spec.name], per_image[None, label, spec.name]
+            after, before = teacher_and_base(label, spec.name)
             return [a - b for a, b in zip(after[spec.name], before[spec.name], strict=True)]
 
         return [round(v, 4) for v in paired_gain(gains(sampler), gains("ode"))]
