@@ -200,11 +200,15 @@ def cascade_forgetting(view: ResultView) -> str:
         after_text = _signed([-d for d in drops])[2]
         text = (f"{row['bench']} (stage {row['stage']}): {gain_text} in its stage, then {after_text} from its stage "
                 f"end to the final ({len(row['end'])} seed{'s' if len(row['end']) != 1 else ''})")
-        if gain is not None and gain <= 2 * (gain_sd or 0.0):
+        if drop_sd is None or (gain is not None and gain_sd is None):  # one seed: any wiggle would count
+            oks.append(None)
+            parts.append(text + " (not testable: one seed, no spread to judge a gain or a fall by)")
+            continue
+        if gain is not None and gain <= 2 * gain_sd:
             oks.append(None)
             parts.append(text + " (not testable: no clear gain in its stage to forget)")
             continue
-        oks.append(drop > 2 * (drop_sd or 0.0))
+        oks.append(drop > 2 * drop_sd)
         parts.append(text)
     return (f"Cascade RL forgets earlier stages: {'held' if any(ok is True for ok in oks) else verdict(oks)}. "
             + ("; ".join(parts) + f" (forgetting = a fall above 2 seed-sd after a clear gain{view.curves_note()})" if parts

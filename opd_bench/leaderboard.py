@@ -39,6 +39,8 @@ from opd_bench.results_view import counted, mean_sd
 MAX_FILE_BYTES = 2 * 1024 * 1024  # results.json and every stored submission; the standard tiny run is ~0.2 MB
 LISTED_PRESETS = ("standard", "paper")  # smoke runs check the pipeline; their scores are not results
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Names Windows reserves for devices (with any extension): such a file cannot be checked out there.
+WINDOWS_DEVICE = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?", re.IGNORECASE)
 METHOD_ORDER = ("opd", "opd-ppo", "multi-reward", "cascade", "base")
 
 
@@ -141,7 +143,10 @@ def _budget(config: dict, method: str) -> Any:
 
 
 def check_listable(results: dict) -> None:
-    """What a listing needs beyond a consistent file: a listed preset and that preset's budget."""
+    """What a listing needs beyond a consistent file: a listed, unmodified preset, every student
+    method finished, and their budgets matched. Checked against the run's own recorded settings,
+    so that an entry made before the preset changed keeps its own table (``validate`` adds that a
+    new submission is the installed preset's)."""
     preset = results.get("preset")
     config = results.get("config") if isinstance(results.get("config"), dict) else {}
     if config.get("overrides"):
@@ -150,17 +155,19 @@ def check_listable(results: dict) -> None:
     if preset not in LISTED_PRESETS:
         raise SubmissionError(f"preset is {preset!r}; only {' or '.join(LISTED_PRESETS)} runs are listed (smoke runs "
                               "check the pipeline, their scores are not results), submit a --preset standard run (paper for real models)")
-    expected_config = installed_preset_settings(preset)
     compute = results.get("compute") if isinstance(results.get("compute"), dict) else {}
+    budgets = {}
     for method in (m for m in STUDENT_METHODS if m in results["results"]):
-        configured, expected = _budget(results.get("config"), method), _budget(expected_config, method)
-        if configured != expected:
-            raise SubmissionError(f"config[{method!r}] trains {configured!r} optimizer steps but the {preset} preset trains "
-                                  f"{expected!r}; submit an unmodified --preset {preset} run")
+        configured = _budget(config, method)
         steps = compute.get(method, {}).get("optimizer_steps") if isinstance(compute.get(method), dict) else None
-        if steps != expected:
-            raise SubmissionError(f"compute[{method!r}]['optimizer_steps'] is {steps!r} but the {preset} preset trains "
-                                  f"{expected!r}; submit a finished, unmodified --preset {preset} run")
+        if not is_finite_number(configured) or steps != configured:
+            raise SubmissionError(f"compute[{method!r}]['optimizer_steps'] is {steps!r} but config[{method!r}] trains {configured!r}; "
+                                  f"submit a finished, unmodified --preset {preset} run (rerunning its command finishes it)")
+        budgets[method] = configured
+    if len(set(budgets.values())) > 1:
+        listed = ", ".join(f"{method} {steps}" for method, steps in budgets.items())
+        raise SubmissionError(f"the student methods train unmatched budgets ({listed} optimizer steps); the leaderboard "
+                              f"compares matched budgets, submit an unmodified --preset {preset} run")
 
 
 def validate(results: dict) -> None:
@@ -182,8 +189,11 @@ def validate(results: dict) -> None:
 
 
 def check_name(name: Any) -> str:
+    if isinstance(name, str) and name.lower().endswith(".json"):
+        raise SubmissionError(f"submission name {name!r} ends in .json, which the stored file adds; "
+                              f"pass --name {name[:-5] or 'NAME'}")
     if (not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name
-            or "/" in name or "\\" in name or os.sep in name):
+            or "/" in name or "\\" in name or os.sep in name or WINDOWS_DEVICE.fullmatch(name)):
         raise SubmissionError(
             f"submission name {name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-', starting with "
             "a letter or digit, without '..' or path separators (e.g. --name opd-lr3e-4)"
@@ -274,7 +284,8 @@ def submit(run_dir: str | Path, name: str, root: str | Path = "leaderboard", *, 
                               f"({target}); choose another --name")
     listed = _listed_as(folder, results)
     if listed is not None:
-        raise SubmissionError(f"these results are already submitted as {listed.stem!r} ({listed}); a run is listed once")
+        raise SubmissionError(f"these results are already submitted as {listed.stem!r} ({listed}); a run is listed once "
+                              f"(to replace that entry, e.g. an unverified one by a verified one, delete its file first)")
     verified = None
     if not unverified:
         if verify is None:

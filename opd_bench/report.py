@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from opd_bench.findings import findings_lines
 from opd_bench.io import atomic_write_bytes
-from opd_bench.result_schema import paired_evaluation, total_forwards
+from opd_bench.result_schema import paired_evaluation, schema_problem, total_forwards
 from opd_bench.report_doc import Cell, Doc, render_html, render_markdown, safe_name
 from opd_bench.results_view import ResultView, as_dict, as_list, counted, fmt, fmt_g, fmt_int, is_student, mean_sd, method_key, num
 
@@ -599,6 +599,9 @@ def load_results(run_dir: str | Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}); re-run or repair it") from None
     if not isinstance(results, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(results).__name__}")
+    problem = schema_problem(results.get("schema_version"))
+    if problem:  # a newer file's sections may mean something else: no report that misreads them
+        raise ValueError(f"{path}: {problem}")
     return results
 
 

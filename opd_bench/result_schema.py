@@ -150,6 +150,15 @@ def _check_per_image(results: dict, suite, method: str, seed: int, bench: str, e
         raise _edited(f"results[{method!r}][{bench!r}] seed {seed}", "the score of its per-image values", expected, score)
 
 
+def schema_problem(version: Any) -> str | None:
+    """One line naming what is wrong with a file's ``schema_version`` (an integer this opd-bench
+    reads: not 3.0, not true) and the fix; None when it is readable."""
+    if type(version) is int and version in READABLE_SCHEMAS:
+        return None
+    return (f"schema_version is {version!r}, this opd-bench reads versions {list(READABLE_SCHEMAS)}; "
+            "re-run with this opd-bench version or upgrade opd-bench")
+
+
 def check_results(results: dict) -> None:
     """Raise ``SubmissionError`` (one line: the problem and the fix) unless ``results`` is a
     well-formed, internally consistent result file (schema 1, 2 or 3) of an installed suite."""
@@ -160,9 +169,9 @@ def check_results(results: dict) -> None:
     if version is None and "num_images" in results and "sampler" in results:
         raise SubmissionError("this is the results.json of `opd-bench eval` (one model's scores), not of a run; "
                               "pass the folder of an `opd-bench run`")
-    if version not in READABLE_SCHEMAS:
-        raise SubmissionError(f"schema_version is {version!r}, this opd-bench reads versions {list(READABLE_SCHEMAS)}; "
-                              "re-run with this opd-bench version or upgrade opd-bench")
+    problem = schema_problem(version)
+    if problem:
+        raise SubmissionError(problem)
     seed = _recorded_eval_seed(results)
     if version >= 3 and (isinstance(seed, bool) or not (seed is None or isinstance(seed, int))):
         raise SubmissionError(f"config['eval']['seed'] is {seed!r}; it must be the final evaluation's noise seed "

@@ -9,7 +9,7 @@ import pytest
 
 from fake_results import make_results, make_run
 from opd_bench.presets import plan
-from opd_bench.leaderboard import MAX_FILE_BYTES, SubmissionError, rebuild, submit, validate
+from opd_bench.leaderboard import MAX_FILE_BYTES, SubmissionError, check_name, rebuild, submit, validate
 
 LEGACY = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions" / "tiny" / "tiny-standard-cpu.json"
 
@@ -144,6 +144,31 @@ def test_runs_of_a_preset_before_and_after_it_changed_are_ranked_apart(tmp_path,
             f"(now {json.dumps(lr)}).") in text
 
 
+def test_a_run_made_when_the_preset_trained_fewer_steps_keeps_its_own_table(board):
+    """A stored entry is checked against its own recorded budget (finished, matched across the
+    students), not the installed preset's: one made before the preset's steps changed is listed in
+    its own table, while one whose students trained unmatched budgets is not listed."""
+    shorter = make_results(rng_seed=5)
+    for method in ("opd", "opd-ppo", "multi-reward"):
+        shorter["config"][method]["steps"] = shorter["compute"][method]["optimizer_steps"] = 30
+    shorter["config"]["cascade"]["stages"] = [[task, 10] for task, _ in shorter["config"]["cascade"]["stages"]]
+    shorter["compute"]["cascade"]["optimizer_steps"] = 10 * len(shorter["config"]["cascade"]["stages"])
+    with pytest.raises(SubmissionError, match=r"not the installed standard preset's: .*steps"):
+        validate(shorter)  # a new submission must be the installed preset's
+    unmatched = copy.deepcopy(shorter)
+    unmatched["config"]["opd"]["steps"] = unmatched["compute"]["opd"]["optimizer_steps"] = 20
+    for name, results in (("shorter", shorter), ("unmatched", unmatched)):
+        results["submission"] = {"name": name, "submitted": results["date"], "verified": {"images_checked": 1}}
+        (board / "submissions" / "tiny" / f"{name}.json").write_text(json.dumps(results))
+    readme, table = rebuild(board)
+    rows = list(csv.DictReader(table.open()))
+    assert {r["optimizer_steps"] for r in rows if r["submission"] == "shorter" and r["kind"] == "student"} == {"30"}
+    assert "unmatched" not in {r["submission"] for r in rows}
+    not_listed = readme.read_text().split("## Not listed")[1]
+    assert "unmatched.json: the student methods train unmatched budgets (opd 20, opd-ppo 30, multi-reward 30, cascade 30" in not_listed
+    assert "shorter.json" not in not_listed
+
+
 def _mutations():
     def missing_benchmark(r):
         del r["results"]["opd"]["ocr"]
@@ -156,6 +181,9 @@ def _mutations():
 
     def schema(r):
         r["schema_version"] = 4
+
+    def schema_not_an_integer(r):  # 3.0 == 3 and True == 1 in Python, not in the schema
+        r["schema_version"] = 3.0
 
     def prompt_hash(r):
         r["prompt_hashes"]["ocr"]["test"] = "0" * 64
@@ -223,7 +251,7 @@ def _mutations():
         r["per_image"]["opd"] = []
         r["artifacts"]["opd"] = []
 
-    return [missing_benchmark, out_of_range, not_finite, schema, prompt_hash, suite_version, unknown_suite, earlier_base, seeds,
+    return [missing_benchmark, out_of_range, not_finite, schema, schema_not_an_integer, prompt_hash, suite_version, unknown_suite, earlier_base, seeds,
             edited_mean, edited_mean_and_per_seed, edited_std, edited_per_image, smoke, smoke_budget_relabelled,
             unfinished, adapter_hash, adapter_path, cell_seeds, schema_1, eval_seed, date, other_settings, not_objects]
 
@@ -352,13 +380,22 @@ def test_rebuilding_where_no_board_is_creates_nothing(tmp_path):
     assert not (tmp_path / "leaderboard").exists()
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "..", "a..b", "", ".hidden", "-x", "x" * 65, "a b"])
+@pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "..", "a..b", "", ".hidden", "-x", "x" * 65, "a b", "CON", "nul.txt", "lpt1"])
 def test_unsafe_names_are_refused(tmp_path, board, valid, name):
     make_run(tmp_path / "run-c", copy.deepcopy(valid))
     before, outside = tree(board), tree(tmp_path)
     with pytest.raises(SubmissionError, match="not allowed"):
         submit(tmp_path / "run-c", name, root=board, verify=passes)
     assert tree(board) == before and tree(tmp_path) == outside
+
+
+def test_a_name_ending_in_json_is_refused_naming_the_name_to_pass(tmp_path, board, valid):
+    make_run(tmp_path / "run-j", copy.deepcopy(valid))
+    before = tree(board)
+    with pytest.raises(SubmissionError, match=r"ends in .json, which the stored file adds; pass --name opd-lr3e-4$"):
+        submit(tmp_path / "run-j", "opd-lr3e-4.JSON", root=board, verify=passes)
+    assert tree(board) == before
+    assert check_name("console") == "console"  # only the device names themselves are reserved
 
 
 def test_refusal_on_a_fresh_root_creates_nothing(tmp_path, valid):

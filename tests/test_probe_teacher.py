@@ -1,4 +1,4 @@
-"""The teacher probe behind T1-T14, L1-L2, O4-O6, S1-S5, W1-W2 and Q1-Q6 (issue 11): every gain it prints
+"""The teacher probe behind T1-T14, L1-L2, O4-O6, S1-S5, W1-W2 and Q1-Q8 (issue 11): every gain it prints
 pairs the teacher with the base on the same benchmark and sampler, so each equals the difference of
 the two scores it prints beside it (GenEval's ``score`` gain: the tags' mean)."""
 

@@ -139,6 +139,16 @@ def _set_scores(results, method, bench, per_seed):
     results["results"][method][bench].update(mean=mean, std=std, per_seed=list(per_seed))
 
 
+@pytest.mark.parametrize("version", [9, 3.0, True, None])
+def test_a_result_file_of_a_schema_this_release_cannot_read_gets_no_report(tmp_path, version):
+    results = make_results()
+    results["schema_version"] = version
+    make_run(tmp_path / "run", results)
+    with pytest.raises(ValueError, match=rf"results.json: schema_version is {version!r}, this opd-bench reads versions \[1, 2, 3\]; .*upgrade"):
+        build_report(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _findings(tmp_path, results):
     make_run(tmp_path / "run", results)
     written = build_report(tmp_path / "run", tmp_path / "out")
@@ -255,6 +265,17 @@ def test_findings_say_not_testable(tmp_path):
     assert "At equal forward passes: not testable (no forward-pass curves" in versus
     assert cascade == "Cascade RL forgets earlier stages: not testable. no per-stage cascade curves in the file."
     assert variance.endswith("not testable (no variance experiment in the file).")
+
+
+def test_one_seed_of_cascade_curves_judges_no_forgetting(tmp_path):
+    """With one seed the 2-seed-sd rule has no spread: the gain and the fall that three seeds call
+    held would be judged on their sign alone."""
+    results = _claims_hold(make_results())
+    curves = results["curves"]["cascade"]
+    results["curves"]["cascade"] = {seed: rows for seed, rows in list(curves.items())[:1]}
+    cascade = _findings(tmp_path, results)[3]
+    assert cascade.startswith("Cascade RL forgets earlier stages: not testable.")
+    assert "then -0.500 from its stage end to the final (1 seed) (not testable: one seed" in cascade
 
 
 def test_a_share_of_a_pref_gain_the_teacher_line_calls_unclear_is_not_tested(tmp_path):
