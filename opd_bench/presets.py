@@ -92,12 +92,16 @@ def _standard() -> RunPlan:
     # r32) for the GRPO students, which at 1e-3 and r32 fell below the base (M1-M3).
     steps = 60
     student_lora = dict(lora_rank=32, lora_alpha=64)
-    # Every GRPO run (teachers, multi-reward, cascade) keeps Flow-GRPO's KL penalty to the base: without
-    # it every pref teacher seed lost 0.013-0.036 of the hidden taste pref_oracle, with it none lost
-    # more than 0.004 (docs/benchmarks.md, K0-K1).
+    # Every GRPO run (teachers, multi-reward, cascade) keeps a KL penalty to the base: without it every
+    # pref teacher seed lost 0.013-0.036 of the hidden taste pref_oracle, with it none lost more than
+    # 0.004 (docs/benchmarks.md, K0-K1). Those probes measured the exact per-step KL ("step") at
+    # Flow-GRPO's beta 0.04, which on the 4 trained steps is 9-19x Flow-GRPO's own penalty at that
+    # beta ("reference"). Each group's advantages are divided by its own std, where Flow-GRPO divides
+    # by the whole batch's. Both are what the committed runs were made with; K4 and A1 measure
+    # Flow-GRPO's forms (docs/benchmarks.md).
     grpo = dict(prompts_per_step=3, group_size=4, num_steps=8, noise_level=0.7, train_fraction=0.5, lr=1e-3,
                 lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2,
-                kl_beta=0.04)
+                kl_beta=0.04, kl_weighting="step", adv_std="group")
     student_grpo = {**grpo, **student_lora, "lr": 3e-4}
     # The students' task rewards are not scored on their own rollouts: the report reads none of
     # them, and the OCR engine alone made an OPD cell ~17% longer (docs/benchmarks.md, "Cheaper

@@ -107,11 +107,14 @@ def retrain_hint(run_dir: str | Path) -> str:
 class GradVariance:
     """Trace of the covariance of per-micro-batch gradients, from the accumulating ``.grad``.
 
-    Call ``start()`` before the first backward of an optimizer step and ``record()`` after each
-    micro-batch's backward; ``finish()`` returns ``grad/variance`` (unbiased trace of the
-    covariance of the micro-batch gradients) and ``grad/variance_rel`` (that divided by the squared
-    norm of their mean). Micro-batch losses must be scaled as parts of one mean (the usual
-    accumulation), so micro-batch gradients are rescaled by their count here.
+    Call ``start()`` before the first backward of an optimizer step and ``record(weight)`` after
+    each micro-batch's backward, ``weight`` being that micro-batch's share of its process's step
+    loss (the usual accumulation: ``len(chunk) / len(pairs)``, times a task's scale). ``finish()``
+    returns ``grad/variance`` and ``grad/variance_rel`` (that over the squared norm of the step's
+    mean gradient). Each micro-batch's gradient divided by its weight is an estimate of the whole
+    step's; their spread, each weighted by its share, is unbiased (for pairs drawn alike) for the
+    covariance trace of an average-sized micro-batch's estimate (with equal shares: the plain
+    unbiased trace), so a short last micro-batch does not count as if it were a full one.
 
     With several processes the micro-batches of all ranks are pooled (so the statistic depends on
     how many micro-batches the step has in total, i.e. on ``micro_batch`` and the world size).
@@ -121,7 +124,7 @@ class GradVariance:
         self.params = [p for p in params if p.requires_grad]
         self.ranks = ranks or distributed.current()
         self._previous: torch.Tensor | None = None
-        self._parts: list[torch.Tensor] = []
+        self._parts: list[tuple[torch.Tensor, float]] = []
 
     def _flat(self) -> torch.Tensor:
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float() for p in self.params])
@@ -130,9 +133,11 @@ class GradVariance:
         self._previous = self._flat()
         self._parts = []
 
-    def record(self) -> None:
+    def record(self, weight: float) -> None:
+        if not weight > 0:
+            raise ValueError(f"a micro-batch's weight is its share of the step loss, > 0; got {weight!r}")
         current = self._flat()
-        self._parts.append(current - self._previous)
+        self._parts.append((current - self._previous, float(weight)))
         self._previous = current
 
     def finish(self) -> dict[str, float]:
@@ -140,11 +145,13 @@ class GradVariance:
         count = int(ranks.all_reduce_sum(torch.tensor(len(self._parts))))
         if count < 2:
             return {}
-        # Each part as a full-batch estimate. A rank normalises its loss by its own share of the
-        # batch, so its parts are world_size times their share of the global mean gradient.
-        grads = torch.stack(self._parts) * count / ranks.world_size
-        mean = ranks.all_reduce_sum(grads.sum(0)) / count
-        trace = float(ranks.all_reduce_sum(((grads - mean) ** 2).sum(1).sum()) / (count - 1))
+        # Every rank's weights sum to 1 over its step, and the ranks' gradients are averaged: a
+        # micro-batch's share of the global step is its weight / world size.
+        shares = torch.tensor([w for _, w in self._parts], dtype=torch.float32) / ranks.world_size
+        estimates = torch.stack([part / w for part, w in self._parts])
+        mean = ranks.all_reduce_sum((shares[:, None] * estimates).sum(0))
+        spread = ranks.all_reduce_sum((shares * ((estimates - mean) ** 2).sum(1)).sum())
+        trace = float(spread) * count / (count - 1)
         return {"grad/variance": trace, "grad/variance_rel": trace / max(float(mean.pow(2).sum()), 1e-30)}
 
 

@@ -26,6 +26,7 @@ UNBIASED_ADV = torch.tensor([-0.9257772, -0.4628886, 0.0, 1.3886659])
 def test_defaults_are_flow_grpo_and_shared_by_the_rl_baselines():
     for config in (GRPOConfig(), MultiRewardConfig(), CascadeConfig().grpo):
         assert (config.adv_ddof, config.train_steps, config.detach_uncond) == (0, "first", True)
+        assert (config.adv_std, config.kl_weighting) == ("batch", "reference")  # global_std=True; / 2 std_dev_t^2
     assert OPDConfig().detach_uncond is False  # OPD keeps the full pathwise gradient (README)
     with pytest.raises(ValueError, match="adv_ddof"):
         GRPOConfig(adv_ddof=2)
@@ -37,6 +38,12 @@ def test_advantages_divide_by_the_population_std_plus_1e_4():
     group = torch.zeros(4, dtype=torch.long)
     _, advantages = aggregate_advantages({"t": REWARDS4}, group, ["t"] * 4, GRPOConfig())
     torch.testing.assert_close(advantages, FLOW_GRPO_ADV)
+    # two groups: each centred on its own mean, both divided by the batch's std (global_std=True):
+    # the 8 rewards 1 2 3 6 11 12 13 16 have mean 8 and squared deviations summing to 228
+    both = torch.cat([REWARDS4, REWARDS4 + 10])
+    _, advantages = aggregate_advantages({"t": both}, torch.tensor([0] * 4 + [1] * 4), ["t"] * 8, GRPOConfig())
+    batch_std_adv = torch.tensor([-2.0, -1.0, 0.0, 3.0]) / ((228 / 8) ** 0.5 + 1e-4)  # -0.3746, -0.1873, 0, 0.5619
+    torch.testing.assert_close(advantages, torch.cat([batch_std_adv, batch_std_adv]))
     torch.testing.assert_close(group_advantages(REWARDS4, group, ddof=1), UNBIASED_ADV)
     # two groups side by side, and the batch std, also with ddof=0
     two = group_advantages(torch.cat([REWARDS4, REWARDS4 + 10]), torch.tensor([0] * 4 + [1] * 4))
@@ -109,6 +116,36 @@ def _trainable_student(policy):
 
 def _grads(params, loss):
     return torch.autograd.grad(loss, params, retain_graph=True)
+
+
+def test_the_kl_penalty_is_flow_grpos_by_default(policy, monkeypatch):
+    """Flow-GRPO's penalty is mean_d (mu - mu_ref)^2 / (2 std_dev_t^2), std_dev_t = the step's std
+    without sqrt(-dt), so its betas mean that weighting; "step" divides by the step's own variance."""
+    seen = []
+
+    def recording_step_at(*args, **options):
+        seen.append(step_at(*args, **options))
+        return seen[-1]
+
+    monkeypatch.setattr(grpo_module, "step_at", recording_step_at)
+    params = _trainable_student(policy)  # a perturbed adapter: the student's means differ from the base's
+    config = GRPOConfig(prompts_per_step=1, group_size=2, num_steps=4, train_fraction=0.5, micro_batch=4, kl_beta=0.5)
+    assert config.kl_weighting == "reference"
+    kls = {}
+    for weighting in ("reference", "step"):
+        seen.clear()
+        metrics, _ = grpo_module.grpo_step(policy, "student", [Prompt("a red circle", "red")], {"red": rewards.get("toy/brightness")},
+                                           GRPOConfig(**{**config.__dict__, "kl_weighting": weighting}), seed=0, params=params)
+        current, reference = seen  # one micro-batch: the student's recomputation, then the base's
+        squared = (current.mean - reference.mean).detach().flatten(1).pow(2).mean(1)
+        std_dev_t = current.std / (-current.dt).sqrt()
+        by_hand = squared / (2 * (std_dev_t if weighting == "reference" else current.std) ** 2)
+        assert float(squared.min()) > 0
+        assert metrics["kl"] == pytest.approx(float(by_hand.mean()), rel=1e-5)
+        # the policy term averages to 0 here (ratio 1, a group's advantages sum to 0): the loss is beta * kl
+        assert metrics["loss"] == pytest.approx(config.kl_beta * metrics["kl"], rel=1e-3)
+        kls[weighting] = metrics["kl"]
+    assert kls["step"] > 3 * kls["reference"]  # 1 / |dt| per step: 4-step schedule, steps 0 and 1
 
 
 def test_detached_unconditional_branch_gets_no_gradient(policy):

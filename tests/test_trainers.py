@@ -458,6 +458,37 @@ def test_a_reward_that_breaks_its_contract_is_named(policy, tmp_path):
             trainer.train(progress=False)
 
 
+def test_gradient_variance_weighs_each_micro_batch_by_its_share_of_the_step():
+    """Pairs with known gradients g_i, accumulated as one mean in micro-batches of 3 and 2: each
+    micro-batch's mean gradient estimates the step's, and its spread counts by the micro-batch's share."""
+    from opd_bench.training import GradVariance
+
+    g = torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 1.0], [-4.0, 0.0], [0.0, 6.0]])
+    weight = torch.nn.Parameter(torch.zeros(2))
+
+    def variance(sizes):
+        weight.grad = None
+        tracker = GradVariance([weight])
+        tracker.start()
+        start = 0
+        for size in sizes:
+            ((g[start:start + size] * weight).sum() / len(g)).backward()
+            tracker.record(size / len(g))
+            start += size
+        return tracker.finish()
+
+    mean = g.mean(0)  # (0.4, 1.8)
+    e1, e2 = g[:3].mean(0), g[3:].mean(0)  # (2, 1) and (-2, 3)
+    by_hand = (3 / 5 * (e1 - mean).pow(2).sum() + 2 / 5 * (e2 - mean).pow(2).sum()) * 2 / (2 - 1)
+    got = variance([3, 2])
+    assert got["grad/variance"] == pytest.approx(float(by_hand))  # 9.6; the old count-based rescaling gave 8.72
+    assert got["grad/variance_rel"] == pytest.approx(float(by_hand / mean.pow(2).sum()))
+    # equal micro-batches: the plain unbiased trace of the estimates
+    four = variance([1, 1, 1, 1, 1])
+    assert four["grad/variance"] == pytest.approx(float(((g - mean) ** 2).sum() / 4))
+    assert variance([5]) == {}  # one micro-batch: no spread to measure
+
+
 def test_a_non_finite_gradient_stops_training_before_it_reaches_the_weights(tmp_path):
     from types import SimpleNamespace
 

@@ -51,11 +51,16 @@ class GRPOConfig:
     # Gradients through the conditional half of guidance only (Flow-GRPO's noise_pred_uncond.detach())
     detach_uncond: bool = True
     clip_range: float = 1e-4  # Flow-GRPO's ratio clip on SD3.5
-    adv_std: Literal["group", "batch"] = "group"
+    # "batch": (r - group mean) / (std of the whole step's rewards, every process's, + 1e-4), as
+    # Flow-GRPO's published SD3.5 configs (global_std=True); "group": the group's own std
+    adv_std: Literal["group", "batch"] = "batch"
     adv_ddof: int = 0  # 0: population std, np.std's default (Flow-GRPO); 1: unbiased std
     adv_clip: float | None = 5.0  # None: no clipping
     kl_beta: float = 0.0
-    kl_weighting: Literal["step", "reference"] = "step"
+    # Flow-GRPO's KL penalty divides by 2 std_s^2 ("reference"), not by the step's variance
+    # 2 std_s^2 |dt| ("step", the exact KL), so its published betas (0.04, 0.01) mean "reference";
+    # "step" weighs step s 1/|dt| times more (3-19x on the tiny suite's 8 steps).
+    kl_weighting: Literal["step", "reference"] = "reference"
     lr: float = 3e-4
     lr_schedule: LRSchedule = "constant"  # cosine: decays to 0 over `steps`
     weight_decay: float = 1e-4
@@ -194,7 +199,13 @@ def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, g
         keep={"latents", "images"}, sample_offset=offset,
     )
     scores = score_samples(trajectory, rewards, own=config.aggregation == "own")
-    reward_values, advantages = aggregate_advantages(scores, trajectory.group, trajectory.tasks, config)
+    # Advantages from the whole step's batch, every process's samples (Flow-GRPO gathers them: its
+    # batch std is over all of them), then this rank's slice; groups never straddle two ranks.
+    all_groups = torch.arange(len(prompts)).repeat_interleave(config.group_size)
+    all_tasks = [p.task for p in prompts for _ in range(config.group_size)]
+    all_scores = {name: ranks.all_gather(values) for name, values in scores.items()}
+    all_rewards, all_advantages = aggregate_advantages(all_scores, all_groups, all_tasks, config)
+    advantages = all_advantages[offset : offset + len(trajectory)]
     # drawn for the whole batch, then sliced: every sample trains on the same steps in any world size
     generator = torch.Generator().manual_seed(seed)
     steps = train_step_indices(
@@ -221,7 +232,7 @@ def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, g
             totals["kl"] += float(kl.detach().sum())
         (per_pair.sum() / len(pairs)).backward()
         if grad_variance is not None:
-            grad_variance.record()
+            grad_variance.record(len(chunk) / len(pairs))
         per_pair = per_pair.detach().cpu()
         totals["loss"] += float(per_pair.sum())
         totals["clip_fraction"] += stats["clip_fraction"] * len(chunk)
@@ -233,9 +244,6 @@ def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, g
     metrics: dict[str, float] = {key: value / num_pairs for key, value in zip(totals, summed)}
     if config.kl_beta == 0:
         metrics.pop("kl")
-    all_rewards = ranks.all_gather(reward_values)
-    all_groups = torch.arange(len(prompts)).repeat_interleave(config.group_size)
-    all_tasks = [p.task for p in prompts for _ in range(config.group_size)]
     metrics["zero_spread_share"] = zero_spread_share(all_rewards, all_groups)
     for task in sorted(set(all_tasks)):
         values = all_rewards[torch.tensor([t == task for t in all_tasks])]

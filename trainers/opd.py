@@ -166,7 +166,7 @@ def _opd_task_step(
             per_pair, _ = clipped_policy_loss(student.log_prob, old, advantage, config.clip_range)
         (per_pair.sum() * loss_scale / len(pairs)).backward()
         if grad_variance is not None:
-            grad_variance.record()
+            grad_variance.record(loss_scale * len(chunk) / len(pairs))
         totals["loss"] += per_pair.detach().sum().item()
         totals["kl"] += kl.sum().item()
     summed = ranks.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()
