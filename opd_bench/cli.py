@@ -196,7 +196,8 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
     from opd_bench.tiny import save_tiny
 
     save_tiny(out, seed=seed)
-    click.echo(f"saved a random tiny SD3 pipeline to {out}")
+    click.echo(f"saved a random tiny SD3 pipeline to {out}: it draws 64 px images, so an sd suite config for it "
+               "needs \"resolution\": 64")
 
 
 @main.command("run")

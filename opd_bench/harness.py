@@ -236,7 +236,9 @@ class Harness:
                 defaults = DEFAULT_MODEL_OPTIONS  # written only when not the default: compare them filled in
                 raise FileExistsError(
                     f"{self.out} holds a run with another suite, suite config, model, preset or --set change "
-                    f"({json_differences({**defaults, **saved}, {**defaults, **current})}); use another --out or pass --force"
+                    f"({json_differences({**defaults, **saved}, {**defaults, **current})}); to go on with it, rerun with its "
+                    "saved settings (a moved weight folder: link its old path to the new place); otherwise use another "
+                    "--out (--force deletes this run's trained work)"
                 )
         marker = self.out / RUN_MARKER
         if not marker.exists():

@@ -203,6 +203,12 @@ class _SD3:
         """Latent pixels per side of one transformer token."""
         return self.pipeline.transformer.config.patch_size
 
+    def max_side(self) -> int | None:
+        """The largest image side the transformer's position embedding covers, in pixels."""
+        config = self.pipeline.transformer.config
+        tokens = getattr(config, "pos_embed_max_size", None)
+        return tokens * config.patch_size * self.pipeline.vae_scale_factor if tokens else None
+
     def schedule_kwargs(self, num_steps: int, seq_len: int) -> dict:
         config = self.pipeline.scheduler.config
         return {"mu": _resolution_shift(seq_len, config)} if config.get("use_dynamic_shifting", False) else {}
@@ -256,6 +262,9 @@ class _Flux:
 
     def patch(self) -> int:
         return 2
+
+    def max_side(self) -> None:
+        return None  # rotary position embeddings: no fixed largest size
 
     def schedule_kwargs(self, num_steps: int, seq_len: int) -> dict:
         # As FluxPipeline: explicit linear sigmas 1 .. 1/N, shifted by mu of the packed sequence length.
@@ -330,6 +339,8 @@ class Policy:
         # Image side every rollout uses unless told otherwise: suites fix it (SD3.5-M is trained
         # and evaluated at 512 px in the paper, though the pipeline's own default is 1024).
         self.resolution = resolution
+        if resolution is not None:
+            self.latent_shape(1)  # a side the transformer cannot draw is named now, not at the first image
         for module in self._modules():
             module.requires_grad_(False)
         if gradient_checkpointing:
@@ -442,6 +453,11 @@ class Policy:
         factor = scale * self._backend.patch()
         if height % factor or width % factor:
             raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+        largest = self._backend.max_side()
+        if largest is not None and max(height, width) > largest:
+            raise ValueError(f"{height}x{width} px is larger than this pipeline's transformer draws (at most {largest} px per "
+                             f"side); ask for at most {largest} (--resolution, or the sd suite config's \"resolution\": a "
+                             "`build-tiny` stand-in draws 64 px)")
         return (batch, self._backend.latent_channels(), height // scale, width // scale)
 
     def sigmas(self, num_steps: int, latent_shape: Sequence[int]) -> torch.Tensor:

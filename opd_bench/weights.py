@@ -41,6 +41,7 @@ def resolve_weights(
     hub_id: str | None = None,
     option: str = "model_path",
     model_type: str | None = None,
+    hub_files: Sequence[str] = (),
 ) -> Path:
     """Return the local path of ``value`` (a folder, a file or a cached hub id).
 
@@ -49,16 +50,19 @@ def resolve_weights(
     when ``value`` is missing. ``option``: the argument the user passes the path as.
     ``model_type``: the ``model_type`` of a transformers ``config.json`` there (other weights in
     the right place would load with a wall of warnings and fail on a shape, far from the cause).
+    ``hub_files``: the only files of ``hub_id`` needed, named in the download hint (HPSv2's repo
+    holds several checkpoints; one is used).
     """
+    wanted = "".join(f" {name}" for name in hub_files)
     if value is None or str(value) == "":
         suggestion = f" (usually the hub id {hub_id!r})" if hub_id else ""
-        fetch = f"; fetch it with `hf download {hub_id}` on a machine with internet" if hub_id else ""
+        fetch = f"; fetch it with `hf download {hub_id}{wanted}` on a machine with internet" if hub_id else ""
         raise MissingWeightsError(f"{what} needs its weights: pass {option}=<local folder or cached hub id>{suggestion}{fetch}")
     text = str(value)
     if _looks_local(text):
         path = Path(text).expanduser()
         if not path.exists():
-            fetch = f" (fetch with `hf download {hub_id} --local-dir {path}` on a machine with internet)" if hub_id else ""
+            fetch = f" (fetch with `hf download {hub_id}{wanted} --local-dir {path}` on a machine with internet)" if hub_id else ""
             raise MissingWeightsError(f"{what} weights not found: {str(path)!r} does not exist{fetch}")
         _check_expected(path, expected, what)
         _check_model_type(path, model_type, what, option)

@@ -43,6 +43,10 @@ def test_sample_writes_a_grid_and_refuses_to_overwrite(tiny_dir, tmp_path):
     assert Image.open(out).size == (64, 32)
     odd = CliRunner().invoke(main, [*args, "--resolution", "33", "--force"])
     assert odd.exit_code == 1 and odd.output.strip().count("\n") == 0 and "must be multiples of" in odd.output, odd.output
+    # the tiny stand-in's position embedding covers 64 px: a larger side is named, with the setting to change
+    large = CliRunner().invoke(main, [*args, "--resolution", "128", "--force"])
+    assert large.exit_code == 1 and large.output.strip().count("\n") == 0, large.output
+    assert "128x128 px is larger than this pipeline's transformer draws (at most 64 px per side); ask for at most 64" in large.output
 
 
 def test_bad_model_is_one_line_error(tmp_path):

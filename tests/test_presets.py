@@ -86,7 +86,8 @@ def test_a_changed_preset_is_another_experiment(tmp_path):
     assert changed.teacher_dir("pref").name != plain.teacher_dir("pref").name  # its own teacher
     assert changed.teacher_dir("ocr").name == plain.teacher_dir("ocr").name  # the others are shared
     (out / "teachers").mkdir()  # once work is saved, the folder is bound to its plan
-    with pytest.raises(FileExistsError, match="another suite, suite config, model, preset or --set change"):
+    with pytest.raises(FileExistsError, match=r"another suite, suite config, model, preset or --set change .*; to go on with it, "
+                       r"rerun with its saved settings .*link its old path.* \(--force deletes this run's trained work\)$"):
         Harness(out, preset="smoke", seeds=[0], progress=False, overrides=["opd.steps=1"])
     assert json.loads((out / "run.json").read_text())["plan"]["opd"]["steps"] == plain.plan.opd.steps
     # a --set that leaves the preset as it is changes nothing, and is recorded as no change

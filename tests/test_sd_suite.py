@@ -77,8 +77,15 @@ def test_missing_metadata_gives_a_clear_error(tmp_path):
     suites.configure("sd", geneval={"test": str(tmp_path / "missing.jsonl")})
     with pytest.raises(PromptFileError, match="does not exist; get GenEval's prompts/evaluation_metadata.jsonl"):
         suites.get("sd").benchmark("geneval")
-    with pytest.raises(sd.SuiteConfigError, match="unknown key"):
+    with pytest.raises(sd.SuiteConfigError, match=r"unknown key\(s\) \['genevl'\]; Did you mean 'geneval'\? expected"):
         suites.configure("sd", genevl={})
+    with pytest.raises(sd.SuiteConfigError, match=r"unknown key\(s\) \['resolutoin'\]; Did you mean 'resolution'\?"):
+        suites.configure("sd", {"resolutoin": 64})
+    prompts = tmp_path / "pref.txt"
+    prompts.write_text("a cat\n")
+    suites.configure("sd", pref={"test": str(prompts), "pickscroe": {}})
+    with pytest.raises(sd.SuiteConfigError, match=r"pref has unknown key\(s\) \['pickscroe'\]; Did you mean 'pickscore'\?"):
+        suites.get("sd").benchmark("pref")
 
 
 def test_config_file_from_the_environment_ocr_and_pref(tmp_path, monkeypatch):
@@ -364,8 +371,13 @@ def test_missing_weights_give_clear_errors(tmp_path, owlv2_dir):
     for name, what in (("pickscore", "PickScore"), ("clipscore", "CLIPScore"), ("hpsv2", "HPS v2.1"), ("imagereward", "ImageReward")):
         with pytest.raises(MissingWeightsError, match=f"{what} weights not found"):  # located without building
             rewards.locate_weights(name, {"model_path": str(tmp_path / name)})
+    with pytest.raises(MissingWeightsError, match=r"`hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir "):  # one file, not the repo
+        rewards.locate_weights("hpsv2", {"model_path": str(tmp_path / "hps")})
     with pytest.raises(UnknownOptionError, match="model_pth"):
         rewards.locate_weights("hpsv2", {"model_pth": "x"})
+    # a device this machine lacks (the suite config's "device" reaches every reward) stops before any image
+    with pytest.raises(ValueError, match=r"reward 'pickscore': cuda:99: this machine has .*GPU.*suite config's \"device\""):
+        rewards.locate_weights("pickscore", {"model_path": str(owlv2_dir), "device": "cuda:99"})
     with pytest.raises(MissingWeightsError, match="OWLv2 detector weights not found"):
         rewards.locate_weights("sd/geneval-partial", {"model_path": str(tmp_path / "owl")})
     with pytest.raises(MissingWeightsError, match="GenEval colour classifier .*does not exist"):

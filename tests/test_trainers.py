@@ -18,7 +18,7 @@ from opd_bench.trainers import grpo as grpo_module
 from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
 from opd_bench.trainers.opd import OPDConfig, OPDTrainer
 from opd_bench.trainers.teachers import train_teacher
-from opd_bench.trainers.variance import variance_experiment
+from opd_bench.trainers.variance import estimate_gradients, variance_experiment
 
 POOLS = {
     "bright": [Prompt("a white square", "bright"), Prompt("a yellow star", "bright")],
@@ -353,6 +353,23 @@ def test_variance_experiment_rows_and_the_zero_gap_case(policy, tiny_dir, tmp_pa
     same = variance_experiment(policy, "student", "teacher", prompts, batch_sizes=(1,), noise_levels=(0.7,), repeats=2, num_steps=2)
     assert same[0]["var_analytic"] == 0 and same[0]["var_ppo"] < 1e-10 * rows[0]["var_ppo"]
     assert math.isnan(same[0]["ratio_ppo_over_analytic"])
+
+
+def test_the_variance_experiment_gives_the_same_gradients_with_gradient_checkpointing(tiny_dir, tmp_path):
+    """Its backward recomputes the checkpointed blocks, which must see the student's adapter as the
+    forward did (outside ``use(student)`` they did not: the run crashed at its very end)."""
+    teacher = _teacher(tiny_dir, tmp_path / "teacher")
+    student = _teacher(tiny_dir, tmp_path / "student", scale=0.1, seed=2)  # a student that differs from both
+    grads = []
+    for checkpointing in (False, True):
+        policy = Policy.from_pretrained(str(tiny_dir), gradient_checkpointing=checkpointing)
+        policy.load_adapter("teacher", teacher)
+        policy.load_adapter("student", student, trainable=True)
+        grads.append(estimate_gradients(policy, "student", "teacher", POOLS["bright"][:2], noise_level=0.7, num_steps=2,
+                                        guidance_scale=4.5, teacher_guidance=4.5, seed=0))
+    for plain, checkpointed in zip(*grads):
+        assert plain.abs().sum() > 0
+        torch.testing.assert_close(checkpointed, plain)
 
 
 def test_ppo_and_analytic_estimators_target_the_same_gradient():

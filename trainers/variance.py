@@ -57,15 +57,17 @@ def estimate_gradients(
     for estimator in ("analytic", "ppo"):
         for p in params:
             p.grad = None
+        # backward inside use(student): with gradient checkpointing the forward is recomputed
+        # there, and must see the same adapter (outside it, the student's LoRA is switched off)
         with policy.use(student):
             current = step_at(policy, trajectory, index, step, guidance_scale=guidance_scale)
-        if estimator == "analytic":
-            loss = distillation_loss(current, target).mean()
-        else:
-            old = trajectory.log_probs[index, step].to(current.log_prob.device)
-            reward = process_reward(old, target.log_prob, trajectory.final[0].numel())
-            loss = -(reward * torch.exp(current.log_prob - old)).mean()
-        loss.backward()
+            if estimator == "analytic":
+                loss = distillation_loss(current, target).mean()
+            else:
+                old = trajectory.log_probs[index, step].to(current.log_prob.device)
+                reward = process_reward(old, target.log_prob, trajectory.final[0].numel())
+                loss = -(reward * torch.exp(current.log_prob - old)).mean()
+            loss.backward()
         grads.append(_flat_grad(params))
     for p in params:
         p.grad = None

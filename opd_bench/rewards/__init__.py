@@ -124,6 +124,13 @@ def locate_weights(name: str, options: dict[str, Any]) -> None:
     ``locate_weights(**options)``, where it has one: those that load weights when built), so that a
     run or an evaluation with a missing file stops before its first image, not when its turn comes."""
     check(name, options)
+    if options.get("device") is not None:  # e.g. a suite config's "device": "cuda" on a machine without one
+        from opd_bench.policy import check_device
+
+        try:
+            check_device(str(options["device"]))
+        except ValueError as error:
+            raise ValueError(f"reward {name!r}: {error} (its device option, e.g. the suite config's \"device\")") from None
     locate = getattr(REGISTRY.resolve(name), "locate_weights", None)
     if locate is not None:
         locate(**options)

@@ -210,7 +210,7 @@ class HPSv2Reward:
         if version not in HPSV2_FILES:
             raise ValueError(f"HPSv2 version must be one of {sorted(HPSV2_FILES)}, got {version!r}")
         filename = HPSV2_FILES[version]
-        path = resolve_weights(model_path, what=f"HPS {version}", hub_id=HPSV2_HUB_ID, expected=[filename])
+        path = resolve_weights(model_path, what=f"HPS {version}", hub_id=HPSV2_HUB_ID, expected=[filename], hub_files=[filename])
         return path / filename if path.is_dir() else path
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]
