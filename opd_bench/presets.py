@@ -97,8 +97,9 @@ def _standard() -> RunPlan:
     # 0.004 (docs/benchmarks.md, K0-K1). Those probes measured the exact per-step KL ("step") at
     # Flow-GRPO's beta 0.04, which on the 4 trained steps is 9-19x Flow-GRPO's own penalty at that
     # beta ("reference"). Each group's advantages are divided by its own std, where Flow-GRPO divides
-    # by the whole batch's. Both are what the committed runs were made with; K4 and A1 measure
-    # Flow-GRPO's forms (docs/benchmarks.md).
+    # by the whole batch's. Both are what the committed runs were made with, and on the pref teacher
+    # Flow-GRPO's forms did worse: its weighting let the taste drift by 0.016 (K4), its batch std
+    # cost a third of the pref gain (A1; docs/benchmarks.md).
     grpo = dict(prompts_per_step=3, group_size=4, num_steps=8, noise_level=0.7, train_fraction=0.5, lr=1e-3,
                 lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2,
                 kl_beta=0.04, kl_weighting="step", adv_std="group")
