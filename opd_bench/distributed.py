@@ -9,8 +9,9 @@ runs unchanged, and bit for bit as before, in one process.
 How the trainers use it (data parallel, every rank holds the whole model):
 
 * the prompts of a step are the same on every rank (drawn from the step's seed); each rank rolls
-  out its contiguous share (:meth:`ProcessGroup.shard`), whole prompt groups, so group advantages
-  are computed locally and exactly; noise stays tied to the global sample index;
+  out its contiguous share (:meth:`ProcessGroup.shard`), whole prompt groups; GRPO gathers every
+  rank's rewards and computes the advantages of the whole batch (its std may be the batch's), so
+  they are exactly the 1-process ones; noise stays tied to the global sample index;
 * gradients are averaged before the optimizer step (:meth:`ProcessGroup.average_gradients`), so
   every rank keeps identical weights;
 * metrics are computed from all-gathered values (global means); only rank 0 writes files.

@@ -202,7 +202,7 @@ def cascade_forgetting(view: ResultView) -> str:
                 f"end to the final ({len(row['end'])} seed{'s' if len(row['end']) != 1 else ''})")
         if drop_sd is None or (gain is not None and gain_sd is None):  # one seed: any wiggle would count
             oks.append(None)
-            parts.append(text + " (not testable: one seed, no spread to judge a gain or a fall by)")
+            parts.append(text + " (not testable: one seed measured, no spread to judge a gain or a fall by)")
             continue
         if gain is not None and gain <= 2 * gain_sd:
             oks.append(None)

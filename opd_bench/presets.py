@@ -99,7 +99,7 @@ def _standard() -> RunPlan:
     # beta ("reference"). Each group's advantages are divided by its own std, where Flow-GRPO divides
     # by the whole batch's. Both are what the committed runs were made with, and on the pref teacher
     # Flow-GRPO's forms did worse: its weighting let the taste drift by 0.016 (K4), its batch std
-    # cost a third of the pref gain (A1; docs/benchmarks.md).
+    # gave a smaller pref gain at every seed, about 30% less (A1; docs/benchmarks.md).
     grpo = dict(prompts_per_step=3, group_size=4, num_steps=8, noise_level=0.7, train_fraction=0.5, lr=1e-3,
                 lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2,
                 kl_beta=0.04, kl_weighting="step", adv_std="group")

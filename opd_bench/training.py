@@ -115,6 +115,8 @@ class GradVariance:
     step's; their spread, each weighted by its share, is unbiased (for pairs drawn alike) for the
     covariance trace of an average-sized micro-batch's estimate (with equal shares: the plain
     unbiased trace), so a short last micro-batch does not count as if it were a full one.
+    DiffusionOPD's micro-batches hold one task's pairs each, so its spread also measures how far
+    the tasks' gradients disagree.
 
     With several processes the micro-batches of all ranks are pooled (so the statistic depends on
     how many micro-batches the step has in total, i.e. on ``micro_batch`` and the world size).

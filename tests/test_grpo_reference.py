@@ -52,6 +52,19 @@ def test_advantages_divide_by_the_population_std_plus_1e_4():
     torch.testing.assert_close(batch, FLOW_GRPO_ADV)
 
 
+def test_with_rewards_on_other_scales_each_task_is_normalised_by_its_own_batch_std():
+    """Multi-reward RL routes each sample to its own task's reward ("own"): the batch std is taken
+    over each task's samples, so a pref-like reward near 30 does not shrink an OCR-like one's
+    advantages (pooled, the 8 rewards' std would be 12.89)."""
+    rewards_ = torch.cat([REWARDS4, torch.tensor([20.0, 22.0, 30.0, 36.0])])
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    tasks = ["a"] * 4 + ["b"] * 4
+    _, advantages = aggregate_advantages({"a": rewards_, "b": rewards_}, group, tasks, MultiRewardConfig())
+    # b: 20 22 30 36 have mean 27 and squared deviations summing to 164; group means 21 and 33
+    b = torch.tensor([-1.0, 1.0, -3.0, 3.0]) / ((164 / 4) ** 0.5 + 1e-4)  # -0.1562, 0.1562, -0.4685, 0.4685
+    torch.testing.assert_close(advantages, torch.cat([FLOW_GRPO_ADV, b]))
+
+
 def test_trained_steps_are_the_first_fraction_of_every_sample():
     assert train_step_indices(3, 8, 0.5, mode="first").tolist() == [[0, 1, 2, 3]] * 3
     assert train_step_indices(2, 10, 0.6, mode="first").tolist() == [[0, 1, 2, 3, 4, 5]] * 2

@@ -275,7 +275,7 @@ def test_one_seed_of_cascade_curves_judges_no_forgetting(tmp_path):
     results["curves"]["cascade"] = {seed: rows for seed, rows in list(curves.items())[:1]}
     cascade = _findings(tmp_path, results)[3]
     assert cascade.startswith("Cascade RL forgets earlier stages: not testable.")
-    assert "then -0.500 from its stage end to the final (1 seed) (not testable: one seed" in cascade
+    assert "then -0.500 from its stage end to the final (1 seed) (not testable: one seed measured" in cascade
 
 
 def test_a_share_of_a_pref_gain_the_teacher_line_calls_unclear_is_not_tested(tmp_path):

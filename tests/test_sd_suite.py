@@ -77,14 +77,14 @@ def test_missing_metadata_gives_a_clear_error(tmp_path):
     suites.configure("sd", geneval={"test": str(tmp_path / "missing.jsonl")})
     with pytest.raises(PromptFileError, match="does not exist; get GenEval's prompts/evaluation_metadata.jsonl"):
         suites.get("sd").benchmark("geneval")
-    with pytest.raises(sd.SuiteConfigError, match=r"unknown key\(s\) \['genevl'\]; Did you mean 'geneval'\? expected"):
+    with pytest.raises(sd.SuiteConfigError, match=r"unknown key\(s\) \['genevl'\]. Did you mean 'geneval'\? Expected"):
         suites.configure("sd", genevl={})
-    with pytest.raises(sd.SuiteConfigError, match=r"unknown key\(s\) \['resolutoin'\]; Did you mean 'resolution'\?"):
+    with pytest.raises(sd.SuiteConfigError, match=r"unknown key\(s\) \['resolutoin'\]. Did you mean 'resolution'\?"):
         suites.configure("sd", {"resolutoin": 64})
     prompts = tmp_path / "pref.txt"
     prompts.write_text("a cat\n")
     suites.configure("sd", pref={"test": str(prompts), "pickscroe": {}})
-    with pytest.raises(sd.SuiteConfigError, match=r"pref has unknown key\(s\) \['pickscroe'\]; Did you mean 'pickscore'\?"):
+    with pytest.raises(sd.SuiteConfigError, match=r"pref has unknown key\(s\) \['pickscroe'\]. Did you mean 'pickscore'\?"):
         suites.get("sd").benchmark("pref")
 
 

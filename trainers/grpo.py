@@ -3,8 +3,9 @@
 One optimizer step: sample prompts, roll out ``group_size`` SDE trajectories per prompt with the
 trained adapter, score them, turn rewards into per-prompt advantages, and minimise the clipped
 ratio loss on the first ``train_fraction`` of each trajectory's steps, plus an optional closed-form
-KL to the adapter-free base. Defaults follow Flow-GRPO's ``train_sd3.py`` exactly (population std,
-first-k steps, unconditional half of guidance detached); each difference has an option. ``rewards`` maps names to rewards; ``aggregation`` says how several
+KL to the adapter-free base. Defaults follow Flow-GRPO's ``train_sd3.py`` and its published SD3.5
+configs exactly (population std of the whole batch, first-k steps, unconditional half of guidance
+detached, the KL over 2 std_dev_t^2); each difference has an option. ``rewards`` maps names to rewards; ``aggregation`` says how several
 rewards become one advantage (multi-reward RL); a teacher has one reward.
 """
 
@@ -143,7 +144,13 @@ def aggregate_advantages(
                                  "NaN means 'does not apply', and a task's own reward must score its samples")
             raise ValueError(f"no reward for samples of task(s) {missing}; pass rewards={{task: reward}} for each "
                              f"(given: {sorted(scores)})")
-        return own, group_advantages(own, group, **options)
+        # Each task's samples are normalised among themselves: with the batch std, tasks whose
+        # rewards sit on other scales (pref ~3, OCR in [0, 1]) would otherwise set each other's std.
+        advantages = torch.zeros_like(own)
+        for task in dict.fromkeys(tasks):
+            index = torch.tensor([t == task for t in tasks])
+            advantages[index] = group_advantages(own[index], group[index], **options)
+        return own, advantages
     weights = {name: config.reward_weights.get(name, 1.0) for name in scores}
     if config.aggregation == "sum-then-normalise":
         total = sum(weights[n] * torch.nan_to_num(s, nan=0.0) for n, s in scores.items())

@@ -92,8 +92,8 @@ def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
         base = path.resolve().parent
     unknown = sorted(set(source) - set(TASKS) - set(TOP_KEYS))
     if unknown:
-        raise SuiteConfigError(f"sd suite config: unknown key(s) {unknown};{did_you_mean(unknown[0], [*TASKS, *TOP_KEYS])} "
-                               f"expected {', '.join(map(repr, TOP_KEYS))} and sections {list(TASKS)}")
+        raise SuiteConfigError(f"sd suite config: unknown key(s) {unknown}.{did_you_mean(unknown[0], [*TASKS, *TOP_KEYS])} "
+                               f"Expected {', '.join(map(repr, TOP_KEYS))} and sections {list(TASKS)}")
     guidance = source.get("guidance_scale")
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 < guidance < math.inf):
         raise SuiteConfigError(f"sd suite config: guidance_scale must be a positive number, e.g. 3.5 for FLUX.1-dev, got {guidance!r}")
@@ -270,8 +270,8 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
     else:
         extra = sorted(set(options) - {"pickscore", *PREF_EXTRAS})
         if extra:
-            raise SuiteConfigError(f"sd suite config: pref has unknown key(s) {extra};"
-                                   f"{did_you_mean(extra[0], ['pickscore', *PREF_EXTRAS])} expected test, train, reward, "
+            raise SuiteConfigError(f"sd suite config: pref has unknown key(s) {extra}."
+                                   f"{did_you_mean(extra[0], ['pickscore', *PREF_EXTRAS])} Expected test, train, reward, "
                                    f"train_reward, pickscore, {', '.join(PREF_EXTRAS)}")
         reward, reward_options = "pickscore", _pref_options(config, "pickscore")
         if reward_options is None and "reward" not in section:
