@@ -31,6 +31,18 @@ def test_log_prob_is_the_gaussian_density(s, s_next):
     torch.testing.assert_close(summed.double(), reference.sum(1), rtol=1e-5, atol=1e-3)
 
 
+def test_the_sde_step_mean_and_std_by_hand():
+    """One scalar step worked out on paper (PAPER.md section 1), so an error shared by the code and
+    the reference density above cannot hide: x = 1, v = 0.5, s = 0.8 -> 0.6, a = 0.7.
+    std_s = 0.7 sqrt(0.8 / 0.2) = 1.4, dt = -0.2;
+    mean = 1 (1 + 1.96 (-0.2) / 1.6) + 0.5 (1 + 1.96 (0.2) / 1.6) (-0.2) = 0.755 - 0.1245 = 0.6305;
+    the step's std 1.4 sqrt(0.2) = 0.6260990."""
+    out = flow_step(torch.ones(1, 1), torch.full((1, 1), 0.5), 0.8, 0.6, 0.7, prev_sample=torch.ones(1, 1))
+    torch.testing.assert_close(out.mean, torch.full((1, 1), 0.6305))
+    torch.testing.assert_close(out.std, torch.tensor([0.6260990]))
+    torch.testing.assert_close(out.dt, torch.tensor([-0.2]))
+
+
 def test_sigma_one_uses_the_largest_sigma_below_one():
     x, v = _inputs()
     default = flow_step(x, v, 1.0, 0.9, 0.7, prev_sample=x)
