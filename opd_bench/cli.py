@@ -251,6 +251,9 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise click.ClickException(f"--seeds {seeds!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    negative = [seed for seed in seed_list if seed < 0]
+    if negative:  # numpy's seed sequences take none, and the run would fail after its teachers
+        raise click.ClickException(f"--seeds {seeds!r}: seed {negative[0]} is negative; seeds are integers >= 0, e.g. 0,1,2")
     repeated = sorted({seed for seed in seed_list if seed_list.count(seed) > 1})
     if repeated or not seed_list:
         what = f"seed {repeated[0]} is given twice" if repeated else "no seed is given"
@@ -293,7 +296,7 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
     if report:
         from opd_bench.report import build_report, report_of_another_run, unusable_report_folder
 
-        target = Path("reports") / out.name
+        target = Path("reports") / out.resolve().name  # as `opd-bench report` names it (`--out .` too)
         other = report_of_another_run(out, target)
         unusable = unusable_report_folder(out, target)
         if other is not None or unusable is not None:  # the run is saved; only its report waits for a folder of its own

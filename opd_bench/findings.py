@@ -34,16 +34,18 @@ def verdict(oks: list[bool | str | None]) -> str:
     return "held" if oks and all(ok is True for ok in oks) else "not testable"
 
 
-def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_sd: float | None) -> tuple[bool | str, str]:
-    """(OPD above the rival: True, False or TIE, ``OPD ± sd vs rival ± sd (difference)``). A
+def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_sd: float | None) -> tuple[bool | str | None, str]:
+    """(OPD above the rival: True, False, TIE or None, ``OPD ± sd vs rival ± sd (difference)``). A
     difference smaller than the larger seed sd is a tie, so that a reader does not take it for a
-    win or a loss; with one seed there is no spread to judge, and the text says so."""
+    win or a loss; with one seed on both sides there is no spread to judge: not testable (None)."""
     spreads = [v for v in (sd, rival_sd) if v is not None]
     difference = mean - rival_mean
     within = bool(spreads) and abs(difference) < max(spreads)
     equal = abs(difference) < 5e-4  # equal at the precision shown (0.000 vs 0.000): no win, no loss, spread or not
     note = (", within the seed sd" if within else ", equal at this precision" if equal
             else "" if spreads else ", one seed: no spread to judge")
+    if not spreads and not equal:  # one seed each: the sign of any difference would decide
+        return None, (f"{fmt(mean)} vs {rival} {fmt(rival_mean)} ({difference:+.3f}{note})")
     return (TIE if within or equal else difference > 0,
             f"{fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} vs {rival} "
             f"{fmt(rival_mean)}{'' if rival_sd is None else f' ± {rival_sd:.3f}'} ({difference:+.3f}{note})")

@@ -72,6 +72,13 @@ def resolve_weights(
 
         path = Path(snapshot_download(text, local_files_only=True))
     except Exception as error:  # LocalEntryNotFoundError, RepositoryNotFoundError, offline errors
+        if hub_id and text != hub_id:  # "weights/owlv2" reads like a hub id, but may be a folder not made yet
+            raise MissingWeightsError(
+                f"{what}: {text!r} is neither a folder here ({Path(text).resolve()} does not exist) nor a hub id in the "
+                f"hub cache ({_hub_cache()}), and opd-bench never downloads; as a folder, fetch it on a machine with "
+                f"internet with `hf download {hub_id}{wanted} --local-dir {text}`; as a hub id, run `hf download {text}` "
+                "there and copy the cache"
+            ) from None
         raise MissingWeightsError(
             f"{what}: hub id {text!r} is not in the hub cache ({_hub_cache()}) and opd-bench never downloads; "
             f"run `hf download {text}` on a machine with internet (and copy the cache), or pass a local folder "

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,9 +90,35 @@ def test_smoke_runs_one_seed_by_default_and_standard_three(monkeypatch, tmp_path
     assert _run_seeds(monkeypatch, ["--preset", "smoke", "--seeds", "3,4", "--out", str(tmp_path / "c")])[1] == [3, 4]
 
 
+def test_a_run_in_the_working_directory_writes_its_report_under_its_folder_name(monkeypatch, tmp_path):
+    """`--out .` has an empty name: the report goes to reports/<the folder's name>, as `opd-bench
+    report .` writes it, not into reports/ itself."""
+    from fake_results import make_results
+
+    class FakeHarness:
+        results_unchanged = False
+
+        def __init__(self, out, **kwargs):
+            pass
+
+        def run(self, **kwargs):
+            return make_results()
+
+    written = []
+    monkeypatch.setattr("opd_bench.harness.Harness", FakeHarness)
+    monkeypatch.setattr("opd_bench.report.build_report", lambda run_dir, target: written.append(target))
+    run_dir = tmp_path / "my-run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", "."])
+    assert result.exit_code == 0, result.output
+    assert written == [Path("reports") / "my-run"] and "report: reports/my-run/index.html" in result.output
+
+
 def test_repeated_or_bad_seeds_are_one_line_errors(monkeypatch, tmp_path):
     for seeds, message in (("0,0", "seed 0 is given twice"), ("1,2,1", "seed 1 is given twice"),
-                           (",", "no seed is given"), ("0,x", "not a comma-separated list of integers")):
+                           (",", "no seed is given"), ("0,x", "not a comma-separated list of integers"),
+                           ("0,-1", "seed -1 is negative; seeds are integers >= 0")):
         result, trained = _run_seeds(monkeypatch, ["--seeds", seeds, "--out", str(tmp_path / "r")])
         assert result.exit_code == 1 and trained is None, result.output
         assert message in result.output and result.output.strip().count("\n") == 0, result.output

@@ -199,6 +199,10 @@ def test_missing_weights_say_what_and_how(tmp_path, pick_dirs):
 
     uncached = "opd-bench-tests/not-a-cached-model"
     for name in ("pickscore", "hpsv2", "clipscore"):
-        with pytest.raises(MissingWeightsError, match="not in the hub cache") as info:
+        with pytest.raises(MissingWeightsError, match="nor a hub id in the hub cache") as info:
             rewards.get(name, model_path=uncached)
         assert f"hf download {uncached}" in str(info.value)
+    # a relative folder not made yet reads like a hub id: the message gives the fetch for both readings
+    with pytest.raises(MissingWeightsError, match=r"'weights/hpsv2' is neither a folder here .* nor a hub id in the hub cache") as info:
+        rewards.get("hpsv2", model_path="weights/hpsv2")
+    assert "`hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir weights/hpsv2`" in str(info.value)
