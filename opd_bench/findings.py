@@ -44,9 +44,9 @@ def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_
     equal = abs(difference) < 5e-4  # equal at the precision shown (0.000 vs 0.000): no win, no loss, spread or not
     note = (", within the seed sd" if within else ", equal at this precision" if equal
             else "" if spreads else ", one seed: no spread to judge")
-    if not spreads and not equal:  # one seed each: the sign of any difference would decide
-        return None, (f"{fmt(mean)} vs {rival} {fmt(rival_mean)} ({difference:+.3f}{note})")
-    return (TIE if within or equal else difference > 0,
+    # one seed on both sides: the sign of any difference would decide, so nothing is judged
+    ok = TIE if within or equal else None if not spreads else difference > 0
+    return (ok,
             f"{fmt(mean)}{'' if sd is None else f' ± {sd:.3f}'} vs {rival} "
             f"{fmt(rival_mean)}{'' if rival_sd is None else f' ± {rival_sd:.3f}'} ({difference:+.3f}{note})")
 

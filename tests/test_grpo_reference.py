@@ -1,6 +1,8 @@
 """Issue 11: GRPO's defaults are Flow-GRPO's (train_sd3.py), each pinned against a hand-computed value,
 and the policy's fast paths (adapter switches, device/dtype) keep their meaning."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -148,7 +150,7 @@ def test_the_kl_penalty_is_flow_grpos_by_default(policy, monkeypatch):
     for weighting in ("reference", "step"):
         seen.clear()
         metrics, _ = grpo_module.grpo_step(policy, "student", [Prompt("a red circle", "red")], {"red": rewards.get("toy/brightness")},
-                                           GRPOConfig(**{**config.__dict__, "kl_weighting": weighting}), seed=0, params=params)
+                                           replace(config, kl_weighting=weighting), seed=0, params=params)
         current, reference = seen  # one micro-batch: the student's recomputation, then the base's
         squared = (current.mean - reference.mean).detach().flatten(1).pow(2).mean(1)
         std_dev_t = current.std / (-current.dt).sqrt()
