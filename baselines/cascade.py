@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from opd_bench import distributed
-from opd_bench.io import read_json
+from opd_bench.io import atomic_write_bytes, read_json
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
@@ -87,6 +87,9 @@ class CascadeTrainer:
                 extra_config=extra, reuse_adapter=k > 0,
             )
             final = trainer.train(progress)
+            if self.config.grpo.ema is not None and k + 1 < len(self.config.stages):
+                # the next stage starts from what this one saved (its average), as a resumed cascade does
+                self.policy.copy_adapter_weights(self.adapter, final)
         if distributed.current().is_main:  # one writer; the stages' files are complete (finish() waits for them)
             self.write_metrics()
         return final
@@ -109,5 +112,5 @@ class CascadeTrainer:
             offset = {key: offset[key] + last.get(key, 0) for key in COUNTERS}
             offset_step += steps
         path = self.run_dir / "metrics.jsonl"
-        path.write_text("".join(line + "\n" for line in lines))
+        atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
         return path

@@ -52,6 +52,13 @@ def methods_for(method: str) -> list[str]:
     return list(METHODS) if method == "all" else [] if method == "teachers" else [method]
 
 
+def _weights_hash(adapter_dir: Path | None) -> str | None:
+    """What an evaluation record names as the model it scored: the adapter's hash (None: the base)."""
+    from opd_bench.verify import adapter_sha256
+
+    return None if adapter_dir is None else adapter_sha256(adapter_dir)
+
+
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds an opd-bench run: its marker, or the run.json / results.json of a
     run made before markers existed (an `opd-bench eval` results.json has no schema_version)."""
@@ -199,15 +206,16 @@ class Harness:
         # teachers are reused by (base, suite version, task, config): weights and image side are part of the base
         self.teacher_base = (self.model + (f"#{fingerprint}" if fingerprint else "") + (f"@{self.resolution}px" if self.resolution else "")
                              + "".join(f"~{key}={value}" for key, value in variant.items()))
+        # whether run() deletes the old run first (--force on a run folder)
+        self.start_over = False
         if hold_folder:  # one process touches the folder (--force deletes it); a parallel run's workers use it as is
-            distributed.current().run_on_main(self._check_folder)
+            self.start_over = distributed.current().run_on_main(self._check_folder)
         self._policy = None
         self._evaluators: dict = {}
 
     # ------------------------------------------------------------------------ bookkeeping
-    def _check_folder(self) -> None:
-        import shutil
-
+    def _check_folder(self) -> bool:
+        """Refuse an --out that is not this run's to use; returns whether --force will delete it."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"--out {out} is a file; choose a folder for the run")
@@ -224,10 +232,25 @@ class Harness:
                 raise FileExistsError(f"--out {out} is a symbolic link; pass the folder it points to ({target}) to --force")
         self.out.mkdir(parents=True, exist_ok=True)
         hold_lock(out)
-        if self.force and occupied:
-            for path in out.iterdir():  # all but the lock this command holds
-                if path.name != LOCK_FILE:
-                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        # --force deletes the old run only once run() has checked the rest of the input: a typo in
+        # --model must not cost a finished run
+        if not (self.force and occupied):
+            self._claim_folder()
+        return self.force and occupied
+
+    def _clear_folder(self) -> None:
+        """--force: delete the old run, all but the lock this command holds and the marker, so that a
+        kill midway leaves a folder that the next --force still recognises as a run."""
+        import shutil
+
+        for path in self.out.iterdir():
+            if path.name not in (LOCK_FILE, RUN_MARKER):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        self._claim_folder(new_marker=True)
+
+    def _claim_folder(self, new_marker: bool = False) -> None:
+        """Refuse a folder of another run's identity; write the marker and this run's identity."""
+        out = self.out
         identity_path = out / "run.json"
         work_saved = any(path.name not in BOOKKEEPING_FILES for path in out.iterdir())
         if identity_path.exists() and work_saved:  # a start that failed before any work (say, a wrong --model) binds nothing
@@ -241,7 +264,7 @@ class Harness:
                     "--out (--force deletes this run's trained work)"
                 )
         marker = self.out / RUN_MARKER
-        if not marker.exists():
+        if new_marker or not marker.exists():  # replaced in one step: the folder is never without one
             atomic_write_json(marker, {"what": "an opd-bench run folder; `opd-bench run --force` may delete it",
                                        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
         atomic_write_json(identity_path, self.identity)
@@ -335,9 +358,16 @@ class Harness:
         return run_dir / "final"
 
     def trained(self, method: str, seed: int) -> bool:
-        """Whether the (method, seed) cell finished: its adapter saved and DONE written beside it."""
+        """Whether the (method, seed) cell finished: its adapter saved and DONE written beside it.
+
+        A cascade also needs its combined curve, written after its last stage's DONE: a cascade
+        killed in between runs again, which skips its finished stages and writes the curve.
+        """
         final = self.final_adapter(method, seed)
-        return final.exists() and (final.parent / "DONE").exists()
+        done = final.exists() and (final.parent / "DONE").exists()
+        if method == "cascade":
+            done = done and (self.method_dir(method, seed) / "metrics.jsonl").exists()
+        return done
 
     def finished_cells(self) -> dict[str, dict[int, Path]]:
         """The (method, seed) cells finished in this folder, by this run or earlier ones."""
@@ -406,18 +436,26 @@ class Harness:
         """Where a model's evaluation waits, one file per benchmark, until every part is in."""
         return self.out / "evals" / "parts" / f"{name.replace('/', '_')}-seed{seed}"
 
-    def _finished_evaluation(self, name: str, seed: int) -> dict | None:
+    def _saved_evaluation(self, path: Path, adapter_dir: Path | None) -> dict | None:
+        """The evaluation record (or part) at ``path`` if it scored the adapter now in ``adapter_dir``;
+        None if missing, or made before a cell was deleted and trained again (another adapter). Records
+        of versions before the adapter's hash was kept are trusted, as before."""
+        record = read_json(path) if path.exists() else None
+        if record is None or "adapter_sha256" not in record:
+            return record
+        return record if record["adapter_sha256"] == _weights_hash(adapter_dir) else None
+
+    def _finished_evaluation(self, name: str, seed: int, adapter_dir: Path | None) -> dict | None:
         """The saved final evaluation of a model, or None; records of older versions lack per-image
         scores, and those are evaluated again."""
-        path = self._evaluation_path(name, seed)
-        record = read_json(path) if path.exists() else None
+        record = self._saved_evaluation(self._evaluation_path(name, seed), adapter_dir)
         return record if record is not None and "per_image" in record else None
 
-    def evaluation_finished(self, name: str, seed: int, task: str | None = None) -> bool:
+    def evaluation_finished(self, name: str, seed: int, adapter_dir: Path | None, task: str | None = None) -> bool:
         """Whether the model's final evaluation (or, with ``task``, that benchmark's part of it) is saved."""
-        if self._finished_evaluation(name, seed) is not None:
+        if self._finished_evaluation(name, seed, adapter_dir) is not None:
             return True
-        return task is not None and (self._parts_dir(name, seed) / f"{task}.json").exists()
+        return task is not None and self._saved_evaluation(self._parts_dir(name, seed) / f"{task}.json", adapter_dir) is not None
 
     def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int, task: str | None = None) -> dict:
         """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``.
@@ -426,14 +464,14 @@ class Harness:
         part a cell of its own; with ``task`` only that part is made and returned). A benchmark's
         images and scores do not depend on the others', so the parts join into the same record.
         """
-        record = self._finished_evaluation(name, seed)
+        record = self._finished_evaluation(name, seed, adapter_dir)
         if record is not None:
             return record
         tasks = [task] if task is not None else list(self.suite.tasks)
         parts = [self._evaluation_part(name, adapter_dir, seed, t) for t in tasks]
         if task is not None:
             return parts[0]
-        record = {key: parts[0][key] for key in ("seed", "eval_seed")}
+        record = {key: parts[0][key] for key in ("seed", "eval_seed", "adapter_sha256") if key in parts[0]}
         for key in ("scores", "per_tag", "per_image"):
             record[key] = {k: v for part in parts for k, v in part[key].items()}
         record["seconds"] = round(sum(part["seconds"] for part in parts), 2)  # benchmarks/bench_run_memory.py reads it
@@ -447,8 +485,9 @@ class Harness:
         from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
 
         path = self._parts_dir(name, seed) / f"{task}.json"
-        if path.exists():
-            return read_json(path)
+        part = self._saved_evaluation(path, adapter_dir)
+        if part is not None:
+            return part
         adapter = self._loaded(name, adapter_dir, seed)
         settings = SamplerSettings.of_suite(self.suite)
         noise_seed = eval_noise_seed(self.plan.eval_seed, seed)
@@ -459,7 +498,7 @@ class Harness:
                 images_per_prompt=self.plan.eval_images_per_prompt, progress=self.progress,
             )
         per_image = {bench: [_score(v) for v in values] for bench, values in result["per_image"].items()}
-        part = {"seed": seed, "eval_seed": noise_seed, "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
+        part = {"seed": seed, "eval_seed": noise_seed, "adapter_sha256": _weights_hash(adapter_dir), "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
                 "seconds": round(time.perf_counter() - started, 2)}
         atomic_write_json(path, part, compact_lists=True)
         return part
@@ -494,8 +533,10 @@ class Harness:
         atomic_write_json(path, record)
         return record
 
-    def samples_path(self, name: str) -> Path:
-        return self.out / "samples" / f"{name.replace('/', '_')}.png"
+    def samples_path(self, name: str, seed: int) -> Path:
+        """The grid of model ``name``'s training seed ``seed``: named by both, so a later run with a
+        smaller seed draws its own grid instead of showing the earlier seed's under its number."""
+        return self.out / "samples" / f"{name.replace('/', '_')}-seed{seed}.png"
 
     def samples(self, models: dict[str, tuple[int, Path | None]]) -> dict:
         """One image grid per model on the same prompts and seeds (rows = prompts)."""
@@ -506,7 +547,7 @@ class Harness:
         prompts = [p for task in self.suite.tasks for p in test[task][: self.plan.sample_prompts_per_task]]
         grids = {}
         for name, (seed, adapter_dir) in models.items():
-            path = self.samples_path(name)
+            path = self.samples_path(name, seed)
             if not path.exists():
                 with self.policy.use(self._loaded(name, adapter_dir, seed)):
                     t = rollout(
@@ -538,12 +579,15 @@ class Harness:
             spec.path("train")  # building the spec checks the rest
             spec.locate_weights(train=True)
         self._check_split(distributed.current().world_size)
+        if jobs > 1 and distributed.current().distributed:
+            raise ValueError(f"--jobs {jobs} runs cells side by side on one machine; under torchrun or accelerate "
+                             "every process already shares each cell, so drop --jobs")
+        if jobs > 1 and not str(self.device).startswith("cpu"):
+            raise ValueError(f"--jobs {jobs} runs cells side by side on the CPU; with --device {self.device} use --jobs 1")
+        if self.start_over:  # the input is checked: now --force may delete the old run
+            distributed.current().run_on_main(self._clear_folder)
+            self.start_over = False
         if jobs > 1:
-            if distributed.current().distributed:
-                raise ValueError(f"--jobs {jobs} runs cells side by side on one machine; under torchrun or accelerate "
-                                 "every process already shares each cell, so drop --jobs")
-            if not str(self.device).startswith("cpu"):
-                raise ValueError(f"--jobs {jobs} runs cells side by side on the CPU; with --device {self.device} use --jobs 1")
             threads = threads or max(1, parallel.available_cores() // jobs)
             parallel.run_cells(self, jobs, threads, progress=self.progress)
         elif threads is not None:
@@ -566,7 +610,7 @@ class Harness:
         for name, per_seed in models.items():
             evals[name] = {}
             for seed, folder in per_seed.items():
-                evals[name][seed] = self._finished_evaluation(name, seed)
+                evals[name][seed] = self._finished_evaluation(name, seed, folder)
                 if evals[name][seed] is None:
                     evals[name][seed] = self.evaluate_cell(name, folder, seed)
                     return_freed_memory()  # a full collection costs ~0.2 s: not for a record only read

@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Any
 
 
+# a saved student's weights: a LoRA adapter in peft's format or a full copy (Policy.save_adapter)
+WEIGHT_FILES = ("adapter_model.safetensors", "full_model.safetensors")
+
+
+def holds_weights(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in WEIGHT_FILES)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and a rename, so readers never see half a file."""
     path = Path(path)

@@ -168,9 +168,9 @@ def _finished(harness, cell: Cell, teachers: dict[str, Path]) -> bool:
     if cell.kind == "train":
         return harness.trained(cell.name, cell.seed)
     if cell.kind == "eval":
-        return harness.evaluation_finished(cell.name, cell.seed, cell.task)
+        return harness.evaluation_finished(cell.name, cell.seed, cell.adapter, cell.task)
     if cell.kind == "samples":
-        return harness.samples_path(cell.name).exists()
+        return harness.samples_path(cell.name, cell.seed).exists()
     return harness.variance_path.exists()
 
 

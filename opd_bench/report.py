@@ -640,6 +640,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     results = load_results(run_dir)
     report = _Report(run_dir, out_dir, results)
     report.build()
+    # the source first: a report killed midway is still a report folder, rebuilt by the next command
+    atomic_write_bytes(out_dir / SOURCE_FILE, f"{run_dir.resolve()}\n".encode())
     written: dict[str, Path] = {}
     for name, data in report.files.items():
         atomic_write_bytes(out_dir / name, data)
@@ -649,5 +651,4 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     title = f"opd-bench report: {run_dir.name}"
     atomic_write_bytes(out_dir / "index.html", render_html(report.doc, title).encode("utf-8"))
     written["index.html"] = out_dir / "index.html"
-    atomic_write_bytes(out_dir / SOURCE_FILE, f"{run_dir.resolve()}\n".encode())
     return written

@@ -22,7 +22,7 @@ import torch
 
 from opd_bench import distributed, trackers
 from opd_bench.distributed import ProcessGroup
-from opd_bench.io import atomic_write_json, json_differences, parse_json_lines, read_json, read_json_lines
+from opd_bench.io import atomic_write_bytes, atomic_write_json, json_differences, parse_json_lines, read_json, read_json_lines
 
 
 class MetricsLog:
@@ -42,7 +42,7 @@ class MetricsLog:
                 lines.pop()
             records = parse_json_lines(lines, self.path, fix=retrain_hint(self.path.parent))
             kept = [line for line, record in zip(lines, records) if record["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())  # a kill here keeps the old log
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")
@@ -317,6 +317,21 @@ def save_checkpoint(folder: str | Path, *, params: Sequence[torch.nn.Parameter],
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(folder: str | Path) -> None:
+    """Put back a checkpoint left aside by a kill between ``save_checkpoint``'s two renames.
+
+    Then only ``.tmp`` (the newer one, complete once its ``state.json`` exists) and ``.old`` are
+    there, and a resume would otherwise start again from step 0.
+    """
+    folder = Path(folder)
+    if folder.exists():
+        return
+    for candidate in (folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")):
+        if (candidate / "state.json").exists() and (candidate / "training_state.pt").exists():
+            os.replace(candidate, folder)
+            return
+
+
 def load_checkpoint(folder: str | Path, *, params: Sequence[torch.nn.Parameter], optimizer, ema: EMA | None) -> dict:
     folder = Path(folder)
     payload = torch.load(folder / "training_state.pt", weights_only=False)
@@ -417,6 +432,7 @@ class TrainingRun:
             raise FileExistsError(f"{self.dir} holds a finished run; use another folder or pass overwrite/--force")
         config_path = self.dir / "config.json"
         checkpoint = self.dir / "checkpoint"
+        recover_checkpoint(checkpoint)
         if checkpoint.exists() and not overwrite:
             saved = read_json(config_path, fix=retrain_hint(self.dir)) if config_path.exists() else None
             differences = config_differences(saved, config)

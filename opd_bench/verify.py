@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from opd_bench.io import holds_weights
 from opd_bench.result_schema import SubmissionError, dig, eval_noise_seed, model_loading
 
 DEFAULT_PROMPTS = 8
@@ -116,7 +117,7 @@ def _adapter_folder(run_dir: Path, name: str, seed: int, results: dict) -> Path:
     if not folder.is_dir():
         raise VerificationError(f"the adapter of {name} seed {seed} is missing ({folder}); keep the run folder whole "
                                 "(adapters included) to verify it")
-    if not (folder / "adapter_model.safetensors").is_file() and not (folder / "full_model.safetensors").is_file():
+    if not holds_weights(folder):
         raise VerificationError(f"the adapter of {name} seed {seed} ({folder}) has no weights file; keep the run folder "
                                 "whole (adapters included) to verify it")
     if adapter_sha256(folder) != record.get("sha256"):

@@ -179,7 +179,7 @@ def make_results(methods=ALL_METHODS, seeds=(0, 1, 2), rng_seed: int = 0, fixed:
                      "reference": {"batch": 8, "noise_level": 0.7}},
         "cascade_stages": _cascade_stages(config) if "cascade" in methods else [],
         "curve_evaluation": {"limit": 2, "images_per_prompt": 1},
-        "samples": {"prompts": list(PROMPTS), "grids": {m: f"samples/{m.replace('/', '_')}.png" for m in methods},
+        "samples": {"prompts": list(PROMPTS), "grids": {m: f"samples/{m.replace('/', '_')}-seed0.png" for m in methods},
                     "images_per_prompt": 4, "noise_seed": 0, "seeds": {m: 0 if m == "base" or m.startswith("teacher/") else seeds[0] for m in methods}},
         "environment": {"python": "3.11.7", "torch": "2.14.1", "diffusers": "0.42.1", "platform": "Linux",
                         "cpu": "test cpu", "threads": 2, "device": "cpu", "jobs": 1},

@@ -74,6 +74,17 @@ def test_trained_steps_are_the_first_fraction_of_every_sample():
     assert train_step_indices(1, 3, 0.1, mode="first").tolist() == [[0]]  # at least one step
     random = train_step_indices(4, 8, 0.5, torch.Generator().manual_seed(0), mode="random")
     assert random.shape == (4, 4) and len({tuple(row) for row in random.tolist()}) > 1
+    # random: k = round(fraction * n) distinct steps per sample, from the trainable ones, reproducible
+    many = train_step_indices(200, 10, 0.45, torch.Generator().manual_seed(1), mode="random")
+    assert many.shape == (200, 4) and all(len(set(row)) == 4 for row in many.tolist())  # round(4.5) = 4
+    assert set(many.flatten().tolist()) == set(range(10))  # every step is trained across the batch
+    assert torch.equal(many, train_step_indices(200, 10, 0.45, torch.Generator().manual_seed(1), mode="random"))
+    subset = train_step_indices(50, 8, 0.5, torch.Generator().manual_seed(2), trainable=[2, 5, 7], mode="random")
+    assert subset.shape == (50, 2) and set(subset.flatten().tolist()) == {2, 5, 7}
+    with pytest.raises(ValueError, match="needs a generator"):
+        train_step_indices(1, 8, 0.5, mode="random")
+    with pytest.raises(ValueError, match="mode must be"):
+        train_step_indices(1, 8, 0.5, mode="last")
 
 
 def test_grpo_step_trains_steps_0_to_k_with_the_unconditional_half_detached(policy, monkeypatch):

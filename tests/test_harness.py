@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,8 @@ def test_smoke_run_writes_a_valid_result_file(smoke_run):
     assert results["compute"]["opd"]["teacher_forwards"] > 0 and results["compute"]["multi-reward"]["teacher_forwards"] == 0
     for grid in results["samples"]["grids"].values():
         assert (smoke_run / grid).is_file()
+    # named by seed: a later run that adds a smaller seed draws that seed's grid, as results.json says
+    assert results["samples"]["grids"]["opd"] == "samples/opd-seed0.png" and results["samples"]["seeds"]["opd"] == 0
 
 
 def test_rerunning_skips_finished_work(smoke_run):
@@ -106,6 +109,7 @@ def test_the_cell_plan_orders_what_each_cell_needs(smoke_run, tmp_path):
     earlier = tmp_path / "partial" / "methods" / "cascade" / "seed5"
     (earlier / "stage1-ocr" / "final").mkdir(parents=True)
     (earlier / "stage1-ocr" / "DONE").write_text("{}")
+    (earlier / "metrics.jsonl").write_text("")  # the cascade's combined curve, written after its last stage
     cells = {c.label: c for c in plan_cells(partial)}
     assert cells["eval cascade seed 5 on ocr"].needs == () and "train cascade seed 5" not in cells
     assert "eval cascade seed 0 on ocr" not in cells and cells["eval opd seed 0 on ocr"].needs == ("train opd seed 0",)
@@ -392,15 +396,34 @@ def test_force_deletes_a_run_folder_and_an_old_run_counts_as_one(tmp_path):
     (run / "stale").write_text("x")
     _harness(run)  # without --force the run is resumed, nothing deleted
     assert (run / "stale").exists()
-    _harness(run, force=True)
-    assert not (run / "stale").exists() and (run / ".opd-bench-run").is_file()
+    forced = _harness(run, force=True)
+    assert (run / "stale").exists() and forced.start_over  # deleted by run(), once the input is checked
+    forced._clear_folder()
+    assert not (run / "stale").exists() and (run / ".opd-bench-run").is_file() and (run / "run.json").is_file()
     old = tmp_path / "old"  # a run made before the marker existed
     old.mkdir()
     (old / "results.json").write_text(json.dumps({"schema_version": 1}))
-    _harness(old, force=True)
+    _harness(old, force=True)._clear_folder()
     assert not (old / "results.json").exists() and (old / ".opd-bench-run").is_file()
-    (tmp_path / "empty").mkdir()
-    _harness(tmp_path / "empty")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not _harness(empty, force=True).start_over  # nothing to delete
+    assert (empty / ".opd-bench-run").is_file() and (empty / "run.json").is_file()
+
+
+def test_force_deletes_nothing_until_the_rest_of_the_input_is_checked(tmp_path, monkeypatch):
+    from opd_bench import policy
+
+    monkeypatch.setattr(policy, "check_device", lambda device: None)  # as if this machine had a GPU
+    run = tmp_path / "run"
+    _harness(run)
+    (run / "teachers").mkdir()
+    (run / "teachers" / "trained").write_text("an hour of work")
+    identity = (run / "run.json").read_bytes()
+    for extra in (["--model", str(tmp_path / "typo")], ["--device", "cuda", "--jobs", "2"]):
+        result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(run), "--force", "--no-report", *extra])
+        assert result.exit_code == 1 and result.output.startswith("Error: ")
+        assert (run / "teachers" / "trained").read_text() == "an hour of work" and (run / "run.json").read_bytes() == identity
 
 
 def test_force_never_deletes_the_working_directory_or_its_parents(tmp_path, monkeypatch):
@@ -599,6 +622,102 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')  # not a torn end: a damaged file
     with pytest.raises(ValueError, match=f"metrics.jsonl line 2 is not valid JSON .*; delete {tmp_path} and rerun"):
         MetricsLog(path, resume_step=3)  # the fix: train that run again (a finished run's curve needs the file)
+
+
+def test_a_checkpoint_set_aside_by_a_kill_between_two_renames_is_put_back(tmp_path):
+    from opd_bench.training import recover_checkpoint
+
+    def saved(folder, step):
+        folder.mkdir()
+        (folder / "training_state.pt").write_bytes(b"weights")
+        (folder / "state.json").write_text(json.dumps({"step": step}))
+
+    checkpoint = tmp_path / "checkpoint"
+    saved(tmp_path / "checkpoint.old", 4)  # save_checkpoint moved the old one aside, the new one is complete
+    saved(tmp_path / "checkpoint.tmp", 6)
+    recover_checkpoint(checkpoint)
+    assert json.loads((checkpoint / "state.json").read_text()) == {"step": 6}
+    (tmp_path / "checkpoint.old").rename(tmp_path / "kept.old")
+    shutil.rmtree(checkpoint)
+    saved(tmp_path / "checkpoint.old", 4)
+    (tmp_path / "checkpoint.tmp").mkdir()  # killed while the new one was written: no state.json yet
+    recover_checkpoint(checkpoint)
+    assert json.loads((checkpoint / "state.json").read_text()) == {"step": 4}
+    recover_checkpoint(checkpoint)  # a checkpoint in place is left alone
+    assert json.loads((checkpoint / "state.json").read_text()) == {"step": 4}
+
+
+def test_a_metrics_log_rewritten_on_resume_is_kept_whole_if_the_rewrite_fails(tmp_path, monkeypatch):
+    from opd_bench.training import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    lines = '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    path.write_text(lines)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLog(path, resume_step=2)
+    assert path.read_text() == lines
+
+
+def test_a_full_parameter_teacher_counts_as_finished(tmp_path):
+    from opd_bench.trainers.teachers import finished_teacher
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "DONE").write_text(json.dumps({"steps": 2}))
+    assert finished_teacher(tmp_path) is None  # no weights saved
+    (tmp_path / "final" / "full_model.safetensors").write_bytes(b"weights")
+    assert finished_teacher(tmp_path) == {"steps": 2}
+
+
+def test_opd_records_its_teachers_relative_to_the_run_folder(tmp_path, monkeypatch):
+    from opd_bench.trainers.opd import _teacher_record
+
+    monkeypatch.chdir(tmp_path)
+    typed = {"ocr": Path("runs/x/teachers/ocr-1/final")}
+    absolute = {"ocr": tmp_path / "runs" / "x" / "teachers" / "ocr-1" / "final"}
+    relative = _teacher_record(typed, Path("runs/x/methods/opd/seed0"))
+    assert relative == {"ocr": "../../../teachers/ocr-1/final"}
+    assert _teacher_record(absolute, tmp_path / "runs" / "x" / "methods" / "opd" / "seed0") == relative
+
+
+def test_a_cascade_killed_before_its_combined_curve_runs_again_and_writes_it(smoke_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_run, out)
+    (out / "methods" / "cascade" / "seed0" / "metrics.jsonl").unlink()
+    harness = _harness(out)
+    assert not harness.trained("cascade", 0) and harness.trained("opd", 0)
+    results = harness.run()
+    saved = json.loads((smoke_run / "results.json").read_text())
+    assert results["curves"]["cascade"] == saved["curves"]["cascade"]
+    assert results["compute"]["cascade"] == saved["compute"]["cascade"]
+
+
+def test_an_adapter_trained_again_is_evaluated_again(smoke_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from opd_bench.verify import adapter_sha256
+
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_run, out)
+    final = out / "methods" / "opd" / "seed0" / "final"
+    record = json.loads((out / "evals" / "opd-seed0.json").read_text())
+    assert record["adapter_sha256"] == adapter_sha256(final)
+    others = {p: p.stat().st_mtime_ns for p in (out / "evals").iterdir() if p.name != "opd-seed0.json"}
+    weights = load_file(final / "adapter_model.safetensors")  # as if the cell were deleted and trained again
+    save_file({k: v * 2 for k, v in weights.items()}, final / "adapter_model.safetensors")
+    harness = _harness(out)
+    assert not harness.evaluation_finished("opd", 0, final)
+    results = harness.run()
+    again = json.loads((out / "evals" / "opd-seed0.json").read_text())
+    assert again["adapter_sha256"] == adapter_sha256(final) == results["artifacts"]["opd"]["0"]["sha256"]
+    assert all(p.stat().st_mtime_ns == t for p, t in others.items())  # the other models' scores are reused
+    del record["adapter_sha256"]  # a record of an older version names no adapter: trusted as before
+    (out / "evals" / "opd-seed0.json").write_text(json.dumps(record))
+    assert harness.evaluation_finished("opd", 0, final)
 
 
 def test_an_evaluations_folder_and_a_runs_folder_are_told_apart(tmp_path):

@@ -251,24 +251,58 @@ def _mutations():
         r["per_image"]["opd"] = []
         r["artifacts"]["opd"] = []
 
-    return [missing_benchmark, out_of_range, not_finite, schema, schema_not_an_integer, prompt_hash, suite_version, unknown_suite, earlier_base, seeds,
-            edited_mean, edited_mean_and_per_seed, edited_std, edited_per_image, smoke, smoke_budget_relabelled,
-            unfinished, adapter_hash, adapter_path, cell_seeds, schema_1, eval_seed, date, other_settings, not_objects]
+    def headline(r):  # an overall score on a benchmark of the submitter's choosing
+        r["headline"] = ["geneval"]
+
+    def unbounded_headline(r):  # the learned preference is not a [0, 1] score
+        r["headline"] = ["geneval", "ocr", "pref"]
+
+    def benchmark_dropped(r):
+        r["benchmarks"] = [b for b in r["benchmarks"] if b != "ocr"]
+
+    def no_student(r):
+        r["results"] = {k: v for k, v in r["results"].items() if k == "base" or k.startswith("teacher/")}
+
+    def unknown_method(r):
+        r["results"]["opd-v2"] = r["results"]["opd"]
+
+    def no_prompt_hashes(r):
+        del r["prompt_hashes"]
+
+    def per_seed_short(r):
+        r["results"]["opd"]["geneval"]["per_seed"] = r["results"]["opd"]["geneval"]["per_seed"][:2]
+
+    # each with what its refusal must say: an earlier, unrelated refusal would not show the check works
+    return [(missing_benchmark, r"results\['opd'\]\['ocr'\] is missing"), (out_of_range, "is outside"),
+            (not_finite, "not a finite number"), (schema, "schema_version is 4"), (schema_not_an_integer, "schema_version is 3.0"),
+            (prompt_hash, "does not match the installed tiny suite's test prompt file"), (suite_version, "suite_version is 'tiny-v0'"),
+            (unknown_suite, "unknown suite 'huge'"), (earlier_base, "model_sha256 is '0123456789ab'"), (seeds, "'seeds' is \\[\\]"),
+            (edited_mean, "is not the mean of its per_seed values"), (edited_mean_and_per_seed, "is not the score of its per-image values"),
+            (edited_std, "is not the standard deviation"), (edited_per_image, "is not the score of its per-image values"),
+            (smoke, "preset is 'smoke'"), (smoke_budget_relabelled, "unmatched budgets \\(opd 2,"),
+            (unfinished, "optimizer_steps'\\] is 12"), (adapter_hash, r"artifacts\['opd'\]\['1'\] must give"),
+            (adapter_path, r"artifacts\['multi-reward'\]\['2'\] must give"), (cell_seeds, "must list distinct seeds"),
+            (schema_1, "schema_version is 1; submissions need version 3"), (eval_seed, r"config\['eval'\]\['seed'\] is '0'"),
+            (date, "'date' is 'not a date'"), (other_settings, "eval.seed 5 \\(now 0\\), multi-reward.lr"),
+            (not_objects, "must list the 320 scores"), (headline, "headline benchmarks are"),
+            (unbounded_headline, "suite's \\[0, 1\\] benchmarks"), (benchmark_dropped, "must include every tiny benchmark"),
+            (no_student, "has no student method"), (unknown_method, "unknown method 'opd-v2'"),
+            (no_prompt_hashes, "'prompt_hashes' is missing"), (per_seed_short, "one value per seed of the cell")]
 
 
-@pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
-def test_malformed_results_are_refused_and_leave_the_board_unchanged(tmp_path, board, valid, mutate):
+@pytest.mark.parametrize("mutate, refusal", _mutations(), ids=[mutate.__name__ for mutate, _ in _mutations()])
+def test_malformed_results_are_refused_and_leave_the_board_unchanged(tmp_path, board, valid, mutate, refusal):
     bad = copy.deepcopy(valid)
     mutate(bad)
-    with pytest.raises(SubmissionError) as info:
+    with pytest.raises(SubmissionError, match=refusal) as info:
         validate(bad)
     message = str(info.value)
     assert "\n" not in message and ";" in message  # one line: the problem; the fix
     make_run(tmp_path / "bad", bad)
     before = tree(board)
-    with pytest.raises(SubmissionError):
+    with pytest.raises(SubmissionError, match=refusal):
         submit(tmp_path / "bad", "bad", root=board, verify=passes)
-    with pytest.raises(SubmissionError):  # --unverified skips the re-evaluation, not the checks
+    with pytest.raises(SubmissionError, match=refusal):  # --unverified skips the re-evaluation, not the checks
         submit(tmp_path / "bad", "bad", root=board, unverified=True)
     assert tree(board) == before
 

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import warnings
 
@@ -181,9 +182,25 @@ def test_auto_precision_is_bfloat16_on_a_gpu_and_float32_on_the_cpu():
         resolve_dtype("float16", "cpu")
 
 
-def test_decode_gives_images_in_unit_range(policy):
-    images = policy.decode(torch.randn(policy.latent_shape(2)))
-    assert images.shape == (2, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
+@contextlib.contextmanager
+def _scaled_vae(policy, scaling_factor=2.0, shift_factor=0.5):
+    """The VAE with a scale and shift that a formula could get the wrong way round (restored after)."""
+    vae = policy.pipeline.vae
+    saved = vae.config.scaling_factor, vae.config.shift_factor
+    vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
+    try:
+        yield vae
+    finally:
+        vae.register_to_config(scaling_factor=saved[0], shift_factor=saved[1])
+
+
+def test_decode_undoes_the_vaes_scale_and_shift(policy):
+    latents = torch.randn(policy.latent_shape(2), generator=torch.Generator().manual_seed(0))
+    with _scaled_vae(policy) as vae, torch.no_grad():
+        images = policy.decode(latents)
+        expected = (vae.decode(latents / 2.0 + 0.5).sample / 2 + 0.5).clamp(0, 1)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+    torch.testing.assert_close(images, expected)
 
 
 def test_bad_model_paths_get_one_line_errors(tmp_path):
@@ -249,9 +266,10 @@ def test_an_adapter_equals_the_base_until_its_first_update(policy):
 
 
 def test_encode_images_is_the_inverse_of_decode(policy):
-    vae = policy.pipeline.vae
-    vae.register_to_config(scaling_factor=2.0, shift_factor=0.5)  # a scale and shift to get the wrong way round
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reconstructed = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
-    assert torch.allclose(policy.decode(policy.encode_images(images)), reconstructed, atol=1e-5)
+    with _scaled_vae(policy) as vae, torch.no_grad():
+        mean = vae.encode(images * 2 - 1).latent_dist.mean
+        reconstructed = (vae.decode(mean).sample / 2 + 0.5).clamp(0, 1)
+        latents = policy.encode_images(images)
+        torch.testing.assert_close(latents, (mean - 0.5) * 2.0)  # the sampler's scaled and shifted states
+        assert torch.allclose(policy.decode(latents), reconstructed, atol=1e-5)

@@ -458,3 +458,25 @@ def test_a_report_never_lands_in_a_run_folder_or_on_other_files(tmp_path, monkey
     assert not (tmp_path / "runs" / "smoke" / "report.md").exists()
     empty = CliRunner().invoke(main, ["report", "runs/smoke", "--out", "fresh"])  # a new folder is fine
     assert empty.exit_code == 0 and (tmp_path / "fresh" / "report.md").is_file()
+
+
+def test_a_report_killed_while_it_is_written_is_rebuilt_by_the_next_command(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from opd_bench import report
+    from opd_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "runs" / "smoke")
+
+    def killed(*args):
+        raise KeyboardInterrupt  # after the plots, before report.md and index.html
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "render_markdown", killed)
+        with pytest.raises(KeyboardInterrupt):
+            build_report(tmp_path / "runs" / "smoke", tmp_path / "reports" / "smoke")
+    assert list((tmp_path / "reports" / "smoke").glob("*.png")) and not (tmp_path / "reports" / "smoke" / "report.md").exists()
+    again = CliRunner().invoke(main, ["report", "runs/smoke"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "reports" / "smoke" / "report.md").is_file()

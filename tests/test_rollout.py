@@ -41,6 +41,22 @@ def test_stored_log_probs_rescore_through_flow_step(policy):
         torch.testing.assert_close(step.log_prob, t.log_probs[:, i], rtol=1e-4, atol=1e-4)
 
 
+def test_step_at_rescores_the_stored_steps_on_policy(policy):
+    """What GRPO's ratio divides by: step_at's defaults (sigma_max, the next state, guidance) give
+    the rollout's own log-probs, so an untrained policy's ratio is 1 at every step, step 0 too."""
+    from opd_bench.rl import step_at
+
+    t = rollout(policy, PROMPTS, images_per_prompt=2, num_steps=4, seed=2, guidance_scale=4.5, keep={"latents"})
+    index = torch.tensor([0, 1, 2, 3, 0, 3])
+    step = torch.tensor([0, 0, 1, 2, 3, 3])
+    with torch.no_grad():
+        again = step_at(policy, t, index, step, guidance_scale=t.guidance_scale, detach_uncond=True)
+    torch.testing.assert_close(again.log_prob, t.log_probs[index, step], rtol=1e-4, atol=1e-4)
+    mixed = rollout(policy, PROMPTS, num_steps=3, noise_level=[0.7, 0.0, 0.7], seed=0, keep={"latents"})
+    with pytest.raises(ValueError, match="share a noise level"):
+        step_at(policy, mixed, torch.tensor([0, 0]), torch.tensor([0, 1]), guidance_scale=mixed.guidance_scale)
+
+
 def test_ode_rollout_is_deterministic_and_follows_euler(policy):
     a = rollout(policy, PROMPTS, num_steps=3, noise_level=0.0, seed=0, keep={"latents"})
     b = rollout(policy, PROMPTS, num_steps=3, noise_level=0.0, seed=0, keep={"latents"})

@@ -75,6 +75,17 @@ def test_clipped_loss_by_hand():
     # sample 0: max(-1.5, -1.2) = -1.2; sample 1: max(1.0, 1.6) = 1.6; sample 2: max(-3.3, -3.3) = -3.3
     torch.testing.assert_close(loss, torch.tensor([-1.2, 1.6, -3.3]))
     assert stats["clip_fraction"] == pytest.approx(2 / 3)
+    # where the ratio left the range on the side that does not help, the unclipped term wins:
+    # ratio 1.5 with A = -1: max(1.5, 1.2) = 1.5; ratio 0.5 with A = +1: max(-0.5, -0.8) = -0.5
+    new = torch.log(torch.tensor([1.5, 0.5])).requires_grad_()
+    loss, stats = clipped_policy_loss(new, torch.zeros(2), torch.tensor([-1.0, 1.0]), clip_range=0.2)
+    torch.testing.assert_close(loss, torch.tensor([1.5, -0.5]))
+    assert stats["approx_kl"] == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2)
+    loss.sum().backward()  # d(-A rho)/d log p = -A rho: the unclipped terms keep their gradient
+    torch.testing.assert_close(new.grad, torch.tensor([1.5, -0.5]))
+    clipped = torch.log(torch.tensor([1.5])).requires_grad_()
+    clipped_policy_loss(clipped, torch.zeros(1), torch.tensor([1.0]), clip_range=0.2)[0].sum().backward()
+    assert clipped.grad.item() == 0  # a clipped term that wins carries no gradient
 
 
 def test_grpo_loss_matches_hand_computation_on_a_tiny_batch(policy):
@@ -124,6 +135,31 @@ def test_grpo_step_changes_only_the_trained_adapter(policy, tmp_path):
     for key in ("loss", "reward/red/mean", "reward/red/std", "zero_spread_share", "grad/norm", "student_forwards", "images", "wall_seconds"):
         assert key in record
     assert (tmp_path / "DONE").exists() and (tmp_path / "final" / "adapter_model.safetensors").exists()
+
+
+def test_an_ema_run_saves_the_average_and_trains_on_the_live_weights(policy, tmp_path):
+    from safetensors.torch import load_file
+
+    config = replace(SMOKE.teacher, steps=2, eval_every=0, lr=1e-2, ema=0.5)
+    trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=tmp_path / "run")
+    live = [[p.detach().clone() for p in trainer.params]]  # w0, then the weights after each step
+    update = trainer.ema.update
+
+    def recording_update():
+        live.append([p.detach().clone() for p in trainer.params])
+        update()
+
+    trainer.ema.update = recording_update
+    trainer.train(progress=False)
+    assert len(live) == 3 and any(not torch.equal(a, b) for a, b in zip(live[0], live[2]))
+    for w0, w1, w2, shadow, now in zip(*live, trainer.ema.shadow, trainer.params):
+        torch.testing.assert_close(shadow, 0.5 * (0.5 * w0 + 0.5 * w1) + 0.5 * w2)  # decay 0.5, two updates
+        assert torch.equal(now, w2)  # the live weights go on training; the average is only saved
+    trainer.ema.swap()
+    policy.save_adapter("student", tmp_path / "average")
+    trainer.ema.swap()
+    saved, average = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors"), load_file(tmp_path / "average" / "adapter_model.safetensors")
+    assert saved.keys() == average.keys() and all(torch.equal(saved[k], average[k]) for k in saved)
 
 
 def test_opd_step_changes_the_student_not_the_teachers(policy, tiny_dir, tmp_path):

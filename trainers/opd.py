@@ -16,6 +16,7 @@ Task rewards are only monitored, never in the loss.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
@@ -51,6 +52,13 @@ def _teacher_on(policy: Policy, task: str, folder: str | Path) -> str:
     if name not in policy.adapters:
         policy.load_adapter(name, folder, trainable=False)
     return name
+
+
+def _teacher_record(teachers: Mapping[str, str | Path], run_dir: str | Path) -> dict[str, str]:
+    """The teachers' folders for the run's saved config, relative to the run folder: the same
+    run resumed from another working directory, or with ``--out`` spelled another way, matches."""
+    return {task: Path(os.path.relpath(Path(folder).resolve(), Path(run_dir).resolve())).as_posix()
+            for task, folder in teachers.items()}
 
 
 @dataclass
@@ -215,7 +223,7 @@ class OPDTrainer:
         self.params, self.optimizer, self.ema = student_optimizer(policy, adapter, config)
         method = "opd" if config.mode == "analytic" else "opd-ppo"
         self.run = TrainingRun(
-            run_dir, config={"method": method, **config.to_dict(), "teachers": {t: str(p) for t, p in teachers.items()},
+            run_dir, config={"method": method, **config.to_dict(), "teachers": _teacher_record(teachers, run_dir),
                              "data": {task: training_data(pool) for task, pool in self.prompts.items()}, **(extra_config or {})},
             policy=policy, adapter=adapter, params=self.params, optimizer=self.optimizer, ema=self.ema,
             teachers=list(self.teachers.values()), evaluate=evaluate, eval_every=config.eval_every,

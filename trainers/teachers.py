@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable, Mapping
 
-from opd_bench.io import read_json
+from opd_bench.io import holds_weights, read_json
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
@@ -32,7 +32,7 @@ def teacher_run_dir(root: str | Path, task: str, key: str) -> Path:
 def finished_teacher(run_dir: Path) -> dict | None:
     """The DONE record of a finished teacher run, or None."""
     done = run_dir / "DONE"
-    return read_json(done, fix=retrain_hint(run_dir)) if done.exists() and (run_dir / "final" / "adapter_model.safetensors").exists() else None
+    return read_json(done, fix=retrain_hint(run_dir)) if done.exists() and holds_weights(run_dir / "final") else None
 
 
 def train_teacher(

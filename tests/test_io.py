@@ -1,0 +1,45 @@
+"""The file helpers every result goes through: atomic writes and the compact JSON of result files."""
+
+import json
+import math
+import os
+import stat
+
+import pytest
+
+from opd_bench import io
+
+
+def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    io.atomic_write_bytes(path, b"old")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_written_file_is_readable_by_others_whatever_the_umask(tmp_path):
+    previous = os.umask(0o077)
+    try:
+        io.atomic_write_bytes(tmp_path / "sub" / "report.md", b"x")  # the folder is made too
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "sub" / "report.md").stat().st_mode) == 0o644
+
+
+def test_compact_json_puts_number_lists_on_one_line_and_reads_back_the_same(tmp_path):
+    value = {"per_image": [0.5, -2.5e-05, None, 1], "nested": [[1, 2], [3.25]], "names": ["a", "b"],
+             "text": "[\n  1\n]", "nan": [float("nan"), 1.0], "empty": []}
+    text = io.json_text(value, compact_lists=True)
+    assert '"per_image": [0.5, -2.5e-05, null, 1]' in text and '"names": [\n' in text  # strings keep a line each
+    back = json.loads(text)
+    assert math.isnan(back["nan"][0]) and back["nan"][1] == 1.0
+    back.pop("nan"), value.pop("nan")
+    assert back == value
+    io.atomic_write_json(tmp_path / "r.json", value, compact_lists=True)
+    assert json.loads((tmp_path / "r.json").read_text()) == value
