@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence, get_args
@@ -440,6 +441,11 @@ class TrainingRun:
                 raise ValueError(f"{self.dir} holds a run with a different config ({differences}); "
                                  "use another folder or pass overwrite/--force")
             state = load_checkpoint(checkpoint, params=self.params, optimizer=self.optimizer, ema=self.ema)
+            threads = state.get("threads")
+            if threads is not None and threads != torch.get_num_threads():  # the float sums run in another order
+                print(f"opd-bench: resuming {self.dir} on {torch.get_num_threads()} torch threads where it ran on {threads}: "
+                      f"it goes on, but its numbers will not equal an uninterrupted run's to the bit (--threads {threads} "
+                      "keeps them)", file=sys.stderr)
             self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=state["step"],
                                   mirror=trackers.open_for(self.dir, config, resume_step=state["step"]))
             return {"step": state["step"], "counters": state["counters"], "elapsed": state["elapsed"], "resumed": True}
@@ -558,7 +564,7 @@ class TrainingRun:
             return
         save_checkpoint(
             self.dir / "checkpoint", params=self.params, optimizer=self.optimizer, ema=self.ema,
-            state={"step": step, "counters": self.counters, "elapsed": self.timer.elapsed},
+            state={"step": step, "counters": self.counters, "elapsed": self.timer.elapsed, "threads": torch.get_num_threads()},
         )
 
     def finish(self, step: int) -> Path:

@@ -335,6 +335,22 @@ def test_a_killed_grpo_run_resumes_on_the_same_prompts_and_noise(tiny_dir, tmp_p
         assert b[1][key] == pytest.approx(a[1][key], rel=1e-3), key
 
 
+def test_a_run_resumed_on_another_thread_count_says_its_numbers_will_differ(tiny_dir, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with pytest.raises(KeyboardInterrupt):
+            _grpo_run(tiny_dir, tmp_path / "killed", fail_after=1)
+        torch.set_num_threads(2)
+        capsys.readouterr()
+        _grpo_run(tiny_dir, tmp_path / "killed")
+    finally:
+        torch.set_num_threads(threads)
+    warning = capsys.readouterr().err
+    assert "on 2 torch threads where it ran on 1" in warning and "--threads 1" in warning
+    assert (tmp_path / "killed" / "DONE").exists()
+
+
 def test_a_killed_run_is_not_resumed_on_other_prompts_or_rewards(tiny_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _grpo_run(tiny_dir, tmp_path / "killed", fail_after=1)
