@@ -63,7 +63,7 @@ class CascadeTrainer:
         self.run_dir, self.adapter, self.evaluate, self.overwrite = Path(run_dir), adapter, evaluate, overwrite
 
     def stage_dir(self, k: int, task: str) -> Path:
-        return self.run_dir / f"stage{k}-{task}"
+        return stage_dir(self.run_dir, k, task)
 
     def train(self, progress: bool = True) -> Path:
         final = None
@@ -95,22 +95,31 @@ class CascadeTrainer:
         return final
 
     def write_metrics(self) -> Path:
-        """Concatenate the stages' metrics with cumulative steps and counters."""
-        offset = {key: 0.0 for key in COUNTERS}
-        offset_step = 0
-        lines = []
-        for k, (task, steps) in enumerate(self.config.stages):
-            records = read_metrics(self.stage_dir(k, task) / "metrics.jsonl")
-            for record in records:
-                if k > 0 and record["step"] == 0:
-                    continue  # the stage's initial evaluation repeats the previous stage's last one
-                shifted = {**record, "step": record["step"] + offset_step, "stage": k, "stage_task": task}
-                for key in COUNTERS:
-                    shifted[key] = record.get(key, 0) + offset[key]
-                lines.append(json.dumps(shifted))
-            last = records[-1]
-            offset = {key: offset[key] + last.get(key, 0) for key in COUNTERS}
-            offset_step += steps
-        path = self.run_dir / "metrics.jsonl"
-        atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
-        return path
+        return write_cascade_metrics(self.run_dir, self.config.stages)
+
+
+def stage_dir(run_dir: str | Path, k: int, task: str) -> Path:
+    return Path(run_dir) / f"stage{k}-{task}"
+
+
+def write_cascade_metrics(run_dir: str | Path, stages: Sequence[tuple[str, int]]) -> Path:
+    """Concatenate the stages' metrics with cumulative steps and counters into the cascade's own
+    ``metrics.jsonl``; needs only the stages' files, no model."""
+    offset = {key: 0.0 for key in COUNTERS}
+    offset_step = 0
+    lines = []
+    for k, (task, steps) in enumerate(stages):
+        records = read_metrics(stage_dir(run_dir, k, task) / "metrics.jsonl")
+        for record in records:
+            if k > 0 and record["step"] == 0:
+                continue  # the stage's initial evaluation repeats the previous stage's last one
+            shifted = {**record, "step": record["step"] + offset_step, "stage": k, "stage_task": task}
+            for key in COUNTERS:
+                shifted[key] = record.get(key, 0) + offset[key]
+            lines.append(json.dumps(shifted))
+        last = records[-1]
+        offset = {key: offset[key] + last.get(key, 0) for key in COUNTERS}
+        offset_step += steps
+    path = Path(run_dir) / "metrics.jsonl"
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+    return path

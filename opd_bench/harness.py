@@ -53,10 +53,10 @@ def methods_for(method: str) -> list[str]:
 
 
 def _weights_hash(adapter_dir: Path | None) -> str | None:
-    """What an evaluation record names as the model it scored: the adapter's hash (None: the base)."""
-    from opd_bench.verify import adapter_sha256
+    """What an evaluation, grid or variance record names as the model it used (None: the base)."""
+    from opd_bench.io import weights_sha256
 
-    return None if adapter_dir is None else adapter_sha256(adapter_dir)
+    return None if adapter_dir is None else weights_sha256(adapter_dir)
 
 
 def holds_run(folder: Path) -> bool:
@@ -238,17 +238,28 @@ class Harness:
             self._claim_folder()
         return self.force and occupied
 
+    def _check_cleared(self) -> None:
+        """Work written before run() has deleted the old run (--force) would mix with it, or be deleted."""
+        if self.start_over:
+            raise RuntimeError(f"Harness(force=True) deletes the run in {self.out} when run() starts; call run() first")
+
     def _clear_folder(self) -> None:
-        """--force: delete the old run, all but the lock this command holds and the marker, so that a
-        kill midway leaves a folder that the next --force still recognises as a run."""
+        """--force: delete the old run but the lock this command holds. The marker is written first
+        and the old run.json replaced last, so a kill midway leaves a run folder (the next --force
+        finishes the job) that a plain run of other settings still refuses."""
         import shutil
 
+        self._write_marker()  # a run made before markers existed has none
         for path in self.out.iterdir():
-            if path.name not in (LOCK_FILE, RUN_MARKER):
+            if path.name not in (LOCK_FILE, RUN_MARKER, "run.json"):
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        self._claim_folder(new_marker=True)
+        self._claim_folder()
 
-    def _claim_folder(self, new_marker: bool = False) -> None:
+    def _write_marker(self) -> None:
+        atomic_write_json(self.out / RUN_MARKER, {"what": "an opd-bench run folder; `opd-bench run --force` may delete it",
+                                                  "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+
+    def _claim_folder(self) -> None:
         """Refuse a folder of another run's identity; write the marker and this run's identity."""
         out = self.out
         identity_path = out / "run.json"
@@ -263,10 +274,8 @@ class Harness:
                     "saved settings (a moved weight folder: link its old path to the new place); otherwise use another "
                     "--out (--force deletes this run's trained work)"
                 )
-        marker = self.out / RUN_MARKER
-        if new_marker or not marker.exists():  # replaced in one step: the folder is never without one
-            atomic_write_json(marker, {"what": "an opd-bench run folder; `opd-bench run --force` may delete it",
-                                       "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        if not (self.out / RUN_MARKER).exists():
+            self._write_marker()
         atomic_write_json(identity_path, self.identity)
 
     @property
@@ -328,6 +337,8 @@ class Harness:
         """Train (or reuse) the teacher of ``task``; returns its run folder (adapter in ``final/``)."""
         from opd_bench.trainers.teachers import finished_teacher, train_teacher
 
+        self._check_cleared()
+
         run_dir = self.teacher_dir(task)
         if finished_teacher(run_dir) is not None:
             return run_dir  # without loading the model and the rewards it would train with
@@ -360,13 +371,15 @@ class Harness:
     def trained(self, method: str, seed: int) -> bool:
         """Whether the (method, seed) cell finished: its adapter saved and DONE written beside it.
 
-        A cascade also needs its combined curve, written after its last stage's DONE: a cascade
-        killed in between runs again, which skips its finished stages and writes the curve.
+        A cascade's combined curve is written after its last stage's DONE; one killed in between
+        gets it here, from its stages' files (no model needed).
         """
         final = self.final_adapter(method, seed)
         done = final.exists() and (final.parent / "DONE").exists()
-        if method == "cascade":
-            done = done and (self.method_dir(method, seed) / "metrics.jsonl").exists()
+        if done and method == "cascade" and not (self.method_dir(method, seed) / "metrics.jsonl").exists():
+            from opd_bench.baselines.cascade import write_cascade_metrics
+
+            write_cascade_metrics(self.method_dir(method, seed), self.plan.cascade.stages)
         return done
 
     def finished_cells(self) -> dict[str, dict[int, Path]]:
@@ -386,6 +399,8 @@ class Harness:
         from opd_bench.baselines.cascade import CascadeTrainer
         from opd_bench.baselines.multi_reward import MultiRewardTrainer
         from opd_bench.trainers.opd import OPDTrainer
+
+        self._check_cleared()
 
         run_dir = self.method_dir(method, seed)
         adapter = f"{method}-s{seed}"
@@ -441,9 +456,9 @@ class Harness:
         None if missing, or made before a cell was deleted and trained again (another adapter). Records
         of versions before the adapter's hash was kept are trusted, as before."""
         record = read_json(path) if path.exists() else None
-        if record is None or "adapter_sha256" not in record:
+        if record is None or "weights_sha256" not in record:
             return record
-        return record if record["adapter_sha256"] == _weights_hash(adapter_dir) else None
+        return record if record["weights_sha256"] == _weights_hash(adapter_dir) else None
 
     def _finished_evaluation(self, name: str, seed: int, adapter_dir: Path | None) -> dict | None:
         """The saved final evaluation of a model, or None; records of older versions lack per-image
@@ -464,6 +479,7 @@ class Harness:
         part a cell of its own; with ``task`` only that part is made and returned). A benchmark's
         images and scores do not depend on the others', so the parts join into the same record.
         """
+        self._check_cleared()
         record = self._finished_evaluation(name, seed, adapter_dir)
         if record is not None:
             return record
@@ -471,7 +487,7 @@ class Harness:
         parts = [self._evaluation_part(name, adapter_dir, seed, t) for t in tasks]
         if task is not None:
             return parts[0]
-        record = {key: parts[0][key] for key in ("seed", "eval_seed", "adapter_sha256") if key in parts[0]}
+        record = {"seed": parts[0]["seed"], "eval_seed": parts[0]["eval_seed"], "weights_sha256": _weights_hash(adapter_dir)}
         for key in ("scores", "per_tag", "per_image"):
             record[key] = {k: v for part in parts for k, v in part[key].items()}
         record["seconds"] = round(sum(part["seconds"] for part in parts), 2)  # benchmarks/bench_run_memory.py reads it
@@ -498,7 +514,7 @@ class Harness:
                 images_per_prompt=self.plan.eval_images_per_prompt, progress=self.progress,
             )
         per_image = {bench: [_score(v) for v in values] for bench, values in result["per_image"].items()}
-        part = {"seed": seed, "eval_seed": noise_seed, "adapter_sha256": _weights_hash(adapter_dir), "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
+        part = {"seed": seed, "eval_seed": noise_seed, "weights_sha256": _weights_hash(adapter_dir), "scores": result["scores"], "per_tag": result["per_tag"], "per_image": per_image,
                 "seconds": round(time.perf_counter() - started, 2)}
         atomic_write_json(path, part, compact_lists=True)
         return part
@@ -507,14 +523,22 @@ class Harness:
     def variance_path(self) -> Path:
         return self.out / "variance.json"
 
+    def _variance_task(self) -> str:
+        # the preference teacher: a continuous reward always has spread, so it always moved from the base
+        return "pref" if "pref" in self.suite.tasks else self.suite.tasks[0]
+
+    def finished_variance(self, teachers: dict[str, Path]) -> dict | None:
+        """The saved variance experiment, if it ran on the teacher now in its folder."""
+        return self._saved_evaluation(self.variance_path, teachers[self._variance_task()] / "final")
+
     def variance(self, teachers: dict[str, Path]) -> dict:
         from opd_bench.trainers.variance import variance_experiment
 
-        path = self.variance_path
-        if path.exists():
-            return read_json(path)
-        # The preference teacher: a continuous reward always has spread, so it always moved from the base.
-        task = "pref" if "pref" in self.suite.tasks else self.suite.tasks[0]
+        self._check_cleared()
+        record = self.finished_variance(teachers)
+        if record is not None:
+            return record
+        task = self._variance_task()
         if "variance_teacher" not in self.policy.adapters:
             self.policy.load_adapter("variance_teacher", teachers[task] / "final")
             self.policy.add_adapter("variance_student", rank=self.plan.opd.lora_rank, alpha=self.plan.opd.lora_alpha, seed=0)
@@ -527,27 +551,32 @@ class Harness:
         batch, noise = self.plan.variance_reference
         reference = [r for r in rows if r["batch"] == batch and r["noise_level"] == noise]
         record = {
-            "teacher_task": task, "rows": rows, "reference": {"batch": batch, "noise_level": noise},
+            "teacher_task": task, "weights_sha256": _weights_hash(teachers[task] / "final"), "rows": rows,
+            "reference": {"batch": batch, "noise_level": noise},
             "ratio_ppo_over_analytic": reference[0]["ratio_ppo_over_analytic"] if reference else math.nan,
         }
-        atomic_write_json(path, record)
+        atomic_write_json(self.variance_path, record)
         return record
 
-    def samples_path(self, name: str, seed: int) -> Path:
-        """The grid of model ``name``'s training seed ``seed``: named by both, so a later run with a
-        smaller seed draws its own grid instead of showing the earlier seed's under its number."""
-        return self.out / "samples" / f"{name.replace('/', '_')}-seed{seed}.png"
+    def samples_path(self, name: str, seed: int, adapter_dir: Path | None) -> Path:
+        """The grid of model ``name``'s training seed ``seed``, drawn with the adapter now in
+        ``adapter_dir``: named by all three, so a later run that adds a smaller seed, or trains a
+        deleted cell again, draws its own grid instead of showing another one under its name."""
+        weights = _weights_hash(adapter_dir)
+        return self.out / "samples" / (f"{name.replace('/', '_')}-seed{seed}" + (f"-{weights[:8]}" if weights else "") + ".png")
 
     def samples(self, models: dict[str, tuple[int, Path | None]]) -> dict:
         """One image grid per model on the same prompts and seeds (rows = prompts)."""
         from opd_bench.io import save_grid
         from opd_bench.rollout import rollout
 
+        self._check_cleared()
+
         test = self.prompts("test")
         prompts = [p for task in self.suite.tasks for p in test[task][: self.plan.sample_prompts_per_task]]
         grids = {}
         for name, (seed, adapter_dir) in models.items():
-            path = self.samples_path(name, seed)
+            path = self.samples_path(name, seed, adapter_dir)
             if not path.exists():
                 with self.policy.use(self._loaded(name, adapter_dir, seed)):
                     t = rollout(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -16,6 +18,26 @@ WEIGHT_FILES = ("adapter_model.safetensors", "full_model.safetensors")
 
 def holds_weights(folder: str | Path) -> bool:
     return any((Path(folder) / name).is_file() for name in WEIGHT_FILES)
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 of a saved student's weights and adapter config, the files that decide what it draws
+    (other files in the folder do not count). Cached per process by the files' size and mtime: a
+    run checks the same adapters many times, and a full copy is gigabytes."""
+    folder = Path(folder)
+    files = [folder / name for name in (*WEIGHT_FILES, "adapter_config.json") if (folder / name).is_file()]
+    return _digest(tuple((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files))
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        digest.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -170,8 +170,8 @@ def _finished(harness, cell: Cell, teachers: dict[str, Path]) -> bool:
     if cell.kind == "eval":
         return harness.evaluation_finished(cell.name, cell.seed, cell.adapter, cell.task)
     if cell.kind == "samples":
-        return harness.samples_path(cell.name, cell.seed).exists()
-    return harness.variance_path.exists()
+        return harness.samples_path(cell.name, cell.seed, cell.adapter).exists()
+    return harness.finished_variance(teachers) is not None
 
 
 def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:

@@ -369,6 +369,19 @@ def config_differences(saved: Any, config: dict) -> str | None:
     return None if saved == current else json_differences(saved, current)
 
 
+def _teachers_as_recorded_now(saved: Any, config: dict, run_dir: Path) -> Any:
+    """A saved OPD config whose teachers were recorded as typed (before they were recorded relative to
+    the run folder) compares by the folders they name, so such a run resumes as before."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("teachers"), dict) and isinstance(config.get("teachers"), dict)):
+        return saved
+    teachers = dict(saved["teachers"])
+    for task, recorded in teachers.items():
+        now = config["teachers"].get(task)
+        if isinstance(recorded, str) and isinstance(now, str) and Path(recorded).resolve() == (run_dir / now).resolve():
+            teachers[task] = now
+    return {**saved, "teachers": teachers}
+
+
 def sample_prompts(pool: Sequence, count: int, seed: int) -> list:
     """``count`` prompts drawn without replacement (with, if the pool is smaller), reproducibly."""
     rng = np.random.default_rng(seed)
@@ -436,7 +449,7 @@ class TrainingRun:
         recover_checkpoint(checkpoint)
         if checkpoint.exists() and not overwrite:
             saved = read_json(config_path, fix=retrain_hint(self.dir)) if config_path.exists() else None
-            differences = config_differences(saved, config)
+            differences = config_differences(_teachers_as_recorded_now(saved, config, self.dir), config)
             if differences:
                 raise ValueError(f"{self.dir} holds a run with a different config ({differences}); "
                                  "use another folder or pass overwrite/--force")

@@ -55,8 +55,13 @@ def test_smoke_run_writes_a_valid_result_file(smoke_run):
     assert results["compute"]["opd"]["teacher_forwards"] > 0 and results["compute"]["multi-reward"]["teacher_forwards"] == 0
     for grid in results["samples"]["grids"].values():
         assert (smoke_run / grid).is_file()
-    # named by seed: a later run that adds a smaller seed draws that seed's grid, as results.json says
-    assert results["samples"]["grids"]["opd"] == "samples/opd-seed0.png" and results["samples"]["seeds"]["opd"] == 0
+    # named by seed and weights: a later run that adds a smaller seed, or trains a deleted cell again,
+    # draws its own grid instead of showing another under its name
+    from opd_bench.io import weights_sha256
+
+    weights = weights_sha256(smoke_run / results["artifacts"]["opd"]["0"]["path"])
+    assert results["samples"]["grids"]["opd"] == f"samples/opd-seed0-{weights[:8]}.png" and results["samples"]["seeds"]["opd"] == 0
+    assert results["samples"]["grids"]["base"] == "samples/base-seed0.png"
 
 
 def test_rerunning_skips_finished_work(smoke_run):
@@ -398,6 +403,8 @@ def test_force_deletes_a_run_folder_and_an_old_run_counts_as_one(tmp_path):
     assert (run / "stale").exists()
     forced = _harness(run, force=True)
     assert (run / "stale").exists() and forced.start_over  # deleted by run(), once the input is checked
+    with pytest.raises(RuntimeError, match="call run\\(\\) first"):  # no work mixed into the run it will delete
+        forced.teacher("ocr")
     forced._clear_folder()
     assert not (run / "stale").exists() and (run / ".opd-bench-run").is_file() and (run / "run.json").is_file()
     old = tmp_path / "old"  # a run made before the marker existed
@@ -409,6 +416,30 @@ def test_force_deletes_a_run_folder_and_an_old_run_counts_as_one(tmp_path):
     empty.mkdir()
     assert not _harness(empty, force=True).start_over  # nothing to delete
     assert (empty / ".opd-bench-run").is_file() and (empty / "run.json").is_file()
+
+
+def test_a_force_killed_while_it_deletes_leaves_a_run_that_other_settings_cannot_adopt(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    run = tmp_path / "run"
+    _harness(run)
+    for name in ("methods", "evals"):
+        (run / name).mkdir()
+        (run / name / "work").write_text("x")
+    identity = (run / "run.json").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil_module, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _harness(run, force=True)._clear_folder()
+    assert (run / ".opd-bench-run").is_file() and (run / "run.json").read_bytes() == identity
+    with pytest.raises(FileExistsError, match="holds a run with another"):
+        _harness(run, overrides=["opd.steps=1"])  # the leftover cells are not adopted under other settings
+    _harness(run, force=True)._clear_folder()  # the next --force finishes the job
+    assert sorted(p.name for p in run.iterdir()) == [".opd-bench-lock", ".opd-bench-run", "run.json"]
 
 
 def test_force_deletes_nothing_until_the_rest_of_the_input_is_checked(tmp_path, monkeypatch):
@@ -675,6 +706,7 @@ def test_a_full_parameter_teacher_counts_as_finished(tmp_path):
 
 def test_opd_records_its_teachers_relative_to_the_run_folder(tmp_path, monkeypatch):
     from opd_bench.trainers.opd import _teacher_record
+    from opd_bench.training import _teachers_as_recorded_now, config_differences
 
     monkeypatch.chdir(tmp_path)
     typed = {"ocr": Path("runs/x/teachers/ocr-1/final")}
@@ -682,42 +714,65 @@ def test_opd_records_its_teachers_relative_to_the_run_folder(tmp_path, monkeypat
     relative = _teacher_record(typed, Path("runs/x/methods/opd/seed0"))
     assert relative == {"ocr": "../../../teachers/ocr-1/final"}
     assert _teacher_record(absolute, tmp_path / "runs" / "x" / "methods" / "opd" / "seed0") == relative
+    # a cell checkpointed before, with its teachers as typed, resumes; another teacher does not
+    run_dir, now = Path("runs/x/methods/opd/seed0"), {"lr": 1.0, "teachers": relative}
+    for typed_then in ("runs/x/teachers/ocr-1/final", str(absolute["ocr"])):
+        saved = {"lr": 1.0, "teachers": {"ocr": typed_then}}
+        assert config_differences(_teachers_as_recorded_now(saved, now, run_dir), now) is None
+    other = {"lr": 1.0, "teachers": {"ocr": "runs/x/teachers/ocr-2/final"}}
+    assert config_differences(_teachers_as_recorded_now(other, now, run_dir), now) is not None
 
 
 def test_a_cascade_killed_before_its_combined_curve_runs_again_and_writes_it(smoke_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(smoke_run, out)
-    (out / "methods" / "cascade" / "seed0" / "metrics.jsonl").unlink()
+    curve = out / "methods" / "cascade" / "seed0" / "metrics.jsonl"
+    written = curve.read_bytes()
+    curve.unlink()
     harness = _harness(out)
-    assert not harness.trained("cascade", 0) and harness.trained("opd", 0)
-    results = harness.run()
+    assert harness.trained("cascade", 0) and curve.read_bytes() == written  # from the stages' files
+    curve.unlink()
+    results = _harness(out, method="opd").run()  # a rerun of another method does not leave the cascade out
     saved = json.loads((smoke_run / "results.json").read_text())
     assert results["curves"]["cascade"] == saved["curves"]["cascade"]
     assert results["compute"]["cascade"] == saved["compute"]["cascade"]
+    assert results["per_image"]["cascade"] == saved["per_image"]["cascade"]
 
 
-def test_an_adapter_trained_again_is_evaluated_again(smoke_run, tmp_path):
+def test_an_adapter_trained_again_is_evaluated_and_drawn_again(smoke_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
+    from opd_bench.io import weights_sha256
     from opd_bench.verify import adapter_sha256
 
     out = tmp_path / "copy"
     shutil.copytree(smoke_run, out)
     final = out / "methods" / "opd" / "seed0" / "final"
     record = json.loads((out / "evals" / "opd-seed0.json").read_text())
-    assert record["adapter_sha256"] == adapter_sha256(final)
+    assert record["weights_sha256"] == weights_sha256(final)
     others = {p: p.stat().st_mtime_ns for p in (out / "evals").iterdir() if p.name != "opd-seed0.json"}
+    (final / "notes.txt").write_text("a file beside the weights changes nothing drawn")
+    assert _harness(out).evaluation_finished("opd", 0, final)
     weights = load_file(final / "adapter_model.safetensors")  # as if the cell were deleted and trained again
     save_file({k: v * 2 for k, v in weights.items()}, final / "adapter_model.safetensors")
     harness = _harness(out)
     assert not harness.evaluation_finished("opd", 0, final)
     results = harness.run()
     again = json.loads((out / "evals" / "opd-seed0.json").read_text())
-    assert again["adapter_sha256"] == adapter_sha256(final) == results["artifacts"]["opd"]["0"]["sha256"]
+    assert again["weights_sha256"] == weights_sha256(final) != record["weights_sha256"]
+    assert results["artifacts"]["opd"]["0"]["sha256"] == adapter_sha256(final)
     assert all(p.stat().st_mtime_ns == t for p, t in others.items())  # the other models' scores are reused
-    del record["adapter_sha256"]  # a record of an older version names no adapter: trusted as before
+    before = json.loads((smoke_run / "results.json").read_text())["samples"]["grids"]
+    grids = results["samples"]["grids"]
+    assert grids["opd"] != before["opd"] and (out / grids["opd"]).is_file() and grids["multi-reward"] == before["multi-reward"]
+    del record["weights_sha256"]  # a record of an older version names no weights: trusted as before
     (out / "evals" / "opd-seed0.json").write_text(json.dumps(record))
     assert harness.evaluation_finished("opd", 0, final)
+    variance = json.loads(harness.variance_path.read_text())
+    teachers = harness.teacher_dirs()
+    assert variance["weights_sha256"] == weights_sha256(teachers["pref"] / "final") and harness.finished_variance(teachers)
+    harness.variance_path.write_text(json.dumps({**variance, "weights_sha256": "0" * 64}))  # another pref teacher's
+    assert harness.finished_variance(teachers) is None
 
 
 def test_an_evaluations_folder_and_a_runs_folder_are_told_apart(tmp_path):

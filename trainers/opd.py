@@ -57,8 +57,13 @@ def _teacher_on(policy: Policy, task: str, folder: str | Path) -> str:
 def _teacher_record(teachers: Mapping[str, str | Path], run_dir: str | Path) -> dict[str, str]:
     """The teachers' folders for the run's saved config, relative to the run folder: the same
     run resumed from another working directory, or with ``--out`` spelled another way, matches."""
-    return {task: Path(os.path.relpath(Path(folder).resolve(), Path(run_dir).resolve())).as_posix()
-            for task, folder in teachers.items()}
+    def relative(folder: Path) -> str:
+        try:
+            return Path(os.path.relpath(folder, Path(run_dir).resolve())).as_posix()
+        except ValueError:  # on another drive (Windows): no relative path
+            return folder.as_posix()
+
+    return {task: relative(Path(folder).resolve()) for task, folder in teachers.items()}
 
 
 @dataclass
