@@ -377,10 +377,27 @@ class Harness:
         final = self.final_adapter(method, seed)
         done = final.exists() and (final.parent / "DONE").exists()
         if done and method == "cascade" and not (self.method_dir(method, seed) / "metrics.jsonl").exists():
-            from opd_bench.baselines.cascade import write_cascade_metrics
-
-            write_cascade_metrics(self.method_dir(method, seed), self.plan.cascade.stages)
+            done = self._join_cascade_curve(seed)
         return done
+
+    def _join_cascade_curve(self, seed: int) -> bool:
+        """Write a cascade's combined curve from its stages' files; False if a stage is unfinished
+        (the cell then resumes). A stage's log that cannot be read condemns the whole cell: the
+        later stages were trained from that stage."""
+        from opd_bench.baselines.cascade import stage_dir, write_cascade_metrics
+        from opd_bench.io import CorruptFileError
+        from opd_bench.training import retrain_hint
+
+        run_dir = self.method_dir("cascade", seed)
+        stages = self.plan.cascade.stages
+        if not all((stage_dir(run_dir, k, task) / "DONE").exists() for k, (task, _) in enumerate(stages)):
+            return False
+        try:
+            write_cascade_metrics(run_dir, stages)
+        except (OSError, ValueError, IndexError, KeyError) as error:
+            raise CorruptFileError(f"the cascade in {run_dir} has a stage log that cannot be read ({error}); "
+                                   f"{retrain_hint(run_dir)}") from None
+        return True
 
     def finished_cells(self) -> dict[str, dict[int, Path]]:
         """The (method, seed) cells finished in this folder, by this run or earlier ones."""
@@ -456,9 +473,15 @@ class Harness:
         None if missing, or made before a cell was deleted and trained again (another adapter). Records
         of versions before the adapter's hash was kept are trusted, as before."""
         record = read_json(path) if path.exists() else None
-        if record is None or "weights_sha256" not in record:
-            return record
-        return record if record["weights_sha256"] == _weights_hash(adapter_dir) else None
+        if record is None:
+            return None
+        if "weights_sha256" in record:
+            return record if record["weights_sha256"] == _weights_hash(adapter_dir) else None
+        if "adapter_sha256" in record:  # written for a few commits on 2026-12-07: the whole folder's hash
+            from opd_bench.verify import adapter_sha256
+
+            return record if adapter_dir is not None and record["adapter_sha256"] == adapter_sha256(adapter_dir) else None
+        return record
 
     def _finished_evaluation(self, name: str, seed: int, adapter_dir: Path | None) -> dict | None:
         """The saved final evaluation of a model, or None; records of older versions lack per-image

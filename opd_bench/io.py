@@ -25,15 +25,19 @@ def weights_sha256(folder: str | Path) -> str:
     (other files in the folder do not count). Cached per process by the files' size and mtime: a
     run checks the same adapters many times, and a full copy is gigabytes."""
     folder = Path(folder)
-    files = [folder / name for name in (*WEIGHT_FILES, "adapter_config.json") if (folder / name).is_file()]
-    return _digest(tuple((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files))
+    files = []
+    for name in (*WEIGHT_FILES, "adapter_config.json"):
+        if (folder / name).is_file():
+            info = os.stat(folder / name)  # ctime changes on every write or rename, and utime cannot set it
+            files.append((name, str((folder / name).resolve()), info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino))
+    return _digest(tuple(files))
 
 
 @functools.lru_cache(maxsize=256)
-def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+def _digest(files: tuple[tuple[str, str, int, int, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path, _, _ in files:
-        digest.update(Path(path).name.encode() + b"\0")
+    for name, path, *_ in files:  # by the file's own name: a link into a cache hashes as a copy does
+        digest.update(name.encode() + b"\0")
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)

@@ -455,7 +455,8 @@ class TrainingRun:
                                  "use another folder or pass overwrite/--force")
             state = load_checkpoint(checkpoint, params=self.params, optimizer=self.optimizer, ema=self.ema)
             threads = state.get("threads")
-            if threads is not None and threads != torch.get_num_threads():  # the float sums run in another order
+            # on a CPU the float sums run in another order (a GPU's kernels do not follow the thread count)
+            if threads is not None and threads != torch.get_num_threads() and self.policy.device.type == "cpu":
                 print(f"opd-bench: resuming {self.dir} on {torch.get_num_threads()} torch threads where it ran on {threads}: "
                       f"it goes on, but its numbers will not equal an uninterrupted run's to the bit (--threads {threads} "
                       "keeps them)", file=sys.stderr)

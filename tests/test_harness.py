@@ -737,6 +737,16 @@ def test_a_cascade_killed_before_its_combined_curve_runs_again_and_writes_it(smo
     assert results["curves"]["cascade"] == saved["curves"]["cascade"]
     assert results["compute"]["cascade"] == saved["compute"]["cascade"]
     assert results["per_image"]["cascade"] == saved["per_image"]["cascade"]
+    from opd_bench.io import CorruptFileError
+
+    cell = out / "methods" / "cascade" / "seed0"
+    curve.unlink()
+    first_stage = sorted(cell.glob("stage0-*"))[0]
+    (first_stage / "metrics.jsonl").write_text("{damaged\n")
+    with pytest.raises(CorruptFileError, match=f"delete {cell} and rerun"):  # the whole cell: later stages grew from it
+        _harness(out).trained("cascade", 0)
+    (first_stage / "DONE").unlink()  # a stage unfinished: the cell resumes instead
+    assert not _harness(out).trained("cascade", 0)
 
 
 def test_an_adapter_trained_again_is_evaluated_and_drawn_again(smoke_run, tmp_path):

@@ -43,3 +43,23 @@ def test_compact_json_puts_number_lists_on_one_line_and_reads_back_the_same(tmp_
     assert back == value
     io.atomic_write_json(tmp_path / "r.json", value, compact_lists=True)
     assert json.loads((tmp_path / "r.json").read_text()) == value
+
+
+def test_the_weights_hash_follows_the_weights_only(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "adapter_model.safetensors").write_bytes(b"w" * 64)
+    (a / "adapter_config.json").write_text("{}")
+    (tmp_path / "blob-1234").write_bytes(b"w" * 64)  # a cache's blob, linked under the weights' name
+    (b / "adapter_model.safetensors").symlink_to(tmp_path / "blob-1234")
+    (b / "adapter_config.json").write_text("{}")
+    first = io.weights_sha256(a)
+    assert io.weights_sha256(b) == first
+    (a / "README.md").write_text("notes beside the weights")
+    assert io.weights_sha256(a) == first
+    times = os.stat(a / "adapter_model.safetensors")
+    (a / "adapter_model.safetensors").write_bytes(b"v" * 64)  # the same size, copied with its old times
+    os.utime(a / "adapter_model.safetensors", ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert io.weights_sha256(a) != first
+    assert io.weights_sha256(tmp_path / "not-trained-yet") != first  # a planned cell's folder: no weights
