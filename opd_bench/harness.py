@@ -338,7 +338,6 @@ class Harness:
         from opd_bench.trainers.teachers import finished_teacher, train_teacher
 
         self._check_cleared()
-
         run_dir = self.teacher_dir(task)
         if finished_teacher(run_dir) is not None:
             return run_dir  # without loading the model and the rewards it would train with
@@ -418,7 +417,6 @@ class Harness:
         from opd_bench.trainers.opd import OPDTrainer
 
         self._check_cleared()
-
         run_dir = self.method_dir(method, seed)
         adapter = f"{method}-s{seed}"
         if self.trained(method, seed):
@@ -480,7 +478,7 @@ class Harness:
         if "adapter_sha256" in record:  # written for a few commits on 2026-12-07: the whole folder's hash
             from opd_bench.verify import adapter_sha256
 
-            return record if adapter_dir is not None and record["adapter_sha256"] == adapter_sha256(adapter_dir) else None
+            return record if record["adapter_sha256"] == (None if adapter_dir is None else adapter_sha256(adapter_dir)) else None
         return record
 
     def _finished_evaluation(self, name: str, seed: int, adapter_dir: Path | None) -> dict | None:
@@ -594,7 +592,6 @@ class Harness:
         from opd_bench.rollout import rollout
 
         self._check_cleared()
-
         test = self.prompts("test")
         prompts = [p for task in self.suite.tasks for p in test[task][: self.plan.sample_prompts_per_task]]
         grids = {}

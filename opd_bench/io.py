@@ -22,7 +22,7 @@ def holds_weights(folder: str | Path) -> bool:
 
 def weights_sha256(folder: str | Path) -> str:
     """sha256 of a saved student's weights and adapter config, the files that decide what it draws
-    (other files in the folder do not count). Cached per process by the files' size and mtime: a
+    (other files in the folder do not count). Cached per process by the files' size, times and inode: a
     run checks the same adapters many times, and a full copy is gigabytes."""
     folder = Path(folder)
     files = []
