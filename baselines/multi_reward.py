@@ -32,9 +32,14 @@ class MultiRewardConfig(GRPOConfig):
 
 
 def interleave(pools: Mapping[str, Sequence[Prompt]]) -> list[Prompt]:
-    """The union of the pools, balanced: each task contributes equally many prompts."""
-    size = min(len(pool) for pool in pools.values())
-    return [pools[task][i] for i in range(size) for task in pools]
+    """The union of the pools, balanced: each task contributes equally many prompts. Smaller pools
+    repeat up to the largest one's size, so that no prompt is dropped (real prompt files differ in
+    size by several times)."""
+    empty = sorted(task for task, pool in pools.items() if not pool)
+    if empty:
+        raise ValueError(f"multi-reward RL has no prompts for task(s) {empty}; give every task a prompt file")
+    size = max(len(pool) for pool in pools.values())
+    return [pools[task][i % len(pools[task])] for i in range(size) for task in pools]
 
 
 class MultiRewardTrainer:

@@ -235,6 +235,15 @@ def test_multi_reward_and_cascade_steps(policy, tmp_path):
     assert records[2]["images"] == 3 * records[0]["images"]
 
 
+def test_multi_reward_balances_its_tasks_without_dropping_prompts():
+    from opd_bench.baselines.multi_reward import interleave
+
+    assert interleave({"a": [1, 2, 3], "b": [4]}) == [1, 4, 2, 4, 3, 4]  # every prompt of a; b as often as a
+    assert interleave({"a": [1, 2], "b": [3, 4]}) == [1, 3, 2, 4]  # equal pools (the tiny suite's): their union
+    with pytest.raises(ValueError, match=r"no prompts for task\(s\) \['b'\]"):
+        interleave({"a": [1], "b": []})
+
+
 def test_weighted_sum_aggregations():
     scores = {"a": torch.tensor([1.0, 0.0, 2.0, 2.0]), "b": torch.tensor([0.0, 10.0, float("nan"), 0.0])}
     group, tasks = torch.tensor([0, 0, 1, 1]), ["a", "a", "b", "b"]
