@@ -285,7 +285,8 @@ def submit(run_dir: str | Path, name: str, root: str | Path = "leaderboard", *, 
     listed = _listed_as(folder, results)
     if listed is not None:
         raise SubmissionError(f"these results are already submitted as {listed.stem!r} ({listed}); a run is listed once "
-                              f"(to replace that entry, e.g. an unverified one by a verified one, delete its file first)")
+                              f"(if the table lacks it, `opd-bench leaderboard` rebuilds the table; to replace that entry, "
+                              f"e.g. an unverified one by a verified one, delete its file first)")
     verified = None
     if not unverified:
         if verify is None:
