@@ -107,6 +107,13 @@ def _finite(ctx, param, value):
     return value
 
 
+def _finite_at_least_0(ctx, param, value):
+    value = _finite(ctx, param, value)
+    if value is not None and value < 0:
+        raise click.BadParameter(f"{value} is negative; give 0 or more", param_hint=f"--{param.name.replace('_', '-')}")
+    return value
+
+
 def _dtype_option(command):
     return click.option(
         "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
@@ -247,8 +254,11 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         overrides = (*read_set_file(set_file), *overrides)
     # smoke is the quick check: one seed unless asked for more (three take about two minutes too).
     seeds = seeds if seeds is not None else ("0" if preset == "smoke" else "0,1,2")
+    items = seeds.split(",")
+    if any(item.strip() for item in items) and not all(item.strip() for item in items):  # "0,,1", "0,": one left out?
+        raise click.ClickException(f"--seeds {seeds!r} has an empty item; give the seeds separated by single commas, e.g. 0,1,2")
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        seed_list = [int(s) for s in items if s.strip()]
     except ValueError:
         raise click.ClickException(f"--seeds {seeds!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
     negative = [seed for seed in seed_list if seed < 0]
@@ -611,7 +621,7 @@ def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
 @click.option("--images-per-prompt", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--guidance", default=4.5, show_default=True, callback=_finite, help="Classifier-free guidance scale.")
-@click.option("--noise-level", default=0.0, show_default=True, callback=_finite, help="0 = ODE (Euler); >0 = Flow-GRPO SDE.")
+@click.option("--noise-level", default=0.0, show_default=True, callback=_finite_at_least_0, help="0 = ODE (Euler); >0 = Flow-GRPO SDE.")
 @click.option("--seed", default=0, show_default=True)
 @_device_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),

@@ -268,9 +268,12 @@ def _result(future: Future, cell: Cell) -> float:
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Stop at once: a training cell resumes from its last checkpoint, and every result is written
     atomically, so killing a worker mid-cell loses at most that cell's last few steps."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    # taken before shutdown(), which forgets them: terminated after it, none was (each worker went
+    # on with its cell, and the command waited for it at exit)
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
         process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -292,6 +295,11 @@ def _die_with(parent: int) -> None:
 
 
 def _start_worker(options: dict, threads: int, suite_config: dict | None, parent: int) -> None:
+    import signal
+
+    # Ctrl-C reaches every process of the terminal's group: the main process alone handles it (and
+    # stops the workers); a worker interrupted mid-import only printed tracebacks
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
     import torch
 

@@ -452,7 +452,8 @@ class Policy:
         scale = self.pipeline.vae_scale_factor
         factor = scale * self._backend.patch()
         if height % factor or width % factor:
-            raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+            raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}; ask for a multiple of "
+                             f"{factor} (--resolution, or the sd suite config's \"resolution\")")
         largest = self._backend.max_side()
         if largest is not None and max(height, width) > largest:
             raise ValueError(f"{height}x{width} px is larger than this pipeline's transformer draws (at most {largest} px per "

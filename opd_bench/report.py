@@ -612,9 +612,27 @@ def report_of_another_run(run_dir: str | Path, out_dir: str | Path) -> str | Non
     """The run folder whose report ``out_dir`` holds, where that is not ``run_dir``; else None."""
     source = Path(out_dir) / SOURCE_FILE
     if not source.is_file():
-        return None
+        return _unsourced_report_of_another_run(Path(run_dir), Path(out_dir))
     built_from = source.read_text().strip()
     return None if built_from == str(Path(run_dir).resolve()) else built_from
+
+
+def _unsourced_report_of_another_run(run_dir: Path, out_dir: Path) -> str | None:
+    """A report without its source file (a committed report: the file names a folder of the machine
+    that built it, so it is not committed) is this run's if its title and date are this run's."""
+    markdown = out_dir / "report.md"
+    if not markdown.is_file():
+        return None
+    head = markdown.read_text(errors="replace").splitlines()[:8]
+    try:
+        date = json.loads((run_dir / "results.json").read_text()).get("date")
+    except (OSError, ValueError, AttributeError):
+        date = None
+    titles = {f"# opd-bench report: {name}" for name in (run_dir.name, run_dir.resolve().name)}
+    if head and head[0] in titles and date is not None and any(line.startswith(f"- date: {date},") for line in head):
+        return None
+    title = head[0].removeprefix("# opd-bench report: ") if head else "?"
+    return f"{title}, as its report.md says; no {SOURCE_FILE} file names its run folder"
 
 
 def unusable_report_folder(run_dir: str | Path, out_dir: str | Path) -> str | None:

@@ -118,7 +118,8 @@ def test_a_run_in_the_working_directory_writes_its_report_under_its_folder_name(
 def test_repeated_or_bad_seeds_are_one_line_errors(monkeypatch, tmp_path):
     for seeds, message in (("0,0", "seed 0 is given twice"), ("1,2,1", "seed 1 is given twice"),
                            (",", "no seed is given"), ("0,x", "not a comma-separated list of integers"),
-                           ("0,-1", "seed -1 is negative; seeds are integers >= 0")):
+                           ("0,-1", "seed -1 is negative; seeds are integers >= 0"),
+                           ("0,,1", "has an empty item"), ("0,", "has an empty item")):
         result, trained = _run_seeds(monkeypatch, ["--seeds", seeds, "--out", str(tmp_path / "r")])
         assert result.exit_code == 1 and trained is None, result.output
         assert message in result.output and result.output.strip().count("\n") == 0, result.output
@@ -266,6 +267,8 @@ def test_sample_writes_the_format_its_name_asks_for(tiny_dir, tmp_path):
 def test_nan_guidance_and_a_misspelt_tracker_are_refused_before_anything_runs(tmp_path):
     nan = CliRunner().invoke(main, ["sample", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "s.png"), "--guidance", "nan"])
     assert nan.exit_code == 2 and "nan is not a finite number" in nan.output
+    below = CliRunner().invoke(main, ["sample", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "s.png"), "--noise-level", "-1"])
+    assert below.exit_code == 2 and "--noise-level" in below.output and "-1.0 is negative; give 0 or more" in below.output
     dry = CliRunner().invoke(main, ["run", "--preset", "smoke", "--dry-run", "--log-to", "tensorbord"])
     assert dry.exit_code == 1 and "Did you mean 'tensorboard'?" in dry.output
 

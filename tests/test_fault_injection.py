@@ -106,6 +106,27 @@ def test_a_parallel_run_killed_with_sigkill_leaves_no_worker_behind_and_resumes(
     check_results(json.loads((out / "results.json").read_text()))
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_stopping_the_pool_ends_its_workers_at_once():
+    """What Ctrl-C does to a parallel run: each worker is terminated, not left to finish its cell
+    (shutdown() forgets the workers, so they must be taken before it)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from opd_bench.parallel import _stop
+
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn"))
+    for _ in range(2):
+        pool.submit(time.sleep, 120)  # a cell of two minutes
+    workers = [process.pid for process in pool._processes.values()]
+    time.sleep(1)
+    _stop(pool)
+    deadline = time.time() + 20  # the pool's own thread reaps them, so watch their pids
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.2)
+    assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
+
+
 PARENT = """
 import multiprocessing, os, signal, time
 from opd_bench import parallel

@@ -464,6 +464,27 @@ def test_the_report_of_another_run_is_not_overwritten(tmp_path, monkeypatch):
     assert forced.exit_code == 0 and (tmp_path / "reports" / "smoke" / ".source").read_text().strip() == str(tmp_path / "b" / "smoke")
 
 
+def test_a_committed_report_without_its_source_file_is_told_apart_by_its_title_and_date(tmp_path, monkeypatch):
+    """.source names a folder of the machine that built the report, so a clone's committed reports
+    have none: their report.md says whose they are."""
+    from click.testing import CliRunner
+
+    from opd_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    committed = make_run(tmp_path / "runs" / "standard")
+    make_run(tmp_path / "mine" / "standard", {**committed, "date": "2026-12-08T09:00:00Z"})  # another run, same name
+    assert CliRunner().invoke(main, ["report", "runs/standard"]).exit_code == 0
+    (tmp_path / "reports" / "standard" / ".source").unlink()
+    before = (tmp_path / "reports" / "standard" / "report.md").read_bytes()
+    other = CliRunner().invoke(main, ["report", "mine/standard"])
+    assert other.exit_code == 1 and "holds the report of another run (standard, as its report.md says" in other.output
+    assert (tmp_path / "reports" / "standard" / "report.md").read_bytes() == before
+    again = CliRunner().invoke(main, ["report", "runs/standard"])  # the run it was built from: rebuilt
+    assert again.exit_code == 0, again.output
+    assert CliRunner().invoke(main, ["report", "mine/standard", "--force"]).exit_code == 0
+
+
 def test_a_report_never_lands_in_a_run_folder_or_on_other_files(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
