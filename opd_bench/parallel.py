@@ -268,8 +268,8 @@ def _result(future: Future, cell: Cell) -> float:
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Stop at once: a training cell resumes from its last checkpoint, and every result is written
     atomically, so killing a worker mid-cell loses at most that cell's last few steps."""
-    # taken before shutdown(), which forgets them: terminated after it, none was (each worker went
-    # on with its cell, and the command waited for it at exit)
+    # the workers are listed before shutdown(), which clears the list: listed after it, none was
+    # terminated, and each went on with its cell while the command waited for it at exit
     processes = list((getattr(pool, "_processes", None) or {}).values())
     for process in processes:
         process.terminate()
