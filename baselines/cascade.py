@@ -62,28 +62,25 @@ class CascadeTrainer:
         self.config, self.policy, self.prompts, self.rewards = config, policy, prompts, rewards
         self.run_dir, self.adapter, self.evaluate, self.overwrite = Path(run_dir), adapter, evaluate, overwrite
 
-    def stage_dir(self, k: int, task: str) -> Path:
-        return stage_dir(self.run_dir, k, task)
-
     def train(self, progress: bool = True) -> Path:
         final = None
         for k, (task, steps) in enumerate(self.config.stages):
-            stage_dir = self.stage_dir(k, task)
+            folder = stage_dir(self.run_dir, k, task)
             config = replace(self.config.grpo, steps=steps, seed=self.config.grpo.seed + k)
             extra = {"method": "cascade", "stage": k, "stages": [list(s) for s in self.config.stages]}
-            if (stage_dir / "DONE").exists() and not self.overwrite:
+            if (folder / "DONE").exists() and not self.overwrite:
                 recorded = grpo_run_config(config, self.prompts[task], {task: self.rewards[task]}, extra)
-                differences = config_differences(read_json(stage_dir / "config.json"), recorded)
+                differences = config_differences(read_json(folder / "config.json"), recorded)
                 if differences:  # a finished stage of other settings is not this cascade's
-                    raise ValueError(f"{stage_dir} holds a finished stage with a different config "
+                    raise ValueError(f"{folder} holds a finished stage with a different config "
                                      f"({differences}); use another folder or pass overwrite/--force")
                 add_student(self.policy, self.adapter, self.config.grpo, reuse=k > 0)
-                self.policy.copy_adapter_weights(self.adapter, stage_dir / "final")
-                final = stage_dir / "final"
+                self.policy.copy_adapter_weights(self.adapter, folder / "final")
+                final = folder / "final"
                 continue
             trainer = GRPOTrainer(
                 config, policy=self.policy, prompts=self.prompts[task], rewards={task: self.rewards[task]},
-                run_dir=stage_dir, adapter=self.adapter, evaluate=self.evaluate, overwrite=self.overwrite,
+                run_dir=folder, adapter=self.adapter, evaluate=self.evaluate, overwrite=self.overwrite,
                 extra_config=extra, reuse_adapter=k > 0,
             )
             final = trainer.train(progress)
@@ -91,11 +88,8 @@ class CascadeTrainer:
                 # the next stage starts from what this one saved (its average), as a resumed cascade does
                 self.policy.copy_adapter_weights(self.adapter, final)
         if distributed.current().is_main:  # one writer; the stages' files are complete (finish() waits for them)
-            self.write_metrics()
+            write_cascade_metrics(self.run_dir, self.config.stages)
         return final
-
-    def write_metrics(self) -> Path:
-        return write_cascade_metrics(self.run_dir, self.config.stages)
 
 
 def stage_dir(run_dir: str | Path, k: int, task: str) -> Path:

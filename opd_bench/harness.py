@@ -466,32 +466,26 @@ class Harness:
         """Where a model's evaluation waits, one file per benchmark, until every part is in."""
         return self.out / "evals" / "parts" / f"{name.replace('/', '_')}-seed{seed}"
 
-    def _saved_evaluation(self, path: Path, adapter_dir: Path | None) -> dict | None:
-        """The evaluation record (or part) at ``path`` if it scored the adapter now in ``adapter_dir``;
-        None if missing, or made before a cell was deleted and trained again (another adapter). Records
-        of versions before the adapter's hash was kept are trusted, as before."""
+    def _saved_record(self, path: Path, adapter_dir: Path | None) -> dict | None:
+        """The record at ``path`` (an evaluation, one of its parts, the variance experiment) if it was
+        made with the weights now in ``adapter_dir``; None if missing, or made before a cell was
+        deleted and trained again. Records of versions before the hash was kept are trusted, as before."""
         record = read_json(path) if path.exists() else None
-        if record is None:
-            return None
-        if "weights_sha256" in record:
-            return record if record["weights_sha256"] == _weights_hash(adapter_dir) else None
-        if "adapter_sha256" in record:  # written for a few commits on 2026-12-07: the whole folder's hash
-            from opd_bench.verify import adapter_sha256
-
-            return record if record["adapter_sha256"] == (None if adapter_dir is None else adapter_sha256(adapter_dir)) else None
-        return record
+        if record is None or "weights_sha256" not in record:
+            return record
+        return record if record["weights_sha256"] == _weights_hash(adapter_dir) else None
 
     def _finished_evaluation(self, name: str, seed: int, adapter_dir: Path | None) -> dict | None:
         """The saved final evaluation of a model, or None; records of older versions lack per-image
         scores, and those are evaluated again."""
-        record = self._saved_evaluation(self._evaluation_path(name, seed), adapter_dir)
+        record = self._saved_record(self._evaluation_path(name, seed), adapter_dir)
         return record if record is not None and "per_image" in record else None
 
     def evaluation_finished(self, name: str, seed: int, adapter_dir: Path | None, task: str | None = None) -> bool:
         """Whether the model's final evaluation (or, with ``task``, that benchmark's part of it) is saved."""
         if self._finished_evaluation(name, seed, adapter_dir) is not None:
             return True
-        return task is not None and self._saved_evaluation(self._parts_dir(name, seed) / f"{task}.json", adapter_dir) is not None
+        return task is not None and self._saved_record(self._parts_dir(name, seed) / f"{task}.json", adapter_dir) is not None
 
     def evaluate_cell(self, name: str, adapter_dir: Path | None, seed: int, task: str | None = None) -> dict:
         """Final evaluation of one model (base: ``adapter_dir=None``), cached in ``evals/``.
@@ -522,7 +516,7 @@ class Harness:
         from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source
 
         path = self._parts_dir(name, seed) / f"{task}.json"
-        part = self._saved_evaluation(path, adapter_dir)
+        part = self._saved_record(path, adapter_dir)
         if part is not None:
             return part
         adapter = self._loaded(name, adapter_dir, seed)
@@ -550,7 +544,7 @@ class Harness:
 
     def finished_variance(self, teachers: dict[str, Path]) -> dict | None:
         """The saved variance experiment, if it ran on the teacher now in its folder."""
-        return self._saved_evaluation(self.variance_path, teachers[self._variance_task()] / "final")
+        return self._saved_record(self.variance_path, teachers[self._variance_task()] / "final")
 
     def variance(self, teachers: dict[str, Path]) -> dict:
         from opd_bench.trainers.variance import variance_experiment
