@@ -22,7 +22,10 @@ were kept (per tag for GenEval), minutes, and base and adapter on the held-out p
 of probe_teacher.py (``--eval-limit`` test prompts x 2 images, noise seed 777): each score, the
 per-image gain with its paired standard error and, for GenEval, the score's own gain
 (``score_gain``, the tags' mean) with its stratified one; the same on up to as many of the
-prompts with a kept sample (``fitted_prompts``: did it fit even those?).
+prompts with a kept sample (``fitted_prompts``: did it fit even those?). For GenEval also
+``word_use``: probe_text_use.py's minimal-edit ratios (D1) of base and fitted model, to see
+whether the fit made the denoiser read the relation, the colours' order, the count. ``--sigma-shift``
+draws the fit's sigmas shifted as the sampler's schedule is (V2).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from opd_bench.rollout import rollout
 from opd_bench.tiny.pretrain import logit_normal
 from opd_bench.world.render import render_batch
 from probe_args import held_out, probe_parser, summary, tag_score_gain
+from probe_text_use import geneval_edit_ratios
 
 CHUNK = 64  # images per sampling / encoding call
 
@@ -97,8 +101,13 @@ def kept_samples(policy, spec, reward, prompts, images_per_prompt: int, source: 
     return torch.cat(latents), torch.tensor(owners), scores
 
 
+def shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """``sigma`` moved towards 1 as the sampler's flow shift moves its schedule (1: unchanged)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def fine_tune(policy, adapter: str, latents, owners, embeds, *, steps: int, batch: int, lr: float, seed: int,
-              guidance: float = 1.0) -> list[float]:
+              guidance: float = 1.0, sigma_shift: float = 1.0) -> list[float]:
     """The pretraining loss on the kept latents, through adapter ``adapter``; the loss every 50 steps.
 
     ``guidance`` > 1 fits the guided velocity (unconditional half detached, as GRPO trains) instead
@@ -113,7 +122,7 @@ def fine_tune(policy, adapter: str, latents, owners, embeds, *, steps: int, batc
             index = torch.randint(len(latents), (batch,), generator=generator)
             x0 = latents[index].to(policy.device, policy.dtype)
             noise = torch.randn(x0.shape, generator=generator).to(x0)
-            sigma = logit_normal(batch, generator).to(x0)
+            sigma = shifted(logit_normal(batch, generator), sigma_shift).to(x0)
             noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
             velocity = policy.velocity(noisy, sigma, embeds.select(owners[index]), guidance, detach_uncond=True)
             loss = F.mse_loss(velocity.float(), (noise - x0).float())
@@ -146,11 +155,15 @@ def main() -> None:
                         help="fine-tune a full copy of the transformer instead of a LoRA adapter (--rank, --alpha unused)")
     parser.add_argument("--sample-guidance", type=float, default=None,
                         help="the CFG scale the base draws its own samples with (default: the evaluation's)")
+    parser.add_argument("--sigma-shift", type=float, default=1.0,
+                        help="shift the fit's logit-normal sigmas as the sampler's schedule is shifted (pretraining: 1)")
     parser.add_argument("--guided", action="store_true",
                         help="fit the guided velocity (the evaluation's CFG scale) instead of the conditional one")
     args = parser.parse_args()
     if args.overrides:
         parser.error("--set does not apply here (no trainer config); use --lr, --rank, --alpha, --steps")
+    if args.sigma_shift <= 0:
+        parser.error(f"--sigma-shift must be > 0 (1: the pretraining's unshifted sigmas), got {args.sigma_shift}")
     torch.set_num_threads(args.threads)
 
     suite = suites.get("tiny")
@@ -180,7 +193,7 @@ def main() -> None:
         policy.add_adapter("sft", rank=args.rank, alpha=args.alpha, seed=args.seed)
     started = time.perf_counter()
     losses = fine_tune(policy, "sft", latents, owners, embeds, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                       guidance=fit_guidance)
+                       guidance=fit_guidance, sigma_shift=args.sigma_shift)
     train_minutes = (time.perf_counter() - started) / 60
 
     rewards = {"main": reward}
@@ -202,14 +215,21 @@ def main() -> None:
     # the same on prompts it was fitted on (other noise than the samples'): did it fit even those?
     fitted_prompts = [prompts[i] for i in owners.unique().tolist()]
     fit = compare(TrainedPrompts(spec, fitted_prompts))
+    word_use = {}
+    if args.task == "geneval":  # does the fit make the denoiser read the words the hard tags turn on?
+        for name in (None, "sft"):
+            with policy.use(name):
+                word_use[name or "base"] = {tag: {str(s): round(r, 3) for s, r in ratios.items()}
+                                            for tag, ratios in geneval_edit_ratios(policy).items()}
     print(json.dumps({"task": args.task, "model": args.model, "source": args.source, "keep_at": args.keep_at,
                       "seed": args.seed, "prompts": args.prompts, "images": args.images, "steps": args.steps,
-                      "batch": args.batch, "lr": args.lr, "sample_guidance": drawing.guidance_scale,
+                      "batch": args.batch, "lr": args.lr, "sample_guidance": drawing.guidance_scale, "sigma_shift": args.sigma_shift,
                       "guided": args.guided, "fit_guidance": fit_guidance, "full": args.full, "rank": args.rank, "alpha": args.alpha,
                       "threads": args.threads, "drawn_reward": round(sum(drawn) / len(drawn), 4),
                       "kept": len(latents), "kept_per_tag": dict(tags), "prompts_fitted": len(fitted_prompts),
                       "sample_minutes": round(sample_minutes, 2), "train_minutes": round(train_minutes, 2),
-                      "loss": losses, **held, "fitted_prompts": fit}))
+                      "loss": losses, **held, "fitted_prompts": fit,
+                      **({"word_use": word_use} if word_use else {})}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""Are a base's objects drawn well enough to be detected? Per GenEval tag, base samples against the world's renders.
+
+A GenEval-style image is scored by the world's detector, which keeps an object only if its shape is
+classified with confidence >= the rules' threshold (0.3; counting 0.9). This probe samples the first
+``--per-tag`` test prompts of each tag (``--seeds`` images each, the suite's evaluation sampler) and
+reports, per tag, how many objects the detector finds per image (every component, kept or not), the
+share it keeps, and their median confidence, with the same for the world's own renders of those
+prompts (the ceiling). A base whose objects are there but not kept fails GenEval on drawing, not on
+layout or counting; that is the first thing a candidate base must fix (docs/tiny_base.md).
+
+    python benchmarks/probe_object_quality.py [MODEL]   # MODEL: a pipeline folder, default the shipped base
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from opd_bench import suites
+from opd_bench.evaluate import SamplerSettings, policy_source
+from opd_bench.geneval import DEFAULT_RULES, TAGS
+from opd_bench.policy import Policy
+from opd_bench.world.detect import detect
+from opd_bench.world.render import render
+
+
+def object_stats(images, records: list[dict]) -> dict:
+    """Objects per image, the share at or above each record's threshold, their median confidence."""
+    kept, confidences = [], []
+    for image, record in zip(images, records, strict=True):
+        for found in detect(image, keep_rejected=True):
+            confidences.append(found["confidence"])
+            kept.append(found["confidence"] >= DEFAULT_RULES.confidence_threshold(record))
+    return {"objects_per_image": len(kept) / len(records), "kept": float(np.mean(kept)) if kept else 0.0,
+            "median_confidence": float(np.median(confidences)) if confidences else 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="tiny")
+    parser.add_argument("--per-tag", type=int, default=28, help="test prompts per tag")
+    parser.add_argument("--seeds", type=int, default=2, help="images per prompt (noise seeds 0..N-1)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    suite = suites.get("tiny")
+    policy = Policy.from_pretrained(suites.resolve_model(args.model))
+    draw = policy_source(policy, SamplerSettings.of_suite(suite))
+    prompts = suite.benchmark("geneval").prompts("test")
+    print(f"{'tag':14s} {'base: objects/image':>20s} {'kept':>6s} {'median conf':>12s}   {'renders: objects/image':>23s} {'kept':>6s}")
+    for tag in TAGS:
+        chosen = [p for p in prompts if p.metadata["tag"] == tag][: args.per_tag]
+        records = [p.metadata for p in chosen] * args.seeds
+        images = torch.cat([draw(chosen, seed, 0) for seed in range(args.seeds)])
+        renders = [render(record, k) for k, record in enumerate(records)]
+        base, world = object_stats(images, records), object_stats(renders, records)
+        print(f"{tag:14s} {base['objects_per_image']:20.2f} {base['kept']:6.2f} {base['median_confidence']:12.2f}   "
+              f"{world['objects_per_image']:23.2f} {world['kept']:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
