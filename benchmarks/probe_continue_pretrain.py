@@ -6,10 +6,15 @@ e.g. ``sigma_shift``) can be tried more cheaply: load the base (``--model``, def
 one), render the same training scenes, encode them with its own VAE and train its transformer and
 text encoders for ``--steps`` more steps (a fresh warm-up and cosine from the config's ``lr``),
 with every ``--set FIELD=VALUE`` applied. A control run with no ``--set`` and the same ``--steps``
-separates the change from the extra steps. The result is an ordinary pipeline folder: score it
+separates the change from the extra steps.
+
+``--add-layers N`` tests the transformer's depth the same way: N new joint blocks are inserted
+before the last one, each starting as a no-op (its AdaLN-Zero modulations are zero, so both of
+its residual branches are gated shut), so the deeper model starts out computing exactly what the
+base computes and the continued steps decide what the extra depth buys. The result is an ordinary pipeline folder: score it
 with ``opd-bench eval --model DIR`` and ``python benchmarks/probe_text_use.py DIR --edits``.
 
-    python benchmarks/probe_continue_pretrain.py --out DIR --steps 4000 [--set sigma_shift=3]
+    python benchmarks/probe_continue_pretrain.py --out DIR --steps 4000 [--set FIELD=VALUE] [--add-layers N]
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from opd_bench import suites
 from opd_bench.io import atomic_write_json
@@ -29,14 +35,35 @@ from opd_bench.tiny.build import save_pipeline
 from opd_bench.tiny.pretrain import PretrainConfig, encode_dataset, render_dataset, train_denoiser, training_records
 
 
+def deepen(transformer, extra: int) -> None:
+    """Insert ``extra`` joint blocks before ``transformer``'s last one, each a no-op until trained."""
+    from diffusers.models.attention import JointTransformerBlock
+
+    config = transformer.config
+    new = [JointTransformerBlock(dim=config.num_attention_heads * config.attention_head_dim,
+                                 num_attention_heads=config.num_attention_heads,
+                                 attention_head_dim=config.attention_head_dim, context_pre_only=False, qk_norm=config.qk_norm)
+           for _ in range(extra)]
+    for block in new:  # zero modulation: every gate 0, so the block adds nothing to either stream
+        for norm in (block.norm1, block.norm1_context):
+            nn.init.zeros_(norm.linear.weight)
+            nn.init.zeros_(norm.linear.bias)
+    blocks = list(transformer.transformer_blocks)
+    transformer.transformer_blocks = nn.ModuleList(blocks[:-1] + new + blocks[-1:])
+    transformer.register_to_config(num_layers=config.num_layers + extra)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--model", default="tiny", help="the base to continue: the shipped one or a pipeline folder")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--add-layers", type=int, default=0, help="insert this many new joint blocks, each a no-op at first")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args()
+    if args.add_layers < 0:
+        parser.error(f"--add-layers must be >= 0, got {args.add_layers}")
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"--out {args.out} is not empty; name a new folder")
     torch.set_num_threads(args.threads)
@@ -51,6 +78,9 @@ def main() -> None:
 
     policy = Policy.from_pretrained(suites.resolve_model(args.model))
     pipeline = policy.pipeline
+    if args.add_layers:
+        torch.manual_seed(config.seed)
+        deepen(pipeline.transformer, args.add_layers)
     started = time.time()
     records, _ = training_records(config)  # the same scenes as the base's own pretraining (same seed)
     latents = encode_dataset(pipeline.vae, render_dataset(records, config.seed), "cpu")
@@ -61,10 +91,10 @@ def main() -> None:
                                  lambda record: log_file.write(json.dumps(record) + "\n"))
     save_pipeline(pipeline, args.out)
     atomic_write_json(args.out / "pretrain_info.json", {
-        **summary, "continued_from": args.model, "overrides": args.overrides, "config": asdict(config),
+        **summary, "continued_from": args.model, "overrides": args.overrides, "added_layers": args.add_layers, "config": asdict(config),
         "total_seconds": time.time() - started, "torch": torch.__version__, "threads": args.threads})
     print(json.dumps({"out": str(args.out), "steps": summary["denoiser_steps"], "minutes": round((time.time() - started) / 60, 1),
-                      "overrides": args.overrides}))
+                      "overrides": args.overrides, "added_layers": args.add_layers}))
 
 
 if __name__ == "__main__":

@@ -93,3 +93,23 @@ def test_continued_pretraining_trains_the_denoiser_and_keeps_the_vae(benchmark_s
             script.main()
         assert problem in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_added_layers_start_as_no_ops_and_save_as_a_deeper_pipeline(benchmark_script, policy, tmp_path):
+    deepen = benchmark_script("probe_continue_pretrain").deepen
+    transformer = policy.pipeline.transformer
+    layers = transformer.config.num_layers
+    latents = torch.randn(2, *policy.latent_shape(1)[1:])
+    embeds = policy.encode(["a photo of a red circle", "a photo of a star left of a heart"])
+    with torch.no_grad():
+        before = policy.velocity(latents, 0.7, embeds)
+        torch.manual_seed(0)
+        deepen(transformer, 2)
+        after = policy.velocity(latents, 0.7, embeds)
+    assert len(transformer.transformer_blocks) == layers + 2 and transformer.config.num_layers == layers + 2
+    assert transformer.transformer_blocks[-1].context_pre_only and not transformer.transformer_blocks[-2].context_pre_only
+    assert torch.allclose(before, after, atol=1e-6)
+    policy.pipeline.save_pretrained(tmp_path)
+    reloaded = Policy.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert torch.allclose(reloaded.velocity(latents, 0.7, embeds), after, atol=1e-6)
