@@ -1,27 +1,31 @@
 """Continue a base's pretraining with one change, to test a base design without a full rebuild (issue 11).
 
 A full ``opd-bench pretrain base`` takes about 80 minutes on the 2-core machine. A change to the
-denoiser's training (a ``PretrainConfig`` field that does not touch the VAE or the architecture,
-e.g. ``sigma_shift``) can be tried more cheaply: load the base (``--model``, default the shipped
-one), render the same training scenes, encode them with its own VAE and train its transformer and
-text encoders for ``--steps`` more steps (a fresh warm-up and cosine from the config's ``lr``),
-with every ``--set FIELD=VALUE`` applied. A control run with no ``--set`` and the same ``--steps``
-separates the change from the extra steps.
+denoiser's training that leaves the VAE and the architecture alone (a ``PretrainConfig`` field such
+as ``mixture``) can be tried more cheaply: load the base (``--model``, default the shipped one),
+render the same training scenes, encode them with its own VAE and train its transformer and text
+encoders for ``--steps`` more steps (a fresh warm-up and cosine from the config's ``lr``), with the
+config the base was pretrained with (its ``pretrain_info.json``; the defaults where it has none)
+and every ``--set FIELD=VALUE`` applied. A control run with no change and the same ``--steps``
+separates the change from the extra steps (probes U1-U4 in docs/benchmarks.md).
 
 ``--add-layers N`` tests the transformer's depth the same way: N new joint blocks are inserted
-before the last one, each starting as a no-op (its AdaLN-Zero modulations are zero, so both of
-its residual branches are gated shut), so the deeper model starts out computing exactly what the
-base computes and the continued steps decide what the extra depth buys. The result is an ordinary pipeline folder: score it
-with ``opd-bench eval --model DIR`` and ``python benchmarks/probe_text_use.py DIR --edits``.
+before the last one, each starting as a no-op (its AdaLN-Zero modulations are zero, so both of its
+residual branches are gated shut): the deeper model starts out computing exactly what the base
+computes, and the continued steps decide what the extra depth buys.
+
+The result is an ordinary pipeline folder; score it with ``opd-bench eval`` and the base checks of
+docs/tiny_base.md (``probe_object_quality.py DIR``, ``probe_text_use.py DIR --edits``).
 
     python benchmarks/probe_continue_pretrain.py --out DIR --steps 4000 [--set FIELD=VALUE] [--add-layers N]
+    opd-bench eval --model DIR --out DIR/eval --seed 0
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,11 +39,27 @@ from opd_bench.tiny.build import save_pipeline
 from opd_bench.tiny.pretrain import PretrainConfig, encode_dataset, render_dataset, train_denoiser, training_records
 
 
+# What a continued pretraining keeps from its base (and the CPU it runs on): changing one needs a rebuild.
+KEPT = {"vae_steps", "vae_batch", "vae_crop", "vae_lr", "vae_kl", "reconstruction_limit", "latent_channels",
+        "vae_channels", "patch_size", "num_layers", "num_heads", "text_layers", "char_tokens", "device"}
+
+
+def base_config(model_dir: Path, steps: int) -> PretrainConfig:
+    """The config ``model_dir`` was pretrained with (the defaults where it records none), for ``steps`` more steps."""
+    info = model_dir / "pretrain_info.json"
+    recorded = json.loads(info.read_text()).get("config", {}) if info.exists() else {}
+    names = {f.name for f in fields(PretrainConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in names}
+    return replace(PretrainConfig(**values), steps=steps, max_minutes=None, device="cpu")
+
+
 def deepen(transformer, extra: int) -> None:
     """Insert ``extra`` joint blocks before ``transformer``'s last one, each a no-op until trained."""
     from diffusers.models.attention import JointTransformerBlock
 
     config = transformer.config
+    if config.dual_attention_layers:  # the rebuilt config would give the inserted blocks other indices' attention
+        raise ValueError("--add-layers supports transformers without dual-attention layers (SD3, not SD3.5)")
     new = [JointTransformerBlock(dim=config.num_attention_heads * config.attention_head_dim,
                                  num_attention_heads=config.num_attention_heads,
                                  attention_head_dim=config.attention_head_dim, context_pre_only=False, qk_norm=config.qk_norm)
@@ -67,16 +87,17 @@ def main() -> None:
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"--out {args.out} is not empty; name a new folder")
     torch.set_num_threads(args.threads)
-    changed = {"vae_steps", "latent_channels", "vae_channels", "patch_size", "num_layers", "num_heads", "text_layers", "char_tokens"}
+    fixed = sorted(KEPT & {pair.partition("=")[0].strip() for pair in args.overrides})
+    if fixed:
+        parser.error(f"--set {fixed[0]} cannot change in a continued pretraining (it keeps the base's VAE and "
+                     "architecture and runs on the CPU); rebuild with `opd-bench pretrain base` instead")
+    model_dir = Path(suites.resolve_model(args.model))
     try:
-        config = set_fields(PretrainConfig(steps=args.steps), args.overrides)
+        config = set_fields(base_config(model_dir, args.steps), args.overrides)
     except ValueError as error:
         parser.error(str(error))
-    fixed = sorted(changed & {pair.partition("=")[0].strip() for pair in args.overrides})
-    if fixed:
-        parser.error(f"--set {fixed[0]} changes the VAE or the architecture; rebuild with `opd-bench pretrain base` instead")
 
-    policy = Policy.from_pretrained(suites.resolve_model(args.model))
+    policy = Policy.from_pretrained(str(model_dir))
     pipeline = policy.pipeline
     if args.add_layers:
         torch.manual_seed(config.seed)

@@ -1,10 +1,11 @@
 """Are a base's objects drawn well enough to be detected? Per GenEval tag, base samples against the world's renders.
 
 A GenEval-style image is scored by the world's detector, which keeps an object only if its shape is
-classified with confidence >= the rules' threshold (0.3; counting 0.9). This probe samples the first
+classified with confidence above the rules' threshold (0.3; counting 0.9). This probe samples the first
 ``--per-tag`` test prompts of each tag (``--seeds`` images each, the suite's evaluation sampler) and
-reports, per tag, how many objects the detector finds per image (every component, kept or not), the
-share it keeps, and their median confidence, with the same for the world's own renders of those
+reports, per tag, how many objects the detector finds per image (every shape, kept or not; not the
+components it calls text), the share GenEval keeps (``geneval.keep_detections``), and their median
+confidence, with the same for the world's own renders of those
 prompts (the ceiling). A base whose objects are there but not kept fails GenEval on drawing, not on
 layout or counting; that is the first thing a candidate base must fix (docs/tiny_base.md).
 
@@ -19,21 +20,21 @@ import torch
 
 from opd_bench import suites
 from opd_bench.evaluate import SamplerSettings, policy_source
-from opd_bench.geneval import DEFAULT_RULES, TAGS
+from opd_bench.geneval import TAGS, keep_detections
 from opd_bench.policy import Policy
 from opd_bench.world.detect import detect
 from opd_bench.world.render import render
 
 
 def object_stats(images, records: list[dict]) -> dict:
-    """Objects per image, the share at or above each record's threshold, their median confidence."""
-    kept, confidences = [], []
+    """Objects per image, the share GenEval keeps under each record's threshold, their median confidence."""
+    found, kept = [], 0
     for image, record in zip(images, records, strict=True):
-        for found in detect(image, keep_rejected=True):
-            confidences.append(found["confidence"])
-            kept.append(found["confidence"] >= DEFAULT_RULES.confidence_threshold(record))
-    return {"objects_per_image": len(kept) / len(records), "kept": float(np.mean(kept)) if kept else 0.0,
-            "median_confidence": float(np.median(confidences)) if confidences else 0.0}
+        shapes = detect(image)
+        found += [shape["confidence"] for shape in shapes]
+        kept += sum(len(group) for group in keep_detections(shapes, record).values())
+    return {"objects_per_image": len(found) / len(records), "kept": kept / len(found) if found else 0.0,
+            "median_confidence": float(np.median(found)) if found else 0.0}
 
 
 def main() -> None:

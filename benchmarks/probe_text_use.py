@@ -94,7 +94,9 @@ def edited_prompt(record: dict, rng: np.random.Generator) -> str | None:
         word = spec.COUNT_WORDS[include[0]["count"]]
         return _replace_word(prompt, word, str(rng.choice([w for n, w in spec.COUNT_WORDS.items() if n >= 2 and w != word])))
     if tag == "position":
-        relation = next(r for r in _OPPOSITE if f" {r} " in prompt)
+        relation = next((r for r in _OPPOSITE if f" {r} " in prompt), None)
+        if relation is None:
+            raise ValueError(f"position prompt {prompt!r} names no relation")
         return prompt.replace(f" {relation} ", f" {_OPPOSITE[relation]} ", 1)
     if tag == "color_attr":
         a, b = include[0]["color"], include[1]["color"]
@@ -114,7 +116,7 @@ def edit_pairs(records: list[dict]) -> list[tuple[dict, str]]:
 def context_change(policy: Policy, records: list[dict]) -> float:
     """How far the edit moves the text encoders' per-token context: mean |edited - own| / |own|."""
     pairs = edit_pairs(records)
-    own, edited = policy.encode([r["prompt"] for r, _ in pairs]).embeds, policy.encode([e for _, e in pairs]).embeds
+    own, edited = (policy.encode(prompts).embeds.float() for prompts in ([r["prompt"] for r, _ in pairs], [e for _, e in pairs]))
     return float(((edited - own).flatten(1).norm(dim=1) / own.flatten(1).norm(dim=1)).mean())
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from opd_bench.policy import Policy
+from opd_bench.tiny.pretrain import PretrainConfig
 from opd_bench.world.render import render
 
 
@@ -46,13 +47,32 @@ def test_each_edit_changes_the_one_word_its_tag_turns_on(text_use):
         assert single.startswith("a photo of a") and single != "a photo of a square"
 
 
-def test_the_word_use_ratio_is_one_when_the_edit_changes_nothing_and_moves_when_it_does(policy, text_use, monkeypatch):
-    records = [record("single_object", f"a photo of a {shape}", [{"class": shape, "count": 1}]) for shape in ("star", "heart")]
-    changed = text_use.edit_ratios(policy, records, noise_seeds=1)
-    assert set(changed) == set(text_use.EDIT_SIGMAS) and all(r != 1.0 for r in changed.values())
+def test_every_test_prompt_edit_changes_only_the_words_of_its_tag(text_use):
+    from opd_bench import suites
+
+    for k, prompt in enumerate(suites.get("tiny").benchmark("geneval").prompts("test")):
+        meta = prompt.metadata
+        edited = text_use.edited_prompt(meta, np.random.default_rng(k))
+        changed = {(a, b) for a, b in zip(prompt.text.split(), edited.split(), strict=True) if a != b}
+        words = {w for pair in changed for w in pair} - {"a", "an"}
+        if meta["tag"] == "color_attr":  # the two colours trade places (and an article may follow)
+            assert words == {c["color"] for c in meta["include"]}, (prompt.text, edited)
+        elif meta["tag"] == "position":
+            assert words in ({"left", "right"}, {"above", "below"}), (prompt.text, edited)
+        else:
+            assert len(words) == 2 and len(changed - {("a", "an"), ("an", "a")}) == 1, (prompt.text, edited)
+        assert "a orange" not in edited and not any(f"an {c}" in edited for c in ("red", "blue", "green", "pink", "purple", "black", "white", "yellow", "brown"))
+
+
+def test_the_word_use_ratio_is_one_when_the_edit_changes_nothing_and_high_when_the_shape_changes(text_use, monkeypatch):
+    from opd_bench import suites
+
+    base = Policy.from_pretrained(suites.resolve_model("tiny"))  # the shipped base reads a lone shape (D1: up to 2.45x)
+    records = [record("single_object", f"a photo of a {shape}", [{"class": shape, "count": 1}]) for shape in ("star", "heart", "square")]
+    assert text_use.edit_ratios(base, records, noise_seeds=1)[0.8] > 1.5  # images paired with the wrong prompts would fall below 1
     monkeypatch.setattr(text_use, "edited_prompt", lambda r, rng: r["prompt"])
-    assert text_use.edit_ratios(policy, records, noise_seeds=1) == {s: 1.0 for s in text_use.EDIT_SIGMAS}
-    assert text_use.context_change(policy, records) == 0.0
+    assert text_use.edit_ratios(base, records, noise_seeds=1) == {s: 1.0 for s in text_use.EDIT_SIGMAS}
+    assert text_use.context_change(base, records) == 0.0
 
 
 def test_object_stats_count_the_detectors_objects_and_the_share_it_keeps(benchmark_script):
@@ -62,6 +82,16 @@ def test_object_stats_count_the_detectors_objects_and_the_share_it_keeps(benchma
     assert renders == {"objects_per_image": 2.0, "kept": 1.0, "median_confidence": pytest.approx(1.0, abs=0.05)}
     blank = Image.new("RGB", (64, 64), (128, 128, 128))
     assert quality.object_stats([blank], [two]) == {"objects_per_image": 0.0, "kept": 0.0, "median_confidence": 0.0}
+
+
+def test_object_stats_keep_what_geneval_keeps_strictly_above_each_tags_threshold(benchmark_script, monkeypatch):
+    quality = benchmark_script("probe_object_quality")
+    shapes = [{"class": "circle", "confidence": c, "box": (0, 0, 10, 10), "color": "red"} for c in (0.3, 0.5, 0.95)]
+    monkeypatch.setattr(quality, "detect", lambda image: shapes)
+    single = record("single_object", "a photo of a circle", [{"class": "circle", "count": 1}])
+    counting = record("counting", "a photo of three circles", [{"class": "circle", "count": 3}])
+    assert quality.object_stats([None], [single]) == {"objects_per_image": 3.0, "kept": pytest.approx(2 / 3), "median_confidence": 0.5}
+    assert quality.object_stats([None], [counting])["kept"] == pytest.approx(1 / 3)  # counting keeps only > 0.9
 
 
 def test_self_sft_sigma_shift_moves_sigmas_towards_one_and_keeps_the_ends(benchmark_script):
@@ -87,7 +117,7 @@ def test_continued_pretraining_trains_the_denoiser_and_keeps_the_vae(benchmark_s
     assert any(not torch.equal(before[k], after[k]) for k in before)
     Policy.from_pretrained(str(out))  # loads as any pipeline folder
     for args, problem in ((argv, "is not empty"),  # a finished folder is refused, not overwritten
-                          (argv[:7] + ["--out", str(tmp_path / "new"), "--set", "num_layers=2"], "--set num_layers changes")):
+                          (argv[:7] + ["--out", str(tmp_path / "new"), "--set", "num_layers=2"], "--set num_layers cannot change")):
         monkeypatch.setattr(sys, "argv", args)
         with pytest.raises(SystemExit):
             script.main()
@@ -101,15 +131,29 @@ def test_added_layers_start_as_no_ops_and_save_as_a_deeper_pipeline(benchmark_sc
     layers = transformer.config.num_layers
     latents = torch.randn(2, *policy.latent_shape(1)[1:])
     embeds = policy.encode(["a photo of a red circle", "a photo of a star left of a heart"])
+    original = list(transformer.transformer_blocks)
     with torch.no_grad():
         before = policy.velocity(latents, 0.7, embeds)
         torch.manual_seed(0)
         deepen(transformer, 2)
         after = policy.velocity(latents, 0.7, embeds)
-    assert len(transformer.transformer_blocks) == layers + 2 and transformer.config.num_layers == layers + 2
+    blocks = list(transformer.transformer_blocks)
+    assert len(blocks) == layers + 2 and transformer.config.num_layers == layers + 2
+    assert blocks[: layers - 1] == original[:-1] and blocks[-1] is original[-1]  # the new ones go before the last
     assert transformer.transformer_blocks[-1].context_pre_only and not transformer.transformer_blocks[-2].context_pre_only
     assert torch.allclose(before, after, atol=1e-6)
     policy.pipeline.save_pretrained(tmp_path)
     reloaded = Policy.from_pretrained(str(tmp_path))
+    assert reloaded.pipeline.transformer.config.num_layers == layers + 2
     with torch.no_grad():
         assert torch.allclose(reloaded.velocity(latents, 0.7, embeds), after, atol=1e-6)
+
+
+def test_a_continued_pretraining_starts_from_the_config_its_base_was_pretrained_with(benchmark_script, tmp_path):
+    base_config = benchmark_script("probe_continue_pretrain").base_config
+    assert base_config(tmp_path, 7) == PretrainConfig(steps=7)  # no pretrain_info.json: the defaults
+    (tmp_path / "pretrain_info.json").write_text(json.dumps({"config": {
+        "lr": 5e-4, "vae_channels": [8, 16], "mixture": {"geneval": 1.0}, "steps": 99, "max_minutes": 3.0, "device": "cuda"}}))
+    config = base_config(tmp_path, 7)
+    assert (config.lr, config.vae_channels, config.mixture) == (5e-4, (8, 16), {"geneval": 1.0})
+    assert (config.steps, config.max_minutes, config.device) == (7, None, "cpu")
