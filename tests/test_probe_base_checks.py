@@ -1,4 +1,4 @@
-"""The base checks behind probes D1, D2 and U1-U2 (issue 11): the minimal prompt edits are the ones
+"""The base checks behind probes D1, D2 and U1-U4 (issue 11): the minimal prompt edits are the ones
 each GenEval tag turns on, the word-use ratio is exactly 1 where the edit changes nothing, the object
 count and kept share are the detector's, and a continued pretraining changes the denoiser only."""
 
