@@ -102,6 +102,7 @@ def main() -> None:
     if args.add_layers:
         torch.manual_seed(config.seed)
         deepen(pipeline.transformer, args.add_layers)
+    config = replace(config, num_layers=pipeline.transformer.config.num_layers)  # recorded as trained
     started = time.time()
     records, _ = training_records(config)  # the same scenes as the base's own pretraining (same seed)
     latents = encode_dataset(pipeline.vae, render_dataset(records, config.seed), "cpu")
