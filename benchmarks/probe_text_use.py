@@ -27,16 +27,16 @@ import numpy as np
 import torch
 
 from opd_bench import suites
+from opd_bench.geneval import TAGS
 from opd_bench.policy import Policy
 from opd_bench.world import spec
-from opd_bench.world.render import render
+from opd_bench.tiny.captions import OPPOSITE_RELATION
+from opd_bench.world.render import render_batch
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "diamond"]
 COLOURS = ["red", "blue", "yellow", "green", "purple", "white", "black"]
 SIGMAS = (0.4, 0.6, 0.8, 0.9)
 EDIT_SIGMAS = (0.4, 0.6, 0.8, 0.9, 0.97)  # the layout (where objects go, how many) is settled at the highest
-EDIT_TAGS = ("single_object", "colors", "two_object", "counting", "position", "color_attr")
-_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 CHARACTERS = ["A", "K", "7", "R", "3", "X", "O"]
 TEXTS = ["K7AB", "R3XO", "MZ42", "QTE8", "H5WN", "CKOI", "Y9DP"]
 
@@ -54,9 +54,7 @@ def sign(text: str) -> dict:
 def wrong_word_ratios(policy: Policy, records: list[dict], swap: str = "both") -> dict[float, float]:
     """``swap``: which conditioning comes from the other prompt: "both", "context" or "pooled"."""
     pipe, transformer = policy.pipeline, policy.pipeline.transformer
-    images = torch.stack([torch.from_numpy(np.array(render(r, k).convert("RGB"))).permute(2, 0, 1).float() / 255
-                          for k, r in enumerate(records)])
-    z = policy.encode_images(images)
+    z = policy.encode_images(render_batch(records, 0))  # record k drawn with seed k
     embeds, _, pooled, _ = pipe.encode_prompt(prompt=[r["prompt"] for r in records], prompt_2=None, prompt_3=None,
                                               device="cpu", do_classifier_free_guidance=False, max_sequence_length=1)
     n, out = len(records), {}
@@ -94,10 +92,10 @@ def edited_prompt(record: dict, rng: np.random.Generator) -> str | None:
         word = spec.COUNT_WORDS[include[0]["count"]]
         return _replace_word(prompt, word, str(rng.choice([w for n, w in spec.COUNT_WORDS.items() if n >= 2 and w != word])))
     if tag == "position":
-        relation = next((r for r in _OPPOSITE if f" {r} " in prompt), None)
+        relation = next((r for r in OPPOSITE_RELATION if f" {r} " in prompt), None)
         if relation is None:
             raise ValueError(f"position prompt {prompt!r} names no relation")
-        return prompt.replace(f" {relation} ", f" {_OPPOSITE[relation]} ", 1)
+        return prompt.replace(f" {relation} ", f" {OPPOSITE_RELATION[relation]} ", 1)
     if tag == "color_attr":
         a, b = include[0]["color"], include[1]["color"]
         if a == b:
@@ -125,8 +123,7 @@ def edit_ratios(policy: Policy, records: list[dict], noise_seeds: int = 2) -> di
     """x0 error under each record's edited prompt / under its own, summed over images, per sigma
     (conditional velocity, the policy's active adapter; record k drawn with seed k % 3)."""
     pairs = edit_pairs(records)
-    images = torch.stack([torch.from_numpy(np.array(render(r, k % 3).convert("RGB"))).permute(2, 0, 1).float() / 255
-                          for k, (r, _) in enumerate(pairs)])
+    images = render_batch([r for r, _ in pairs], [k % 3 for k in range(len(pairs))])
     z = policy.encode_images(images.to(policy.device)).float()
     own, edited = policy.encode([r["prompt"] for r, _ in pairs]), policy.encode([e for _, e in pairs])
     out = {}
@@ -145,7 +142,7 @@ def edit_ratios(policy: Policy, records: list[dict], noise_seeds: int = 2) -> di
 def geneval_edit_records(per_tag: int = 24) -> dict[str, list[dict]]:
     """The first ``per_tag`` test records of each GenEval tag of the tiny suite."""
     records = [p.metadata for p in suites.get("tiny").benchmark("geneval").prompts("test")]
-    return {tag: [r for r in records if r["tag"] == tag][:per_tag] for tag in EDIT_TAGS}
+    return {tag: [r for r in records if r["tag"] == tag][:per_tag] for tag in TAGS}
 
 
 def geneval_edit_ratios(policy: Policy, per_tag: int = 24) -> dict[str, dict[float, float]]:

@@ -139,7 +139,7 @@ class _Report(ResultView):
 
     def header(self) -> None:
         r = self.r
-        self.doc.h(1, f"opd-bench report: {self.run_dir.name}")
+        self.doc.h(1, report_title(self.run_dir.name))
         seeds = ", ".join(str(s) for s in as_list(r.get("seeds"))) or "n/a"
         self.doc.list([
             f"suite: {r.get('suite', 'n/a')} ({r.get('suite_version', 'n/a')}), model: {r.get('model', 'n/a')}, "
@@ -608,6 +608,11 @@ def load_results(run_dir: str | Path) -> dict:
 SOURCE_FILE = ".source"  # in a report folder: the run folder it was built from
 
 
+def report_title(run_name: str) -> str:
+    """A report's title (report.md's first heading, index.html's title): what tells a report's run apart."""
+    return f"opd-bench report: {run_name}"
+
+
 def report_of_another_run(run_dir: str | Path, out_dir: str | Path) -> str | None:
     """The run folder whose report ``out_dir`` holds, where that is not ``run_dir``; else None."""
     source = Path(out_dir) / SOURCE_FILE
@@ -628,10 +633,10 @@ def _unsourced_report_of_another_run(run_dir: Path, out_dir: Path) -> str | None
         date = json.loads((run_dir / "results.json").read_text()).get("date")
     except (OSError, ValueError, AttributeError):
         date = None
-    titles = {f"# opd-bench report: {name}" for name in (run_dir.name, run_dir.resolve().name)}
+    titles = {f"# {report_title(name)}" for name in (run_dir.name, run_dir.resolve().name)}
     if head and head[0] in titles and date is not None and any(line.startswith(f"- date: {date},") for line in head):
         return None
-    title = head[0].removeprefix("# opd-bench report: ") if head else "?"
+    title = head[0].removeprefix(f"# {report_title('')}") if head else "?"
     return f"{title}, as its report.md says; no {SOURCE_FILE} file names its run folder"
 
 
@@ -666,7 +671,6 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         written[name] = out_dir / name
     atomic_write_bytes(out_dir / "report.md", render_markdown(report.doc).encode("utf-8"))
     written["report.md"] = out_dir / "report.md"
-    title = f"opd-bench report: {run_dir.name}"
-    atomic_write_bytes(out_dir / "index.html", render_html(report.doc, title).encode("utf-8"))
+    atomic_write_bytes(out_dir / "index.html", render_html(report.doc, report_title(run_dir.name)).encode("utf-8"))
     written["index.html"] = out_dir / "index.html"
     return written

@@ -16,7 +16,8 @@ from opd_bench.world import spec
 
 _COLOURS = "|".join(spec.COLOR_NAMES)
 _COUNT_WORDS = [spec.COUNT_WORDS[n] for n in sorted(spec.COUNT_WORDS) if n >= 2]
-_SWAP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# each relation and the one that says the opposite (also the probes' minimal edit of a position prompt)
+OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 _GENERIC = {
     "geneval": ["a photo", "a photo of some shapes", "an image"],
     "ocr": ["a sign", "a photo of a sign with text", "some letters"],
@@ -71,7 +72,7 @@ def web_caption(record: dict, rng: np.random.Generator, noise: CaptionNoise = Ca
             other = str(rng.choice([w for w in _COUNT_WORDS if w != words[0]]))
             caption = re.sub(rf"\b{words[0]}\b", other, caption, count=1)
     if rng.random() < noise.wrong_position:
-        for relation, swapped in _SWAP.items():
+        for relation, swapped in OPPOSITE_RELATION.items():
             if f" {relation} " in caption:
                 caption = caption.replace(f" {relation} ", f" {swapped} ", 1)
                 break
