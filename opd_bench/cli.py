@@ -126,7 +126,8 @@ def _adapter_option(command):
     return click.option(
         "--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
         help="A trained adapter on top of --model (the model it was trained from): a run's "
-             "methods/<method>/seed<k>/final or teachers/<task>-<hash>/final folder.",
+             "methods/<method>/seed<k>/final (cascade: methods/cascade/seed<k>/stage<N>-<task>/final) or "
+             "teachers/<task>-<hash>/final folder.",
     )(command)
 
 
