@@ -149,7 +149,11 @@ def check_listable(results: dict) -> None:
     new submission is the installed preset's)."""
     preset = results.get("preset")
     config = results.get("config") if isinstance(results.get("config"), dict) else {}
-    if config.get("overrides"):
+    overrides = config.get("overrides")
+    if overrides is not None and not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+        raise SubmissionError(f"config['overrides'] is {overrides!r}; it must be the list of --set changes "
+                              "`opd-bench run` records (empty for a listed run)")
+    if overrides:
         raise SubmissionError(f"the run changed its {preset} preset with --set {' '.join(map(str, config['overrides']))}; "
                               "the leaderboard ranks unmodified presets, rerun without --set to submit")
     if preset not in LISTED_PRESETS:
@@ -252,6 +256,9 @@ def _load(path: Path) -> dict:
                               "submit the results.json written by `opd-bench run`") from None
     except RecursionError:
         raise SubmissionError(f"{path} nests too deeply to be a result file; "
+                              "submit the results.json written by `opd-bench run`") from None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise SubmissionError(f"{path} holds a value Python cannot read ({str(error).splitlines()[0]}); "
                               "submit the results.json written by `opd-bench run`") from None
 
 
@@ -373,6 +380,10 @@ def _rows(root: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
         except SubmissionError as error:
             skipped.append(f"{where}: {error}")
             continue
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as error:
+            # a file no validation foresaw must not stop the rebuild of every other entry
+            skipped.append(f"{where}: does not validate ({type(error).__name__}: {error})")
+            continue
         name = path.stem
         benches = list(results["benchmarks"])
         columns = bench_by_suite.setdefault(results["suite"], [])
@@ -442,9 +453,10 @@ def _clearly_above(a: dict, b: dict) -> bool:
     return round(a["overall"] - b["overall"], 9) > round(spread, 9)
 
 
-def _group(row: dict) -> tuple[str, str, str]:
-    """What a rank is within: scores compare only inside one suite, preset and configuration."""
-    return row["suite"], row["preset"], row["configuration"]
+def _group(row: dict) -> tuple[str, str, str, str]:
+    """What a rank is within: scores compare only inside one suite, preset, configuration and base
+    model (with its precision): another base is another experiment."""
+    return row["suite"], row["preset"], row["configuration"], row["model"]
 
 
 def _csv(rows: list[dict], bench_by_suite: dict[str, list[str]]) -> bytes:
@@ -497,8 +509,9 @@ or relabelled, is refused). It then **verifies** the run (`opd-bench
 verify RUN_DIR`): it checks the sha256 of every trained adapter in the run folder, regenerates 8
 test prompts per benchmark (chosen by a hash of the run's identity and adapter hashes) for every
 model and seed with the recorded seeds and sampler settings, scores them and compares every image
-with its recorded score (within 1e-3; one image per model, seed and benchmark may differ, a
-detection or OCR read flipped by float rounding). Runs that do not verify are refused; `submit
+with its recorded score (within 1e-3 plus 1e-3 of the score; among 8 or more images of a model,
+seed and benchmark scored through detections or OCR reads, one may differ by a decision flipped
+by float rounding, for strict GenEval only from 0 to 1 or back). Runs that do not verify are refused; `submit
 --unverified` lists them, unranked, in the separate unverified table. Names are 1-64 letters,
 digits, `.`, `_` or `-`, starting with a letter or digit, without `..`; an existing name is never
 overwritten, and a run already listed (the same per-image scores, or a trained student adapter
@@ -510,7 +523,8 @@ cannot be edited without changing images that may be re-checked, but the sample 
 by anyone: a maintainer re-checks an entry with the submitter's run folder and
 `opd-bench verify RUN_DIR --salt ANYTHING --prompts 32`, and the adapter hashes in the entry tie it
 to those weights. The training budget is checked against the preset's configuration, not
-re-trained: compute beyond the declared budget cannot be detected. The seeds are the submitter's
+re-trained: compute beyond the declared budget cannot be detected, and the `forwards` column is
+the run's own count, not re-counted. The seeds are the submitter's
 (the `seeds` column lists them; the presets' default is 0, 1, 2): a run of one seed is ranked beside
 runs of three.
 
@@ -518,11 +532,11 @@ runs of three.
 float32 (`--dtype`; the default on a GPU is bfloat16). `overall` is the mean of the suite's headline benchmarks (each in [0, 1]); benchmark
 cells are mean ± std over seeds (the mean alone for a single seed); `steps` are student optimizer steps and `forwards` transformer
 forward passes (student + teacher + the frozen reference of a KL penalty) of one run (mean over seeds; teachers' training is listed in the
-teacher rows). Verified student methods are ranked by `overall` (± its sd over seeds) within their suite, preset and
+teacher rows). Verified student methods are ranked by `overall` (± its sd over seeds) within their suite, preset, `model` and
 **configuration**: a short hash of the settings the preset had when the run was made (bookkeeping
 such as checkpoint frequency aside). A preset's settings change between releases (the evaluation's
 size, a learning rate, a KL penalty), and runs made under other settings are other experiments,
-so each configuration has a table of its own, the installed preset's first (then by their latest
+so each configuration (and each base model) has a table of its own, the installed preset's first (then by their latest
 run), and each other one says which settings differ from the first; `base` and
 `teacher/*` rows are references (no rank). A rank counts the entries clearly above: one whose
 `overall` is higher by more than the larger of the two seed sds; entries closer than that share a
@@ -560,16 +574,16 @@ def _readme(rows: list[dict], skipped: list[str], bench_by_suite: dict[str, list
     verified = [r for r in rows if r["status"] == "verified"]
     if not verified:
         out.append("No verified submissions yet.\n")
-    newest: dict[tuple[str, str], dict] = {}
+    newest: dict[tuple[str, str, str], dict] = {}
     for group in dict.fromkeys(_group(r) for r in verified):  # rows are sorted: newest configuration first
-        suite, preset, configuration = group
+        suite, preset, configuration, model = group
         rows_of = [r for r in verified if _group(r) == group]
         dates = sorted(r["date"][:10] for r in rows_of)
         count = len({r["submission"] for r in rows_of})
-        out.append(f"## Suite `{suite}`, preset `{preset}`, configuration `{configuration}`\n")
+        out.append(f"## Suite `{suite}`, preset `{preset}`, configuration `{configuration}`, model `{model}`\n")
         line = (f"Final evaluation: {rows_of[0]['evaluation']} per benchmark; {count} submission"
                 f"{'s' if count > 1 else ''}, {dates[0]}" + ("" if dates[0] == dates[-1] else f" to {dates[-1]}") + ".")
-        latest = newest.setdefault((suite, preset), rows_of[0])
+        latest = newest.setdefault((suite, preset, model), rows_of[0])
         if latest is not rows_of[0]:
             line += (f" An older setting of the preset; against `{latest['configuration']}`: "
                      + settings_changed(rows_of[0]["settings"], latest["settings"]) + ".")

@@ -62,7 +62,29 @@ class SubmissionError(ValueError):
 
 
 def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past a float's range (JSON allows any number of digits)
+        return False
+
+
+def _is_string_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_past_utc_time(value: Any) -> bool:
+    """``YYYY-MM-DDTHH:MM:SSZ``, a real time and not later than now (a minute's slack for clocks)."""
+    from datetime import datetime, timedelta, timezone
+
+    if not isinstance(value, str) or not value.isascii():
+        return False
+    try:
+        when = datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return False
+    return when <= datetime.now(timezone.utc) + timedelta(minutes=1)
 
 
 # The transformer forward passes a method is charged for: its own, the teachers' (DiffusionOPD) and
@@ -215,9 +237,9 @@ def check_results(results: dict) -> None:
                 )
 
     date = results.get("date")
-    if not isinstance(date, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", date):
-        raise SubmissionError(f"'date' is {date!r}; it must be the UTC time the run wrote the file (YYYY-MM-DDTHH:MM:SSZ), "
-                              "as `opd-bench run` records it")
+    if not _is_past_utc_time(date):
+        raise SubmissionError(f"'date' is {date!r}; it must be the UTC time the run wrote the file (YYYY-MM-DDTHH:MM:SSZ, "
+                              "not in the future), as `opd-bench run` records it")
 
     seeds = results.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -231,8 +253,9 @@ def check_results(results: dict) -> None:
 
     required = suite_benchmarks(suite)
     listed = results.get("benchmarks")
-    if not isinstance(listed, list) or not set(required) <= set(listed):
-        raise SubmissionError(f"'benchmarks' is {listed!r} but must include every {name} benchmark {required}; "
+    # exactly the suite's: the table's columns and a method's seeds are read from this list
+    if not _is_string_list(listed) or sorted(listed) != sorted(required):
+        raise SubmissionError(f"'benchmarks' is {listed!r} but must list each {name} benchmark {required} once; "
                               "evaluate on the full suite")
     headline = results.get("headline")
     if (not isinstance(headline, list) or not headline or not all(isinstance(h, str) for h in headline)
@@ -241,6 +264,8 @@ def check_results(results: dict) -> None:
                               f"benchmarks ({[b for b in required if b not in UNBOUNDED]})")
 
     expected = getattr(suite, "headline", None)
+    if len(set(headline)) != len(headline):  # a repeat would weigh one benchmark twice in the overall score
+        raise SubmissionError(f"'headline' {headline!r} repeats a benchmark; list each once, as `opd-bench run` writes")
     if expected is not None and set(headline) != set(expected):
         raise SubmissionError(f"'headline' is {headline!r} but the {name} suite's headline benchmarks are "
                               f"{list(expected)!r}; the overall score must use the suite's own headline")

@@ -107,7 +107,7 @@ def test_entries_closer_than_their_seed_spread_share_a_rank():
     assert _clearly_above({"overall": 0.5, "overall_std": None}, {"overall": 0.4999, "overall_std": None})  # no seeds: any gap
     from opd_bench.leaderboard import _rank
 
-    rows = [{"status": "verified", "kind": "student", "suite": "tiny", "preset": "standard", "configuration": "c",
+    rows = [{"status": "verified", "kind": "student", "suite": "tiny", "preset": "standard", "configuration": "c", "model": "tiny",
              "overall": v, "overall_std": sd} for v, sd in ((0.50, 0.001), (0.49, 0.001), (0.48, 0.05), (0.30, 0.001))]
     _rank(rows)  # the wide third entry is within its spread of the first, but never ranks above the second
     assert [r["rank"] for r in rows] == [1, 2, 2, 4]
@@ -119,7 +119,7 @@ def test_runs_of_a_preset_before_and_after_it_changed_are_ranked_apart(tmp_path,
     changed is another experiment (stored when that was the preset; submit now refuses it)."""
     older = make_results(rng_seed=3, fixed={"opd": 0.99})
     older["config"]["opd"]["lr"] *= 3
-    older["date"] = "2030-01-01T00:00:00Z"  # made later, with an older release: still not the top table
+    older["date"] = "2026-12-01T00:00:00Z"  # made later, with an older release: still not the top table
     make_run(tmp_path / "run-old", older)
     with pytest.raises(SubmissionError, match=r"not the installed standard preset's: opd.lr .* \(now "):
         submit(tmp_path / "run-old", "old-preset", root=board, verify=passes)
@@ -269,6 +269,27 @@ def _mutations():
     def no_prompt_hashes(r):
         del r["prompt_hashes"]
 
+    def huge_integer(r):  # past a float's range: math.isfinite itself raises
+        r["results"]["opd"]["geneval"]["std"] = 10**400
+
+    def benchmark_not_a_name(r):
+        r["benchmarks"] = [["geneval"]] + r["benchmarks"][1:]
+
+    def extra_benchmark(r):  # the table's columns come from this list
+        r["benchmarks"] = ["zzz"] + r["benchmarks"]
+
+    def repeated_headline(r):  # would weigh geneval twice in the overall score
+        r["headline"] = ["geneval"] + r["headline"]
+
+    def overrides_not_a_list(r):
+        r["config"]["overrides"] = 5
+
+    def impossible_date(r):
+        r["date"] = "2026-99-99T99:99:99Z"
+
+    def future_date(r):  # the board orders configurations by it
+        r["date"] = "2999-01-01T00:00:00Z"
+
     def per_seed_short(r):
         r["results"]["opd"]["geneval"]["per_seed"] = r["results"]["opd"]["geneval"]["per_seed"][:2]
 
@@ -285,7 +306,11 @@ def _mutations():
             (schema_1, "schema_version is 1; submissions need version 3"), (eval_seed, r"config\['eval'\]\['seed'\] is '0'"),
             (date, "'date' is 'not a date'"), (other_settings, "eval.seed 5 \\(now 0\\), multi-reward.lr"),
             (not_objects, "must list the 320 scores"), (headline, "headline benchmarks are"),
-            (unbounded_headline, "suite's \\[0, 1\\] benchmarks"), (benchmark_dropped, "must include every tiny benchmark"),
+            (unbounded_headline, "suite's \\[0, 1\\] benchmarks"), (benchmark_dropped, "must list each tiny benchmark"),
+            (huge_integer, "it must be a finite number"), (benchmark_not_a_name, "must list each tiny benchmark"),
+            (extra_benchmark, "'benchmarks' is \\['zzz'"), (repeated_headline, "repeats a benchmark"),
+            (overrides_not_a_list, r"config\['overrides'\] is 5"), (impossible_date, "'date' is '2026-99-99"),
+            (future_date, "not in the future"),
             (no_student, "has no student method"), (unknown_method, "unknown method 'opd-v2'"),
             (no_prompt_hashes, "'prompt_hashes' is missing"), (per_seed_short, "one value per seed of the cell")]
 
@@ -453,12 +478,38 @@ def test_rebuild_lists_invalid_stored_files_instead_of_crashing(board, valid):
     text = readme.read_text()
     assert "tampered.json" in text and "deep.json: " in text and "nests too deeply" in text
     assert "latin1.json is not UTF-8 text" in text and "lists.json: per_image['opd']['0']['geneval'] must list" in text
+    (stored / "digits.json").write_text('{"schema_version": ' + "9" * 5000 + "}")  # over Python's int-parsing limit
+    text = rebuild(board)[0].read_text()
+    assert "digits.json holds a value Python cannot read" in text
     assert "tampered" not in table.read_text() and "first" in table.read_text()
     (board / "submissions" / "top.json").write_text("{}")
     (stored / "upper.JSON").write_text("{}")
     text = rebuild(board)[0].read_text()
     for misplaced in ("submissions/top.json", "submissions/tiny/upper.JSON"):
         assert f"{misplaced}: not an entry; entries are submissions/<suite>/<name>.json" in text
+
+
+def test_an_entry_no_check_foresaw_is_listed_and_the_rest_rebuilt(board, monkeypatch):
+    import opd_bench.leaderboard as leaderboard
+
+    monkeypatch.setattr(leaderboard, "check_listable", lambda results: results["no such key"])
+    text = rebuild(board)[0].read_text()
+    assert "submissions/tiny/first.json: does not validate (KeyError: 'no such key')" in text
+
+
+def test_runs_of_another_base_model_are_ranked_apart(tmp_path, board):
+    other = make_results(rng_seed=5, fixed={"opd": 0.99})
+    other["config"]["model"] = {"dtype": "bfloat16"}
+    make_run(tmp_path / "run-b", other)
+    submit(tmp_path / "run-b", "bf16", root=board, verify=passes)
+    readme, table = rebuild(board)
+    text = readme.read_text()
+    assert text.count("## Suite `tiny`, preset `standard`") == 2
+    assert "model `tiny (bfloat16)`" in text and "model `tiny`\n" in text
+    ranks = {(row["submission"], row["method"]): row["rank"] for row in csv.DictReader(table.read_text().splitlines())}
+    # each base has its own rank 1: the bfloat16 run's better opd does not push the float32 run's down
+    assert "1" in {ranks[("first", m)] for m in ("opd", "opd-ppo", "multi-reward", "cascade")}
+    assert ranks[("bf16", "opd")] == "1"
 
 
 def test_forward_passes_include_the_kl_reference_and_refuse_a_bad_count(tmp_path):
