@@ -561,7 +561,8 @@ class Harness:
             self.policy, "variance_student", "variance_teacher", self.prompts("train")[task],
             batch_sizes=self.plan.variance_batches, noise_levels=self.plan.variance_noise_levels,
             repeats=self.plan.variance_repeats, num_steps=self.plan.opd.num_steps,
-            guidance_scale=self.plan.opd.guidance_scale, seed=0,
+            guidance_scale=self.plan.opd.guidance_scale,
+            teacher_guidance=self.plan.opd.teacher_guidance.get(task, self.plan.opd.guidance_scale), seed=0,
         )
         batch, noise = self.plan.variance_reference
         reference = [r for r in rows if r["batch"] == batch and r["noise_level"] == noise]

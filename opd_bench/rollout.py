@@ -164,7 +164,7 @@ def rollout(
         if "latents" in keep:
             states.append(x)
         if "means" in keep:
-            means.append(step.mean)
+            means.append(step.mean.to(x.dtype))  # stored like the states
         stds.append(step.std)
         log_probs.append(step.log_prob)
 

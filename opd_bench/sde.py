@@ -35,7 +35,8 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 @dataclass
 class StepOutput:
     prev_sample: torch.Tensor  # x_{s'}, input dtype
-    mean: torch.Tensor  # mean of the transition, input dtype
+    mean: torch.Tensor  # mean of the transition, float32 even for bf16 inputs: OPD's loss and the KL
+    # measure gaps between two means of a few bf16 steps, which rounding would quantise
     std: torch.Tensor  # [B] float32: std_s * sqrt(-dt); 0 on ODE steps
     log_prob: torch.Tensor  # [B] float32; NaN on ODE steps (a point mass has no density)
     dt: torch.Tensor  # [B] float32, sigma_next - sigma (< 0)
@@ -108,7 +109,7 @@ def flow_step(
         std = torch.zeros(batch, device=device)
         new = mean if prev_sample is None else prev_sample.float()
         log_prob = torch.full((batch,), math.nan, device=device)
-        return StepOutput(new.to(dtype), mean.to(dtype), std, log_prob, dt)
+        return StepOutput(new.to(dtype), mean, std, log_prob, dt)
 
     s_max = s_next if sigma_max is None else _per_sample(sigma_max, batch, device)
     std_s = sde_std(s, noise_level, s_max)
@@ -126,7 +127,7 @@ def flow_step(
     # re-scoring a stored bf16 trajectory reproduces the same log-probs.
     new = new.to(dtype).float()
     log_density = -((new - mean) ** 2) / (2 * std_**2) - torch.log(std_) - _LOG_SQRT_2PI
-    return StepOutput(new.to(dtype), mean.to(dtype), std, _reduce(log_density, reduce), dt)
+    return StepOutput(new.to(dtype), mean, std, _reduce(log_density, reduce), dt)
 
 
 def step_kl(

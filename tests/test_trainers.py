@@ -414,6 +414,11 @@ def test_variance_experiment_rows_and_the_zero_gap_case(policy, tiny_dir, tmp_pa
     same = variance_experiment(policy, "student", "teacher", prompts, batch_sizes=(1,), noise_levels=(0.7,), repeats=2, num_steps=2)
     assert same[0]["var_analytic"] == 0 and same[0]["var_ppo"] < 1e-10 * rows[0]["var_ppo"]
     assert math.isnan(same[0]["ratio_ppo_over_analytic"])
+    # The teacher samples at the student's CFG scale unless told otherwise (DiffusionOPD's
+    # teacher_guidance): at another scale the equal teacher is a different target.
+    small = dict(batch_sizes=(1,), noise_levels=(0.7,), repeats=2, num_steps=2, guidance_scale=2.0)
+    assert variance_experiment(policy, "student", "teacher", prompts, **small)[0]["var_analytic"] == 0
+    assert variance_experiment(policy, "student", "teacher", prompts, **small, teacher_guidance=4.5)[0]["var_analytic"] > 0
 
 
 def test_the_variance_experiment_gives_the_same_gradients_with_gradient_checkpointing(tiny_dir, tmp_path):

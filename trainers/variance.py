@@ -85,10 +85,13 @@ def variance_experiment(
     repeats: int = 8,
     num_steps: int = 10,
     guidance_scale: float = 4.5,
-    teacher_guidance: float = 4.5,
+    teacher_guidance: float | None = None,
     seed: int = 0,
 ) -> list[dict]:
-    """One row per (batch size, noise level) with both estimators' variance and their ratio."""
+    """One row per (batch size, noise level) with both estimators' variance and their ratio.
+    ``teacher_guidance``: the teacher's CFG scale, as DiffusionOPD's ``teacher_guidance`` sets it
+    for the task (default: ``guidance_scale``)."""
+    teacher_guidance = guidance_scale if teacher_guidance is None else teacher_guidance
     if repeats < 2:
         raise ValueError("the variance needs at least 2 repeats")
     rows = []
