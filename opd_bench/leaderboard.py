@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from opd_bench.io import atomic_write_bytes, json_text
 from opd_bench.result_schema import (
-    SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, dig, is_finite_number, model_loading, total_forwards,
+    SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, dig, is_finite_number, is_string_list, model_loading, total_forwards,
 )
 from opd_bench.results_view import counted, mean_sd
 
@@ -150,11 +150,11 @@ def check_listable(results: dict) -> None:
     preset = results.get("preset")
     config = results.get("config") if isinstance(results.get("config"), dict) else {}
     overrides = config.get("overrides")
-    if overrides is not None and not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+    if overrides is not None and not is_string_list(overrides):
         raise SubmissionError(f"config['overrides'] is {overrides!r}; it must be the list of --set changes "
                               "`opd-bench run` records (empty for a listed run)")
     if overrides:
-        raise SubmissionError(f"the run changed its {preset} preset with --set {' '.join(map(str, config['overrides']))}; "
+        raise SubmissionError(f"the run changed its {preset} preset with --set {' '.join(overrides)}; "
                               "the leaderboard ranks unmodified presets, rerun without --set to submit")
     if preset not in LISTED_PRESETS:
         raise SubmissionError(f"preset is {preset!r}; only {' or '.join(LISTED_PRESETS)} runs are listed (smoke runs "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,12 @@ def is_finite_number(value: Any) -> bool:
         return False
 
 
-def _is_string_list(value: Any) -> bool:
+def is_string_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def _is_past_utc_time(value: Any) -> bool:
     """``YYYY-MM-DDTHH:MM:SSZ``, a real time and not later than now (a minute's slack for clocks)."""
-    from datetime import datetime, timedelta, timezone
-
     if not isinstance(value, str) or not value.isascii():
         return False
     try:
@@ -254,11 +253,11 @@ def check_results(results: dict) -> None:
     required = suite_benchmarks(suite)
     listed = results.get("benchmarks")
     # exactly the suite's: the table's columns and a method's seeds are read from this list
-    if not _is_string_list(listed) or sorted(listed) != sorted(required):
+    if not is_string_list(listed) or sorted(listed) != sorted(required):
         raise SubmissionError(f"'benchmarks' is {listed!r} but must list each {name} benchmark {required} once; "
                               "evaluate on the full suite")
     headline = results.get("headline")
-    if (not isinstance(headline, list) or not headline or not all(isinstance(h, str) for h in headline)
+    if (not is_string_list(headline) or not headline
             or not set(headline) <= set(required) or set(headline) & UNBOUNDED):
         raise SubmissionError(f"'headline' is {headline!r}; it must be a non-empty list of the suite's [0, 1] "
                               f"benchmarks ({[b for b in required if b not in UNBOUNDED]})")
