@@ -26,7 +26,7 @@ COUNTERS = ("student_forwards", "teacher_forwards", "reference_forwards", "image
 
 @dataclass
 class CascadeConfig:
-    stages: list[tuple[str, int]] = field(default_factory=lambda: [("pref", 14), ("geneval", 13), ("ocr", 13)])
+    stages: list[tuple[str, int]] = field(default_factory=lambda: [("pref", 14), ("geneval", 14), ("ocr", 12)])
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # steps is taken from each stage
 
     def __post_init__(self) -> None:
@@ -37,6 +37,11 @@ class CascadeConfig:
         if not isinstance(self.stages, (list, tuple)) or not self.stages or not all(is_stage(s) for s in self.stages):
             raise ValueError(f"cascade stages must be a non-empty list of (task, steps >= 1), e.g. [('pref', 20), "
                              f"('geneval', 20)], got {self.stages!r}")
+        per = self.grpo.updates_per_rollout
+        uneven = [list(stage) for stage in self.stages if stage[1] % per]
+        if uneven:  # each stage is a GRPO run, which ends between rollouts
+            raise ValueError(f"cascade stage(s) {uneven} take a number of steps that is not a multiple of the GRPO config's "
+                             f"updates_per_rollout={per}; give each stage a multiple of {per}, or set updates_per_rollout=1")
 
     @property
     def total_steps(self) -> int:

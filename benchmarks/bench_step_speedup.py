@@ -91,7 +91,9 @@ def make_trainer(method: str, policy, run_dir: Path, steps: int, teacher: Path |
     common = dict(steps=steps, num_steps=8, guidance_scale=4.5, train_fraction=0.5, lora_rank=8, lora_alpha=16,
                   micro_batch=8, eval_every=10**6, checkpoint_every=10**6)
     if method == "grpo":
-        config = GRPOConfig(prompts_per_step=2, group_size=4, noise_level=0.7, **common)
+        # the step, one rollout and one update, in trees from before updates_per_rollout as well
+        one_update = {"updates_per_rollout": 1} if "updates_per_rollout" in GRPOConfig.__dataclass_fields__ else {}
+        config = GRPOConfig(prompts_per_step=2, group_size=4, noise_level=0.7, **common, **one_update)
         return GRPOTrainer(config, policy=policy, prompts=prompts_for("geneval", 16),
                            rewards={"geneval": rewards.get("toy/brightness")}, run_dir=run_dir, adapter=f"bench-{run_dir.name}")
     config = OPDConfig(prompts_per_task=2, monitor_rewards=False, **common)

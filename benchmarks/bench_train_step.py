@@ -95,8 +95,9 @@ def main() -> None:
                 adapter=f"bench_opd-{name}",
             ),
             "grpo": lambda steps, name: GRPOTrainer(
+                # one rollout and one update per step, so every timed step costs the same
                 GRPOConfig(steps=steps, prompts_per_step=args.prompts_per_step, group_size=args.group, num_steps=10,
-                           noise_level=0.7, train_fraction=0.9, **lora),
+                           noise_level=0.7, train_fraction=0.9, updates_per_rollout=1, **lora),
                 policy=policy, prompts=[p for pool in prompts.values() for p in pool], rewards={t: reward for t in tasks},
                 run_dir=scratch / f"grpo-{name}", adapter=f"bench_grpo-{name}",
             ),

@@ -53,6 +53,10 @@ def _model_label(results: dict) -> str:
 # Settings that change no score (what is logged and how often a run checkpoints), left out of the
 # configuration a ranking groups by: v12's standard run (monitoring off) scores as v11's to the bit.
 BOOKKEEPING = ("monitor_rewards", "checkpoint_every")
+# Settings added after runs were recorded, with the value every earlier run trained with: left out
+# at that value, so a run from before the setting and one made since with that value are the same
+# experiment (and the committed runs stay runs of the installed preset).
+LATER_SETTINGS = {"updates_per_rollout": 1}
 # Parts of the recorded config that are not the preset's: how the model was loaded (shown in the
 # model column, with its precision) and the --set changes (a listed run has none).
 NOT_THE_PRESET = ("model", "overrides")
@@ -73,7 +77,8 @@ def configuration_id(results: dict) -> str:
 
 def _strip_bookkeeping(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _strip_bookkeeping(v) for k, v in value.items() if k not in BOOKKEEPING}
+        return {k: _strip_bookkeeping(v) for k, v in value.items()
+                if k not in BOOKKEEPING and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
     return [_strip_bookkeeping(v) for v in value] if isinstance(value, list) else value
 
 
@@ -113,8 +118,12 @@ def _flat(value: Any, prefix: str = "") -> dict[str, str]:
 def settings_changed(old: dict[str, str], new: dict[str, str], most: int = 6) -> str:
     """'eval.limit 32 (now 160), teachers.kl_beta 0 (now 0.04) and 3 more': what ``old`` (flat
     settings) has that ``new`` has not."""
+    def value(settings: dict[str, str], name: str) -> str:  # a setting left out at its earlier value shows it
+        later = LATER_SETTINGS.get(name.rpartition(".")[2])
+        return settings.get(name, "unset" if later is None else json.dumps(later))
+
     names = sorted(set(old) | set(new), key=lambda n: (n.count("."), n))
-    changed = [f"{n} {old.get(n, 'unset')} (now {new.get(n, 'unset')})" for n in names if old.get(n) != new.get(n)]
+    changed = [f"{n} {value(old, n)} (now {value(new, n)})" for n in names if old.get(n) != new.get(n)]
     return ", ".join(changed[:most]) + (f" and {len(changed) - most} more" if len(changed) > most else "")
 
 

@@ -70,7 +70,9 @@ class RunPlan:
 
 
 def _smoke() -> RunPlan:
-    grpo = dict(steps=2, prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1, train_fraction=0.5)
+    # one update per rollout: the smoke run's GRPO runs and cascade stages are one or two steps long
+    grpo = dict(steps=2, prompts_per_step=2, group_size=2, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1,
+                train_fraction=0.5, updates_per_rollout=1)
     opd = dict(steps=2, prompts_per_task=1, num_steps=3, micro_batch=64, eval_every=1, checkpoint_every=1)
     return RunPlan(
         teacher=GRPOConfig(**grpo),
@@ -99,10 +101,11 @@ def _standard() -> RunPlan:
     # beta ("reference"). Each group's advantages are divided by its own std, where Flow-GRPO divides
     # by the whole batch's. Both are what the committed runs were made with, and on the pref teacher
     # Flow-GRPO's forms did worse: its weighting let the taste drift by 0.016 (K4), its batch std
-    # gave a smaller pref gain at every seed, about 30% less (A1; docs/benchmarks.md).
+    # gave a smaller pref gain at every seed, about 30% less (A1; docs/benchmarks.md). One update per
+    # rollout (Flow-GRPO makes two) is also what the committed runs were made with.
     grpo = dict(prompts_per_step=3, group_size=4, num_steps=8, noise_level=0.7, train_fraction=0.5, lr=1e-3,
                 lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2,
-                kl_beta=0.04, kl_weighting="step", adv_std="group")
+                kl_beta=0.04, kl_weighting="step", adv_std="group", updates_per_rollout=1)
     student_grpo = {**grpo, **student_lora, "lr": 3e-4}
     # The students' task rewards are not scored on their own rollouts: the report reads none of
     # them, and the OCR engine alone made an OPD cell ~17% longer (docs/benchmarks.md, "Cheaper
@@ -133,7 +136,7 @@ def _paper() -> RunPlan:
     steps = 300
     lora = dict(lora_rank=32, lora_alpha=64, lr=3e-4, micro_batch=8, eval_every=50, checkpoint_every=25)
     grpo = dict(num_steps=10, noise_level=0.7, guidance_scale=4.5, clip_range=1e-4, adv_clip=5.0, kl_beta=0.04,
-                train_fraction=0.9, **lora)
+                train_fraction=0.9, **{**lora, "checkpoint_every": 50})  # GRPO checkpoints between its two-update rollouts
     opd = dict(steps=steps, prompts_per_task=16, num_steps=10, noise_level=0.0, train_fraction=0.9, ema=0.9, **lora)
     return RunPlan(
         teacher=GRPOConfig(steps=600, prompts_per_step=8, group_size=24, **grpo),

@@ -37,7 +37,7 @@ def test_a_step_s_flops_are_counted_once_whatever_the_run_does_around_it(benchma
     def trainer_with(prompts_per_step):
         return lambda steps, name: GRPOTrainer(
             GRPOConfig(steps=steps, prompts_per_step=prompts_per_step, group_size=2, num_steps=2, micro_batch=8,
-                       eval_every=10**6, checkpoint_every=10**6),
+                       eval_every=10**6, checkpoint_every=10**6, updates_per_rollout=1),  # as the benchmark's
             policy=policy, prompts=prompts, rewards={"geneval": rewards.get("toy/brightness")},
             run_dir=tmp_path / f"{prompts_per_step}-{name}", adapter=f"a{prompts_per_step}-{name}", evaluate=evaluate,
         )

@@ -21,13 +21,14 @@ from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
 from opd_bench.training import read_metrics
 
 PROMPTS = [Prompt("a white square", "bright"), Prompt("a yellow star", "bright"), Prompt("a black circle", "bright")]
-# 2 prompts x 2 images, 2 of 3 steps trained: 8 (sample, step) pairs a step. micro_batch=4 cuts the
-# 1-process batch where the 2 ranks split it, so even the micro-batch gradient variance matches.
+# One rollout of 4 prompts x 2 images serves the two steps (updates_per_rollout=2, the default); each
+# step trains one image of every group on 2 of 3 steps: 8 (sample, step) pairs. micro_batch=4 cuts
+# the 1-process batch where the 2 ranks split it, so even the micro-batch gradient variance matches.
 # adv_std="batch" (the default, Flow-GRPO's): each rank holds one group, so dividing by the rank's own
 # std instead of the whole batch's gives other weights (checked: the weights test fails).
 CONFIG = GRPOConfig(
     steps=2, prompts_per_step=2, group_size=2, num_steps=3, train_fraction=0.67, micro_batch=4,
-    clip_range=0.2, lr=1e-2, eval_every=0, checkpoint_every=1, seed=3, adv_std="batch",
+    clip_range=0.2, lr=1e-2, eval_every=0, checkpoint_every=2, seed=3, adv_std="batch",
 )
 
 

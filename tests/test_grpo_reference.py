@@ -29,6 +29,7 @@ def test_defaults_are_flow_grpo_and_shared_by_the_rl_baselines():
     for config in (GRPOConfig(), MultiRewardConfig(), CascadeConfig().grpo):
         assert (config.adv_ddof, config.train_steps, config.detach_uncond) == (0, "first", True)
         assert (config.adv_std, config.kl_weighting) == ("batch", "reference")  # global_std=True; / 2 std_dev_t^2
+        assert config.updates_per_rollout == 2  # gradient_accumulation_steps = num_batches_per_epoch // 2
     assert OPDConfig().detach_uncond is False  # OPD keeps the full pathwise gradient (README)
     with pytest.raises(ValueError, match="adv_ddof"):
         GRPOConfig(adv_ddof=2)
@@ -240,3 +241,88 @@ def test_device_and_dtype_follow_the_pipeline_when_it_moves(policy):
     assert policy.dtype == torch.float32 and policy.device.type == "cpu"
     policy.pipeline.to(dtype=torch.float64)
     assert policy.dtype == torch.float64
+
+
+PROMPT_POOL = [Prompt(f"a {c} circle", "red") for c in ("red", "blue", "white", "black", "yellow")]
+
+
+def _two_update_config(**changes) -> GRPOConfig:
+    return GRPOConfig(**{**dict(steps=4, prompts_per_step=2, group_size=4, num_steps=3, train_fraction=0.67, micro_batch=64,
+                                eval_every=0, checkpoint_every=2, lr=1e-2, clip_range=0.2), **changes})
+
+
+def test_one_rollout_serves_two_updates_each_on_half_of_every_group(tiny_dir, tmp_path, monkeypatch):
+    from opd_bench.policy import Policy
+    from opd_bench.training import read_metrics
+
+    rollouts, updates = [], []
+    real_rollout, real_step_at = grpo_module.rollout, grpo_module.step_at
+
+    def recording_rollout(policy_, prompts, **options):
+        rollouts.append(len(prompts))
+        return real_rollout(policy_, prompts, **options)
+
+    def recording_step_at(policy_, trajectory, index, step, **options):
+        if options.get("detach_uncond"):  # the trained policy's recomputation, not the KL's reference
+            updates.append(sorted(set(index.tolist())))
+        return real_step_at(policy_, trajectory, index, step, **options)
+
+    monkeypatch.setattr(grpo_module, "rollout", recording_rollout)
+    monkeypatch.setattr(grpo_module, "step_at", recording_step_at)
+    trainer = grpo_module.GRPOTrainer(_two_update_config(), policy=Policy.from_pretrained(str(tiny_dir)), prompts=PROMPT_POOL,
+                                      rewards={"red": rewards.get("toy/brightness")}, run_dir=tmp_path / "run")
+    trainer.train(progress=False)
+    assert rollouts == [4, 4]  # 2 rollouts of 2 x prompts_per_step prompts for 4 optimizer steps
+    assert len(updates) == 4  # one micro-batch per update
+    for first, second in (updates[0:2], updates[2:4]):
+        assert len(first) == len(second) == 8 and not set(first) & set(second)  # halves of the rollout's 16
+        for group in range(4):  # two images of each prompt's four in each half
+            assert sum(i // 4 == group for i in first) == 2
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["images"] for r in records] == [16, 16, 32, 32]  # a rollout's images count once
+    # the first update of a rollout is on-policy (ratio 1); the second follows weights the first moved
+    assert [r["approx_kl"] == 0 for r in records] == [True, False, True, False]
+    assert records[0]["reward/red/mean"] == records[1]["reward/red/mean"]  # both report their rollout's rewards
+
+
+def test_a_killed_two_update_run_resumes_on_the_next_rollout(tiny_dir, tmp_path):
+    from opd_bench.policy import Policy
+    from opd_bench.training import read_metrics
+
+    def run(folder, fail_after=None):
+        trainer = grpo_module.GRPOTrainer(_two_update_config(), policy=Policy.from_pretrained(str(tiny_dir)), prompts=PROMPT_POOL,
+                                          rewards={"red": rewards.get("toy/brightness")}, run_dir=folder)
+        if fail_after is not None:
+            original = trainer.run.end_step
+
+            def end_step(step, metrics, images):
+                original(step, metrics, images)
+                if step == fail_after:
+                    raise KeyboardInterrupt("killed")
+
+            trainer.run.end_step = end_step
+        trainer.train(progress=False)
+
+    run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", fail_after=3)  # mid-rollout: the checkpoint of step 2 is the last
+    run(tmp_path / "killed")
+    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["images"] for r in b] == [r["images"] for r in a]
+    for key in ("reward/red/mean", "approx_kl", "grad/norm"):
+        assert b[3][key] == pytest.approx(a[3][key], rel=1e-3, abs=1e-9), key
+
+
+def test_runs_and_checkpoints_end_between_rollouts():
+    with pytest.raises(ValueError, match=r"steps=3 is not a multiple of updates_per_rollout=2.*use steps 2, 4"):
+        GRPOConfig(steps=3)
+    with pytest.raises(ValueError, match=r"checkpoint_every=5 .*use checkpoint_every 4, 6, or updates_per_rollout=1"):
+        GRPOConfig(checkpoint_every=5)
+    with pytest.raises(ValueError, match=r"updates_per_rollout=2 \(needs >= 1 and dividing group_size=3"):
+        GRPOConfig(group_size=3)
+    with pytest.raises(ValueError, match=r"updates_per_rollout=0 \(needs >= 1"):
+        GRPOConfig(updates_per_rollout=0)
+    with pytest.raises(ValueError, match=r"stage\(s\) \[\['geneval', 3\]\] .* multiple of 2"):
+        CascadeConfig(stages=[("pref", 2), ("geneval", 3)])
+    GRPOConfig(steps=3, checkpoint_every=5, group_size=3, updates_per_rollout=1)  # one update: any count
+    CascadeConfig(stages=[("geneval", 3)], grpo=GRPOConfig(updates_per_rollout=1))

@@ -9,7 +9,9 @@ import pytest
 
 from fake_results import make_results, make_run
 from opd_bench.presets import plan
-from opd_bench.leaderboard import MAX_FILE_BYTES, SubmissionError, check_name, rebuild, submit, validate
+from opd_bench.leaderboard import (
+    MAX_FILE_BYTES, SubmissionError, check_name, configuration_id, preset_differences, rebuild, submit, validate,
+)
 
 LEGACY = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions" / "tiny" / "tiny-standard-cpu.json"
 
@@ -142,6 +144,23 @@ def test_runs_of_a_preset_before_and_after_it_changed_are_ranked_apart(tmp_path,
     lr = json.loads((board / "submissions" / "tiny" / "first.json").read_text())["config"]["opd"]["lr"]
     assert (f"An older setting of the preset; against `{config['first']}`: opd.lr {json.dumps(lr * 3)} "
             f"(now {json.dumps(lr)}).") in text
+
+
+def test_a_setting_added_later_at_the_value_earlier_runs_trained_with_is_the_same_experiment():
+    """updates_per_rollout came after runs were recorded: a run without it trained one update per
+    rollout, which is the standard preset's value, so it is still a run of the installed preset; a
+    run with two updates is another experiment."""
+    current = make_results(rng_seed=6)
+    assert current["config"]["teachers"]["updates_per_rollout"] == 1
+    before = copy.deepcopy(current)
+    for section in ("teachers", "multi-reward"):
+        del before["config"][section]["updates_per_rollout"]
+    del before["config"]["cascade"]["grpo"]["updates_per_rollout"]
+    assert preset_differences(before) == "" and configuration_id(before) == configuration_id(current)
+    two = copy.deepcopy(current)
+    two["config"]["teachers"]["updates_per_rollout"] = 2
+    assert preset_differences(two) == "teachers.updates_per_rollout 2 (now 1)"
+    assert configuration_id(two) != configuration_id(current)
 
 
 def test_a_run_made_when_the_preset_trained_fewer_steps_keeps_its_own_table(board):

@@ -1,11 +1,12 @@
 """Flow-GRPO: single-task RL (how teachers are made) and the engine of the RL baselines.
 
-One optimizer step: sample prompts, roll out ``group_size`` SDE trajectories per prompt with the
-trained adapter, score them, turn rewards into per-prompt advantages, and minimise the clipped
-ratio loss on the first ``train_fraction`` of each trajectory's steps, plus an optional closed-form
-KL to the adapter-free base. Defaults follow Flow-GRPO's ``train_sd3.py`` and its published SD3.5
-configs exactly (population std of the whole batch, first-k steps, unconditional half of guidance
-detached, the KL over 2 std_dev_t^2); each difference has an option. ``rewards`` maps names to rewards; ``aggregation`` says how several
+One rollout: sample prompts, roll out ``group_size`` SDE trajectories per prompt with the trained
+adapter, score them and turn rewards into per-prompt advantages. Then ``updates_per_rollout``
+optimizer steps, each on its share of the samples: minimise the clipped ratio loss on the first
+``train_fraction`` of each trajectory's steps, plus an optional closed-form KL to the adapter-free
+base. Defaults follow Flow-GRPO's ``train_sd3.py`` and its published SD3.5 configs exactly
+(population std of the whole batch, first-k steps, unconditional half of guidance detached, the KL
+over 2 std_dev_t^2, two updates per rollout); each difference has an option. ``rewards`` maps names to rewards; ``aggregation`` says how several
 rewards become one advantage (multi-reward RL); a teacher has one reward.
 """
 
@@ -37,8 +38,15 @@ Aggregation = Literal["own", "sum-then-normalise", "normalise-then-sum"]
 @dataclass
 class GRPOConfig:
     steps: int = 40  # optimizer steps
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8  # prompts whose samples one optimizer step trains on
     group_size: int = 4  # images per prompt
+    # Optimizer steps per rollout. A rollout samples updates_per_rollout x prompts_per_step prompts,
+    # normalises their advantages together and deals each group's samples at random into that many
+    # equal parts, one per step; so every step still trains on prompts_per_step x group_size samples,
+    # and the later ones are slightly off-policy, which is where the ratio clip can bind. 2 is Flow-GRPO's SD3.5 configs
+    # (gradient_accumulation_steps = num_batches_per_epoch // 2: "updated twice per epoch"); 1
+    # makes every step on-policy (this project before issue 11's second review).
+    updates_per_rollout: int = 2
     num_steps: int = 10  # sampling steps
     # One SDE noise level for every sampling step (Flow-GRPO), or one per step: 0 makes a step
     # deterministic (an ODE step), e.g. after the trained window as MixGRPO / Flow-GRPO-Fast sample.
@@ -88,8 +96,11 @@ class GRPOConfig:
             "train_fraction": (0 < self.train_fraction <= 1, "0 < x <= 1"), "clip_range": (self.clip_range > 0, "> 0"),
             "lr": (self.lr > 0, "> 0"), "micro_batch": (self.micro_batch >= 1, ">= 1"), "kl_beta": (self.kl_beta >= 0, ">= 0"),
             "lora_rank": (self.lora_rank >= 1, ">= 1"), "ema": (self.ema is None or 0 < self.ema < 1, "0 < x < 1, or null"),
+            "updates_per_rollout": (self.updates_per_rollout >= 1 and self.group_size % self.updates_per_rollout == 0,
+                                    f">= 1 and dividing group_size={self.group_size}: each group is dealt evenly over the updates"),
             **shared_rules(self),
         })
+        self._check_rollout_boundaries()
         if self.train_steps not in ("first", "random"):
             raise ValueError(f"train_steps must be 'first' or 'random', got {self.train_steps!r}")
         self._check_noise_level()
@@ -101,6 +112,18 @@ class GRPOConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def _check_rollout_boundaries(self) -> None:
+        """A run ends, and a checkpoint is taken, between rollouts: a resume then never needs a
+        rollout that only the killed process held."""
+        per = self.updates_per_rollout
+        for name in ("steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value % per:
+                fix = ", ".join(str(v) for v in sorted({max(per, value - value % per), value - value % per + per}))
+                raise ValueError(f"{name}={value} is not a multiple of updates_per_rollout={per} (each rollout serves "
+                                 f"{per} optimizer steps, and runs end and checkpoint between rollouts); use {name} "
+                                 f"{fix}, or updates_per_rollout=1")
 
     def _check_noise_level(self) -> None:
         levels = self.noise_level if isinstance(self.noise_level, list) else [self.noise_level]
@@ -174,30 +197,27 @@ def score_samples(trajectory, rewards: Mapping[str, Reward], *, own: bool) -> di
     return scores
 
 
-def grpo_step(
-    policy: Policy,
-    adapter: str,
-    prompts: Sequence[Prompt],
-    rewards: Mapping[str, Reward],
-    config: GRPOConfig,
-    *,
-    seed: int,
-    params: Sequence[torch.nn.Parameter],
-    grad_variance: GradVariance | None = None,
-    ranks: ProcessGroup = SINGLE,
-) -> tuple[dict, int]:
-    """Roll out, score, and accumulate the GRPO gradient into ``.grad``; returns (metrics, images).
+@dataclass
+class ScoredRollout:
+    """One rollout made ready for its updates: this rank's samples, advantages and trained steps,
+    which of its samples each update trains on, and the rollout's global reward metrics."""
 
-    ``prompts`` are the whole step's prompts. With several processes (``ranks``) this rank rolls
-    out its share, whole prompt groups so advantages stay exact, with the noise and trained steps
-    of those samples' global indices; the gradient is this rank's share of the global mean (the
-    caller averages over ranks) and the metrics are global. ``images`` counts this rank's samples.
+    trajectory: Any
+    advantages: torch.Tensor  # this rank's samples', on the policy's device
+    steps: torch.Tensor  # [samples, k] trained step indices
+    parts: list[list[int]]  # this rank's sample indices, one list per update
+    metrics: dict[str, float]
+
+
+def grpo_rollout(policy: Policy, prompts: Sequence[Prompt], rewards: Mapping[str, Reward], config: GRPOConfig, *,
+                 seed: int, ranks: ProcessGroup = SINGLE, updates: int | None = None) -> ScoredRollout:
+    """Roll out ``prompts`` (the whole rollout's, every rank's) with the active adapter, score them
+    and split this rank's samples into ``updates`` (default ``config.updates_per_rollout``) parts.
+
+    With several processes this rank rolls out its share, whole prompt groups so advantages stay
+    exact, with the noise and trained steps of those samples' global indices; the metrics are global.
     """
-    with policy.use(adapter):  # one switch for the whole step (rollout and training)
-        return _grpo_step(policy, adapter, prompts, rewards, config, seed=seed, grad_variance=grad_variance, ranks=ranks)
-
-
-def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, grad_variance, ranks) -> tuple[dict, int]:
+    updates = config.updates_per_rollout if updates is None else updates
     local, first = ranks.shard(prompts)
     offset = first * config.group_size  # global index of this rank's first sample
     trajectory = rollout(
@@ -206,31 +226,53 @@ def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, g
         keep={"latents", "images"}, sample_offset=offset,
     )
     scores = score_samples(trajectory, rewards, own=config.aggregation == "own")
-    # Advantages from the whole step's batch, every process's samples (Flow-GRPO gathers them: its
-    # batch std is over all of them), then this rank's slice; groups never straddle two ranks.
+    # Advantages from the whole rollout, every process's samples (Flow-GRPO gathers them: its batch
+    # std is over all of them), then this rank's slice; groups never straddle two ranks.
     all_groups = torch.arange(len(prompts)).repeat_interleave(config.group_size)
     all_tasks = [p.task for p in prompts for _ in range(config.group_size)]
     all_scores = {name: ranks.all_gather(values) for name, values in scores.items()}
     all_rewards, all_advantages = aggregate_advantages(all_scores, all_groups, all_tasks, config)
-    advantages = all_advantages[offset : offset + len(trajectory)]
     # drawn for the whole batch, then sliced: every sample trains on the same steps in any world size
     generator = torch.Generator().manual_seed(seed)
     steps = train_step_indices(
         len(prompts) * config.group_size, config.num_steps, config.train_fraction, generator, mode=config.train_steps
     )
-    steps = steps[offset : offset + len(trajectory)]
-    pairs = [(i, int(s)) for i in range(len(trajectory)) for s in steps[i]]
+    samples = len(trajectory)
+    # Each prompt's group is dealt evenly over the updates, at random, drawn for the whole batch and
+    # sliced like the steps, so every update sees every prompt and the split is the same on any
+    # number of processes (Flow-GRPO shuffles each process's samples without regard to groups).
+    share = config.group_size // updates
+    order = torch.stack([torch.randperm(config.group_size, generator=generator) for _ in prompts]) if updates > 1 else None
+    parts = []
+    for k in range(updates):
+        members = range(len(prompts) * config.group_size) if order is None else (
+            (order[:, k * share : (k + 1) * share] + torch.arange(len(prompts))[:, None] * config.group_size).flatten().tolist())
+        parts.append(sorted(i - offset for i in members if offset <= i < offset + samples))
+    metrics = {"zero_spread_share": zero_spread_share(all_rewards, all_groups)}
+    for task in sorted(set(all_tasks)):
+        values = all_rewards[torch.tensor([t == task for t in all_tasks])]
+        metrics[f"reward/{task}/mean"] = float(values.mean())
+        metrics[f"reward/{task}/std"] = float(values.std()) if len(values) > 1 else 0.0
+    return ScoredRollout(trajectory, all_advantages[offset : offset + samples].to(policy.device),
+                         steps[offset : offset + samples], parts, metrics)
+
+
+def grpo_update(policy: Policy, batch: ScoredRollout, part: int, config: GRPOConfig, *,
+                grad_variance: GradVariance | None = None, ranks: ProcessGroup = SINGLE) -> dict:
+    """Accumulate the GRPO gradient of ``batch``'s part ``part`` into ``.grad`` with the active
+    adapter: this rank's share of the global mean (the caller averages over ranks); global metrics."""
+    trajectory = batch.trajectory
+    pairs = [(i, int(s)) for i in batch.parts[part] for s in batch.steps[i]]
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
     pair_loss: list[float] = []
     device = policy.device
-    advantages = advantages.to(device)
     for start in range(0, len(pairs), config.micro_batch):
         chunk = pairs[start : start + config.micro_batch]
         index = torch.tensor([i for i, _ in chunk])
         step = torch.tensor([s for _, s in chunk])
         current = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale, detach_uncond=config.detach_uncond)
         old = trajectory.log_probs[index, step].to(device)
-        per_pair, stats = clipped_policy_loss(current.log_prob, old, advantages[index.to(device)], config.clip_range)
+        per_pair, stats = clipped_policy_loss(current.log_prob, old, batch.advantages[index.to(device)], config.clip_range)
         if config.kl_beta > 0:
             with torch.no_grad(), policy.use(None):
                 reference = step_at(policy, trajectory, index, step, guidance_scale=config.guidance_scale)
@@ -245,17 +287,12 @@ def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, g
         totals["clip_fraction"] += stats["clip_fraction"] * len(chunk)
         totals["approx_kl"] += stats["approx_kl"] * len(chunk)
         pair_loss.extend(per_pair.tolist())
-    # Metrics over the whole step: sums and per-sample values gathered from every rank.
+    # Metrics over the whole update: sums and per-pair values gathered from every rank.
     num_pairs = len(pairs) * ranks.world_size
     summed = ranks.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()
     metrics: dict[str, float] = {key: value / num_pairs for key, value in zip(totals, summed)}
     if config.kl_beta == 0:
         metrics.pop("kl")
-    metrics["zero_spread_share"] = zero_spread_share(all_rewards, all_groups)
-    for task in sorted(set(all_tasks)):
-        values = all_rewards[torch.tensor([t == task for t in all_tasks])]
-        metrics[f"reward/{task}/mean"] = float(values.mean())
-        metrics[f"reward/{task}/std"] = float(values.std()) if len(values) > 1 else 0.0
     all_loss = ranks.all_gather(torch.tensor(pair_loss, dtype=torch.float64)).tolist()
     all_bins = ranks.all_gather(torch.tensor([s * 4 // config.num_steps for _, s in pairs])).tolist()
     by_bin: dict[int, list[float]] = {}
@@ -263,7 +300,28 @@ def _grpo_step(policy, adapter, prompts, rewards, config: GRPOConfig, *, seed, g
         by_bin.setdefault(b, []).append(value)
     for b, values in sorted(by_bin.items()):
         metrics[f"loss/bin{b}"] = sum(values) / len(values)
-    return metrics, len(trajectory)
+    return metrics
+
+
+def grpo_step(
+    policy: Policy,
+    adapter: str,
+    prompts: Sequence[Prompt],
+    rewards: Mapping[str, Reward],
+    config: GRPOConfig,
+    *,
+    seed: int,
+    params: Sequence[torch.nn.Parameter],
+    grad_variance: GradVariance | None = None,
+    ranks: ProcessGroup = SINGLE,
+) -> tuple[dict, int]:
+    """One rollout of ``prompts`` and one update on all of its samples (a trainer's step when
+    ``updates_per_rollout`` is 1): accumulates the gradient into ``.grad``; returns (metrics, images),
+    ``images`` counting this rank's samples."""
+    with policy.use(adapter):  # one switch for the whole step (rollout and training)
+        batch = grpo_rollout(policy, prompts, rewards, config, seed=seed, ranks=ranks, updates=1)
+        metrics = grpo_update(policy, batch, 0, config, grad_variance=grad_variance, ranks=ranks)
+    return {**metrics, **batch.metrics}, len(batch.trajectory)
 
 
 def grpo_run_config(config: GRPOConfig, prompts: Sequence[Prompt], rewards: Mapping[str, Any],
@@ -312,14 +370,21 @@ class GRPOTrainer:
 
     def train(self, progress: bool = True) -> Path:
         config = self.config
+        batch: ScoredRollout | None = None
 
         def step_fn(step: int) -> tuple[dict, int]:
-            prompts = sample_prompts(self.prompts, config.prompts_per_step, step_seed(config.seed, step, 1))
-            return grpo_step(
-                self.policy, self.adapter, prompts, self.rewards, config,
-                seed=step_seed(config.seed, step, 2), params=self.params, grad_variance=self.grad_variance,
-                ranks=self.ranks,
-            )
+            nonlocal batch
+            index, part = divmod(step, config.updates_per_rollout)
+            with self.policy.use(self.adapter):  # one switch for the whole step (rollout and training)
+                if part == 0:
+                    prompts = sample_prompts(self.prompts, config.prompts_per_step * config.updates_per_rollout,
+                                             step_seed(config.seed, index, 1))
+                    batch = grpo_rollout(self.policy, prompts, self.rewards, config, seed=step_seed(config.seed, index, 2),
+                                         ranks=self.ranks)
+                # runs start and resume on a rollout's first step (steps and checkpoint_every are multiples)
+                assert batch is not None, f"step {step} continues a rollout this process did not make"
+                metrics = grpo_update(self.policy, batch, part, config, grad_variance=self.grad_variance, ranks=self.ranks)
+            return {**metrics, **batch.metrics}, len(batch.trajectory) if part == 0 else 0
 
         return self.run.train(
             step_fn, steps=config.steps, max_grad_norm=config.max_grad_norm, grad_variance=self.grad_variance,
