@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from opd_bench import __version__, distributed, trackers
-from opd_bench.io import atomic_write_json, json_differences, read_json
+from opd_bench.io import atomic_write_json, json_differences, read_json, without_later_settings
 from opd_bench.presets import apply_overrides, plan
 from opd_bench.result_schema import FORWARD_KEYS, SCHEMA_VERSION, STUDENT_METHODS, eval_noise_seed
 from opd_bench.trainers.grpo import GRPOConfig
@@ -266,6 +266,7 @@ class Harness:
         work_saved = any(path.name not in BOOKKEEPING_FILES for path in out.iterdir())
         if identity_path.exists() and work_saved:  # a start that failed before any work (say, a wrong --model) binds nothing
             saved, current = read_json(identity_path), json.loads(json.dumps(self.identity))
+            saved, current = without_later_settings(saved), without_later_settings(current)  # settings added since
             if saved != current:
                 defaults = DEFAULT_MODEL_OPTIONS  # written only when not the default: compare them filled in
                 raise FileExistsError(

@@ -112,6 +112,20 @@ def parse_json_lines(lines: list[str], source: Path, *, fix: str = REDO_HINT) ->
     return records
 
 
+# Settings added after runs were recorded, with the value every earlier run trained with. A recorded
+# config is compared without them at that value, so a run folder, teacher or leaderboard entry made
+# before the setting existed is the same experiment as one made since with that value.
+LATER_SETTINGS = {"updates_per_rollout": 1}
+
+
+def without_later_settings(value: Any) -> Any:
+    """``value`` (JSON-like) with every ``LATER_SETTINGS`` key that holds its earlier value left out."""
+    if isinstance(value, dict):
+        return {k: without_later_settings(v) for k, v in value.items()
+                if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k] and not isinstance(v, bool))}
+    return [without_later_settings(v) for v in value] if isinstance(value, list) else value
+
+
 _ABSENT = object()
 
 

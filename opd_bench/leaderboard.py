@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from opd_bench.io import atomic_write_bytes, json_text
+from opd_bench.io import LATER_SETTINGS, atomic_write_bytes, json_text, without_later_settings
 from opd_bench.result_schema import (
     SCHEMA_VERSION, STUDENT_METHODS, SubmissionError, check_results, dig, is_finite_number, is_string_list, model_loading, total_forwards,
 )
@@ -53,10 +53,6 @@ def _model_label(results: dict) -> str:
 # Settings that change no score (what is logged and how often a run checkpoints), left out of the
 # configuration a ranking groups by: v12's standard run (monitoring off) scores as v11's to the bit.
 BOOKKEEPING = ("monitor_rewards", "checkpoint_every")
-# Settings added after runs were recorded, with the value every earlier run trained with: left out
-# at that value, so a run from before the setting and one made since with that value are the same
-# experiment (and the committed runs stay runs of the installed preset).
-LATER_SETTINGS = {"updates_per_rollout": 1}
 # Parts of the recorded config that are not the preset's: how the model was loaded (shown in the
 # model column, with its precision) and the --set changes (a listed run has none).
 NOT_THE_PRESET = ("model", "overrides")
@@ -76,10 +72,14 @@ def configuration_id(results: dict) -> str:
 
 
 def _strip_bookkeeping(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_bookkeeping(v) for k, v in value.items()
-                if k not in BOOKKEEPING and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
-    return [_strip_bookkeeping(v) for v in value] if isinstance(value, list) else value
+    """``value`` less bookkeeping, and less settings added later at the value earlier runs had (the
+    committed runs stay runs of the installed preset)."""
+    def strip(inner: Any) -> Any:
+        if isinstance(inner, dict):
+            return {k: strip(v) for k, v in inner.items() if k not in BOOKKEEPING}
+        return [strip(v) for v in inner] if isinstance(inner, list) else inner
+
+    return strip(without_later_settings(value))
 
 
 def installed_preset_settings(preset: str) -> dict:

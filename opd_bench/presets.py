@@ -261,10 +261,31 @@ def _set_field(config: Any, path: list[str], value: Any, where: str) -> Any:
 def set_fields(config: Any, pairs: Sequence[str]) -> Any:
     """A dataclass ``config`` with every ``FIELD=VALUE`` (a nested config's: ``A.FIELD=VALUE``) applied,
     each checked as ``--set`` is (``opd-bench pretrain base --set``, the probe scripts)."""
-    for pair in pairs:
+    def apply(state: Any, pair: str) -> Any:
         where, value = _split(pair)
-        config = _set_field(config, where.split("."), value, where)
-    return config
+        return _set_field(state, where.split("."), value, where)
+
+    return _in_any_order(config, pairs, apply)
+
+
+def _in_any_order(state: Any, pairs: Sequence[str], apply: Callable[[Any, str], Any]) -> Any:
+    """``apply(state, pair)`` for every pair, whatever their order: a pair its config refuses at its
+    turn (a check that reads another field, e.g. ``steps`` a multiple of ``updates_per_rollout``) is
+    tried again after the others, until none applies; then the first refusal left is raised. Of
+    several changes to one name the last is kept, as applying them in turn would."""
+    last = {pair.partition("=")[0].strip(): pair for pair in pairs}
+    pending = [pair for pair in pairs if last[pair.partition("=")[0].strip()] is pair]
+    while pending:
+        refused: list[tuple[str, OverrideError]] = []
+        for pair in pending:
+            try:
+                state = apply(state, pair)
+            except OverrideError as error:
+                refused.append((pair, error))
+        if len(refused) == len(pending):
+            raise refused[0][1]
+        pending = [pair for pair, _ in refused]
+    return state
 
 
 def _split(pair: str) -> tuple[str, Any]:
@@ -291,12 +312,13 @@ def read_set_file(path: str | Path) -> list[str]:
 
 
 def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str] = ()) -> RunPlan:
-    """``run_plan`` with every ``SECTION.FIELD=VALUE`` (or a plan-level ``FIELD=VALUE``) applied in
-    order; VALUE is parsed as JSON (a bare word is a string). ``teacher.TASK.FIELD`` changes one
-    task's teachers only (``tasks``: the suite's, to check TASK)."""
+    """``run_plan`` with every ``SECTION.FIELD=VALUE`` (or a plan-level ``FIELD=VALUE``) applied, in
+    any order (``_in_any_order``); VALUE is parsed as JSON (a bare word is a string).
+    ``teacher.TASK.FIELD`` changes one task's teachers only (``tasks``: the suite's, to check TASK)."""
     plan_fields = [f.name for f in dataclasses.fields(RunPlan)
                    if f.name not in SECTIONS.values() and f.name != "teacher_overrides"]
-    for pair in pairs:
+
+    def apply(run_plan: RunPlan, pair: str) -> RunPlan:
         where, value = _split(pair)
         head, *rest = where.split(".")
         if (rest or [head])[-1] == "seed":
@@ -309,18 +331,20 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
             raise OverrideError(f"--set {where}: the curves during training score the run field train_eval_limit "
                                 f"test prompts per benchmark (now {run_plan.train_eval_limit}); use --set train_eval_limit=N")
         if head == "teacher" and len(rest) == 2:  # teacher.TASK.FIELD
-            run_plan = _set_teacher_of(run_plan, rest[0], rest[1], value, where, tasks)
+            return _set_teacher_of(run_plan, rest[0], rest[1], value, where, tasks)
         elif head in SECTIONS:
             if not rest:
                 raise OverrideError(f"--set {where}: {head} is a config; set one of its fields, e.g. {head}.lr=1e-4")
             section = SECTIONS[head]
-            run_plan = replace(run_plan, **{section: _set_field(getattr(run_plan, section), rest, value, where)})
+            return replace(run_plan, **{section: _set_field(getattr(run_plan, section), rest, value, where)})
         elif head in plan_fields and not rest:
-            run_plan = _set_field(run_plan, [head], value, where)
+            return _set_field(run_plan, [head], value, where)
         else:
             names = [*SECTIONS, *plan_fields]
             raise OverrideError(f"--set {where}: no section or field {head!r}{_suggest(head, names)}; sections: "
                                 f"{', '.join(SECTIONS)}; run fields: {', '.join(plan_fields)}")
+
+    run_plan = _in_any_order(run_plan, pairs, apply)
     for task, own in run_plan.teacher_overrides.items():  # a teacher-wide change made after one task's
         try:
             replace(run_plan.teacher, **own)

@@ -23,7 +23,9 @@ import torch
 
 from opd_bench import distributed, trackers
 from opd_bench.distributed import ProcessGroup
-from opd_bench.io import atomic_write_bytes, atomic_write_json, json_differences, parse_json_lines, read_json, read_json_lines
+from opd_bench.io import (
+    atomic_write_bytes, atomic_write_json, json_differences, parse_json_lines, read_json, read_json_lines, without_later_settings,
+)
 
 
 class MetricsLog:
@@ -363,7 +365,8 @@ def config_differences(saved: Any, config: dict) -> str | None:
     """How a run folder's saved ``config.json`` differs from the ``config`` a trainer would record
     now (None: the same run). A folder saved before configs recorded their ``data`` is compared
     without it, so runs made before the record resume as before."""
-    current = json.loads(json.dumps(config, default=str))
+    current = without_later_settings(json.loads(json.dumps(config, default=str)))
+    saved = without_later_settings(saved)
     if isinstance(saved, dict) and "data" not in saved:
         current.pop("data", None)
     return None if saved == current else json_differences(saved, current)

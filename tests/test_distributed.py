@@ -21,29 +21,31 @@ from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
 from opd_bench.training import read_metrics
 
 PROMPTS = [Prompt("a white square", "bright"), Prompt("a yellow star", "bright"), Prompt("a black circle", "bright")]
-# One rollout of 4 prompts x 2 images serves the two steps (updates_per_rollout=2, the default); each
-# step trains one image of every group on 2 of 3 steps: 8 (sample, step) pairs. micro_batch=4 cuts
-# the 1-process batch where the 2 ranks split it, so even the micro-batch gradient variance matches.
+# 2 prompts x 2 images per step, 2 of 3 steps trained: 8 (sample, step) pairs a step; with two
+# updates per rollout (the default) a rollout of 4 prompts serves two steps, each on one image of
+# every group. micro_batch=4 cuts the 1-process batch where the 2 ranks split it, so even the
+# micro-batch gradient variance matches. Four steps: two rollouts (or four).
 # adv_std="batch" (the default, Flow-GRPO's): each rank holds one group, so dividing by the rank's own
 # std instead of the whole batch's gives other weights (checked: the weights test fails).
-CONFIG = GRPOConfig(
-    steps=2, prompts_per_step=2, group_size=2, num_steps=3, train_fraction=0.67, micro_batch=4,
-    clip_range=0.2, lr=1e-2, eval_every=0, checkpoint_every=2, seed=3, adv_std="batch",
-)
+def config(updates: int) -> GRPOConfig:
+    return GRPOConfig(
+        steps=4, prompts_per_step=2, group_size=2, num_steps=3, train_fraction=0.67, micro_batch=4, clip_range=0.2,
+        lr=1e-2, eval_every=0, checkpoint_every=2, seed=3, adv_std="batch", updates_per_rollout=updates,
+    )
 
 
-def _train(tiny_dir, run_dir) -> tuple[GRPOTrainer, list[torch.Tensor]]:
+def _train(tiny_dir, run_dir, updates: int) -> tuple[GRPOTrainer, list[torch.Tensor]]:
     policy = Policy.from_pretrained(str(tiny_dir))
-    trainer = GRPOTrainer(CONFIG, policy=policy, prompts=PROMPTS, rewards={"bright": rewards.get("toy/brightness")}, run_dir=run_dir)
+    trainer = GRPOTrainer(config(updates), policy=policy, prompts=PROMPTS, rewards={"bright": rewards.get("toy/brightness")}, run_dir=run_dir)
     trainer.train(progress=False)
     return trainer, [p.detach().clone() for p in policy.parameters("student")]
 
 
-def _worker(tiny_dir: str, run_dir: str, out_dir: str) -> None:
+def _worker(tiny_dir: str, run_dir: str, out_dir: str, updates: str) -> None:
     """One rank of the 2-process run: train, then report weights and collective checks to out_dir."""
     torch.set_num_threads(1)
     ranks = current()
-    trainer, weights = _train(tiny_dir, run_dir)
+    trainer, weights = _train(tiny_dir, run_dir, int(updates))
     # variable-size gather: rank r contributes r + 1 rows
     gathered = ranks.all_gather(torch.full((ranks.rank + 1, 2), float(ranks.rank)))
     # gradient averaging, with a parameter that has a gradient on rank 1 only
@@ -92,8 +94,9 @@ def test_a_bad_timeout_is_named(monkeypatch):
             _timeout_seconds()
 
 
-def test_two_processes_train_like_one(tiny_dir, tmp_path):
-    _, single_weights = _train(tiny_dir, tmp_path / "single")
+@pytest.mark.parametrize("updates", [1, 2])
+def test_two_processes_train_like_one(tiny_dir, tmp_path, updates):
+    _, single_weights = _train(tiny_dir, tmp_path / "single", updates)
     single = read_metrics(tmp_path / "single" / "metrics.jsonl")
 
     out = tmp_path / "ranks"
@@ -101,7 +104,7 @@ def test_two_processes_train_like_one(tiny_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "OPD_BENCH_BACKEND": "gloo"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        __file__, str(tiny_dir), str(tmp_path / "multi"), str(out),
+        __file__, str(tiny_dir), str(tmp_path / "multi"), str(out), str(updates),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -130,7 +133,7 @@ def test_two_processes_train_like_one(tiny_dir, tmp_path):
         assert r["grad_a"].tolist() == [0.5] * 3 and r["grad_b"].tolist() == [0.5] * 2
 
     multi = read_metrics(tmp_path / "multi" / "metrics.jsonl")
-    assert [r["step"] for r in multi] == [1, 2]  # one line per step: a second writer would repeat them
+    assert [r["step"] for r in multi] == [1, 2, 3, 4]  # one line per step: a second writer would repeat them
     assert (tmp_path / "multi" / "DONE").exists() and (tmp_path / "multi" / "final" / "adapter_model.safetensors").exists()
     for a, b in zip(single, multi):
         assert set(a) == set(b)
@@ -139,9 +142,12 @@ def test_two_processes_train_like_one(tiny_dir, tmp_path):
                 continue
             # abs: the GRPO loss is a near-cancelling sum of +-advantage * ratio (~0 +- 1e-5)
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), key
-    assert single[0]["grad/norm"] > 0 and single[-1]["images"] == 8 and single[-1]["student_forwards"] == multi[-1]["student_forwards"]
+    assert single[0]["grad/norm"] > 0 and single[-1]["images"] == 16 and single[-1]["student_forwards"] == multi[-1]["student_forwards"]
+    if updates == 2:  # the second update of each rollout is off-policy, by as much on 2 processes as on 1
+        for a, b in zip(single[1::2], multi[1::2]):
+            assert a["approx_kl"] > 0 and b["approx_kl"] == pytest.approx(a["approx_kl"], rel=0.05)
     assert "grad/variance" in multi[0] and [r["reward/bright/mean"] for r in multi] == pytest.approx([r["reward/bright/mean"] for r in single], rel=1e-5)
 
 
 if __name__ == "__main__":  # a rank of the 2-process run (launched by the test above)
-    _worker(*sys.argv[1:4])
+    _worker(*sys.argv[1:5])

@@ -326,3 +326,45 @@ def test_runs_and_checkpoints_end_between_rollouts():
         CascadeConfig(stages=[("pref", 2), ("geneval", 3)])
     GRPOConfig(steps=3, checkpoint_every=5, group_size=3, updates_per_rollout=1)  # one update: any count
     CascadeConfig(stages=[("geneval", 3)], grpo=GRPOConfig(updates_per_rollout=1))
+
+
+def test_set_changes_that_check_each_other_apply_in_any_order():
+    """steps and checkpoint_every must be multiples of updates_per_rollout: --set takes the changes
+    in any order, and refuses only what no order makes valid, with the config's one-line reason."""
+    two = ["teacher.updates_per_rollout=2", "teacher.checkpoint_every=10", "multi-reward.checkpoint_every=10",
+           "multi-reward.updates_per_rollout=2", "cascade.grpo.updates_per_rollout=2", "cascade.grpo.checkpoint_every=10"]
+    for pairs in (two, two[::-1]):
+        changed = apply_overrides(plan("standard"), pairs)
+        assert (changed.teacher.updates_per_rollout, changed.multi_reward.updates_per_rollout,
+                changed.cascade.grpo.updates_per_rollout) == (2, 2, 2)
+        assert changed.teacher.checkpoint_every == changed.cascade.grpo.checkpoint_every == 10
+    paper = apply_overrides(plan("paper"), ["teacher.steps=301", "teacher.updates_per_rollout=1"])
+    assert (paper.teacher.steps, paper.teacher.updates_per_rollout) == (301, 1)
+    assert apply_overrides(plan("paper"), ["teacher.steps=301", "teacher.steps=302"]).teacher.steps == 302  # the last one
+    with pytest.raises(OverrideError, match=r"^--set teacher.updates_per_rollout=2: checkpoint_every=5 is not a multiple"):
+        apply_overrides(plan("standard"), ["teacher.updates_per_rollout=2"])
+    with pytest.raises(OverrideError, match=r"--set cascade.stages=.*multiple of 2"):
+        apply_overrides(plan("paper"), ['cascade.stages=[["pref",20],["ocr",15]]'])
+    assert set_fields(GRPOConfig(updates_per_rollout=1, steps=3), ["steps=4", "updates_per_rollout=2"]).steps == 4
+
+
+def test_folders_and_teachers_from_before_updates_per_rollout_keep_their_identity():
+    """A run folder or teacher recorded before the setting existed trained one update per rollout:
+    it resumes, and keeps its teacher key, under a config that sets 1; not under one that sets 2."""
+    import hashlib
+    import json
+
+    from opd_bench.training import config_differences
+    from opd_bench.trainers.teachers import teacher_key
+
+    one = replace(plan("standard").teacher)
+    recorded = {key: value for key, value in grpo_module.grpo_run_config(one, [Prompt("a red circle", "red")], {"red": None}).items()
+                if key != "updates_per_rollout"}
+    assert config_differences(recorded, grpo_module.grpo_run_config(one, [Prompt("a red circle", "red")], {"red": None})) is None
+    two = replace(one, updates_per_rollout=2, checkpoint_every=10)
+    assert "updates_per_rollout: absent saved, 2 now" in config_differences(
+        recorded, grpo_module.grpo_run_config(two, [Prompt("a red circle", "red")], {"red": None}))
+    before = {k: v for k, v in one.to_dict().items() if k != "updates_per_rollout"}  # the key as computed before
+    identity = {"base": "b", "suite_version": "v", "task": "pref", "config": before}
+    assert teacher_key("b", "v", "pref", one) == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    assert teacher_key("b", "v", "pref", replace(two, checkpoint_every=5 * 2)) != teacher_key("b", "v", "pref", replace(one, checkpoint_every=10))

@@ -819,3 +819,20 @@ def test_the_shipped_base_by_its_folder_shares_the_aliases_teachers(tmp_path):
     by_alias, by_folder = _harness(tmp_path / "a"), _harness(tmp_path / "b", model=str(suites.MODELS["tiny"]))
     assert by_folder.model == "tiny" and by_folder.identity == by_alias.identity
     assert by_folder.teacher_base == by_alias.teacher_base
+
+
+def test_a_run_folder_from_before_a_later_setting_is_the_same_run(tmp_path):
+    """run.json written before updates_per_rollout existed (the smoke preset's GRPO runs make one
+    update per rollout): the folder is taken up again; with two updates it is another run."""
+    run = tmp_path / "run"
+    _harness(run)
+    (run / "teachers").mkdir()
+    (run / "teachers" / "trained").write_text("work")
+    identity = json.loads((run / "run.json").read_text())
+    for section in ("teacher", "multi_reward"):
+        del identity["plan"][section]["updates_per_rollout"]
+    del identity["plan"]["cascade"]["grpo"]["updates_per_rollout"]
+    (run / "run.json").write_text(json.dumps(identity))
+    _harness(run)
+    with pytest.raises(FileExistsError, match="holds a run with another"):
+        _harness(run, overrides=["multi-reward.updates_per_rollout=2", "multi-reward.checkpoint_every=2", "multi-reward.eval_every=2"])

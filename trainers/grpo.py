@@ -60,7 +60,7 @@ class GRPOConfig:
     # Gradients through the conditional half of guidance only (Flow-GRPO's noise_pred_uncond.detach())
     detach_uncond: bool = True
     clip_range: float = 1e-4  # Flow-GRPO's ratio clip on SD3.5
-    # "batch": (r - group mean) / (std of the whole step's rewards, every process's, + 1e-4), as
+    # "batch": (r - group mean) / (std of the whole rollout's rewards, every process's, + 1e-4), as
     # Flow-GRPO's published SD3.5 configs (global_std=True); "group": the group's own std
     adv_std: Literal["group", "batch"] = "batch"
     adv_ddof: int = 0  # 0: population std, np.std's default (Flow-GRPO); 1: unbiased std
@@ -114,16 +114,16 @@ class GRPOConfig:
         return asdict(self)
 
     def _check_rollout_boundaries(self) -> None:
-        """A run ends, and a checkpoint is taken, between rollouts: a resume then never needs a
-        rollout that only the killed process held."""
+        """A run ends, checkpoints and evaluates between rollouts: a resume then never needs a
+        rollout that only the killed process held, and a curve's point counts whole rollouts."""
         per = self.updates_per_rollout
-        for name in ("steps", "checkpoint_every"):
+        for name in ("steps", "checkpoint_every", "eval_every"):
             value = getattr(self, name)
             if value % per:
                 fix = ", ".join(str(v) for v in sorted({max(per, value - value % per), value - value % per + per}))
                 raise ValueError(f"{name}={value} is not a multiple of updates_per_rollout={per} (each rollout serves "
-                                 f"{per} optimizer steps, and runs end and checkpoint between rollouts); use {name} "
-                                 f"{fix}, or updates_per_rollout=1")
+                                 f"{per} optimizer steps, and runs end, checkpoint and evaluate between rollouts); use "
+                                 f"{name} {fix}, or updates_per_rollout=1")
 
     def _check_noise_level(self) -> None:
         levels = self.noise_level if isinstance(self.noise_level, list) else [self.noise_level]
@@ -260,7 +260,8 @@ def grpo_rollout(policy: Policy, prompts: Sequence[Prompt], rewards: Mapping[str
 def grpo_update(policy: Policy, batch: ScoredRollout, part: int, config: GRPOConfig, *,
                 grad_variance: GradVariance | None = None, ranks: ProcessGroup = SINGLE) -> dict:
     """Accumulate the GRPO gradient of ``batch``'s part ``part`` into ``.grad`` with the active
-    adapter: this rank's share of the global mean (the caller averages over ranks); global metrics."""
+    adapter: this rank's share of the global mean (the caller averages over ranks); returns global
+    metrics, the rollout's reward metrics among them."""
     trajectory = batch.trajectory
     pairs = [(i, int(s)) for i in batch.parts[part] for s in batch.steps[i]]
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
@@ -293,6 +294,7 @@ def grpo_update(policy: Policy, batch: ScoredRollout, part: int, config: GRPOCon
     metrics: dict[str, float] = {key: value / num_pairs for key, value in zip(totals, summed)}
     if config.kl_beta == 0:
         metrics.pop("kl")
+    metrics.update(batch.metrics)  # the rollout's rewards, logged with each of its updates
     all_loss = ranks.all_gather(torch.tensor(pair_loss, dtype=torch.float64)).tolist()
     all_bins = ranks.all_gather(torch.tensor([s * 4 // config.num_steps for _, s in pairs])).tolist()
     by_bin: dict[int, list[float]] = {}
@@ -321,7 +323,7 @@ def grpo_step(
     with policy.use(adapter):  # one switch for the whole step (rollout and training)
         batch = grpo_rollout(policy, prompts, rewards, config, seed=seed, ranks=ranks, updates=1)
         metrics = grpo_update(policy, batch, 0, config, grad_variance=grad_variance, ranks=ranks)
-    return {**metrics, **batch.metrics}, len(batch.trajectory)
+    return metrics, len(batch.trajectory)
 
 
 def grpo_run_config(config: GRPOConfig, prompts: Sequence[Prompt], rewards: Mapping[str, Any],
@@ -384,7 +386,10 @@ class GRPOTrainer:
                 # runs start and resume on a rollout's first step (steps and checkpoint_every are multiples)
                 assert batch is not None, f"step {step} continues a rollout this process did not make"
                 metrics = grpo_update(self.policy, batch, part, config, grad_variance=self.grad_variance, ranks=self.ranks)
-            return {**metrics, **batch.metrics}, len(batch.trajectory) if part == 0 else 0
+            images = len(batch.trajectory) if part == 0 else 0
+            if part == config.updates_per_rollout - 1:
+                batch = None  # freed before the next rollout, an evaluation or the final save
+            return metrics, images
 
         return self.run.train(
             step_fn, steps=config.steps, max_grad_norm=config.max_grad_norm, grad_variance=self.grad_variance,

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable, Mapping
 
-from opd_bench.io import holds_weights, read_json
+from opd_bench.io import holds_weights, read_json, without_later_settings
 from opd_bench.policy import Policy
 from opd_bench.rewards import Reward
 from opd_bench.rollout import Prompt
@@ -21,7 +21,8 @@ from opd_bench.training import retrain_hint, training_data
 
 
 def teacher_key(base: str, suite_version: str, task: str, config: GRPOConfig) -> str:
-    identity = {"base": base, "suite_version": suite_version, "task": task, "config": config.to_dict()}
+    # settings added later, at the value earlier teachers trained with, leave the key as it was
+    identity = {"base": base, "suite_version": suite_version, "task": task, "config": without_later_settings(config.to_dict())}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
