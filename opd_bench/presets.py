@@ -102,7 +102,8 @@ def _standard() -> RunPlan:
     # by the whole batch's. Both are what the committed runs were made with, and on the pref teacher
     # Flow-GRPO's forms did worse: its weighting let the taste drift by 0.016 (K4), its batch std
     # gave a smaller pref gain at every seed, about 30% less (A1; docs/benchmarks.md). One update per
-    # rollout (Flow-GRPO makes two) is also what the committed runs were made with.
+    # rollout (Flow-GRPO makes two) is also what the committed runs were made with, and two left the
+    # pref teacher's gain where it was (Y0-Y1).
     grpo = dict(prompts_per_step=3, group_size=4, num_steps=8, noise_level=0.7, train_fraction=0.5, lr=1e-3,
                 lora_rank=8, lora_alpha=16, micro_batch=48, eval_every=10, checkpoint_every=5, clip_range=0.2,
                 kl_beta=0.04, kl_weighting="step", adv_std="group", updates_per_rollout=1)
