@@ -236,6 +236,9 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--drop-t5", is_flag=True, help="SD3 without its T5 text encoder (about 10 GB less for SD3.5); another experiment.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, same numbers.")
 @click.option("--offload-text-encoders", is_flag=True, help="Keep the text encoders on the CPU between prompts: less GPU memory, same numbers.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Forward and decode at most N samples at once in rollouts and evaluations (a paper-preset teacher's rollout "
+                   "is 384 images): less GPU memory, the same samples up to float rounding.  [default: no limit]")
 @click.option("--log-to", default="", metavar="NAMES",
               help="Mirror every training cell's metrics to experiment trackers, comma-separated: tensorboard "
                    "(RUN/tensorboard), wandb (one W&B run per cell, $WANDB_PROJECT). Changes no number.")
@@ -243,7 +246,7 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @_suite_config_option
 @_friendly
 def run_command(method, suite_name, model, preset, overrides, set_file, seeds, out, device, report, force, jobs, threads, dtype, drop_t5,
-                gradient_checkpointing, offload_text_encoders, log_to, dry_run) -> None:
+                gradient_checkpointing, offload_text_encoders, max_batch, log_to, dry_run) -> None:
     """Train teachers, DiffusionOPD and the baselines; evaluate all; write OUT/results.json.
 
     Rerunning the same command skips finished work and resumes unfinished training; a rerun with
@@ -292,7 +295,7 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         + "".join(f" --set {shlex.quote(pair)}" for pair in overrides))
     harness = Harness(out, suite=suite_name, model=model, preset=preset, overrides=overrides, seeds=seed_list, method=method, device=device, force=force,
                       command=command, dtype=dtype, drop_t5=drop_t5, gradient_checkpointing=gradient_checkpointing,
-                      offload_text_encoders=offload_text_encoders, log_to=trackers)
+                      offload_text_encoders=offload_text_encoders, max_batch=max_batch, log_to=trackers)
     from opd_bench.parallel import default_jobs
 
     with _resumable(f"the finished cells are kept in {out}"):

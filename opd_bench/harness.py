@@ -152,6 +152,7 @@ class Harness:
         drop_t5: bool = False,
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
+        max_batch: int | None = None,
         log_to: Sequence[str] = (),
         force: bool = False,
         command: str = "",
@@ -177,7 +178,8 @@ class Harness:
         self.device, self.force, self.command, self.progress = device, force, command, progress
         self.dtype = resolve_dtype(dtype, device)
         # memory savers that leave every number as it is (recorded in results.json's environment)
-        self.memory = {"gradient_checkpointing": gradient_checkpointing, "offload_text_encoders": offload_text_encoders}
+        self.memory = {"gradient_checkpointing": gradient_checkpointing, "offload_text_encoders": offload_text_encoders,
+                       "max_batch": max_batch}
         self.cell_threads, self.jobs = None, 1  # set by run()
         self.results_unchanged = False  # set by run(): a rerun found nothing new and kept results.json
         # experiment trackers mirror every training cell's metrics; they change no number (not in the identity)

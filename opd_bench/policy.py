@@ -328,6 +328,7 @@ class Policy:
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
         resolution: int | None = None,
+        max_batch: int | None = None,
     ):
         name = type(pipeline).__name__
         if name not in SUPPORTED_PIPELINES:
@@ -354,6 +355,12 @@ class Policy:
         if offload_text_encoders:
             for encoder in self._text_encoders():
                 encoder.to("cpu")
+        # A rollout forwards all its samples at once (a Flow-GRPO teacher of the paper preset: 16 x 24
+        # images, twice that with guidance) and decodes them at once; the VAE's 512 px activations
+        # alone take ~0.25 GB an image. max_batch cuts no-grad forwards and decodes into chunks.
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise ValueError(f"max_batch must be an integer >= 1, or None for no limit; got {max_batch!r}")
+        self.max_batch = max_batch
         self._trainable: set[str] = set()
         self._adapter_configs: dict[str, object] = {}
         self._active: str | None = None
@@ -386,6 +393,7 @@ class Policy:
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
         resolution: int | None = None,
+        max_batch: int | None = None,
         **components,
     ) -> "Policy":
         """Load a diffusers SD3-family or FLUX.1 pipeline by local folder or hub id, or the shipped
@@ -395,7 +403,9 @@ class Policy:
         ``drop_t5=True`` skips T5 on an SD3 pipeline that has it (saves ~10 GB on SD3.5).
         ``gradient_checkpointing`` trades compute for activation memory in training;
         ``offload_text_encoders`` keeps the text encoders on the CPU between ``encode`` calls;
-        ``resolution`` sets the default image side (None: the pipeline's own default).
+        ``resolution`` sets the default image side (None: the pipeline's own default);
+        ``max_batch`` is the most samples one no-grad transformer forward or VAE decode takes
+        (larger batches go in chunks; None: no limit).
         """
         import diffusers
 
@@ -424,6 +434,7 @@ class Policy:
             gradient_checkpointing=gradient_checkpointing,
             offload_text_encoders=offload_text_encoders,
             resolution=resolution,
+            max_batch=max_batch,
         )
 
     def _text_encoders(self) -> list[torch.nn.Module]:
@@ -528,6 +539,11 @@ class Policy:
         batch = latents.shape[0]
         if len(cond) != batch:
             raise ValueError(f"{batch} latents but {len(cond)} prompt embeddings")
+        size = self.max_batch
+        if size is not None and batch > size and not torch.is_grad_enabled():  # training micro-batches set their own size
+            sigmas = torch.as_tensor(sigma, dtype=torch.float32).expand(batch)
+            return torch.cat([self.velocity(latents[i : i + size], sigmas[i : i + size], cond.select(slice(i, i + size)),
+                                            guidance_scale, detach_uncond=detach_uncond) for i in range(0, batch, size)])
         device, dtype = self._probe.device, self._probe.dtype
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).expand(batch)
         latents = latents.to(dtype)
@@ -565,6 +581,9 @@ class Policy:
 
         The same for both families: the state is never packed, and both VAEs undo a scale and shift.
         """
+        size = self.max_batch
+        if size is not None and len(latents) > size:
+            return torch.cat([self.decode(latents[i : i + size]) for i in range(0, len(latents), size)])
         vae = self.pipeline.vae
         latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         images = vae.decode(latents, return_dict=False)[0]

@@ -323,12 +323,12 @@ def test_a_bfloat16_run_is_its_own_experiment_and_verifies_in_bfloat16(smoke_run
 
     out = tmp_path / "bf16"
     result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--method", "multi-reward", "--out", str(out), "--no-report",
-                                       "--jobs", "1", "--dtype", "bfloat16", "--gradient-checkpointing"])
+                                       "--jobs", "1", "--dtype", "bfloat16", "--gradient-checkpointing", "--max-batch", "3"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     check_results(results)
     assert results["config"]["model"] == {"dtype": "bfloat16", "drop_t5": False}
-    assert results["environment"]["gradient_checkpointing"] is True
+    assert results["environment"]["gradient_checkpointing"] is True and results["environment"]["max_batch"] == 3
     assert json.loads((out / "run.json").read_text())["dtype"] == "bfloat16"
     # teachers trained in another precision are other teachers: none is shared with the float32 run
     float32_teachers = {p.name for p in (smoke_run / "teachers").iterdir()}

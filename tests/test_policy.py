@@ -273,3 +273,35 @@ def test_encode_images_is_the_inverse_of_decode(policy):
         latents = policy.encode_images(images)
         torch.testing.assert_close(latents, (mean - 0.5) * 2.0)  # the sampler's scaled and shifted states
         assert torch.allclose(policy.decode(latents), reconstructed, atol=1e-5)
+
+
+def test_max_batch_cuts_no_grad_forwards_and_decodes_into_chunks_of_the_same_samples(tiny_dir):
+    from opd_bench.rollout import Prompt, rollout
+
+    whole, chunked = Policy.from_pretrained(str(tiny_dir)), Policy.from_pretrained(str(tiny_dir), max_batch=2)
+    sizes, decoded = [], []
+    forward, decode = chunked._backend.forward, type(chunked.pipeline.vae).decode
+
+    def recording_forward(transformer, latents, *args, **kwargs):
+        sizes.append(latents.shape[0])
+        return forward(transformer, latents, *args, **kwargs)
+
+    def recording_decode(vae, latents, *args, **kwargs):
+        decoded.append(latents.shape[0])
+        return decode(vae, latents, *args, **kwargs)
+
+    chunked._backend.forward = recording_forward
+    chunked.pipeline.vae.decode = recording_decode.__get__(chunked.pipeline.vae)
+    prompts = [Prompt("a red circle"), Prompt("a blue star"), Prompt("two green squares")]
+    options = dict(images_per_prompt=2, num_steps=3, noise_level=0.7, seed=1, keep={"latents", "images"})
+    a, b = rollout(whole, prompts, **options), rollout(chunked, prompts, **options)
+    assert sizes == [4, 4, 4] * 3 and decoded == [2, 2, 2]  # 6 samples: 3 chunks of 2 (x2 with guidance) per step
+    torch.testing.assert_close(b.latents, a.latents, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.log_probs, a.log_probs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.images, a.images, rtol=1e-4, atol=1e-5)
+    assert chunked.forward_counts == whole.forward_counts == {None: 36}
+    sizes.clear()  # with gradients (a training micro-batch, sized by its trainer) the batch stays whole
+    chunked.velocity(b.latents[:, 0], torch.full((6,), 0.9), chunked.encode([p.text for p in prompts for _ in range(2)]), 4.5)
+    assert sizes == [12]
+    with pytest.raises(ValueError, match=r"max_batch must be an integer >= 1, or None for no limit; got 0"):
+        Policy.from_pretrained(str(tiny_dir), max_batch=0)
