@@ -285,34 +285,6 @@ def test_one_rollout_serves_two_updates_each_on_half_of_every_group(tiny_dir, tm
     assert records[0]["reward/red/mean"] == records[1]["reward/red/mean"]  # both report their rollout's rewards
 
 
-def test_a_killed_two_update_run_resumes_on_the_next_rollout(tiny_dir, tmp_path):
-    from opd_bench.policy import Policy
-    from opd_bench.training import read_metrics
-
-    def run(folder, fail_after=None):
-        trainer = grpo_module.GRPOTrainer(_two_update_config(), policy=Policy.from_pretrained(str(tiny_dir)), prompts=PROMPT_POOL,
-                                          rewards={"red": rewards.get("toy/brightness")}, run_dir=folder)
-        if fail_after is not None:
-            original = trainer.run.end_step
-
-            def end_step(step, metrics, images):
-                original(step, metrics, images)
-                if step == fail_after:
-                    raise KeyboardInterrupt("killed")
-
-            trainer.run.end_step = end_step
-        trainer.train(progress=False)
-
-    run(tmp_path / "straight")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed", fail_after=3)  # mid-rollout: the checkpoint of step 2 is the last
-    run(tmp_path / "killed")
-    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
-    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["images"] for r in b] == [r["images"] for r in a]
-    for key in ("reward/red/mean", "approx_kl", "grad/norm"):
-        assert b[3][key] == pytest.approx(a[3][key], rel=1e-3, abs=1e-9), key
-
-
 def test_runs_and_checkpoints_end_between_rollouts():
     with pytest.raises(ValueError, match=r"steps=3 is not a multiple of updates_per_rollout=2.*use steps 2, 4"):
         GRPOConfig(steps=3)

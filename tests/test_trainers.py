@@ -344,6 +344,27 @@ def test_a_killed_grpo_run_resumes_on_the_same_prompts_and_noise(tiny_dir, tmp_p
         assert b[1][key] == pytest.approx(a[1][key], rel=1e-3), key
 
 
+def test_a_killed_two_update_grpo_run_resumes_on_the_next_rollout(tiny_dir, tmp_path):
+    """With two updates per rollout a run checkpoints between rollouts: killed after step 3, mid-
+    rollout, it resumes from step 2's checkpoint with a new rollout and repeats step 3's numbers."""
+    config = GRPOConfig(steps=4, prompts_per_step=2, group_size=4, num_steps=3, train_fraction=0.67, micro_batch=64,
+                        eval_every=0, checkpoint_every=2, lr=1e-2, clip_range=0.2, updates_per_rollout=2)
+
+    def run(folder, fail_after=None):
+        trainer = GRPOTrainer(config, policy=Policy.from_pretrained(str(tiny_dir)), prompts=POOLS["red"],
+                              rewards={"red": REWARDS["red"]}, run_dir=folder)
+        _interruptible(trainer, fail_after).train(progress=False)
+
+    run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", fail_after=3)
+    run(tmp_path / "killed")
+    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["images"] for r in b] == [r["images"] for r in a] == [16, 16, 32, 32]
+    for key in ("reward/red/mean", "approx_kl", "grad/norm"):
+        assert b[3][key] == pytest.approx(a[3][key], rel=1e-3, abs=1e-9), key
+
+
 def test_a_run_resumed_on_another_thread_count_says_its_numbers_will_differ(tiny_dir, tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
