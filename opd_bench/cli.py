@@ -237,8 +237,9 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, same numbers.")
 @click.option("--offload-text-encoders", is_flag=True, help="Keep the text encoders on the CPU between prompts: less GPU memory, same numbers.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Forward and decode at most N samples at once in rollouts and evaluations (a paper-preset teacher's rollout "
-                   "is 384 images): less GPU memory, the same samples up to float rounding.  [default: no limit]")
+              help="Forward (2N transformer inputs with guidance) and decode at most N samples at once in rollouts and "
+                   "evaluations (a paper-preset teacher's rollout is 384 images): less GPU memory, the same samples up to "
+                   "float rounding, which training amplifies, so keep it fixed within a run.  [default: no limit]")
 @click.option("--log-to", default="", metavar="NAMES",
               help="Mirror every training cell's metrics to experiment trackers, comma-separated: tensorboard "
                    "(RUN/tensorboard), wandb (one W&B run per cell, $WANDB_PROJECT). Changes no number.")

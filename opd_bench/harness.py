@@ -177,7 +177,10 @@ class Harness:
         self.methods = methods_for(method)
         self.device, self.force, self.command, self.progress = device, force, command, progress
         self.dtype = resolve_dtype(dtype, device)
-        # memory savers that leave every number as it is (recorded in results.json's environment)
+        # memory savers (recorded in results.json's environment): the first two leave every number as
+        # it is; max_batch changes float rounding only, which training amplifies (keep it within a run)
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise ValueError(f"max_batch must be an integer >= 1, or None for no limit; got {max_batch!r}")
         self.memory = {"gradient_checkpointing": gradient_checkpointing, "offload_text_encoders": offload_text_encoders,
                        "max_batch": max_batch}
         self.cell_threads, self.jobs = None, 1  # set by run()
@@ -566,6 +569,7 @@ class Harness:
             repeats=self.plan.variance_repeats, num_steps=self.plan.opd.num_steps,
             guidance_scale=self.plan.opd.guidance_scale,
             teacher_guidance=self.plan.opd.teacher_guidance.get(task, self.plan.opd.guidance_scale), seed=0,
+            micro_batch=self.plan.opd.micro_batch,
         )
         batch, noise = self.plan.variance_reference
         reference = [r for r in rows if r["batch"] == batch and r["noise_level"] == noise]

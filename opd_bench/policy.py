@@ -404,8 +404,8 @@ class Policy:
         ``gradient_checkpointing`` trades compute for activation memory in training;
         ``offload_text_encoders`` keeps the text encoders on the CPU between ``encode`` calls;
         ``resolution`` sets the default image side (None: the pipeline's own default);
-        ``max_batch`` is the most samples one no-grad transformer forward or VAE decode takes
-        (larger batches go in chunks; None: no limit).
+        ``max_batch`` is the most samples one no-grad transformer forward (2x that in inputs with
+        classifier-free guidance) or VAE decode takes (larger batches go in chunks; None: no limit).
         """
         import diffusers
 
@@ -524,7 +524,8 @@ class Policy:
         *,
         detach_uncond: bool = False,
     ) -> torch.Tensor:
-        """Velocity at ``(latents, sigma)``, guided by ``guidance_scale``, in one transformer forward.
+        """Velocity at ``(latents, sigma)``, guided by ``guidance_scale``, in one transformer forward
+        (without gradients, one per ``max_batch`` samples).
 
         Classifier-free guidance batches the conditional and unconditional halves; guidance-
         distilled models (FLUX.1-dev) take the scale as an input instead. ``sigma`` is a scalar or

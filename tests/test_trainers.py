@@ -457,6 +457,11 @@ def test_the_variance_experiment_gives_the_same_gradients_with_gradient_checkpoi
     for plain, checkpointed in zip(*grads):
         assert plain.abs().sum() > 0
         torch.testing.assert_close(checkpointed, plain)
+    # the 4 (sample, step) pairs 3 at a time through the backward (a trainer's micro-batch): the same means
+    chunked = estimate_gradients(policy, "student", "teacher", POOLS["bright"][:2], noise_level=0.7, num_steps=2,
+                                 guidance_scale=4.5, teacher_guidance=4.5, seed=0, micro_batch=3)
+    for plain, piecewise in zip(grads[0], chunked):
+        torch.testing.assert_close(piecewise, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))
 
 
 def test_ppo_and_analytic_estimators_target_the_same_gradient():

@@ -16,6 +16,7 @@ the repeats, their ratio (PPO over analytic), and the cosine between the two mea
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import Sequence
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from opd_bench.policy import Policy
 from opd_bench.rl import distillation_loss, process_reward, step_at
 from opd_bench.rollout import Prompt, rollout
+from opd_bench.sde import StepOutput
 from opd_bench.training import sample_prompts, step_seed
 
 
@@ -41,8 +43,11 @@ def estimate_gradients(
     guidance_scale: float,
     teacher_guidance: float,
     seed: int,
+    micro_batch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(analytic, ppo) gradients on one batch of student trajectories, all steps trained."""
+    """(analytic, ppo) gradients on one batch of student trajectories, all steps trained; the
+    (sample, step) pairs go ``micro_batch`` at a time through each backward (None: all at once),
+    as a trainer's do, so that the experiment fits where the training does."""
     params = policy.parameters(student)
     with policy.use(student):
         trajectory = rollout(
@@ -54,24 +59,32 @@ def estimate_gradients(
     with torch.no_grad(), policy.use(teacher):
         target = step_at(policy, trajectory, index, step, guidance_scale=teacher_guidance)
     grads = []
+    size = micro_batch or len(index)
     for estimator in ("analytic", "ppo"):
         for p in params:
             p.grad = None
-        # backward inside use(student): with gradient checkpointing the forward is recomputed
-        # there, and must see the same adapter (outside it, the student's LoRA is switched off)
-        with policy.use(student):
-            current = step_at(policy, trajectory, index, step, guidance_scale=guidance_scale)
-            if estimator == "analytic":
-                loss = distillation_loss(current, target).mean()
-            else:
-                old = trajectory.log_probs[index, step].to(current.log_prob.device)
-                reward = process_reward(old, target.log_prob, trajectory.final[0].numel())
-                loss = -(reward * torch.exp(current.log_prob - old)).mean()
-            loss.backward()
+        for start in range(0, len(index), size):  # each chunk adds its share of the mean over all pairs
+            chunk = slice(start, start + size)
+            # backward inside use(student): with gradient checkpointing the forward is recomputed
+            # there, and must see the same adapter (outside it, the student's LoRA is switched off)
+            with policy.use(student):
+                current = step_at(policy, trajectory, index[chunk], step[chunk], guidance_scale=guidance_scale)
+                if estimator == "analytic":
+                    per_pair = distillation_loss(current, _select(target, chunk))
+                else:
+                    old = trajectory.log_probs[index[chunk], step[chunk]].to(current.log_prob.device)
+                    reward = process_reward(old, target.log_prob[chunk], trajectory.final[0].numel())
+                    per_pair = -(reward * torch.exp(current.log_prob - old))
+                (per_pair.sum() / len(index)).backward()
         grads.append(_flat_grad(params))
     for p in params:
         p.grad = None
     return grads[0], grads[1]
+
+
+def _select(output: StepOutput, chunk: slice) -> StepOutput:
+    """The pairs ``chunk`` of a step output computed for many (per-pair fields only)."""
+    return StepOutput(*(getattr(output, f.name)[chunk] for f in fields(StepOutput)))
 
 
 def variance_experiment(
@@ -87,10 +100,11 @@ def variance_experiment(
     guidance_scale: float = 4.5,
     teacher_guidance: float | None = None,
     seed: int = 0,
+    micro_batch: int | None = None,
 ) -> list[dict]:
     """One row per (batch size, noise level) with both estimators' variance and their ratio.
     ``teacher_guidance``: the teacher's CFG scale, as DiffusionOPD's ``teacher_guidance`` sets it
-    for the task (default: ``guidance_scale``)."""
+    for the task (default: ``guidance_scale``); ``micro_batch``: (sample, step) pairs per backward."""
     teacher_guidance = guidance_scale if teacher_guidance is None else teacher_guidance
     if repeats < 2:
         raise ValueError("the variance needs at least 2 repeats")
@@ -105,7 +119,7 @@ def variance_experiment(
                 a, p = estimate_gradients(
                     policy, student, teacher, chosen, noise_level=noise_level, num_steps=num_steps,
                     guidance_scale=guidance_scale, teacher_guidance=teacher_guidance,
-                    seed=step_seed(seed, k, 1000 + batch),
+                    seed=step_seed(seed, k, 1000 + batch), micro_batch=micro_batch,
                 )
                 analytic.append(a)
                 ppo.append(p)
