@@ -463,6 +463,13 @@ class TrainingRun:
                 print(f"opd-bench: resuming {self.dir} on {torch.get_num_threads()} torch threads where it ran on {threads}: "
                       f"it goes on, but its numbers will not equal an uninterrupted run's to the bit (--threads {threads} "
                       "keeps them)", file=sys.stderr)
+            batch, now = state.get("max_batch"), getattr(self.policy, "max_batch", None)
+            if "max_batch" in state and batch != now:  # chunked forwards round differently
+                def shown(value):
+                    return "no --max-batch" if value is None else f"--max-batch {value}"
+
+                print(f"opd-bench: resuming {self.dir} with {shown(now)} where it ran with {shown(batch)}: it goes on, but "
+                      f"its numbers will not equal an uninterrupted run's to the bit ({shown(batch)} keeps them)", file=sys.stderr)
             self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=state["step"],
                                   mirror=trackers.open_for(self.dir, config, resume_step=state["step"]))
             return {"step": state["step"], "counters": state["counters"], "elapsed": state["elapsed"], "resumed": True}
@@ -581,7 +588,8 @@ class TrainingRun:
             return
         save_checkpoint(
             self.dir / "checkpoint", params=self.params, optimizer=self.optimizer, ema=self.ema,
-            state={"step": step, "counters": self.counters, "elapsed": self.timer.elapsed, "threads": torch.get_num_threads()},
+            state={"step": step, "counters": self.counters, "elapsed": self.timer.elapsed, "threads": torch.get_num_threads(),
+                   "max_batch": getattr(self.policy, "max_batch", None)},
         )
 
     def finish(self, step: int) -> Path:

@@ -381,6 +381,24 @@ def test_a_run_resumed_on_another_thread_count_says_its_numbers_will_differ(tiny
     assert (tmp_path / "killed" / "DONE").exists()
 
 
+def test_a_run_resumed_with_another_max_batch_says_its_numbers_will_differ(tiny_dir, tmp_path, capsys):
+    config = replace(SMOKE.teacher, steps=3, eval_every=0, checkpoint_every=1)
+
+    def run(max_batch, fail_after=None):
+        policy = Policy.from_pretrained(str(tiny_dir), max_batch=max_batch)
+        trainer = GRPOTrainer(config, policy=policy, prompts=POOLS["red"], rewards={"red": REWARDS["red"]}, run_dir=tmp_path / "run")
+        _interruptible(trainer, fail_after).train(progress=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(None, fail_after=1)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        run(2, fail_after=2)  # killed again, after a checkpoint made with --max-batch 2
+    assert "with --max-batch 2 where it ran with no --max-batch" in capsys.readouterr().err
+    run(2)
+    assert "max-batch" not in capsys.readouterr().err and (tmp_path / "run" / "DONE").exists()
+
+
 def test_a_killed_run_is_not_resumed_on_other_prompts_or_rewards(tiny_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _grpo_run(tiny_dir, tmp_path / "killed", fail_after=1)
