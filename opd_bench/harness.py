@@ -160,7 +160,7 @@ class Harness:
         hold_folder: bool = True,
     ):
         from opd_bench import suites
-        from opd_bench.policy import resolve_dtype
+        from opd_bench.policy import check_max_batch, resolve_dtype
 
         self.out = Path(out)
         self.suite = suites.get(suite)
@@ -179,10 +179,8 @@ class Harness:
         self.dtype = resolve_dtype(dtype, device)
         # memory savers (recorded in results.json's environment): the first two leave every number as
         # it is; max_batch changes float rounding only, which training amplifies (keep it within a run)
-        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-            raise ValueError(f"max_batch must be an integer >= 1, or None for no limit; got {max_batch!r}")
         self.memory = {"gradient_checkpointing": gradient_checkpointing, "offload_text_encoders": offload_text_encoders,
-                       "max_batch": max_batch}
+                       "max_batch": check_max_batch(max_batch)}
         self.cell_threads, self.jobs = None, 1  # set by run()
         self.results_unchanged = False  # set by run(): a rerun found nothing new and kept results.json
         # experiment trackers mirror every training cell's metrics; they change no number (not in the identity)

@@ -319,6 +319,13 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 _BACKENDS = {"StableDiffusion3Pipeline": _SD3, "FluxPipeline": _Flux}
 
 
+def check_max_batch(value: int | None) -> int | None:
+    """``value`` if it can be ``Policy.max_batch`` (an integer >= 1, or None), else a one-line error."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"max_batch must be an integer >= 1, or None for no limit; got {value!r}")
+    return value
+
+
 class Policy:
     def __init__(
         self,
@@ -358,9 +365,7 @@ class Policy:
         # A rollout forwards all its samples at once (a Flow-GRPO teacher of the paper preset: 16 x 24
         # images, twice that with guidance) and decodes them at once; the VAE's 512 px activations
         # alone take ~0.25 GB an image. max_batch cuts no-grad forwards and decodes into chunks.
-        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-            raise ValueError(f"max_batch must be an integer >= 1, or None for no limit; got {max_batch!r}")
-        self.max_batch = max_batch
+        self.max_batch = check_max_batch(max_batch)
         self._trainable: set[str] = set()
         self._adapter_configs: dict[str, object] = {}
         self._active: str | None = None

@@ -457,19 +457,7 @@ class TrainingRun:
                 raise ValueError(f"{self.dir} holds a run with a different config ({differences}); "
                                  "use another folder or pass overwrite/--force")
             state = load_checkpoint(checkpoint, params=self.params, optimizer=self.optimizer, ema=self.ema)
-            threads = state.get("threads")
-            # on a CPU the float sums run in another order (a GPU's kernels do not follow the thread count)
-            if threads is not None and threads != torch.get_num_threads() and self.policy.device.type == "cpu":
-                print(f"opd-bench: resuming {self.dir} on {torch.get_num_threads()} torch threads where it ran on {threads}: "
-                      f"it goes on, but its numbers will not equal an uninterrupted run's to the bit (--threads {threads} "
-                      "keeps them)", file=sys.stderr)
-            batch, now = state.get("max_batch"), getattr(self.policy, "max_batch", None)
-            if "max_batch" in state and batch != now:  # chunked forwards round differently
-                def shown(value):
-                    return "no --max-batch" if value is None else f"--max-batch {value}"
-
-                print(f"opd-bench: resuming {self.dir} with {shown(now)} where it ran with {shown(batch)}: it goes on, but "
-                      f"its numbers will not equal an uninterrupted run's to the bit ({shown(batch)} keeps them)", file=sys.stderr)
+            self._say_if_arithmetic_differs(state)
             self.log = MetricsLog(self.dir / "metrics.jsonl", resume_step=state["step"],
                                   mirror=trackers.open_for(self.dir, config, resume_step=state["step"]))
             return {"step": state["step"], "counters": state["counters"], "elapsed": state["elapsed"], "resumed": True}
@@ -481,6 +469,25 @@ class TrainingRun:
         self.log = MetricsLog(self.dir / "metrics.jsonl", mirror=trackers.open_for(self.dir, config, resume_step=None))
         counters = {"student_forwards": 0, "teacher_forwards": 0, "reference_forwards": 0, "images": 0}
         return {"step": 0, "counters": counters, "elapsed": 0.0, "resumed": False}
+
+    def _say_if_arithmetic_differs(self, state: dict) -> None:
+        """A resume whose float arithmetic runs in another order than the checkpoint's goes on, saying
+        that its numbers will not equal an uninterrupted run's to the bit, and what keeps them."""
+        def say(now: str, then: str, keep: str) -> None:
+            print(f"opd-bench: resuming {self.dir} {now} where it ran {then}: it goes on, but its numbers will not equal "
+                  f"an uninterrupted run's to the bit ({keep} keeps them)", file=sys.stderr)
+
+        threads = state.get("threads")
+        # on a CPU the float sums run in another order (a GPU's kernels do not follow the thread count)
+        if threads is not None and threads != torch.get_num_threads() and self.policy.device.type == "cpu":
+            say(f"on {torch.get_num_threads()} torch threads", f"on {threads}", f"--threads {threads}")
+        batch, now = state.get("max_batch"), getattr(self.policy, "max_batch", None)
+        if "max_batch" in state and batch != now:  # chunked forwards round differently
+
+            def shown(value):
+                return "no --max-batch" if value is None else f"--max-batch {value}"
+
+            say(f"with {shown(now)}", f"with {shown(batch)}", shown(batch))
 
     def _share_start(self, resumed: bool) -> None:
         """Give every rank rank 0's weights and, on resume, its optimizer, EMA and RNG state."""

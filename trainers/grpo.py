@@ -241,13 +241,13 @@ def grpo_rollout(policy: Policy, prompts: Sequence[Prompt], rewards: Mapping[str
     # Each prompt's group is dealt evenly over the updates, at random, drawn for the whole batch and
     # sliced like the steps, so every update sees every prompt and the split is the same on any
     # number of processes (Flow-GRPO shuffles each process's samples without regard to groups).
-    share = config.group_size // updates
-    order = torch.stack([torch.randperm(config.group_size, generator=generator) for _ in prompts]) if updates > 1 else None
-    parts = []
-    for k in range(updates):
-        members = range(len(prompts) * config.group_size) if order is None else (
-            (order[:, k * share : (k + 1) * share] + torch.arange(len(prompts))[:, None] * config.group_size).flatten().tolist())
-        parts.append(sorted(i - offset for i in members if offset <= i < offset + samples))
+    parts = [list(range(samples))]
+    if updates > 1:
+        share = config.group_size // updates
+        order = torch.stack([torch.randperm(config.group_size, generator=generator) for _ in prompts])
+        order += torch.arange(len(prompts))[:, None] * config.group_size  # global sample indices
+        parts = [sorted(i - offset for i in order[:, k * share : (k + 1) * share].flatten().tolist() if offset <= i < offset + samples)
+                 for k in range(updates)]
     metrics = {"zero_spread_share": zero_spread_share(all_rewards, all_groups)}
     for task in sorted(set(all_tasks)):
         values = all_rewards[torch.tensor([t == task for t in all_tasks])]
