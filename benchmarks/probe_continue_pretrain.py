@@ -14,6 +14,11 @@ before the last one, each starting as a no-op (its AdaLN-Zero modulations are ze
 residual branches are gated shut): the deeper model starts out computing exactly what the base
 computes, and the continued steps decide what the extra depth buys.
 
+The data and the trained parts can be narrowed to ask where a skill comes from (probes J1-J4):
+``--only-tag TAG`` trains on one GenEval tag's scenes (with ``--set 'mixture={"geneval": 1.0}'``),
+``--coloured-position`` names and draws two colours in every position scene, ``--freeze-text``
+keeps the base's text encoders, and ``--reinit`` trains fresh ones and a fresh transformer instead.
+
 The result is an ordinary pipeline folder; score it with ``opd-bench eval`` and the base checks of
 docs/tiny_base.md (``probe_object_quality.py DIR``, ``probe_text_use.py DIR --edits``).
 
@@ -28,10 +33,13 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from probe_text_use import coloured_position
 from torch import nn
 
 from opd_bench import suites
+from opd_bench.geneval import TAGS
 from opd_bench.io import atomic_write_json
 from opd_bench.policy import Policy
 from opd_bench.presets import set_fields
@@ -73,6 +81,15 @@ def deepen(transformer, extra: int) -> None:
     transformer.register_to_config(num_layers=config.num_layers + extra)
 
 
+def reinitialise(pipeline, seed: int) -> None:
+    """Fresh random weights for the transformer and both text encoders, of the same configs (from seed)."""
+    torch.manual_seed(seed)
+    pipeline.transformer = type(pipeline.transformer).from_config(pipeline.transformer.config)
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipeline, name)
+        setattr(pipeline, name, type(encoder)(encoder.config))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
@@ -80,6 +97,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--add-layers", type=int, default=0, help="insert this many new joint blocks, each a no-op at first")
+    parser.add_argument("--only-tag", help="train on the scenes of this GenEval tag only (e.g. position; with "
+                        "--set 'mixture={\"geneval\": 1.0}' they are a sixth of the scenes)")
+    parser.add_argument("--coloured-position", action="store_true",
+                        help="name and draw two colours in every position scene (probe_text_use.coloured_position)")
+    parser.add_argument("--reinit", action="store_true",
+                        help="start the transformer and text encoders from fresh random weights (the base's VAE and tokenizer kept)")
+    parser.add_argument("--freeze-text", action="store_true", help="keep both text encoders as the base has them")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args()
     if args.add_layers < 0:
@@ -99,21 +123,36 @@ def main() -> None:
 
     policy = Policy.from_pretrained(str(model_dir))
     pipeline = policy.pipeline
+    if args.reinit:
+        if args.freeze_text or args.add_layers:
+            parser.error("--reinit trains fresh text encoders and transformer; drop --freeze-text and --add-layers")
+        reinitialise(pipeline, config.seed)
     if args.add_layers:
         torch.manual_seed(config.seed)
         deepen(pipeline.transformer, args.add_layers)
     config = replace(config, num_layers=pipeline.transformer.config.num_layers)  # recorded as trained
     started = time.time()
     records, _ = training_records(config)  # the same scenes as the base's own pretraining (same seed)
+    if args.only_tag:
+        records = [r for r in records if r.get("tag") == args.only_tag]
+        if len(records) < config.batch:
+            parser.error(f"--only-tag {args.only_tag!r} leaves {len(records)} scenes, fewer than a batch; "
+                         f"name a GenEval tag ({', '.join(TAGS)}) and keep geneval in the mixture")
+    if args.coloured_position:
+        rng = np.random.default_rng([config.seed, 17])
+        records = [coloured_position(r, rng) if r.get("tag") == "position" else r for r in records]
     latents = encode_dataset(pipeline.vae, render_dataset(records, config.seed), "cpu")
     latents = (latents - pipeline.vae.config.shift_factor) * pipeline.vae.config.scaling_factor
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "pretrain_log.jsonl").open("w") as log_file:
         summary = train_denoiser(pipeline, latents, records, config,
-                                 lambda record: log_file.write(json.dumps(record) + "\n"))
+                                 lambda record: log_file.write(json.dumps(record) + "\n"),
+                                 train_text_encoders=not args.freeze_text)
     save_pipeline(pipeline, args.out)
     atomic_write_json(args.out / "pretrain_info.json", {
-        **summary, "continued_from": args.model, "overrides": args.overrides, "added_layers": args.add_layers, "config": asdict(config),
+        **summary, "continued_from": args.model, "overrides": args.overrides, "added_layers": args.add_layers,
+        "reinitialised": args.reinit, "only_tag": args.only_tag, "coloured_position": args.coloured_position, "scenes": len(records),
+        "text_encoders_trained": not args.freeze_text, "config": asdict(config),
         "total_seconds": time.time() - started, "torch": torch.__version__, "threads": args.threads})
     print(json.dumps({"out": str(args.out), "steps": summary["denoiser_steps"], "minutes": round((time.time() - started) / 60, 1),
                       "overrides": args.overrides, "added_layers": args.add_layers}))

@@ -9,7 +9,12 @@ confidence, with the same for the world's own renders of those
 prompts (the ceiling). A base whose objects are there but not kept fails GenEval on drawing, not on
 layout or counting; that is the first thing a candidate base must fix (docs/tiny_base.md).
 
-    python benchmarks/probe_object_quality.py [MODEL]   # MODEL: a pipeline folder, default the shipped base
+``--position`` scores instead the position tag alone, strictly, on its test prompts as written and with
+two colours named and drawn (``probe_text_use.coloured_position``), with the share of images whose two
+objects are both kept (and coloured as named): of those, the share placed right is what reading the
+relation adds over chance (probes J1-J6 in docs/benchmarks.md).
+
+    python benchmarks/probe_object_quality.py [MODEL] [--position]   # MODEL: a pipeline folder, default the shipped base
 """
 from __future__ import annotations
 
@@ -37,18 +42,46 @@ def object_stats(images, records: list[dict]) -> dict:
             "median_confidence": float(np.median(found)) if found else 0.0}
 
 
+def position_scores(draw, prompts, seeds: int) -> dict[str, dict]:
+    """Strict score, and the share with both objects kept, of the position prompts plain and coloured."""
+    from probe_text_use import coloured_position
+
+    from opd_bench.geneval import evaluate_image
+    from opd_bench.rollout import Prompt
+
+    coloured = [Prompt(c["prompt"], p.task, c) for k, p in enumerate(prompts)
+                for c in [coloured_position(p.metadata, np.random.default_rng([k, 7]))]]
+    out = {}
+    for name, chosen in (("as written", list(prompts)), ("two colours named", coloured)):
+        verdicts = [evaluate_image(p.metadata, detect(image))
+                    for seed in range(seeds) for p, image in zip(chosen, draw(chosen, seed, 0), strict=True)]
+        right = sum(ok for ok, _ in verdicts)
+        # wrong only in the relation: every reason is about the target ("expected star left of target, found ...")
+        placed = right + sum(all("target" in line for line in why.split("\n")) for ok, why in verdicts if not ok)
+        out[name] = {"images": len(verdicts), "score": right / len(verdicts), "both_kept": placed / len(verdicts),
+                     "right_when_both_kept": right / placed if placed else float("nan")}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="tiny")
     parser.add_argument("--per-tag", type=int, default=28, help="test prompts per tag")
     parser.add_argument("--seeds", type=int, default=2, help="images per prompt (noise seeds 0..N-1)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--position", action="store_true", help="score the position prompts, plain and coloured (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     suite = suites.get("tiny")
     policy = Policy.from_pretrained(suites.resolve_model(args.model))
     draw = policy_source(policy, SamplerSettings.of_suite(suite))
     prompts = suite.benchmark("geneval").prompts("test")
+    if args.position:
+        chosen = [p for p in prompts if p.metadata["tag"] == "position"][: args.per_tag]
+        for name, row in position_scores(draw, chosen, args.seeds).items():
+            print(f"position, {name}: {row['images']} images, strict score {row['score']:.3f}, both objects kept "
+                  f"{row['both_kept']:.3f}, placed right when both kept {row['right_when_both_kept']:.2f}", flush=True)
+        return
     print(f"{'tag':14s} {'base: objects/image':>20s} {'kept':>6s} {'median conf':>12s}   {'renders: objects/image':>23s} {'kept':>6s}")
     for tag in TAGS:
         chosen = [p for p in prompts if p.metadata["tag"] == tag][: args.per_tag]

@@ -45,7 +45,7 @@ from opd_bench.policy import ModelLoadError, Policy
 from opd_bench.results_view import paired_gain
 from opd_bench.rewards.base import call_reward
 from opd_bench.rollout import rollout
-from opd_bench.tiny.pretrain import logit_normal
+from opd_bench.tiny.pretrain import logit_normal, shifted
 from opd_bench.world.render import render_batch
 from probe_args import held_out, probe_parser, summary, tag_score_gain
 from probe_text_use import geneval_edit_ratios
@@ -99,11 +99,6 @@ def kept_samples(policy, spec, reward, prompts, images_per_prompt: int, source: 
         latents.append(final[keep].float().cpu())
         owners.extend(i for (i, _), k in zip(chunk, keep.tolist()) if k)
     return torch.cat(latents), torch.tensor(owners), scores
-
-
-def shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """``sigma`` moved towards 1 as the sampler's flow shift moves its schedule (1: unchanged)."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def fine_tune(policy, adapter: str, latents, owners, embeds, *, steps: int, batch: int, lr: float, seed: int,

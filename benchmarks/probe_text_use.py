@@ -16,7 +16,10 @@ the two colours swapped (color_attr: "a red cross and a white square" -> "a whit
 square"), and as controls the shape of single_object and colors. 1.00 here means the denoiser
 draws the same whichever way the edited word reads.
 
-    python benchmarks/probe_text_use.py [MODEL] [--paths] [--edits]   # MODEL: a pipeline folder, default the shipped base
+``--coloured-position`` adds the position edit on the same prompts with two colours named and drawn
+(``coloured_position``).
+
+    python benchmarks/probe_text_use.py [MODEL] [--paths] [--edits [--coloured-position]]   # MODEL: a pipeline folder, default the shipped base
 """
 from __future__ import annotations
 
@@ -105,6 +108,23 @@ def edited_prompt(record: dict, rng: np.random.Generator) -> str | None:
     raise ValueError(f"no edit for tag {tag!r}")
 
 
+def coloured_position(record: dict, rng: np.random.Generator) -> dict:
+    """A position record with two distinct colours drawn and named: "a photo of a star left of a heart" ->
+    "a photo of a red star left of an orange heart". Uncoloured, the two ways a relation can read
+    differ only in the shapes' outlines; coloured, in where each colour goes, which the x0 error sees."""
+    second, first = record["include"]  # the prompt names the object with the relation first
+    relation = first["position"][0]
+    if record["prompt"] != f"a photo of a {first['class']} {relation} a {second['class']}":
+        raise ValueError(f"position prompt {record['prompt']!r} is not 'a photo of a A <relation> a B'")
+    a, b = (str(c) for c in rng.choice(spec.COLOR_NAMES, 2, replace=False))
+
+    def named(colour: str, shape: str) -> str:
+        return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
+
+    return {**record, "include": [{**second, "color": b}, {**first, "color": a}],
+            "prompt": f"a photo of {named(a, first['class'])} {relation} {named(b, second['class'])}"}
+
+
 def edit_pairs(records: list[dict]) -> list[tuple[dict, str]]:
     """Each record with its edited prompt (records without an edit left out; the same every call)."""
     return [(r, e) for r, e in ((r, edited_prompt(r, np.random.default_rng([k, 5]))) for k, r in enumerate(records)) if e]
@@ -155,6 +175,8 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default="tiny")
     ap.add_argument("--paths", action="store_true", help="also swap the context tokens and the pooled vector alone")
     ap.add_argument("--edits", action="store_true", help="only the minimal edits of GenEval's tags (see above)")
+    ap.add_argument("--coloured-position", action="store_true",
+                    help="with --edits: also the position edit on its prompts with two colours named and drawn")
     args = ap.parse_args()
     policy = Policy.from_pretrained(suites.resolve_model(args.model))
     if args.edits:
@@ -162,6 +184,12 @@ def main() -> None:
             ratios = edit_ratios(policy, records)
             print(f"{tag} edited / own prompt, x0 error by sigma: " + "  ".join(f"{s}: {r:.3f}" for s, r in ratios.items())
                   + f"  (context tokens moved by {context_change(policy, records):.2f} of their norm)")
+            if tag == "position" and args.coloured_position:
+                coloured = [coloured_position(r, np.random.default_rng([k, 7])) for k, r in enumerate(records)]
+                ratios = edit_ratios(policy, coloured)
+                print("position, colours named, edited / own prompt, x0 error by sigma: "
+                      + "  ".join(f"{s}: {r:.3f}" for s, r in ratios.items())
+                      + f"  (context tokens moved by {context_change(policy, coloured):.2f} of their norm)")
         return
     for name, records in (("shape", [record(s, "red") for s in SHAPES]), ("colour", [record("circle", c) for c in COLOURS]),
                           ("character", [sign(c) for c in CHARACTERS]), ("4-character text", [sign(t) for t in TEXTS])):

@@ -95,7 +95,7 @@ def test_object_stats_keep_what_geneval_keeps_strictly_above_each_tags_threshold
 
 
 def test_self_sft_sigma_shift_moves_sigmas_towards_one_and_keeps_the_ends(benchmark_script):
-    shifted = benchmark_script("probe_self_sft").shifted
+    shifted = benchmark_script("probe_self_sft").shifted  # opd_bench.tiny.pretrain's, which pretraining uses too
     sigma = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert torch.equal(shifted(sigma, 1.0), sigma)
     assert torch.allclose(shifted(sigma, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
@@ -123,6 +123,28 @@ def test_continued_pretraining_trains_the_denoiser_and_keeps_the_vae(benchmark_s
             script.main()
         assert problem in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_continued_pretraining_on_one_tag_with_the_text_encoders_frozen(benchmark_script, tiny_dir, tmp_path, monkeypatch, capsys):
+    script = benchmark_script("probe_continue_pretrain")
+    out = tmp_path / "position"
+    argv = ["probe_continue_pretrain.py", "--model", str(tiny_dir), "--out", str(out), "--steps", "2", "--only-tag", "position",
+            "--freeze-text", "--set", 'mixture={"geneval": 1.0}', "--set", "batch=2", "--set", "num_images=30", "--set", "warmup=1", "--coloured-position"]
+    monkeypatch.setattr(sys, "argv", argv)
+    script.main()
+    info = json.loads((out / "pretrain_info.json").read_text())
+    assert info["only_tag"] == "position" and info["text_encoders_trained"] is False and info["coloured_position"] is True
+    config = script.base_config(tiny_dir, 2)
+    config = script.set_fields(config, argv[11::2])  # the same --set values
+    records, _ = script.training_records(config)
+    assert info["scenes"] == sum(r["tag"] == "position" for r in records) >= 2
+    for part, changed in (("text_encoder", False), ("text_encoder_2", False), ("transformer", True)):
+        before, after = (load_file(str(next((d / part).glob("*.safetensors")))) for d in (tiny_dir, out))
+        assert any(not torch.equal(before[k], after[k]) for k in before) is changed, part
+    monkeypatch.setattr(sys, "argv", argv[:3] + ["--out", str(tmp_path / "none")] + argv[5:8] + ["colour"] + argv[9:])
+    with pytest.raises(SystemExit):
+        script.main()
+    assert "--only-tag 'colour' leaves 0 scenes" in capsys.readouterr().err
 
 
 def test_added_layers_start_as_no_ops_and_save_as_a_deeper_pipeline(benchmark_script, policy, tmp_path):
@@ -157,3 +179,52 @@ def test_a_continued_pretraining_starts_from_the_config_its_base_was_pretrained_
     config = base_config(tmp_path, 7)
     assert (config.lr, config.vae_channels, config.mixture) == (5e-4, (8, 16), {"geneval": 1.0})
     assert (config.steps, config.max_minutes, config.device) == (7, None, "cpu")
+
+
+def test_coloured_position_records_name_and_draw_their_colours_and_keep_the_relation(benchmark_script):
+    from opd_bench import geneval
+    from opd_bench.world import detect, render
+
+    coloured_position = benchmark_script("probe_text_use").coloured_position
+    record = {"tag": "position", "include": [{"class": "circle", "count": 1}, {"class": "star", "count": 1, "position": ["right of", 0]}],
+              "prompt": "a photo of a star right of a circle"}
+    out = coloured_position(record, np.random.default_rng(3))
+    star, circle = out["include"][1]["color"], out["include"][0]["color"]
+    assert star != circle
+    assert out["prompt"] == f"a photo of {'an' if star[0] in 'aeiou' else 'a'} {star} star right of {'an' if circle[0] in 'aeiou' else 'a'} {circle} circle"
+    assert out["include"][1]["position"] == ["right of", 0] and "color" not in record["include"][0]  # the input is left as it was
+    assert geneval.evaluate_image(out, detect.detect(render.render(out, 0))) == (True, "")  # drawn as named, relation kept
+    with pytest.raises(ValueError, match="is not 'a photo of a A <relation> a B'"):
+        coloured_position({**record, "prompt": "a star right of a circle"}, np.random.default_rng(3))
+
+
+def test_reinitialise_gives_fresh_weights_of_the_same_shapes(benchmark_script, tiny_dir):
+    reinitialise = benchmark_script("probe_continue_pretrain").reinitialise
+    policy = Policy.from_pretrained(str(tiny_dir))
+    parts = ("transformer", "text_encoder", "text_encoder_2")
+    before = {name: {k: v.clone() for k, v in getattr(policy.pipeline, name).state_dict().items()} for name in parts}
+    reinitialise(policy.pipeline, seed=0)
+    for name in parts:
+        after = getattr(policy.pipeline, name).state_dict()
+        assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before[name].items()}
+        assert any(not torch.equal(after[k], before[name][k]) for k in after), name
+    again = Policy.from_pretrained(str(tiny_dir))
+    reinitialise(again.pipeline, seed=0)  # seeded: the same fresh weights
+    assert all(torch.equal(a, b) for a, b in zip(again.pipeline.transformer.state_dict().values(),
+                                                 policy.pipeline.transformer.state_dict().values()))
+
+
+def test_position_scores_count_the_relation_apart_from_the_objects(benchmark_script):
+    from opd_bench import suites
+    from opd_bench.evaluate import renderer_source
+
+    position_scores = benchmark_script("probe_object_quality").position_scores
+    prompts = [p for p in suites.get("tiny").benchmark("geneval").prompts("test") if p.metadata["tag"] == "position"][:8]
+    renders = renderer_source()
+    sideways = sum(" left of " in p.text or " right of " in p.text for p in prompts)
+    assert 0 < sideways < len(prompts)
+    right = position_scores(renders, prompts, seeds=1)
+    assert all(row == {"images": 8, "score": 1.0, "both_kept": 1.0, "right_when_both_kept": 1.0} for row in right.values())
+    mirrored = position_scores(lambda chosen, seed, offset: renders(chosen, seed, offset).flip(-1), prompts, seeds=1)
+    for row in mirrored.values():  # mirrored left to right: the same objects, every left/right relation wrong
+        assert row["both_kept"] == 1.0 and row["score"] == pytest.approx(1 - sideways / 8)

@@ -80,6 +80,7 @@ class PretrainConfig:
     weight_decay: float = 0.01
     ema: float = 0.999
     cfg_dropout: float = 0.1
+    sigma_shift: float = 1.0  # > 1 draws the training sigmas towards pure noise, where the layout is decided (probe J7)
     # Time budget of the transformer phase: after 20 steps the step count is cut to what fits
     # (the cosine schedule then ends on time); the steps actually run are recorded.
     max_minutes: float | None = None
@@ -92,7 +93,7 @@ class PretrainConfig:
         check_fields("pretrain config", self, {  # a 0-step or 0-layer base saved as if trained, or a late traceback
             name: (getattr(self, name) >= 1, ">= 1") for name in
             ("num_images", "vae_steps", "vae_batch", "steps", "batch", "num_layers", "num_heads", "text_layers", "latent_channels")
-        } | {"seed": (self.seed >= 0, ">= 0"), "max_minutes": (self.max_minutes is None or self.max_minutes > 0, "> 0, or null")})
+        } | {"seed": (self.seed >= 0, ">= 0"), "sigma_shift": (self.sigma_shift > 0, "> 0 (1: unshifted)"), "max_minutes": (self.max_minutes is None or self.max_minutes > 0, "> 0, or null")})
         unknown = sorted(set(self.mixture) - {"geneval", "ocr", "pref"})
         if unknown:
             raise ValueError(f"mixture names {unknown[0]!r}; its tasks are geneval, ocr and pref")
@@ -201,18 +202,25 @@ def encode_dataset(vae, images: torch.Tensor, device: str, batch: int = 256) -> 
     return torch.cat(latents)
 
 
+def shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """``sigma`` moved towards 1 as the sampler's flow shift moves its schedule (1: unchanged)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
     """``batch`` sigmas in (0, 1), logit-normal: most of them mid-way, as rectified-flow training draws them."""
     return torch.sigmoid(torch.randn(batch, generator=generator))
 
 
-def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config: PretrainConfig, log) -> dict:
+def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config: PretrainConfig, log,
+                   train_text_encoders: bool = True) -> dict:
+    """Train the transformer (and, unless ``train_text_encoders`` is False, both text encoders) jointly."""
     from tqdm import tqdm
 
     from opd_bench.tiny.captions import web_caption
 
     transformer = pipeline.transformer
-    text_encoders = [pipeline.text_encoder, pipeline.text_encoder_2]
+    text_encoders = [pipeline.text_encoder, pipeline.text_encoder_2] if train_text_encoders else []
     modules = [transformer, *text_encoders]
     params = [p for m in modules for p in m.parameters()]
     for module in modules:
@@ -240,7 +248,7 @@ def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config:
         ]
         x0 = latents[index].to(config.device)
         noise = torch.randn(x0.shape, generator=generator).to(config.device)
-        sigma = logit_normal(config.batch, generator).to(config.device)
+        sigma = shifted(logit_normal(config.batch, generator), config.sigma_shift).to(config.device)
         xs = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
         embeds, _, pooled, _ = pipeline.encode_prompt(
             prompt=captions, prompt_2=None, prompt_3=None, device=config.device,
