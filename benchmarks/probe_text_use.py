@@ -119,7 +119,7 @@ def coloured_position(record: dict, rng: np.random.Generator) -> dict:
     a, b = (str(c) for c in rng.choice(spec.COLOR_NAMES, 2, replace=False))
 
     def named(colour: str, shape: str) -> str:
-        return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
+        return f"{spec.article(colour)} {colour} {shape}"
 
     return {**record, "include": [{**second, "color": b}, {**first, "color": a}],
             "prompt": f"a photo of {named(a, first['class'])} {relation} {named(b, second['class'])}"}

@@ -43,7 +43,8 @@ def test_pretrain_settings_and_folders_that_cannot_make_a_base_are_refused_befor
     for change, problem in (({"steps": 0}, r"steps=0 \(needs >= 1\)"), ({"num_layers": 0}, r"num_layers=0 \(needs >= 1\)"),
                             ({"batch": -4}, r"batch=-4 \(needs >= 1\)"), ({"max_minutes": 0.0}, r"max_minutes=0.0 \(needs > 0"),
                             ({"seed": -1}, r"seed=-1 \(needs >= 0\)"), ({"mixture": {"geneval": 0.5, "foo": 0.5}}, "mixture names 'foo'"),
-                            ({"device": "bogus"}, "device 'bogus' is not a device")):
+                            ({"device": "bogus"}, "device 'bogus' is not a device"),
+                            ({"sigma_shift": 0.0}, r"sigma_shift=0.0 \(needs > 0")):
         with pytest.raises(ValueError, match=problem):
             PretrainConfig(**change)
     run = tmp_path / "run"

@@ -131,9 +131,13 @@ def test_continued_pretraining_on_one_tag_with_the_text_encoders_frozen(benchmar
     argv = ["probe_continue_pretrain.py", "--model", str(tiny_dir), "--out", str(out), "--steps", "2", "--only-tag", "position",
             "--freeze-text", "--set", 'mixture={"geneval": 1.0}', "--set", "batch=2", "--set", "num_images=30", "--set", "warmup=1", "--coloured-position"]
     monkeypatch.setattr(sys, "argv", argv)
+    rendered = []
+    render = script.render_dataset
+    monkeypatch.setattr(script, "render_dataset", lambda records, seed: rendered.extend(records) or render(records, seed))
     script.main()
     info = json.loads((out / "pretrain_info.json").read_text())
     assert info["only_tag"] == "position" and info["text_encoders_trained"] is False and info["coloured_position"] is True
+    assert rendered and all(r["tag"] == "position" and all("color" in c for c in r["include"]) for r in rendered)
     config = script.base_config(tiny_dir, 2)
     config = script.set_fields(config, argv[11::2])  # the same --set values
     records, _ = script.training_records(config)
@@ -145,6 +149,18 @@ def test_continued_pretraining_on_one_tag_with_the_text_encoders_frozen(benchmar
     with pytest.raises(SystemExit):
         script.main()
     assert "--only-tag 'colour' leaves 0 scenes" in capsys.readouterr().err
+
+
+def test_sigma_shift_reaches_the_training_and_one_is_the_unshifted_training(benchmark_script, tiny_dir, tmp_path, monkeypatch):
+    script = benchmark_script("probe_continue_pretrain")
+    weights = {}
+    for name, extra in (("default", []), ("one", ["--set", "sigma_shift=1"]), ("three", ["--set", "sigma_shift=3"])):
+        monkeypatch.setattr(sys, "argv", ["probe_continue_pretrain.py", "--model", str(tiny_dir), "--out", str(tmp_path / name),
+                                          "--steps", "1", "--set", "batch=2", "--set", "num_images=4", *extra])
+        script.main()
+        weights[name] = load_file(str(next((tmp_path / name / "transformer").glob("*.safetensors"))))
+    assert all(torch.equal(weights["default"][k], weights["one"][k]) for k in weights["default"])
+    assert any(not torch.equal(weights["default"][k], weights["three"][k]) for k in weights["default"])
 
 
 def test_added_layers_start_as_no_ops_and_save_as_a_deeper_pipeline(benchmark_script, policy, tmp_path):
@@ -188,10 +204,10 @@ def test_coloured_position_records_name_and_draw_their_colours_and_keep_the_rela
     coloured_position = benchmark_script("probe_text_use").coloured_position
     record = {"tag": "position", "include": [{"class": "circle", "count": 1}, {"class": "star", "count": 1, "position": ["right of", 0]}],
               "prompt": "a photo of a star right of a circle"}
-    out = coloured_position(record, np.random.default_rng(3))
+    out = coloured_position(record, np.random.default_rng(11))  # draws orange and white
     star, circle = out["include"][1]["color"], out["include"][0]["color"]
-    assert star != circle
-    assert out["prompt"] == f"a photo of {'an' if star[0] in 'aeiou' else 'a'} {star} star right of {'an' if circle[0] in 'aeiou' else 'a'} {circle} circle"
+    assert (star, circle) == ("orange", "white")
+    assert out["prompt"] == "a photo of an orange star right of a white circle"
     assert out["include"][1]["position"] == ["right of", 0] and "color" not in record["include"][0]  # the input is left as it was
     assert geneval.evaluate_image(out, detect.detect(render.render(out, 0))) == (True, "")  # drawn as named, relation kept
     with pytest.raises(ValueError, match="is not 'a photo of a A <relation> a B'"):
@@ -210,8 +226,9 @@ def test_reinitialise_gives_fresh_weights_of_the_same_shapes(benchmark_script, t
         assert any(not torch.equal(after[k], before[name][k]) for k in after), name
     again = Policy.from_pretrained(str(tiny_dir))
     reinitialise(again.pipeline, seed=0)  # seeded: the same fresh weights
-    assert all(torch.equal(a, b) for a, b in zip(again.pipeline.transformer.state_dict().values(),
-                                                 policy.pipeline.transformer.state_dict().values()))
+    for name in parts:
+        assert all(torch.equal(a, b) for a, b in zip(getattr(again.pipeline, name).state_dict().values(),
+                                                     getattr(policy.pipeline, name).state_dict().values())), name
 
 
 def test_position_scores_count_the_relation_apart_from_the_objects(benchmark_script):
@@ -228,3 +245,6 @@ def test_position_scores_count_the_relation_apart_from_the_objects(benchmark_scr
     mirrored = position_scores(lambda chosen, seed, offset: renders(chosen, seed, offset).flip(-1), prompts, seeds=1)
     for row in mirrored.values():  # mirrored left to right: the same objects, every left/right relation wrong
         assert row["both_kept"] == 1.0 and row["score"] == pytest.approx(1 - sideways / 8)
+    blank = position_scores(lambda chosen, seed, offset: torch.zeros(len(chosen), 3, 64, 64), prompts, seeds=1)
+    for row in blank.values():  # no objects: not counted as kept, so no relation is judged
+        assert row["score"] == row["both_kept"] == 0.0 and np.isnan(row["right_when_both_kept"])
