@@ -34,9 +34,7 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from probe_text_use import coloured_position
 from torch import nn
 
 from opd_bench import suites
@@ -101,7 +99,7 @@ def main() -> None:
     parser.add_argument("--only-tag", help="train on the scenes of this GenEval tag only (e.g. position; with "
                         "--set 'mixture={\"geneval\": 1.0}' they are a sixth of the scenes)")
     parser.add_argument("--coloured-position", action="store_true",
-                        help="name and draw two colours in every position scene (probe_text_use.coloured_position)")
+                        help="name and draw two colours in every position scene (--set coloured_position=true)")
     parser.add_argument("--reinit", action="store_true",
                         help="start the transformer and text encoders from fresh random weights (the base's VAE and tokenizer kept)")
     parser.add_argument("--freeze-text", action="store_true", help="keep both text encoders as the base has them")
@@ -133,15 +131,14 @@ def main() -> None:
         deepen(pipeline.transformer, args.add_layers)
     config = replace(config, num_layers=pipeline.transformer.config.num_layers)  # recorded as trained
     started = time.time()
+    if args.coloured_position:
+        config = replace(config, coloured_position=True)
     records, _ = training_records(config)  # the same scenes as the base's own pretraining (same seed)
     if args.only_tag:
         records = [r for r in records if r.get("tag") == args.only_tag]
         if len(records) < config.batch:
             parser.error(f"--only-tag {args.only_tag!r} leaves {len(records)} scenes, fewer than a batch; "
                          f"name a GenEval tag ({', '.join(TAGS)}) and keep geneval in the mixture")
-    if args.coloured_position:
-        rng = np.random.default_rng([config.seed, 17])
-        records = [coloured_position(r, rng) if r.get("tag") == "position" else r for r in records]
     latents = encode_dataset(pipeline.vae, render_dataset(records, config.seed), "cpu")
     latents = (latents - pipeline.vae.config.shift_factor) * pipeline.vae.config.scaling_factor
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ prompts (the ceiling). A base whose objects are there but not kept fails GenEval
 layout or counting; that is the first thing a candidate base must fix (docs/tiny_base.md).
 
 ``--position`` scores instead the position tag alone, strictly, on its test prompts as written and with
-two colours named and drawn (``probe_text_use.coloured_position``), with the share of images whose two
+two colours named and drawn (``opd_bench.world.prompts.coloured_position``), with the share of images whose two
 objects are both kept (and coloured as named): of those, the share placed right is what reading the
 relation adds over chance (probes J1-J10 in docs/benchmarks.md).
 
@@ -44,10 +44,9 @@ def object_stats(images, records: list[dict]) -> dict:
 
 def position_scores(draw, prompts, seeds: int) -> dict[str, dict]:
     """Strict score, and the share with both objects kept, of the position prompts plain and coloured."""
-    from probe_text_use import coloured_position
-
     from opd_bench.geneval import evaluate_image
     from opd_bench.rollout import Prompt
+    from opd_bench.world.prompts import coloured_position
 
     coloured = [Prompt(c["prompt"], p.task, c) for k, p in enumerate(prompts)
                 for c in [coloured_position(p.metadata, np.random.default_rng([k, 7]))]]

@@ -17,7 +17,7 @@ square"), and as controls the shape of single_object and colors. 1.00 here means
 draws the same whichever way the edited word reads.
 
 ``--coloured-position`` adds the position edit on the same prompts with two colours named and drawn
-(``coloured_position``).
+(``opd_bench.world.prompts.coloured_position``).
 
     python benchmarks/probe_text_use.py [MODEL] [--paths] [--edits [--coloured-position]]   # MODEL: a pipeline folder, default the shipped base
 """
@@ -33,6 +33,7 @@ from opd_bench import suites
 from opd_bench.geneval import TAGS
 from opd_bench.policy import Policy
 from opd_bench.world import spec
+from opd_bench.world.prompts import coloured_position
 from opd_bench.tiny.captions import OPPOSITE_RELATION
 from opd_bench.world.render import render_batch
 
@@ -106,23 +107,6 @@ def edited_prompt(record: dict, rng: np.random.Generator) -> str | None:
         swapped = re.sub(rf"\b({a}|{b})\b", lambda m: b if m.group(1) == a else a, prompt)
         return re.sub(r"\ban ([^aeiou])", r"a \1", re.sub(r"\ba ([aeiou])", r"an \1", swapped))
     raise ValueError(f"no edit for tag {tag!r}")
-
-
-def coloured_position(record: dict, rng: np.random.Generator) -> dict:
-    """A position record with two distinct colours drawn and named: "a photo of a star left of a heart" ->
-    "a photo of a red star left of an orange heart". Uncoloured, the two ways a relation can read
-    differ only in the shapes' outlines; coloured, in where each colour goes, which the x0 error sees."""
-    second, first = record["include"]  # the prompt names the object with the relation first
-    relation = first["position"][0]
-    if record["prompt"] != f"a photo of a {first['class']} {relation} a {second['class']}":
-        raise ValueError(f"position prompt {record['prompt']!r} is not 'a photo of a A <relation> a B'")
-    a, b = (str(c) for c in rng.choice(spec.COLOR_NAMES, 2, replace=False))
-
-    def named(colour: str, shape: str) -> str:
-        return f"{spec.article(colour)} {colour} {shape}"
-
-    return {**record, "include": [{**second, "color": b}, {**first, "color": a}],
-            "prompt": f"a photo of {named(a, first['class'])} {relation} {named(b, second['class'])}"}
 
 
 def edit_pairs(records: list[dict]) -> list[tuple[dict, str]]:

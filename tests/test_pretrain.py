@@ -56,3 +56,23 @@ def test_pretrain_settings_and_folders_that_cannot_make_a_base_are_refused_befor
         refused = CliRunner().invoke(main, ["pretrain", "pref", "--out", str(run), *force])
         assert refused.exit_code == 1 and "holds files but no preference model" in refused.output, refused.output
     assert sorted(p.name for p in run.iterdir()) == ["results.json"]
+
+
+def test_tag_weights_and_coloured_position_change_only_the_geneval_scenes():
+    from opd_bench.tiny.pretrain import training_records
+
+    plain, words = training_records(PretrainConfig(num_images=3000))
+    assert training_records(PretrainConfig(num_images=3000, tag_weights={}))[0] == plain  # empty: drawn as before
+    weighted, weighted_words = training_records(PretrainConfig(num_images=3000, tag_weights={"position": 10}, coloured_position=True))
+    share = {name: sum(r.get("tag") == "position" for r in records) / 3000 for name, records in (("plain", plain), ("weighted", weighted))}
+    assert 0.04 < share["plain"] < 0.09 and 0.22 < share["weighted"] < 0.31  # 0.4 / 6 and 0.4 x 10 / 15
+    assert sum("include" not in r for r in weighted) == sum("include" not in r for r in plain)  # ocr and pref as drawn
+    coloured = [r for r in weighted if r.get("tag") == "position"]
+    assert all(len({c["color"] for c in r["include"]}) == 2 and r["include"][0]["color"] in r["prompt"] for r in coloured)
+    assert weighted_words == words  # colour words are already in the vocabulary
+    for change, problem in (({"tag_weights": {"positon": 2}}, "tag_weights names 'positon'"),
+                            ({"tag_weights": {"position": -1}}, "numbers >= 0"),
+                            ({"tag_weights": dict.fromkeys(["single_object", "two_object", "counting", "colors", "position", "color_attr"], 0)},
+                             "not all 0")):
+        with pytest.raises(ValueError, match=problem):
+            PretrainConfig(**change)

@@ -201,7 +201,8 @@ def test_coloured_position_records_name_and_draw_their_colours_and_keep_the_rela
     from opd_bench import geneval
     from opd_bench.world import detect, render
 
-    coloured_position = benchmark_script("probe_text_use").coloured_position
+    from opd_bench.world.prompts import coloured_position
+
     record = {"tag": "position", "include": [{"class": "circle", "count": 1}, {"class": "star", "count": 1, "position": ["right of", 0]}],
               "prompt": "a photo of a star right of a circle"}
     out = coloured_position(record, np.random.default_rng(11))  # draws orange and white

@@ -59,6 +59,11 @@ class PretrainConfig:
     seed: int = 0
     num_images: int = 24_000
     mixture: dict = field(default_factory=lambda: {"geneval": 0.4, "ocr": 0.35, "pref": 0.25})
+    # Relative weights of GenEval tags within the geneval share (a tag left out weighs 1; empty: the
+    # train file's own balance, one sixth each) and position scenes with two colours named and drawn:
+    # what taught a base the relation, with sigma_shift (probes J1-J10 in docs/benchmarks.md).
+    tag_weights: dict = field(default_factory=dict)
+    coloured_position: bool = False
     vae_steps: int = 2000
     vae_batch: int = 64
     vae_crop: int = 32  # the VAE trains on random crops of this side (it is fully convolutional)
@@ -94,6 +99,14 @@ class PretrainConfig:
             name: (getattr(self, name) >= 1, ">= 1") for name in
             ("num_images", "vae_steps", "vae_batch", "steps", "batch", "num_layers", "num_heads", "text_layers", "latent_channels")
         } | {"seed": (self.seed >= 0, ">= 0"), "sigma_shift": (self.sigma_shift > 0, "> 0 (1: unshifted)"), "max_minutes": (self.max_minutes is None or self.max_minutes > 0, "> 0, or null")})
+        from opd_bench.geneval import TAGS
+
+        odd = sorted(set(self.tag_weights) - set(TAGS))
+        if odd:
+            raise ValueError(f"tag_weights names {odd[0]!r}; the GenEval tags are {', '.join(TAGS)}")
+        if any(not isinstance(w, (int, float)) or w < 0 for w in self.tag_weights.values()) or (
+                self.tag_weights and not sum(self.tag_weights.get(t, 1) for t in TAGS)):
+            raise ValueError(f"tag_weights must be numbers >= 0, not all 0; got {self.tag_weights}")
         unknown = sorted(set(self.mixture) - {"geneval", "ocr", "pref"})
         if unknown:
             raise ValueError(f"mixture names {unknown[0]!r}; its tasks are geneval, ocr and pref")
@@ -120,8 +133,27 @@ def training_records(config: PretrainConfig) -> tuple[list[dict], list[str]]:
     tests = [r for name in config.mixture for r in _read(PROMPT_DIR / f"{name}_test.jsonl")]
     names = list(config.mixture)
     picks = rng.choice(len(names), size=config.num_images, p=[config.mixture[n] for n in names])
-    records = [pools[names[k]][int(rng.integers(len(pools[names[k]])))] for k in picks]
-    words = vocabulary([r for pool in pools.values() for r in pool] + tests)
+    if config.tag_weights and "geneval" in pools:  # geneval records drawn tag first, by weight
+        from opd_bench.geneval import TAGS
+
+        by_tag = {tag: [r for r in pools["geneval"] if r["tag"] == tag] for tag in TAGS}
+        weights = np.array([config.tag_weights.get(tag, 1) for tag in TAGS], dtype=float)
+
+        def draw(name: str) -> dict:
+            if name != "geneval":
+                return pools[name][int(rng.integers(len(pools[name])))]
+            tag = by_tag[TAGS[int(rng.choice(len(TAGS), p=weights / weights.sum()))]]
+            return tag[int(rng.integers(len(tag)))]
+
+        records = [draw(names[k]) for k in picks]
+    else:  # as the shipped base was drawn
+        records = [pools[names[k]][int(rng.integers(len(pools[names[k]])))] for k in picks]
+    if config.coloured_position:
+        from opd_bench.world.prompts import coloured_position
+
+        colours = np.random.default_rng([config.seed, 17])
+        records = [coloured_position(r, colours) if r.get("tag") == "position" else r for r in records]
+    words = vocabulary([r for pool in pools.values() for r in pool] + tests + records)  # records: coloured prompts
     return records, words
 
 

@@ -150,6 +150,24 @@ OCR_TEMPLATES = {
 }
 
 
+def coloured_position(record: dict, rng: np.random.Generator) -> dict:
+    """A position record with two distinct colours drawn and named: "a photo of a star left of a heart" ->
+    "a photo of a red star left of an orange heart" (the tiny base's pretraining: ``coloured_position``;
+    probes J3-J8). Uncoloured, the two ways a relation can read
+    differ only in the shapes' outlines; coloured, in where each colour goes, which the x0 error sees."""
+    second, first = record["include"]  # the prompt names the object with the relation first
+    relation = first["position"][0]
+    if record["prompt"] != f"a photo of a {first['class']} {relation} a {second['class']}":
+        raise ValueError(f"position prompt {record['prompt']!r} is not 'a photo of a A <relation> a B'")
+    a, b = (str(c) for c in rng.choice(spec.COLOR_NAMES, 2, replace=False))
+
+    def named(colour: str, shape: str) -> str:
+        return f"{spec.article(colour)} {colour} {shape}"
+
+    return {**record, "include": [{**second, "color": b}, {**first, "color": a}],
+            "prompt": f"a photo of {named(a, first['class'])} {relation} {named(b, second['class'])}"}
+
+
 def _random_text(rng: np.random.Generator) -> str:
     n = int(rng.integers(spec.TEXT_MIN_LEN, spec.TEXT_MAX_LEN + 1))
     return "".join(spec.TEXT_ALPHABET[int(i)] for i in rng.integers(len(spec.TEXT_ALPHABET), size=n))
