@@ -98,7 +98,8 @@ class PretrainConfig:
         check_fields("pretrain config", self, {  # a 0-step or 0-layer base saved as if trained, or a late traceback
             name: (getattr(self, name) >= 1, ">= 1") for name in
             ("num_images", "vae_steps", "vae_batch", "steps", "batch", "num_layers", "num_heads", "text_layers", "latent_channels")
-        } | {"seed": (self.seed >= 0, ">= 0"), "sigma_shift": (self.sigma_shift > 0, "> 0 (1: unshifted)"), "max_minutes": (self.max_minutes is None or self.max_minutes > 0, "> 0, or null")})
+        } | {"seed": (self.seed >= 0, ">= 0"), "sigma_shift": (self.sigma_shift > 0, "> 0 (1: unshifted)"),
+             "max_minutes": (self.max_minutes is None or self.max_minutes > 0, "> 0, or null")})
         from opd_bench.geneval import TAGS
 
         odd = sorted(set(self.tag_weights) - set(TAGS))
