@@ -14,7 +14,7 @@ before the last one, each starting as a no-op (its AdaLN-Zero modulations are ze
 residual branches are gated shut): the deeper model starts out computing exactly what the base
 computes, and the continued steps decide what the extra depth buys.
 
-The data and the trained parts can be narrowed to ask where a skill comes from (probes J1-J11):
+The data and the trained parts can be narrowed to ask where a skill comes from (probes J1-J12):
 ``--only-tag TAG`` trains on one GenEval tag's scenes (with ``--set 'mixture={"geneval": 1.0}'``),
 ``--coloured-position`` names and draws two colours in every position scene, ``--freeze-text``
 keeps the base's text encoders, and ``--reinit`` trains fresh ones and a fresh transformer instead.

@@ -12,7 +12,7 @@ layout or counting; that is the first thing a candidate base must fix (docs/tiny
 ``--position`` scores instead the position tag alone, strictly, on its test prompts as written and with
 two colours named and drawn (``opd_bench.world.prompts.coloured_position``), with the share of images whose two
 objects are both kept (and coloured as named): of those, the share placed right is what reading the
-relation adds over chance (probes J1-J11 in docs/benchmarks.md).
+relation adds over chance (probes J1-J12 in docs/benchmarks.md).
 
     python benchmarks/probe_object_quality.py [MODEL] [--position]   # MODEL: a pipeline folder, default the shipped base
 """

@@ -61,7 +61,7 @@ class PretrainConfig:
     mixture: dict = field(default_factory=lambda: {"geneval": 0.4, "ocr": 0.35, "pref": 0.25})
     # Relative weights of GenEval tags within the geneval share (a tag left out weighs 1; empty: the
     # train file's own balance, one sixth each) and position scenes with two colours named and drawn:
-    # what taught a base the relation, with sigma_shift (probes J1-J11 in docs/benchmarks.md).
+    # what taught a base the relation, with sigma_shift (probes J1-J12 in docs/benchmarks.md).
     tag_weights: dict = field(default_factory=dict)
     coloured_position: bool = False
     vae_steps: int = 2000
