@@ -149,7 +149,7 @@ def main() -> None:
     save_pipeline(pipeline, args.out)
     atomic_write_json(args.out / "pretrain_info.json", {
         **summary, "continued_from": args.model, "overrides": args.overrides, "added_layers": args.add_layers,
-        "reinitialised": args.reinit, "only_tag": args.only_tag, "coloured_position": args.coloured_position, "scenes": len(records),
+        "reinitialised": args.reinit, "only_tag": args.only_tag, "coloured_position": config.coloured_position, "scenes": len(records),
         "text_encoders_trained": not args.freeze_text, "config": asdict(config),
         "total_seconds": time.time() - started, "torch": torch.__version__, "threads": args.threads})
     print(json.dumps({"out": str(args.out), "steps": summary["denoiser_steps"], "minutes": round((time.time() - started) / 60, 1),

@@ -44,12 +44,12 @@ def object_stats(images, records: list[dict]) -> dict:
 
 def position_scores(draw, prompts, seeds: int) -> dict[str, dict]:
     """Strict score, and the share with both objects kept, of the position prompts plain and coloured."""
+    from probe_text_use import coloured_records
+
     from opd_bench.geneval import evaluate_image
     from opd_bench.rollout import Prompt
-    from opd_bench.world.prompts import coloured_position
 
-    coloured = [Prompt(c["prompt"], p.task, c) for k, p in enumerate(prompts)
-                for c in [coloured_position(p.metadata, np.random.default_rng([k, 7]))]]
+    coloured = [Prompt(c["prompt"], p.task, c) for p, c in zip(prompts, coloured_records([p.metadata for p in prompts]))]
     out = {}
     for name, chosen in (("as written", list(prompts)), ("two colours named", coloured)):
         verdicts = [evaluate_image(p.metadata, detect(image))

@@ -109,6 +109,11 @@ def edited_prompt(record: dict, rng: np.random.Generator) -> str | None:
     raise ValueError(f"no edit for tag {tag!r}")
 
 
+def coloured_records(records: list[dict]) -> list[dict]:
+    """``records`` (position prompts) with two colours named and drawn, record k's drawn from seed [k, 7]."""
+    return [coloured_position(r, np.random.default_rng([k, 7])) for k, r in enumerate(records)]
+
+
 def edit_pairs(records: list[dict]) -> list[tuple[dict, str]]:
     """Each record with its edited prompt (records without an edit left out; the same every call)."""
     return [(r, e) for r, e in ((r, edited_prompt(r, np.random.default_rng([k, 5]))) for k, r in enumerate(records)) if e]
@@ -169,7 +174,7 @@ def main() -> None:
             print(f"{tag} edited / own prompt, x0 error by sigma: " + "  ".join(f"{s}: {r:.3f}" for s, r in ratios.items())
                   + f"  (context tokens moved by {context_change(policy, records):.2f} of their norm)")
             if tag == "position" and args.coloured_position:
-                coloured = [coloured_position(r, np.random.default_rng([k, 7])) for k, r in enumerate(records)]
+                coloured = coloured_records(records)
                 ratios = edit_ratios(policy, coloured)
                 print("position, colours named, edited / own prompt, x0 error by sigma: "
                       + "  ".join(f"{s}: {r:.3f}" for s, r in ratios.items())

@@ -22,7 +22,7 @@ back in the input dtype, ``log_prob`` and ``std`` in float32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -40,6 +40,10 @@ class StepOutput:
     std: torch.Tensor  # [B] float32: std_s * sqrt(-dt); 0 on ODE steps
     log_prob: torch.Tensor  # [B] float32; NaN on ODE steps (a point mass has no density)
     dt: torch.Tensor  # [B] float32, sigma_next - sigma (< 0)
+
+    def select(self, index) -> "StepOutput":
+        """The samples ``index`` (a slice or indices) of this output; every field is per sample."""
+        return StepOutput(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
 def _per_sample(value, batch: int, device) -> torch.Tensor:

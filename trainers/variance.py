@@ -16,7 +16,6 @@ the repeats, their ratio (PPO over analytic), and the cosine between the two mea
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from typing import Sequence
 
 import torch
@@ -24,7 +23,6 @@ import torch
 from opd_bench.policy import Policy
 from opd_bench.rl import distillation_loss, process_reward, step_at
 from opd_bench.rollout import Prompt, rollout
-from opd_bench.sde import StepOutput
 from opd_bench.training import sample_prompts, step_seed
 
 
@@ -70,7 +68,7 @@ def estimate_gradients(
             with policy.use(student):
                 current = step_at(policy, trajectory, index[chunk], step[chunk], guidance_scale=guidance_scale)
                 if estimator == "analytic":
-                    per_pair = distillation_loss(current, _select(target, chunk))
+                    per_pair = distillation_loss(current, target.select(chunk))
                 else:
                     old = trajectory.log_probs[index[chunk], step[chunk]].to(current.log_prob.device)
                     reward = process_reward(old, target.log_prob[chunk], trajectory.final[0].numel())
@@ -80,11 +78,6 @@ def estimate_gradients(
     for p in params:
         p.grad = None
     return grads[0], grads[1]
-
-
-def _select(output: StepOutput, chunk: slice) -> StepOutput:
-    """The pairs ``chunk`` of a step output computed for many (per-pair fields only)."""
-    return StepOutput(*(getattr(output, f.name)[chunk] for f in fields(StepOutput)))
 
 
 def variance_experiment(

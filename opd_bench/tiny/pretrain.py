@@ -134,21 +134,18 @@ def training_records(config: PretrainConfig) -> tuple[list[dict], list[str]]:
     tests = [r for name in config.mixture for r in _read(PROMPT_DIR / f"{name}_test.jsonl")]
     names = list(config.mixture)
     picks = rng.choice(len(names), size=config.num_images, p=[config.mixture[n] for n in names])
-    if config.tag_weights and "geneval" in pools:  # geneval records drawn tag first, by weight
-        from opd_bench.geneval import TAGS
+    from opd_bench.geneval import TAGS
 
-        by_tag = {tag: [r for r in pools["geneval"] if r["tag"] == tag] for tag in TAGS}
-        weights = np.array([config.tag_weights.get(tag, 1) for tag in TAGS], dtype=float)
+    weights = np.array([config.tag_weights.get(tag, 1) for tag in TAGS], dtype=float)
+    by_tag = {tag: [r for r in pools.get("geneval", []) if r["tag"] == tag] for tag in TAGS}
 
-        def draw(name: str) -> dict:
-            if name != "geneval":
-                return pools[name][int(rng.integers(len(pools[name])))]
-            tag = by_tag[TAGS[int(rng.choice(len(TAGS), p=weights / weights.sum()))]]
-            return tag[int(rng.integers(len(tag)))]
+    def draw(name: str) -> dict:
+        pool = pools[name]
+        if name == "geneval" and config.tag_weights:  # the tag first, by weight (without weights: the file's balance)
+            pool = by_tag[TAGS[int(rng.choice(len(TAGS), p=weights / weights.sum()))]]
+        return pool[int(rng.integers(len(pool)))]
 
-        records = [draw(names[k]) for k in picks]
-    else:  # as the shipped base was drawn
-        records = [pools[names[k]][int(rng.integers(len(pools[names[k]])))] for k in picks]
+    records = [draw(names[k]) for k in picks]
     if config.coloured_position:
         from opd_bench.world.prompts import coloured_position
 
