@@ -536,8 +536,8 @@ class Policy:
         distilled models (FLUX.1-dev) take the scale as an input instead. ``sigma`` is a scalar or
         ``[B]``; gradients flow when called outside ``no_grad``.
 
-        ``detach_uncond``: the unconditional half is a constant for autograd (Flow-GRPO's
-        ``noise_pred_uncond.detach()``), so gradients flow through the conditional half only.
+        ``detach_uncond``: the unconditional half is a constant for autograd (``noise_pred_uncond.detach()``,
+        as some Flow-GRPO versions train), so gradients flow through the conditional half only.
         With gradients enabled it then runs as its own forward under ``no_grad`` (two transformer
         calls of ``B`` instead of one of ``2B``; the same sample-forwards, values and gradients),
         which spares the backward pass and the stored activations of that half.

@@ -353,6 +353,7 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
             raise OverrideError(f"--set teacher.{task}.{'/'.join(own)}: no longer fits the teacher settings changed "
                                 f"after it: {error}") from None
     _check_task_keys(run_plan, tasks)
+    _check_teacher_guidance(run_plan, tasks)
     changed_stages = any(pair.partition("=")[0].strip() == "cascade.stages" for pair in pairs)
     unknown = [task for task, _ in run_plan.cascade.stages if changed_stages and tasks and task not in tasks]
     if unknown:  # caught now, not after the teachers have trained
@@ -384,6 +385,22 @@ def _check_task_keys(run_plan: RunPlan, tasks: Sequence[str]) -> None:
                 if unknown:
                     raise OverrideError(f"--set {where}.{name}: the suite has no task {unknown[0]!r}"
                                         f"{_suggest(unknown[0], tasks)}; tasks: {', '.join(tasks)}")
+
+
+def _check_teacher_guidance(run_plan: RunPlan, tasks: Sequence[str]) -> None:
+    """DiffusionOPD queries each teacher at the CFG scale it was trained with (PAPER.md). A task
+    missing from ``teacher_guidance`` falls back to the student's scale; where that is not the
+    teacher's, say so now rather than distil a teacher at a scale it never sampled."""
+    for head, section in (("opd", run_plan.opd), ("opd-ppo", run_plan.opd_ppo)):
+        trained = {task: replace(run_plan.teacher, **run_plan.teacher_overrides.get(task, {})).guidance_scale for task in tasks}
+        differ = {task: scale for task, scale in trained.items()
+                  if task not in section.teacher_guidance and scale != section.guidance_scale}
+        if differ:
+            wanted = ", ".join(f'"{task}": {scale:g}' for task, scale in differ.items())
+            raise OverrideError(
+                f"--set: the {', '.join(differ)} teacher(s) train at another CFG scale than {head}'s "
+                f"{section.guidance_scale:g}, which {head} would query them at; add --set {head}.teacher_guidance='{{{wanted}}}' "
+                f"(each teacher's own scale), or name {section.guidance_scale:g} there to keep the student's")
 
 
 def _set_teacher_of(run_plan: RunPlan, task: str, name: str, value: Any, where: str, tasks: Sequence[str]) -> RunPlan:

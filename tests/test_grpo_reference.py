@@ -26,6 +26,7 @@ UNBIASED_ADV = torch.tensor([-0.9257772, -0.4628886, 0.0, 1.3886659])
 
 
 def test_defaults_are_flow_grpo_and_shared_by_the_rl_baselines():
+    # detach_uncond: the Flow-GRPO loop of issue 11's check; train_sd3.py at 74db691 does not detach (README)
     for config in (GRPOConfig(), MultiRewardConfig(), CascadeConfig().grpo):
         assert (config.adv_ddof, config.train_steps, config.detach_uncond) == (0, "first", True)
         assert (config.adv_std, config.kl_weighting) == ("batch", "reference")  # global_std=True; / 2 std_dev_t^2

@@ -75,6 +75,22 @@ def test_a_bad_change_is_refused_with_the_fix(pair, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_teacher_trained_at_another_cfg_scale_is_queried_at_its_own_or_refused():
+    # PAPER.md: each teacher is queried at its own CFG scale; the fallback is the student's
+    for name in ("smoke", "standard", "paper"):
+        apply_overrides(plan(name), [], tasks=TASKS)  # the presets' teachers and students agree
+    with pytest.raises(OverrideError) as error:
+        apply_overrides(plan("standard"), ["teacher.ocr.guidance_scale=1.0"], tasks=TASKS)
+    assert str(error.value) == (
+        "--set: the ocr teacher(s) train at another CFG scale than opd's 4.5, which opd would query them at; "
+        "add --set opd.teacher_guidance='{\"ocr\": 1}' (each teacher's own scale), or name 4.5 there to keep the student's")
+    with pytest.raises(OverrideError, match="than opd-ppo's 4.5"):  # opd's now named; opd-ppo's still falls back
+        apply_overrides(plan("standard"), ["teacher.ocr.guidance_scale=1.0", 'opd.teacher_guidance={"ocr": 1}'], tasks=TASKS)
+    both = ['opd.teacher_guidance={"ocr": 1}', 'opd-ppo.teacher_guidance={"ocr": 4.5}']  # 4.5 on purpose: allowed
+    after = apply_overrides(plan("standard"), ["teacher.ocr.guidance_scale=1.0", *both], tasks=TASKS)
+    assert after.opd.teacher_guidance == {"ocr": 1.0} and after.opd_ppo.teacher_guidance == {"ocr": 4.5}
+
+
 def test_a_changed_preset_is_another_experiment(tmp_path):
     from opd_bench.harness import Harness
 

@@ -251,12 +251,37 @@ def test_weighted_sum_aggregations():
     total, adv = grpo_module.aggregate_advantages(scores, group, tasks, config)
     torch.testing.assert_close(total, torch.tensor([1.0, 5.0, 2.0, 2.0]))
     assert adv[0] < 0 < adv[1] and adv[2] == adv[3] == 0
-    config = replace(config, aggregation="normalise-then-sum")
+    # normalise-then-sum, by hand (eps 1e-4, population std): each reward over the samples it
+    # applies to; b's NaN sample gets 0 from b and does not enter b's std.
+    config = replace(config, aggregation="normalise-then-sum", adv_std="group")
     _, adv = grpo_module.aggregate_advantages(scores, group, tasks, config)
-    # group 0: a normalised -> (+0.707, -0.707), b normalised -> (-0.707, +0.707) * 0.5
-    assert adv[0] > 0 > adv[1]
+    # group 0: a (1, 0) -> +-0.5 / 0.5, b (0, 10) -> -+5 / 5, weighted 0.5; group 1: a equal, b alone
+    first = 0.5 / (0.5 + 1e-4) - 0.5 * 5 / (5 + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([first, -first, 0.0, 0.0]))
+    config = replace(config, adv_std="batch")
+    _, adv = grpo_module.aggregate_advantages(scores, group, tasks, config)
+    std_a = torch.tensor([1.0, 0.0, 2.0, 2.0]).std(correction=0).item()  # 0.829
+    std_b = torch.tensor([0.0, 10.0, 0.0]).std(correction=0).item()  # 4.714: the NaN sample left out (with it as 0: 4.330)
+    first = 0.5 / (std_a + 1e-4) - 0.5 * 5 / (std_b + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([first, -first, 0.0, 0.0]))
+    assert abs(first - 0.0726) < 1e-3
     with pytest.raises(ValueError, match="reward_mode='own'"):
         MultiRewardConfig(reward_mode="own", aggregation="normalise-then-sum")
+
+
+def test_weighted_sum_rollout_logs_each_tasks_own_reward(policy):
+    """In the sum modes a sample's reward is the weighted total; the per-task curves still show the
+    task's own reward on its samples, and the total has its own key."""
+    prompts = [POOLS["bright"][0], POOLS["red"][0]]
+    config = replace(SMOKE.multi_reward, reward_mode="weighted-sum", aggregation="sum-then-normalise",
+                     reward_weights={"bright": 1.0, "red": 3.0}, group_size=2, num_steps=2, train_fraction=0.5)
+    batch = grpo_module.grpo_rollout(policy, prompts, REWARDS, config, seed=0)
+    images = batch.trajectory.images
+    for task, index in (("bright", [0, 1]), ("red", [2, 3])):
+        own = REWARDS[task](images[index], [prompts[index[0] // 2].text] * 2, [{}] * 2).scores
+        assert batch.metrics[f"reward/{task}/mean"] == pytest.approx(float(own.mean()), abs=1e-6)
+    both = [REWARDS[name](images, [p.text for p in prompts for _ in range(2)], [{}] * 4).scores for name in ("bright", "red")]
+    assert batch.metrics["reward/weighted_sum/mean"] == pytest.approx(float((both[0] + 3 * both[1]).mean()), abs=1e-6)
 
 
 def test_configs_are_validated_with_clear_errors():

@@ -5,8 +5,9 @@ adapter, score them and turn rewards into per-prompt advantages. Then ``updates_
 optimizer steps, each on its share of the samples: minimise the clipped ratio loss on the first
 ``train_fraction`` of each trajectory's steps, plus an optional closed-form KL to the adapter-free
 base. Defaults follow Flow-GRPO's ``train_sd3.py`` and its published SD3.5 configs exactly
-(population std of the whole batch, first-k steps, unconditional half of guidance detached, the KL
-over 2 std_dev_t^2, two updates per rollout); each difference has an option. ``rewards`` maps names to rewards; ``aggregation`` says how several
+(population std of the whole batch, first-k steps, unconditional half of guidance detached as in the
+loop issue 11 compared against (not in train_sd3.py at 74db691: README), the KL over 2 std_dev_t^2,
+two updates per rollout); each difference has an option. ``rewards`` maps names to rewards; ``aggregation`` says how several
 rewards become one advantage (multi-reward RL); a teacher has one reward.
 """
 
@@ -57,7 +58,8 @@ class GRPOConfig:
     # "first": steps 0 .. int(train_fraction * num_steps) - 1 of every sample (Flow-GRPO);
     # "random": a random subset per sample (this project before issue 11)
     train_steps: Literal["first", "random"] = "first"
-    # Gradients through the conditional half of guidance only (Flow-GRPO's noise_pred_uncond.detach())
+    # Gradients through the conditional half of guidance only, as the Flow-GRPO loop of issue 11's check
+    # (noise_pred_uncond.detach()); flow_grpo's train_sd3.py at 74db691 does not detach: False matches it
     detach_uncond: bool = True
     clip_range: float = 1e-4  # Flow-GRPO's ratio clip on SD3.5
     # "batch": (r - group mean) / (std of the whole rollout's rewards, every process's, + 1e-4), as
@@ -151,8 +153,10 @@ def aggregate_advantages(
     """Rewards of several tasks -> (one scalar reward per sample, advantages).
 
     ``own``: each sample is scored by its own task's reward. ``sum-then-normalise``: the weighted
-    sum of all rewards (NaN counts 0), then group-normalised. ``normalise-then-sum``: each reward
-    group-normalised separately, then the weighted sum of the advantages.
+    sum of all rewards (NaN counts 0), then normalised (``config.adv_std``: by the group's or the
+    batch's std). ``normalise-then-sum``: each reward normalised separately over the samples it
+    applies to (a NaN sample gets advantage 0 from that reward), then the weighted sum of the
+    advantages.
     """
     options = dict(std=config.adv_std, clip=config.adv_clip, ddof=config.adv_ddof)
     if config.aggregation == "own":
@@ -179,7 +183,13 @@ def aggregate_advantages(
         total = sum(weights[n] * torch.nan_to_num(s, nan=0.0) for n, s in scores.items())
         return total, group_advantages(total, group, **options)
     total = sum(weights[n] * torch.nan_to_num(s, nan=0.0) for n, s in scores.items())
-    advantages = sum(weights[n] * group_advantages(torch.nan_to_num(s, nan=0.0), group, **options) for n, s in scores.items())
+    advantages = torch.zeros(len(tasks))
+    for name, values in scores.items():
+        # Over the applicable samples only: zeros standing in for "does not apply" would enter the
+        # batch std and shrink this reward's advantages by how many samples it does not score.
+        applies = ~torch.isnan(values)
+        if applies.any():
+            advantages[applies] += weights[name] * group_advantages(values[applies], group[applies], **options)
     return total, advantages
 
 
@@ -250,9 +260,12 @@ def grpo_rollout(policy: Policy, prompts: Sequence[Prompt], rewards: Mapping[str
                  for k in range(updates)]
     metrics = {"zero_spread_share": zero_spread_share(all_rewards, all_groups)}
     for task in sorted(set(all_tasks)):
-        values = all_rewards[torch.tensor([t == task for t in all_tasks])]
+        # the task's own reward on its samples (in the sum modes all_rewards is the weighted total)
+        values = all_scores.get(task, all_rewards)[torch.tensor([t == task for t in all_tasks])]
         metrics[f"reward/{task}/mean"] = float(values.mean())
         metrics[f"reward/{task}/std"] = float(values.std()) if len(values) > 1 else 0.0
+    if config.aggregation != "own":
+        metrics["reward/weighted_sum/mean"] = float(all_rewards.mean())
     return ScoredRollout(trajectory, all_advantages[offset : offset + samples].to(policy.device),
                          steps[offset : offset + samples], parts, metrics)
 

@@ -79,7 +79,7 @@ class OPDConfig:
     train_fraction: float = 0.9  # 9 of 10 steps
     weighting: Literal["step", "reference"] = "step"
     # False: the student's loss differentiates its whole guided velocity, as the paper's student is
-    # the CFG-4.5 model; True drops the unconditional half's gradient (as Flow-GRPO does), faster.
+    # the CFG-4.5 model; True drops the unconditional half's gradient (as GRPOConfig's default), faster.
     detach_uncond: bool = False
     clip_range: float = 0.2  # ppo mode
     lr: float = 3e-4
