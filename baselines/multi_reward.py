@@ -2,7 +2,7 @@
 
 ``reward_mode="own"``: each sample is rewarded by its own task's reward. ``"weighted-sum"``: every
 sample gets the weighted sum of all rewards (a reward that does not apply counts 0), aggregated
-``sum-then-normalise`` or ``normalise-then-sum``.
+``sum-then-normalise`` (what ``aggregation`` left at ``own`` becomes) or ``normalise-then-sum``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,17 @@ class MultiRewardConfig(GRPOConfig):
     reward_mode: Literal["own", "weighted-sum"] = "own"
 
     def __post_init__(self) -> None:
+        # A weighted sum needs a sum aggregation: the first one, unless another is named, so that
+        # `--set multi-reward.reward_mode=weighted-sum` alone is a valid change (reward_mode's own
+        # check runs in super().__post_init__, with the other Literal fields).
+        if self.reward_mode == "weighted-sum" and self.aggregation == "own":
+            self.aggregation = "sum-then-normalise"
         super().__post_init__()
-        if self.reward_mode not in ("own", "weighted-sum"):
-            raise ValueError(f"reward_mode must be 'own' or 'weighted-sum', got {self.reward_mode!r}")
         if self.reward_mode == "own" and self.aggregation != "own":
             raise ValueError("reward_mode='own' uses aggregation='own'; the sum aggregations go with reward_mode='weighted-sum'")
-        if self.reward_mode == "weighted-sum" and self.aggregation == "own":
-            raise ValueError("reward_mode='weighted-sum' needs aggregation 'sum-then-normalise' or 'normalise-then-sum'")
+        if self.reward_mode == "own" and self.reward_weights:
+            raise ValueError("reward_weights weigh the rewards of reward_mode='weighted-sum'; with reward_mode='own' each "
+                             "sample has its own task's reward alone: set reward_mode='weighted-sum' as well")
 
 
 def interleave(pools: Mapping[str, Sequence[Prompt]]) -> list[Prompt]:

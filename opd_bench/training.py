@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence, get_args
 
@@ -191,19 +192,35 @@ def check_fields(kind: str, config, rules: dict[str, tuple[bool, str]]) -> None:
 _NUMBER_TYPES = {"int": (int,), "float": (int, float), "int | None": (int, type(None)), "float | None": (int, float, type(None))}
 
 
+@functools.lru_cache(maxsize=None)
+def _choices(config_type: type) -> dict[str, tuple]:
+    """The allowed values of ``config_type``'s ``Literal`` fields (``adv_std``, ``weighting``, ...)."""
+    try:
+        hints = typing.get_type_hints(config_type)
+    except NameError:  # an annotation only a type checker resolves: check what can be resolved
+        return {}
+    return {name: typing.get_args(hint) for name, hint in hints.items() if typing.get_origin(hint) is typing.Literal}
+
+
 def check_field_types(kind: str, config) -> None:
-    """One ``ValueError`` naming every number field of the dataclass ``config`` holding another type
-    (``lr="1e-3"`` failed inside a comparison; ``steps=2.5`` at the first step); call it before
-    the rules, which compare."""
+    """One ``ValueError`` naming every field of the dataclass ``config`` holding another type or
+    value: number fields (``lr="1e-3"`` failed inside a comparison; ``steps=2.5`` at the first
+    step; ``lr=Infinity`` would reach the optimizer and ``run.json``) and ``Literal`` fields
+    (``adv_std="grp"`` failed only at the first training step). Call it before the rules, which compare."""
     import dataclasses
 
     bad = []
+    choices = _choices(type(config))
     for f in dataclasses.fields(config):
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         allowed = _NUMBER_TYPES.get(annotation)
         value = getattr(config, f.name)
         if allowed is not None and (isinstance(value, bool) or not isinstance(value, allowed)):
             bad.append(f"{f.name}={value!r} (needs {'a whole number' if annotation.startswith('int') else 'a number'})")
+        elif allowed is not None and isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"{f.name}={value!r} (needs a finite number)")
+        elif f.name in choices and value not in choices[f.name]:
+            bad.append(f"{f.name}={value!r} (needs one of {', '.join(repr(c) for c in choices[f.name])})")
     if bad:
         raise ValueError(f"invalid {kind} value(s): {', '.join(bad)}")
 
@@ -228,12 +245,6 @@ def shared_rules(config) -> dict[str, tuple[bool, str]]:
         "weight_decay": (config.weight_decay >= 0, ">= 0"), "guidance_scale": (config.guidance_scale >= 0, ">= 0"),
         "eval_every": (config.eval_every >= 0, ">= 0 (0: never)"), "checkpoint_every": (config.checkpoint_every >= 0, ">= 0 (0: never)"),
     }
-
-
-def check_lr_schedule(schedule: str) -> None:
-    """A config's ``lr_schedule`` check, shared by every trainer's config."""
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
 
 
 def scheduled_lr(lr: float, schedule: str, step: int, steps: int) -> float:

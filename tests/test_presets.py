@@ -53,7 +53,9 @@ def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
     ("opd.lr=-1", "invalid OPD config value(s): lr=-1.0 (needs > 0)"),
     ("opd-ppo.clip_range=-1", "clip_range=-1.0 (needs > 0)"),
     ("teacher.group_size=1", "group_size=1 (needs >= 2: advantages need a group)"),
-    ("opd.mode=ppx", "mode must be 'analytic' or 'ppo'"),
+    ("opd.mode=ppx", "mode='ppx' (needs one of 'analytic', 'ppo')"),
+    ("teacher.adv_std=grp", "adv_std='grp' (needs one of 'group', 'batch')"),  # refused before any training, not at its first step
+    ("opd.lr=Infinity", "lr=inf (needs a finite number)"),
     ("opd.seed=3", "use --seeds instead"),
     ("cascade.grpo=3", "is a config of its own"),
     ("opd", "is not NAME=VALUE"),
@@ -64,7 +66,7 @@ def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
     ("cascade.grpo.steps=100", "the cascade trains the steps of its stages ([[\"geneval\", 1], [\"ocr\", 1]])"),
     ('cascade.stages=[["prf", 2]]', "the suite has no task 'prf'"),
     ('opd.teacher_guidance={"gneval": 3}', "--set opd.teacher_guidance: the suite has no task 'gneval' (did you mean 'geneval'?)"),
-    ('multi-reward.reward_weights={"ocr": 1, "prf": 2}', "--set multi-reward.reward_weights: the suite has no task 'prf'"),
+    ('multi-reward.reward_weights={"ocr": 1}', "with reward_mode='own' each sample has its own task's reward alone"),
     ('cascade.grpo.reward_weights={"ocr": 2}', "--set cascade.grpo.reward_weights: a teacher or cascade stage trains on its own"),
     ('teacher.reward_weights={"geneval": 2}', "--set teacher.reward_weights: a teacher or cascade stage"),
     ('teacher.ocr.reward_weights={"gneval": 2}', "--set teacher.ocr.reward_weights: a teacher or cascade stage"),
@@ -89,6 +91,20 @@ def test_a_teacher_trained_at_another_cfg_scale_is_queried_at_its_own_or_refused
     both = ['opd.teacher_guidance={"ocr": 1}', 'opd-ppo.teacher_guidance={"ocr": 4.5}']  # 4.5 on purpose: allowed
     after = apply_overrides(plan("standard"), ["teacher.ocr.guidance_scale=1.0", *both], tasks=TASKS)
     assert after.opd.teacher_guidance == {"ocr": 1.0} and after.opd_ppo.teacher_guidance == {"ocr": 4.5}
+
+
+def test_multi_reward_switches_to_a_weighted_sum_in_any_order():
+    after = apply_overrides(plan("standard"), ["multi-reward.reward_mode=weighted-sum"], tasks=TASKS)
+    assert (after.multi_reward.reward_mode, after.multi_reward.aggregation) == ("weighted-sum", "sum-then-normalise")
+    for pairs in (["multi-reward.aggregation=normalise-then-sum", "multi-reward.reward_mode=weighted-sum"],
+                  ["multi-reward.reward_mode=weighted-sum", "multi-reward.aggregation=normalise-then-sum"]):
+        after = apply_overrides(plan("standard"), pairs + ['multi-reward.reward_weights={"pref": 2}'], tasks=TASKS)
+        assert (after.multi_reward.aggregation, after.multi_reward.reward_weights) == ("normalise-then-sum", {"pref": 2})
+    with pytest.raises(OverrideError, match="--set multi-reward.reward_weights: the suite has no task 'prf'"):
+        apply_overrides(plan("standard"), ["multi-reward.reward_mode=weighted-sum", 'multi-reward.reward_weights={"ocr": 1, "prf": 2}'], tasks=TASKS)
+    # weights that reward_mode='own' would never read are refused, not ignored
+    with pytest.raises(OverrideError, match="reward_weights weigh the rewards of reward_mode='weighted-sum'"):
+        apply_overrides(plan("standard"), ['multi-reward.reward_weights={"pref": 2}'], tasks=TASKS)
 
 
 def test_a_changed_preset_is_another_experiment(tmp_path):

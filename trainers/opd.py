@@ -32,7 +32,7 @@ from opd_bench.rl import clipped_policy_loss, distillation_loss, process_reward,
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.sde import step_kl
 from opd_bench.training import (
-    GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_lr_schedule, check_reward_names,
+    GradVariance, LRSchedule, TrainingRun, check_field_types, check_fields, check_reward_names,
     sample_prompts, shared_rules, step_seed, student_optimizer, training_data,
 )
 
@@ -100,9 +100,7 @@ class OPDConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_field_types("OPD config", self)
-        if self.mode not in ("analytic", "ppo"):
-            raise ValueError(f"mode must be 'analytic' or 'ppo', got {self.mode!r}")
+        check_field_types("OPD config", self)  # mode, weighting and lr_schedule among its Literal fields
         if self.mode == "ppo" and self.noise_level <= 0:
             raise ValueError("mode='ppo' needs noise_level > 0: a deterministic step has no log-probability to form the process reward")
         check_fields("OPD config", self, {
@@ -113,9 +111,6 @@ class OPDConfig:
             "micro_batch": (self.micro_batch >= 1, ">= 1"), "lora_rank": (self.lora_rank >= 1, ">= 1"),
             "ema": (self.ema is None or 0 < self.ema < 1, "0 < x < 1, or null"), **shared_rules(self),
         })
-        if self.weighting not in ("step", "reference"):
-            raise ValueError(f"weighting must be 'step' or 'reference', got {self.weighting!r}")
-        check_lr_schedule(self.lr_schedule)
 
     def to_dict(self) -> dict:
         return asdict(self)
