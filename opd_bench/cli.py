@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -25,9 +26,26 @@ def _friendly(command):
         except Exception as error:  # noqa: BLE001 - re-raised unless it is a known user error
             if type(error).__name__ in _USER_ERRORS or isinstance(error, ValueError):
                 raise click.ClickException(str(error).splitlines()[0]) from None
+            if isinstance(error, OSError) and error.filename is not None:  # a path that cannot be written or read
+                raise click.ClickException(f"{error.strerror or error}: {error.filename}; check that path (a file where a "
+                                           "folder is needed, no permission, a full disk) and rerun") from None
             raise
 
     return wrapper
+
+
+def _writable(ctx, param, value):
+    """An output path whose nearest existing folder can be written: refused now, before any model
+    loads or trains, rather than when the results are written."""
+    if value is None:
+        return value
+    path = Path(value).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing != path and not existing.is_dir():
+        raise click.BadParameter(f"{value}: {existing} is a file, not a folder; name a path under a folder")
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+        raise click.BadParameter(f"{value}: {existing} is not writable; name a folder you can write to")
+    return value
 
 
 def typed_command(argv: list[str]) -> str | None:
@@ -189,7 +207,7 @@ def list_(what: str) -> None:
 
 
 @main.command("build-tiny")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path), callback=_writable)
 @click.option("--seed", default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option("--force", is_flag=True, help="Overwrite an existing folder.")
 @_friendly
@@ -223,7 +241,7 @@ def build_tiny(out: Path, seed: int, force: bool) -> None:
               help="A file of --set changes, one NAME=VALUE a line ('#' starts a comment line); applied before "
                    "the command line's --set, and recorded as if each line had been given as --set.")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the student runs.  [default: 0,1,2; with --preset smoke: 0]")
-@click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path), callback=_writable)
 @_device_option
 @click.option("--report/--no-report", default=True, show_default=True, help="Write reports/<run>/ at the end.")
 @click.option("--force", is_flag=True, help="Delete the run in --out and start over (only a folder holding a run; never the working directory or its parents).")
@@ -325,7 +343,7 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
 
 @main.command("report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: reports/<run name>.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: reports/<run name>.", callback=_writable)
 @click.option("--force", is_flag=True, help="Overwrite the report of another run in --out's folder.")
 @_friendly
 def report_command(run_dir: Path, out: Path | None, force: bool) -> None:
@@ -359,9 +377,11 @@ def _check_finished_run(run_dir: Path) -> None:
         raise FileNotFoundError(f"{run_dir} holds no opd-bench run; pass the --out folder of an `opd-bench run`")
     identity = run_dir / "run.json"  # an unfinished run: the preset it was started with finishes it
     recorded = read_json(identity) if identity.is_file() else {}
-    preset = recorded.get("preset", "standard") if isinstance(recorded, dict) else "standard"
+    recorded = recorded if isinstance(recorded, dict) else {}
+    options = [f"--{name} {shlex.quote(str(recorded[name]))}" for name in ("suite", "model", "preset", "dtype") if name in recorded]
     raise FileNotFoundError(f"{run_dir} holds an unfinished run (no results.json yet); finish it first: "
-                            f"`opd-bench run --preset {preset} --out {run_dir}` (with its --method and --set, if any)")
+                            f"`opd-bench run {' '.join(options or ['--preset standard'])} --out {shlex.quote(str(run_dir))}` "
+                            "(with its --method, --set and --suite-config, if any)")
 
 
 def _echo_findings(results: dict) -> None:
@@ -409,7 +429,7 @@ def verify_command(run_dir: Path, prompts: int, salt: str, models: tuple[str, ..
 @main.command("submit")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Submission name: letters, digits, '.', '_', '-'.")
-@click.option("--root", default="leaderboard", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--root", default="leaderboard", show_default=True, type=click.Path(file_okay=False, path_type=Path), callback=_writable)
 @click.option("--unverified", is_flag=True, help="Skip verification; the entry goes to the separate, unranked unverified table.")
 @_device_option(help="Device for the verification.")
 @_suite_config_option
@@ -431,7 +451,7 @@ def submit_command(run_dir: Path, name: str, root: Path, unverified: bool, devic
 
 
 @main.command("leaderboard")
-@click.option("--root", default="leaderboard", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--root", default="leaderboard", show_default=True, type=click.Path(file_okay=False, path_type=Path), callback=_writable)
 @_friendly
 def leaderboard_command(root: Path) -> None:
     """Regenerate leaderboard/README.md and leaderboard.csv from the submissions."""
@@ -444,7 +464,7 @@ def leaderboard_command(root: Path) -> None:
 @main.command("eval")
 @_suite_option
 @click.option("--model", default=None, help="'tiny' (shipped base), a pipeline folder or hub id, or 'renderer'. Default: the suite's.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.json.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.json.", callback=_writable)
 @click.option("--benchmarks", "tasks", default=None, help="Comma-separated subset, e.g. geneval,ocr.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate N prompts per benchmark, spread over the tags (every GenEval tag when N >= 6), evenly spaced within each.")
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=None, help="Default: each benchmark's.")
@@ -472,7 +492,7 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
 
     from opd_bench import suites
     from opd_bench.evaluate import SamplerSettings, evaluate_suite, policy_source, renderer_source, select_tasks
-    from opd_bench.io import atomic_write_json, json_differences, read_json
+    from opd_bench.io import CorruptFileError, atomic_write_json, json_differences, read_json
     from opd_bench.policy import DTYPES, Policy, resolve_dtype
 
     suite = suites.get(suite_name)
@@ -517,7 +537,10 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
         shutil.rmtree(parts, ignore_errors=True)
     finished = {}
     for path in sorted(parts.glob("*.json")):
-        saved = read_json(path, fix="delete it to evaluate that benchmark again, or pass --force to start over")
+        fix = "delete it to evaluate that benchmark again, or pass --force to start over"
+        saved = read_json(path, fix=fix)
+        if not isinstance(saved, dict) or not {"depends_on", "result"} <= saved.keys():
+            raise CorruptFileError(f"{path} is not a finished benchmark's record (depends_on and result); {fix}")
         if saved.get("depends_on") != depends_on(path.stem):
             raise FileExistsError(f"{parts} holds an unfinished evaluation with other settings "
                                   f"({json_differences(saved.get('depends_on'), depends_on(path.stem))}); rerun it with those, "
@@ -568,7 +591,7 @@ def _check_pretrain_out(out: Path, marker: str, what: str, force: bool, leftover
 
 
 @pretrain.command("base")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the pipeline.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the pipeline.", callback=_writable)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--num-images", type=int, default=None, help="Rendered training images [default: PretrainConfig's].")
 @click.option("--vae-steps", type=int, default=None, help="[default: PretrainConfig's]")
@@ -594,6 +617,11 @@ def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers
     config = PretrainConfig(
         seed=seed, max_minutes=max_minutes, device=device, **{k: v for k, v in given.items() if v is not None}
     )
+    options = {"device": "--device", "seed": "--seed"}  # checked there (the device before anything renders)
+    named = [pair.partition("=")[0].strip() for pair in overrides]
+    for name in named:
+        if name in options:
+            raise click.BadParameter(f"--set {name}: use {options[name]} instead", param_hint="--set")
     config = set_fields(config, overrides)
     summary = pretrain_base(out, config)
     click.echo(
@@ -603,7 +631,7 @@ def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers
 
 
 @pretrain.command("pref")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the weights.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the weights.", callback=_writable)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--num-pairs", default=20_000, show_default=True, type=click.IntRange(min=1), help="Bradley-Terry training pairs.")
 @click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1), help="3 for the shipped model (tiny-v2).")
@@ -629,7 +657,7 @@ def pretrain_pref_command(out, seed, num_pairs, epochs, force) -> None:
 @click.option("--noise-level", default=0.0, show_default=True, callback=_finite_at_least_0, help="0 = ODE (Euler); >0 = Flow-GRPO SDE.")
 @click.option("--seed", default=0, show_default=True)
 @_device_option
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), callback=_writable,
               help="Image grid to write: .png (or .jpg / .webp, in that format).")
 @click.option("--resolution", type=click.IntRange(min=1), default=None, metavar="PX",
               help="Image side in pixels [default: the pipeline's own; the sd suite trains and evaluates at 512].")
@@ -675,7 +703,7 @@ def sample(model, prompts, images_per_prompt, steps, guidance, noise_level, seed
 @click.option("--port", default=8700, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on (0: any free port).")
 @click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE", help="Reward option; VALUE is parsed as JSON when it can be, else a string. Repeat for several.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Images per reward call; larger requests are scored in chunks.")
-@click.option("--max-request-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Largest request body in MiB (larger: HTTP 413).")
+@click.option("--max-request-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True), callback=_finite, help="Largest request body in MiB (larger: HTTP 413).")
 @click.option("--max-image-pixels", default=2048 * 2048, show_default=True, type=click.IntRange(min=1), help="Largest image, width x height, read from the PNG header before decoding (larger: HTTP 413).")
 @click.option("--max-request-pixels", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(min=1), help="Most pixels per request, summed over its images (more: HTTP 413).")
 @click.option("--token", envvar="OPD_REWARD_TOKEN", default=None, show_envvar=True, help="Shared token every request must carry (the remote reward's token=...); prefer the environment variable, a command line is visible to other users.")

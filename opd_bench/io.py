@@ -90,8 +90,8 @@ def read_json(path: str | Path, *, fix: str = REDO_HINT) -> Any:
     """``json.loads`` of a file, with an error that names the file and ``fix`` when it is not JSON."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CorruptFileError(f"{path} is not valid JSON ({error}); {fix}") from None
 
 

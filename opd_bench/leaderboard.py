@@ -246,7 +246,7 @@ def read_results(path: str | Path) -> dict:
         raise SubmissionError(f"cannot read {path} ({error.strerror}); pass a run directory with a results.json") from None
     if size > MAX_FILE_BYTES:
         raise SubmissionError(f"{path} is {size / 2**20:.1f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB cap for result "
-                              "files; submit the results.json written by `opd-bench run`")
+                              "files that submit and verify read (a run with fewer seeds or a smaller eval_limit fits)")
     return _load(path)
 
 

@@ -188,8 +188,10 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
     from opd_bench.suites import sd
 
     if jobs * threads > available_cores():  # measured: 2 jobs x 2 threads on 2 cores ran the smoke cells 7x slower
-        print(f"opd-bench: {jobs} jobs x {threads} threads exceed the {available_cores()} cores; every cell will run "
-              f"several times slower (use --threads {max(1, available_cores() // jobs)})", file=sys.stderr)
+        cores = available_cores()
+        fix = f"--threads {max(1, cores // jobs)}" if jobs <= cores else f"--jobs {cores} --threads 1"
+        print(f"opd-bench: {jobs} jobs x {threads} threads exceed the {cores} cores; every cell will run "
+              f"several times slower (use {fix})", file=sys.stderr)
     suite_config = sd.current_config() if harness.options["suite"] == "sd" else None
     context = get_context("spawn")  # fork would copy torch's thread pools into the children
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=context,

@@ -300,8 +300,12 @@ def read_set_file(path: str | Path) -> list[str]:
     """The ``NAME=VALUE`` lines of a ``--set-file``: one change a line, as ``--set`` takes it; blank
     lines and lines starting with ``#`` are skipped. A line that is not ``NAME=VALUE`` is an error
     naming the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not part of the first name
+    except UnicodeDecodeError as error:
+        raise OverrideError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
     pairs = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from opd_bench.findings import findings_lines
 from opd_bench.io import atomic_write_bytes
-from opd_bench.result_schema import paired_evaluation, schema_problem, total_forwards
+from opd_bench.result_schema import EVAL_NOT_RUN, is_eval_result, paired_evaluation, schema_problem, total_forwards
 from opd_bench.report_doc import Cell, Doc, render_html, render_markdown, safe_name
 from opd_bench.results_view import ResultView, as_dict, as_list, counted, fmt, fmt_g, fmt_int, is_student, mean_sd, method_key, num
 
@@ -597,8 +597,12 @@ def load_results(run_dir: str | Path) -> dict:
         results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}); re-run or repair it") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); re-run or repair it") from None
     if not isinstance(results, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(results).__name__}")
+    if is_eval_result(results):
+        raise ValueError(f"{path}: {EVAL_NOT_RUN}")
     problem = schema_problem(results.get("schema_version"))
     if problem:  # a newer file's sections may mean something else: no report that misreads them
         raise ValueError(f"{path}: {problem}")

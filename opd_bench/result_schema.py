@@ -180,17 +180,24 @@ def schema_problem(version: Any) -> str | None:
             "re-run with this opd-bench version or upgrade opd-bench")
 
 
+EVAL_NOT_RUN = ("this is the results.json of `opd-bench eval` (one model's scores), not of a run; "
+                "pass the folder of an `opd-bench run`")
+
+
+def is_eval_result(results: dict) -> bool:
+    """Whether ``results`` is what ``opd-bench eval`` writes (no schema version; its sampler and image count)."""
+    return results.get("schema_version") is None and "num_images" in results and "sampler" in results
+
+
 def check_results(results: dict) -> None:
     """Raise ``SubmissionError`` (one line: the problem and the fix) unless ``results`` is a
     well-formed, internally consistent result file (schema 1, 2 or 3) of an installed suite."""
     if not isinstance(results, dict):
         raise SubmissionError(f"results must be a JSON object, got {type(results).__name__}; "
                               "submit the results.json written by `opd-bench run`")
-    version = results.get("schema_version")
-    if version is None and "num_images" in results and "sampler" in results:
-        raise SubmissionError("this is the results.json of `opd-bench eval` (one model's scores), not of a run; "
-                              "pass the folder of an `opd-bench run`")
-    problem = schema_problem(version)
+    if is_eval_result(results):
+        raise SubmissionError(EVAL_NOT_RUN)
+    problem = schema_problem(results.get("schema_version"))
     if problem:
         raise SubmissionError(problem)
     seed = _recorded_eval_seed(results)
@@ -275,8 +282,9 @@ def check_results(results: dict) -> None:
     known = _known_methods(suite)
     prompt_cache: dict = {}
     if not any(m in STUDENT_METHODS for m in scores):
-        raise SubmissionError(f"'results' has no student method ({', '.join(STUDENT_METHODS)}); "
-                              "submit a run that trained at least one")
+        raise SubmissionError(f"'results' has no student method ({', '.join(STUDENT_METHODS)}): a run of teachers alone "
+                              "can be reported, not verified or submitted; train a student into the same --out "
+                              "(opd-bench run --method opd ...) first")
     for method, per_bench in scores.items():
         if method not in known:
             raise SubmissionError(f"results has unknown method {method!r}; known methods: {', '.join(known)}")

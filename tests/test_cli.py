@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from click.testing import CliRunner
@@ -130,6 +131,10 @@ def test_pretrain_base_set_names_an_unknown_field_and_the_known_ones(tmp_path):
     assert result.exit_code != 0
     assert "no field 'latent_chanels'" in result.output and "latent_channels" in result.output
     assert not (tmp_path / "m").exists()
+    for pair, option in (("device=cuda", "--device"), ("seed=3", "--seed")):  # the option's own check, not skipped
+        result = CliRunner().invoke(main, ["pretrain", "base", "--out", str(tmp_path / "m"), "--set", pair])
+        assert result.exit_code == 2 and f"--set {pair.split('=')[0]}: use {option} instead" in result.output
+    assert not (tmp_path / "m").exists()
 
 
 def test_pretrain_set_parses_json_values_into_the_fields_types():
@@ -176,6 +181,13 @@ def test_a_killed_evaluation_resumes_from_its_finished_benchmarks(tmp_path, monk
     assert not (out / "results.json").exists() and (out / "parts" / "geneval.json").is_file()
     other = CliRunner().invoke(main, args + ["--seed", "1", "--out", str(out)])
     assert other.exit_code != 0 and "unfinished evaluation with other settings" in other.output
+    saved = (out / "parts" / "geneval.json").read_text()
+    for damaged in ("[]", '{"depends_on": {}}'):  # JSON, but no finished benchmark's record
+        (out / "parts" / "geneval.json").write_text(damaged)
+        refused = CliRunner().invoke(main, args + ["--out", str(out)])
+        assert refused.exit_code == 1 and "geneval.json is not a finished benchmark's record (depends_on and result); " \
+            "delete it to evaluate that benchmark again" in refused.output, refused.output
+    (out / "parts" / "geneval.json").write_text(saved)
     resumed = CliRunner().invoke(main, args + ["--out", str(out)])
     assert resumed.exit_code == 0 and "resuming: geneval already evaluated" in resumed.output, resumed.output
     assert calls == ["geneval", "ocr", "ocr"]  # geneval was not drawn again
@@ -284,13 +296,13 @@ def test_the_recorded_command_is_the_one_typed_through_the_script_or_python_m():
 def test_commands_after_a_run_name_an_unfinished_run_and_a_folder_without_one(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "run.json").write_text(json.dumps({"preset": "smoke", "suite": "tiny"}))
+    (tmp_path / "half" / "run.json").write_text(json.dumps({"preset": "smoke", "suite": "tiny", "model": "my base"}))
     for command in (["report"], ["verify"], ["submit", "--name", "x", "--root", str(tmp_path / "board")]):
         empty = CliRunner().invoke(main, [command[0], str(tmp_path / "empty"), *command[1:]])
         assert empty.exit_code == 1 and "holds no opd-bench run; pass the --out folder of an `opd-bench run`" in empty.output
         half = CliRunner().invoke(main, [command[0], str(tmp_path / "half"), *command[1:]])
         assert half.exit_code == 1 and "holds an unfinished run (no results.json yet); finish it first: " \
-            f"`opd-bench run --preset smoke --out {tmp_path / 'half'}`" in half.output, half.output
+            f"`opd-bench run --suite tiny --model 'my base' --preset smoke --out {tmp_path / 'half'}`" in half.output, half.output
     assert not (tmp_path / "board").exists()
 
 
@@ -329,3 +341,26 @@ def test_a_rebuilt_local_model_folder_is_another_model(tiny_dir, tmp_path, monke
     assert suites.model_fingerprint(str(folder)) not in (None, before)
     refused = CliRunner().invoke(main, args)  # geneval's scores were drawn by the old weights
     assert refused.exit_code == 1 and "unfinished evaluation with other settings (model_sha256" in refused.output, refused.output
+
+
+def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for command in (["eval", "--limit", "1", "--out"], ["pretrain", "pref", "--out"], ["build-tiny"],
+                    ["sample", "--prompt", "a red circle", "--out"], ["run", "--preset", "smoke", "--out"]):
+        target = tmp_path / "afile" / ("grid.png" if command[0] == "sample" else "sub")
+        result = CliRunner().invoke(main, [*command, str(target)])
+        assert result.exit_code == 2 and f"{tmp_path / 'afile'} is a file, not a folder; name a path under a folder" in result.output
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_file_system_error_is_one_line_naming_the_path():
+    from opd_bench.cli import _friendly
+
+    @_friendly
+    def write():
+        raise PermissionError(13, "Permission denied", "/data/run/results.json")
+
+    with pytest.raises(click.ClickException) as error:
+        write()
+    assert error.value.message == ("Permission denied: /data/run/results.json; check that path (a file where a folder is "
+                                   "needed, no permission, a full disk) and rerun")

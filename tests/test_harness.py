@@ -639,7 +639,14 @@ def test_a_corrupt_file_in_a_run_folder_is_named_with_the_fix(tmp_path):
     Harness(out, preset="smoke", seeds=[0], progress=False)
     (out / "evals").mkdir()
     (out / "run.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"run\.json is not valid JSON .*delete it and rerun the command"):
+    # not "delete it": without its run.json the folder's work would pass for any settings' work
+    with pytest.raises(ValueError, match=r"run\.json is not valid JSON .*restore it from a copy, or use another --out"):
+        Harness(out, preset="smoke", seeds=[0], progress=False)
+    (out / "run.json").write_bytes(b"\xff{}")
+    with pytest.raises(ValueError, match=r"run\.json is not valid JSON \('utf-8' codec"):
+        Harness(out, preset="smoke", seeds=[0], progress=False)
+    (out / "run.json").unlink()
+    with pytest.raises(FileExistsError, match="holds a run's work but no run.json, so what made it is unknown"):
         Harness(out, preset="smoke", seeds=[0], progress=False)
 
 
@@ -798,6 +805,8 @@ def test_an_evaluations_folder_and_a_runs_folder_are_told_apart(tmp_path):
     assert refused.exit_code == 1 and "holds no opd-bench run" in refused.output
     with pytest.raises(SubmissionError, match="results.json of `opd-bench eval`"):
         check_results(eval_record)
+    reported = CliRunner().invoke(main, ["report", str(evaluated)])  # not a schema problem: the other command's file
+    assert reported.exit_code == 1 and "results.json of `opd-bench eval` (one model's scores), not of a run" in reported.output
     Harness(run, preset="smoke", seeds=[0], progress=False)
     assert holds_run(run)
     for extra in ([], ["--force"]):  # an evaluation never writes into a run's folder

@@ -56,6 +56,7 @@ def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
     ("opd.mode=ppx", "mode='ppx' (needs one of 'analytic', 'ppo')"),
     ("teacher.adv_std=grp", "adv_std='grp' (needs one of 'group', 'batch')"),  # refused before any training, not at its first step
     ("opd.lr=Infinity", "lr=inf (needs a finite number)"),
+    ('opd.teacher_guidance={"pref": -5}', "teacher_guidance={'pref': -5} (needs a finite scale >= 0 for each task)"),
     ("opd.seed=3", "use --seeds instead"),
     ("cascade.grpo=3", "is a config of its own"),
     ("opd", "is not NAME=VALUE"),
@@ -186,3 +187,9 @@ def test_a_set_file_is_a_list_of_set_changes_that_the_command_line_overrides(tmp
     changes.write_text("opd.stepz=7\n")
     result = CliRunner().invoke(main, ["run", "--set-file", str(changes), "--out", str(tmp_path / "run"), "--dry-run"])
     assert result.exit_code != 0 and "did you mean 'steps'" in result.output
+    changes.write_bytes(b"\xef\xbb\xbfopd.steps=7\n")  # a byte-order mark, as some editors save
+    result = CliRunner().invoke(main, ["run", "--set-file", str(changes), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 0 and json.loads(result.output)["plan"]["opd"]["steps"] == 7, result.output
+    changes.write_bytes(b"opd.steps=\xff\n")
+    result = CliRunner().invoke(main, ["run", "--set-file", str(changes), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code != 0 and f"{changes} is not UTF-8 text (invalid start byte at byte 10); save it as UTF-8" in result.output

@@ -16,6 +16,7 @@ Task rewards are only monitored, never in the loss.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +111,8 @@ class OPDConfig:
             "clip_range": (self.clip_range > 0, "> 0"), "lr": (self.lr > 0, "> 0"),
             "micro_batch": (self.micro_batch >= 1, ">= 1"), "lora_rank": (self.lora_rank >= 1, ">= 1"),
             "ema": (self.ema is None or 0 < self.ema < 1, "0 < x < 1, or null"), **shared_rules(self),
+            "teacher_guidance": (all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                                     for v in self.teacher_guidance.values()), "a finite scale >= 0 for each task"),
         })
 
     def to_dict(self) -> dict:
