@@ -147,16 +147,19 @@ class TinyPrefModel(torch.nn.Module):
 
     # -- files
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
-        from safetensors.torch import save_file
+        """Each file written whole or not at all: a killed `pretrain pref --force` leaves the old model readable."""
+        from safetensors.torch import save
+
+        from opd_bench.io import atomic_write_bytes
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.clip.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        atomic_write_bytes(folder / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
         cfg = dict(self.config)
         if extra:
             cfg["training"] = extra
-        (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
+        atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(cfg, indent=1) + "\n").encode())
         return folder
 
     @classmethod
