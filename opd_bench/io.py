@@ -166,7 +166,11 @@ def save_grid(images, path: str | Path, columns: int) -> None:
     import torch
     from PIL import Image
 
-    images = images.detach().float().clamp(0, 1).cpu()
+    images = images.detach().float().cpu()
+    if not torch.isfinite(images).all():  # clamp keeps NaN, and NaN casts to an arbitrary byte
+        raise FloatingPointError(f"not writing {path}: the images hold NaN or inf values (a guidance scale or noise "
+                                 "level too large for the model?); sample with smaller ones")
+    images = images.clamp(0, 1)
     batch, _, height, width = images.shape
     rows = -(-batch // columns)
     grid = torch.ones(3, rows * height, columns * width)

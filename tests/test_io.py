@@ -63,3 +63,17 @@ def test_the_weights_hash_follows_the_weights_only(tmp_path):
     os.utime(a / "adapter_model.safetensors", ns=(times.st_atime_ns, times.st_mtime_ns))
     assert io.weights_sha256(a) != first
     assert io.weights_sha256(tmp_path / "not-trained-yet") != first  # a planned cell's folder: no weights
+
+
+def test_a_grid_of_non_finite_images_is_refused_and_nothing_is_written(tmp_path):
+    import torch
+
+    from opd_bench.io import save_grid
+
+    images = torch.rand(2, 3, 4, 4)
+    save_grid(images, tmp_path / "ok.png", columns=2)
+    assert (tmp_path / "ok.png").stat().st_size > 0
+    images[1, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="the images hold NaN or inf values"):
+        save_grid(images, tmp_path / "bad.png", columns=2)
+    assert not (tmp_path / "bad.png").exists()
