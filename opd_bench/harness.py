@@ -267,9 +267,12 @@ class Harness:
         out = self.out
         identity_path = out / "run.json"
         work_saved = any(path.name not in BOOKKEEPING_FILES for path in out.iterdir())
-        if work_saved and not identity_path.exists():  # its settings are unknown: its evaluations may be another run's
-            raise FileExistsError(f"{out} holds a run's work but no run.json, so what made it is unknown; restore run.json "
-                                  "from a copy, or use another --out (--force deletes this work)")
+        # Without run.json what made the work is unknown, and evaluations are not keyed by their settings:
+        # they could pass for this run's. Teachers are keyed by theirs, so a copied teachers/ is welcome.
+        unkeyed = [path.name for path in out.iterdir() if path.name not in {*BOOKKEEPING_FILES, "teachers"}]
+        if unkeyed and not identity_path.exists():
+            raise FileExistsError(f"{out} holds a run's work ({', '.join(sorted(unkeyed)[:3])}) but no run.json, so what made "
+                                  "it is unknown; restore run.json from a copy, or use another --out (--force deletes this work)")
         if identity_path.exists() and work_saved:  # a start that failed before any work (say, a wrong --model) binds nothing
             fix = "restore it from a copy, or use another --out (--force deletes this run's work)"
             saved, current = read_json(identity_path, fix=fix), json.loads(json.dumps(self.identity))

@@ -646,8 +646,12 @@ def test_a_corrupt_file_in_a_run_folder_is_named_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"run\.json is not valid JSON \('utf-8' codec"):
         Harness(out, preset="smoke", seeds=[0], progress=False)
     (out / "run.json").unlink()
-    with pytest.raises(FileExistsError, match="holds a run's work but no run.json, so what made it is unknown"):
+    with pytest.raises(FileExistsError, match=r"holds a run's work \(evals\) but no run.json, so what made it is unknown"):
         Harness(out, preset="smoke", seeds=[0], progress=False)
+    (out / "evals").rmdir()
+    (out / "teachers").mkdir()  # teachers are keyed by their settings: copied into a new run folder, they are reused
+    Harness(out, preset="smoke", seeds=[0], progress=False)
+    assert (out / "run.json").is_file()
 
 
 def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
