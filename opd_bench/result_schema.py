@@ -197,7 +197,8 @@ def check_results(results: dict) -> None:
                               "submit the results.json written by `opd-bench run`")
     if is_eval_result(results):
         raise SubmissionError(EVAL_NOT_RUN)
-    problem = schema_problem(results.get("schema_version"))
+    version = results.get("schema_version")
+    problem = schema_problem(version)
     if problem:
         raise SubmissionError(problem)
     seed = _recorded_eval_seed(results)

@@ -823,7 +823,7 @@ def test_report_of_an_unfinished_run_names_the_command_that_finishes_it(tmp_path
     run = tmp_path / "run"
     Harness(run, preset="smoke", seeds=[0], progress=False)
     result = CliRunner().invoke(main, ["report", str(run)])
-    assert result.exit_code == 1 and f"opd-bench run --preset smoke --out {run}" in result.output
+    assert result.exit_code == 1 and f"opd-bench run --suite tiny --model tiny --preset smoke --out {run}" in result.output, result.output
 
 
 def test_the_shipped_base_by_its_folder_shares_the_aliases_teachers(tmp_path):
