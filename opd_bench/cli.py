@@ -618,8 +618,7 @@ def pretrain_base_command(out, seed, num_images, vae_steps, steps, batch, layers
         seed=seed, max_minutes=max_minutes, device=device, **{k: v for k, v in given.items() if v is not None}
     )
     options = {"device": "--device", "seed": "--seed"}  # checked there (the device before anything renders)
-    named = [pair.partition("=")[0].strip() for pair in overrides]
-    for name in named:
+    for name in (pair.partition("=")[0].strip() for pair in overrides):
         if name in options:
             raise click.BadParameter(f"--set {name}: use {options[name]} instead", param_hint="--set")
     config = set_fields(config, overrides)

@@ -32,7 +32,6 @@ from opd_bench import __version__, distributed, trackers
 from opd_bench.io import atomic_write_json, json_differences, read_json, without_later_settings
 from opd_bench.presets import apply_overrides, plan
 from opd_bench.result_schema import FORWARD_KEYS, SCHEMA_VERSION, STUDENT_METHODS, eval_noise_seed
-from opd_bench.trainers.grpo import GRPOConfig
 
 RUN_MARKER = ".opd-bench-run"
 LOCK_FILE = ".opd-bench-lock"  # held (flock) by the command working in the folder
@@ -323,7 +322,7 @@ class Harness:
         """Every trainer's prompts per step must split evenly over the processes: checked for all
         of them before the first trains (each trainer checks its own, hours later for the last)."""
         counts = {f"teacher.{task}.prompts_per_step" if task in self.plan.teacher_overrides else "teacher.prompts_per_step":
-                  self.teacher_config(task).prompts_per_step for task in self.suite.tasks}
+                  self.plan.teacher_for(task).prompts_per_step for task in self.suite.tasks}
         students = {"opd": ("opd.prompts_per_task", self.plan.opd.prompts_per_task),
                     "opd-ppo": ("opd-ppo.prompts_per_task", self.plan.opd_ppo.prompts_per_task),
                     "multi-reward": ("multi-reward.prompts_per_step", self.plan.multi_reward.prompts_per_step),
@@ -334,14 +333,11 @@ class Harness:
             raise ValueError(f"{', '.join(uneven)} cannot be split over {processes} processes (each takes an equal share of a "
                              f"step's prompts); --set each to a multiple of {processes}")
 
-    def teacher_config(self, task: str) -> GRPOConfig:
-        return replace(self.plan.teacher, **self.plan.teacher_overrides.get(task, {}))
-
     def teacher_dir(self, task: str) -> Path:
         """Where the teacher of ``task`` is (or will be) trained; known before it is."""
         from opd_bench.trainers.teachers import teacher_key, teacher_run_dir
 
-        key = teacher_key(self.teacher_base, self.suite.version, task, self.teacher_config(task))
+        key = teacher_key(self.teacher_base, self.suite.version, task, self.plan.teacher_for(task))
         return teacher_run_dir(self.out / "teachers", task, key)
 
     def teacher(self, task: str) -> Path:
@@ -354,7 +350,7 @@ class Harness:
             return run_dir  # without loading the model and the rewards it would train with
         return train_teacher(
             task, policy=self.policy, prompts=self.prompts("train")[task], reward=self.train_rewards()[task],
-            config=self.teacher_config(task), root=self.out / "teachers",
+            config=self.plan.teacher_for(task), root=self.out / "teachers",
             base=self.teacher_base, suite_version=self.suite.version,
             evaluate=self.evaluator(self.plan.train_eval_limit, 1), progress=self.progress,
         )

@@ -187,8 +187,8 @@ def run_cells(harness, jobs: int, threads: int, progress: bool = True) -> int:
         print(f"resuming {harness.out}: {len(every) - len(cells)} of {len(every)} cells already finished", file=sys.stderr)
     from opd_bench.suites import sd
 
-    if jobs * threads > available_cores():  # measured: 2 jobs x 2 threads on 2 cores ran the smoke cells 7x slower
-        cores = available_cores()
+    cores = available_cores()
+    if jobs * threads > cores:  # measured: 2 jobs x 2 threads on 2 cores ran the smoke cells 7x slower
         fix = f"--threads {max(1, cores // jobs)}" if jobs <= cores else f"--jobs {cores} --threads 1"
         print(f"opd-bench: {jobs} jobs x {threads} threads exceed the {cores} cores; every cell will run "
               f"several times slower (use {fix})", file=sys.stderr)

@@ -68,6 +68,10 @@ class RunPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def teacher_for(self, task: str) -> GRPOConfig:
+        """The teacher config of ``task``: the teachers' own, with that task's changes."""
+        return replace(self.teacher, **self.teacher_overrides.get(task, {}))
+
 
 def _smoke() -> RunPlan:
     # one update per rollout: the smoke run's GRPO runs and cascade stages are one or two steps long
@@ -352,7 +356,7 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
     run_plan = _in_any_order(run_plan, pairs, apply)
     for task, own in run_plan.teacher_overrides.items():  # a teacher-wide change made after one task's
         try:
-            replace(run_plan.teacher, **own)
+            run_plan.teacher_for(task)
         except (TypeError, ValueError) as error:
             raise OverrideError(f"--set teacher.{task}.{'/'.join(own)}: no longer fits the teacher settings changed "
                                 f"after it: {error}") from None
@@ -395,8 +399,8 @@ def _check_teacher_guidance(run_plan: RunPlan, tasks: Sequence[str]) -> None:
     """DiffusionOPD queries each teacher at the CFG scale it was trained with (PAPER.md). A task
     missing from ``teacher_guidance`` falls back to the student's scale; where that is not the
     teacher's, say so now rather than distil a teacher at a scale it never sampled."""
+    trained = {task: run_plan.teacher_for(task).guidance_scale for task in tasks}
     for head, section in (("opd", run_plan.opd), ("opd-ppo", run_plan.opd_ppo)):
-        trained = {task: replace(run_plan.teacher, **run_plan.teacher_overrides.get(task, {})).guidance_scale for task in tasks}
         differ = {task: scale for task, scale in trained.items()
                   if task not in section.teacher_guidance and scale != section.guidance_scale}
         if differ:

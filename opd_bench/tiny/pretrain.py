@@ -137,7 +137,7 @@ def training_records(config: PretrainConfig) -> tuple[list[dict], list[str]]:
     from opd_bench.geneval import TAGS
 
     weights = np.array([config.tag_weights.get(tag, 1) for tag in TAGS], dtype=float)
-    by_tag = {tag: [r for r in pools.get("geneval", []) if r["tag"] == tag] for tag in TAGS}
+    by_tag = {tag: [r for r in pools.get("geneval", []) if r["tag"] == tag] for tag in TAGS} if config.tag_weights else {}
 
     def draw(name: str) -> dict:
         pool = pools[name]
