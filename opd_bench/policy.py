@@ -28,6 +28,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from opd_bench.result_schema import MODEL_DTYPES
+
 DEFAULT_LORA_TARGETS = (
     # The joint attention's projections, named alike in SD3's and FLUX's transformers. In FLUX the
     # to_q/to_k/to_v names also hit the single-stream blocks (which have no to_out: their output
@@ -45,8 +47,7 @@ DEFAULT_LORA_TARGETS = (
 SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _UNKNOWN = object()  # peft's active adapter is not the one the policy last set
-# Weight precisions a run can load a model in, by the names the command line and results.json use.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}  # by the names --dtype and results.json use
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

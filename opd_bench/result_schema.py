@@ -23,6 +23,8 @@ SCHEMA_VERSION = 3
 READABLE_SCHEMAS = (1, 2, 3)
 STUDENT_METHODS = ("opd", "opd-ppo", "multi-reward", "cascade")
 UNBOUNDED = frozenset({"pref"})  # finite, any value; every other benchmark is a score in [0, 1]
+# Weight precisions a run can load its model in, by the names `--dtype` and results.json use.
+MODEL_DTYPES = ("float32", "bfloat16")
 
 
 def model_loading(results: dict) -> dict[str, Any]:
@@ -32,6 +34,20 @@ def model_loading(results: dict) -> dict[str, Any]:
     loading = config.get("model") if isinstance(config, dict) else None
     loading = loading if isinstance(loading, dict) else {}
     return {"dtype": loading.get("dtype", "float32"), "drop_t5": bool(loading.get("drop_t5", False))}
+
+
+def _check_model_loading(results: dict) -> None:
+    """``config['model']``, where recorded, must be what `opd-bench run` writes: the leaderboard
+    labels and ranks runs by it (another precision is another experiment)."""
+    config = results.get("config")
+    loading = config.get("model") if isinstance(config, dict) else None
+    if loading is None:
+        return
+    if (not isinstance(loading, dict) or loading.get("dtype", "float32") not in MODEL_DTYPES
+            or not isinstance(loading.get("drop_t5", False), bool)):
+        raise SubmissionError(f"config['model'] is {loading!r}; it must record the run's precision "
+                              f"(dtype: one of {', '.join(MODEL_DTYPES)}) and drop_t5 (true or false), "
+                              "as `opd-bench run` writes; submit the results.json that run wrote")
 
 
 def eval_noise_seed(eval_seed: int | None, cell_seed: int) -> int:
@@ -257,6 +273,7 @@ def check_results(results: dict) -> None:
     model = results.get("model")
     if not isinstance(model, str) or not model.strip():
         raise SubmissionError(f"'model' is {model!r}; it must name the model the run trained (e.g. \"tiny\")")
+    _check_model_loading(results)
 
     required = suite_benchmarks(suite)
     listed = results.get("benchmarks")

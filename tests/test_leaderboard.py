@@ -312,6 +312,15 @@ def _mutations():
     def per_seed_short(r):
         r["results"]["opd"]["geneval"]["per_seed"] = r["results"]["opd"]["geneval"]["per_seed"][:2]
 
+    def unknown_precision(r):  # the board's model label and its tables are keyed by it
+        r["config"]["model"] = {"dtype": "float99", "drop_t5": False}
+
+    def precision_not_a_name(r):
+        r["config"]["model"] = {"dtype": ["bfloat16"], "drop_t5": False}
+
+    def drop_t5_not_a_flag(r):
+        r["config"]["model"] = {"dtype": "bfloat16", "drop_t5": "yes"}
+
     # each with what its refusal must say: an earlier, unrelated refusal would not show the check works
     return [(missing_benchmark, r"results\['opd'\]\['ocr'\] is missing"), (out_of_range, "is outside"),
             (not_finite, "not a finite number"), (schema, "schema_version is 4"), (schema_not_an_integer, "schema_version is 3.0"),
@@ -331,7 +340,10 @@ def _mutations():
             (overrides_not_a_list, r"config\['overrides'\] is 5"), (impossible_date, "'date' is '2026-99-99"),
             (future_date, "not in the future"),
             (no_student, "has no student method"), (unknown_method, "unknown method 'opd-v2'"),
-            (no_prompt_hashes, "'prompt_hashes' is missing"), (per_seed_short, "one value per seed of the cell")]
+            (no_prompt_hashes, "'prompt_hashes' is missing"), (per_seed_short, "one value per seed of the cell"),
+            (unknown_precision, r"config\['model'\] is \{'dtype': 'float99'"),
+            (precision_not_a_name, r"config\['model'\] is \{'dtype': \['bfloat16'\]"),
+            (drop_t5_not_a_flag, r"config\['model'\] is .*'drop_t5': 'yes'")]
 
 
 @pytest.mark.parametrize("mutate, refusal", _mutations(), ids=[mutate.__name__ for mutate, _ in _mutations()])
