@@ -34,13 +34,21 @@ Protocol (version 1, JSON over HTTP/1.0, one request per connection)
   ``max_image_pixels`` or a request over ``max_request_pixels`` (width x height summed over its
   images) is refused with 413, so a small PNG that decodes to gigabytes costs nothing. Images
   are decoded one chunk at a time under the reward lock, so at most one chunk of decoded pixels
-  exists at a time, whatever the number of concurrent clients.
+  exists at a time, whatever the number of concurrent clients. Only the first IHDR is read
+  there; an image whose decoder would see another size (a second IHDR chunk) is refused with 400.
+* At most ``REQUEST_SLOTS`` (2) request bodies are read and held at once: one being scored, one
+  waiting for it. Further clients wait before their bodies are read, so the server's memory is
+  bounded by two bodies and one decoded chunk however many clients connect (each waiting client
+  holds a thread and a connection).
+* Per-sample details are concatenated across chunks as they are: a value that is a position in
+  the batch (an index) counts from the start of its chunk.
 * With a token (``--token`` or ``OPD_REWARD_TOKEN``), every request must carry the header
   ``Authorization: Bearer TOKEN``; others get 401.
 * Errors are ``{"error": "one line"}`` with status 400 (malformed JSON, fields or PNG header),
   401 (missing or wrong token), 404 (unknown path), 411 (no Content-Length), 413 (body over
-  ``max_request_bytes`` or images over the pixel limits) or 500 (the reward raised; the message
-  names the exception).
+  ``max_request_bytes`` or images over the pixel limits; a body over the limit by more than
+  ``DISCARD_BYTES`` is not read, so its client may see the connection reset instead) or 500 (the
+  reward raised; the message names the exception).
 * A client that goes away before its reply is written costs one log line, not a traceback.
 """
 
@@ -75,6 +83,8 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 2048 * 2048
 DEFAULT_MAX_REQUEST_PIXELS = 8 * 1024 * 1024
 TOKEN_ENV = "OPD_REWARD_TOKEN"  # the shared token, read by the CLI and the remote reward
+REQUEST_SLOTS = 2  # request bodies held in memory at once: one scored, one read ahead
+DISCARD_BYTES = 1 << 20  # an over-limit body is read and dropped up to this size, so its client sees the 413
 
 
 def check_token(token: str, where: str) -> None:
@@ -177,35 +187,41 @@ def check_pixel_limits(encoded: Sequence[Any], max_image_pixels: int, max_reques
     return sizes[0]
 
 
-def decode_png_batch(encoded: Sequence[str], first_index: int = 0):
+def decode_png_batch(encoded: Sequence[str], size: tuple[int, int], first_index: int = 0):
     """B base64 PNG strings -> ``[B, 3, H, W]`` float32 tensor in [0, 1] (value / 255).
 
-    Check the sizes first with ``check_pixel_limits``: this decodes whatever it is given.
+    ``size``: the ``(width, height)`` that ``check_pixel_limits`` read from the headers and
+    allowed; an image that would decode to any other size is refused before it is decoded.
     ``first_index``: the request index of ``encoded[0]``, for error messages.
     """
     import numpy as np
 
-    arrays = [_decode_png(index, text) for index, text in enumerate(encoded, start=first_index)]
-    sizes = {array.shape[:2] for array in arrays}
-    if len(sizes) > 1:
-        raise RequestError(f"images have different sizes {sorted(sizes)} (height, width); send one size per request")
+    arrays = [_decode_png(index, text, size) for index, text in enumerate(encoded, start=first_index)]
     stacked = np.stack(arrays)
     del arrays  # one uint8 copy at a time
     # uint8 is made contiguous before the float copy, and divided in place: one float copy only.
     return _torch().from_numpy(stacked).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
-def _decode_png(index: int, text: Any):
+def _decode_png(index: int, text: Any, size: tuple[int, int]):
     import numpy as np
     from PIL import Image
 
     if not isinstance(text, str):
         raise RequestError(f"images[{index}] is a {type(text).__name__}; send base64 PNG strings")
+    errors = (binascii.Error, OSError, ValueError, Image.DecompressionBombError)
     try:
-        data = base64.b64decode(text, validate=True)
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))  # reads the chunks before the pixels
+    except errors as error:
+        raise RequestError(f"images[{index}] is not a base64 PNG ({error}); send base64 PNG strings") from None
+    # Pillow takes the size from the last IHDR chunk, the limits were checked on the first: a
+    # second, larger IHDR would otherwise decode gigabytes from a request the limits allowed.
+    if image.size != tuple(size):
+        raise RequestError(f"images[{index}] declares {size[0]}x{size[1]} in its header but holds a "
+                           f"{image.size[0]}x{image.size[1]} image; send PNGs with one IHDR chunk")
+    try:
         image.load()
-    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as error:
+    except errors as error:
         raise RequestError(f"images[{index}] is not a base64 PNG ({error}); send base64 PNG strings") from None
     if image.format != "PNG" or image.mode != "RGB":
         raise RequestError(
@@ -341,6 +357,7 @@ class RewardServer(ThreadingHTTPServer):
         # Serialises reward calls (reward models are not thread safe) and the decoding of each
         # chunk, so at most one chunk of decoded pixels is in memory, whatever the concurrency.
         self.reward_lock = threading.Lock()
+        self.request_slots = threading.BoundedSemaphore(REQUEST_SLOTS)
         self.score_requests = 0  # POST /score requests received, counted for tests and logs
         super().__init__(address, _RewardRequestHandler)
 
@@ -364,8 +381,11 @@ class RewardServer(ThreadingHTTPServer):
         """Whether an ``Authorization`` header carries the token (always true without a token)."""
         if self.token is None:
             return True
-        # compare_digest: the time taken must not tell how much of a guess was right.
-        return hmac.compare_digest((header or "").encode("utf-8"), f"Bearer {self.token}".encode("utf-8"))
+        scheme, _, credentials = (header or "").strip().partition(" ")
+        # compare_digest: the time taken must not tell how much of a guess was right. The
+        # scheme's case does not matter in HTTP ("bearer" is "Bearer").
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode("utf-8"),
+                                                                   self.token.encode("utf-8"))
 
     def health(self) -> dict[str, Any]:
         return {
@@ -386,18 +406,20 @@ class RewardServer(ThreadingHTTPServer):
         if not encoded:
             return {"scores": [], "details": {}}
         # Headers only: an oversized request is refused before a single pixel is decoded.
-        check_pixel_limits(encoded, self.max_image_pixels, self.max_request_pixels)
+        size = check_pixel_limits(encoded, self.max_image_pixels, self.max_request_pixels)
         scores: list[float] = []
         chunks = []
         for part in chunk_ranges(len(encoded), self.max_batch):
-            chunk_scores, details = self._score_chunk(part.start, encoded[part.start : part.stop], prompts[part.start : part.stop], metadata[part.start : part.stop])
+            chunk_scores, details = self._score_chunk(part.start, size, encoded[part.start : part.stop],
+                                                      prompts[part.start : part.stop], metadata[part.start : part.stop])
             scores.extend(chunk_scores)
             chunks.append((len(part), json_safe_details(details)))
         return {"scores": scores_to_json(scores), "details": merge_chunk_details(chunks)}
 
-    def _score_chunk(self, start: int, encoded: list[str], prompts: list[str], metadata: list[dict]) -> tuple[list[float], dict]:
+    def _score_chunk(self, start: int, size: tuple[int, int], encoded: list[str], prompts: list[str],
+                     metadata: list[dict]) -> tuple[list[float], dict]:
         with self.reward_lock:
-            images = decode_png_batch(encoded, first_index=start)
+            images = decode_png_batch(encoded, size, first_index=start)
             output = self.reward(images, prompts, metadata)
             del images  # before the next request's chunk is decoded
         scores = output.scores.tolist()
@@ -453,6 +475,10 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
             self._send_error(404, f"no POST {self.path}; use POST /score")
             return
         self.server.score_requests += 1
+        with self.server.request_slots:  # bodies wait in their sockets, not in this process
+            self._score()
+
+    def _score(self) -> None:
         body = self._read_body()
         if body is None:
             return
@@ -466,6 +492,7 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
             first_line = (str(error).splitlines() or [""])[0]
             self._send_error(500, f"reward {self.server.reward_name!r} raised {type(error).__name__}: {first_line}")
             return
+        del body
         self._send_json(200, reply)
 
     def _check_token(self) -> bool:
@@ -475,7 +502,7 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
             return True
         # Read a small enough body first, so that the client sees the 401 and not a reset.
         length = (self.headers.get("Content-Length") or "").strip()
-        if length.isdigit() and int(length) <= self.server.max_request_bytes:
+        if length.isdigit() and int(length) <= DISCARD_BYTES:  # the remote reward's GET /health has none
             self._discard(int(length))
         what = "no token" if not header else "a wrong token"
         self._send_error(
@@ -495,8 +522,11 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
         limit = self.server.max_request_bytes
         if length > limit:
             # Read and discard the body first: closing a socket with unread data resets the
-            # connection, and the client would see "connection reset" instead of this reply.
-            self._discard(length)
+            # connection, and the client would see "connection reset" instead of this reply. A
+            # body far over the limit is not read at all (it could be gigabytes); its client may
+            # see the reset (the remote reward checks the limit before it sends).
+            if length <= limit + DISCARD_BYTES:
+                self._discard(length)
             self._send_error(
                 413,
                 f"request of {length} bytes is over the server's limit of {limit} bytes; send fewer "
@@ -546,7 +576,8 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
 def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    # ValueError: an integer past Python's digit limit; RecursionError: thousands of nested brackets
+    except (ValueError, RecursionError) as error:
         raise RequestError(
             f"the request body is not valid JSON ({error}); send "
             '{"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [dict, ...]}'

@@ -111,13 +111,32 @@ def test_a_diverged_image_scores_nan_as_in_process_and_is_not_sent():
     assert torch.equal(got.scores[[0, 2]], expected.scores)
 
 
+def test_per_sample_details_stay_with_their_samples_when_an_image_is_not_sent():
+    images, prompts, metadata = random_batch(3, seed=3)
+    images[0, 0, 2, 2] = float("nan")
+    with serve("toy/color", {"target": [1, 0, 0]}) as server:
+        got = rewards.get("remote", url=server.url, **FAST_RETRY)(images, prompts, metadata)
+    local = rewards.get("toy/color", target=[1, 0, 0])(png_rounded(images[1:]), prompts[1:], metadata[1:])
+    assert got.details["mean_rgb"][0] is None and got.details["mean_rgb"][1:] == local.details["mean_rgb"]
+
+
 def test_the_client_checks_the_served_reward_before_sending_images():
     images, prompts, metadata = random_batch(2)
     with serve("toy/brightness") as server:
         assert rewards.get("remote", url=server.url, reward="toy/brightness", **FAST_RETRY)(images, prompts, metadata).scores.shape == (2,)
         wrong = rewards.get("remote", url=server.url, reward="toy/color", **FAST_RETRY)
+        before = server.score_requests
         with pytest.raises(RemoteRewardError, match=r"serves the reward 'toy/brightness', not 'toy/color'; point url"):
             wrong(images, prompts, metadata)
+        assert server.score_requests == before  # refused before any image was sent
+
+
+def test_a_server_of_another_protocol_is_refused_before_images_are_sent(monkeypatch):
+    monkeypatch.setattr("opd_bench.serve.PROTOCOL_VERSION", 99)  # what the server reports in /health
+    with serve("toy/brightness") as server:
+        with pytest.raises(RemoteRewardError, match=r"speaks protocol 99, this opd-bench 1; is it an `opd-bench serve-reward`"):
+            rewards.get("remote", url=server.url, **FAST_RETRY)(*random_batch(2))
+        assert server.score_requests == 0
 
 
 def test_something_else_on_the_port_is_named_not_told_to_start_a_server():
@@ -185,10 +204,34 @@ def test_too_large_request_is_refused_clearly_and_server_stays_up():
     images, prompts, metadata = random_batch(4, seed=5, height=16, width=16)
     with serve("toy/brightness", max_request_bytes=2000) as server:
         remote = rewards.get("remote", url=server.url, **FAST_RETRY)
-        with pytest.raises(RemoteRewardError, match=r"HTTP 413.*over the server's limit of 2000 bytes"):
+        # the client knows the server's limit from /health and does not send what it would refuse
+        with pytest.raises(RemoteRewardError, match=r"is \d+ bytes, over the limit of the server .*\(2000 bytes\); lower max_batch"):
             remote(images, prompts, metadata)
-        assert server.score_requests == 1  # a 4xx reply is not retried
+        assert server.score_requests == 0
         assert remote(images[:1], prompts[:1], metadata[:1]).scores.shape == (1,)
+        status, reply = post_raw(server.url, score_body([blank_png(16, 16)] * 40))  # any other client: 413
+        assert status == 413 and "over the server's limit of 2000 bytes" in reply["error"]
+        assert remote(images[:1], prompts[:1], metadata[:1]).scores.shape == (1,)  # and it still serves
+
+
+def test_a_body_far_over_the_limit_is_answered_without_being_read():
+    with serve("toy/brightness", max_request_bytes=2000) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+            client.sendall(b"POST /score HTTP/1.0\r\nContent-Length: 2147483648\r\n\r\n")  # 2 GiB declared, none sent
+            reply = client.makefile("rb").read()  # before the fix: the server waited for 2 GiB (time-out here)
+        assert reply.startswith(b"HTTP/1.0 413") and b"over the server's limit of 2000 bytes" in reply
+
+
+def test_the_client_splits_a_batch_to_fit_the_servers_pixel_limit():
+    images, prompts, metadata = random_batch(5, seed=4)  # 8x8 images: 64 pixels each
+    with serve("toy/brightness", max_request_pixels=130) as server:
+        got = rewards.get("remote", url=server.url, **FAST_RETRY)(images, prompts, metadata)
+        assert server.score_requests == 3  # 2 + 2 + 1 images
+    assert torch.equal(got.scores, rewards.get("toy/brightness")(png_rounded(images), prompts, metadata).scores)
+    with serve("toy/brightness", max_image_pixels=63) as server:
+        with pytest.raises(RemoteRewardError, match=r"images of 64 pixels are over the limit .*--max-image-pixels"):
+            rewards.get("remote", url=server.url, **FAST_RETRY)(images, prompts, metadata)
+        assert server.score_requests == 0
 
 
 def test_malformed_requests_get_400_with_a_clear_message():
@@ -199,6 +242,11 @@ def test_malformed_requests_get_400_with_a_clear_message():
         assert status == 400 and "images[0] is not a base64 PNG" in reply["error"]
         status, reply = post_raw(server.url, json.dumps({"images": [], "prompts": ["x"]}).encode())
         assert status == 400 and "0 images, 1 prompts" in reply["error"]
+        # JSON the parser refuses after reading (past Python's digit limit, nested past its recursion
+        # limit) is the client's error, 400, not the reward's 500 (which the client would retry)
+        for body in (b'{"images": [' + b"1" * 5000 + b"]}", b"[" * 100_000):
+            status, reply = post_raw(server.url, body)
+            assert status == 400 and "not valid JSON" in reply["error"]
         status, _ = post_raw(server.url, json.dumps({"images": [], "prompts": []}).encode())
         assert status == 200  # still serving after the bad requests
 
@@ -311,8 +359,85 @@ def test_slow_server_gives_a_timeout_message():
         try:  # one try: a second copy would queue behind the first on a server that scores one at a time
             with pytest.raises(RemoteRewardError, match=r"did not answer within 0.2 s \(a request that timed out is not sent again\); raise timeout="):
                 remote(*random_batch(1))
+            assert server.score_requests == 1
         finally:
             release.set()
+
+
+def test_at_most_two_request_bodies_are_read_however_many_clients_wait(monkeypatch):
+    from opd_bench.serve import _RewardRequestHandler
+
+    reads = []
+    read_body = _RewardRequestHandler._read_body
+    monkeypatch.setattr(_RewardRequestHandler, "_read_body", lambda self: reads.append(1) or read_body(self))
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(images, prompts, metadata):
+        entered.set()
+        release.wait(timeout=10)
+        return RewardOutput(images.mean(dim=(1, 2, 3)))
+
+    with running(RewardServer(("127.0.0.1", 0), slow, name="slow")) as server:
+        replies = []
+        clients = [threading.Thread(target=lambda: replies.append(post_raw(server.url, score_body([blank_png(8, 8)]))))
+                   for _ in range(4)]
+        for client in clients:
+            client.start()
+        assert entered.wait(5)
+        deadline = time.monotonic() + 5
+        while server.score_requests < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert server.score_requests == 4 and len(reads) == 2  # one scored, one read ahead, two waiting unread
+        release.set()
+        for client in clients:
+            client.join(timeout=10)
+    assert len(reads) == 4 and [status for status, _ in replies] == [200] * 4
+
+
+class _FakeServer(contextlib.AbstractContextManager):
+    """Answers /health like a reward server and /score with a fixed body: a server of another version."""
+
+    def __init__(self, score_body: bytes):
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self._reply(json.dumps({"status": "ok", "reward": "x", "protocol": 1}).encode())
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self._reply(score_body)
+
+            def _reply(self, body):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("body, refusal", [
+    (b"\x80\x81 not text", "sent a reply that is not JSON"),
+    (b'{"scores": ["abc"]}', "returned 1 scores for 1 images, not one number or null each"),
+    (b'{"scores": [[1.0]]}', "returned 1 scores for 1 images, not one number or null each"),
+    (b'{"scores": []}', "returned 0 scores for 1 images"),
+])
+def test_a_reply_that_is_not_scores_is_one_clear_error(body, refusal):
+    with _FakeServer(body) as fake:
+        with pytest.raises(RemoteRewardError, match=refusal):
+            rewards.get("remote", url=fake.url, **FAST_RETRY)(*random_batch(1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +489,12 @@ def test_decompression_bomb_is_refused_from_its_header_and_the_server_keeps_serv
         assert "\n" not in reply["error"] and "--max-image-pixels" in reply["error"]
         assert reward.calls == 0
         assert elapsed < 5.0  # decoding it alone takes seconds and GBs; the header takes microseconds
+        # the same bomb behind a small first IHDR: Pillow decodes the last IHDR's size
+        hidden = blank_png(8, 8)[:33] + bomb[8:]
+        assert Image.open(io.BytesIO(hidden)).size == (9000, 9000)
+        status, reply = post_raw(server.url, score_body([hidden]))
+        assert status == 400 and "declares 8x8 in its header but holds a 9000x9000 image" in reply["error"]
+        assert reward.calls == 0
         images, prompts, metadata = random_batch(2)
         got = rewards.get("remote", url=server.url, **FAST_RETRY)(images, prompts, metadata)
         assert got.scores.shape == (2,) and reward.calls == 1
@@ -399,6 +530,9 @@ def test_a_server_with_a_token_refuses_requests_without_it(monkeypatch):
         status, reply = post_raw(server.url, score_body([blank_png(8, 8)]), {"Authorization": "Bearer wrong"})
         assert status == 401 and "a wrong token" in reply["error"]
         assert reward.calls == 0
+        status, _ = post_raw(server.url, score_body([blank_png(8, 8)]), {"Authorization": "bearer s3cret"})
+        assert status == 200 and reward.calls == 1  # HTTP's auth scheme is case-insensitive
+        reward.calls = 0
         assert rewards.get("remote", url=server.url, token="s3cret", **FAST_RETRY)(images, prompts, metadata).scores.shape == (2,)
         monkeypatch.setenv(TOKEN_ENV, "s3cret")  # the client reads the environment variable too
         assert rewards.get("remote", url=server.url, **FAST_RETRY).health()["token"] is True

@@ -91,7 +91,7 @@ class RemoteReward:
             check_token(token, f"the remote reward's token (token=... or {TOKEN_ENV})")
         self._token = token or None  # kept out of repr and error messages
         self.expected_reward = reward
-        self._checked = False  # the server's reward and protocol, before the first images go out
+        self._limits: dict[str, Any] = {}  # the server's /health limits, read before the first images go out
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __repr__(self) -> str:
@@ -108,16 +108,27 @@ class RemoteReward:
             return RewardOutput(scores)
         self._check_server()
         chunks = []
-        for part in chunk_ranges(len(sent), self.max_batch or len(sent)):
+        for part in chunk_ranges(len(sent), self._images_per_request(images.shape[-2] * images.shape[-1], len(sent))):
             indices = sent[part.start : part.stop]
             reply = self._score_request(images[indices], [prompts[i] for i in indices], [metadata[i] for i in indices])
             scores[indices] = torch.tensor(reply["scores"], dtype=torch.float32)
             chunks.append((len(part), reply["details"]))
-        return RewardOutput(scores, merge_chunk_details(chunks))
+        return RewardOutput(scores, _spread_details(merge_chunk_details(chunks), sent, total))
+
+    def _images_per_request(self, pixels: int, count: int) -> int:
+        """``max_batch``, lowered to what the server's pixel limit per request takes (its 413
+        otherwise); an image over its per-image limit is refused here, before anything is sent."""
+        per_image = self._limits.get("max_image_pixels")
+        if _is_number(per_image) and pixels > per_image:
+            raise RemoteRewardError(f"images of {pixels} pixels are over the limit of the server at {self.url} "
+                                    f"({per_image} pixels per image); restart it with a larger --max-image-pixels")
+        per_request = self._limits.get("max_request_pixels")
+        most = self.max_batch or count
+        return max(1, min(most, int(per_request // pixels))) if _is_number(per_request) else most
 
     def _check_server(self) -> None:
         """Once: the server speaks this protocol and, where ``reward`` was given, serves that reward."""
-        if self._checked:
+        if self._limits:
             return
         health = self.health()
         served = health.get("reward") if isinstance(health, dict) else None
@@ -128,7 +139,7 @@ class RemoteReward:
         if self.expected_reward is not None and served != self.expected_reward:
             raise RemoteRewardError(f"the server at {self.url} serves the reward {served!r}, not {self.expected_reward!r}; "
                                     "point url at the right server, or change reward=...")
-        self._checked = True
+        self._limits = {key: health.get(key) for key in ("max_request_bytes", "max_image_pixels", "max_request_pixels")}
 
     def health(self) -> dict[str, Any]:
         """The server's ``GET /health`` reply: reward name, options, protocol version, limits."""
@@ -138,13 +149,19 @@ class RemoteReward:
         body = _json_body(
             {"images": encode_png_batch(images), "prompts": list(prompts), "metadata": list(metadata)}
         )
+        limit = self._limits.get("max_request_bytes")
+        if _is_number(limit) and len(body) > limit:  # the server would not read it, and a reset is all we would see
+            raise RemoteRewardError(f"a request of {len(images)} images is {len(body)} bytes, over the limit of the "
+                                    f"server at {self.url} ({limit} bytes); lower max_batch=... of the remote reward "
+                                    "or restart the server with a larger --max-request-mb")
         reply = self._request("score", body)
         scores = reply.get("scores") if isinstance(reply, dict) else None
-        if not isinstance(scores, list) or len(scores) != len(prompts):
-            count = len(scores) if isinstance(scores, list) else "no"
+        if (not isinstance(scores, list) or len(scores) != len(prompts)
+                or not all(value is None or _is_number(value) for value in scores)):
+            count = f"{len(scores)} scores" if isinstance(scores, list) else "no scores"
             raise RemoteRewardError(
-                f"reward server at {self.url} returned {count} scores for {len(prompts)} images; "
-                "is it an `opd-bench serve-reward` server of the same version?"
+                f"reward server at {self.url} returned {count} for {len(prompts)} images, not one number or null "
+                "each; is it an `opd-bench serve-reward` server of the same version?"
             )
         return {"scores": scores_from_json(scores), "details": reply.get("details") or {}}
 
@@ -170,7 +187,7 @@ class RemoteReward:
                 failure = self._transport_failure(error)
                 if isinstance(getattr(error, "reason", None) or error, TimeoutError):
                     break  # not sent again: the server may still be scoring it, and a second copy queues behind it
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not text at all
                 raise RemoteRewardError(f"reward server at {self.url} sent a reply that is not JSON; is the url right?") from None
         raise RemoteRewardError(f"reward server at {self.url} {failure}")
 
@@ -195,6 +212,22 @@ class RemoteReward:
         if isinstance(reason, http.client.BadStatusLine):
             return f"answered {tries} times with something that is not HTTP ({text}); is the url's port the reward server's?"
         return f"is not reachable after {tries} ({text}); check the url and that the server runs"
+
+
+def _spread_details(details: dict[str, Any], sent: list[int], total: int) -> dict[str, Any]:
+    """Per-sample lists of the images sent, back at their samples' places among all ``total``
+    (None for the images not sent), so that entry i of every per-sample detail is sample i's."""
+    if len(sent) == total:
+        return details
+    spread = {}
+    for key, value in details.items():
+        if isinstance(value, list) and len(value) == len(sent) and key != "chunk_sizes" and not key.endswith("/per_chunk"):
+            full: list[Any] = [None] * total
+            for index, item in zip(sent, value):
+                full[index] = item
+            value = full
+        spread[key] = value
+    return spread
 
 
 def _is_number(value: Any) -> bool:
