@@ -19,6 +19,9 @@ TEACHER_TARGET = 0.15  # absolute gain on geneval and OCR
 KEPT_TARGET = 0.85  # share of a teacher's gain the student keeps
 VARIANCE_TARGET = 10.0  # PPO-style over analytic
 RIVALS = ("multi-reward", "cascade")
+TASKS = ("geneval", "ocr", "pref")  # one teacher each
+SHOWN = 5e-4  # half the last digit the lines show (three decimals): a difference below it reads as 0.000
+EPS = 1e-9  # a gain printed as exactly the target meets it (0.35 - 0.2 is 0.1499999...)
 
 
 TIE = "tie"  # a comparison whose difference is within the seed spread: neither held nor refuted
@@ -41,7 +44,7 @@ def _versus(mean: float, sd: float | None, rival: str, rival_mean: float, rival_
     spreads = [v for v in (sd, rival_sd) if v is not None]
     difference = mean - rival_mean
     within = bool(spreads) and abs(difference) < max(spreads)
-    equal = abs(difference) < 5e-4  # equal at the precision shown (0.000 vs 0.000): no win, no loss, spread or not
+    equal = abs(difference) < SHOWN  # equal at the precision shown (0.000 vs 0.000): no win, no loss, spread or not
     note = (", within the seed sd" if within else ", equal at this precision" if equal
             else "" if spreads else ", one seed: no spread to judge")
     # one seed on both sides: the sign of any difference would decide, so nothing is judged
@@ -71,7 +74,7 @@ def _largest_seed_sd(view: ResultView, bench: str) -> float | None:
 
 def teacher_gains(view: ResultView) -> str:
     oks, parts, teachers = [], [], _teachers(view)
-    for task in ("geneval", "ocr", "pref"):
+    for task in TASKS:
         teacher = f"teacher/{task}"
         g = _gain(view, teacher, task) if (teacher, task) in teachers else None
         if g is None:
@@ -83,7 +86,7 @@ def teacher_gains(view: ResultView) -> str:
         if se is not None:
             text += f" (± {se:.3f} s.e. over the paired images)"
         if task != "pref":
-            oks.append(g >= TEACHER_TARGET)
+            oks.append(g >= TEACHER_TARGET - EPS)
             parts.append(text + f" (needs >= +{TEACHER_TARGET})")
             continue
         # pref is on the preference model's own scale: "clear" is measured against the seed spread
@@ -97,7 +100,12 @@ def teacher_gains(view: ResultView) -> str:
 def share_kept(view: ResultView) -> str:
     teachers = _teachers(view)
     oks, parts, combined = [], [], False
-    for t, b in teachers:
+    for b in TASKS:  # every teacher: one missing leaves the claim untested, as on the teacher line
+        t = f"teacher/{b}"
+        if (t, b) not in teachers:
+            oks.append(None)
+            parts.append(f"{b}: not testable ({t} not in the file)")
+            continue
         g, opd = _gain(view, t, b), view.mean("opd", b)
         if g is None or opd is None or g <= 0:
             oks.append(None)
@@ -117,31 +125,38 @@ def share_kept(view: ResultView) -> str:
             oks.append(None)
             parts.append(text + f" (not testable: the gain is within 2 s.e., {2 * se:.3f}, of zero)")
             continue
-        if sd is not None and g <= 2 * sd:  # the teacher line calls this gain not clear: no share of it either
+        if b == "pref" and (sd is None or g <= 2 * sd):  # the teacher line calls this gain not clear: no share of it either
             oks.append(None)
-            parts.append(text + f" (not testable: the gain is within 2 seed sd, {2 * sd:.3f})")
+            parts.append(text + (" (not testable: no seed spread to call the gain clear by)" if sd is None
+                                 else f" (not testable: the gain is within 2 seed sd, {2 * sd:.3f})"))
+            continue
+        if spread is None:  # one seed and unpaired images: nothing to judge the share by
+            oks.append(None)
+            parts.append(text + " (not testable: one seed and no paired images, no spread to judge by)")
             continue
         if spread is not None and abs(kept - KEPT_TARGET) < spread:
             oks.append(TIE)
             parts.append(text + f" (within its spread of {KEPT_TARGET:.0%})")
             continue
-        oks.append(kept >= KEPT_TARGET)
+        oks.append(kept >= KEPT_TARGET - EPS)
         parts.append(text)
     return (f"OPD keeps >= {KEPT_TARGET:.0%} of every teacher's gain: {verdict(oks) if teachers else 'not testable'}. "
-            + ("; ".join(parts) if parts else "no teachers in the file")
+            + ("; ".join(parts) if teachers else "no teachers in the file")
             + (". Here ± combines OPD's seed sd with the s.e. of the teacher's paired gain" if combined else "") + ".")
 
 
-def _compare(per_seed: dict[str, list[float]]) -> tuple[list[bool | None], list[str]]:
-    """OPD's per-seed overall scores against each rival's."""
+def _compare(per_seed: dict[str, list[float]], why_missing: dict[str, str]) -> tuple[list[bool | None], list[str]]:
+    """OPD's per-seed overall scores against each rival's; ``why_missing``: what to say of a
+    method without scores (not in the file, or no finite score)."""
     oks, parts = [], []
     opd_mean, opd_sd = mean_sd(per_seed.get("opd", []))
     for rival in RIVALS:
         mean, sd = mean_sd(per_seed.get(rival, []))
         if opd_mean is None or mean is None:
             oks.append(None)
-            missing = " and ".join(name for name, value in (("OPD", opd_mean), (rival, mean)) if value is None)
-            parts.append(f"vs {rival}: {missing} not in the file")
+            missing = "; ".join(f"{name}: {why_missing[key]}" for name, key, value in
+                                (("OPD", "opd", opd_mean), (rival, rival, mean)) if value is None)
+            parts.append(f"vs {rival}: not testable ({missing})")
             continue
         ok, text = _versus(opd_mean, opd_sd, rival, mean, sd)
         oks.append(ok)
@@ -149,37 +164,55 @@ def _compare(per_seed: dict[str, list[float]]) -> tuple[list[bool | None], list[
     return oks, parts
 
 
-def _at_equal_forwards(view: ResultView) -> tuple[float, dict[str, list[float]]]:
+def _at_equal_forwards(view: ResultView) -> tuple[float, dict[str, list[float]], dict[str, list[int]]]:
     """Per seed, the last curve evaluation's overall score within the forward passes every method
-    reached (student + teacher + KL reference); empty where the curves cannot say."""
+    with curves reached (student + teacher + KL reference), and the step each was read at; empty
+    where OPD or every rival lacks curves."""
     methods = ("opd", *RIVALS)
     frame = view.curves_frame(list(methods))
     heads = [b for b in view.headline if b in frame]
     if frame.empty or not heads or len(heads) != len(view.headline):
-        return 0.0, {}
+        return 0.0, {}, {}
     frame = frame.dropna(subset=heads)
-    reach = [frame[frame["method"] == m]["forwards"].max() for m in methods]
-    budget = min(reach) if all(r == r for r in reach) else 0.0  # r != r: a method without curves
-    if budget <= 0:
-        return 0.0, {}
-    overall = {}
-    for m in methods:
+    reach = {m: frame[frame["method"] == m]["forwards"].max() for m in methods}
+    reach = {m: r for m, r in reach.items() if r == r}  # r != r: a method without curves
+    if "opd" not in reach or len(reach) < 2 or min(reach.values()) <= 0:
+        return 0.0, {}, {}
+    budget = min(reach.values())
+    overall, steps = {}, {}
+    for m in reach:
         part = frame[(frame["method"] == m) & (frame["forwards"] <= budget)].sort_values("step")
-        overall[m] = [float(rows[heads].iloc[-1].mean()) for _, rows in part.groupby("seed")]
-    return budget, overall
+        last = [rows.iloc[-1] for _, rows in part.groupby("seed")]
+        overall[m] = [float(row[heads].mean()) for row in last]
+        steps[m] = sorted({int(row["step"]) for row in last})
+    return budget, overall, steps
+
+
+def _equal_updates(view: ResultView) -> dict[str, str]:
+    """Rivals whose recorded optimizer steps differ from OPD's: rival -> 'opd N, rival M'."""
+    steps = {m: num(as_dict(as_dict(view.r.get("compute")).get(m)).get("optimizer_steps")) for m in ("opd", *RIVALS)}
+    return {rival: f"{fmt_int(steps['opd'])} OPD updates, {fmt_int(steps[rival])} {rival}" for rival in RIVALS
+            if steps["opd"] is not None and steps[rival] is not None and steps["opd"] != steps[rival]}
 
 
 def opd_versus_baselines(view: ResultView) -> str:
-    oks, parts = _compare({m: view.overall_seeds(m) for m in ("opd", *RIVALS)})
+    why = {m: "no finite overall score" if m in view.methods else "not in the file" for m in ("opd", *RIVALS)}
+    oks, parts = _compare({m: view.overall_seeds(m) for m in ("opd", *RIVALS)}, why)
+    for i, rival in enumerate(RIVALS):  # the label says equal updates: a file where they differ cannot test it
+        unequal = _equal_updates(view).get(rival)
+        if unequal and oks[i] is not None:
+            oks[i] = None
+            parts[i] += f" (not testable: unequal student updates, {unequal})"
     line = (f"OPD above multi-reward and cascade RL, overall ({', '.join(view.headline)}) at equal student updates "
             f"(final results): {verdict(oks)}. " + "; ".join(parts) + ". At equal forward passes: ")
-    budget, overall = _at_equal_forwards(view)
-    if len(overall) == 1 + len(RIVALS) and all(overall.values()):
-        oks, parts = _compare(overall)
-        return line + (f"{verdict(oks)} (last curve evaluation within {fmt_int(budget)} forward passes, "
-                       f"the most every method reached{view.curves_note()}; the teachers' own training, which OPD "
-                       "needs first, is not charged here: see Compute). " + "; ".join(parts) + ".")
-    return line + "not testable (no forward-pass curves for OPD, multi-reward and cascade RL in the file)."
+    budget, overall, steps = _at_equal_forwards(view)
+    if not overall:
+        return line + "not testable (no forward-pass curves for OPD and a rival in the file)."
+    oks, parts = _compare(overall, {m: "no curves in the file" for m in ("opd", *RIVALS)})
+    read = ", ".join(f"{m} at step {'/'.join(map(str, steps[m]))}" for m in ("opd", *RIVALS) if m in steps)
+    return line + (f"{verdict(oks)} (last curve evaluation within {fmt_int(budget)} forward passes, "
+                   f"the most every method with curves reached: {read}{view.curves_note()}; the teachers' own "
+                   "training, which OPD needs first, is not charged here: see Compute). " + "; ".join(parts) + ".")
 
 
 def _signed(values: list[float]) -> tuple[float | None, float | None, str]:
@@ -193,7 +226,9 @@ def cascade_forgetting(view: ResultView) -> str:
     not to gain clearly on its own task has nothing to forget, and is not testable (one with no
     evaluation before it is judged on its fall alone)."""
     oks, parts = [], []
-    for row in view.stage_scores(view.curves_frame(["cascade"]))[:-1]:  # the last stage has nothing after it
+    for row in view.stage_scores(view.curves_frame(["cascade"])):
+        if row["last"]:  # nothing after it to forget it
+            continue
         drops = [end - final for end, final in zip(row["end"], row["final"])]
         drop, drop_sd = mean_sd(drops)
         if drop is None:
@@ -206,11 +241,11 @@ def cascade_forgetting(view: ResultView) -> str:
             oks.append(None)
             parts.append(text + " (not testable: one seed measured, no spread to judge a gain or a fall by)")
             continue
-        if gain is not None and gain <= 2 * gain_sd:
+        if gain is not None and (gain <= 2 * gain_sd or gain < SHOWN):
             oks.append(None)
             parts.append(text + " (not testable: no clear gain in its stage to forget)")
             continue
-        oks.append(drop > 2 * drop_sd)
+        oks.append(drop > 2 * drop_sd and drop >= SHOWN)  # a fall the lines would show as 0.000 is none
         parts.append(text)
     return (f"Cascade RL forgets earlier stages: {'held' if any(ok is True for ok in oks) else verdict(oks)}. "
             + ("; ".join(parts) + f" (forgetting = a fall above 2 seed-sd after a clear gain{view.curves_note()})" if parts
@@ -227,12 +262,14 @@ def students_versus_base(view: ResultView) -> str:
     oks, parts = [], []
     for m in students:
         mean, sd = mean_sd(view.overall_seeds(m))
-        if mean is None:
+        if mean is None:  # a student left out would let the rest read "held"
+            oks.append(None)
+            parts.append(f"{m}: not testable (no finite per-seed overall score)")
             continue
         ok, text = _versus(mean, sd, "base", base, None)
         oks.append(ok)
         parts.append(f"{m} {text}")
-    if not parts:
+    if all(part.endswith("(no finite per-seed overall score)") for part in parts):
         return "Student methods above the untrained base, overall: not testable (no per-seed overall scores in the file)."
     return (f"Student methods above the untrained base, overall ({', '.join(view.headline)}): {verdict(oks)}. "
             + "; ".join(parts) + ".")

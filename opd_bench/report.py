@@ -486,8 +486,8 @@ class _Report(ResultView):
             "evaluation (fewer prompts than the final one), so a difference of a few hundredths can be its noise."
         )
         table = []
-        for i, row in enumerate(rows):
-            last = i == len(rows) - 1
+        for row in rows:
+            last = row["last"]
             table.append([f"{row['stage']}: {row['task']}", row["bench"], fmt_int(row["end_step"]), spread(row["before"]),
                           spread(row["end"]), spread(row["final"]), spread(differences(row["end"], row["before"]), signed=True),
                           "n/a (last stage)" if last else spread(differences(row["end"], row["final"]), signed=True)])

@@ -164,10 +164,12 @@ class ResultView:
     def stage_scores(self, frame) -> list[dict]:
         """Per cascade stage, on the curves (``frame``: the cascade's ``curves_frame``), the benchmark
         of the reward it trains on (its task's; else the task's headline score), per seed: ``before`` (the last evaluation at or before the stage's first
-        step; NaN if none), ``end`` (at or before its last step) and ``final``. Forgetting is ``end - final``; the
-        findings and the report's table both read it from here."""
+        step; NaN if none), ``end`` (at or before its last step) and ``final``; ``last``: it is the cascade's last
+        stage (nothing after it to forget it; a stage the curves cannot place has no row, so this is not the
+        last row). Forgetting is ``end - final``; the findings and the report's table both read it from here."""
         rows, start = [], 0.0
-        for stage in self.cascade_stages(frame):
+        stages = self.cascade_stages(frame)
+        for index, stage in enumerate(stages):
             task, end = str(stage.get("task")), num(stage.get("end_step"))
             own = task in frame and frame[task].notna().any()  # e.g. the learned pref, which the pref stage trains on
             bench = task if own or task in self.headline else next((b for b in self.headline if b.startswith(task + "_")), None)
@@ -182,7 +184,8 @@ class ResultView:
                 for key, value in (("before", before[bench].iloc[-1] if not before.empty else math.nan),
                                    ("end", at_end[bench].iloc[-1]), ("final", curve[bench].iloc[-1])):
                     per_seed[key].append(float(value))
-            rows.append({"stage": stage.get("stage", len(rows)), "task": task, "bench": bench, "end_step": end, **per_seed})
+            rows.append({"stage": stage.get("stage", index), "task": task, "bench": bench, "end_step": end,
+                         "last": index == len(stages) - 1, **per_seed})
             start = end
         return rows
 

@@ -201,7 +201,8 @@ def test_findings_say_held_when_every_claim_holds(tmp_path):
     assert "pref (stage 0): +0.600 ± 0.000 in its stage, then -0.500 ± 0.000 from its stage end to the final" in cascade
     assert "geneval (stage 1): +0.000 ± 0.000 in its stage, then +0.000 ± 0.000 from its stage end to the final (3 seeds) (not testable: no clear gain" in cascade
     # the claims read off the training curves say how large their evaluation is
-    assert "the most every method reached; curves: 2 test prompts per benchmark;" in versus
+    assert ("the most every method with curves reached: opd at step 30, multi-reward at step 60, cascade at step 60; "
+            "curves: 2 test prompts per benchmark;") in versus
     assert "(forgetting = a fall above 2 seed-sd after a clear gain; curves: 2 test prompts per benchmark)" in cascade
     assert "the teachers' own training, which OPD needs first, is not charged here" in versus
     assert "opd 0.810 ± 0.010 vs base 0.200 (+0.610); opd-ppo" in versus_base
@@ -329,10 +330,11 @@ def test_findings_with_single_seed_and_few_methods(tmp_path):
     assert lines[0].startswith("Teachers gain on their own task: not testable.")
     assert lines[1] == "OPD keeps >= 85% of every teacher's gain: not testable. no teachers in the file."
     assert lines[5].startswith("Student methods above the untrained base, overall (geneval, ocr, pref_oracle): not testable.")
-    assert "vs multi-reward: multi-reward not in the file" in lines[2]
+    assert "vs multi-reward: not testable (multi-reward: not in the file)" in lines[2]
     assert "not testable" in lines[3]
     cascade_only = _findings(tmp_path / "cascade", make_results(methods=["base", "cascade"], seeds=[0]))[2]
-    assert "vs multi-reward: OPD and multi-reward not in the file; vs cascade: OPD not in the file" in cascade_only
+    assert ("vs multi-reward: not testable (OPD: not in the file; multi-reward: not in the file); "
+            "vs cascade: not testable (OPD: not in the file)") in cascade_only
 
 
 def test_a_teachers_gain_carries_its_paired_standard_error(tmp_path):
@@ -524,3 +526,105 @@ def test_a_report_killed_while_it_is_written_is_rebuilt_by_the_next_command(tmp_
     again = CliRunner().invoke(main, ["report", "runs/smoke"])
     assert again.exit_code == 0, again.output
     assert (tmp_path / "reports" / "smoke" / "report.md").is_file()
+
+
+def _lines(results) -> list[str]:
+    from opd_bench.findings import findings_lines
+    from opd_bench.results_view import ResultView
+
+    return findings_lines(ResultView(results))
+
+
+def test_a_missing_teacher_leaves_the_share_claim_untested():
+    """The claim is about every teacher: a file without the OCR teacher cannot show it held."""
+    results = _claims_hold(make_results())
+    del results["results"]["teacher/ocr"]
+    teachers, kept = _lines(results)[:2]
+    assert "ocr: not in the file" in teachers
+    assert kept.startswith("OPD keeps >= 85% of every teacher's gain: not testable.")
+    assert "ocr: not testable (teacher/ocr not in the file)" in kept
+
+
+def test_a_student_without_a_finite_score_is_named_not_dropped():
+    results = _claims_hold(make_results())
+    results["results"]["opd"]["geneval"]["per_seed"][1] = float("nan")
+    versus, versus_base = _lines(results)[2], _lines(results)[5]
+    assert "opd: not testable (no finite per-seed overall score)" in versus_base
+    assert not versus_base.split(".")[0].endswith("held")  # the others above the base do not make it 'held'
+    assert "vs multi-reward: not testable (OPD: no finite overall score)" in versus
+
+
+def test_one_seed_without_paired_images_judges_no_share():
+    """No seed spread and no paired s.e.: the share's 85% would be decided by its value alone."""
+    results = _claims_hold(make_results(seeds=[0]))
+    results["config"]["eval"]["seed"] = None  # each cell on its own noise: the images do not pair
+    for bench, base, teacher, student in (("geneval", 0.2, 0.201, 0.21), ("ocr", 0.2, 0.5, 0.5), ("pref", 19.0, 21.0, 21.0)):
+        for method, value in (("base", base), (f"teacher/{bench}", teacher), ("opd", student)):
+            _set_scores(results, method, bench, [value])
+    kept = _lines(results)[1]
+    assert kept.startswith("OPD keeps >= 85% of every teacher's gain: not testable.")
+    assert "ocr: 100% of teacher/ocr's gain +0.300 (not testable: one seed and no paired images" in kept
+    assert "pref: 100% of teacher/pref's gain +2.000 (not testable: no seed spread to call the gain clear by)" in kept
+
+
+def test_a_gain_printed_as_the_target_meets_it():
+    results = _claims_hold(make_results())
+    _set_scores(results, "base", "geneval", [0.2])
+    _set_scores(results, "teacher/geneval", "geneval", [0.35])  # 0.35 - 0.2 = 0.1499999... in floats
+    assert "gain +0.150 (needs >= +0.15)" in _lines(results)[0] and _lines(results)[0].startswith(
+        "Teachers gain on their own task: held.")
+
+
+def test_unequal_student_updates_do_not_make_an_equal_updates_win():
+    results = _claims_hold(make_results())
+    results["compute"]["opd"]["optimizer_steps"] = 10 * results["compute"]["multi-reward"]["optimizer_steps"]
+    versus = _lines(results)[2]
+    assert versus.startswith("OPD above multi-reward and cascade RL, overall (geneval, ocr, pref_oracle) at equal "
+                             "student updates (final results): not testable.")
+    assert "(not testable: unequal student updates, 600 OPD updates, 60 multi-reward)" in versus
+
+
+def test_equal_forward_passes_compare_the_rivals_that_have_curves():
+    results = _claims_hold(make_results())
+    del results["curves"]["multi-reward"]
+    versus = _lines(results)[2]
+    equal_forwards = versus[versus.index("At equal forward passes:"):]
+    assert equal_forwards.startswith("At equal forward passes: not testable (")  # one rival untested
+    assert "vs multi-reward: not testable (multi-reward: no curves in the file)" in equal_forwards
+    assert "0.900 ± 0.000 vs cascade 0.300 ± 0.000 (+0.600)" in equal_forwards
+
+
+def test_the_last_stage_is_the_cascades_last_even_when_its_benchmark_is_not_in_the_file():
+    """A run without the last stage's benchmark (OCR here): the stage before it is still judged (the
+    last row was taken for the last stage and dropped)."""
+    from opd_bench.results_view import ResultView
+
+    results = _claims_hold(make_results())
+    results["benchmarks"] = [b for b in results["benchmarks"] if b != "ocr"]
+    results["headline"] = [b for b in results["headline"] if b != "ocr"]
+    for method in results["results"].values():
+        method.pop("ocr", None)
+    for rows_by_seed in results["curves"].values():
+        for rows in rows_by_seed.values():
+            for row in rows:
+                row.pop("eval/ocr", None)
+                if row.get("stage") == 1:
+                    row["eval/geneval"] = 0.8  # stage 1 gains geneval...
+                elif row.get("stage") == 2:
+                    row["eval/geneval"] = 0.3  # ...and the OCR stage after it loses it
+    view = ResultView(results)
+    stages = view.stage_scores(view.curves_frame(["cascade"]))
+    assert [(row["stage"], row["last"]) for row in stages] == [(0, False), (1, False)]
+    cascade = _lines(results)[3]
+    assert "geneval (stage 1): +0.500 ± 0.000 in its stage, then -0.500 ± 0.000 from its stage end" in cascade
+
+
+def test_a_fall_below_the_precision_shown_is_no_forgetting():
+    results = _claims_hold(make_results())
+    first_stage_end = results["cascade_stages"][0]["end_step"]
+    for rows in results["curves"]["cascade"].values():
+        for row in rows:  # +0.0002 in the stage, then -0.0001: '+0.000', '-0.000' on the line
+            row["eval/pref"] = (3.0 if row["step"] == 0 else 3.0002) if row["step"] <= first_stage_end else 3.0001
+    cascade = _lines(results)[3]
+    assert cascade.startswith("Cascade RL forgets earlier stages: not testable.")
+    assert "pref (stage 0): +0.000 ± 0.000 in its stage" in cascade and "(not testable: no clear gain" in cascade
