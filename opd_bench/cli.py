@@ -312,13 +312,16 @@ def run_command(method, suite_name, model, preset, overrides, set_file, seeds, o
         f"opd-bench run --method {method} --suite {suite_name}" + (f" --model {shlex.quote(model)}" if model else "")
         + f" --preset {preset} --seeds {seeds} --out {shlex.quote(str(out))}"
         + "".join(f" --set {shlex.quote(pair)}" for pair in overrides))
-    harness = Harness(out, suite=suite_name, model=model, preset=preset, overrides=overrides, seeds=seed_list, method=method, device=device, force=force,
-                      command=command, dtype=dtype, drop_t5=drop_t5, gradient_checkpointing=gradient_checkpointing,
-                      offload_text_encoders=offload_text_encoders, max_batch=max_batch, log_to=trackers)
+    from opd_bench.distributed import leave_alone_on_error
     from opd_bench.parallel import default_jobs
 
-    with _resumable(f"the finished cells are kept in {out}"):
-        results = harness.run(jobs=jobs or default_jobs(device), threads=threads)
+    with leave_alone_on_error():  # one rank of several that fails ends the job at once
+        harness = Harness(out, suite=suite_name, model=model, preset=preset, overrides=overrides, seeds=seed_list, method=method,
+                          device=device, force=force, command=command, dtype=dtype, drop_t5=drop_t5,
+                          gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
+                          max_batch=max_batch, log_to=trackers)
+        with _resumable(f"the finished cells are kept in {out}"):
+            results = harness.run(jobs=jobs or default_jobs(device), threads=threads)
     if results is None:  # another process of a multi-process run: rank 0 prints and writes the report
         return
     click.echo(f"{out / 'results.json'}: nothing new since it was written; kept as it was" if harness.results_unchanged

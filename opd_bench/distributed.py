@@ -14,12 +14,17 @@ How the trainers use it (data parallel, every rank holds the whole model):
   they are exactly the 1-process ones; noise stays tied to the global sample index;
 * gradients are averaged before the optimizer step (:meth:`ProcessGroup.average_gradients`), so
   every rank keeps identical weights;
-* metrics are computed from all-gathered values (global means); only rank 0 writes files.
+* metrics are computed from all-gathered values (global means); only rank 0 writes files;
+* when training ends every rank meets once more and the group is closed (:meth:`ProcessGroup.disband`):
+  rank 0 evaluates alone for as long as that takes, with no rank waiting in a collective;
+* a rank that fails leaves at once (:func:`leave_alone_on_error`), so the launcher, which stops
+  the other ranks when a worker exits, ends the job instead of waiting out the timeout.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import pickle
@@ -172,6 +177,16 @@ class ProcessGroup:
         if self.distributed:
             dist.barrier(device_ids=[self.local_rank]) if self.backend == "nccl" else dist.barrier()
 
+    def disband(self) -> None:
+        """Every rank waits here, then the process group this module created is closed: what follows
+        runs on each rank alone. Called when training ends: rank 0 then evaluates for as long as it
+        takes, where the other ranks used to wait in the closing barrier, whose timeout (nccl's
+        watchdog aborts the process) would have ended the job in the middle of the evaluations. A
+        group the caller created (e.g. an ``Accelerator``'s) is left open: its owner closes it."""
+        if self.distributed and _created and dist.is_initialized():
+            self.barrier()
+            dist.destroy_process_group()
+
 
 def _buckets(params: list[torch.nn.Parameter]):
     """Consecutive runs of parameters with one dtype and device, at most BUCKET_ELEMENTS each."""
@@ -186,8 +201,26 @@ def _buckets(params: list[torch.nn.Parameter]):
         yield bucket
 
 
+_created = False  # this module initialised the process group (and so closes it)
+_abandoned = False  # this rank failed: it leaves without waiting for the others
+
+
+@contextlib.contextmanager
+def leave_alone_on_error():
+    """Run the body; if it raises, this rank leaves at exit without the closing barrier. The other
+    ranks are waiting in a collective it will never join: waiting for them at the barrier would
+    hold this process, and with it the job (a launcher stops the others when a worker exits), until
+    the timeout, 4 hours by default."""
+    global _abandoned
+    try:
+        yield
+    except BaseException:
+        _abandoned = True
+        raise
+
+
 def _destroy() -> None:
-    if not dist.is_initialized():
+    if not dist.is_initialized() or _abandoned:  # a failed rank's exit ends the job; torch tidies up
         return
     try:
         # Tear down together: a rank that closed its connections while a peer was still inside
@@ -242,5 +275,7 @@ def from_environment() -> ProcessGroup:
             torch.cuda.set_device(local_rank)
         timeout = timedelta(seconds=_timeout_seconds())
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        global _created
+        _created = True
         atexit.register(_destroy)  # we created it, so we tear it down (torch warns otherwise)
     return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())

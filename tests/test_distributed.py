@@ -149,5 +149,46 @@ def test_two_processes_train_like_one(tiny_dir, tmp_path, updates):
     assert "grad/variance" in multi[0] and [r["reward/bright/mean"] for r in multi] == pytest.approx([r["reward/bright/mean"] for r in single], rel=1e-5)
 
 
-if __name__ == "__main__":  # a rank of the 2-process run (launched by the test above)
-    _worker(*sys.argv[1:5])
+def _ending_worker(mode: str, out_dir: str) -> None:
+    """One rank of a 2-process job that ends: ``fail``: rank 1 raises while rank 0 waits for it in a
+    collective; ``disband``: both meet and close the group, then rank 0 works on alone."""
+    import torch.distributed as dist
+
+    from opd_bench.distributed import leave_alone_on_error
+
+    ranks = current()
+    with leave_alone_on_error():
+        if mode == "fail":
+            if ranks.rank == 1:
+                raise RuntimeError("rank 1 fails alone")
+            ranks.all_reduce_sum(torch.ones(1))  # never completes: rank 1 will not join it
+        else:
+            ranks.disband()
+            (Path(out_dir) / f"rank{ranks.rank}.txt").write_text(f"{dist.is_initialized()}")
+
+
+def _launch(mode: str, out_dir: Path, timeout_s: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPD_BENCH_BACKEND": "gloo", "OPD_BENCH_DIST_TIMEOUT": timeout_s}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, mode, str(out_dir)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
+
+
+def test_a_rank_that_fails_ends_the_job_instead_of_waiting_for_the_timeout(tmp_path):
+    """Before: the failed rank waited for the others in its closing barrier while they waited for it
+    in the collective, so the job hung until the timeout (here 600 s; the subprocess would time out)."""
+    done = _launch("fail", tmp_path, "600")
+    assert done.returncode != 0 and "rank 1 fails alone" in done.stderr
+
+
+def test_ranks_close_the_group_when_training_ends(tmp_path):
+    """After ``disband`` no rank is left in a collective while rank 0 evaluates alone."""
+    done = _launch("disband", tmp_path, "60")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["False", "False"]
+
+
+if __name__ == "__main__":  # a rank of a 2-process run (launched by the tests above)
+    if sys.argv[1] in ("fail", "disband"):
+        _ending_worker(*sys.argv[1:3])
+    else:
+        _worker(*sys.argv[1:5])
