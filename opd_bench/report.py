@@ -610,6 +610,10 @@ def load_results(run_dir: str | Path) -> dict:
 
 
 SOURCE_FILE = ".source"  # in a report folder: the run folder it was built from
+# In a report folder: a copy of the result file it was built from, so that a report kept without
+# its run folder (a committed one) can still be checked against its numbers. Not "results.json":
+# a folder holding that is a run folder.
+RESULTS_COPY = "run_results.json"
 
 
 def report_title(run_name: str) -> str:
@@ -660,7 +664,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     """Write ``report.md``, a self-contained ``index.html`` and the plot PNGs for one run.
 
     ``out_dir`` defaults to ``run_dir/report``. Returns ``{file name: path}`` for every file written
-    (``"report.md"``, ``"index.html"``, the plots and the copied sample grids).
+    (``"report.md"``, ``"index.html"``, the plots, the copied sample grids and ``RESULTS_COPY``, the
+    result file's bytes).
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
@@ -669,7 +674,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     report.build()
     # the source first: a report killed midway is still a report folder, rebuilt by the next command
     atomic_write_bytes(out_dir / SOURCE_FILE, f"{run_dir.resolve()}\n".encode())
-    written: dict[str, Path] = {}
+    written: dict[str, Path] = {RESULTS_COPY: out_dir / RESULTS_COPY}
+    atomic_write_bytes(out_dir / RESULTS_COPY, (run_dir / "results.json").read_bytes())
     for name, data in report.files.items():
         atomic_write_bytes(out_dir / name, data)
         written[name] = out_dir / name

@@ -40,6 +40,8 @@ def test_full_report_writes_markdown_html_and_plots(full_report):
         assert f">{title}</h2>" in page
     assert "could not be built" not in md  # no section failed
     assert "wall time: 1.6 min (cpu, 1 job x 2 threads; the command that wrote this file" in md
+    # the report keeps its numbers: a copy of the result file (not named results.json: that marks a run folder)
+    assert written["run_results.json"].read_bytes() == (run_dir / "results.json").read_bytes()
     from opd_bench.report import _Report
 
     data_parallel = json.loads((run_dir / "results.json").read_text())
@@ -102,7 +104,7 @@ def test_minimal_and_odd_results_never_crash(tmp_path):
     written = build_report(run, tmp_path / "out")
     md = written["report.md"].read_text()
     assert "n/a" in md and "not inside the run directory" in md and "is missing" in md
-    assert set(written) == {"report.md", "index.html"}
+    assert set(written) == {"report.md", "index.html", "run_results.json"}
 
 
 def test_missing_results_file_is_a_clear_error(tmp_path):
