@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -630,3 +631,14 @@ def test_a_fall_below_the_precision_shown_is_no_forgetting():
     cascade = _lines(results)[3]
     assert cascade.startswith("Cascade RL forgets earlier stages: not testable.")
     assert "pref (stage 0): +0.000 ± 0.000 in its stage" in cascade and "(not testable: no clear gain" in cascade
+
+
+def test_the_committed_standard_report_says_what_its_result_file_says():
+    """reports/standard/ is committed without its run folder; its copy of the result file lets the
+    findings (what a reader takes away) be checked against the code that writes them."""
+    folder = Path(__file__).resolve().parents[1] / "reports" / "standard"
+    results = json.loads((folder / "run_results.json").read_text())
+    md = (folder / "report.md").read_text()
+    assert f"date: {results['date']}" in md and f"commit: {results['git_commit']}" in md
+    lines = _lines(results)
+    assert len(lines) == 6 and all(f"- {line}\n" in md for line in lines)
