@@ -15,7 +15,7 @@ import click
 
 # Errors that mean "bad input": shown as one line, no traceback.
 _USER_ERRORS = ("ModelLoadError", "PromptFileError", "UnknownNameError", "FileExistsError", "FileNotFoundError", "SubmissionError",
-                "MissingWeightsError", "RemoteRewardError", "TrackerUnavailableError", "FloatingPointError")
+                "MissingWeightsError", "RemoteRewardError", "TrackerUnavailableError", "FloatingPointError", "WorkerDiedError")
 
 
 def _friendly(command):

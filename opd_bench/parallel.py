@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -256,11 +257,20 @@ def _describe(harness, cell: Cell) -> str:
     return cell.label
 
 
+class WorkerDiedError(RuntimeError):
+    """A worker process ended without an answer: killed (out of memory, a signal) or failed to start."""
+
+
 def _result(future: Future, cell: Cell) -> float:
     from tqdm.auto import tqdm
 
     try:
         return future.result()
+    except BrokenProcessPool:  # Python's own message names neither the cell nor what to do
+        raise WorkerDiedError(
+            f"a worker process died while it ran {cell.label} (killed, e.g. out of memory, or it failed to start: "
+            "its own error, if any, is above); the cells that finished are kept: rerun the same command to resume, "
+            "with fewer --jobs if memory ran out") from None
     except Exception:  # the error itself is re-raised, so the CLI shows it as in a one-process run
         tqdm.write(f"opd-bench: {cell.label} failed (the error follows); the cells that finished are kept: "
                    "mend the cause and rerun the command to resume", file=sys.stderr)

@@ -127,6 +127,23 @@ def test_stopping_the_pool_ends_its_workers_at_once():
     assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
 
 
+def test_a_worker_that_dies_is_named_with_its_cell_and_the_way_on():
+    """A worker the kernel kills (out of memory) broke the pool with Python's own message, naming
+    neither the cell nor what to do, and the CLI showed a traceback."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from opd_bench.cli import _USER_ERRORS
+    from opd_bench.parallel import Cell, WorkerDiedError, _result
+
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+    future = pool.submit(os._exit, 9)  # ends the worker as abruptly as a kill does
+    with pytest.raises(WorkerDiedError, match=r"^a worker process died while it ran train opd seed 2 \(killed.*fewer --jobs"):
+        _result(future, Cell("train", "opd", 2))
+    pool.shutdown()
+    assert WorkerDiedError.__name__ in _USER_ERRORS  # one line from the CLI, no traceback
+
+
 PARENT = """
 import multiprocessing, os, signal, time
 from opd_bench import parallel
