@@ -15,10 +15,11 @@ How the trainers use it (data parallel, every rank holds the whole model):
 * gradients are averaged before the optimizer step (:meth:`ProcessGroup.average_gradients`), so
   every rank keeps identical weights;
 * metrics are computed from all-gathered values (global means); only rank 0 writes files;
-* when training ends every rank meets once more and the group is closed (:meth:`ProcessGroup.disband`):
-  rank 0 evaluates alone for as long as that takes, with no rank waiting in a collective;
-* a rank that fails leaves at once (:func:`leave_alone_on_error`), so the launcher, which stops
-  the other ranks when a worker exits, ends the job instead of waiting out the timeout.
+* at exit every rank meets once more, on a gloo group of its own with a timeout of days
+  (``EXIT_TIMEOUT``): rank 0 evaluates alone for as long as that takes while the others wait there,
+  in no nccl collective whose watchdog would abort them;
+* a rank that fails alone leaves at once (:func:`leave_alone_on_error`), so the launcher, which
+  stops the other ranks when a worker exits, ends the job instead of waiting out the timeout.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import torch.distributed as dist
 # Non-main ranks wait in a collective while rank 0 alone evaluates and writes; the default
 # timeouts (10 min for nccl) would kill a run during a long evaluation.
 DEFAULT_TIMEOUT_S = 4 * 3600
+# At exit the other ranks wait for rank 0's final evaluations, which take as long as they take.
+EXIT_TIMEOUT = timedelta(days=7)
 BUCKET_ELEMENTS = 1 << 24  # gradients are all-reduced in flat buckets of at most 16M elements
 
 
@@ -170,22 +173,13 @@ class ProcessGroup:
                 outcome = (False, error)
         ok, value = self.broadcast_object(outcome)
         if not ok:
+            value.raised_on_every_rank = True  # every rank stops: none is left waiting (leave_alone_on_error)
             raise value
         return value
 
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(device_ids=[self.local_rank]) if self.backend == "nccl" else dist.barrier()
-
-    def disband(self) -> None:
-        """Every rank waits here, then the process group this module created is closed: what follows
-        runs on each rank alone. Called when training ends: rank 0 then evaluates for as long as it
-        takes, where the other ranks used to wait in the closing barrier, whose timeout (nccl's
-        watchdog aborts the process) would have ended the job in the middle of the evaluations. A
-        group the caller created (e.g. an ``Accelerator``'s) is left open: its owner closes it."""
-        if self.distributed and _created and dist.is_initialized():
-            self.barrier()
-            dist.destroy_process_group()
 
 
 def _buckets(params: list[torch.nn.Parameter]):
@@ -201,21 +195,22 @@ def _buckets(params: list[torch.nn.Parameter]):
         yield bucket
 
 
-_created = False  # this module initialised the process group (and so closes it)
-_abandoned = False  # this rank failed: it leaves without waiting for the others
+_exit_group = None  # the gloo group the ranks meet in at exit (created with the process group)
+_abandoned = False  # this rank failed alone: it leaves without waiting for the others
 
 
 @contextlib.contextmanager
 def leave_alone_on_error():
-    """Run the body; if it raises, this rank leaves at exit without the closing barrier. The other
-    ranks are waiting in a collective it will never join: waiting for them at the barrier would
-    hold this process, and with it the job (a launcher stops the others when a worker exits), until
-    the timeout, 4 hours by default."""
+    """Run the body; if it raises an error of this rank alone, the rank leaves at exit without the
+    closing barrier. The other ranks are waiting in a collective it will never join: waiting for
+    them would hold this process, and with it the job (a launcher stops the others when a worker
+    exits), until the timeout. An error every rank raised together (``run_on_main``'s) keeps the
+    barrier: they all reach it."""
     global _abandoned
     try:
         yield
-    except BaseException:
-        _abandoned = True
+    except BaseException as error:
+        _abandoned = not getattr(error, "raised_on_every_rank", False)
         raise
 
 
@@ -225,8 +220,9 @@ def _destroy() -> None:
     try:
         # Tear down together: a rank that closed its connections while a peer was still inside
         # the last collective made that peer's gloo thread abort the process ("terminate called
-        # without an active exception", about 1 in 10 two-process test runs under load).
-        dist.barrier()
+        # without an active exception", about 1 in 10 two-process test runs under load). On a
+        # group of its own, with a timeout of days: rank 0's final evaluations come first.
+        dist.barrier(group=_exit_group)
     except Exception:  # a peer already gone: nothing to wait for
         pass
     dist.destroy_process_group()
@@ -275,7 +271,7 @@ def from_environment() -> ProcessGroup:
             torch.cuda.set_device(local_rank)
         timeout = timedelta(seconds=_timeout_seconds())
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-        global _created
-        _created = True
+        global _exit_group
+        _exit_group = dist.new_group(backend="gloo", timeout=EXIT_TIMEOUT)
         atexit.register(_destroy)  # we created it, so we tear it down (torch warns otherwise)
     return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())

@@ -652,10 +652,8 @@ class Harness:
                 if not self.trained(method, seed):
                     self.train_method(method, seed, teachers)
                     return_freed_memory()  # else RSS creeps up cell by cell (glibc keeps freed buffers)
-        ranks = distributed.current()
-        ranks.disband()  # training is shared and done; rank 0 alone evaluates, for as long as that takes
-        if not ranks.is_main:
-            return None  # rank 0 writes results.json
+        if not distributed.current().is_main:
+            return None  # training is shared; rank 0 alone evaluates (the others wait at exit) and writes results.json
         # Every finished cell of this folder is reported, also those of earlier runs with other
         # --method or --seeds: a partial rerun adds to the results instead of replacing them.
         trained = self.finished_cells()

@@ -266,11 +266,16 @@ def _result(future: Future, cell: Cell) -> float:
 
     try:
         return future.result()
-    except BrokenProcessPool:  # Python's own message names neither the cell nor what to do
+    except BrokenProcessPool as error:  # Python's own message names neither the cell nor what to do
+        # an error that could not be read back: the worker's traceback, as text between quote marks
+        lines = [line.strip() for line in str(error.__cause__ or "").splitlines() if line.strip().strip("'\"")]
+        sent = lines[-1] if lines else ""
         raise WorkerDiedError(
+            f"{cell.label} failed in its worker and its error could not be sent back ({sent}); the cells that finished "
+            "are kept: mend the cause and rerun the same command to resume" if sent else
             f"a worker process died while it ran {cell.label} (killed, e.g. out of memory, or it failed to start: "
             "its own error, if any, is above); the cells that finished are kept: rerun the same command to resume, "
-            "with fewer --jobs if memory ran out") from None
+            "with fewer --jobs if memory ran out") from error
     except Exception:  # the error itself is re-raised, so the CLI shows it as in a one-process run
         tqdm.write(f"opd-bench: {cell.label} failed (the error follows); the cells that finished are kept: "
                    "mend the cause and rerun the command to resume", file=sys.stderr)

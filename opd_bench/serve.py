@@ -39,7 +39,8 @@ Protocol (version 1, JSON over HTTP/1.0, one request per connection)
 * At most ``REQUEST_SLOTS`` (2) request bodies are read and held at once: one being scored, one
   waiting for it. Further clients wait before their bodies are read, so the server's memory is
   bounded by two bodies and one decoded chunk however many clients connect (each waiting client
-  holds a thread and a connection).
+  holds a thread and a connection). A body must arrive within ``BODY_SECONDS`` (30) plus one
+  second per MiB, or its client is dropped, so a stalled client cannot hold a slot for long.
 * Per-sample details are concatenated across chunks as they are: a value that is a position in
   the batch (an index) counts from the start of its chunk.
 * With a token (``--token`` or ``OPD_REWARD_TOKEN``), every request must carry the header
@@ -67,6 +68,7 @@ import os
 import struct
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
@@ -84,6 +86,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 2048 * 2048
 DEFAULT_MAX_REQUEST_PIXELS = 8 * 1024 * 1024
 TOKEN_ENV = "OPD_REWARD_TOKEN"  # the shared token, read by the CLI and the remote reward
 REQUEST_SLOTS = 2  # request bodies held in memory at once: one scored, one read ahead
+# A body must arrive within this many seconds plus one per MiB, or its client is dropped: a client
+# that sends headers and then stalls would otherwise hold a request slot, and with two of them,
+# all scoring (the socket's own timeout is per read, so a byte a minute would never end).
+BODY_SECONDS = 30
 DISCARD_BYTES = 1 << 20  # an over-limit body is read and dropped up to this size, so its client sees the 413
 
 
@@ -533,17 +539,32 @@ class _RewardRequestHandler(BaseHTTPRequestHandler):
                 "images per request (RemoteReward(max_batch=...)) or restart the server with a larger --max-request-mb",
             )
             return None
-        body = self.rfile.read(length)
-        if len(body) < length:  # the client closed the connection mid-body: nobody to reply to
-            raise ConnectionAbortedError(f"body ended after {len(body)} of {length} bytes")
-        return body
+        return self._receive(length, keep=True)
 
     def _discard(self, length: int) -> None:
-        while length > 0:
-            data = self.rfile.read(min(length, 1 << 16))
-            if not data:
-                return
-            length -= len(data)
+        self._receive(length, keep=False)
+
+    def _receive(self, length: int, keep: bool) -> bytes:
+        """``length`` bytes of the body (kept or dropped), within ``BODY_SECONDS`` plus a second per
+        MiB; a client that is slower, or closes the connection mid-body, is dropped (routine: one
+        log line, no reply, as nobody waits for one)."""
+        deadline = time.monotonic() + BODY_SECONDS + length / 2**20
+        parts, received = [], 0
+        try:
+            while received < length:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"body not received within {BODY_SECONDS} s plus 1 s per MiB")
+                self.connection.settimeout(min(left, self.timeout))
+                data = self.rfile.read1(min(length - received, 1 << 20))
+                if not data:  # the client closed the connection mid-body: nobody to reply to
+                    raise ConnectionAbortedError(f"body ended after {received} of {length} bytes")
+                received += len(data)
+                if keep:
+                    parts.append(data)
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(parts)
 
     def _send_error(self, status: int, message: str) -> None:
         self._send_json(status, {"error": message})

@@ -8,6 +8,7 @@ built from the launcher's environment exactly as in real use.
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,21 +151,31 @@ def test_two_processes_train_like_one(tiny_dir, tmp_path, updates):
 
 
 def _ending_worker(mode: str, out_dir: str) -> None:
-    """One rank of a 2-process job that ends: ``fail``: rank 1 raises while rank 0 waits for it in a
-    collective; ``disband``: both meet and close the group, then rank 0 works on alone."""
-    import torch.distributed as dist
+    """One rank of a 2-process job that ends. ``fail``: rank 1 raises while rank 0 waits for it in a
+    collective. ``linger``: rank 0 works on after the others are done for longer than the
+    collectives' timeout (1 s here), as it does in the final evaluations. ``shared``: an error that
+    ``run_on_main`` raises on every rank. Each rank writes when it left (after the closing barrier:
+    atexit runs the handler registered first last)."""
+    import atexit
 
+    from opd_bench import distributed
     from opd_bench.distributed import leave_alone_on_error
 
+    out = Path(out_dir)
+    rank = os.environ["RANK"]
+    atexit.register(lambda: (out / f"left{rank}").write_text(f"{time.time()} {distributed._abandoned}"))
     ranks = current()
     with leave_alone_on_error():
         if mode == "fail":
             if ranks.rank == 1:
                 raise RuntimeError("rank 1 fails alone")
             ranks.all_reduce_sum(torch.ones(1))  # never completes: rank 1 will not join it
+        elif mode == "linger":
+            if ranks.is_main:
+                time.sleep(4)
+                (out / "worked").write_text(str(time.time()))
         else:
-            ranks.disband()
-            (Path(out_dir) / f"rank{ranks.rank}.txt").write_text(f"{dist.is_initialized()}")
+            ranks.run_on_main(lambda: 1 / 0)
 
 
 def _launch(mode: str, out_dir: Path, timeout_s: str) -> subprocess.CompletedProcess:
@@ -180,15 +191,26 @@ def test_a_rank_that_fails_ends_the_job_instead_of_waiting_for_the_timeout(tmp_p
     assert done.returncode != 0 and "rank 1 fails alone" in done.stderr
 
 
-def test_ranks_close_the_group_when_training_ends(tmp_path):
-    """After ``disband`` no rank is left in a collective while rank 0 evaluates alone."""
-    done = _launch("disband", tmp_path, "60")
+def test_the_other_ranks_wait_at_exit_for_as_long_as_rank_0_works(tmp_path):
+    """Rank 0's final evaluations come after training: the closing barrier must outlast them. On
+    the collectives' own timeout (1 s here) rank 1 left after 1 s; under nccl that timeout is the
+    watchdog's, which aborts the process, and the launcher then stopped rank 0's evaluations."""
+    done = _launch("linger", tmp_path, "1")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["False", "False"]
+    worked = float((tmp_path / "worked").read_text())
+    assert all(float((tmp_path / f"left{r}").read_text().split()[0]) >= worked for r in range(2))
+
+
+def test_an_error_every_rank_raises_keeps_the_closing_barrier(tmp_path):
+    """Only an error of one rank skips the barrier; one that run_on_main raises on every rank does
+    not (every rank reaches the barrier, which keeps gloo from aborting a peer mid-teardown)."""
+    done = _launch("shared", tmp_path, "60")
+    assert done.returncode != 0 and "ZeroDivisionError" in done.stderr
+    assert [(tmp_path / f"left{r}").read_text().split()[1] for r in range(2)] == ["False", "False"]
 
 
 if __name__ == "__main__":  # a rank of a 2-process run (launched by the tests above)
-    if sys.argv[1] in ("fail", "disband"):
+    if sys.argv[1] in ("fail", "linger", "shared"):
         _ending_worker(*sys.argv[1:3])
     else:
         _worker(*sys.argv[1:5])

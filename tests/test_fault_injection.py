@@ -144,6 +144,30 @@ def test_a_worker_that_dies_is_named_with_its_cell_and_the_way_on():
     assert WorkerDiedError.__name__ in _USER_ERRORS  # one line from the CLI, no traceback
 
 
+class _TwoArgumentError(Exception):
+    def __init__(self, what, where):  # pickles as cls(*args) with one argument: cannot be read back
+        super().__init__(f"{what} at {where}")
+
+
+def _raise_an_error_that_cannot_travel():
+    raise _TwoArgumentError("bad input", "step 3")
+
+
+def test_a_cell_whose_error_cannot_be_sent_back_is_named_with_that_error():
+    """Not a dead worker: the pool breaks as well when a cell's exception cannot be unpickled, and
+    the out-of-memory advice would mislead; the line names the error class instead."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from opd_bench.parallel import Cell, WorkerDiedError, _result
+
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+    future = pool.submit(_raise_an_error_that_cannot_travel)
+    with pytest.raises(WorkerDiedError, match=r"^train opd seed 2 failed in its worker and its error could not be sent back \(TypeError: _TwoArgumentError"):
+        _result(future, Cell("train", "opd", 2))
+    pool.shutdown()
+
+
 PARENT = """
 import multiprocessing, os, signal, time
 from opd_bench import parallel

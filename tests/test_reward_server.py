@@ -232,6 +232,30 @@ def test_the_client_splits_a_batch_to_fit_the_servers_pixel_limit():
         with pytest.raises(RemoteRewardError, match=r"images of 64 pixels are over the limit .*--max-image-pixels"):
             rewards.get("remote", url=server.url, **FAST_RETRY)(images, prompts, metadata)
         assert server.score_requests == 0
+    with serve("toy/brightness", max_request_pixels=32) as server:  # not even one image per request fits
+        with pytest.raises(RemoteRewardError, match=r"\(32 pixels per request\); restart it with a larger --max-request-pixels"):
+            rewards.get("remote", url=server.url, **FAST_RETRY)(images, prompts, metadata)
+        assert server.score_requests == 0
+
+
+def test_clients_that_stall_mid_body_are_dropped_and_scoring_goes_on(monkeypatch):
+    """Two clients that send their headers and then nothing held both request slots for as long as
+    they liked (the socket timeout is per read), and every other request waited."""
+    monkeypatch.setattr("opd_bench.serve.BODY_SECONDS", 0.5)
+    with serve("toy/brightness") as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+        try:
+            for client in stalled:
+                client.sendall(b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while server.score_requests < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            got = rewards.get("remote", url=server.url, **FAST_RETRY)(*random_batch(2))
+            assert got.scores.shape == (2,) and server.score_requests == 3
+            assert all(client.recv(1) == b"" for client in stalled)  # dropped without a reply
+        finally:
+            for client in stalled:
+                client.close()
 
 
 def test_malformed_requests_get_400_with_a_clear_message():

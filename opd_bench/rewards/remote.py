@@ -124,7 +124,12 @@ class RemoteReward:
                                     f"({per_image} pixels per image); restart it with a larger --max-image-pixels")
         per_request = self._limits.get("max_request_pixels")
         most = self.max_batch or count
-        return max(1, min(most, int(per_request // pixels))) if _is_number(per_request) else most
+        if not _is_number(per_request):  # a server that does not say
+            return most
+        if pixels > per_request:
+            raise RemoteRewardError(f"images of {pixels} pixels are over the limit of the server at {self.url} "
+                                    f"({per_request} pixels per request); restart it with a larger --max-request-pixels")
+        return min(most, int(per_request // pixels))
 
     def _check_server(self) -> None:
         """Once: the server speaks this protocol and, where ``reward`` was given, serves that reward."""
