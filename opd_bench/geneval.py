@@ -31,12 +31,15 @@ Numerics, to the last float, as in the official code (mmdet's float32 arrays and
 * confidences and the threshold are compared in float32: a detection scoring exactly
   float32(0.3) = 0.30000001192092896 is *not* above the threshold (float32(0.3));
 * the order is ``np.argsort(scores)[::-1]`` on float32 scores: ascending, then reversed, so
-  equal scores are visited in *reverse* detector order (numpy 1.23, GenEval's pinned version,
-  sorts up to 16 values stably; with more than 16 detections of one class tied at the same
-  score its introsort order is unspecified, and there this module keeps the stable order);
+  equal scores are visited in *reverse* detector order. The official code sorts all of a class's
+  detections, those under the threshold included, and numpy 1.23 (GenEval's pinned version)
+  sorts only up to 16 values stably; for a class with more detections its order of equal scores
+  is unspecified (it differs between numpy versions), and there this module keeps the stable one;
 * box centres, sizes, offsets, the revision and its norm are float32 numpy arithmetic
   (``relative_position``), so ``dx`` can land on exactly 0.5 and fail the strict ``<`` / ``>``;
-* the NMS IoU is float32 as well.
+* the NMS IoU (``max_overlap`` < 1 only) takes the coordinates' differences in float32 and the
+  rest in float64: under numpy 1.23 the official ``x1 - x0 + 1`` adds a Python int to a float32
+  scalar, which gives a float64, and the threshold is a Python float.
 
 Colour: by default the detection's own ``"color"`` field; ``colour_fn(detections, classname) ->
 list of colour names`` replaces it (e.g. the CLIP zero-shot classifier of the real suite).
@@ -159,12 +162,13 @@ def group_detections(
 
 
 def iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
-    """Intersection over union with GenEval's +1 pixel convention (boxes are inclusive), in float32."""
+    """Intersection over union with GenEval's +1 pixel convention (boxes are inclusive), with the
+    official numerics: float32 coordinates and differences, the +1 and all after it in float64."""
     a = np.asarray(box_a[:4], dtype=np.float32)
     b = np.asarray(box_b[:4], dtype=np.float32)
 
     def area(x0, y0, x1, y1):
-        return max(x1 - x0 + 1, 0) * max(y1 - y0 + 1, 0)
+        return max(float(x1 - x0) + 1, 0) * max(float(y1 - y0) + 1, 0)
 
     inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
     union = area(*a) + area(*b) - inter
@@ -178,9 +182,8 @@ def keep_detections(detections: Iterable[dict], metadata: dict, rules: Rules = D
     if rules.max_overlap < 1:
         for name, dets in groups.items():
             kept: list[dict] = []
-            limit = np.float32(rules.max_overlap)  # compared in float32, as the official code does
-            for det in dets:
-                if all(np.float32(iou(det["box"], k["box"])) < limit for k in kept):
+            for det in dets:  # compared in float64, as the official code does (see the module doc)
+                if all(iou(det["box"], k["box"]) < rules.max_overlap for k in kept):
                     kept.append(det)
             groups[name] = kept
     return groups

@@ -204,6 +204,21 @@ def test_tied_scores_are_visited_in_reverse_detector_order():
     assert geneval.keep_detections([white, purple], rec)["fire hydrant"] == [purple, white]
 
 
+def test_nms_compares_the_iou_as_the_official_code_does():
+    """GenEval's compute_iou adds a Python 1 to float32 differences, which numpy 1.23 (its pinned
+    version) makes float64, and compares with a Python float. Two boxes whose IoU lies within a
+    float32 step of 0.7 (found by a review against the official code under numpy 1.23): float32
+    arithmetic decided both the other way."""
+    rec = {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
+           "prompt": "a photo of two dogs"}
+    rules = geneval.Rules(max_overlap=0.7)
+    side = 265.67437744140625
+    for right, both_kept in ((185.67205810546875, True), (185.6720733642578, False)):  # IoU 0.69999997711, 0.70000003433
+        dogs = [det("dog", 0.95, (0, 0, side, side)), det("dog", 0.94, (0, 0, right, side))]
+        assert len(geneval.keep_detections(dogs, rec, rules)["dog"]) == (2 if both_kept else 1)
+    assert geneval.iou((0, 0, side, side), (0, 0, 185.67205810546875, side)) == pytest.approx(0.69999997711, abs=1e-11)
+
+
 def test_position_offsets_are_float32_so_dx_can_be_exactly_one_half():
     rec = {"tag": "position", "include": [{"class": "zebra", "count": 1},
                                           {"class": "chair", "count": 1, "position": ["left of", 0]}],
