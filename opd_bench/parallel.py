@@ -258,7 +258,8 @@ def _describe(harness, cell: Cell) -> str:
 
 
 class WorkerDiedError(RuntimeError):
-    """A worker process ended without an answer: killed (out of memory, a signal) or failed to start."""
+    """A worker process ended without an answer: killed (out of memory, a signal), failed to start,
+    or raised an error that could not be unpickled here."""
 
 
 def _result(future: Future, cell: Cell) -> float:
