@@ -4,8 +4,11 @@ live, beside its ``metrics.jsonl``.
 The JSON-lines log stays the record the results are assembled from; a tracker only mirrors it, so
 turning one on changes no number and is not part of a run's identity. A tracker is opened per
 training cell (a teacher, a ``(method, seed)`` run, a cascade stage), named by the cell's folder
-inside the run (``methods/opd/seed0``) and grouped by the run folder. On resume it drops what the
-dead run logged after its last checkpoint, as the JSON-lines log does. Packages are imported when
+inside the run (``methods/opd/seed0``) and grouped by the run folder. A cell started afresh (a new
+run, ``--force``, a deleted cell folder) starts its tracker afresh too. On resume TensorBoard drops
+what the dead run logged after its last checkpoint, as the JSON-lines log does; W&B cannot (it
+accepts no step below one it has), so there the dead run's values stay for those steps and the
+resumed run's are dropped: ``metrics.jsonl`` is the record. Packages are imported when
 a run starts, so a missing one fails in one line before any training; nothing here is imported
 by a run that logs to no tracker.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -46,9 +50,10 @@ class TensorBoardTracker:
     def __init__(self, root: Path, name: str, config: dict, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: events a killed run wrote after its checkpoint are hidden, as in metrics.jsonl
+        # purge_step: events a killed run wrote after its checkpoint are hidden, as in metrics.jsonl,
+        # and a fresh start hides every earlier event of the cell (its folder is outside the cell's)
         self.writer = SummaryWriter(log_dir=str(root / "tensorboard" / name),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+                                    purge_step=0 if resume_step is None else resume_step + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         for key, value in _scalars(record).items():
@@ -61,16 +66,33 @@ class TensorBoardTracker:
 
 class WandbTracker:
     """One W&B run per cell (project ``$WANDB_PROJECT`` or ``opd-bench``, group: the run folder);
-    ``WANDB_MODE=offline`` keeps it on disk. A resumed cell continues its own W&B run."""
+    ``WANDB_MODE=offline`` keeps it on disk. A resumed cell continues its own W&B run; a cell
+    started afresh gets a new one (W&B would drop every step of a reused run's new curve up to the
+    old one's last). The id is kept in the cell folder (``ID_FILE``)."""
 
     requires = ("wandb", "wandb")
+    ID_FILE = "wandb_id"
 
     def __init__(self, root: Path, name: str, config: dict, resume_step: int | None):
         import wandb
 
-        cell_id = hashlib.sha1(f"{root.resolve()}/{name}".encode()).hexdigest()[:16]
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "opd-bench"), group=root.name, name=name,
-                              id=cell_id, resume="allow", config=config, dir=str(root))
+                              id=self.cell_id(root, name, resume_step is not None), resume="allow", config=config,
+                              dir=str(root))
+
+    @classmethod
+    def cell_id(cls, root: Path, name: str, resumed: bool) -> str:
+        """The W&B run id of the cell ``root/name``: the saved one on resume, else a new one, saved.
+        A cell resumed from before ids were saved gets the one it had (a hash of its path)."""
+        from opd_bench.io import atomic_write_bytes
+
+        saved = root / name / cls.ID_FILE
+        if resumed:
+            return (saved.read_text().strip() if saved.is_file()
+                    else hashlib.sha1(f"{root.resolve()}/{name}".encode()).hexdigest()[:16])
+        new = secrets.token_hex(8)
+        atomic_write_bytes(saved, new.encode())
+        return new
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(_scalars(record), step=int(record["step"]))
@@ -112,7 +134,13 @@ def open_for(run_dir: str | Path, config: dict, resume_step: int | None) -> Trac
         name = Path(run_dir).resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         return None
-    trackers = [TRACKERS.resolve(n)(root, name, config, resume_step) for n in names]
+    trackers: list[Tracker] = []
+    try:
+        for n in names:
+            trackers.append(TRACKERS.resolve(n)(root, name, config, resume_step))
+    except BaseException:  # the ones already started are closed, not left open beside a failed run
+        _Both(trackers).close()
+        raise
     return trackers[0] if len(trackers) == 1 else _Both(trackers)
 
 
@@ -125,5 +153,11 @@ class _Both:
             tracker.log(record)
 
     def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
+        errors = []
+        for tracker in self.trackers:  # every one closed, even when one fails to
+            try:
+                tracker.close()
+            except Exception as error:  # noqa: BLE001 - re-raised below, after the others are closed
+                errors.append(error)
+        if errors:
+            raise errors[0]

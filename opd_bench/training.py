@@ -59,8 +59,9 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
-        if self.mirror is not None:
-            self.mirror.close()
+        mirror, self.mirror = self.mirror, None  # closed once, also when an error closes it again
+        if mirror is not None:
+            mirror.close()
 
 
 def return_freed_memory() -> None:
@@ -415,8 +416,9 @@ class Timer:
 class TrainingRun:
     """What happens around every trainer's step: resume, logging, compute, eval, checkpoints.
 
-    ``run_dir`` holds ``config.json``, ``metrics.jsonl``, ``checkpoint/`` and, when done,
-    ``final/`` (the trained adapter) and ``DONE``. A finished run is never overwritten: the trainer
+    ``run_dir`` holds ``config.json``, ``metrics.jsonl``, ``checkpoint/`` while it trains and, when
+    done, ``final/`` (the trained adapter) and ``DONE`` instead of the checkpoint (nothing resumes a
+    finished run). A finished run is never overwritten: the trainer
     refuses to start unless ``overwrite`` is set.
 
     With several processes (``opd_bench.distributed``) only rank 0 reads and writes ``run_dir``
@@ -546,6 +548,15 @@ class TrainingRun:
         steps the optimizer and the EMA, logs, evaluates and checkpoints, and finally saves the
         adapter.
         """
+        try:
+            return self._train(step_fn, steps=steps, max_grad_norm=max_grad_norm, grad_variance=grad_variance,
+                               desc=desc, lr=lr, lr_schedule=lr_schedule, progress=progress)
+        except BaseException:
+            if self.log is not None:  # the trackers too: a W&B run left open would take the next cell's metrics
+                self.log.close()
+            raise
+
+    def _train(self, step_fn, *, steps, max_grad_norm, grad_variance, desc, lr, lr_schedule, progress) -> Path:
         from tqdm import tqdm
 
         if self.start_step == 0 and self.evaluate is not None and self.eval_every:
@@ -631,6 +642,10 @@ class TrainingRun:
             atomic_write_json(
                 self.dir / "DONE", {"step": step, "counters": self.counters, "wall_seconds": self.timer.elapsed, "scores": scores}
             )
+            # nothing resumes a finished run: its optimizer state (several times the adapter, and
+            # GBs per cell with full_params) would only fill the disk
+            for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+                shutil.rmtree(self.dir / name, ignore_errors=True)
             self.log.close()
         self.ranks.barrier()
         return final

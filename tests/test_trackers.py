@@ -1,5 +1,6 @@
 """`opd-bench run --log-to`: every training cell's metrics mirrored to TensorBoard or W&B."""
 
+import hashlib
 import json
 import sys
 import types
@@ -48,6 +49,10 @@ def test_tensorboard_gets_every_numeric_metric_per_cell_and_a_resume_replaces_th
     shown = _scalars(tmp_path / "tensorboard" / "methods" / "opd" / "seed0")
     assert shown["loss"] == [(1, 2.0), (2, 1.0), (3, 0.5)] and shown["eval/ocr"] == [(0, 0.25)]  # step 2's was purged
     assert [r["loss"] for r in map(json.loads, (cell / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [2.0, 1.0, 0.5]
+    # trained again from the start: only the new curve shows (the events live outside the cell folder)
+    _write(cell, [{"step": 1, "loss": 9.0}])
+    shown = _scalars(tmp_path / "tensorboard" / "methods" / "opd" / "seed0")
+    assert {tag: points for tag, points in shown.items() if points} == {"loss": [(1, 9.0)]}
 
 
 def test_wandb_gets_one_resumable_run_per_cell(tmp_path, monkeypatch):
@@ -75,6 +80,49 @@ def test_wandb_gets_one_resumable_run_per_cell(tmp_path, monkeypatch):
     assert first["resume"] == "allow" and first["config"] == {"lr": 1e-3} and again["id"] == first["id"]
     assert [c for c in calls if c[0] != "init"] == [
         ("log", {"loss": 3.0, "reward/pref/mean": 2.5}, 1), ("finish",), ("log", {"loss": 2.0}, 2), ("finish",)]
+    # trained again from the start (--force, a deleted cell): a new W&B run, which W&B does not
+    # truncate to its old last step; a resume then continues that new one
+    _write(cell, [{"step": 1, "loss": 9.0}])
+    _write(cell, [{"step": 2, "loss": 8.0}], resume_step=1)
+    *_, (_, fresh), (_, resumed) = [c for c in calls if c[0] == "init"]
+    assert fresh["id"] != first["id"] and resumed["id"] == fresh["id"]
+    # a cell resumed from before the id was saved keeps the id it had then: a hash of its path
+    (cell / trackers.WandbTracker.ID_FILE).unlink()
+    _write(cell, [{"step": 2, "loss": 8.0}], resume_step=1)
+    old_id = hashlib.sha1(f"{(tmp_path / 'run1').resolve()}/teachers/pref-abc".encode()).hexdigest()[:16]
+    assert [c for c in calls if c[0] == "init"][-1][1]["id"] == old_id
+
+
+def test_a_tracker_that_fails_to_start_closes_the_ones_started_and_every_one_is_closed(tmp_path, monkeypatch):
+    closed = []
+
+    class Started:
+        def __init__(self, *args):
+            pass
+
+        def log(self, record):
+            pass
+
+        def close(self):
+            closed.append("started")
+
+    class Broken(Started):
+        def __init__(self, *args):
+            raise RuntimeError("no network")
+
+        def close(self):
+            closed.append("broken")
+            raise RuntimeError("cannot close")
+
+    monkeypatch.setattr(trackers.TRACKERS, "resolve", lambda name: {"a": Started, "b": Broken}[name])
+    monkeypatch.setattr(trackers, "_ACTIVE", {"names": ("a", "b"), "root": tmp_path})
+    with pytest.raises(RuntimeError, match="no network"):
+        trackers.open_for(tmp_path / "cell", {}, None)
+    assert closed == ["started"]
+    both = trackers._Both([Broken.__new__(Broken), Started()])
+    with pytest.raises(RuntimeError, match="cannot close"):
+        both.close()
+    assert closed == ["started", "broken", "started"]  # the one after the failing close was closed too
 
 
 def test_no_tracker_unless_configured_and_only_for_cells_of_the_run(tmp_path):

@@ -655,9 +655,34 @@ def test_a_non_finite_gradient_stops_training_before_it_reaches_the_weights(tmp_
         weight.grad = torch.tensor([1.0, math.nan, 1.0])
         return {"loss": math.nan}, 1
 
+    closed = []
+    run.log.mirror = SimpleNamespace(log=lambda record: None, close=lambda: closed.append(True))  # a tracker
     with pytest.raises(FloatingPointError, match="step 1: the gradient is not finite .* nothing was stepped"):
         run.train(step_fn, steps=2, max_grad_norm=1.0, grad_variance=GradVariance([weight]), desc="x", lr=0.1, progress=False)
     assert torch.equal(weight.detach(), torch.ones(3))
+    assert closed == [True]  # a failed cell closes its tracker (an open W&B run would take the next cell's metrics)
+
+
+def test_a_finished_run_keeps_its_adapter_and_not_its_optimizer_state(tmp_path):
+    """Nothing resumes a finished run; its checkpoint (Adam's moments besides the weights) only
+    filled the disk, GBs per cell with full_params."""
+    from types import SimpleNamespace
+
+    from opd_bench.training import GradVariance, TrainingRun
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    saved = []
+    policy = SimpleNamespace(forward_counts={}, save_adapter=lambda adapter, folder: saved.append(folder) or folder)
+    run = TrainingRun(tmp_path / "run", config={"method": "test"}, policy=policy, adapter="x", params=[weight],
+                      optimizer=torch.optim.AdamW([weight], lr=0.1), ema=None, checkpoint_every=1)
+
+    def step_fn(step):
+        weight.grad = torch.ones(3)
+        return {"loss": 1.0}, 1
+
+    run.train(step_fn, steps=2, max_grad_norm=1.0, grad_variance=GradVariance([weight]), desc="x", lr=0.1, progress=False)
+    assert (tmp_path / "run" / "DONE").exists() and saved == [tmp_path / "run" / "final"]
+    assert not any((tmp_path / "run").glob("checkpoint*"))
 
 
 def test_config_values_of_the_wrong_type_or_sign_and_misspelt_task_keys_are_named(policy, tiny_dir, tmp_path):
