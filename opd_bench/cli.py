@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from opd_bench.result_schema import MODEL_DTYPES
+
 # Errors that mean "bad input": shown as one line, no traceback.
 _USER_ERRORS = ("ModelLoadError", "PromptFileError", "UnknownNameError", "FileExistsError", "FileNotFoundError", "SubmissionError",
                 "MissingWeightsError", "RemoteRewardError", "TrackerUnavailableError", "FloatingPointError", "WorkerDiedError")
@@ -134,7 +136,7 @@ def _finite_at_least_0(ctx, param, value):
 
 def _dtype_option(command):
     return click.option(
-        "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
+        "--dtype", default="auto", show_default=True, type=click.Choice(["auto", *MODEL_DTYPES]),
         help="Weight precision: auto is bfloat16 on a GPU (as Flow-GRPO trains), float32 on the CPU. "
              "Trained adapters stay float32 either way.",
     )(command)

@@ -198,8 +198,9 @@ def _equal_updates(view: ResultView) -> dict[str, str]:
 def opd_versus_baselines(view: ResultView) -> str:
     why = {m: "no finite overall score" if m in view.methods else "not in the file" for m in ("opd", *RIVALS)}
     oks, parts = _compare({m: view.overall_seeds(m) for m in ("opd", *RIVALS)}, why)
+    unequal_updates = _equal_updates(view)
     for i, rival in enumerate(RIVALS):  # the label says equal updates: a file where they differ cannot test it
-        unequal = _equal_updates(view).get(rival)
+        unequal = unequal_updates.get(rival)
         if unequal and oks[i] is not None:
             oks[i] = None
             parts[i] += f" (not testable: unequal student updates, {unequal})"
@@ -259,17 +260,18 @@ def students_versus_base(view: ResultView) -> str:
     students = [m for m in view.methods if is_student(m)]
     if base is None or not students:
         return "Student methods above the untrained base, overall: not testable (no base or students in the file)."
-    oks, parts = [], []
+    oks, parts, scored = [], [], 0
     for m in students:
         mean, sd = mean_sd(view.overall_seeds(m))
         if mean is None:  # a student left out would let the rest read "held"
             oks.append(None)
             parts.append(f"{m}: not testable (no finite per-seed overall score)")
             continue
+        scored += 1
         ok, text = _versus(mean, sd, "base", base, None)
         oks.append(ok)
         parts.append(f"{m} {text}")
-    if all(part.endswith("(no finite per-seed overall score)") for part in parts):
+    if not scored:
         return "Student methods above the untrained base, overall: not testable (no per-seed overall scores in the file)."
     return (f"Student methods above the untrained base, overall ({', '.join(view.headline)}): {verdict(oks)}. "
             + "; ".join(parts) + ".")

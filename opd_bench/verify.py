@@ -188,9 +188,7 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
     scorers = {task: {task: spec.build_reward(), **{k: registry.get(n) for k, n in spec.extra_rewards.items()}}
                for task, (spec, *_) in plan.items()}
 
-    loading = model_loading(results)  # the model loaded as the run loaded it
-    if loading["dtype"] not in DTYPES:
-        raise VerificationError(f"config['model']['dtype'] is {loading['dtype']!r}; it must be one of {', '.join(DTYPES)}")
+    loading = model_loading(results)  # the model loaded as the run loaded it (check_results checked it)
     policy = Policy.from_pretrained(suites.resolve_model(results["model"]), device=device,
                                     resolution=settings_record.get("resolution"), dtype=DTYPES[loading["dtype"]],
                                     drop_t5=loading["drop_t5"])

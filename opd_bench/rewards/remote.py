@@ -118,18 +118,13 @@ class RemoteReward:
     def _images_per_request(self, pixels: int, count: int) -> int:
         """``max_batch``, lowered to what the server's pixel limit per request takes (its 413
         otherwise); an image over its per-image limit is refused here, before anything is sent."""
-        per_image = self._limits.get("max_image_pixels")
-        if _is_number(per_image) and pixels > per_image:
-            raise RemoteRewardError(f"images of {pixels} pixels are over the limit of the server at {self.url} "
-                                    f"({per_image} pixels per image); restart it with a larger --max-image-pixels")
-        per_request = self._limits.get("max_request_pixels")
-        most = self.max_batch or count
-        if not _is_number(per_request):  # a server that does not say
-            return most
-        if pixels > per_request:
-            raise RemoteRewardError(f"images of {pixels} pixels are over the limit of the server at {self.url} "
-                                    f"({per_request} pixels per request); restart it with a larger --max-request-pixels")
-        return min(most, int(per_request // pixels))
+        for key, per in (("max_image_pixels", "image"), ("max_request_pixels", "request")):
+            limit = self._limits.get(key)
+            if _is_number(limit) and pixels > limit:  # not even one image fits
+                raise RemoteRewardError(f"images of {pixels} pixels are over the limit of the server at {self.url} "
+                                        f"({limit} pixels per {per}); restart it with a larger --max-{per}-pixels")
+        per_request, most = self._limits.get("max_request_pixels"), self.max_batch or count
+        return min(most, int(per_request // pixels)) if _is_number(per_request) else most
 
     def _check_server(self) -> None:
         """Once: the server speaks this protocol and, where ``reward`` was given, serves that reward."""
