@@ -52,11 +52,40 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # or an OS crash after the rename can leave the new name on an empty file
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and reports are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sync_folder(folder: str | Path) -> None:
+    """Flush every file under ``folder``, and the folders' entries, to the disk.
+
+    Called before a marker that says the folder is complete (a cell's ``DONE``, a checkpoint's
+    rename), so that after an OS crash or power loss the marker never outlives what it marks. A
+    killed process needs none of this: what it wrote is already in the kernel's cache.
+    """
+    folder = Path(folder)
+    paths = sorted(folder.rglob("*"))
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            _fsync(path, os.O_RDONLY)
+    for path in [*(p for p in paths if p.is_dir() and not p.is_symlink()), folder, folder.parent]:
+        try:
+            _fsync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:  # a folder cannot be opened for fsync on Windows or some network file systems
+            pass
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _NUMBER = r"(?:-?[0-9][0-9.eE+-]*|null|NaN|-?Infinity)"

@@ -25,7 +25,8 @@ import torch
 from opd_bench import distributed, trackers
 from opd_bench.distributed import ProcessGroup
 from opd_bench.io import (
-    atomic_write_bytes, atomic_write_json, json_differences, parse_json_lines, read_json, read_json_lines, without_later_settings,
+    atomic_write_bytes, atomic_write_json, json_differences, parse_json_lines, read_json, read_json_lines, sync_folder,
+    without_later_settings,
 )
 
 
@@ -56,6 +57,10 @@ class MetricsLog:
         self._file.flush()
         if self.mirror is not None:
             self.mirror.log(record)
+
+    def sync(self) -> None:
+        """Flush the records to the disk (before a checkpoint that resumes after them)."""
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()
@@ -324,6 +329,7 @@ def save_checkpoint(folder: str | Path, *, params: Sequence[torch.nn.Parameter],
         tmp / "training_state.pt",
     )
     atomic_write_json(tmp / "state.json", state)
+    sync_folder(tmp)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -615,6 +621,7 @@ class TrainingRun:
     def checkpoint(self, step: int) -> None:
         if not self.ranks.is_main:
             return
+        self.log.sync()  # the curve up to ``step`` must outlast an OS crash if the checkpoint does
         save_checkpoint(
             self.dir / "checkpoint", params=self.params, optimizer=self.optimizer, ema=self.ema,
             state={"step": step, "counters": self.counters, "elapsed": self.timer.elapsed, "threads": torch.get_num_threads(),
@@ -639,6 +646,7 @@ class TrainingRun:
             final = self.policy.save_adapter(self.adapter, final)
             if self.ema is not None:
                 self.ema.swap()
+            sync_folder(final)
             atomic_write_json(
                 self.dir / "DONE", {"step": step, "counters": self.counters, "wall_seconds": self.timer.elapsed, "scores": scores}
             )

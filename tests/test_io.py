@@ -32,6 +32,33 @@ def test_a_written_file_is_readable_by_others_whatever_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "sub" / "report.md").stat().st_mode) == 0o644
 
 
+def _record_fsyncs(monkeypatch, events):
+    """Make os.fsync and os.replace append what they act on to ``events``, in order."""
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), replace(a, b))[1])
+
+
+def test_a_written_file_reaches_the_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    """Otherwise an OS crash just after the rename can leave the name on an empty file."""
+    events = []
+    _record_fsyncs(monkeypatch, events)
+    io.atomic_write_bytes(tmp_path / "results.json", b"new")
+    assert [kind for kind, _ in events] == ["fsync", "replace"]
+    assert events[0][1].startswith(str(tmp_path / ".results.json.")) and events[1][1] == str(tmp_path / "results.json")
+
+
+def test_syncing_a_folder_flushes_every_file_and_folder_under_it(tmp_path, monkeypatch):
+    (tmp_path / "final" / "sub").mkdir(parents=True)
+    for name in ("final/adapter_model.safetensors", "final/sub/x.json"):
+        (tmp_path / name).write_bytes(b"x")
+    events = []
+    _record_fsyncs(monkeypatch, events)
+    io.sync_folder(tmp_path / "final")
+    synced = {path for _, path in events}
+    assert synced == {str(tmp_path / p) for p in ("final/adapter_model.safetensors", "final/sub/x.json", "final/sub", "final", "")}
+
+
 def test_compact_json_puts_number_lists_on_one_line_and_reads_back_the_same(tmp_path):
     value = {"per_image": [0.5, -2.5e-05, None, 1], "nested": [[1, 2], [3.25]], "names": ["a", "b"],
              "text": "[\n  1\n]", "nan": [float("nan"), 1.0], "empty": []}

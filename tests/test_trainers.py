@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 from dataclasses import replace
 
@@ -683,6 +684,38 @@ def test_a_finished_run_keeps_its_adapter_and_not_its_optimizer_state(tmp_path):
     run.train(step_fn, steps=2, max_grad_norm=1.0, grad_variance=GradVariance([weight]), desc="x", lr=0.1, progress=False)
     assert (tmp_path / "run" / "DONE").exists() and saved == [tmp_path / "run" / "final"]
     assert not any((tmp_path / "run").glob("checkpoint*"))
+
+
+def test_a_finished_run_reaches_the_disk_before_its_done_marker(tmp_path, monkeypatch):
+    """After an OS crash or power loss, DONE must not outlive a truncated adapter, nor a checkpoint
+    the curve it resumes after."""
+    from types import SimpleNamespace
+
+    from opd_bench.training import GradVariance, TrainingRun
+
+    def save_adapter(adapter, folder):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        return folder
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    run = TrainingRun(tmp_path / "run", config={"method": "test"}, policy=SimpleNamespace(forward_counts={}, save_adapter=save_adapter),
+                      adapter="x", params=[weight], optimizer=torch.optim.AdamW([weight], lr=0.1), ema=None, checkpoint_every=1)
+
+    def step_fn(step):
+        weight.grad = torch.ones(3)
+        return {"loss": 1.0}, 1
+
+    synced, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (synced.append(f"rename to {b}"), replace(a, b))[1])
+    run.train(step_fn, steps=2, max_grad_norm=1.0, grad_variance=GradVariance([weight]), desc="x", lr=0.1, progress=False)
+    folder = tmp_path / "run"
+    done = synced.index(f"rename to {folder / 'DONE'}")
+    assert {str(folder / "final" / "adapter_model.safetensors"), str(folder / "final")} <= set(synced[:done])
+    first_checkpoint = synced.index(f"rename to {folder / 'checkpoint'}")
+    for name in ("metrics.jsonl", "checkpoint.tmp/training_state.pt", "checkpoint.tmp/state.json"):
+        assert str(folder / name) in synced[:first_checkpoint], name
 
 
 def test_config_values_of_the_wrong_type_or_sign_and_misspelt_task_keys_are_named(policy, tiny_dir, tmp_path):
