@@ -380,6 +380,7 @@ class Policy:
         # objects and swaps their data, so this stays right after the pipeline is moved.
         self._probe = next(self.transformer.parameters())
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._encodable: set[str] = set()  # prompts check_encodable has passed
         # Full-parameter students: name -> a trainable copy of the transformer (the base stays frozen).
         self._full: dict[str, torch.nn.Module] = {}
         self._sources: dict[str, Path] = {}  # adapter -> the folder it was loaded from
@@ -495,6 +496,7 @@ class Policy:
         """Encode a batch of prompts once; the unconditional embedding is computed once and cached."""
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts, not a single string")
+        self.check_encodable(prompts)
         with self._text_encoders_on_device():
             embeds, pooled = self._backend.encode(list(prompts), self.device, self.max_sequence_length)
             if self._negative is None:
@@ -507,6 +509,28 @@ class Policy:
             negative.expand(batch, -1, -1).to(self.dtype),
             negative_pooled.expand(batch, -1).to(self.dtype),
         )
+
+    def check_encodable(self, prompts: Sequence[str]) -> None:
+        """Refuse a prompt that a tokenizer would cut short.
+
+        The tiny base's tokenizers know printable ASCII only, and their unknown token is the end
+        token: CLIP pools at the first end token and attends backwards, so everything after an
+        "é" would silently not reach the model. Real CLIP tokenizers cover every byte and pass.
+        """
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self._encodable:
+                continue
+            for name in ("tokenizer", "tokenizer_2"):
+                tokenizer = getattr(self.pipeline, name, None)
+                end = getattr(tokenizer, "eos_token_id", None)
+                if end is None or getattr(tokenizer, "unk_token_id", None) != end:
+                    continue
+                if end in tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+                    unknown = [c for c in dict.fromkeys(prompt) if end in tokenizer(c, add_special_tokens=False)["input_ids"]]
+                    what = f"characters its {name} cannot encode ({''.join(unknown)!r})" if unknown else f"{tokenizer.eos_token!r}"
+                    raise ValueError(f"prompt {prompt!r} holds {what}, which would end it there and drop the rest; "
+                                     "write it in printable ASCII for this model")
+            self._encodable.add(prompt)
 
     @contextlib.contextmanager
     def _text_encoders_on_device(self) -> Iterator[None]:

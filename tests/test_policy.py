@@ -1,5 +1,6 @@
 import contextlib
 import json
+import re
 import warnings
 
 import pytest
@@ -56,6 +57,15 @@ def test_handmade_tokenizer_gives_distinct_words_distinct_ids(policy):
     assert len({i[1] for i in ids}) == len(words)
     unknown = tokenizer("zq7").input_ids  # falls back to characters, never to nothing
     assert len(unknown) > 3 and tokenizer.unk_token_id not in unknown[1:-1]
+
+
+def test_a_prompt_the_tiny_tokenizers_would_cut_short_is_refused(policy):
+    """Their unknown token is the end token: the text after an unknown character would be lost."""
+    with pytest.raises(ValueError, match=r"prompt 'a café on a red square' holds characters its tokenizer cannot encode \('é'\)"):
+        policy.encode(["a red square", "a café on a red square"])
+    with pytest.raises(ValueError, match=re.escape("holds '<|endoftext|>', which would end it there")):
+        policy.encode(["a red <|endoftext|> square"])
+    assert policy.encode(['a sign that says "HI5"\tin red']).embeds.shape[0] == 1  # any printable ASCII, any space
 
 
 def test_prompts_change_the_velocity(policy):

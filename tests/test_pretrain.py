@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,36 @@ def test_pretrain_base_writes_a_loadable_pipeline(tmp_path):
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
 
 
+def test_a_rebuild_killed_while_saving_leaves_the_old_pipeline_whole(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from opd_bench.tiny import build
+
+    config = PretrainConfig(num_images=8, vae_steps=1, vae_batch=4, steps=1, batch=4, reconstruction_limit=0, num_layers=1, num_heads=1)
+    pretrain_base(tmp_path, config)
+    old = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text("{}")  # a user's own files beside the pipeline stay
+    save = build.save_pipeline
+
+    def killed(pipeline, folder):
+        save(pipeline, folder)
+        (Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "save_pipeline", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_base(tmp_path, replace(config, seed=1))
+    assert old == {p: (tmp_path / p).read_bytes() for p in old}
+    monkeypatch.setattr(build, "save_pipeline", save)
+    info = pretrain_base(tmp_path, replace(config, seed=1))  # the rebuild --force runs next time
+    assert json.loads((tmp_path / "pretrain_info.json").read_text())["config"]["seed"] == info["config"]["seed"] == 1
+    weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
+    assert (tmp_path / weights).read_bytes() != old[weights] and (tmp_path / "eval" / "results.json").exists()
+    assert not list(tmp_path.glob(".pretrain*")) and not list(tmp_path.glob("*.partial"))
+    Policy.from_pretrained(str(tmp_path))
+
+
 def test_pretrain_settings_and_folders_that_cannot_make_a_base_are_refused_before_work(tmp_path):
     from opd_bench.cli import main
 
@@ -44,9 +75,15 @@ def test_pretrain_settings_and_folders_that_cannot_make_a_base_are_refused_befor
                             ({"batch": -4}, r"batch=-4 \(needs >= 1\)"), ({"max_minutes": 0.0}, r"max_minutes=0.0 \(needs > 0"),
                             ({"seed": -1}, r"seed=-1 \(needs >= 0\)"), ({"mixture": {"geneval": 0.5, "foo": 0.5}}, "mixture names 'foo'"),
                             ({"device": "bogus"}, "device 'bogus' is not a device"),
-                            ({"sigma_shift": 0.0}, r"sigma_shift=0.0 \(needs > 0")):
+                            ({"sigma_shift": 0.0}, r"sigma_shift=0.0 \(needs > 0"),
+                            # each of these failed only after the VAE phase, or trained a broken base
+                            ({"warmup": -1}, r"warmup=-1 \(needs >= 0"), ({"ema": 1.5}, r"ema=1.5 \(needs in \[0, 1\)"),
+                            ({"cfg_dropout": 2.0}, r"cfg_dropout=2.0 \(needs in \[0, 1\]"),
+                            ({"vae_crop": 30}, r"vae_crop=30 \(needs a multiple of 4 .* up to 64"), ({"vae_crop": 100}, "vae_crop=100"),
+                            ({"mixture": {"geneval": 1.5, "ocr": -0.5}}, "mixture weights must be numbers >= 0")):
         with pytest.raises(ValueError, match=problem):
             PretrainConfig(**change)
+    assert PretrainConfig(warmup=0).warmup == 0  # no warmup: the first step takes the full rate
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json").write_text("{}")
@@ -66,7 +103,7 @@ def test_tag_weights_and_coloured_position_change_only_the_geneval_scenes():
     weighted, weighted_words = training_records(PretrainConfig(num_images=3000, tag_weights={"position": 10}, coloured_position=True))
     share = {name: sum(r.get("tag") == "position" for r in records) / 3000 for name, records in (("plain", plain), ("weighted", weighted))}
     assert 0.04 < share["plain"] < 0.09 and 0.22 < share["weighted"] < 0.31  # 0.4 / 6 and 0.4 x 10 / 15
-    assert sum("include" not in r for r in weighted) == sum("include" not in r for r in plain)  # ocr and pref as drawn
+    assert [r for r in weighted if "include" not in r] == [r for r in plain if "include" not in r]  # ocr and pref as drawn
     coloured = [r for r in weighted if r.get("tag") == "position"]
     assert all(len({c["color"] for c in r["include"]}) == 2 and r["include"][0]["color"] in r["prompt"] for r in coloured)
     assert weighted_words == words  # colour words are already in the vocabulary

@@ -179,6 +179,32 @@ def test_detector_colours_and_masks():
     assert detect.detect(render.draw_objects([], "textured", rng)) == []
 
 
+def test_the_detector_reads_every_image_form_or_refuses_it():
+    img = render.draw_objects([{"class": "square", "color": "red", "box": (20, 20, 24.0)}], "plain", np.random.default_rng(0))
+    floats = render.to_tensor([img])[0]
+    expected = [(d["class"], d["color"]) for d in detect.detect(img)]
+    assert expected == [("square", "red")]
+    for form in (floats, floats.numpy().transpose(1, 2, 0), floats.to(torch.bfloat16), (floats * 255).round().to(torch.uint8),
+                 np.asarray(img)):  # a uint8 tensor used to be read as floats and clipped to white: no detections
+        assert [(d["class"], d["color"]) for d in detect.detect(form)] == expected
+    for bad, problem in (((floats * 255).numpy(), r"float images must be in \[0, 1\], got values up to 210.0"),
+                         (np.zeros((64, 64, 4), np.uint8), r"an RGB image.*got shape \(64, 64, 4\)"),
+                         (np.zeros((64, 64, 3), np.int64), "uint8 .* or floats in")):
+        with pytest.raises(ValueError, match=problem):
+            detect.detect(bad)
+
+
+def test_records_the_world_cannot_draw_are_named():
+    assert render.render({"text": "ABCDE"}).size == (64, 64)
+    for record, problem in (({"text": "ABCDEF"}, "text 'ABCDEF' .* at most 5 characters fit the 64 px image"),
+                            ({"text": "AB", "surface": "wall"}, "surface 'wall'"),
+                            ({"include": [{"class": "square", "count": 1, "color": "magenta"}]}, "colour 'magenta'.*the world has red"),
+                            ({"include": [{"class": "blob", "count": 1}]}, "class 'blob'"),
+                            ({"objects": [{"class": "square", "color": "red", "size": "huge"}]}, "size 'huge'")):
+        with pytest.raises(ValueError, match=problem):
+            render.render(record)
+
+
 # --------------------------------------------------------------------------------------------
 # wrong scenes
 

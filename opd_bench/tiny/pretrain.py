@@ -3,12 +3,13 @@
 ``opd-bench pretrain base --out DIR`` runs :func:`pretrain_base`. Steps:
 
 1. render ``num_images`` scenes from the three train prompt files (seeded) and give each a
-   web-like caption (:mod:`opd_bench.tiny.captions`), re-drawn every epoch;
+   web-like caption (:mod:`opd_bench.tiny.captions`), drawn afresh each time the scene is sampled;
 2. train the AutoencoderKL on the images (L1 + MSE + a small KL), then encode every image once and
    set the VAE's ``shift_factor`` / ``scaling_factor`` to the latents' mean and 1 / std;
 3. train the transformer and both CLIP text encoders jointly with the rectified-flow loss
    (SD3's logit-normal timesteps, ``v = eps - x0``), captions dropped to "" at ``cfg_dropout`` so
-   classifier-free guidance works; the transformer's EMA weights are saved.
+   classifier-free guidance works; the transformer's EMA weights are saved, beside the text
+   encoders' last weights (they have no EMA).
 
 The result is an ordinary diffusers folder that ``Policy.from_pretrained`` loads like SD3.5.
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,13 +96,19 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         from opd_bench.training import check_fields, check_field_types
+        from opd_bench.world.spec import IMAGE_SIZE
 
         check_field_types("pretrain config", self)
         check_fields("pretrain config", self, {  # a 0-step or 0-layer base saved as if trained, or a late traceback
             name: (getattr(self, name) >= 1, ">= 1") for name in
             ("num_images", "vae_steps", "vae_batch", "steps", "batch", "num_layers", "num_heads", "text_layers", "latent_channels")
         } | {"seed": (self.seed >= 0, ">= 0"), "sigma_shift": (self.sigma_shift > 0, "> 0 (1: unshifted)"),
-             "max_minutes": (self.max_minutes is None or self.max_minutes > 0, "> 0, or null")})
+             "max_minutes": (self.max_minutes is None or self.max_minutes > 0, "> 0, or null"),
+             "warmup": (self.warmup >= 0, ">= 0 (0: none)"), "ema": (0 <= self.ema < 1, "in [0, 1)"),
+             "cfg_dropout": (0 <= self.cfg_dropout <= 1, "in [0, 1]"),
+             # crops are VAE training images: a whole number of latent pixels, inside the rendered side
+             "vae_crop": (0 < self.vae_crop <= IMAGE_SIZE and self.vae_crop % 2 ** (len(self.vae_channels) - 1) == 0,
+                          f"a multiple of {2 ** (len(self.vae_channels) - 1)} (the VAE's downsampling) up to {IMAGE_SIZE}")})
         from opd_bench.geneval import TAGS
 
         odd = sorted(set(self.tag_weights) - set(TAGS))
@@ -111,6 +120,8 @@ class PretrainConfig:
         unknown = sorted(set(self.mixture) - {"geneval", "ocr", "pref"})
         if unknown:
             raise ValueError(f"mixture names {unknown[0]!r}; its tasks are geneval, ocr and pref")
+        if any(not isinstance(w, (int, float)) or w < 0 for w in self.mixture.values()):
+            raise ValueError(f"mixture weights must be numbers >= 0; got {self.mixture}")
         if abs(sum(self.mixture.values()) - 1) > 1e-6:
             raise ValueError(f"mixture weights must sum to 1, got {self.mixture}")
         if self.num_images < self.batch:
@@ -138,11 +149,12 @@ def training_records(config: PretrainConfig) -> tuple[list[dict], list[str]]:
 
     weights = np.array([config.tag_weights.get(tag, 1) for tag in TAGS], dtype=float)
     by_tag = {tag: [r for r in pools.get("geneval", []) if r["tag"] == tag] for tag in TAGS} if config.tag_weights else {}
+    tags = np.random.default_rng([config.seed, 13])  # its own draws: weights change no OCR or pref scene
 
     def draw(name: str) -> dict:
         pool = pools[name]
         if name == "geneval" and config.tag_weights:  # the tag first, by weight (without weights: the file's balance)
-            pool = by_tag[TAGS[int(rng.choice(len(TAGS), p=weights / weights.sum()))]]
+            pool = by_tag[TAGS[int(tags.choice(len(TAGS), p=weights / weights.sum()))]]
         return pool[int(rng.integers(len(pool)))]
 
     records = [draw(names[k]) for k in picks]
@@ -268,7 +280,7 @@ def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config:
             total = max(21, min(total, int(60 * config.max_minutes / per_step)))
             bar.total = total
             log({"phase": "denoiser", "planned_steps": total, "seconds_per_step": per_step})
-        lr = config.lr * min(1.0, (step + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+        lr = config.lr * min(1.0, (step + 1) / max(config.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total))
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.randint(len(latents), (config.batch,), generator=generator)
@@ -312,7 +324,7 @@ def train_denoiser(pipeline, latents: torch.Tensor, records: list[dict], config:
 
 def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> dict:
     """Run the whole pretraining and save the pipeline to ``out_dir``; returns a summary."""
-    from opd_bench.io import atomic_write_json
+    from opd_bench.io import atomic_write_json, sync_folder
     from opd_bench.tiny.build import build_pipeline, save_pipeline
 
     config = config or PretrainConfig()
@@ -345,13 +357,35 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     pipeline.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     latents = (latents - shift) * scale
     summary = train_denoiser(pipeline, latents, records, config, log)
-    save_pipeline(pipeline.to("cpu"), out_dir)
+    # The new pipeline is saved beside the old one and moved in by renames, model_index.json (what
+    # makes the folder a pipeline) last, so a kill while saving also leaves the old one whole.
+    staging = out_dir / ".pretrain.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_pipeline(pipeline.to("cpu"), staging)
     summary.update(
         render_seconds=t_render, vae_seconds=t_vae, vae_reconstruction_scores=vae_bound, total_seconds=time.time() - t0,
         latent_shift=shift, latent_scale=scale, config=asdict(config), architecture=architecture.to_dict(),
         torch=torch.__version__, threads=torch.get_num_threads(),
     )
-    atomic_write_json(out_dir / "pretrain_info.json", summary)
+    atomic_write_json(staging / "pretrain_info.json", summary)
     log_file.close()
-    log_path.replace(out_dir / "pretrain_log.jsonl")
+    sync_folder(staging)
+    _move_entries(staging, out_dir, last="model_index.json")
+    log_path.replace(out_dir / "pretrain_log.jsonl")  # last: until then --force may replace the folder's leftovers
     return summary
+
+
+def _move_entries(source: Path, target: Path, last: str) -> None:
+    """Rename every file and folder of ``source`` over its namesake in ``target`` (``last`` last),
+    then remove ``source``; a folder being replaced is set aside first (a rename cannot replace a
+    non-empty folder) and deleted after."""
+    aside = target / ".pretrain.old"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    for entry in sorted(source.iterdir(), key=lambda p: (p.name == last, p.name)):
+        destination = target / entry.name
+        if destination.is_dir() and not destination.is_symlink():
+            os.replace(destination, aside / entry.name)
+        os.replace(entry, destination)
+    shutil.rmtree(aside)
+    source.rmdir()

@@ -87,16 +87,27 @@ def to_array(image: Any) -> np.ndarray:
     float32 [H, W, 3] in 0-255."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float32)
-    if hasattr(image, "detach"):  # torch tensor
-        image = image.detach().float().cpu().numpy()
+    if hasattr(image, "detach"):  # torch tensor; a uint8 one stays uint8 (0-255), floats (bfloat16 too) become float32
+        import torch  # already loaded, since a tensor came in
+
+        image = image.detach().cpu()
+        image = (image if image.dtype == torch.uint8 else image.float()).numpy()
     arr = np.asarray(image)
     if arr.ndim != 3:
         raise ValueError(f"expected one image with 3 dimensions, got shape {arr.shape}")
     if arr.shape[0] == 3 and arr.shape[-1] != 3:
         arr = np.transpose(arr, (1, 2, 0))
+    if arr.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image, [3, H, W] or [H, W, 3], got shape {arr.shape}; convert it to RGB first")
     if arr.dtype == np.uint8:
         return arr.astype(np.float32)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"expected uint8 (0-255) or floats in [0, 1], got {arr.dtype}; convert the image to one of them")
+    if arr.size and float(np.nanmax(arr)) > 2.0:  # generated images overshoot 1 a little; 0-255 floats would clip to white
+        raise ValueError(f"float images must be in [0, 1], got values up to {float(np.nanmax(arr)):.1f}; "
+                         "divide by 255, or pass uint8")
     return np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0
+
 
 
 # --------------------------------------------------------------------------------------------

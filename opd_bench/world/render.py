@@ -350,10 +350,44 @@ def ocr_image(record: dict, rng: np.random.Generator) -> Image.Image:
 # public API
 
 
+def _text_width(length: int) -> int:
+    cells = _text_cells("W" * length)[1]
+    return cells[2] - cells[0]
+
+
+def _check_record(record: dict, family: str) -> None:
+    """A ``ValueError`` naming the field of ``record`` the world cannot draw (a bare KeyError, or
+    a text cut off at the image's edge, otherwise)."""
+    def one_of(field: str, value, allowed) -> None:
+        if value not in allowed:
+            raise ValueError(f"cannot render {field} {value!r} of record {record.get('id', record)!r}; the world has "
+                             f"{', '.join(map(str, allowed))}")
+
+    if family == "ocr":
+        one_of("surface", record.get("surface", "sign"), spec.TEXT_SURFACES)
+        text = record["text"]
+        if _text_width(len(text)) > spec.IMAGE_SIZE:
+            fits = max(n for n in range(1, spec.IMAGE_SIZE) if _text_width(n) <= spec.IMAGE_SIZE)
+            raise ValueError(f"cannot render text {text!r} of record {record.get('id', record)!r}: at most {fits} characters "
+                             f"fit the {spec.IMAGE_SIZE} px image")
+        return
+    objects = record["include"] if family == "geneval" else record["objects"]
+    for obj in objects:
+        one_of("class", obj["class"], spec.SHAPES)
+        if obj.get("color") is not None or family == "pref":
+            one_of("colour", obj.get("color"), spec.COLOR_NAMES)
+        if family == "pref":
+            one_of("size", obj.get("size", "medium"), spec.SIZES)
+    if family == "pref":
+        one_of("background", record.get("background", {}).get("kind", "plain"), spec.BACKGROUNDS)
+
+
 def render_scene(record: dict, seed: int = 0) -> tuple[Image.Image, list[dict]]:
-    """Image and the drawn objects (empty for ocr records) of ``record`` under ``seed``."""
+    """Image and the drawn objects (empty for ocr records) of ``record`` under ``seed`` (taken
+    modulo 2**32)."""
     rng = _record_rng(record, seed)
     family = record_family(record)
+    _check_record(record, family)
     if family == "ocr":
         return ocr_image(record, rng), []
     if family == "geneval":
