@@ -1,4 +1,5 @@
-"""Declarative, versioned benchmark specs and their registry, plus the prompt-file reader.
+"""Declarative, versioned benchmark specs and their registry, plus the prompt-file reader and the
+``Prompt`` it reads into (torch-free, as listing suites and benchmarks must be).
 
 A benchmark is data, not code: a name, a suite, a version, prompt files in JSON lines, the reward
 that scores it, the metric that aggregates the scores, and how many images each prompt gets.
@@ -15,10 +16,34 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from opd_bench.registry import Registry
-from opd_bench.rollout import Prompt
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 METRICS = ("mean", "geneval")
+
+
+@dataclass
+class Prompt:
+    """A prompt's text, its task and its record (what the rewards read). Here, not in ``rollout``
+    (which re-exports it): the specs that read prompt files are then imported without torch."""
+
+    text: str
+    task: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # rewards see metadata only: the per-task reward routes on metadata["task"], which prompt files carry
+        if self.task and "task" not in self.metadata:
+            self.metadata = {**self.metadata, "task": self.task}
+
+    @classmethod
+    def coerce(cls, value: "Prompt | str | dict") -> "Prompt":
+        if isinstance(value, Prompt):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, dict) and "prompt" in value:
+            return cls(value["prompt"], value.get("task", ""), dict(value))
+        raise TypeError(f"a prompt must be a Prompt, a string or a record with 'prompt', got {value!r}")
 
 
 class PromptFileError(ValueError):

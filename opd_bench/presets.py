@@ -62,8 +62,20 @@ class RunPlan:
             "variance_noise_levels": (bool(self.variance_noise_levels) and all(
                 isinstance(v, (int, float)) and v >= 0 for v in self.variance_noise_levels), "a non-empty list of numbers >= 0"),
             "variance_repeats": (whole(self.variance_repeats, 2), "an integer >= 2"),
+            # the ratio the report quotes is read from the grid's row at this point: one outside it was NaN
+            "variance_reference": (self._reference_in_grid(), f"a pair [batch, noise level] with the batch one of "
+                                   f"variance_batches {list(self.variance_batches)} and the noise level one of "
+                                   f"variance_noise_levels {list(self.variance_noise_levels)}"),
             "sample_prompts_per_task": (whole(self.sample_prompts_per_task, 1), "an integer >= 1"),
         })
+
+    def _reference_in_grid(self) -> bool:
+        reference = self.variance_reference
+        if not isinstance(reference, (list, tuple)) or len(reference) != 2:
+            return False
+        batch, noise = reference
+        return (isinstance(batch, int) and not isinstance(batch, bool) and batch in self.variance_batches
+                and isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise in self.variance_noise_levels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,20 +204,27 @@ def _parse(text: str) -> Any:
         return text
 
 
+SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
+
+
 def _coerce(where: str, current: Any, value: Any, annotation: str) -> Any:
-    """``value`` in the type of the field's present value, or an ``OverrideError`` saying what it takes."""
+    """``value`` in the type of the field: the one its annotation names where that is a plain bool,
+    int, float or str (optional or not), else that of its present value; or an ``OverrideError``
+    saying what it takes. By the annotation, not the value: a preset may hold an int in a float
+    field (``lora_alpha=16``), which still takes 32.5."""
+    optional = "None" in annotation
+    kind = SCALARS.get(annotation.replace(" | None", ""))
+    example = current if current is not None or kind is None else kind()
+
     def wrong(takes: str) -> OverrideError:
-        return OverrideError(f"--set {where}={json.dumps(value)}: takes {takes}, e.g. {where}={json.dumps(current)}")
+        takes += ", or null" if optional else ""
+        return OverrideError(f"--set {where}={json.dumps(value)}: takes {takes}, e.g. {where}={json.dumps(example)}")
 
     if dataclasses.is_dataclass(current):
         fields = ", ".join(f.name for f in dataclasses.fields(current))
         raise OverrideError(f"--set {where}: is a config of its own; set one of its fields ({fields}), e.g. {where}.lr=1e-4")
-    if value is None and "None" in annotation:  # an optional field switched off
+    if value is None and optional:  # an optional field switched off
         return None
-    if current is None:  # an optional field now off: the type its annotation names
-        current = next((kind() for name, kind in (("float", float), ("int", int), ("str", str)) if name in annotation), None)
-        if current is None:
-            return value
     if annotation.startswith("float | list"):  # one value, or one per item (noise_level)
         if isinstance(value, list):  # numbers as floats, as a single value is; the config checks the rest
             return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
@@ -213,19 +232,20 @@ def _coerce(where: str, current: Any, value: Any, annotation: str) -> Any:
             raise OverrideError(f"--set {where}={json.dumps(value)}: takes a number or a JSON list of numbers, "
                                 f"e.g. {where}=0.7 or {where}=[0.7,0.7,0,0]")
         return float(value)
-    if isinstance(current, bool):
+    kind = kind or type(current)
+    if kind is bool:
         if not isinstance(value, bool):
             raise wrong("true or false")
         return value
-    if isinstance(current, int):
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong("an integer")
         return value
-    if isinstance(current, float):
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong("a number")
         return float(value)
-    if isinstance(current, str):
+    if kind is str:
         if not isinstance(value, str):
             raise wrong("a word")
         return value
@@ -257,6 +277,8 @@ def _set_field(config: Any, path: list[str], value: Any, where: str) -> Any:
         new = _set_field(current, path[1:], value, where)
     else:
         new = _coerce(where, current, value, annotations[name])
+        if new == current:  # 16.0 for a preset's 16: kept as it was, so the plan's JSON (teacher keys) is too
+            new = current
     try:
         return replace(config, **{name: new})
     except (TypeError, ValueError) as error:  # the config's own checks (ranges, choices)
@@ -339,6 +361,9 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
         if head in SECTIONS and rest and rest[-1] == "eval_limit":  # a field nothing reads (see GRPOConfig)
             raise OverrideError(f"--set {where}: the curves during training score the run field train_eval_limit "
                                 f"test prompts per benchmark (now {run_plan.train_eval_limit}); use --set train_eval_limit=N")
+        if head == "teacher" and len(rest) > 2:  # a teacher config has no nested configs
+            raise OverrideError(f"--set {where}: the name has too many parts; a teacher's field is teacher.FIELD "
+                                "or teacher.TASK.FIELD, e.g. teacher.lr=1e-4 or teacher.pref.lr=1e-4")
         if head == "teacher" and len(rest) == 2:  # teacher.TASK.FIELD
             return _set_teacher_of(run_plan, rest[0], rest[1], value, where, tasks)
         elif head in SECTIONS:
@@ -354,6 +379,7 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
                                 f"{', '.join(SECTIONS)}; run fields: {', '.join(plan_fields)}")
 
     run_plan = _in_any_order(run_plan, pairs, apply)
+    run_plan = _without_teacher_wide_values(run_plan)
     for task, own in run_plan.teacher_overrides.items():  # a teacher-wide change made after one task's
         try:
             run_plan.teacher_for(task)
@@ -368,6 +394,18 @@ def apply_overrides(run_plan: RunPlan, pairs: Sequence[str], tasks: Sequence[str
         raise OverrideError(f"--set cascade.stages: the suite has no task {unknown[0]!r}{_suggest(unknown[0], tasks)}; "
                             f"tasks: {', '.join(tasks)}")
     return run_plan
+
+
+def _without_teacher_wide_values(run_plan: RunPlan) -> RunPlan:
+    """``run_plan`` without the per-task teacher changes that equal the teacher-wide value: they
+    change no teacher, and kept they would make a plan equal to its preset another experiment.
+    Dropped once every change is applied: a later teacher-wide change can make them a change again."""
+    kept = {}
+    for task, own in run_plan.teacher_overrides.items():
+        own = {name: value for name, value in own.items() if value != getattr(run_plan.teacher, name)}
+        if own:
+            kept[task] = own
+    return replace(run_plan, teacher_overrides=kept)
 
 
 PER_TASK_FIELDS = ("reward_weights", "teacher_guidance")  # dicts keyed by task, checked by the trainers too

@@ -11,38 +11,17 @@ or on the device; the same seed gives the same trajectory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Iterable, Sequence
 
 import torch
 
+from opd_bench.benchmarks import Prompt  # defined there, torch-free, so listing suites loads no torch; re-exported here
 from opd_bench.policy import Policy, PromptEmbeds
 from opd_bench.sde import flow_step
 
 KEEP_DEFAULT = frozenset({"latents", "images"})
 KEEP_CHOICES = frozenset({"latents", "means", "images"})
-
-
-@dataclass
-class Prompt:
-    text: str
-    task: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # rewards see metadata only: the per-task reward routes on metadata["task"], which prompt files carry
-        if self.task and "task" not in self.metadata:
-            self.metadata = {**self.metadata, "task": self.task}
-
-    @classmethod
-    def coerce(cls, value: "Prompt | str | dict") -> "Prompt":
-        if isinstance(value, Prompt):
-            return value
-        if isinstance(value, str):
-            return cls(value)
-        if isinstance(value, dict) and "prompt" in value:
-            return cls(value["prompt"], value.get("task", ""), dict(value))
-        raise TypeError(f"a prompt must be a Prompt, a string or a record with 'prompt', got {value!r}")
 
 
 @dataclass

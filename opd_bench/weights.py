@@ -137,6 +137,8 @@ def check_safetensors(path: str | os.PathLike) -> None:
             try:
                 header = json.loads(handle.read(header_size))
                 ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+                if not all(isinstance(end, int) and not isinstance(end, bool) for end in ends):
+                    raise TypeError("a data_offsets entry is not an integer")  # "12" would fail the sum below
             except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
                 problem = f"its header is not valid ({type(error).__name__})"
             else:
@@ -153,6 +155,33 @@ class CorruptWeightsError(ValueError):
     """A weights file that is truncated or corrupt; the message names it."""
 
 
+def indexed_shards(component: str | os.PathLike) -> list[Path] | None:
+    """The shard files that a sharded component's ``*.safetensors.index.json`` names (sorted), or
+    None without an index. A shard it names that is not there is refused, naming it: the shards
+    that are there would pass every other check (an interrupted copy)."""
+    import json
+
+    component = Path(component)
+    indexes = sorted(component.glob("*.safetensors.index.json"))
+    if not indexes:
+        return None
+    shards: set[Path] = set()
+    for index in indexes:
+        try:
+            names = list(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            if not all(isinstance(name, str) for name in names):
+                raise TypeError("a weight_map entry is not a file name")
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise CorruptWeightsError(f"shard index {str(index)!r} is not valid ({type(error).__name__}: no weight_map "
+                                      "of tensor -> file); copy it again") from None
+        missing = sorted({name for name in names if not (component / name).is_file()})
+        if missing:
+            raise MissingWeightsError(f"weights file {str(component / missing[0])!r} is missing: {index.name} names it "
+                                      f"({len(missing)} of {len(set(names))} shards missing); copy the folder again")
+        shards |= {component / name for name in names}
+    return sorted(shards)
+
+
 def check_pipeline_folder(folder: str | os.PathLike) -> None:
     """Check a local diffusers pipeline folder's weights before diffusers loads it.
 
@@ -162,6 +191,7 @@ def check_pipeline_folder(folder: str | os.PathLike) -> None:
     """
     folder = Path(folder)
     for component in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+        indexed_shards(component)  # a sharded component has every shard its index names
         files = sorted(component.glob("*.safetensors"))
         if not files and not any(component.glob("*.bin")):  # .bin: an old checkpoint diffusers can still load
             raise MissingWeightsError(

@@ -196,6 +196,30 @@ def test_a_killed_evaluation_resumes_from_its_finished_benchmarks(tmp_path, monk
     assert not (out / "parts").exists()
 
 
+def test_an_evaluation_at_another_resolution_does_not_reuse_the_finished_benchmarks(tmp_path, monkeypatch):
+    """The image side (the sd config's `resolution`) decides the scores as the seed does: a rerun at
+    another one is refused, not joined with benchmarks drawn at the old one."""
+    import opd_bench.evaluate as evaluate
+    from opd_bench.suites import Suite
+
+    real = evaluate.evaluate_benchmark
+
+    def killed_at_ocr(spec, *a, **k):
+        if spec.name == "ocr":
+            raise KeyboardInterrupt  # the process dies during the second benchmark
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(evaluate, "evaluate_benchmark", killed_at_ocr)
+    out = tmp_path / "e"
+    args = ["eval", "--model", "renderer", "--benchmarks", "geneval,ocr", "--limit", "1", "--images-per-prompt", "1",
+            "--out", str(out)]
+    CliRunner().invoke(main, args)
+    assert json.loads((out / "parts" / "geneval.json").read_text())["depends_on"]["resolution"] is None
+    monkeypatch.setattr(Suite, "image_side", lambda self: 32)  # as an sd config's "resolution": 32 would
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "unfinished evaluation with other settings (resolution" in refused.output, refused.output
+
+
 # ------------------------------------------------------------------ bad input: one line, nothing lost
 def test_a_device_this_machine_lacks_is_one_line_error_before_anything_loads(tmp_path, monkeypatch):
     import torch

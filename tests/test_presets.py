@@ -71,11 +71,41 @@ def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
     ('cascade.grpo.reward_weights={"ocr": 2}', "--set cascade.grpo.reward_weights: a teacher or cascade stage trains on its own"),
     ('teacher.reward_weights={"geneval": 2}', "--set teacher.reward_weights: a teacher or cascade stage"),
     ('teacher.ocr.reward_weights={"gneval": 2}', "--set teacher.ocr.reward_weights: a teacher or cascade stage"),
+    ("eval_limit=None", 'eval_limit="None": takes an integer, or null, e.g. eval_limit=2'),  # JSON's null, not Python's
+    ("opd.ema=fast", 'opd.ema="fast": takes a number, or null, e.g. opd.ema=0.0'),
+    ("teacher.pref.lr.x=4", "--set teacher.pref.lr.x: the name has too many parts; a teacher's field is teacher.FIELD "
+                            "or teacher.TASK.FIELD"),
+    # the variance ratio is read at this point of the grid: a point outside it gave NaN at the end of the run
+    ("variance_reference=[2]", "variance_reference=(2,) (needs a pair [batch, noise level] with the batch one of "
+                               "variance_batches [1, 2] and the noise level one of variance_noise_levels [0.7])"),
+    ('variance_reference=["a", "b"]', "variance_reference=('a', 'b') (needs a pair [batch, noise level]"),
+    ("variance_reference=[4, 0.7]", "variance_reference=(4, 0.7) (needs a pair [batch, noise level]"),
+    ("variance_reference=[2, 0.3]", "variance_reference=(2, 0.3) (needs a pair [batch, noise level]"),
+    ("variance_noise_levels=[0.3]", "variance_reference=(2, 0.7) (needs a pair [batch, noise level]"),
 ])
 def test_a_bad_change_is_refused_with_the_fix(pair, message):
     with pytest.raises(OverrideError) as error:
         apply_overrides(plan("smoke"), [pair], tasks=TASKS)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_float_field_takes_a_fraction_where_the_preset_holds_a_whole_number():
+    standard = plan("standard")
+    assert standard.teacher.lora_alpha == 16 and isinstance(standard.teacher.lora_alpha, int)  # annotated float
+    assert apply_overrides(standard, ["teacher.lora_alpha=32.5"], tasks=TASKS).teacher.lora_alpha == 32.5
+    assert apply_overrides(standard, ["teacher.pref.lora_alpha=8.5"], tasks=TASKS).teacher_for("pref").lora_alpha == 8.5
+    same = apply_overrides(standard, ["teacher.lora_alpha=16"], tasks=TASKS)  # no change: the plan's JSON is the preset's
+    assert json.dumps(same.to_dict()) == json.dumps(standard.to_dict())
+
+
+def test_a_per_task_teacher_change_equal_to_the_teacher_wide_value_is_no_change():
+    standard = plan("standard")
+    assert apply_overrides(standard, [f"teacher.pref.lr={standard.teacher.lr}"], tasks=TASKS) == standard
+    # equal to the teacher-wide value as it ends up, whatever the order
+    after = apply_overrides(standard, ["teacher.pref.lr=2e-3", "teacher.lr=2e-3", "teacher.ocr.lr=1e-3"], tasks=TASKS)
+    assert after.teacher.lr == 2e-3 and after.teacher_overrides == {"ocr": {"lr": 1e-3}}
+    paper = plan("paper")  # its pref teacher's own kl_beta, set teacher-wide: one value for all
+    assert apply_overrides(paper, ["teacher.kl_beta=0.01"], tasks=TASKS).teacher_overrides == {}
 
 
 def test_a_teacher_trained_at_another_cfg_scale_is_queried_at_its_own_or_refused():

@@ -1,5 +1,7 @@
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +27,19 @@ def test_registry_is_lazy_and_refuses_duplicates():
         registry.resolve("lazy")
     with pytest.raises(ValueError, match="already registered"):
         registry.register("lazy", "x:y")
+
+
+def test_suites_and_their_benchmarks_import_without_torch():
+    """`list benchmarks` and a mistyped --suite answer before torch loads (1-2 s), as the registry promises."""
+    code = (
+        "import sys; from click.testing import CliRunner; from opd_bench.cli import main;"
+        "import opd_bench.suites, opd_bench.suites.sd; opd_bench.suites.get('tiny').benchmark('ocr').prompts();"
+        "assert CliRunner().invoke(main, ['list', 'benchmarks']).exit_code == 0;"
+        "r = CliRunner().invoke(main, ['eval', '--suite', 'tnyi', '--out', 'never']);"
+        "assert r.exit_code == 2 and \"Did you mean 'tiny'\" in r.output, r.output;"
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_reward_output_shape_is_checked():

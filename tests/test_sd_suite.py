@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -174,6 +175,45 @@ def test_config_mistakes_are_one_line_errors_before_anything_loads(tmp_path):
     suites.configure("sd", geneval={"test": str(text)})
     with pytest.raises(PromptFileError, match=r"needs JSON lines with the fields \['prompt', 'tag', 'include'\]"):
         suites.get("sd").benchmark("geneval").prompts()
+
+
+def test_a_prompt_file_that_is_not_a_path_is_a_config_error():
+    for task, key, value in (("ocr", "test", 5), ("geneval", "train", ["a.jsonl"])):  # a TypeError traceback
+        with pytest.raises(sd.SuiteConfigError, match=re.escape(f"sd suite config: {task}.{key} must be a prompt file's "
+                                                                f"path (a string), got {value!r}")):
+            suites.configure("sd", {task: {key: value}})
+
+
+def test_keys_that_a_replaced_reward_would_drop_are_refused_or_read_by_the_default_left(tmp_path):
+    """A section's other keys are options of its default rewards; a reward named in `reward` takes its
+    own inside it. Keys no default reward reads any more were dropped without a word."""
+    metadata = write(tmp_path / "evaluation_metadata.jsonl", OFFICIAL)
+    text = write(tmp_path / "prompts.txt", ['A sign that says "Open"'])
+    remote = ["remote", {"url": "http://gpu:8701/"}]
+    suites.configure("sd", ocr={"test": str(text), "reward": "ocr", "engine": "paddleocr"})
+    with pytest.raises(sd.SuiteConfigError) as error:
+        suites.get("sd").benchmark("ocr")
+    assert str(error.value) == ("sd suite config: ocr.engine is an option of the section's default reward, replaced here by "
+                                'ocr.reward; give a reward its options inside it, e.g. "reward": ["ocr", {"engine": ...}]')
+    suites.configure("sd", ocr={"test": str(text), "reward": ["ocr", {"engine": "paddleocr"}]})
+    assert suites.get("sd").benchmark("ocr").reward_options["engine"] == "paddleocr"
+    # GenEval's default training reward still reads them: checked against it, and kept for it
+    suites.configure("sd", geneval={"test": str(metadata), "reward": remote, "model_pth": "/w"})
+    with pytest.raises(sd.SuiteConfigError, match=r"geneval.model_pth is not an option of the 'sd/geneval-partial' reward"):
+        suites.get("sd").benchmark("geneval")
+    suites.configure("sd", geneval={"test": str(metadata), "reward": remote, "model_path": "/w"})
+    assert suites.get("sd").benchmark("geneval").reward_of("train") == ("sd/geneval-partial", {"model_path": "/w"})
+    suites.configure("sd", geneval={"test": str(metadata), "reward": remote, "train_reward": remote, "model_path": "/w"})
+    with pytest.raises(sd.SuiteConfigError, match="geneval.model_path is an option of the section's default reward, "
+                       "replaced here by geneval.reward and geneval.train_reward"):
+        suites.get("sd").benchmark("geneval")
+    # pref: PickScore's options go with PickScore; the scores beside it are still checked
+    suites.configure("sd", pref={"test": str(text), "reward": remote, "pickscore": {"model_path": "/w"}})
+    with pytest.raises(sd.SuiteConfigError, match="pref.pickscore is an option of the section's default reward"):
+        suites.get("sd").benchmark("pref")
+    suites.configure("sd", pref={"test": str(text), "reward": remote, "hpsv2": {"model_pth": "/w"}})
+    with pytest.raises(sd.SuiteConfigError, match=r"pref.hpsv2.model_pth is not an option of the 'hpsv2' reward"):
+        suites.get("sd").benchmark("pref")
 
 
 def test_the_recorded_settings_leave_out_where_a_reward_runs_and_a_remote_token(tmp_path):

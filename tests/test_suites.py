@@ -192,6 +192,43 @@ def test_a_truncated_weights_file_is_named_as_truncated(tiny_dir, tmp_path):
         suites.resolve_model(str(tmp_path / "model"))
 
 
+def _write_safetensors(path, header: dict, data: bytes = b"\0" * 4):
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_a_header_with_offsets_that_are_not_numbers_is_named_as_corrupt(tmp_path):
+    from opd_bench.weights import CorruptWeightsError, check_safetensors
+
+    weights = tmp_path / "w.safetensors"
+    _write_safetensors(weights, {"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}})  # a TypeError
+    with pytest.raises(CorruptWeightsError, match=r"w.safetensors' is truncated or corrupt \(its header is not valid"):
+        check_safetensors(weights)
+
+
+def test_a_sharded_model_needs_every_shard_its_index_names(tmp_path):
+    """A shard missing from a sharded transformer passed the folder check and the fingerprint was
+    taken from the shards that were there; the index says which belong to the model."""
+    folder = tmp_path / "model"
+    transformer = folder / "transformer"
+    transformer.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (transformer / "config.json").write_text("{}")
+    shards = [f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    (transformer / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {f"w{i}": name for i, name in enumerate(shards)}}))
+    for name in shards[:2]:
+        _write_safetensors(transformer / name, {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    for check in (suites.resolve_model, suites.model_fingerprint):
+        with pytest.raises(FileNotFoundError, match=rf"weights file '{transformer / shards[2]}' is missing: "
+                           r"diffusion_pytorch_model.safetensors.index.json names it \(1 of 3 shards missing\)"):
+            check(str(folder))
+    _write_safetensors(transformer / shards[2], {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\1" * 4)
+    fingerprint = suites.model_fingerprint(suites.resolve_model(str(folder)))
+    _write_safetensors(transformer / "leftover.safetensors", {})  # not the model's: the index names it not
+    assert suites.model_fingerprint(str(folder)) == fingerprint is not None
+
+
 def test_missing_weights_mention_safetensors_only(tiny_dir, tmp_path):
     _copy_pipeline(tiny_dir, tmp_path / "model").unlink()
     result = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "model"), "--prompt", "x", "--out", str(tmp_path / "g.png")])

@@ -153,16 +153,20 @@ def resolve_model(model: str) -> str:
 
 def model_fingerprint(model: str) -> str | None:
     """Short hash of a model's transformer weights: the shipped alias's, or a local pipeline
-    folder's (None for a hub id, or a folder without transformer weights).
+    folder's (None for a hub id, or a folder without ``.safetensors`` transformer weights). A
+    sharded transformer is hashed over the shards its index names, each of which must be there.
 
     Weights change under one name: a shipped alias between releases, a local folder rebuilt in
     place (``pretrain base --force``). Run folders, teachers and evaluations record the fingerprint,
     so work done on other weights is never reused or mixed with the new. A shard is hashed once
     per process and file version (a real model's ~5 GB take seconds, beside a minute to load).
     """
+    from opd_bench.weights import indexed_shards
+
     folder = Path(resolve_model(model)) if model in MODELS else Path(model).expanduser()
     transformer = folder / "transformer"
-    shards = sorted(transformer.glob("*.safetensors")) if transformer.is_dir() else []
+    # a sharded model: the shards its index names, every one there (not whichever happen to be)
+    shards = (indexed_shards(transformer) or sorted(transformer.glob("*.safetensors"))) if transformer.is_dir() else []
     if not shards:
         return None
     digests = [_weights_digest(str(shard), shard.stat().st_size, shard.stat().st_mtime_ns) for shard in shards]

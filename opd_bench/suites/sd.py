@@ -13,14 +13,15 @@ the user's, named in one small JSON configuration, one section per benchmark::
     }
 
 In a section, ``test`` / ``train`` are prompt files (relative to the config file, as are relative
-weight paths that exist there), ``reward`` /
-``train_reward`` replace the default reward (a name or ``[name, {options}]``, e.g. ``["remote",
-{"url": ...}]``), and every other key is an option of the default reward (``pref``: one options
-dict per reward name; ``pickscore`` is scored, ``hpsv2`` / ``clipscore`` / ``imagereward`` are
-reported beside it when given). ``device`` is added to the options of the geneval and pref rewards.
-An optional top-level ``resolution`` (pixels) replaces the suite's 512 px image side, e.g. for
-small test pipelines; leave it out for comparable numbers. An optional ``guidance_scale`` replaces
-the evaluation sampler's 4.5 (FLUX.1-dev's distilled guidance is usually 3.5).
+weight paths that exist there), ``reward`` / ``train_reward`` replace the default reward (a name
+or ``[name, {options}]``, e.g. ``["remote", {"url": ...}]``), and every other key is an option of
+the default reward (``pref``: one options dict per reward name; ``pickscore`` is scored, ``hpsv2``
+/ ``clipscore`` / ``imagereward`` are reported beside it when given). Where ``reward`` replaces the
+default, those keys serve the default rewards left (geneval's training reward, pref's extras); a
+key that none is left to read is refused. ``device`` is added to the options of the geneval and
+pref rewards. An optional top-level ``resolution`` (pixels) replaces the suite's 512 px image side,
+e.g. for small test pipelines; leave it out for comparable numbers. An optional ``guidance_scale``
+replaces the evaluation sampler's 4.5 (FLUX.1-dev's distilled guidance is usually 3.5).
 
 Give it with ``OPD_SD_CONFIG=/path/sd.json`` (read when a benchmark is first needed, so the CLI
 works unchanged) or ``opd_bench.suites.configure("sd", path_or_dict, **sections)``. See
@@ -36,9 +37,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from opd_bench.benchmarks import BenchmarkSpec, PromptFileError, read_prompts, read_text_lines, select_prompts
+from opd_bench.benchmarks import BenchmarkSpec, Prompt, PromptFileError, read_prompts, read_text_lines, select_prompts
 from opd_bench.registry import UnknownNameError, did_you_mean
-from opd_bench.rollout import Prompt
 from opd_bench.suites import Suite
 
 CONFIG_ENV = "OPD_SD_CONFIG"
@@ -116,6 +116,9 @@ def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
             raise SuiteConfigError(f"sd suite config: section {task!r} must be an object like {{\"test\": FILE, ...}}")
         section = _weights_next_to(dict(source.get(task) or {}), base)
         for key in FILE_KEYS:
+            if section.get(key) is not None and not isinstance(section[key], str):
+                raise SuiteConfigError(f"sd suite config: {task}.{key} must be a prompt file's path (a string), "
+                                       f"got {section[key]!r}; get {_where(task, key)}")
             if section.get(key):
                 section[key] = str(base / Path(section[key]).expanduser())
         config[task] = section
@@ -284,19 +287,40 @@ def build_spec(task: str, config: dict) -> FileBenchmarkSpec:
     if "reward" in section:
         reward, reward_options = _reward_spec(section["reward"], f"{task}.reward")
         _check_options(reward, reward_options, where=f"{task}.reward.")
-    elif task == "pref":
-        for name in ("pickscore", *PREF_EXTRAS):
-            if (given := _pref_options(config, name)) is not None:
-                _check_options(name, given, where=f"pref.{name}.")
-    else:
-        _check_options(reward, options, where=f"{task}.", section_keys=SPEC_KEYS)
     if "train_reward" in section:
         train_reward, train_options = _reward_spec(section["train_reward"], f"{task}.train_reward")
         _check_options(train_reward, train_options, where=f"{task}.train_reward.")
+    _check_default_options(task, section, options, config)
     built = FileBenchmarkSpec(reward=reward, reward_options=reward_options or {}, train_reward=train_reward,
                               train_reward_options=train_options, **common, **spec)
     built.path("test")  # the test file exists (the train file is checked when training reads it)
     return built
+
+
+# The default rewards that read a section's other keys, each with the section key that replaces it.
+DEFAULT_READERS = {"geneval": (("sd/geneval", "reward"), ("sd/geneval-partial", "train_reward")),
+                   "ocr": (("ocr", "reward"),), "pref": (("pickscore", "reward"),)}
+
+
+def _check_default_options(task: str, section: dict, options: dict, config: dict) -> None:
+    """A section's other keys (``options``) checked against the default rewards left to read them.
+    A reward named in ``reward`` takes its options inside it (``[name, {options}]``): a key that
+    no default reward reads any more is refused rather than dropped without a word."""
+    readers = [name for name, replaced_by in DEFAULT_READERS[task] if replaced_by not in section]
+    unread = [] if readers else sorted({"pickscore"} & set(options) if task == "pref" else options)
+    if unread:
+        replaced = " and ".join(f"{task}.{key}" for key in ("reward", "train_reward") if key in section)
+        name = _reward_spec(section["reward"], f"{task}.reward")[0]
+        raise SuiteConfigError(f"sd suite config: {task}.{unread[0]} is an option of the section's default reward, replaced "
+                               f"here by {replaced}; give a reward its options inside it, e.g. \"reward\": "
+                               f"[\"{name}\", {{\"{unread[0]}\": ...}}]")
+    if task == "pref":  # one options object per reward; HPSv2, CLIPScore and ImageReward are scored whatever replaces PickScore
+        for name in (*readers, *PREF_EXTRAS):
+            if (given := _pref_options(config, name)) is not None:
+                _check_options(name, given, where=f"pref.{name}.")
+    else:
+        for reward in readers:
+            _check_options(reward, options, where=f"{task}.", section_keys=SPEC_KEYS)
 
 
 def _check_options(reward: str, options: dict, *, where: str, section_keys: tuple[str, ...] = ()) -> None:
