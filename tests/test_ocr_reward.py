@@ -161,3 +161,28 @@ def test_batched_equals_one_by_one_and_is_deterministic(reward, batch):
     assert together.details["prediction"] == again.details["prediction"]
     assert torch.equal(together.scores, torch.cat([o.scores for o in alone]))
     assert together.details["prediction"] == [o.details["prediction"][0] for o in alone]
+
+
+def test_a_diverged_image_scores_nan_not_zero(reward, batch):
+    """Rounded to 8 bits its NaN pixels turn black and the image scores like any other (1.0 here,
+    read as "■ AB3"); call_reward gives it NaN, as the remote reward does."""
+    from opd_bench.rewards.base import call_reward
+
+    images, prompts = batch
+    images = images[:2].clone()
+    images[0, :, 10:20, 10:20] = float("nan")
+    out = call_reward(reward, "ocr", images, prompts[:2], [{}, {}])
+    assert math.isnan(out.scores[0].item()) and out.scores[1].item() == 1.0, out
+
+
+def test_preprocessing_rounds_after_upscaling():
+    """Pins the versioned scoring (docs/ocr.md): the float image is upscaled, then rounded, so it
+    can differ from its saved PNG's preprocessing. Changing this changes committed OCR scores."""
+    from opd_bench.rewards.ocr import prepare_images
+
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    png = (image * 255).round() / 255
+    from_float, from_png = prepare_images(image)[0], prepare_images(png)[0]
+    assert from_float.shape == (16 * 3 + 48, 16 * 3 + 48, 3)
+    differ = (from_float != from_png).mean()
+    assert 0 < differ < 0.5 and abs(from_float.astype(int) - from_png.astype(int)).max() <= 1

@@ -77,28 +77,18 @@ def test_pair_data_seeded_and_noisy(pref_test_records):
     assert a.taste.max() - a.taste.min() > 0.3  # a real spread
 
 
-def test_shipped_model_ranks_clear_pairs(pref_test_records):
+def test_shipped_model_ranks_clear_pairs(benchmark_script):
     from opd_bench.rewards.pref import TinyPrefModel
-    from opd_bench.world.pref_data import make_images
 
-    recs = pref_test_records[200:240]
-    images, pidx, tastes, _ = make_images(recs, 5, seed=123)
-    pairs = []
-    for p in range(len(recs)):
-        idx = np.nonzero(pidx == p)[0]
-        for i in idx:
-            for j in idx:
-                if i < j and abs(tastes[i] - tastes[j]) > 0.25:
-                    pairs.append((i, j))
-    pairs = pairs[:50]
-    assert len(pairs) == 50
     model = TinyPrefModel.load()
     assert model.num_parameters() < 2_000_000
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    with torch.no_grad():
-        s = model.score(x, [recs[p]["prompt"] for p in pidx]).numpy()
-    agree = [(s[i] > s[j]) == (tastes[i] > tastes[j]) for i, j in pairs]
-    assert np.mean(agree) >= 0.8, np.mean(agree)
+    # The figures of docs/tiny_pref.md come from this same function (benchmarks/measure_tiny_pref.py).
+    # Measured 2026-12-08: 0.768 of 142 clear pairs. All of them, not the first 50 (0.80, which
+    # passed the old bound of 0.8 with no pair to spare); 0.72 leaves 6 pairs (5 points) for
+    # numerical differences between machines, while a model that ordered at random would get ~0.5.
+    result = benchmark_script("measure_tiny_pref").clear_pair_agreement(model)
+    assert result["pairs"] >= 100, result  # enough pairs for a share to mean something
+    assert result["agree"] >= 0.72, result
 
 
 def test_rewards_shapes_and_nan(pref_test_records):
@@ -142,3 +132,67 @@ def test_tiny_training_lowers_loss(tmp_path):
     assert 0.0 <= m["heldout"]["acc_vs_labels"] <= 1.0
     model = TinyPrefModel.load(tmp_path)
     assert model.config["training"]["num_pairs"] == 48
+
+
+def test_images_must_be_floats_and_a_diverged_image_scores_nan(pref_test_records):
+    from opd_bench import rewards
+    from opd_bench.rewards.base import call_reward
+    from opd_bench.rewards.pref import TinyPrefOracleReward, TinyPrefReward
+
+    metas = pref_test_records[:3]
+    images = render.render_batch(metas, 0)
+    prompts_ = [m["prompt"] for m in metas]
+    eight_bit = (images * 255).round().to(torch.uint8)
+    for reward in (TinyPrefReward(), rewards.get("toy/brightness")):
+        with pytest.raises(ValueError, match=r"floats in \[0, 1\], got torch.uint8; .*images.float\(\) / 255"):
+            reward(eight_bit, prompts_, metas)
+
+    # NaN and inf pixels: tiny/pref clamps inf to 1 and would score the image; toy/brightness
+    # would score it inf. Through call_reward every reward gives NaN, as the remote reward does.
+    images[0, 1, 5, 5] = float("nan")
+    images[1, 0, 0, 0] = float("inf")
+    for name, reward in (("tiny/pref", TinyPrefReward()), ("tiny/pref-oracle", TinyPrefOracleReward()),
+                         ("toy/brightness", rewards.get("toy/brightness"))):
+        scores = call_reward(reward, name, images, prompts_, metas).scores
+        assert torch.isnan(scores[:2]).all() and torch.isfinite(scores[2]), (name, scores)
+
+
+class _Keyed:
+    """A reward whose details use the keys ``index`` (per sample) and ``batch`` (a scalar)."""
+
+    def __call__(self, images, prompts, metadata):
+        from opd_bench.rewards import RewardOutput
+
+        return RewardOutput(torch.zeros(len(prompts)), {"index": ["own"] * len(prompts), "batch": 7})
+
+
+def test_per_task_details_are_batch_long_and_keep_the_rewards_keys(pref_test_records):
+    from opd_bench import rewards
+
+    rec = pref_test_records[1]
+    geneval = {"tag": "single_object", "include": [{"class": "star", "count": 1}],
+               "prompt": "a photo of a star", "task": "geneval"}
+    metas = [geneval, dict(rec), dict(geneval, task="other"), dict(rec, task="keyed")]
+    images = render.render_batch(metas, 0)
+    reward = rewards.get("per-task", rewards={"pref": "tiny/pref-oracle", "geneval": ("tiny/pref", {}),
+                                              "keyed": _Keyed()})
+    out = reward(images, [m["prompt"] for m in metas], metas)
+    assert torch.isnan(out.scores[2]) and torch.isfinite(out.scores[[0, 1, 3]]).all()
+    assert out.details["task"] == ["geneval", "pref", None, "keyed"]
+    # entry i of every per-sample list is sample i's, whatever the task
+    assert out.details["pref/fidelity"][0] is None and out.details["pref/fidelity"][1] is not None
+    assert len(out.details["pref/fidelity"]) == 4 and out.details["pref/fidelity"][2:] == [None, None]
+    assert len(out.details["geneval/logit"]) == 4 and out.details["geneval/logit"][1:] == [None] * 3
+    # a reward's own "index" is its own, not overwritten by the router's bookkeeping
+    assert out.details["keyed/index"] == [None, None, None, "own"] and out.details["keyed/batch"] == 7
+
+    # a class is refused when the reward is built, not when it is first called
+    with pytest.raises(TypeError, match=r"class _Keyed as a reward; pass an instance \(_Keyed\(...\)\) or a registered"):
+        rewards.get("per-task", rewards={"keyed": _Keyed})
+    with pytest.raises(TypeError, match="pass an instance"):
+        rewards.get("weighted-sum", rewards={"keyed": _Keyed})
+
+    # weighted sum: a sample that no reward applies to scores 0 (documented), not NaN
+    weighted = rewards.get("weighted-sum", rewards={"oracle": "tiny/pref-oracle"})
+    total = weighted(images[:2], [m["prompt"] for m in metas[:2]], metas[:2])
+    assert total.scores[0].item() == 0.0 and total.scores[1].item() > 0

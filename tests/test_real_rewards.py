@@ -87,6 +87,59 @@ def test_pickscore_matches_the_model(pick_dirs):
     torch.testing.assert_close(scaled(images, PROMPTS, [{}] * 3).scores, out.scores / 26)
 
 
+def test_pickscore_gives_a_diverged_image_nan(pick_dirs):
+    """Rounded to 8 bits its NaN pixels would be black and score like any image."""
+    from opd_bench.rewards.base import call_reward
+
+    model_dir, processor_dir = pick_dirs
+    reward = rewards.get("pickscore", model_path=str(model_dir), processor_path=str(processor_dir))
+    images = _images()
+    images[1, 2, 3, 4] = float("nan")
+    scores = call_reward(reward, "pickscore", images, PROMPTS, [{}] * 3).scores
+    assert torch.isnan(scores[1]) and torch.isfinite(scores[[0, 2]]).all(), scores
+    with pytest.raises(ValueError, match="floats in"):
+        reward((images.nan_to_num() * 255).to(torch.uint8), PROMPTS, [{}] * 3)
+
+
+def _pick_copy(model_dir, tmp_path, edit):
+    """A copy of the PickScore stand-in whose state dict went through ``edit``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    state = load_file(str(copy / "model.safetensors"))
+    edit(state)
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
+def test_pickscore_refuses_a_checkpoint_that_does_not_fill_the_model(pick_dirs, tmp_path):
+    """transformers would fill the gaps with random weights and score noise."""
+    from opd_bench.weights import CorruptWeightsError
+
+    model_dir, processor_dir = pick_dirs
+
+    def drop_projections(state):
+        del state["text_projection.weight"], state["visual_projection.weight"]
+        state["text_model.extra.weight"] = torch.zeros(2)
+
+    copy = _pick_copy(model_dir, tmp_path / "missing", drop_projections)
+    with pytest.raises(CorruptWeightsError, match=r"missing text_projection.weight, visual_projection.weight; "
+                                                  r"unexpected text_model.extra.weight\)") as info:
+        rewards.get("pickscore", model_path=str(copy), processor_path=str(processor_dir))
+    assert "\n" not in str(info.value) and str(copy) in str(info.value)
+
+    def shrink_projection(state):
+        state["text_projection.weight"] = state["text_projection.weight"][:8]
+
+    copy = _pick_copy(model_dir, tmp_path / "mismatched", shrink_projection)
+    with pytest.raises(CorruptWeightsError,
+                       match=r"mismatched \(checkpoint vs config\) text_projection.weight \[8, 32\] vs \[16, 32\]"):
+        rewards.get("pickscore", model_path=str(copy), processor_path=str(processor_dir))
+
+
 # --------------------------------------------------------------------------------------------
 # open_clip models (CLIPScore, HPSv2)
 

@@ -9,6 +9,12 @@ A reward is any callable ``reward(images, prompts, metadata) -> RewardOutput``:
   not apply to this sample" (e.g. an OCR reward on a prompt without quoted text);
 * ``RewardOutput.details``: free-form per-batch diagnostics (lists of length ``B`` or scalars),
   never used for the loss.
+
+An image with a NaN or infinite pixel (a diverged sample) scores NaN under every reward:
+``call_reward``, through which trainers and evaluators call rewards, sets its score to NaN
+whatever the reward returned, as the remote reward does by not sending such an image. Left to
+each reward, a float model (``tiny/pref``) returns NaN but an 8-bit scorer (OCR, the CLIP family)
+turns the NaN pixels black and gives the image an ordinary score.
 """
 
 from __future__ import annotations
@@ -34,13 +40,17 @@ class RewardOutput:
 def call_reward(reward, name: str, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
     """``reward(images, prompts, metadata)``, checked: a ``RewardOutput`` with one score per image,
     each finite or NaN ("does not apply"). An infinite score would turn the loss and then every
-    trained weight into NaN; a single score would be broadcast over the batch and teach nothing."""
+    trained weight into NaN; a single score would be broadcast over the batch and teach nothing.
+    An image with a non-finite pixel scores NaN, whatever the reward returned (module docstring)."""
     out = reward(images, prompts, metadata)
     if not isinstance(out, RewardOutput):
         raise TypeError(f"reward {name!r} returned a {type(out).__name__}; a reward returns "
                         "RewardOutput(scores) with one float per image (opd_bench.rewards.RewardOutput)")
     if out.scores.shape[0] != len(prompts):
         raise ValueError(f"reward {name!r} returned {out.scores.shape[0]} scores for {len(prompts)} images; return one per image")
+    diverged = ~torch.isfinite(images.detach().flatten(1)).all(dim=1).cpu()
+    if diverged.any():  # before the infinity check: an infinite image may well score infinite
+        out.scores = out.scores.masked_fill(diverged, float("nan"))
     infinite = int(torch.isinf(out.scores).sum())
     if infinite:
         raise ValueError(f"reward {name!r} returned an infinite score for {infinite} of {len(prompts)} images; "
@@ -58,8 +68,12 @@ class Reward(Protocol):
 def to_uint8(images: torch.Tensor):
     """``[B, 3, H, W]`` floats in [0, 1] -> uint8 ``[B, H, W, 3]`` numpy array (what saved PNGs hold).
 
-    Scorers that take files (PIL images, OCR engines, the reward server) all see images through this
-    one rounding, so a generated image scores the same as its saved PNG.
+    Scorers that take 8-bit images (PIL images, the reward server's PNGs) see images through this
+    one rounding, so a generated image scores the same as its saved PNG. The OCR reward is the
+    exception: it upscales the float image and rounds only then (``ocr.prepare_images``; kept, as
+    committed OCR results are verified by rescoring), so in rare cases its reading of a generated
+    image differs from that of the saved PNG (in a review, on 24 degraded OCR renders: 21% of the
+    pixels the engine saw differed by one level; one reading of 24 changed case, same score).
     """
     x = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
@@ -77,6 +91,9 @@ def check_batch(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"reward images must be a [B, 3, H, W] tensor in [0, 1], got {shape}")
+    if not images.is_floating_point():  # 8-bit pixels (0-255) would score as values far outside [0, 1]
+        raise ValueError(f"reward images must be floats in [0, 1], got {images.dtype}; "
+                         "convert 8-bit images with images.float() / 255")
     if len(prompts) != images.shape[0] or len(metadata) != images.shape[0]:
         raise ValueError(
             f"reward got {images.shape[0]} images, {len(prompts)} prompts and {len(metadata)} "

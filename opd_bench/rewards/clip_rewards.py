@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from opd_bench.rewards.base import RewardOutput, check_batch, to_pil
-from opd_bench.weights import MissingWeightsError, resolve_weights
+from opd_bench.weights import CorruptWeightsError, MissingWeightsError, resolve_weights
 
 PICKSCORE_HUB_ID = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR_HUB_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -51,6 +51,23 @@ def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+def _check_loaded(what: str, folder: Path, info: dict, hub_id: str) -> None:
+    """Refuse a transformers model whose checkpoint did not fill it exactly (``from_pretrained``'s
+    ``output_loading_info``: missing, unexpected and mismatched keys)."""
+    def listed(keys: list[str]) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    mismatched = [f"{key} {list(saved)} vs {list(wanted)}" for key, saved, wanted in info.get("mismatched_keys", ())]
+    problems = [f"{kind} {listed(keys)}" for kind, keys in (
+        ("missing", info.get("missing_keys", ())), ("unexpected", info.get("unexpected_keys", ())),
+        ("mismatched (checkpoint vs config)", mismatched)) if keys]
+    if problems:
+        raise CorruptWeightsError(f"{what} weights in {folder} do not match its config.json ({'; '.join(problems)}); "
+                                  f"fetch the complete checkpoint (`hf download {hub_id}`) "
+                                  "rather than score with random weights")
 
 
 def _pooled(output) -> torch.Tensor:
@@ -81,7 +98,13 @@ class PickScoreReward:
         self.dtype = _torch_dtype(dtype)
         self.device = device
         self.processor = AutoProcessor.from_pretrained(str(proc_dir))
-        self.model = CLIPModel.from_pretrained(str(model_dir), dtype=self.dtype).to(device).eval()
+        # transformers fills weights the checkpoint lacks (or, with ignore_mismatched_sizes, has in
+        # another shape) with random values and only logs it; a PickScore with a random projection
+        # scores noise, so every such weight is an error, named in one line.
+        model, info = CLIPModel.from_pretrained(str(model_dir), dtype=self.dtype, output_loading_info=True,
+                                                ignore_mismatched_sizes=True)
+        _check_loaded("PickScore", model_dir, info, PICKSCORE_HUB_ID)
+        self.model = model.to(device).eval()
         # The model card truncates prompts at 77 tokens, CLIP's text length; read it from the
         # config so smaller test models work the same way.
         self.max_length = int(self.model.config.text_config.max_position_embeddings)

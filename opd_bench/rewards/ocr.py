@@ -198,6 +198,11 @@ def prepare_images(images: torch.Tensor, upscale: int = 3, pad: int = 24) -> lis
 
     Upscales by ``upscale`` (bicubic) and pads ``pad`` pixels on every side by replicating the
     border, which helps the detector find glyphs that touch the edge of small images.
+
+    The float image is upscaled and only then rounded to 8 bits, so the engine may see pixels one
+    level off those it sees for the image's saved PNG and, rarely, read it differently (see
+    ``base.to_uint8``). Rounding first would change scores of a versioned benchmark whose
+    committed results are verified by rescoring, so it stays as it is.
     """
     x = images.detach().float().cpu().clamp(0, 1)
     if upscale and upscale != 1:
