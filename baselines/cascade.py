@@ -4,6 +4,12 @@ Stages are ``(task, steps)`` pairs (e.g. pref 800 -> geneval 300 -> ...). Each s
 in ``run_dir/stage<k>-<task>``; a finished stage is skipped on rerun (its weights are loaded), so a
 killed cascade resumes where it stopped. ``metrics.jsonl`` concatenates the stages with steps and
 compute counters made cumulative, so the cascade reads as one curve.
+
+Each stage is a GRPO run of its own: a fresh optimizer (Adam's moments start at zero) and its own
+learning-rate schedule (with ``lr_schedule="cosine"`` the rate decays to 0 in every stage), as
+separate Flow-GRPO runs would. Stage ``k`` of the cascade with seed ``s`` draws with seed ``s + k``;
+so with a task repeated among the stages, two seeds' cells can train that task on the same noise
+(stage ``k`` of seed ``s`` and stage ``j`` of seed ``s + k - j``). The shipped presets repeat no task.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ class MultiRewardConfig(GRPOConfig):
 def interleave(pools: Mapping[str, Sequence[Prompt]]) -> list[Prompt]:
     """The union of the pools, balanced: each task contributes equally many prompts. Smaller pools
     repeat up to the largest one's size, so that no prompt is dropped (real prompt files differ in
-    size by several times)."""
+    size by several times). Steps draw from it at random (``sample_prompts``), so the tasks are
+    balanced over a run, not within each step."""
     empty = sorted(task for task, pool in pools.items() if not pool)
     if empty:
         raise ValueError(f"multi-reward RL has no prompts for task(s) {empty}; give every task a prompt file")

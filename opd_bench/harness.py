@@ -14,6 +14,7 @@ a run, and no folder that is not empty and holds no run is ever written into.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -333,11 +334,20 @@ class Harness:
             raise ValueError(f"{', '.join(uneven)} cannot be split over {processes} processes (each takes an equal share of a "
                              f"step's prompts); --set each to a multiple of {processes}")
 
+    def teacher_suite(self, task: str) -> str:
+        """The suite version a teacher of ``task`` is keyed by: with a configurable suite, plus a
+        digest of its task's settings (prompt files by content, reward options), so that a teacher
+        trained on other prompts or rewards (a copied ``teachers/`` folder) is never reused."""
+        if self.suite_settings is None:
+            return self.suite.version
+        text = json.dumps(self.suite_settings.get(task), sort_keys=True, default=str)
+        return f"{self.suite.version}+{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
     def teacher_dir(self, task: str) -> Path:
         """Where the teacher of ``task`` is (or will be) trained; known before it is."""
         from opd_bench.trainers.teachers import teacher_key, teacher_run_dir
 
-        key = teacher_key(self.teacher_base, self.suite.version, task, self.plan.teacher_for(task))
+        key = teacher_key(self.teacher_base, self.teacher_suite(task), task, self.plan.teacher_for(task))
         return teacher_run_dir(self.out / "teachers", task, key)
 
     def teacher(self, task: str) -> Path:
@@ -351,7 +361,7 @@ class Harness:
         return train_teacher(
             task, policy=self.policy, prompts=self.prompts("train")[task], reward=self.train_rewards()[task],
             config=self.plan.teacher_for(task), root=self.out / "teachers",
-            base=self.teacher_base, suite_version=self.suite.version,
+            base=self.teacher_base, suite_version=self.teacher_suite(task),
             evaluate=self.evaluator(self.plan.train_eval_limit, 1), progress=self.progress,
         )
 

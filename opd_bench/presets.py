@@ -59,8 +59,9 @@ class RunPlan:
             "train_eval_limit": (whole(self.train_eval_limit, 1), "an integer >= 1"),
             "variance_batches": (bool(self.variance_batches) and all(whole(b, 1) for b in self.variance_batches),
                                  "a non-empty list of integers >= 1"),
+            # > 0: the PPO-style estimator needs stochastic steps (one at 0 failed after all the training)
             "variance_noise_levels": (bool(self.variance_noise_levels) and all(
-                isinstance(v, (int, float)) and v >= 0 for v in self.variance_noise_levels), "a non-empty list of numbers >= 0"),
+                isinstance(v, (int, float)) and v > 0 for v in self.variance_noise_levels), "a non-empty list of numbers > 0"),
             "variance_repeats": (whole(self.variance_repeats, 2), "an integer >= 2"),
             # the ratio the report quotes is read from the grid's row at this point: one outside it was NaN
             "variance_reference": (self._reference_in_grid(), f"a pair [batch, noise level] with the batch one of "

@@ -834,6 +834,20 @@ def test_the_shipped_base_by_its_folder_shares_the_aliases_teachers(tmp_path):
     assert by_folder.teacher_base == by_alias.teacher_base
 
 
+def test_a_configurable_suites_teachers_are_keyed_by_their_tasks_prompts_and_rewards(tmp_path):
+    """An sd teacher trained on other prompt files or reward options (a copied teachers/ folder)
+    was reused: the sd suite's version never changes. The tiny suite's keys stay as they were."""
+    harness = _harness(tmp_path / "a")
+    tiny = harness.teacher_dir("ocr")
+    assert harness.teacher_suite("ocr") == harness.suite.version and tiny.name.startswith("ocr-")
+    harness.suite_settings = {"ocr": {"train": "sha-1", "reward": "ocr"}, "pref": {"train": "sha-3"}}
+    ocr, pref = harness.teacher_dir("ocr"), harness.teacher_dir("pref")
+    harness.suite_settings["ocr"]["train"] = "sha-2"  # another train file
+    assert harness.teacher_dir("ocr") not in (ocr, tiny) and harness.teacher_dir("pref") == pref
+    harness.suite_settings["ocr"]["reward"] = ["ocr", {"engine": "paddleocr"}]  # other reward options
+    assert len({harness.teacher_dir("ocr"), ocr, tiny}) == 3 and harness.teacher_dir("ocr").parent == tiny.parent
+
+
 def test_a_run_folder_from_before_a_later_setting_is_the_same_run(tmp_path):
     """run.json written before updates_per_rollout existed (the smoke preset's GRPO runs make one
     update per rollout): the folder is taken up again; with two updates it is another run."""

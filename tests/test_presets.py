@@ -82,6 +82,7 @@ def test_one_tasks_teacher_keeps_the_presets_own_per_task_changes():
     ("variance_reference=[4, 0.7]", "variance_reference=(4, 0.7) (needs a pair [batch, noise level]"),
     ("variance_reference=[2, 0.3]", "variance_reference=(2, 0.3) (needs a pair [batch, noise level]"),
     ("variance_noise_levels=[0.3]", "variance_reference=(2, 0.7) (needs a pair [batch, noise level]"),
+    ("variance_noise_levels=[0, 0.7]", "variance_noise_levels=(0, 0.7) (needs a non-empty list of numbers > 0)"),
 ])
 def test_a_bad_change_is_refused_with_the_fix(pair, message):
     with pytest.raises(OverrideError) as error:

@@ -611,6 +611,22 @@ def test_a_reward_that_breaks_its_contract_is_named(policy, tmp_path):
             trainer.train(progress=False)
 
 
+def test_a_rollout_that_diverged_is_named_not_blamed_on_the_reward(policy, tmp_path, monkeypatch):
+    """Every reward scores an image with NaN pixels NaN, which GRPO read as its own reward skipping
+    its task's samples."""
+    def diverging(*args, **kwargs):
+        trajectory = rollout(*args, **kwargs)
+        trajectory.images[1] = math.nan
+        return trajectory
+
+    rollout = grpo_module.rollout
+    monkeypatch.setattr(grpo_module, "rollout", diverging)
+    trainer = GRPOTrainer(replace(SMOKE.teacher, steps=1, eval_every=0), policy=policy, prompts=POOLS["red"],
+                          rewards={"red": rewards.get("toy/brightness")}, run_dir=tmp_path, adapter="s")
+    with pytest.raises(FloatingPointError, match=r"the rollout drew 1 of \d+ images with NaN or inf pixels: the sampler diverged"):
+        trainer.train(progress=False)
+
+
 def test_gradient_variance_weighs_each_micro_batch_by_its_share_of_the_step():
     """Pairs with known gradients g_i, accumulated as one mean in micro-batches of 3 and 2: each
     micro-batch's mean gradient estimates the step's, and its spread counts by the micro-batch's share."""

@@ -230,6 +230,11 @@ def grpo_rollout(policy: Policy, prompts: Sequence[Prompt], rewards: Mapping[str
         noise_level=config.noise_level, guidance_scale=config.guidance_scale, seed=seed,
         keep={"latents", "images"}, sample_offset=offset,
     )
+    diverged = int((~torch.isfinite(trajectory.images.flatten(1)).all(dim=1)).sum())
+    if diverged:  # every reward scores them NaN, which would read as "a task's own reward skipped its samples"
+        raise FloatingPointError(f"the rollout drew {diverged} of {len(trajectory)} images with NaN or inf pixels: the "
+                                 "sampler diverged (a guidance scale or noise level too large for the model, or weights "
+                                 "already broken); lower them, or resume from an earlier checkpoint")
     scores = score_samples(trajectory, rewards, own=config.aggregation == "own")
     # Advantages from the whole rollout, every process's samples (Flow-GRPO gathers them: its batch
     # std is over all of them), then this rank's slice; groups never straddle two ranks.
