@@ -12,7 +12,9 @@ Why this shape: the machine is shared and its load drifts, so old and new run al
 order flips every repetition), each in a fresh subprocess that imports one tree only, with the same
 thread count; the ratio of the two sides' medians is what is reported, for wall time and for the
 process's CPU time (one thread, so equal to wall time on an idle machine, and far less disturbed
-by other jobs on a loaded one). Both sides load one model
+by other jobs on a loaded one), with the median and range of the paired ratios (old/new within
+one repetition, the two run back to back), and each tree's commit and uncommitted state, the torch
+version and the CPU model. Both sides load one model
 folder, built once by the *old* tree's tiny builder from a fixed config sized like the shipped tiny
 base (4 MMDiT layers, width 96), so neither a replaced base nor edits to the builder change it.
 Each subprocess runs ``--steps`` optimizer steps through the real trainer after one warm-up step
@@ -37,6 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import cpu_model, git_state, stray_modules, torch_version  # noqa: E402
 # Sized like the shipped tiny base (docs/tiny_base.md), fixed here so the benchmark never moves.
 MODEL = dict(
     num_layers=4, num_heads=3, head_dim=32, text_hidden=48, text_projection=48, max_prompt_tokens=24,
@@ -68,13 +72,16 @@ def import_tree(tree: Path):
 
 
 def check_tree(tree: Path) -> None:
-    stray = [
-        name for name, module in sys.modules.items()
-        if name.split(".")[0] == "opd_bench" and getattr(module, "__file__", None)
-        and not Path(module.__file__).resolve().is_relative_to(tree.resolve())
-    ]
+    stray = stray_modules(tree)
     if stray:
         raise RuntimeError(f"modules imported from outside {tree}: {stray}")
+
+
+def paired_ratios(old: list[float], new: list[float]) -> dict:
+    """Median and range of old/new within each repetition: the two sides of a repetition ran back
+    to back, so their ratio sees the same machine load, which the ratio of medians mixes across."""
+    ratios = [o / n for o, n in zip(old, new, strict=True)]
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
 
 
 def prompts_for(task: str, count: int):
@@ -216,8 +223,9 @@ def main() -> None:
     old, new = Path(args.old).resolve(), ROOT
     if not (old / "opd_bench").is_dir():
         raise SystemExit(f"{old} is not a checkout; make one with `git worktree add {old} e75db72`")
-    report = {"old": str(old), "new": str(new), "threads": args.threads, "reps": args.reps, "timed_steps_per_run": args.steps,
-              "date": time.strftime("%Y-%m-%d"), "methods": {}}
+    report = {"old": str(old), "new": str(new), "trees": {"old": git_state(old), "new": git_state(new)},
+              "torch": torch_version(), "cpu": cpu_model(), "threads": args.threads, "reps": args.reps,
+              "timed_steps_per_run": args.steps, "date": time.strftime("%Y-%m-%d"), "methods": {}}
     with tempfile.TemporaryDirectory() as scratch:
         model = Path(scratch) / "model"
         run_child(old, "build", "--model", str(model), threads=args.threads)
@@ -247,6 +255,8 @@ def main() -> None:
                 raise SystemExit(f"{method}: sample-forwards per step differ between old and new: {sorted(forwards)}")
             row["speedup_wall"] = round(row["old"]["median_s"] / row["new"]["median_s"], 3)
             row["speedup_cpu"] = round(row["old"]["median_cpu_s"] / row["new"]["median_cpu_s"], 3)
+            row["paired_speedup_wall"] = paired_ratios(row["old"]["per_rep_s"], row["new"]["per_rep_s"])
+            row["paired_speedup_cpu"] = paired_ratios(row["old"]["per_rep_cpu_s"], row["new"]["per_rep_cpu_s"])
             report["methods"][method] = row
     print(json.dumps(report, indent=1))
 

@@ -9,7 +9,8 @@ Each method runs ``--steps`` optimizer steps with PAPER.md's step settings (10 s
 the first step is a warm-up and the median of the others is reported, with the peak GPU memory.
 Then the work of one step is counted (``torch.utils.flop_counter``: matmuls, convolutions and,
 on a GPU, attention; a 2-step run's count minus a 1-step run's, so setup cancels), which gives
-the achieved TFLOP/s and, on a GPU, its share of ``--peak-tflops``.
+the achieved TFLOP/s and, on a GPU, its share of ``--peak-tflops`` (by default the card's bf16
+dense peak, looked up from its name; the peak used is printed and recorded).
 Rewards are the dependency-free ``toy/brightness`` (reward cost is not what is timed).
 Prints one JSON line per method.
 """
@@ -51,6 +52,21 @@ def step_flops(make_trainer) -> float:
     return float(counts[1] - counts[0])
 
 
+# bf16 dense peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets; the first entry whose
+# words all appear in torch.cuda.get_device_name() wins ("NVIDIA H100 80GB HBM3" is the SXM card).
+BF16_PEAKS = ((("H100", "NVL"), 835.0), (("H200", "NVL"), 835.0), (("H100", "PCIe"), 756.0),
+              (("H100", "SXM"), 989.0), (("H100", "HBM3"), 989.0), (("H200",), 989.0))
+GUESSED_PEAK = 790.0  # issue 6's figure, for a card not in the table
+
+
+def bf16_peak_tflops(device_name: str) -> tuple[float, str]:
+    """The card's bf16 dense peak and where it came from (a table entry, or a guess)."""
+    for words, peak in BF16_PEAKS:
+        if all(word.lower() in device_name.lower() for word in words):
+            return peak, f"{' '.join(words)} bf16 dense peak, from the device name {device_name!r}"
+    return GUESSED_PEAK, f"a guess: {device_name!r} is not in the table; pass --peak-tflops"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "sd35m"], default="tiny")
@@ -64,9 +80,14 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--no-flops", action="store_true", help="skip counting a step's FLOPs (3 more steps per method)")
-    parser.add_argument("--peak-tflops", type=float, default=790.0,
-                        help="the GPU's dense peak in this dtype, for the share reported (H100/H200 bf16: about 790-990)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense peak in this dtype, for the share reported (default: the card's bf16 peak, "
+                             "from its name: H100 SXM and H200 989, H100/H200 NVL 835, H100 PCIe 756, else a guessed 790)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
 
     from opd_bench import rewards
     from opd_bench.policy import Policy
@@ -83,6 +104,14 @@ def main() -> None:
     lora = dict(lora_rank=args.rank, lora_alpha=2 * args.rank, micro_batch=args.micro_batch,
                 eval_every=10**6, checkpoint_every=10**6)
     cuda = torch.device(args.device).type == "cuda"
+    peak_tflops, peak_source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops is not None else (None, None)
+    if cuda and peak_tflops is None:
+        if args.dtype == "bfloat16":
+            peak_tflops, peak_source = bf16_peak_tflops(torch.cuda.get_device_name())
+        else:  # the table holds bf16 peaks only
+            peak_source = f"none: no {args.dtype} peak is known; pass --peak-tflops for a share of peak"
+    if cuda:
+        print(f"peak used: {peak_tflops} TFLOP/s ({peak_source})", file=sys.stderr)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         policy.add_adapter("bench_teacher", rank=args.rank, alpha=2 * args.rank, trainable=False, seed=1)
@@ -121,7 +150,8 @@ def main() -> None:
                 "peak_memory_gb": peak,
                 "tflop_per_step": float(f"{flops / 1e12:.4g}") if flops else None,
                 "achieved_tflops": float(f"{achieved:.4g}") if achieved else None,
-                "share_of_peak": round(achieved / args.peak_tflops, 3) if achieved and cuda else None,
+                "share_of_peak": round(achieved / peak_tflops, 3) if achieved and cuda and peak_tflops else None,
+                "peak_tflops": peak_tflops, "peak_source": peak_source, "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
             }))
 

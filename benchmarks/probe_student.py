@@ -42,12 +42,39 @@ def base_equal_copy(adapter: Path, out: Path) -> Path:
     return out
 
 
+def find_teachers(run: Path, tasks: list[str], chosen: list[str]) -> dict[str, Path]:
+    """The finished teacher adapter (``.../final``) of each task in ``run``; ``chosen`` holds
+    ``--teacher TASK=FOLDER`` picks. Raises ValueError where a task has none, or several and no pick:
+    a run folder keeps one teacher per setting (``TASK-<hash>``), and taking one silently could
+    take another run's."""
+    picks = {}
+    for pair in chosen:
+        task, _, folder = pair.partition("=")
+        final = Path(folder) / "final" if (Path(folder) / "final").is_dir() else Path(folder)
+        if task not in tasks or not (final / "adapter_config.json").is_file():
+            raise ValueError(f"--teacher {pair!r}: give TASK=FOLDER with TASK one of {', '.join(tasks)} and FOLDER a "
+                             "finished teacher (holding final/adapter_config.json)")
+        picks[task] = final
+    found = {task: sorted(p.parent for p in (run / "teachers").glob(f"{task}-*/final/adapter_config.json"))
+             for task in tasks if task not in picks}
+    missing = [task for task, paths in found.items() if not paths]
+    if missing:
+        raise ValueError(f"{run} holds no finished teacher for {', '.join(missing)}; give a run whose teachers finished")
+    several = {task: paths for task, paths in found.items() if len(paths) > 1}
+    if several:
+        listed = "; ".join(f"{task}: {', '.join(str(p.parent) for p in paths)}" for task, paths in several.items())
+        raise ValueError(f"{run} holds several teachers for one task ({listed}); choose with --teacher TASK=FOLDER")
+    return {**{task: paths[0] for task, paths in found.items()}, **picks}
+
+
 def main() -> None:
     parser = probe_parser(__doc__)
     parser.add_argument("--run", required=True, type=Path, help="a finished `opd-bench run` folder with teachers")
     parser.add_argument("--tasks", default=None, help="comma-separated teachers to distil from (default: all the suite's)")
     parser.add_argument("--score", default=None, help="comma-separated tasks to score (default: the distilled ones)")
     parser.add_argument("--as-base", default="", help="comma-separated teachers replaced by the base (zeroed lora_B)")
+    parser.add_argument("--teacher", action="append", default=[], metavar="TASK=FOLDER",
+                        help="the teacher of TASK (a teachers/TASK-<hash> folder), where the run holds several")
     args = parser.parse_args()
     config, overrides = probe_config(parser, args, plan("standard").opd, eval_every=0, checkpoint_every=0, monitor_rewards=False)
 
@@ -59,11 +86,11 @@ def main() -> None:
     scored = tasks if args.score is None else [t for t in args.score.split(",") if t]
     if not set(scored) <= set(tasks) or not scored:
         parser.error(f"--score {args.score!r}: choose from the distilled tasks, {', '.join(tasks)}")
-    found = {task: sorted((args.run / "teachers").glob(f"{task}-*/final/adapter_config.json")) for task in tasks}
-    missing = [task for task, paths in found.items() if not paths]
-    if missing:
-        parser.error(f"{args.run} holds no finished teacher for {', '.join(missing)}; give a run whose teachers finished")
-    teachers = {task: paths[-1].parent for task, paths in found.items()}
+    try:
+        teachers = find_teachers(args.run, tasks, args.teacher)
+    except ValueError as error:
+        parser.error(str(error))
+    teacher_paths = {task: str(path) for task, path in teachers.items()}  # before --as-base replaces any
     as_base = [t for t in args.as_base.split(",") if t]
     if not set(as_base) <= set(tasks) - set(scored):
         parser.error(f"--as-base {args.as_base!r}: choose from the distilled tasks that are not scored")
@@ -98,7 +125,7 @@ def main() -> None:
     kept = {task: round((student[task] - base[task]) / (teacher[task] - base[task]), 3)
             for task in scored if teacher[task] != base[task]}
     workdir.cleanup()
-    print(json.dumps({"run": str(args.run), "tasks": tasks, "as_base": as_base, "overrides": overrides, "steps": config.steps, "threads": args.threads,
+    print(json.dumps({"run": str(args.run), "tasks": tasks, "teachers": teacher_paths, "as_base": as_base, "overrides": overrides, "steps": config.steps, "threads": args.threads,
                       "seed": args.seed, "train_minutes": round(minutes, 2), "base": base, "teacher": teacher,
                       "student": student, "kept": kept, "evaluation_only": extra}))
 
