@@ -208,8 +208,8 @@ def opd_versus_baselines(view: ResultView) -> str:
             f"(final results): {verdict(oks)}. " + "; ".join(parts) + ". At equal forward passes: ")
     budget, overall, steps = _at_equal_forwards(view)
     if not overall:
-        return line + "not testable (no forward-pass curves for OPD and a rival in the file)."
-    oks, parts = _compare(overall, {m: "no curves in the file" for m in ("opd", *RIVALS)})
+        return line + "not testable (no curves with forward-pass counts for OPD and a rival in the file)."
+    oks, parts = _compare(overall, {m: "no curves with forward-pass counts in the file" for m in ("opd", *RIVALS)})
     read = ", ".join(f"{m} at step {'/'.join(map(str, steps[m]))}" for m in ("opd", *RIVALS) if m in steps)
     return line + (f"{verdict(oks)} (last curve evaluation within {fmt_int(budget)} forward passes, "
                    f"the most every method with curves reached: {read}{view.curves_note()}; the teachers' own "

@@ -23,7 +23,9 @@ from opd_bench.findings import findings_lines
 from opd_bench.io import atomic_write_bytes
 from opd_bench.result_schema import EVAL_NOT_RUN, is_eval_result, paired_evaluation, schema_problem, total_forwards
 from opd_bench.report_doc import Cell, Doc, render_html, render_markdown, safe_name
-from opd_bench.results_view import ResultView, as_dict, as_list, counted, fmt, fmt_g, fmt_int, is_student, mean_sd, method_key, num
+from opd_bench.results_view import (
+    ResultView, as_dict, as_list, counted, fmt, fmt_g, fmt_int, is_student, mean_sd, method_key, num, spread_text,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIXED_COLOURS = {
@@ -38,6 +40,9 @@ FIXED_COLOURS = {
 }
 SPARE_COLOURS = ("#9467bd", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 DPI = 110
+# The PNGs a report writes: these plots, one curves_<benchmark> plot per headline benchmark and one
+# samples_<method> grid per method. A rebuild removes those of them it no longer writes, no other file.
+FIXED_PLOTS = ("gradient_variance.png", "variance_ratio.png", "cascade_forgetting.png")
 SECTION_TITLES = {
     "findings": "Findings",
     "scores": "Final scores",
@@ -83,6 +88,17 @@ def _seed_label(n_seeds: int) -> str:
     return "band: ±1 sd over seeds" if n_seeds > 1 else "single seed, no band"
 
 
+def _seed_counts(counts: dict[str, int], n_seeds: int) -> str:
+    """'; multi-reward: 1 seed, no band' for each method whose lines are over another number of seeds
+    than ``n_seeds`` (the one the label beside it speaks of); nothing where every method has it."""
+    return "".join(f"; {m}: {counted(n, 'seed')}" + (", no band" if n == 1 else "")
+                   for m, n in counts.items() if n != n_seeds)
+
+
+def _is_report_png(name: str) -> bool:
+    return name in FIXED_PLOTS or (name.endswith(".png") and name.startswith(("curves_", "samples_")))
+
+
 # --------------------------------------------------------------------------------------------
 # The report
 
@@ -113,11 +129,11 @@ class _Report(ResultView):
 
     def curve_size(self) -> str:
         """How many test prompts the curves score, where the file says."""
-        size, final = self.curve_evaluation(), num(as_dict(as_dict(self.r.get("config")).get("eval")).get("limit"))
+        size, final = self.curve_evaluation(), self.final_size()
         if size is None:
             return "The curves' evaluation uses fewer test prompts than the final one"
         return (f"The curves score {counted(size[0], 'test prompt')} x {counted(size[1], 'image')} per "
-                "benchmark" + ("" if final is None else f" (the final evaluation {round(final)})"))
+                "benchmark" + ("" if final is None else f" (the final evaluation: {final})"))
 
     def section(self, key: str, builder) -> None:
         self.doc.h(2, SECTION_TITLES[key])
@@ -183,17 +199,25 @@ class _Report(ResultView):
         return [f"wall time: {seconds / 60:.1f} min ({env.get('device', 'n/a')}{on}; the command that wrote "
                 "this file: a resumed run's earlier invocations are not in it)"]
 
-    def evaluation_line(self) -> str:
-        """How the final scores were sampled: prompts, images and the noise seed."""
+    def final_size(self) -> str | None:
+        """'160 test prompts x 2 images' per benchmark of the final evaluation, as the file's config records it."""
         record = as_dict(as_dict(self.r.get("config")).get("eval"))
         if not record:
-            return "final evaluation: settings not recorded"
+            return None
         limit, images = record.get("limit"), record.get("images_per_prompt")
         prompts = "every test prompt" if limit is None else counted(limit, "test prompt")
         per_prompt = "each benchmark's own images" if images is None else counted(images, "image")
+        return f"{prompts} x {per_prompt}"
+
+    def evaluation_line(self) -> str:
+        """How the final scores were sampled: prompts, images and the noise seed."""
+        size = self.final_size()
+        if size is None:
+            return "final evaluation: settings not recorded"
+        record = as_dict(as_dict(self.r.get("config")).get("eval"))
         noise = (f"noise seed {record['seed']} for every model, so all are scored on the same starting noise"
                  if paired_evaluation(self.r) else "each cell's training seed as noise seed")
-        return f"final evaluation: {prompts} x {per_prompt} per benchmark, {noise}"
+        return f"final evaluation: {size} per benchmark, {noise}"
 
     def scores(self) -> None:
         if not self.methods:
@@ -209,12 +233,22 @@ class _Report(ResultView):
             "preference model, PickScore on real models)."
         )
         columns = self.benchmarks + ["overall"]
-        values = {m: {b: self.mean(m, b) for b in self.benchmarks} for m in self.methods}
-        for m in self.methods:
-            values[m]["overall"] = self.overall(m)
+        cells = {m: {c: self.score_cell(m, c) for c in columns} for m in self.methods}  # (mean, sd, seeds)
+        # a student cell over another number of seeds than the most any student cell has says how many
+        # (the base and the teachers are one model each, as the header says)
+        most = max((n for m in self.methods if is_student(m) for _, _, n in cells[m].values()), default=0)
+        odd = {(m, c) for m in self.methods if is_student(m) for c in columns if 0 < cells[m][c][2] != most}
+        if odd:
+            self.doc.p(f"A student method's cell over fewer seeds than the others' {most} says how many "
+                       "(one seed: no ±).")
+
+        def printed(method: str, column: str) -> float | None:  # best and ★ are judged on the value as printed: ties alike
+            mean = cells[method][column][0]
+            return None if mean is None else float(fmt(mean))
+
         best_all, best_student = {}, {}
         for column in columns:
-            finite = [(values[m][column], m) for m in self.methods if values[m][column] is not None]
+            finite = [(printed(m, column), m) for m in self.methods if printed(m, column) is not None]
             if finite:
                 best_all[column] = max(v for v, _ in finite)
             students = [v for v, m in finite if is_student(m)]
@@ -224,14 +258,9 @@ class _Report(ResultView):
         for m in self.methods:
             row: list[Any] = [Cell(m)]
             for column in columns:
-                value = values[m][column]
-                if column == "overall":  # the sd of the per-seed overall scores
-                    _, std = mean_sd(self.overall_seeds(m))
-                    text = fmt(value) + (f" ± {std:.3f}" if std is not None else "")
-                else:
-                    std = num(self.score(m, column).get("std"))
-                    n = len(as_list(self.score(m, column).get("per_seed")))
-                    text = fmt(value) + (f" ± {std:.3f}" if std is not None and n > 1 else "")
+                mean, sd, n = cells[m][column]
+                text = spread_text(mean, sd, n if (m, column) in odd else None)
+                value = printed(m, column)
                 if value is not None and is_student(m) and value == best_student.get(column):
                     text += " ★"
                 row.append(Cell(text, bold=value is not None and value == best_all.get(column)))
@@ -242,6 +271,8 @@ class _Report(ResultView):
         tags = sorted({t for m in per_tag for t in as_dict(as_dict(per_tag[m]).get("geneval"))})
         if tags:
             self.doc.h(3, "GenEval accuracy per tag")
+            self.doc.p("Accuracy per GenEval tag in the final evaluation: a student method's is the mean over its "
+                       "seeds, no spread shown; the base and the teachers are one model each.")
             rows = []
             for m in sorted(per_tag, key=method_key):
                 by_tag = as_dict(as_dict(per_tag[m]).get("geneval"))
@@ -265,8 +296,10 @@ class _Report(ResultView):
             "Score on the test prompts during training, per headline benchmark, against student optimizer "
             "steps (left) and against transformer forward passes, student plus teacher plus the frozen reference "
             "of a KL penalty (right); the second axis charges DiffusionOPD and its PPO-style variant for querying "
-            "the teachers and GRPO methods for their KL reference. Lines are the mean "
-            f"over seeds ({_seed_label(n_seeds)}). {self.curve_size()}, so their scores, and even which model is "
+            "the teachers and GRPO methods for their KL reference, but not for the teachers' own training, which "
+            "DiffusionOPD needs first (see Compute). Lines are the mean "
+            f"over seeds ({_seed_label(n_seeds)}{_seed_counts({m: len(as_dict(curves[m])) for m in methods}, n_seeds)}). "
+            f"{self.curve_size()}, so their scores, and even which model is "
             "above another, can differ from the final table's; the reference lines are on the curves' own prompts "
             "and noise: dashed, the teacher of that benchmark's task at the end of its training (for an evaluation-only "
             "score such as pref_oracle, the teacher of the task it belongs to, trained on that task's reward); dotted "
@@ -278,17 +311,22 @@ class _Report(ResultView):
                 self.doc.note(f"No curve values for {bench}.")
                 continue
             data = frame[frame[bench].notna()].copy()
-            # Align the forwards axis across seeds: per (method, step), the mean forward count.
-            data["forwards_mean"] = data.groupby(["method", "step"])["forwards"].transform("mean")
+            # The forwards axis takes only rows with forward counts (a row without has no x there), aligned
+            # across seeds: per (method, step), the mean forward count.
+            counted_rows = data[data["forwards"].notna()].copy()
+            counted_rows["forwards_mean"] = counted_rows.groupby(["method", "step"])["forwards"].transform("mean")
             present = sorted(data["method"].unique(), key=method_key)
             teacher_name = self.teacher_for(bench)
             teacher, base = _reference_levels(every, bench, teacher_name)
             fig, axes = _figure(12.5, 4.6, ncols=2)
-            for ax, x, xlabel in ((axes[0], "step", "student optimizer steps"),
-                                  (axes[1], "forwards_mean", "transformer forward passes (student + teacher + reference)")):
-                sns.lineplot(data=data, x=x, y=bench, hue="method", hue_order=present,
-                             palette={m: self.colours[m] for m in present}, errorbar="sd",
-                             marker="o", markersize=4, ax=ax)
+            for ax, part, x, xlabel in ((axes[0], data, "step", "student optimizer steps"),
+                                        (axes[1], counted_rows, "forwards_mean",
+                                         "transformer forward passes (student + teacher + reference)")):
+                shown = [m for m in present if m in set(part["method"])]
+                if shown:
+                    sns.lineplot(data=part, x=x, y=bench, hue="method", hue_order=shown,
+                                 palette={m: self.colours[m] for m in shown}, errorbar="sd",
+                                 marker="o", markersize=4, ax=ax)
                 if teacher is not None:
                     ax.axhline(teacher, ls="--", lw=1.4, color=self.colours[teacher_name],
                                label=f"{teacher_name} (end of training)")
@@ -300,11 +338,30 @@ class _Report(ResultView):
                 ax.legend(fontsize=8, loc="best")
             axes[0].set_title(f"{bench}: score vs optimizer steps")
             axes[1].set_title(f"{bench}: score vs forward passes")
-            self.add_plot(f"curves_{safe_name(bench)}.png", fig,
-                          f"{bench}: convergence (mean over seeds; {_seed_label(n_seeds)})")
+            self.add_plot(f"curves_{safe_name(bench, self.headline)}.png", fig,
+                          self._curve_caption(bench, curves, methods, data, n_seeds))
             drawn += 1
         if not drawn:
             self.doc.note("The curves carry no headline benchmark values.")
+
+    def _curve_caption(self, bench: str, curves: dict, methods: list[str], data, n_seeds: int) -> str:
+        """A convergence plot's caption; it names what the mean over seeds leaves out on this benchmark: a
+        student method or a seed without values on it, a method over fewer seeds, rows without forward counts."""
+        seeds = {m: [str(s) for s in as_dict(curves[m])] for m in methods}  # the seeds each method logged
+        valued = {m: [s for s in seeds[m] if s in set(data[data["method"] == m]["seed"])] for m in methods}
+        counts = {m: len(valued[m]) for m in methods if valued[m]}
+        caption = f"{bench}: convergence (mean over seeds; {_seed_label(n_seeds)}{_seed_counts(counts, n_seeds)})"
+        absent = [m for m in methods if not valued[m]]
+        absent += [f"{m} seed {s}" for m in counts for s in seeds[m] if s not in valued[m]]
+        if absent:
+            caption += f". No {bench} values from {', '.join(absent)}"
+        for m in counts:
+            missing = data[data["method"] == m]["forwards"].isna()
+            if missing.all():
+                caption += f". {m} has no forward counts: not on the forward-pass panel"
+            elif missing.any():
+                caption += f". {m} lacks forward counts at some evaluations, left out of the forward-pass panel there"
+        return caption
 
     def grad(self) -> None:
         import pandas as pd
@@ -438,9 +495,10 @@ class _Report(ResultView):
         long = frame.melt(id_vars=["seed", "step"], value_vars=benches, var_name="benchmark", value_name="score")
         long = long[long["score"].notna()]
         stages = self.cascade_stages(frame)
+        band = _seed_label(len(curves))  # seaborn's errorbar="sd" below: the sample sd over the seeds at each step
         self.doc.p(
             "Cascade RL trains one task after another, each stage starting from the previous stage's weights. "
-            "Each line is one task's test score across the cascade's optimizer steps (mean over seeds); "
+            f"Each line is one task's test score across the cascade's optimizer steps (mean over seeds; {band}); "
             "shaded spans and vertical lines mark the stages. A score that drops after its own stage is forgetting."
         )
         fig, (ax,) = _figure(10, 4.8)
@@ -463,7 +521,8 @@ class _Report(ResultView):
         ax.set_title("Cascade RL: each task's score across stages", pad=18)
         ax.grid(alpha=0.3)
         ax.legend(title="benchmark", fontsize=8)
-        self.add_plot("cascade_forgetting.png", fig, "Cascade RL: per-task score across stages (stage boundaries dashed)")
+        self.add_plot("cascade_forgetting.png", fig,
+                      f"Cascade RL: per-task score across stages (stage boundaries dashed; mean over seeds, {band})")
         rows = self.stage_scores(frame)
         if not rows:
             return
@@ -527,7 +586,7 @@ class _Report(ResultView):
             if not data.startswith(PNG_MAGIC):
                 self.doc.note(f"{method}: {rel} is not a PNG; skipped.")
                 continue
-            name = f"samples_{safe_name(method)}.png"
+            name = f"samples_{safe_name(method, grids)}.png"
             self.files[name] = data
             self.doc.img(name, data, f"{method}: one row per prompt (same prompts and seeds for every method)")
 
@@ -679,6 +738,11 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     for name, data in report.files.items():
         atomic_write_bytes(out_dir / name, data)
         written[name] = out_dir / name
+    # An earlier build's plots and grids that this one no longer makes (a variance experiment since
+    # dropped) would sit beside a report that does not show them: remove those, never another file.
+    for stale in sorted(out_dir.glob("*.png")):
+        if stale.name not in written and _is_report_png(stale.name) and stale.is_file():
+            stale.unlink()
     atomic_write_bytes(out_dir / "report.md", render_markdown(report.doc).encode("utf-8"))
     written["report.md"] = out_dir / "report.md"
     atomic_write_bytes(out_dir / "index.html", render_html(report.doc, report_title(run_dir.name)).encode("utf-8"))

@@ -5,15 +5,33 @@ base64 PNGs), so that the two never disagree."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 
-def safe_name(text: str) -> str:
-    """``text`` reduced to a file-name and anchor-safe token."""
+MAX_NAME = 100  # characters of a token: a file name "samples_<token>.png" stays far below the usual 255-byte limit
+
+
+def _plain_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def safe_name(text: str, others: Iterable[str] = ()) -> str:
+    """``text`` reduced to a file-name and anchor-safe token of at most ``MAX_NAME`` characters.
+
+    An ordinary name keeps its plain token ("teacher/ocr" -> "teacher_ocr"), so the file names of
+    reports already built stay. A short hash of the full name is appended where the plain token
+    would not tell names apart: a name cut to fit, or one changed to a token that another name of
+    ``others`` (the names sharing the folder) also gives ("teacher/ocr" beside "teacher_ocr")."""
+    token = _plain_name(text)
+    clash = token != text and any(other != text and _plain_name(other) == token for other in others)
+    if len(token) <= MAX_NAME and not clash:
+        return token
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+    return f"{token[:MAX_NAME - len(digest) - 1].rstrip('_')}-{digest}"
 
 
 @dataclass

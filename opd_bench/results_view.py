@@ -38,6 +38,13 @@ def counted(count: Any, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def spread_text(mean: Any, sd: Any, seeds: int | None = None) -> str:
+    """'0.396 ± 0.015 (2 seeds)': a mean, its seed sd (None for one seed; shown only beside a finite
+    mean) and, where given, how many seeds the mean is over."""
+    text = fmt(mean) + (f" ± {num(sd):.3f}" if num(mean) is not None and num(sd) is not None else "")
+    return text + ("" if seeds is None else f" ({counted(seeds, 'seed')})")
+
+
 def fmt_int(value: Any) -> str:
     value = num(value)
     return "n/a" if value is None else f"{round(value):,}"
@@ -191,10 +198,22 @@ class ResultView:
 
     def score_text(self, method: str, bench: str) -> str:
         """'mean ± seed sd (n seeds)' of one final score."""
+        mean, sd, n = self.score_cell(method, bench)
+        return spread_text(mean, sd, n)
+
+    def score_cell(self, method: str, bench: str) -> tuple[float | None, float | None, int]:
+        """Mean, seed sd (None for fewer than two seeds) and number of seeds of one final score;
+        ``bench`` "overall": of the per-seed overall scores where every headline benchmark has them,
+        so that its mean and its sd are of the same values (else the mean of the means, no sd, 0 seeds)."""
+        if bench == "overall":
+            per_seed = self.overall_seeds(method)
+            if not per_seed:
+                return self.overall(method), None, 0
+            mean, sd = mean_sd(per_seed)
+            return mean, sd, len(per_seed)
         cell = self.score(method, bench)
-        n, std = len(as_list(cell.get("per_seed"))), num(cell.get("std"))
-        spread = f" ± {std:.3f}" if std is not None and n > 1 else ""
-        return f"{fmt(self.mean(method, bench))}{spread} ({n} seed{'s' if n != 1 else ''})"
+        n = len(as_list(cell.get("per_seed")))
+        return self.mean(method, bench), num(cell.get("std")) if n > 1 else None, n
 
     def overall_seeds(self, method: str) -> list[float]:
         """Per-seed overall scores (mean of the headline benchmarks' per-seed scores)."""
@@ -263,8 +282,9 @@ class ResultView:
                     step = num(row.get("step"))
                     if step is None:
                         continue
+                    forwards = total_forwards(row)  # NaN, not 0: a row without counts has no place on a forwards axis
                     record = {"method": method, "seed": str(seed), "step": step,
-                              "forwards": total_forwards(row) or 0.0,
+                              "forwards": math.nan if forwards is None else forwards,
                               "stage": row.get("stage"), "stage_task": row.get("stage_task")}
                     for bench in self.benchmarks:
                         record[bench] = num(row.get(f"eval/{bench}"))

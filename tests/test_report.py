@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_results import ALL_METHODS, make_results, make_run
+from fake_results import ALL_METHODS, EVAL_IMAGES, EVAL_LIMIT, make_results, make_run
 from opd_bench.report import SECTION_TITLES, build_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,7 +50,7 @@ def test_full_report_writes_markdown_html_and_plots(full_report):
     assert _Report(run_dir, run_dir, data_parallel).time_line()[0].startswith("wall time: 1.6 min (cpu, 1 job x 2 threads, "
                                                                              "4 processes (data-parallel); ")
     # the curves say how many prompts they score, beside the final evaluation's
-    assert "The curves score 2 test prompts x 1 image per benchmark (the final evaluation 160)" in md
+    assert f"The curves score 2 test prompts x 1 image per benchmark (the final evaluation: {EVAL_LIMIT} test prompts x {EVAL_IMAGES} images)" in md
     # The scores table lists every method, with the best of each column in bold and a starred student.
     results = json.loads((run_dir / "results.json").read_text())
     for method in ALL_METHODS:
@@ -266,7 +266,7 @@ def test_findings_say_not_testable(tmp_path):
     teachers, kept, versus, cascade, variance, _ = _findings(tmp_path, results)
     assert ": did not hold." in teachers  # a teacher that lost is a failed claim, not an untestable one
     assert "ocr: not testable (teacher did not gain)" in kept
-    assert "At equal forward passes: not testable (no forward-pass curves" in versus
+    assert "At equal forward passes: not testable (no curves with forward-pass counts" in versus
     assert cascade == "Cascade RL forgets earlier stages: not testable. no per-stage cascade curves in the file."
     assert variance.endswith("not testable (no variance experiment in the file).")
 
@@ -593,7 +593,7 @@ def test_equal_forward_passes_compare_the_rivals_that_have_curves():
     versus = _lines(results)[2]
     equal_forwards = versus[versus.index("At equal forward passes:"):]
     assert equal_forwards.startswith("At equal forward passes: not testable (")  # one rival untested
-    assert "vs multi-reward: not testable (multi-reward: no curves in the file)" in equal_forwards
+    assert "vs multi-reward: not testable (multi-reward: no curves with forward-pass counts in the file)" in equal_forwards
     assert "0.900 ± 0.000 vs cascade 0.300 ± 0.000 (+0.600)" in equal_forwards
 
 
@@ -642,3 +642,150 @@ def test_the_committed_standard_report_says_what_its_result_file_says():
     assert f"date: {results['date']}" in md and f"commit: {results['git_commit']}" in md
     lines = _lines(results)
     assert len(lines) == 6 and all(f"- {line}\n" in md for line in lines)
+
+
+# --------------------------------------------------------------------------------------------
+# What the report's captions, table and files claim
+
+
+def _scores_markdown(results) -> str:
+    """The final-scores section alone (no plots): the table and the paragraphs above it."""
+    from opd_bench.report import _Report
+    from opd_bench.report_doc import render_markdown
+
+    report = _Report(Path("run"), Path("out"), results)
+    report.scores()
+    return render_markdown(report.doc)
+
+
+def _row(md: str, method: str) -> list[str]:
+    line = next(line for line in md.splitlines() if line.startswith(f"| {method} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def _one_seed(results, method):
+    """``method`` ran seed 0 only: its scores and curves are of that seed."""
+    for cell in results["results"][method].values():
+        cell.update(mean=cell["per_seed"][0], std=0.0, per_seed=cell["per_seed"][:1], seeds=cell["seeds"][:1])
+    results["curves"][method] = {"0": results["curves"][method]["0"]}
+
+
+def test_a_rebuild_removes_the_plots_and_grids_it_no_longer_makes(tmp_path):
+    """A variance experiment or a method dropped since the last build leaves no stale PNG beside the
+    report; files the report does not write stay."""
+    rows = [{"batch": b, "noise_level": 0.7, "ratio_ppo_over_analytic": 10.0 * b} for b in (1, 2)]
+    results = {"schema_version": 1, "variance": {"rows": rows},
+               "samples": {"prompts": ["p"], "grids": {"opd": "samples/opd.png", "cascade": "samples/cascade.png"}}}
+    make_run(tmp_path / "run", results)
+    first = build_report(tmp_path / "run", tmp_path / "out")
+    assert {"variance_ratio.png", "samples_opd.png", "samples_cascade.png"} <= set(first)
+    (tmp_path / "out" / "mine.png").write_bytes(PNG_MAGIC)  # not a name the report writes
+    (tmp_path / "out" / "curves_notes.txt").write_text("mine")
+    del results["variance"], results["samples"]["grids"]["cascade"]
+    make_run(tmp_path / "run", results)
+    second = build_report(tmp_path / "run", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["mine.png", "samples_opd.png"]
+    assert "samples_opd.png" in second and (tmp_path / "out" / "curves_notes.txt").is_file()
+
+
+@pytest.fixture(scope="module")
+def uneven_curves():
+    """The convergence section of a run whose curves are uneven: multi-reward ran one seed, cascade
+    logged no geneval, opd's seed 1 no geneval, and opd-ppo's rows carry no forward counts.
+    Returns (results, {benchmark: caption}, the section's paragraph)."""
+    from opd_bench.report import _Report
+
+    results = make_results()
+    _one_seed(results, "multi-reward")
+    for rows in results["curves"]["cascade"].values():
+        for row in rows:
+            row.pop("eval/geneval")
+    for row in results["curves"]["opd"]["1"]:
+        row.pop("eval/geneval")
+    for rows in results["curves"]["opd-ppo"].values():
+        for row in rows:
+            row.pop("student_forwards"), row.pop("teacher_forwards")
+    report = _Report(Path("run"), Path("out"), results)
+    report.curves()
+    captions = {b.file.removeprefix("curves_").removesuffix(".png"): b.text for b in report.doc.blocks if b.kind == "img"}
+    paragraph = next(b.text for b in report.doc.blocks if b.kind == "p")
+    return results, captions, paragraph
+
+
+def test_curve_rows_without_forward_counts_are_left_off_the_forward_axis(uneven_curves):
+    from opd_bench.results_view import ResultView
+
+    results, captions, _ = uneven_curves
+    frame = ResultView(results).curves_frame(["opd", "opd-ppo"])
+    assert frame[frame["method"] == "opd-ppo"]["forwards"].isna().all()  # not 0: no place on the forwards axis
+    assert (frame[frame["method"] == "opd"]["forwards"] > 0).any()
+    for caption in captions.values():
+        assert "opd-ppo has no forward counts: not on the forward-pass panel" in caption
+        assert "opd has no forward" not in caption
+
+
+def test_a_student_or_seed_without_curve_values_is_named(uneven_curves):
+    _, captions, _ = uneven_curves
+    assert captions["geneval"] == ("geneval: convergence (mean over seeds; band: ±1 sd over seeds; opd: 2 seeds; "
+                                   "multi-reward: 1 seed, no band). No geneval values from cascade, opd seed 1. "
+                                   "opd-ppo has no forward counts: not on the forward-pass panel")
+    assert "No ocr values" not in captions["ocr"] and "opd: 2 seeds" not in captions["ocr"]
+
+
+def test_methods_with_fewer_seeds_say_so_in_the_curves_and_the_table(uneven_curves):
+    results, captions, paragraph = uneven_curves
+    assert "Lines are the mean over seeds (band: ±1 sd over seeds; multi-reward: 1 seed, no band)." in paragraph
+    assert "multi-reward: 1 seed, no band" in captions["ocr"]
+    md = _scores_markdown(results)
+    assert "A student method's cell over fewer seeds than the others' 3 says how many" in md
+    geneval = results["results"]["multi-reward"]["geneval"]["mean"]
+    assert _row(md, "multi-reward")[0].strip("*").startswith(f"{geneval:.3f} (1 seed)")  # no ± for one seed
+    assert _row(md, "multi-reward")[-1].strip("*").removesuffix(" ★").endswith("(1 seed)") and "seed" not in "".join(_row(md, "opd"))
+    assert "seed" not in "".join(_row(md, "base"))  # the base and the teachers are one model each, as the header says
+    assert "says how many" not in _scores_markdown(make_results())
+
+
+def test_best_and_star_are_judged_at_the_printed_precision():
+    results = make_results()
+    _set_scores(results, "opd", "geneval", [0.9004] * 3)  # both print 0.900: both the best
+    _set_scores(results, "cascade", "geneval", [0.9001] * 3)
+    md = _scores_markdown(results)
+    assert _row(md, "opd")[0] == _row(md, "cascade")[0] == "**0.900 ± 0.000 ★**"
+
+
+def test_the_overall_mean_and_its_spread_come_from_the_same_per_seed_scores():
+    results = make_results()
+    results["results"]["opd"]["ocr"]["mean"] = None  # the file's mean lost; its per-seed scores kept
+    md = _scores_markdown(results)
+    per_seed = [sum(results["results"]["opd"][b]["per_seed"][i] for b in results["headline"]) / 3 for i in range(3)]
+    mean = sum(per_seed) / 3
+    sd = (sum((v - mean) ** 2 for v in per_seed) / 2) ** 0.5
+    assert _row(md, "opd")[-1].removesuffix(" ★").strip("*") == f"{mean:.3f} ± {sd:.3f}"
+    assert _row(md, "opd")[1] == "n/a"  # no ± beside a missing mean
+
+
+def test_file_names_are_bounded_and_distinct_and_ordinary_names_keep_theirs(tmp_path):
+    from opd_bench.report_doc import safe_name
+
+    long = "m" * 300
+    results = {"schema_version": 1, "samples": {"prompts": ["p"], "grids": {
+        long: "samples/a.png", "teacher/ocr": "samples/b.png", "teacher_ocr": "samples/c.png"}}}
+    make_run(tmp_path / "run", results)
+    written = build_report(tmp_path / "run", tmp_path / "out")  # a name past the file system's limit sank it
+    assert len([name for name in written if name.startswith("samples_")]) == 3  # and two grids shared one file
+    assert len(safe_name(long)) <= 100 and safe_name(long) != safe_name(long + "x")
+    committed = Path(__file__).resolve().parents[1] / "reports" / "standard"
+    methods = ALL_METHODS + ["teacher_ocr"]
+    names = {m: f"samples_{safe_name(m, methods)}.png" for m in methods}
+    assert names["teacher/ocr"] != names["teacher_ocr"] == "samples_teacher_ocr.png"  # the changed name gets the hash
+    assert {names[m] for m in ALL_METHODS if m != "teacher/ocr"} <= {p.name for p in committed.glob("samples_*.png")}
+    assert safe_name("teacher/ocr", ALL_METHODS) == "teacher_ocr"  # no clash: today's name
+
+
+def test_captions_say_what_the_numbers_are(full_report):
+    _, written = full_report
+    md = written["report.md"].read_text()
+    assert "a student method's is the mean over its seeds, no spread shown" in md  # the GenEval per-tag table
+    assert "(mean over seeds; band: ±1 sd over seeds); shaded spans" in md  # the cascade plot: seaborn's sd band
+    assert "Cascade RL: per-task score across stages (stage boundaries dashed; mean over seeds, band: ±1 sd over seeds)" in md
+    assert "but not for the teachers' own training, which DiffusionOPD needs first (see Compute)" in md
