@@ -157,25 +157,32 @@ def test_eval_loads_the_model_in_the_asked_precision_and_records_it(tiny_dir, tm
     assert per_image[0] != per_image[1]  # the images themselves differ with the precision
 
 
-def test_a_killed_evaluation_resumes_from_its_finished_benchmarks(tmp_path, monkeypatch):
-    """`opd-bench eval` saves each benchmark as it ends; a rerun with the same settings reuses them
-    (and scores what is missing), one with other settings is refused, --force starts over."""
+def _kill_evaluations_at_ocr(monkeypatch, times: int = 1) -> list[str]:
+    """Make `opd-bench eval` die in its ocr benchmark (as a killed process would) the first
+    ``times`` times it gets there; returns the benchmarks started, in order."""
     import opd_bench.evaluate as evaluate
-
-    args = ["eval", "--model", "renderer", "--benchmarks", "geneval,ocr", "--limit", "2", "--images-per-prompt", "1"]
-    whole = CliRunner().invoke(main, args + ["--out", str(tmp_path / "whole")])
-    assert whole.exit_code == 0, whole.output
-    assert not (tmp_path / "whole" / "parts").exists()  # joined into results.json, then removed
 
     real, calls = evaluate.evaluate_benchmark, []
 
     def killed_at_ocr(spec, *a, **k):
         calls.append(spec.name)
-        if spec.name == "ocr" and calls.count("ocr") == 1:
+        if spec.name == "ocr" and calls.count("ocr") <= times:
             raise KeyboardInterrupt  # the process dies during the second benchmark
         return real(spec, *a, **k)
 
     monkeypatch.setattr(evaluate, "evaluate_benchmark", killed_at_ocr)
+    return calls
+
+
+def test_a_killed_evaluation_resumes_from_its_finished_benchmarks(tmp_path, monkeypatch):
+    """`opd-bench eval` saves each benchmark as it ends; a rerun with the same settings reuses them
+    (and scores what is missing), one with other settings is refused, --force starts over."""
+    args = ["eval", "--model", "renderer", "--benchmarks", "geneval,ocr", "--limit", "2", "--images-per-prompt", "1"]
+    whole = CliRunner().invoke(main, args + ["--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    assert not (tmp_path / "whole" / "parts").exists()  # joined into results.json, then removed
+
+    calls = _kill_evaluations_at_ocr(monkeypatch)
     out = tmp_path / "resumed"
     CliRunner().invoke(main, args + ["--out", str(out)])
     assert not (out / "results.json").exists() and (out / "parts" / "geneval.json").is_file()
@@ -199,17 +206,9 @@ def test_a_killed_evaluation_resumes_from_its_finished_benchmarks(tmp_path, monk
 def test_an_evaluation_at_another_resolution_does_not_reuse_the_finished_benchmarks(tmp_path, monkeypatch):
     """The image side (the sd config's `resolution`) decides the scores as the seed does: a rerun at
     another one is refused, not joined with benchmarks drawn at the old one."""
-    import opd_bench.evaluate as evaluate
     from opd_bench.suites import Suite
 
-    real = evaluate.evaluate_benchmark
-
-    def killed_at_ocr(spec, *a, **k):
-        if spec.name == "ocr":
-            raise KeyboardInterrupt  # the process dies during the second benchmark
-        return real(spec, *a, **k)
-
-    monkeypatch.setattr(evaluate, "evaluate_benchmark", killed_at_ocr)
+    _kill_evaluations_at_ocr(monkeypatch, times=10**6)
     out = tmp_path / "e"
     args = ["eval", "--model", "renderer", "--benchmarks", "geneval,ocr", "--limit", "1", "--images-per-prompt", "1",
             "--out", str(out)]
@@ -337,7 +336,6 @@ def test_a_rebuilt_local_model_folder_is_another_model(tiny_dir, tmp_path, monke
 
     from safetensors.torch import load_file, save_file
 
-    import opd_bench.evaluate as evaluate
     from opd_bench import suites
 
     folder = tmp_path / "model"
@@ -345,14 +343,7 @@ def test_a_rebuilt_local_model_folder_is_another_model(tiny_dir, tmp_path, monke
     before = suites.model_fingerprint(str(folder))
     assert before is not None and before == suites.model_fingerprint(str(tiny_dir))  # the same bytes: the same model
     assert suites.model_fingerprint("org/some-hub-model") is None
-    real = evaluate.evaluate_benchmark
-
-    def killed_at_ocr(spec, *a, **k):
-        if spec.name == "ocr":
-            raise KeyboardInterrupt  # the process dies during the second benchmark
-        return real(spec, *a, **k)
-
-    monkeypatch.setattr(evaluate, "evaluate_benchmark", killed_at_ocr)
+    _kill_evaluations_at_ocr(monkeypatch, times=10**6)
     args = ["eval", "--model", str(folder), "--benchmarks", "geneval,ocr", "--limit", "1", "--images-per-prompt", "1",
             "--out", str(tmp_path / "e")]
     CliRunner().invoke(main, args)
