@@ -243,7 +243,7 @@ class _Report(ResultView):
                        "(one seed: no ±).")
 
         def printed(method: str, column: str) -> float | None:  # best and ★ are judged on the value as printed: ties alike
-            mean = cells[method][column][0]
+            mean = num(cells[method][column][0])  # None for a missing or non-finite mean, which fmt prints as n/a
             return None if mean is None else float(fmt(mean))
 
         best_all, best_student = {}, {}
