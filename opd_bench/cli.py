@@ -17,7 +17,7 @@ from opd_bench.result_schema import MODEL_DTYPES
 
 # Errors that mean "bad input": shown as one line, no traceback.
 _USER_ERRORS = ("ModelLoadError", "PromptFileError", "UnknownNameError", "FileExistsError", "FileNotFoundError", "SubmissionError",
-                "MissingWeightsError", "RemoteRewardError", "TrackerUnavailableError", "FloatingPointError", "WorkerDiedError")
+                "MissingWeightsError", "MissingPackageError", "RemoteRewardError", "TrackerUnavailableError", "FloatingPointError", "WorkerDiedError")
 
 
 def _friendly(command):

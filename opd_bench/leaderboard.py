@@ -518,7 +518,7 @@ or relabelled, is refused). It then **verifies** the run (`opd-bench
 verify RUN_DIR`): it checks the sha256 of every trained adapter in the run folder, regenerates 8
 test prompts per benchmark (chosen by a hash of the run's identity and adapter hashes) for every
 model and seed with the recorded seeds and sampler settings, scores them and compares every image
-with its recorded score (within 1e-3 plus 1e-3 of the score; among 8 or more images of a model,
+with its recorded score (within 1e-3, plus 1e-3 of the score for the unbounded preference score; among 8 or more images of a model,
 seed and benchmark scored through detections or OCR reads, one may differ by a decision flipped
 by float rounding, for strict GenEval only from 0 to 1 or back). Runs that do not verify are refused; `submit
 --unverified` lists them, unranked, in the separate unverified table. Names are 1-64 letters,

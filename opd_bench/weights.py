@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Sequence
 
 
+class MissingPackageError(ImportError):
+    """A package a reward or engine needs that is not installed; the message says what to install
+    or where to run it instead."""
+
+
 class MissingWeightsError(FileNotFoundError):
     """Weights that are not on this machine; the message says what to fetch and how."""
 

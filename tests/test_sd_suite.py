@@ -14,13 +14,15 @@ import re
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from opd_bench import rewards, suites
 from opd_bench.benchmarks import PromptFileError
+from opd_bench.cli import main
 from opd_bench.registry import UnknownNameError, UnknownOptionError
 from opd_bench.rewards.geneval_sd import COCO_CLASSES, ClipColourClassifier, OwlV2Detector
 from opd_bench.suites import sd
-from opd_bench.weights import MissingWeightsError
+from opd_bench.weights import MissingPackageError, MissingWeightsError
 from tiny_real_models import build_colour_clip, build_owlv2
 
 # Lines in the official evaluation_metadata.jsonl format (as GenEval's create_prompts.py writes them).
@@ -263,7 +265,7 @@ def test_paddleocr_engine_is_registered_and_says_how_to_install():
     from opd_bench.rewards.ocr import ENGINES, build_engine
 
     assert "paddleocr" in ENGINES
-    with pytest.raises(RuntimeError, match="pip install paddleocr"):
+    with pytest.raises(MissingPackageError, match="pip install paddleocr"):
         build_engine("paddleocr")
 
 
@@ -430,5 +432,8 @@ def test_missing_weights_give_clear_errors(tmp_path, owlv2_dir):
     with pytest.raises(ValueError, match="known detectors: mmdet, owlv2"):
         rewards.get("sd/geneval", detector="yolo", colour=fake_colour([]))
     if importlib.util.find_spec("mmdet") is None:
-        with pytest.raises(RuntimeError, match="needs mmdet"):
+        with pytest.raises(MissingPackageError, match="needs mmdet"):
             rewards.get("sd/geneval-mmdet", model_path=str(tmp_path / "m2f.pth"), colour=fake_colour([]))
+        # the server says it in one line (it printed a 44-line traceback)
+        served = CliRunner().invoke(main, ["serve-reward", "sd/geneval-mmdet", "--option", f"model_path={tmp_path / 'm2f.pth'}"])
+        assert served.exit_code == 1 and "needs mmdet" in served.output and len(served.output.splitlines()) == 1, served.output

@@ -29,7 +29,7 @@ import torch
 
 from opd_bench.rewards.base import to_uint8
 from opd_bench.rewards.geneval_sd import COCO_CLASSES, SDGenEvalReward, default_device
-from opd_bench.weights import resolve_weights
+from opd_bench.weights import MissingPackageError, resolve_weights
 
 CONFIG = "configs/mask2former/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py"
 
@@ -42,7 +42,7 @@ class MMDetDetector:
             import mmdet
             from mmdet.apis import init_detector
         except ImportError:
-            raise RuntimeError("the mmdet GenEval detector needs mmdet (GenEval's environment: mmdet 2.x, mmcv-full 1.x); "
+            raise MissingPackageError("the mmdet GenEval detector needs mmdet (GenEval's environment: mmdet 2.x, mmcv-full 1.x); "
                                "run it in that environment with `opd-bench serve-reward sd/geneval-mmdet` "
                                "and use the `remote` reward here") from None
         checkpoint = self.locate_weights(model_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from opd_bench.weights import resolve_weights
+from opd_bench.weights import MissingPackageError, resolve_weights
 
 
 def build(det_model_dir: str | None = None, rec_model_dir: str | None = None, lang: str = "en",
@@ -20,7 +20,7 @@ def build(det_model_dir: str | None = None, rec_model_dir: str | None = None, la
         import paddleocr
         from paddleocr import PaddleOCR
     except ImportError:
-        raise RuntimeError("the paddleocr OCR engine needs `pip install paddleocr paddlepaddle` "
+        raise MissingPackageError("the paddleocr OCR engine needs `pip install paddleocr paddlepaddle` "
                            "(or paddlepaddle-gpu); or use engine='rapidocr'") from None
     det = str(resolve_weights(det_model_dir, what="PaddleOCR text detection model", option="engine_options['det_model_dir']"))
     rec = str(resolve_weights(rec_model_dir, what="PaddleOCR text recognition model", option="engine_options['rec_model_dir']"))
