@@ -447,7 +447,7 @@ def submit_command(run_dir: Path, name: str, root: Path, unverified: bool, devic
     _check_finished_run(run_dir)
     new_board = not (root / "submissions").is_dir()
     path = submit(run_dir, name, root=root, unverified=unverified,
-                  verify=lambda folder: verify_run(folder, device=device, progress=True))
+                  verify=lambda folder, salt: verify_run(folder, salt=salt, device=device, progress=True))
     rebuild(root)
     click.echo(f"submitted {path}{' (unverified)' if unverified else ' (verified)'}; regenerated {root / 'README.md'}")
     if new_board:  # from outside the repository, the default --root starts a board of one entry

@@ -181,7 +181,7 @@ def make_evaluator(
 ) -> Callable:
     """A ``policy -> {task: score, extra: score}`` function for periodic evaluation during training.
 
-    Rewards are built once and reused; the prompts (first ``limit`` test prompts of every task) and
+    Rewards are built once and reused; the prompts (``limit`` test prompts of every task, spread over its tags as ``--limit`` spreads them) and
     the noise are the same at every call, so successive evaluations are comparable. For the same
     reason an adapter that still equals the base (a run's step 0) gets the base's scores, computed
     once: every training run of a comparison starts there, and they are the same numbers.

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import secrets
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -307,7 +308,8 @@ def submit(run_dir: str | Path, name: str, root: str | Path = "leaderboard", *, 
     if not unverified:
         if verify is None:
             from opd_bench.verify import verify_run as verify
-        report = verify(path.parent)
+        # a random salt: the unsalted sample is public and can be steered by changing adapter files
+        report = verify(path.parent, salt=secrets.token_hex(8))
         if not report["ok"]:
             first = report["mismatches"][0]
             raise SubmissionError(
@@ -528,10 +530,12 @@ of it) is refused under another name. Files under `submissions/` that no longer 
 after a suite update) or cannot be read are listed at the end instead.
 
 **What verification does not prove.** The sample is drawn from the run's own adapters, so scores
-cannot be edited without changing images that may be re-checked, but the sample can be computed
-by anyone: a maintainer re-checks an entry with the submitter's run folder and
-`opd-bench verify RUN_DIR --salt ANYTHING --prompts 32`, and the adapter hashes in the entry tie it
-to those weights. The training budget is checked against the preset's configuration, not
+cannot be edited without changing images that may be re-checked. `submit` draws it with a random
+salt (recorded in the entry); without one anyone can compute the sample, and a submitter could
+steer it by changing an adapter folder's files, so a maintainer re-checks an entry with the
+submitter's run folder and `opd-bench verify RUN_DIR --salt ANYTHING --prompts 32`, and the adapter
+hashes in the entry tie it to those weights. On the benchmarks scored through detections or OCR
+reads, one differing image per model, seed and benchmark is excused as a flipped decision. The training budget is checked against the preset's configuration, not
 re-trained: compute beyond the declared budget cannot be detected, and the `forwards` column is
 the run's own count, not re-counted. The seeds are the submitter's
 (the `seeds` column lists them; the presets' default is 0, 1, 2): a run of one seed is ranked beside

@@ -11,10 +11,11 @@ of every trained adapter. Verification
    and scores them with the suite's rewards, and
 4. compares each image's new score with the recorded one.
 
-The sample is ``prompts`` test prompts per benchmark, ranked by a sha256 of the run's identity,
-which includes the adapters' hashes: the submitter cannot choose the prompts without retraining.
-It is public, though (anyone can compute it), so a maintainer who suspects that only unsampled
-images were edited passes ``salt`` (any string) for a fresh sample, or a large ``prompts``.
+The sample is ``prompts`` test prompts per benchmark, ranked by a sha256 of the run's identity
+(the adapters' hashes included) and ``salt``. Without a salt anyone can compute it, and a
+submitter can steer it (any change to an adapter folder's files, even an extra file, changes it),
+so ``opd-bench submit`` verifies with a random salt, recorded in the entry, and a maintainer who
+re-checks an entry passes a salt of their own (any string), or a large ``prompts``.
 
 Tolerance: an image matches when ``|new - recorded| <= ATOL + RTOL * |recorded|``. Images of a
 batch of another size differ by float rounding (measured on the tiny suite: up to 4e-5 per pixel),
@@ -172,6 +173,7 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
     from opd_bench import rewards as registry
     from opd_bench.evaluate import SamplerSettings, policy_source
     from opd_bench.policy import DTYPES, Policy
+    from opd_bench.rewards.base import call_reward
 
     settings_record = results["config"]["eval"]
     if not all(isinstance(settings_record.get(k), (int, float)) for k in ("num_steps", "guidance_scale", "noise_level")):
@@ -209,7 +211,7 @@ def verify_run(run_dir: str | Path, *, prompts: int = DEFAULT_PROMPTS, salt: str
                     texts, metadata = [test[index].text] * repeats, [test[index].metadata] * repeats
                     for bench, scorer in scorers[task].items():
                         recorded = results["per_image"][name][str(seed)][bench]
-                        for j, value in enumerate(scorer(images, texts, metadata).scores.tolist()):
+                        for j, value in enumerate(call_reward(scorer, bench, images, texts, metadata).scores.tolist()):
                             ok, difference = _matches(recorded[index * repeats + j], value, bench not in UNBOUNDED)
                             checked += 1
                             if ok:

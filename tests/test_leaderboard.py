@@ -2,6 +2,7 @@ import copy
 import csv
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,13 +17,13 @@ from opd_bench.leaderboard import (
 LEGACY = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions" / "tiny" / "tiny-standard-cpu.json"
 
 
-def passes(run_dir):
+def passes(run_dir, salt=""):
     """Stands in for opd_bench.verify.verify_run: fake runs have no adapters to re-evaluate (the real
     verification is tested on a real run in test_harness.py)."""
-    return {"ok": True, "mismatches": [], "prompts_per_benchmark": 8, "images_checked": 1, "tolerance": {}, "salt": ""}
+    return {"ok": True, "mismatches": [], "prompts_per_benchmark": 8, "images_checked": 1, "tolerance": {}, "salt": salt}
 
 
-def fails(run_dir):
+def fails(run_dir, salt=""):
     miss = {"model": "opd", "seed": 0, "benchmark": "ocr", "image": 3, "recorded": 0.9, "recomputed": 0.1}
     return {"ok": False, "mismatches": [miss, miss], "images_checked": 16}
 
@@ -60,6 +61,10 @@ def test_valid_submission_is_stored_and_ranked(tmp_path, board, valid):
     better = make_results(rng_seed=5, fixed={"opd": 0.99})
     make_run(tmp_path / "run-b", better)
     path = submit(tmp_path / "run-b", "second.v2", root=board, verify=passes)
+    # each submission verifies on a sample of its own random salt (the unsalted one can be steered)
+    salts = [json.loads(p.read_text())["submission"]["verified"]["salt"] for p in (board / "submissions" / "tiny").glob("*.json")
+             if p.stem in ("first", "second.v2")]
+    assert len(salts) == 2 and all(re.fullmatch("[0-9a-f]{16}", s) for s in salts) and salts[0] != salts[1]
     assert path == board / "submissions" / "tiny" / "second.v2.json"
     readme, table = rebuild(board)
 

@@ -163,16 +163,17 @@ def test_batched_equals_one_by_one_and_is_deterministic(reward, batch):
     assert together.details["prediction"] == [o.details["prediction"][0] for o in alone]
 
 
-def test_a_diverged_image_scores_nan_not_zero(reward, batch):
-    """Rounded to 8 bits its NaN pixels turn black and the image scores like any other (1.0 here,
-    read as "■ AB3"); call_reward gives it NaN, as the remote reward does."""
+def test_a_diverged_image_is_read_as_its_png(reward, batch):
+    """Its NaN pixels are black, as in a saved PNG; it is scored, not left out as 'does not apply'
+    (which would leave it out of an evaluation's mean)."""
     from opd_bench.rewards.base import call_reward
 
     images, prompts = batch
     images = images[:2].clone()
-    images[0, :, 10:20, 10:20] = float("nan")
+    png = images.clone()
+    images[0, :, 10:20, 10:20], png[0, :, 10:20, 10:20] = float("nan"), 0.0
     out = call_reward(reward, "ocr", images, prompts[:2], [{}, {}])
-    assert math.isnan(out.scores[0].item()) and out.scores[1].item() == 1.0, out
+    assert torch.equal(out.scores, call_reward(reward, "ocr", png, prompts[:2], [{}, {}]).scores), out
 
 
 def test_preprocessing_rounds_after_upscaling():

@@ -134,7 +134,7 @@ def test_tiny_training_lowers_loss(tmp_path):
     assert model.config["training"]["num_pairs"] == 48
 
 
-def test_images_must_be_floats_and_a_diverged_image_scores_nan(pref_test_records):
+def test_images_must_be_floats_and_a_diverged_image_scores_as_its_png(pref_test_records):
     from opd_bench import rewards
     from opd_bench.rewards.base import call_reward
     from opd_bench.rewards.pref import TinyPrefOracleReward, TinyPrefReward
@@ -147,14 +147,17 @@ def test_images_must_be_floats_and_a_diverged_image_scores_nan(pref_test_records
         with pytest.raises(ValueError, match=r"floats in \[0, 1\], got torch.uint8; .*images.float\(\) / 255"):
             reward(eight_bit, prompts_, metas)
 
-    # NaN and inf pixels: tiny/pref clamps inf to 1 and would score the image; toy/brightness
-    # would score it inf. Through call_reward every reward gives NaN, as the remote reward does.
-    images[0, 1, 5, 5] = float("nan")
-    images[1, 0, 0, 0] = float("inf")
+    # NaN and inf pixels: tiny/pref scored NaN ("does not apply": left out of an evaluation's mean,
+    # so diverging raised a model's score) and toy/brightness inf. Through call_reward every reward
+    # scores the image a PNG of it would hold: NaN and -inf black, +inf white.
+    diverged, png = images.clone(), images.clone()
+    diverged[0, 1, 5, 5], png[0, 1, 5, 5] = float("nan"), 0.0
+    diverged[1, 0, 0, 0], png[1, 0, 0, 0] = float("inf"), 1.0
+    diverged[1, 0, 0, 1], png[1, 0, 0, 1] = float("-inf"), 0.0
     for name, reward in (("tiny/pref", TinyPrefReward()), ("tiny/pref-oracle", TinyPrefOracleReward()),
                          ("toy/brightness", rewards.get("toy/brightness"))):
-        scores = call_reward(reward, name, images, prompts_, metas).scores
-        assert torch.isnan(scores[:2]).all() and torch.isfinite(scores[2]), (name, scores)
+        scores = call_reward(reward, name, diverged, prompts_, metas).scores
+        assert torch.isfinite(scores).all() and torch.equal(scores, call_reward(reward, name, png, prompts_, metas).scores), name
 
 
 class _Keyed:

@@ -87,16 +87,17 @@ def test_pickscore_matches_the_model(pick_dirs):
     torch.testing.assert_close(scaled(images, PROMPTS, [{}] * 3).scores, out.scores / 26)
 
 
-def test_pickscore_gives_a_diverged_image_nan(pick_dirs):
-    """Rounded to 8 bits its NaN pixels would be black and score like any image."""
+def test_pickscore_scores_a_diverged_image_as_its_png(pick_dirs):
+    """Its NaN pixels are black, as in a saved PNG (cast to 8 bits they were an arbitrary byte)."""
     from opd_bench.rewards.base import call_reward
 
     model_dir, processor_dir = pick_dirs
     reward = rewards.get("pickscore", model_path=str(model_dir), processor_path=str(processor_dir))
     images = _images()
-    images[1, 2, 3, 4] = float("nan")
+    png = images.clone()
+    images[1, 2, 3, 4], png[1, 2, 3, 4] = float("nan"), 0.0
     scores = call_reward(reward, "pickscore", images, PROMPTS, [{}] * 3).scores
-    assert torch.isnan(scores[1]) and torch.isfinite(scores[[0, 2]]).all(), scores
+    assert torch.isfinite(scores).all() and torch.equal(scores, call_reward(reward, "pickscore", png, PROMPTS, [{}] * 3).scores)
     with pytest.raises(ValueError, match="floats in"):
         reward((images.nan_to_num() * 255).to(torch.uint8), PROMPTS, [{}] * 3)
 

@@ -35,6 +35,23 @@ def test_renderer_passes_the_geneval_evaluator():
     assert set(result["per_tag"]) <= {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
 
 
+def test_images_that_diverge_count_as_failures_not_as_skipped():
+    """A model whose failing images were NaN scored higher than one whose failing images were blank:
+    NaN reads "does not apply", which a benchmark's mean leaves out."""
+    spec, render = suites.get("tiny").benchmark("geneval"), renderer_source()
+
+    def failing(fill):
+        def source(prompts, seed, offset):
+            images = render(prompts, seed, offset)
+            images[1::2] = fill
+            return images
+        return source
+
+    blank, diverged = (evaluate_benchmark(spec, failing(fill), limit=6, images_per_prompt=2, progress=False)
+                       for fill in (0.0, float("nan")))
+    assert diverged["score"] == blank["score"] < 1 and diverged["per_tag"] == blank["per_tag"]
+
+
 def test_policy_images_do_not_depend_on_the_batch_size(policy):
     source = policy_source(policy, SamplerSettings(num_steps=2))
     spec = benchmarks.get("tiny/geneval")

@@ -10,11 +10,12 @@ A reward is any callable ``reward(images, prompts, metadata) -> RewardOutput``:
 * ``RewardOutput.details``: free-form per-batch diagnostics (lists of length ``B`` or scalars),
   never used for the loss.
 
-An image with a NaN or infinite pixel (a diverged sample) scores NaN under every reward:
-``call_reward``, through which trainers and evaluators call rewards, sets its score to NaN
-whatever the reward returned, as the remote reward does by not sending such an image. Left to
-each reward, a float model (``tiny/pref``) returns NaN but an 8-bit scorer (OCR, the CLIP family)
-turns the NaN pixels black and gives the image an ordinary score.
+An image with a NaN or infinite pixel (a diverged sample) is scored as a saved PNG of it would
+hold it: ``call_reward``, through which trainers, evaluators and ``verify`` call rewards, hands
+every reward the image with NaN and -inf pixels black (0) and +inf ones white (1). Left to each
+reward, a float model (``tiny/pref``) returned NaN, which evaluation reads as "does not apply" and
+leaves out of the mean (a model whose images diverge would score higher), while an 8-bit scorer
+(OCR, the CLIP family) cast NaN to an arbitrary byte.
 """
 
 from __future__ import annotations
@@ -41,16 +42,15 @@ def call_reward(reward, name: str, images: torch.Tensor, prompts: Sequence[str],
     """``reward(images, prompts, metadata)``, checked: a ``RewardOutput`` with one score per image,
     each finite or NaN ("does not apply"). An infinite score would turn the loss and then every
     trained weight into NaN; a single score would be broadcast over the batch and teach nothing.
-    An image with a non-finite pixel scores NaN, whatever the reward returned (module docstring)."""
+    An image with a non-finite pixel is scored as its PNG would be (module docstring)."""
+    if isinstance(images, torch.Tensor) and images.is_floating_point() and not torch.isfinite(images).all():
+        images = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
     out = reward(images, prompts, metadata)
     if not isinstance(out, RewardOutput):
         raise TypeError(f"reward {name!r} returned a {type(out).__name__}; a reward returns "
                         "RewardOutput(scores) with one float per image (opd_bench.rewards.RewardOutput)")
     if out.scores.shape[0] != len(prompts):
         raise ValueError(f"reward {name!r} returned {out.scores.shape[0]} scores for {len(prompts)} images; return one per image")
-    diverged = ~torch.isfinite(images.detach().flatten(1)).all(dim=1).cpu()
-    if diverged.any():  # before the infinity check: an infinite image may well score infinite
-        out.scores = out.scores.masked_fill(diverged, float("nan"))
     infinite = int(torch.isinf(out.scores).sum())
     if infinite:
         raise ValueError(f"reward {name!r} returned an infinite score for {infinite} of {len(prompts)} images; "
