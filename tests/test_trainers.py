@@ -612,8 +612,9 @@ def test_a_reward_that_breaks_its_contract_is_named(policy, tmp_path):
 
 
 def test_a_rollout_that_diverged_is_named_not_blamed_on_the_reward(policy, tmp_path, monkeypatch):
-    """Every reward scores an image with NaN pixels NaN, which GRPO read as its own reward skipping
-    its task's samples."""
+    """A rollout whose images diverged stops training with the cause named (its rewards would be
+    read from the images' PNGs, black where they are NaN, and NaN ones used to read as the task's
+    own reward skipping its samples)."""
     def diverging(*args, **kwargs):
         trajectory = rollout(*args, **kwargs)
         trajectory.images[1] = math.nan

@@ -231,7 +231,7 @@ def grpo_rollout(policy: Policy, prompts: Sequence[Prompt], rewards: Mapping[str
         keep={"latents", "images"}, sample_offset=offset,
     )
     diverged = int((~torch.isfinite(trajectory.images.flatten(1)).all(dim=1)).sum())
-    if diverged:  # every reward scores them NaN, which would read as "a task's own reward skipped its samples"
+    if diverged:  # a diverged sampler's latents and log-probabilities are not finite either: nothing to learn from
         raise FloatingPointError(f"the rollout drew {diverged} of {len(trajectory)} images with NaN or inf pixels: the "
                                  "sampler diverged (a guidance scale or noise level too large for the model, or weights "
                                  "already broken); lower them, or resume from an earlier checkpoint")
