@@ -600,7 +600,8 @@ class _Report(ResultView):
             "DiffusionOPD's rows count only the distillation: add the teachers' rows for its full cost. "
             "Forward passes are per-sample transformer evaluations as counted by the policy (a classifier-free-"
             "guided call counts 2). Reference forwards are the frozen base's, for GRPO's KL penalty; every "
-            "comparison at equal forward passes charges all three kinds."
+            "comparison at equal forward passes charges all three kinds. Wall seconds are the cell's whole run, the "
+            "test evaluations behind its curves included (the cascade's later stages each add one at their start)."
         )
         rows = []
         for method in sorted(compute, key=method_key):
