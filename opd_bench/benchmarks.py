@@ -91,6 +91,8 @@ class BenchmarkSpec:
         """The prompts of ``split``; ``limit`` takes that many, spread over the tags (see
         ``select_prompts``), so a subset of GenEval's file covers every tag."""
         prompts = read_prompts(self.path(split), task=self.name, required=self.required_fields)
+        if self.metric == "geneval":
+            check_geneval_records(self.path(split), prompts)
         return select_prompts(prompts, limit)
 
     def file_hash(self, split: str = "test") -> str:
@@ -159,6 +161,17 @@ def select_prompts(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]
     return [prompts[index] for index in sorted(chosen)]
 
 
+def check_geneval_records(path: Path, prompts: Sequence[Prompt]) -> None:
+    """Every GenEval record readable by the rules, before any image is drawn (a malformed one
+    would fail while scoring, or score 0 on every image)."""
+    from opd_bench.geneval import record_problem
+
+    for prompt in prompts:
+        problem = record_problem(prompt.metadata)
+        if problem:
+            raise PromptFileError(f"{path}: prompt {prompt.text!r}: {problem}")
+
+
 def sha256_file(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -196,6 +209,12 @@ def read_prompts(
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
             raise PromptFileError(f"{path}:{number}: 'prompt' must be a non-empty string")
         record.setdefault("task", task)
+        if task and record["task"] != task:  # the per-task reward routes on it
+            raise PromptFileError(f"{path}:{number}: 'task' is {record['task']!r} in a {task} prompt file; "
+                                  f"drop the field or write {task!r}")
+        for key in ("tag", "text"):  # read as strings (tags group prompts, OCR compares the text)
+            if key in record and not isinstance(record[key], str):
+                raise PromptFileError(f"{path}:{number}: {key!r} must be a string, got {record[key]!r}")
         prompts.append(Prompt(record["prompt"], record["task"], record))
         if limit is not None and len(prompts) >= limit:
             break

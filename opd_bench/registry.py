@@ -14,9 +14,10 @@ from typing import Any, Callable
 
 
 def did_you_mean(name: str, names) -> str:
-    """`` Did you mean 'x'?`` for the closest of ``names``, or ``""``."""
-    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    """`` Did you mean 'x'?`` for the closest of ``names`` ignoring case ("TINY" -> 'tiny'), or ``""``."""
+    folded = {str(n).casefold(): n for n in names}
+    close = difflib.get_close_matches(str(name).casefold(), list(folded), n=1, cutoff=0.6)
+    return f" Did you mean {folded[close[0]]!r}?" if close else ""
 
 
 class UnknownOptionError(ValueError):

@@ -159,7 +159,10 @@ def evaluation_images(results: dict, suite, bench: str, cache: dict | None = Non
     spec = suite.benchmark(task)
     evaluation = results.get("config", {}).get("eval") if isinstance(results.get("config"), dict) else None
     limit, repeats = (evaluation.get("limit"), evaluation.get("images_per_prompt")) if isinstance(evaluation, dict) else (0, 0)
-    if not (limit is None or (isinstance(limit, int) and limit > 0)) or not (repeats is None or (isinstance(repeats, int) and repeats > 0)):
+    def count(value) -> bool:  # a positive integer or null; true is no count (bool is an int to Python)
+        return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+    if not (count(limit) and count(repeats)):
         raise SubmissionError("config['eval'] must give the final evaluation's 'limit' and 'images_per_prompt' "
                               "(integers or null); submit the results.json written by `opd-bench run`")
     repeats = repeats or spec.images_per_prompt

@@ -326,6 +326,9 @@ def _mutations():
     def drop_t5_not_a_flag(r):
         r["config"]["model"] = {"dtype": "bfloat16", "drop_t5": "yes"}
 
+    def limit_true(r):  # Python's bool is an int: true read as a limit of 1
+        r["config"]["eval"]["limit"] = True
+
     # each with what its refusal must say: an earlier, unrelated refusal would not show the check works
     return [(missing_benchmark, r"results\['opd'\]\['ocr'\] is missing"), (out_of_range, "is outside"),
             (not_finite, "not a finite number"), (schema, "schema_version is 4"), (schema_not_an_integer, "schema_version is 3.0"),
@@ -336,7 +339,7 @@ def _mutations():
             (smoke, "preset is 'smoke'"), (smoke_budget_relabelled, "unmatched budgets \\(opd 2,"),
             (unfinished, "optimizer_steps'\\] is 12"), (adapter_hash, r"artifacts\['opd'\]\['1'\] must give"),
             (adapter_path, r"artifacts\['multi-reward'\]\['2'\] must give"), (cell_seeds, "must list distinct seeds"),
-            (schema_1, "schema_version is 1; submissions need version 3"), (eval_seed, r"config\['eval'\]\['seed'\] is '0'"),
+            (schema_1, "schema_version is 1; submissions need version 3"), (eval_seed, r"config\['eval'\]\['seed'\] is '0'"), (limit_true, r"config\['eval'\] must give the final evaluation's 'limit'"),
             (date, "'date' is 'not a date'"), (other_settings, "eval.seed 5 \\(now 0\\), multi-reward.lr"),
             (not_objects, "must list the 320 scores"), (headline, "headline benchmarks are"),
             (unbounded_headline, "suite's \\[0, 1\\] benchmarks"), (benchmark_dropped, "must list each tiny benchmark"),

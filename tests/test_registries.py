@@ -17,6 +17,8 @@ def test_unknown_reward_lists_names_and_suggests():
         rewards.get("toy/brightnes")
     message = str(error.value)
     assert "Did you mean 'toy/brightness'" in message and "per-task" in message
+    with pytest.raises(UnknownNameError, match="Did you mean 'toy/brightness'"):  # case aside, the same name
+        rewards.get("TOY/Brightness")
 
 
 def test_registry_is_lazy_and_refuses_duplicates():
@@ -29,12 +31,14 @@ def test_registry_is_lazy_and_refuses_duplicates():
         registry.register("lazy", "x:y")
 
 
-def test_suites_and_their_benchmarks_import_without_torch():
-    """`list benchmarks` and a mistyped --suite answer before torch loads (1-2 s), as the registry promises."""
+def test_suites_benchmarks_and_rewards_list_without_torch():
+    """`list benchmarks`, `list rewards` and a mistyped --suite answer before torch loads (1-2 s), as
+    the registry promises."""
     code = (
         "import sys; from click.testing import CliRunner; from opd_bench.cli import main;"
         "import opd_bench.suites, opd_bench.suites.sd; opd_bench.suites.get('tiny').benchmark('ocr').prompts();"
         "assert CliRunner().invoke(main, ['list', 'benchmarks']).exit_code == 0;"
+        "assert CliRunner().invoke(main, ['list', 'rewards']).exit_code == 0;"
         "r = CliRunner().invoke(main, ['eval', '--suite', 'tnyi', '--out', 'never']);"
         "assert r.exit_code == 2 and \"Did you mean 'tiny'\" in r.output, r.output;"
         "assert 'torch' not in sys.modules"
@@ -101,6 +105,16 @@ def test_prompt_file_errors_name_the_line(tmp_path):
         read_prompts(tmp_path / "missing.jsonl")
     prompts = read_prompts(_write(tmp_path / "d.jsonl", [good, "", good]), task="geneval")
     assert len(prompts) == 2 and prompts[0].task == "geneval" and prompts[0].metadata["tag"] == "colors"
+    # records the rewards would misread: routed to another task's reward, unhashable tags, a number for OCR text
+    for record, problem in (({"prompt": "a", "task": "ocr"}, ":1: 'task' is 'ocr' in a geneval prompt file"),
+                            ({"prompt": "a", "tag": ["colors"]}, ":1: 'tag' must be a string"),
+                            ({"prompt": "a", "text": 12}, ":1: 'text' must be a string")):
+        with pytest.raises(PromptFileError, match=problem):
+            read_prompts(_write(tmp_path / "e.jsonl", [json.dumps(record)]), task="geneval")
+    spec = BenchmarkSpec("geneval", "test-suite", "v1", str(_write(tmp_path / "f.jsonl", [
+        json.dumps({"prompt": "a photo of red", "tag": "colors", "include": "red"})])), reward="toy/brightness", metric="geneval")
+    with pytest.raises(PromptFileError, match="prompt 'a photo of red': "):  # GenEval's rules could not read it
+        spec.prompts()
 
 
 def test_benchmark_spec_registry_and_hash(tmp_path):

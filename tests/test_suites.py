@@ -273,3 +273,49 @@ def test_periodic_evaluation_of_a_fresh_adapter_reuses_the_bases_scores(policy, 
             lora_b.fill_(0.5)  # trained: evaluated anew
         evaluate(policy)
         assert sum(policy.forward_counts.values()) > forwards
+
+
+# What decides the tiny suite's scores besides its prompt files (whose hashes a result file records):
+# the specs, the evaluation sampler, the shipped preference model, and what the rewards make of a
+# fixed set of images. A change to any of them changes scores under the same prompt hashes, so it
+# goes with a new suite version (results of the old one are then refused) and a new pin here.
+TINY_SCORING = {
+    "version": "tiny-v3",
+    "sampler": [10, 4.5],
+    "headline": ["geneval", "ocr", "pref_oracle"],
+    "specs": {
+        "geneval": ["tiny/geneval-strict", {}, "geneval", 2, {}],
+        "ocr": ["ocr", {}, "mean", 2, {}],
+        "pref": ["tiny/pref", {}, "mean", 2, {"pref_oracle": "tiny/pref-oracle"}],
+    },
+    "pref_weights": "f7666301f7bd0c4bee470c1af39b6a48c104e9f10ab4b7dd7ab7df0485589f09",
+    # the renderer's images of the first 4 test prompts, the last two swapped for other prompts' images
+    "scores": {"geneval": [1.0, 1.0, 0.0, 0.0], "ocr": [1.0, 1.0, 0.0, 0.0], "pref": [2.8863, 3.6294, -0.7598, 0.1758],
+               "pref_oracle": [0.8639, 0.8815, 0.41, 0.3318]},
+}
+
+
+def test_the_tiny_suites_scoring_is_pinned_to_its_version():
+    from opd_bench import rewards
+    from opd_bench.benchmarks import sha256_file
+    from opd_bench.rewards.base import call_reward
+
+    suite = suites.get("tiny")
+    specs = {t: suite.benchmark(t) for t in suite.tasks}
+    scores = {}
+    for task, spec in specs.items():
+        prompts = spec.prompts("test", 4)
+        images = renderer_source()(prompts, 0, 0)
+        images = torch.cat([images[:2], images.roll(1, 0)[2:]])
+        texts, metadata = [p.text for p in prompts], [p.metadata for p in prompts]
+        for key, reward in {task: spec.build_reward(), **{k: rewards.get(n) for k, n in spec.extra_rewards.items()}}.items():
+            scores[key] = call_reward(reward, key, images, texts, metadata).scores.tolist()
+    scoring = {
+        "version": suite.version, "sampler": [suite.num_steps, suite.guidance_scale], "headline": list(suite.headline),
+        "specs": {t: [s.reward, s.reward_options, s.metric, s.images_per_prompt, s.extra_rewards] for t, s in specs.items()},
+        "pref_weights": sha256_file(suites.SUITE_DIR / "tiny" / "weights" / "pref" / "model.safetensors"),
+    }
+    bump = "the tiny suite scores differently: bump its version (suites/__init__.py, world/spec.py) and update TINY_SCORING"
+    assert scoring == {k: v for k, v in TINY_SCORING.items() if k != "scores"}, bump
+    # within 1e-3: float rounding differs between CPUs in the 6th digit (docs/benchmarks.md, v17)
+    assert scores == {k: pytest.approx(v, abs=1e-3) for k, v in TINY_SCORING["scores"].items()}, bump

@@ -6,10 +6,22 @@ only needed when that reward is used. Third-party code adds rewards with ``regis
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from opd_bench.registry import Registry, check_options
-from opd_bench.rewards.base import Reward, RewardOutput, check_batch
+
+if TYPE_CHECKING:
+    from opd_bench.rewards.base import Reward
+
+_FROM_BASE = ("Reward", "RewardOutput", "check_batch")  # imported on first use: base imports torch
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        from opd_bench.rewards import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 REGISTRY = Registry("reward")
 

@@ -37,7 +37,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from opd_bench.benchmarks import BenchmarkSpec, Prompt, PromptFileError, read_prompts, read_text_lines, select_prompts
+from opd_bench.benchmarks import (
+    BenchmarkSpec, Prompt, PromptFileError, check_geneval_records, read_prompts, read_text_lines, select_prompts,
+)
 from opd_bench.registry import UnknownNameError, did_you_mean
 from opd_bench.suites import Suite
 
@@ -223,7 +225,7 @@ class FileBenchmarkSpec(BenchmarkSpec):
         else:
             prompts = read_text_prompts(path, task=self.name)
         if self.name == "geneval":
-            _check_records(path, prompts)
+            check_geneval_records(path, prompts)
         if self.quoted_text:
             from opd_bench.rewards.ocr import target_text
 
@@ -231,16 +233,6 @@ class FileBenchmarkSpec(BenchmarkSpec):
                 if p.metadata.get("text") is None and target_text(p.text) is None:
                     raise PromptFileError(f"{path}: prompt {p.text!r} has no text in double quotes; OCR prompts quote the text to render")
         return select_prompts(prompts, limit)  # stratified by tag, as BenchmarkSpec
-
-
-def _check_records(path: Path, prompts: list[Prompt]) -> None:
-    """Every GenEval record readable by the rules, before any image is drawn."""
-    from opd_bench.geneval import record_problem
-
-    for p in prompts:
-        problem = record_problem(p.metadata)
-        if problem:
-            raise PromptFileError(f"{path}: prompt {p.text!r}: {problem}")
 
 
 def _files(task: str, section: dict) -> dict:
