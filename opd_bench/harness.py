@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from opd_bench import __version__, distributed, trackers
-from opd_bench.io import atomic_write_json, json_differences, read_json, without_later_settings
+from opd_bench.io import CorruptFileError, atomic_write_json, json_differences, read_json, without_later_settings
 from opd_bench.presets import apply_overrides, plan
 from opd_bench.result_schema import FORWARD_KEYS, SCHEMA_VERSION, STUDENT_METHODS, eval_noise_seed
 
@@ -61,14 +61,21 @@ def _weights_hash(adapter_dir: Path | None) -> str | None:
 
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds an opd-bench run: its marker, or the run.json / results.json of a
-    run made before markers existed (an `opd-bench eval` results.json has no schema_version)."""
+    run made before markers existed. Those are read, not just found: ``--force`` deletes what this
+    accepts, and both are common file names (an `opd-bench eval` results.json has no schema_version)."""
     folder = Path(folder)
-    if (folder / RUN_MARKER).is_file() or (folder / "run.json").is_file():
+    if (folder / RUN_MARKER).is_file():
         return True
+    return (_has_keys(folder / "run.json", ("suite", "model", "preset", "plan"))
+            or _has_keys(folder / "results.json", ("schema_version", "suite", "results")))
+
+
+def _has_keys(path: Path, keys: Sequence[str]) -> bool:
     try:
-        return "schema_version" in json.loads((folder / "results.json").read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError, TypeError):
         return False
+    return isinstance(value, dict) and all(key in value for key in keys)
 
 
 _HELD_LOCKS: dict[Path, object] = {}
@@ -456,10 +463,12 @@ class Harness:
     def models_to_evaluate(self, trained: dict[str, dict[int, Path]], teachers: dict[str, Path]):
         """(methods, seeds, {model name: {seed: adapter folder or None}}) of the final evaluation.
 
-        Base and teachers are evaluated once, with the smallest seed of the folder's student runs.
+        Base and teachers are evaluated once, with the smallest seed of the folder's student runs (of
+        the command's seeds where there are none).
         """
         methods = [m for m in METHODS if m in trained]
-        seeds = sorted(set(self.seeds).union(*trained.values()))
+        # the seeds of the trained cells (a --method teachers run asks for seeds it trains none of)
+        seeds = sorted(set().union(*trained.values())) or sorted(self.seeds)[:1]
         models: dict[str, dict[int, Path | None]] = {"base": {seeds[0]: None}}
         for task, folder in teachers.items():
             models[f"teacher/{task}"] = {seeds[0]: folder / "final"}
@@ -687,8 +696,13 @@ class Harness:
         return results
 
     def _written_results(self) -> dict | None:
+        """The results.json an earlier command wrote; None where there is none or it cannot be read
+        (it is rebuilt from the cells whole, so a damaged one is just replaced)."""
         path = self.out / "results.json"
-        return read_json(path, fix=f"delete {path}; the next run writes it again") if path.is_file() else None
+        try:
+            return read_json(path) if path.is_file() else None
+        except CorruptFileError:
+            return None
 
     def assemble(self, teachers, models, evals, variance, samples, seconds, methods, seeds) -> dict:
         from opd_bench.training import read_metrics

@@ -409,7 +409,7 @@ def test_force_deletes_a_run_folder_and_an_old_run_counts_as_one(tmp_path):
     assert not (run / "stale").exists() and (run / ".opd-bench-run").is_file() and (run / "run.json").is_file()
     old = tmp_path / "old"  # a run made before the marker existed
     old.mkdir()
-    (old / "results.json").write_text(json.dumps({"schema_version": 1}))
+    (old / "results.json").write_text(json.dumps({"schema_version": 1, "suite": "tiny", "results": {}}))
     _harness(old, force=True)._clear_folder()
     assert not (old / "results.json").exists() and (old / ".opd-bench-run").is_file()
     empty = tmp_path / "empty"
@@ -734,6 +734,19 @@ def test_opd_records_its_teachers_relative_to_the_run_folder(tmp_path, monkeypat
     assert config_differences(_teachers_as_recorded_now(other, now, run_dir), now) is not None
 
 
+def test_a_teachers_rerun_reports_the_seeds_its_cells_have_and_replaces_a_damaged_results_file(smoke_run, tmp_path):
+    """`--method teachers` with the default seeds 0,1,2 trains no student: results.json listed seeds
+    no cell has (the report's header, verify's sample key). A damaged results.json, rebuilt whole
+    from the cells anyway, failed the rerun at its very end."""
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_run, out)
+    (out / "results.json").write_text("{torn")
+    results = _harness(out, method="teachers", seeds=[0, 1, 2]).run()
+    saved = json.loads((smoke_run / "results.json").read_text())
+    assert results["seeds"] == saved["seeds"] == [0] and results["per_image"] == saved["per_image"]
+    assert json.loads((out / "results.json").read_text())["seeds"] == [0]
+
+
 def test_a_cascade_killed_before_its_combined_curve_runs_again_and_writes_it(smoke_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(smoke_run, out)
@@ -813,6 +826,14 @@ def test_an_evaluations_folder_and_a_runs_folder_are_told_apart(tmp_path):
     assert reported.exit_code == 1 and "results.json of `opd-bench eval` (one model's scores), not of a run" in reported.output
     Harness(run, preset="smoke", seeds=[0], progress=False)
     assert holds_run(run)
+    # another project's run.json (a common name) does not make a folder a run that --force may delete
+    other = tmp_path / "other-project"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"task": "mine"}))
+    (other / "notes.txt").write_text("a week of notes")
+    assert not holds_run(other)
+    refused = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(other), "--force", "--no-report"])
+    assert refused.exit_code == 1 and (other / "notes.txt").read_text() == "a week of notes", refused.output
     for extra in ([], ["--force"]):  # an evaluation never writes into a run's folder
         result = CliRunner().invoke(main, ["eval", "--out", str(run), "--limit", "1", *extra])
         assert result.exit_code == 1 and "holds an opd-bench run" in result.output
