@@ -532,7 +532,9 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
         own = None if suite_settings is None else {k: v for k, v in suite_settings.items() if k in (task, "guidance_scale")}
         return json.loads(json.dumps({
             "suite": suite.name, "suite_version": suite.version, "suite_settings": own, "model": model,
-            "model_sha256": model_sha256, "seed": seed, "resolution": suite.image_side(),  # an sd config's resolution
+            "model_sha256": model_sha256, "seed": seed,
+            # an sd config's resolution; absent at the suite's own side, so parts saved before it was recorded resume
+            **({"resolution": suite.image_side()} if suite.image_side() is not None else {}),
             "limit": limit, "adapter": adapter_record and adapter_record["sha256"], "images_per_prompt": images_per_prompt,
             "sampler": sampler, "dtype": used_dtype, "batch_size": batch_size, "device": device,
         }))

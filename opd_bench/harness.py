@@ -78,6 +78,15 @@ def _has_keys(path: Path, keys: Sequence[str]) -> bool:
     return isinstance(value, dict) and all(key in value for key in keys)
 
 
+def _without_locations(value):
+    """Reward options without where things are (weight paths and folders, a server's url, device,
+    token), at any depth: a remote reward's spec nests the served reward's options."""
+    if isinstance(value, dict):
+        return {k: _without_locations(v) for k, v in value.items()
+                if k not in ("url", "device", "token") and not k.endswith(("_path", "_dir"))}
+    return [_without_locations(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 _HELD_LOCKS: dict[Path, object] = {}
 
 
@@ -343,11 +352,16 @@ class Harness:
 
     def teacher_suite(self, task: str) -> str:
         """The suite version a teacher of ``task`` is keyed by: with a configurable suite, plus a
-        digest of its task's settings (prompt files by content, reward options), so that a teacher
-        trained on other prompts or rewards (a copied ``teachers/`` folder) is never reused."""
+        digest of what it trains on (the train prompt file by content, the training reward and its
+        options), so that a teacher trained on other prompts or rewards (a copied ``teachers/``
+        folder) is never reused. Where things are (weight paths, a reward server's url, a device) is
+        left out: the same teacher on another machine is the same teacher."""
         if self.suite_settings is None:
             return self.suite.version
-        text = json.dumps(self.suite_settings.get(task), sort_keys=True, default=str)
+        name, options = self.suite.benchmark(task).reward_of("train")
+        train_file = (self.suite_settings.get(task) or {}).get("train")  # its sha256
+        trains_on = {"train": train_file, "reward": [name, _without_locations(options)]}
+        text = json.dumps(trains_on, sort_keys=True, default=str)
         return f"{self.suite.version}+{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
     def teacher_dir(self, task: str) -> Path:
@@ -611,6 +625,7 @@ class Harness:
     def samples(self, models: dict[str, tuple[int, Path | None]]) -> dict:
         """One image grid per model on the same prompts and seeds (rows = prompts)."""
         from opd_bench.io import save_grid
+        from opd_bench.rewards.base import png_values
         from opd_bench.rollout import rollout
 
         self._check_cleared()
@@ -625,7 +640,7 @@ class Harness:
                         self.policy, prompts, images_per_prompt=4, num_steps=self.suite.num_steps,
                         noise_level=self.suite.noise_level, guidance_scale=self.suite.evaluation_guidance(), seed=0, keep={"images"},
                     )
-                save_grid(t.images, path, columns=4)
+                save_grid(png_values(t.images), path, columns=4)  # a diverged image as it was scored: NaN black
             grids[name] = str(path.relative_to(self.out))
         return {"prompts": [p.text for p in prompts], "grids": grids, "images_per_prompt": 4, "noise_seed": 0,
                 "seeds": {name: seed for name, (seed, _) in models.items()}}  # the training seed each grid shows

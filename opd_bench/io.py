@@ -71,7 +71,7 @@ def sync_folder(folder: str | Path) -> None:
     folder = Path(folder)
     paths = sorted(folder.rglob("*"))
     for path in paths:
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink() and os.name != "nt":  # Windows fsyncs only files open for writing
             _fsync(path, os.O_RDONLY)
     for path in [*(p for p in paths if p.is_dir() and not p.is_symlink()), folder, folder.parent]:
         try:

@@ -532,7 +532,8 @@ after a suite update) or cannot be read are listed at the end instead.
 **What verification does not prove.** The sample is drawn from the run's own adapters, so scores
 cannot be edited without changing images that may be re-checked. `submit` draws it with a random
 salt (recorded in the entry); without one anyone can compute the sample, and a submitter could
-steer it by changing an adapter folder's files, so a maintainer re-checks an entry with the
+steer it by changing an adapter folder's files. The submitter's own salt can be drawn again until a
+sample passes, so only a maintainer's salt is independent: a maintainer re-checks an entry with the
 submitter's run folder and `opd-bench verify RUN_DIR --salt ANYTHING --prompts 32`, and the adapter
 hashes in the entry tie it to those weights. On the benchmarks scored through detections or OCR
 reads, one differing image per model, seed and benchmark is excused as a flipped decision. The training budget is checked against the preset's configuration, not

@@ -136,10 +136,13 @@ class GradVariance:
         self.params = [p for p in params if p.requires_grad]
         self.ranks = ranks or distributed.current()
         # Running sums, not one gradient copy per micro-batch (a paper-preset teacher step has 216:
-        # gigabytes on SD3.5, more with full_params). With shares s_i summing to S over every rank's
-        # micro-batches and m = sum s_i e_i, sum s_i |e_i - m|^2 = sum s_i |e_i|^2 - (2 - S) |m|^2.
+        # gigabytes on SD3.5, more with full_params). The sums are of d_i = e_i - e_1, each estimate
+        # less this rank's first (sums of |e_i|^2 would cancel to nothing where the spread is small
+        # beside the mean): with shares s_i and m = sum s_i e_i over every rank's micro-batches,
+        # sum s_i |e_i - m|^2 = sum s_i |d_i|^2 - 2 (m - e_1) . sum s_i d_i + S |m - e_1|^2, S = sum s_i.
         self._start: torch.Tensor | None = None
         self._previous: torch.Tensor | None = None
+        self._first: torch.Tensor | None = None
         self._count, self._shares, self._weighted_squares = 0, 0.0, 0.0
 
     def _flat(self) -> torch.Tensor:
@@ -147,19 +150,22 @@ class GradVariance:
 
     def start(self) -> None:
         self._start = self._previous = self._flat()
+        self._first = None
         self._count, self._shares, self._weighted_squares = 0, 0.0, 0.0
 
     def record(self, weight: float) -> None:
         if not weight > 0:
             raise ValueError(f"a micro-batch's weight is its share of the step loss, > 0; got {weight!r}")
         current = self._flat()
+        estimate = (current - self._previous) / float(weight)  # this micro-batch's estimate of the step's gradient
+        if self._first is None:
+            self._first = estimate
         # Every rank's weights sum to 1 over its step, and the ranks' gradients are averaged: a
         # micro-batch's share of the global step is its weight / world size.
         share = float(weight) / self.ranks.world_size
-        part = current - self._previous  # the micro-batch's gradient; part / weight estimates the step's
         self._count += 1
         self._shares += share
-        self._weighted_squares += share * float(part.pow(2).sum(dtype=torch.float64)) / float(weight) ** 2
+        self._weighted_squares += share * float((estimate - self._first).pow(2).sum(dtype=torch.float64))
         self._previous = current
 
     def finish(self) -> dict[str, float]:
@@ -167,11 +173,14 @@ class GradVariance:
         count = int(ranks.all_reduce_sum(torch.tensor(self._count)))
         if count < 2:
             return {}
-        # m = sum s_i e_i = sum part_i / world size: this rank's whole step over the world size, summed
-        mean = ranks.all_reduce_sum((self._previous - self._start) / ranks.world_size)
-        sums = ranks.all_reduce_sum(torch.tensor([self._shares, self._weighted_squares], dtype=torch.float64))
+        own = (self._previous - self._start) / ranks.world_size  # sum of s_i e_i over this rank's micro-batches
+        mean = ranks.all_reduce_sum(own)
+        first = self._first if self._first is not None else torch.zeros_like(own)
+        away = (mean - first).double()
+        local = (self._weighted_squares - 2 * float(away @ (own.double() - self._shares * first.double()))
+                 + self._shares * float(away @ away))
+        spread = max(float(ranks.all_reduce_sum(torch.tensor(local, dtype=torch.float64))), 0.0)
         squared_mean = float(mean.pow(2).sum(dtype=torch.float64))
-        spread = max(float(sums[1]) - (2 - float(sums[0])) * squared_mean, 0.0)
         trace = spread * count / (count - 1)
         return {"grad/variance": trace, "grad/variance_rel": trace / max(squared_mean, 1e-30)}
 

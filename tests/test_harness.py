@@ -855,18 +855,28 @@ def test_the_shipped_base_by_its_folder_shares_the_aliases_teachers(tmp_path):
     assert by_folder.teacher_base == by_alias.teacher_base
 
 
-def test_a_configurable_suites_teachers_are_keyed_by_their_tasks_prompts_and_rewards(tmp_path):
-    """An sd teacher trained on other prompt files or reward options (a copied teachers/ folder)
-    was reused: the sd suite's version never changes. The tiny suite's keys stay as they were."""
+def test_a_configurable_suites_teachers_are_keyed_by_what_they_train_on(tmp_path):
+    """An sd teacher trained on another train file or training reward (a copied teachers/ folder)
+    was reused: the sd suite's version never changes. Where things are (weight paths, a reward
+    server's url) and the test file are no part of it; the tiny suite's keys stay as they were."""
+    from types import SimpleNamespace
+
     harness = _harness(tmp_path / "a")
     tiny = harness.teacher_dir("ocr")
     assert harness.teacher_suite("ocr") == harness.suite.version and tiny.name.startswith("ocr-")
-    harness.suite_settings = {"ocr": {"train": "sha-1", "reward": "ocr"}, "pref": {"train": "sha-3"}}
-    ocr, pref = harness.teacher_dir("ocr"), harness.teacher_dir("pref")
+    reward = ["remote", {"url": "http://host1:8700", "reward": "ocr", "options": {"engine": "rapidocr", "model_path": "/a"}}]
+    harness.suite = SimpleNamespace(version=harness.suite.version,
+                                    benchmark=lambda task: SimpleNamespace(reward_of=lambda split: tuple(reward)))
+    harness.suite_settings = {"ocr": {"train": "sha-1", "test": "sha-t"}}
+    first = harness.teacher_dir("ocr")
+    harness.suite_settings["ocr"]["test"] = "sha-t2"  # another test file: the same teacher
+    reward[1] = {**reward[1], "url": "http://host2:8700", "options": {"engine": "rapidocr", "model_path": "/b"}}  # moved
+    assert harness.teacher_dir("ocr") == first != tiny and first.parent == tiny.parent
     harness.suite_settings["ocr"]["train"] = "sha-2"  # another train file
-    assert harness.teacher_dir("ocr") not in (ocr, tiny) and harness.teacher_dir("pref") == pref
-    harness.suite_settings["ocr"]["reward"] = ["ocr", {"engine": "paddleocr"}]  # other reward options
-    assert len({harness.teacher_dir("ocr"), ocr, tiny}) == 3 and harness.teacher_dir("ocr").parent == tiny.parent
+    assert harness.teacher_dir("ocr") != first
+    harness.suite_settings["ocr"]["train"] = "sha-1"
+    reward[1] = {**reward[1], "options": {"engine": "paddleocr", "model_path": "/b"}}  # another reward
+    assert harness.teacher_dir("ocr") != first
 
 
 def test_a_run_folder_from_before_a_later_setting_is_the_same_run(tmp_path):

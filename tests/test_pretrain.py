@@ -113,3 +113,29 @@ def test_tag_weights_and_coloured_position_change_only_the_geneval_scenes():
                              "not all 0")):
         with pytest.raises(ValueError, match=problem):
             PretrainConfig(**change)
+
+
+def test_a_kill_among_the_renames_leaves_no_pipeline_rather_than_a_mix_of_two(tmp_path, monkeypatch):
+    import os
+
+    from opd_bench.tiny import pretrain
+
+    target, source = tmp_path / "base", tmp_path / "base" / ".pretrain.partial"
+    for folder, tag in ((target, "old"), (source, "new")):
+        for part in ("transformer", "vae"):
+            (folder / part).mkdir(parents=True)
+            (folder / part / "weights").write_text(tag)
+        (folder / "model_index.json").write_text(tag)
+    renames, replace = [], os.replace
+
+    def killed_at_the_third(a, b):
+        renames.append(b)
+        if len(renames) == 3:
+            raise KeyboardInterrupt
+        replace(a, b)
+
+    monkeypatch.setattr(pretrain.os, "replace", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain._move_entries(source, target, last="model_index.json")
+    # the old model_index.json went aside first: diffusers loads no pipeline here, so no new transformer with an old VAE
+    assert not (target / "model_index.json").exists()

@@ -211,7 +211,8 @@ def test_keys_that_a_replaced_reward_would_drop_are_refused_or_read_by_the_defau
         suites.get("sd").benchmark("geneval")
     # pref: PickScore's options go with PickScore; the scores beside it are still checked
     suites.configure("sd", pref={"test": str(text), "reward": remote, "pickscore": {"model_path": "/w"}})
-    with pytest.raises(sd.SuiteConfigError, match="pref.pickscore is an option of the section's default reward"):
+    with pytest.raises(sd.SuiteConfigError, match="pref.pickscore is an option of the section's default reward, replaced "
+                       r"here by pref.reward; drop it, or name PickScore with its options: \"reward\": \[\"pickscore\""):
         suites.get("sd").benchmark("pref")
     suites.configure("sd", pref={"test": str(text), "reward": remote, "hpsv2": {"model_pth": "/w"}})
     with pytest.raises(sd.SuiteConfigError, match=r"pref.hpsv2.model_pth is not an option of the 'hpsv2' reward"):

@@ -659,6 +659,51 @@ def test_gradient_variance_weighs_each_micro_batch_by_its_share_of_the_step():
     assert variance([5]) == {}  # one micro-batch: no spread to measure
 
 
+def test_gradient_variance_pools_the_ranks_and_keeps_a_small_spread():
+    """Two ranks (threads, summing as all_reduce does) with unequal micro-batches, and a spread a
+    millionth of the mean's size: the running sums give the two-pass value over all micro-batches
+    (sums of squared estimates would have cancelled to noise at that size)."""
+    import threading
+    from types import SimpleNamespace
+
+    from opd_bench.training import GradVariance
+
+    torch.manual_seed(0)
+    signal = torch.randn(500)
+    weights = {0: [0.2, 0.5, 0.3], 1: [0.6, 0.4]}  # each rank's shares of its own step sum to 1
+    parts = {r: [w * (signal + 1e-3 * torch.randn(500)) for w in ws] for r, ws in weights.items()}
+    shared, barrier, results = {}, threading.Barrier(2), {}
+
+    def all_reduce_sum(rank, tensor):
+        shared[rank] = tensor
+        barrier.wait()
+        total = shared[0] + shared[1]
+        barrier.wait()
+        return total
+
+    def rank(r):
+        weight = torch.nn.Parameter(torch.zeros(500))
+        tracker = GradVariance([weight], ranks=SimpleNamespace(world_size=2, all_reduce_sum=lambda t: all_reduce_sum(r, t)))
+        weight.grad = torch.zeros(500)
+        tracker.start()
+        for part, w in zip(parts[r], weights[r]):
+            weight.grad = weight.grad + part
+            tracker.record(w)
+        results[r] = tracker.finish()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    shares = torch.tensor([w / 2 for r in (0, 1) for w in weights[r]], dtype=torch.float64)
+    estimates = torch.stack([part.double() / w for r in (0, 1) for part, w in zip(parts[r], weights[r])])
+    mean = (shares[:, None] * estimates).sum(0)
+    two_pass = float((shares * ((estimates - mean) ** 2).sum(1)).sum()) * 5 / 4
+    assert results[0] == results[1] and results[0]["grad/variance"] == pytest.approx(two_pass, rel=1e-3)
+    assert results[0]["grad/variance_rel"] < 1e-5
+
+
 def test_a_non_finite_gradient_stops_training_before_it_reaches_the_weights(tmp_path):
     from types import SimpleNamespace
 

@@ -43,9 +43,7 @@ def call_reward(reward, name: str, images: torch.Tensor, prompts: Sequence[str],
     each finite or NaN ("does not apply"). An infinite score would turn the loss and then every
     trained weight into NaN; a single score would be broadcast over the batch and teach nothing.
     An image with a non-finite pixel is scored as its PNG would be (module docstring)."""
-    if isinstance(images, torch.Tensor) and images.is_floating_point() and not torch.isfinite(images).all():
-        images = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
-    out = reward(images, prompts, metadata)
+    out = reward(png_values(images), prompts, metadata)
     if not isinstance(out, RewardOutput):
         raise TypeError(f"reward {name!r} returned a {type(out).__name__}; a reward returns "
                         "RewardOutput(scores) with one float per image (opd_bench.rewards.RewardOutput)")
@@ -63,6 +61,15 @@ class Reward(Protocol):
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]
     ) -> RewardOutput: ...
+
+
+def png_values(images):
+    """``images`` with each non-finite pixel as a saved PNG would hold it: NaN and -inf black (0),
+    +inf white (1); the same tensor where every pixel is finite (or where it is no float tensor,
+    which ``check_batch`` refuses)."""
+    if isinstance(images, torch.Tensor) and images.is_floating_point() and not torch.isfinite(images).all():
+        return torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
+    return images
 
 
 def to_uint8(images: torch.Tensor):

@@ -63,7 +63,8 @@ class PerTaskReward:
                 if name in details:  # task "a" with key "b/c" and task "a/b" with key "c"
                     raise ValueError(f"per-task reward: two of the tasks {sorted(self.rewards)} give the detail "
                                      f"{name!r}; rename a task so that none starts with another's name and '/'")
-                if isinstance(value, list) and len(value) == len(index):
+                # a per-sample list (a remote reward's chunk bookkeeping is per chunk, not per sample)
+                if isinstance(value, list) and len(value) == len(index) and key != "chunk_sizes" and not key.endswith("/per_chunk"):
                     value = _spread(value, index, total)
                 details[name] = value
         return RewardOutput(scores, details)

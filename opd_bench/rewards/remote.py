@@ -2,8 +2,8 @@
 
 ``rewards.get("remote", url="http://127.0.0.1:8700/")`` has the signature of every other reward,
 so trainers and evaluators cannot tell the difference. Images travel as 8-bit PNGs: the server
-scores ``round(image * 255) / 255`` of the image clipped to [0, 1], not the float image; an image
-with a NaN or infinite value is not sent and scores NaN, as a diverged image does in-process.
+scores ``round(image * 255) / 255`` of the image clipped to [0, 1], not the float image; a NaN or
+infinite pixel is sent as ``call_reward`` hands it to every reward (``base.png_values``: NaN black).
 Protocol: ``opd_bench/serve.py``.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from opd_bench.rewards.base import RewardOutput, check_batch
+from opd_bench.rewards.base import RewardOutput, check_batch, png_values
 from opd_bench.serve import (
     PROTOCOL_VERSION, TOKEN_ENV, check_token, chunk_ranges, encode_png_batch, merge_chunk_details, scores_from_json,
 )
@@ -102,18 +102,16 @@ class RemoteReward:
         total = images.shape[0]
         if total == 0:
             return RewardOutput(torch.empty(0))
+        images = png_values(images)  # a PNG cannot hold NaN: sent as it scores in-process
         scores = torch.full((total,), float("nan"))
-        sent = torch.isfinite(images.detach().reshape(total, -1)).all(dim=1).nonzero().flatten().tolist()
-        if not sent:
-            return RewardOutput(scores)
         self._check_server()
         chunks = []
-        for part in chunk_ranges(len(sent), self._images_per_request(images.shape[-2] * images.shape[-1], len(sent))):
-            indices = sent[part.start : part.stop]
-            reply = self._score_request(images[indices], [prompts[i] for i in indices], [metadata[i] for i in indices])
-            scores[indices] = torch.tensor(reply["scores"], dtype=torch.float32)
+        for part in chunk_ranges(total, self._images_per_request(images.shape[-2] * images.shape[-1], total)):
+            chunk = slice(part.start, part.stop)
+            reply = self._score_request(images[chunk], list(prompts[chunk]), list(metadata[chunk]))
+            scores[chunk] = torch.tensor(reply["scores"], dtype=torch.float32)
             chunks.append((len(part), reply["details"]))
-        return RewardOutput(scores, _spread_details(merge_chunk_details(chunks), sent, total))
+        return RewardOutput(scores, merge_chunk_details(chunks))
 
     def _images_per_request(self, pixels: int, count: int) -> int:
         """``max_batch``, lowered to what the server's pixel limit per request takes (its 413
@@ -212,22 +210,6 @@ class RemoteReward:
         if isinstance(reason, http.client.BadStatusLine):
             return f"answered {tries} times with something that is not HTTP ({text}); is the url's port the reward server's?"
         return f"is not reachable after {tries} ({text}); check the url and that the server runs"
-
-
-def _spread_details(details: dict[str, Any], sent: list[int], total: int) -> dict[str, Any]:
-    """Per-sample lists of the images sent, back at their samples' places among all ``total``
-    (None for the images not sent), so that entry i of every per-sample detail is sample i's."""
-    if len(sent) == total:
-        return details
-    spread = {}
-    for key, value in details.items():
-        if isinstance(value, list) and len(value) == len(sent) and key != "chunk_sizes" and not key.endswith("/per_chunk"):
-            full: list[Any] = [None] * total
-            for index, item in zip(sent, value):
-                full[index] = item
-            value = full
-        spread[key] = value
-    return spread
 
 
 def _is_number(value: Any) -> bool:

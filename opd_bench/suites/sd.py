@@ -303,9 +303,10 @@ def _check_default_options(task: str, section: dict, options: dict, config: dict
     if unread:
         replaced = " and ".join(f"{task}.{key}" for key in ("reward", "train_reward") if key in section)
         name = _reward_spec(section["reward"], f"{task}.reward")[0]
+        fix = (f"drop it, or name PickScore with its options: \"reward\": [\"pickscore\", {{...}}]" if task == "pref" else
+               f"give a reward its options inside it, e.g. \"reward\": [\"{name}\", {{\"{unread[0]}\": ...}}]")
         raise SuiteConfigError(f"sd suite config: {task}.{unread[0]} is an option of the section's default reward, replaced "
-                               f"here by {replaced}; give a reward its options inside it, e.g. \"reward\": "
-                               f"[\"{name}\", {{\"{unread[0]}\": ...}}]")
+                               f"here by {replaced}; {fix}")
     if task == "pref":  # one options object per reward; HPSv2, CLIPScore and ImageReward are scored whatever replaces PickScore
         for name in (*readers, *PREF_EXTRAS):
             if (given := _pref_options(config, name)) is not None:

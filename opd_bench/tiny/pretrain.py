@@ -382,6 +382,8 @@ def _move_entries(source: Path, target: Path, last: str) -> None:
     aside = target / ".pretrain.old"
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir()
+    if (target / last).exists():  # first: a kill among the renames leaves no pipeline, not a mix of two
+        os.replace(target / last, aside / last)
     for entry in sorted(source.iterdir(), key=lambda p: (p.name == last, p.name)):
         destination = target / entry.name
         if destination.is_dir() and not destination.is_symlink():
