@@ -19,7 +19,7 @@ import torch
 
 from opd_bench import rewards, suites
 from opd_bench.policy import Policy
-from opd_bench.rewards.base import RewardOutput
+from opd_bench.rewards.base import RewardOutput, call_reward
 from opd_bench.rollout import Prompt, rollout
 from opd_bench.trainers.grpo import GRPOConfig, GRPOTrainer
 from opd_bench.training import read_metrics
@@ -49,7 +49,7 @@ def main() -> None:
         """Held-out reward per prompt (4 images each)."""
         with policy.use("student"):
             t = rollout(policy, prompts, images_per_prompt=4, num_steps=8, noise_level=0.0, seed=123, keep={"images"})
-        return [round(v, 3) for v in reward(t.images, t.prompts, t.metadata).scores.view(len(prompts), 4).mean(1).tolist()]
+        return [round(v, 3) for v in call_reward(reward, "sanity", t.images, t.prompts, t.metadata).scores.view(len(prompts), 4).mean(1).tolist()]
 
     config = GRPOConfig(
         steps=args.steps, prompts_per_step=4, group_size=8 if args.conditional else 4, num_steps=8,

@@ -14,6 +14,7 @@ import json
 
 from opd_bench import suites
 from opd_bench.policy import Policy
+from opd_bench.rewards.base import call_reward
 from opd_bench.rl import zero_spread_share
 from opd_bench.rollout import rollout
 
@@ -37,7 +38,7 @@ def main() -> None:
         prompts = spec.prompts("train", limit=args.prompts)
         traj = rollout(policy, prompts, images_per_prompt=args.group, num_steps=args.num_steps,
                        noise_level=args.noise_level, guidance_scale=args.guidance, seed=args.seed, keep={"images"})
-        scores = spec.build_reward("train")(traj.images, traj.prompts, traj.metadata).scores
+        scores = call_reward(spec.build_reward("train"), task, traj.images, traj.prompts, traj.metadata).scores
         out[task] = {"mean_reward": round(float(scores.mean()), 4),
                      "zero_spread_share": round(zero_spread_share(scores, traj.group), 3), "groups": len(prompts)}
         print(task, json.dumps(out[task]), flush=True)

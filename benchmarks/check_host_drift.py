@@ -23,6 +23,7 @@ import opd_bench
 from opd_bench import suites
 from opd_bench.evaluate import SamplerSettings, policy_source
 from opd_bench.policy import Policy
+from opd_bench.rewards.base import call_reward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import provenance, stray_modules  # noqa: E402
@@ -49,7 +50,7 @@ def main() -> None:
     policy = Policy.from_pretrained(suites.resolve_model("tiny"), device="cpu")
     chosen = [prompt for prompt in test for _ in range(2)]
     images = policy_source(policy, SamplerSettings(10, 4.5, 0.0))(chosen, 0, 0)
-    scores = spec.build_reward()(images, [p.text for p in chosen], [p.metadata for p in chosen]).scores
+    scores = call_reward(spec.build_reward(), spec.name, images, [p.text for p in chosen], [p.metadata for p in chosen]).scores
     check_one_tree()  # again: sampling and the reward import modules lazily
     code = {"tree": str(TREE), **provenance(TREE)}
     digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()

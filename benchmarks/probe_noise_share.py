@@ -24,6 +24,7 @@ import torch
 from opd_bench import suites
 from opd_bench.presets import plan
 from opd_bench.policy import Policy
+from opd_bench.rewards.base import call_reward
 from opd_bench.sde import flow_step
 from probe_args import task_probe_parser
 
@@ -97,7 +98,7 @@ def main() -> None:
             images = policy.decode(sample(policy, chunk, args.starts, args.continuations, config, args.seed + at, args.branch_at))
             texts = [p.text for p in chunk for _ in range(args.starts * args.continuations)]
             metadata = [p.metadata for p in chunk for _ in range(args.starts * args.continuations)]
-            scores.append(reward(images, texts, metadata).scores.float().view(len(chunk), args.starts, args.continuations))
+            scores.append(call_reward(reward, "reward", images, texts, metadata).scores.view(len(chunk), args.starts, args.continuations))
         rewards = torch.cat(scores)
         print(json.dumps({
             "task": task, "prompts": len(prompts), "starts": args.starts, "continuations": args.continuations,
