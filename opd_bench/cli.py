@@ -520,6 +520,8 @@ def eval_command(suite_name, model, out, tasks, limit, images_per_prompt, seed, 
     from opd_bench.verify import adapter_sha256
 
     adapter_record = None if adapter is None else {"path": str(adapter), "sha256": adapter_sha256(adapter)}
+    if adapter is not None and (trained_on := _run_model(adapter)) is not None:  # a run's adapter: the base it was trained on
+        adapter_record["trained_on"] = trained_on[1]
     sampler = vars(settings) if model != "renderer" else None
     used_dtype = dtype if model != "renderer" else None
     # A killed evaluation resumes: each benchmark is saved in OUT/parts as it ends, with what its

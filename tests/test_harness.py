@@ -598,7 +598,8 @@ def test_eval_and_sample_take_a_trained_adapter(smoke_run, tmp_path):
         torch.set_num_threads(threads)
     assert trained.exit_code == 0 and base.exit_code == 0 and grid.exit_code == 0, trained.output + base.output + grid.output
     record = json.loads((tmp_path / "opd" / "results.json").read_text())
-    assert record["adapter"] == {"path": str(adapter), "sha256": results["artifacts"]["opd"]["0"]["sha256"]}
+    # the record says which base the adapter was trained on (the run's), beside the one it was applied to
+    assert record["adapter"] == {"path": str(adapter), "sha256": results["artifacts"]["opd"]["0"]["sha256"], "trained_on": "tiny"}
     assert record["per_image"]["pref"] == pytest.approx(results["per_image"]["opd"]["0"]["pref"], abs=1e-5)
     base_scores = json.loads((tmp_path / "base" / "results.json").read_text())["per_image"]["pref"]
     assert base_scores == pytest.approx(results["per_image"]["base"]["0"]["pref"], abs=1e-5)
