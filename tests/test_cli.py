@@ -320,7 +320,7 @@ def test_the_recorded_command_is_the_one_typed_through_the_script_or_python_m():
 def test_commands_after_a_run_name_an_unfinished_run_and_a_folder_without_one(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "run.json").write_text(json.dumps({"preset": "smoke", "suite": "tiny", "model": "my base"}))
+    (tmp_path / "half" / "run.json").write_text(json.dumps({"preset": "smoke", "suite": "tiny", "model": "my base", "plan": {}}))
     for command in (["report"], ["verify"], ["submit", "--name", "x", "--root", str(tmp_path / "board")]):
         empty = CliRunner().invoke(main, [command[0], str(tmp_path / "empty"), *command[1:]])
         assert empty.exit_code == 1 and "holds no opd-bench run; pass the --out folder of an `opd-bench run`" in empty.output
